@@ -1,0 +1,154 @@
+"""Snapshots the scheduler passes around: specs, samples, views, decisions.
+
+All frozen. The policy is a pure function ``Snapshot -> Decision``; everything it may
+look at is in here, and nothing in here can change under it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from balloonist.errors import ConfigError
+from balloonist.units import format_size
+
+
+class HostState(enum.Enum):
+    """Host free-memory states (ESX): which reclamation mechanisms are allowed."""
+
+    HIGH = "high"  # plenty free: no reclamation
+    SOFT = "soft"  # reclaim by ballooning
+    HARD = "hard"  # ballooning and host-level paging
+    LOW = "low"  # also block guests above target until they are under it
+
+    @property
+    def rank(self) -> int:
+        return _STATE_RANK[self]
+
+
+_STATE_RANK = {HostState.HIGH: 0, HostState.SOFT: 1, HostState.HARD: 2, HostState.LOW: 3}
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What an administrator configured for one guest."""
+
+    name: str
+    memory_bytes: int  # configured ("physical") memory the guest OS sees
+    min_bytes: int = 0  # reservation: never take the guest below this
+    max_bytes: int | None = None  # limit: never give more; defaults to memory_bytes
+    shares: int = 1000
+    balloon: bool = True  # has a cooperating balloon driver
+
+    def __post_init__(self) -> None:
+        if self.max_bytes is None:
+            object.__setattr__(self, "max_bytes", self.memory_bytes)
+        where = f"guest {self.name!r}"
+        if self.memory_bytes <= 0:
+            raise ConfigError("memory must be positive", where=where)
+        if self.shares <= 0:
+            raise ConfigError(f"shares must be positive, got {self.shares}", where=where)
+        if self.min_bytes < 0:
+            raise ConfigError("min must not be negative", where=where)
+        if self.limit_bytes > self.memory_bytes:
+            raise ConfigError(
+                f"max {format_size(self.limit_bytes)} is above memory "
+                f"{format_size(self.memory_bytes)}",
+                where=where,
+            )
+        if self.min_bytes > self.limit_bytes:
+            raise ConfigError(
+                f"min {format_size(self.min_bytes)} is above max {format_size(self.limit_bytes)}",
+                where=where,
+            )
+
+    @property
+    def limit_bytes(self) -> int:
+        """``max_bytes`` with its default applied (typed as a plain int)."""
+        assert self.max_bytes is not None  # set in __post_init__
+        return self.max_bytes
+
+
+@dataclass(frozen=True)
+class HostSample:
+    time_s: float
+    memory_bytes: int  # machine memory the guests may share
+    free_bytes: int  # machine memory backing no guest page
+    swap_bytes: int  # host swap capacity
+    swap_used_bytes: int
+    state: HostState
+
+    @property
+    def free_fraction(self) -> float:
+        return self.free_bytes / self.memory_bytes if self.memory_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class GuestSample:
+    """What the hypervisor reports about one guest, raw, once per period."""
+
+    name: str
+    allocated_bytes: int  # machine memory now backing the guest's pages
+    balloon_bytes: int  # actual balloon size (pages the driver holds)
+    balloon_target_bytes: int  # what the balloon register holds now
+    active_bytes_observed: int | None = None  # this period's working-set observation
+    free_bytes: int | None = None  # guest-reported free memory, if the guest reports it
+    major_faults: int = 0  # cumulative guest major faults
+    cooperative: bool = True  # False once the balloon stopped following its register
+
+
+@dataclass(frozen=True)
+class GuestView:
+    """One guest as the policy sees it: spec, raw sample, smoothed working-set estimate."""
+
+    spec: GuestSpec
+    sample: GuestSample
+    working_set_bytes: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a policy may base one decision on."""
+
+    time_s: float
+    period_s: float
+    host: HostSample
+    guests: tuple[GuestView, ...]
+
+
+@dataclass(frozen=True)
+class Mechanisms:
+    """Which reclamation mechanisms the host may use this period."""
+
+    balloon: bool = True  # write balloon targets (inflate/deflate)
+    host_paging: bool = False  # page out guests above their allocation target
+    block_over_target: bool = False  # stop guests above target from allocating
+
+    @classmethod
+    def for_state(cls, state: HostState) -> Mechanisms:
+        """ESX's mapping of host state to mechanisms."""
+        return cls(
+            balloon=True,
+            host_paging=state.rank >= HostState.HARD.rank,
+            block_over_target=state is HostState.LOW,
+        )
+
+
+@dataclass(frozen=True)
+class GuestTarget:
+    name: str
+    allocation_bytes: int  # machine memory the guest should end up with
+    balloon_bytes: int  # value for the balloon register
+
+
+@dataclass(frozen=True)
+class Decision:
+    targets: tuple[GuestTarget, ...]
+    mechanisms: Mechanisms = field(default_factory=Mechanisms)
+
+    def by_name(self) -> dict[str, GuestTarget]:
+        return {t.name: t for t in self.targets}

@@ -1,0 +1,55 @@
+"""Working-set estimation from sampled activity (ESX's statistical sampling).
+
+Each period the VMM watches ``n`` random pages of a guest and reports how many were
+touched; ``fraction x allocated`` is that period's observation. The estimate is the
+larger of a fast and a slow exponentially weighted moving average of the observations,
+so it rises quickly when a guest becomes busy and falls slowly when it goes idle
+(memory taken from a guest that was only briefly quiet is expensive to give back).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EstimatorParams:
+    fast_halflife_s: float = 5.0  # follows a growing working set within a few periods
+    slow_halflife_s: float = 60.0  # forgets a shrinking one over about a minute
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fast_halflife_s <= self.slow_halflife_s:
+            raise ValueError(
+                "working-set half-lives must satisfy 0 < fast <= slow, got "
+                f"{self.fast_halflife_s}, {self.slow_halflife_s}"
+            )
+
+
+@dataclass(frozen=True)
+class EstimateState:
+    fast_bytes: float
+    slow_bytes: float
+
+    @property
+    def estimate_bytes(self) -> int:
+        return round(max(self.fast_bytes, self.slow_bytes))
+
+
+def _gain(period_s: float, halflife_s: float) -> float:
+    return 1.0 - math.pow(0.5, period_s / halflife_s)
+
+
+def update_estimate(
+    state: EstimateState | None, observed_bytes: int, period_s: float, params: EstimatorParams
+) -> EstimateState:
+    """Fold one observation into the averages; the first observation seeds both."""
+    if state is None:
+        return EstimateState(float(observed_bytes), float(observed_bytes))
+    fast = state.fast_bytes + _gain(period_s, params.fast_halflife_s) * (
+        observed_bytes - state.fast_bytes
+    )
+    slow = state.slow_bytes + _gain(period_s, params.slow_halflife_s) * (
+        observed_bytes - state.slow_bytes
+    )
+    return EstimateState(fast, slow)

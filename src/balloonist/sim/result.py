@@ -1,0 +1,117 @@
+"""What a simulation run produces: per-period time series and the summary figures.
+
+Series are numpy arrays, one entry per scheduler period, sampled at the end of the
+period. Counters (references, faults, swaps) are per period, not cumulative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from balloonist.model import HostState
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+#: Order of host states in ``SimResult.host_state`` codes.
+HOST_STATE_CODES: tuple[HostState, ...] = (
+    HostState.HIGH,
+    HostState.SOFT,
+    HostState.HARD,
+    HostState.LOW,
+)
+
+
+@dataclass(frozen=True)
+class GuestSeries:
+    name: str
+    memory_bytes: int  # configured memory
+    allocation_bytes: IntArray  # machine memory backing the guest
+    target_bytes: IntArray  # allocation target the policy set
+    balloon_bytes: IntArray  # actual balloon size
+    balloon_target_bytes: IntArray  # the balloon register
+    working_set_bytes: IntArray  # the scheduler's estimate
+    refs: IntArray  # page references completed in the period
+    major_faults: IntArray  # guest page faults served from guest swap
+    guest_swap_outs: IntArray
+    host_swap_ins: IntArray
+    host_swap_outs: IntArray
+    double_paging: IntArray  # guest evicted a page the host had already swapped out
+    balloon_rate_pages: IntArray  # the driver's adaptive rate at the end of the period
+
+
+@dataclass(frozen=True)
+class SimResult:
+    scenario: str
+    policy: str
+    seed: int
+    duration_s: float
+    period_s: float
+    host_memory_bytes: int
+    time_s: FloatArray  # end of each period
+    host_free_bytes: IntArray
+    host_swap_used_bytes: IntArray
+    host_state: IntArray  # index into HOST_STATE_CODES
+    guests: tuple[GuestSeries, ...]
+
+    def guest(self, name: str) -> GuestSeries:
+        for g in self.guests:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON object ``balloonist simulate --json`` prints (shape fixed by the docs)."""
+        duration = self.duration_s
+        guests: dict[str, Any] = {}
+        for g in self.guests:
+            guests[g.name] = {
+                "throughput_refs_per_s": float(g.refs.sum()) / duration,
+                "mean_allocation_bytes": int(round(float(g.allocation_bytes.mean()))),
+                "min_allocation_bytes": int(g.allocation_bytes.min()),
+                "final_balloon_bytes": int(g.balloon_bytes[-1]),
+                "major_faults": int(g.major_faults.sum()),
+            }
+        return {
+            "scenario": self.scenario,
+            "policy": self.policy,
+            "seed": self.seed,
+            "duration_s": duration,
+            "aggregate": {
+                "throughput_refs_per_s": sum(float(g.refs.sum()) for g in self.guests) / duration,
+                "guest_major_faults": sum(int(g.major_faults.sum()) for g in self.guests),
+                "host_swap_ins": sum(int(g.host_swap_ins.sum()) for g in self.guests),
+                "host_swap_outs": sum(int(g.host_swap_outs.sum()) for g in self.guests),
+                "double_paging_events": sum(int(g.double_paging.sum()) for g in self.guests),
+            },
+            "guests": guests,
+        }
+
+
+@dataclass(frozen=True)
+class GuestProgress:
+    name: str
+    memory_bytes: int
+    allocation_bytes: int
+    target_bytes: int
+    balloon_bytes: int
+    working_set_bytes: int
+    refs_per_s: float  # over the last period
+    major_faults: int  # total so far
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Handed to a progress callback after every period (live views, progress lines)."""
+
+    period: int  # 1-based
+    periods: int
+    time_s: float
+    host_memory_bytes: int
+    host_free_bytes: int
+    host_state: HostState
+    guests: tuple[GuestProgress, ...]

@@ -1,0 +1,432 @@
+"""Scenario files (TOML): parsing, validation, and the typed scenario they describe.
+
+The file format is documented in ``docs/scenarios.md``. Every problem is reported as a
+:class:`ConfigError` naming the file and the key, e.g.
+``busy.toml: guests[1].min: min 600MiB is above max 512MiB``.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from balloonist.errors import ConfigError
+from balloonist.model import GuestSpec
+from balloonist.policy.workingset import EstimatorParams
+from balloonist.rate import RateLimits
+from balloonist.sim.workload import Phase, Workload, WorkloadKind, WorkloadPlan
+from balloonist.units import (
+    MIB,
+    bytes_to_pages,
+    bytes_to_pages_floor,
+    format_size,
+    parse_size_bytes,
+)
+
+POLICY_NAMES = ("shares", "static", "host-swap", "proxmox", "mom", "oracle")
+
+
+class Replacement(enum.IntEnum):
+    """Guest page-replacement algorithms; codes shared with the compiled loop."""
+
+    LRU = 0
+    CLOCK = 1
+    FIFO = 2
+
+
+# ---------------------------------------------------------------------------------------
+# The file schema (pydantic). Unknown keys are errors everywhere.
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"sizes are strings with a unit, like \"512MiB\"; got {value!r}")
+    return parse_size_bytes(value)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostTable(_Strict):
+    memory: str
+    swap: str = "0B"
+
+    _sizes = field_validator("memory", "swap")(classmethod(lambda cls, v: _check_size(v)))
+
+
+class SimTable(_Strict):
+    duration_s: float = Field(default=120.0, gt=0, le=86400)
+    period_s: float = Field(default=1.0, gt=0, le=3600)
+    seed: int = Field(default=1, ge=0, lt=2**63)
+    ws_sample_pages: int = Field(default=100, ge=1, le=100_000)
+    slices_per_period: int = Field(default=4, ge=1, le=100)
+
+
+class PolicyTable(_Strict):
+    name: str = "shares"
+    tax_rate: float = Field(default=0.75, ge=0.0, lt=1.0)
+    ws_fast_halflife_s: float = Field(default=5.0, gt=0)
+    ws_slow_halflife_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {v!r} (choose from {', '.join(POLICY_NAMES)})")
+        return v
+
+
+class RateTable(_Strict):
+    min: str = "1MiB"
+    max: str = "256MiB"
+    increase: str = "4MiB"
+    divisor: float = Field(default=2.0, gt=1.0)
+
+    _sizes = field_validator("min", "max", "increase")(classmethod(lambda cls, v: _check_size(v)))
+
+
+class CostsTable(_Strict):
+    """Simulated seconds each event costs the guest that suffers it."""
+
+    reference_s: float = Field(default=1e-6, gt=0)
+    guest_minor_fault_s: float = Field(default=2e-6, ge=0)
+    guest_swap_in_s: float = Field(default=100e-6, ge=0)
+    guest_swap_out_s: float = Field(default=20e-6, ge=0)
+    host_alloc_s: float = Field(default=2e-6, ge=0)
+    host_swap_in_s: float = Field(default=110e-6, ge=0)
+    host_swap_out_s: float = Field(default=20e-6, ge=0)
+    balloon_page_s: float = Field(default=0.5e-6, ge=0)
+
+
+class WorkloadTable(_Strict):
+    kind: Literal["idle", "uniform", "zipf", "scan", "phases"] | str
+    working_set: str | None = None
+    skew: float = Field(default=1.0, gt=0, le=5)
+    offset: str = "0B"
+    phases: list[PhaseTable] | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in ("idle", "uniform", "zipf", "scan", "phases"):
+            raise ValueError(
+                f"unknown workload kind {v!r} (choose from idle, uniform, zipf, scan, phases)"
+            )
+        return v
+
+    _sizes = field_validator("working_set", "offset")(classmethod(lambda cls, v: _check_size(v)))
+
+
+class PhaseTable(_Strict):
+    at_s: float = Field(ge=0)
+    workload: WorkloadTable
+
+
+class GuestTable(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    memory: str
+    min: str = "0B"
+    max: str | None = None
+    shares: int = Field(default=1000, gt=0, le=10**9)
+    replacement: Literal["lru", "clock", "fifo"] = "lru"
+    balloon: bool = True
+    kernel: str = "16MiB"
+    swap: str | None = None
+    workload: WorkloadTable
+
+    _sizes = field_validator("memory", "min", "max", "kernel", "swap")(
+        classmethod(lambda cls, v: _check_size(v))
+    )
+
+
+WorkloadTable.model_rebuild()
+
+
+class ScenarioFile(_Strict):
+    name: str | None = None
+    description: str = ""
+    host: HostTable
+    sim: SimTable = SimTable()
+    policy: PolicyTable = PolicyTable()
+    rate: RateTable = RateTable()
+    costs: CostsTable = CostsTable()
+    guests: list[GuestTable] = Field(min_length=1, max_length=10_000)
+
+
+def _check_size(value: Any) -> Any:
+    """Field validator: reject anything that is not a size string with a unit."""
+    if value is not None:
+        _size(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# The typed scenario the simulator runs.
+
+
+@dataclass(frozen=True)
+class Costs:
+    reference_s: float
+    guest_minor_fault_s: float
+    guest_swap_in_s: float
+    guest_swap_out_s: float
+    host_alloc_s: float
+    host_swap_in_s: float
+    host_swap_out_s: float
+    balloon_page_s: float
+
+
+@dataclass(frozen=True)
+class SimGuest:
+    spec: GuestSpec
+    replacement: Replacement
+    kernel_pages: int  # memory the guest kernel keeps for itself, never swapped or ballooned
+    swap_pages: int  # guest swap device
+    plan: WorkloadPlan
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def memory_pages(self) -> int:
+        return bytes_to_pages(self.spec.memory_bytes)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    host_memory_bytes: int
+    host_swap_bytes: int
+    duration_s: float
+    period_s: float
+    seed: int
+    ws_sample_pages: int
+    slices_per_period: int
+    policy_name: str
+    tax_rate: float
+    estimator: EstimatorParams
+    rate: RateLimits
+    costs: Costs
+    guests: tuple[SimGuest, ...] = field(default_factory=tuple)
+
+    @property
+    def periods(self) -> int:
+        return max(1, round(self.duration_s / self.period_s))
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate a scenario file; any problem is one ``ConfigError``."""
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", where=where) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", where=where) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", where=where) from None
+    return scenario_from_dict(data, where=where, default_name=path.stem)
+
+
+def scenario_from_dict(data: dict[str, Any], *, where: str, default_name: str) -> Scenario:
+    try:
+        raw = ScenarioFile.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, where) from None
+    return _build(raw, where, default_name)
+
+
+def _config_error(exc: ValidationError, where: str) -> ConfigError:
+    err = exc.errors()[0]
+    key = _format_loc(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "missing":
+        message = "required key is missing"
+    else:
+        message = str(err["msg"]).removeprefix("Value error, ")
+    return ConfigError(message, where=f"{where}: {key}" if key else where)
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
+    host_memory = parse_size_bytes(raw.host.memory)
+    if host_memory < 64 * MIB:
+        raise ConfigError("host memory must be at least 64MiB", where=f"{where}: host.memory")
+    host_swap = parse_size_bytes(raw.host.swap)
+    guests: list[SimGuest] = []
+    names: set[str] = set()
+    for i, g in enumerate(raw.guests):
+        gwhere = f"{where}: guests[{i}]"
+        if g.name in names:
+            raise ConfigError(f"duplicate guest name {g.name!r}", where=f"{gwhere}.name")
+        names.add(g.name)
+        memory = _pages_exact(g.memory, f"{gwhere}.memory")
+        if memory < 16 * MIB:
+            raise ConfigError("guest memory must be at least 16MiB", where=f"{gwhere}.memory")
+        min_b = _pages_exact(g.min, f"{gwhere}.min")
+        max_b = _pages_exact(g.max, f"{gwhere}.max") if g.max is not None else memory
+        if max_b > memory:
+            raise ConfigError(
+                f"max {format_size(max_b)} is above memory {format_size(memory)}",
+                where=f"{gwhere}.max",
+            )
+        if min_b > max_b:
+            raise ConfigError(
+                f"min {format_size(min_b)} is above max {format_size(max_b)}",
+                where=f"{gwhere}.min",
+            )
+        kernel = _pages_exact(g.kernel, f"{gwhere}.kernel")
+        if kernel >= memory // 2:
+            raise ConfigError("kernel must be under half the guest memory", where=f"{gwhere}.kernel")
+        swap = _pages_exact(g.swap, f"{gwhere}.swap") if g.swap is not None else 2 * memory
+        plan = _plan(g.workload, f"{gwhere}.workload")
+        if plan.virtual_pages * 4096 > memory - kernel + swap:
+            raise ConfigError(
+                f"the workload touches {format_size(plan.virtual_pages * 4096)}, more than the "
+                f"guest's memory less kernel plus swap ({format_size(memory - kernel + swap)})",
+                where=f"{gwhere}.workload",
+            )
+        spec = GuestSpec(
+            name=g.name,
+            memory_bytes=memory,
+            min_bytes=min_b,
+            max_bytes=max_b,
+            shares=g.shares,
+            balloon=g.balloon,
+        )
+        guests.append(
+            SimGuest(
+                spec=spec,
+                replacement=Replacement[g.replacement.upper()],
+                kernel_pages=bytes_to_pages(kernel),
+                swap_pages=bytes_to_pages(swap),
+                plan=plan,
+            )
+        )
+    reserved = sum(g.spec.min_bytes for g in guests)
+    if reserved > host_memory:
+        raise ConfigError(
+            f"the guests' reservations add up to {format_size(reserved)}, more than host "
+            f"memory {format_size(host_memory)}",
+            where=f"{where}: guests[*].min",
+        )
+    try:
+        estimator = EstimatorParams(raw.policy.ws_fast_halflife_s, raw.policy.ws_slow_halflife_s)
+    except ValueError as exc:
+        raise ConfigError(str(exc), where=f"{where}: policy") from None
+    try:
+        rate = RateLimits(
+            min_pages=max(1, bytes_to_pages_floor(parse_size_bytes(raw.rate.min))),
+            max_pages=bytes_to_pages_floor(parse_size_bytes(raw.rate.max)),
+            increase_pages=bytes_to_pages_floor(parse_size_bytes(raw.rate.increase)),
+            divisor=raw.rate.divisor,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc), where=f"{where}: rate") from None
+    if raw.sim.period_s > raw.sim.duration_s:
+        raise ConfigError("period_s is longer than duration_s", where=f"{where}: sim.period_s")
+    c = raw.costs
+    return Scenario(
+        name=raw.name or default_name,
+        description=raw.description,
+        host_memory_bytes=host_memory,
+        host_swap_bytes=host_swap,
+        duration_s=raw.sim.duration_s,
+        period_s=raw.sim.period_s,
+        seed=raw.sim.seed,
+        ws_sample_pages=raw.sim.ws_sample_pages,
+        slices_per_period=raw.sim.slices_per_period,
+        policy_name=raw.policy.name,
+        tax_rate=raw.policy.tax_rate,
+        estimator=estimator,
+        rate=rate,
+        costs=Costs(
+            reference_s=c.reference_s,
+            guest_minor_fault_s=c.guest_minor_fault_s,
+            guest_swap_in_s=c.guest_swap_in_s,
+            guest_swap_out_s=c.guest_swap_out_s,
+            host_alloc_s=c.host_alloc_s,
+            host_swap_in_s=c.host_swap_in_s,
+            host_swap_out_s=c.host_swap_out_s,
+            balloon_page_s=c.balloon_page_s,
+        ),
+        guests=tuple(guests),
+    )
+
+
+def _pages_exact(text: str, where: str) -> int:
+    """Size in bytes, which must be a whole number of pages."""
+    size = parse_size_bytes(text)
+    if size % 4096:
+        raise ConfigError(f"{text!r} is not a whole number of 4KiB pages", where=where)
+    return size
+
+
+_KINDS = {
+    "idle": WorkloadKind.IDLE,
+    "uniform": WorkloadKind.UNIFORM,
+    "zipf": WorkloadKind.ZIPF,
+    "scan": WorkloadKind.SCAN,
+}
+
+
+def _plan(w: WorkloadTable, where: str) -> WorkloadPlan:
+    if w.kind == "phases":
+        if not w.phases:
+            raise ConfigError("a phases workload needs a non-empty 'phases' list", where=where)
+        if w.working_set is not None:
+            raise ConfigError("set working_set inside each phase", where=f"{where}.working_set")
+        phases: list[Phase] = []
+        for i, p in enumerate(w.phases):
+            pwhere = f"{where}.phases[{i}]"
+            if p.workload.kind == "phases":
+                raise ConfigError("phases cannot nest", where=f"{pwhere}.workload.kind")
+            phases.append(Phase(p.at_s, _single(p.workload, f"{pwhere}.workload")))
+        if phases[0].at_s != 0.0:
+            raise ConfigError("the first phase must start at at_s = 0", where=f"{where}.phases[0]")
+        if [p.at_s for p in phases] != sorted({p.at_s for p in phases}):
+            raise ConfigError("phases must be in strictly increasing at_s order", where=where)
+        return WorkloadPlan(tuple(phases))
+    if w.phases is not None:
+        raise ConfigError("'phases' is only for kind = \"phases\"", where=f"{where}.phases")
+    return WorkloadPlan.single(_single(w, where))
+
+
+def _single(w: WorkloadTable, where: str) -> Workload:
+    kind = _KINDS[w.kind]
+    if kind is WorkloadKind.IDLE:
+        ws = _pages_exact(w.working_set, f"{where}.working_set") if w.working_set else 0
+    else:
+        if w.working_set is None:
+            raise ConfigError(f"a {w.kind} workload needs working_set", where=where)
+        ws = _pages_exact(w.working_set, f"{where}.working_set")
+        if ws < 4096:
+            raise ConfigError("working_set must be at least one page", where=f"{where}.working_set")
+    offset = _pages_exact(w.offset, f"{where}.offset")
+    return Workload(
+        kind=kind,
+        working_set_pages=ws // 4096,
+        skew=w.skew,
+        offset_pages=offset // 4096,
+    )

@@ -1,0 +1,66 @@
+"""Workload descriptions: which guest pages a workload references, and when.
+
+A guest's workload is a plan of phases; a plain workload is a plan with one phase at
+time 0. The reference generators themselves run inside the simulator's compiled loop
+(:mod:`balloonist.sim.engine`); this module only describes them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class WorkloadKind(enum.IntEnum):
+    """Codes shared with the compiled loop; do not renumber."""
+
+    IDLE = 0  # references nothing
+    UNIFORM = 1  # every page of the working set equally likely
+    ZIPF = 2  # page of rank r with probability ~ 1 / r**skew
+    SCAN = 3  # sequential sweeps over the working set (LRU's worst case)
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: WorkloadKind
+    working_set_pages: int = 0
+    skew: float = 1.0  # zipf only
+    offset_pages: int = 0  # where the working set starts in the guest's virtual pages
+
+    @property
+    def end_pages(self) -> int:
+        return self.offset_pages + self.working_set_pages
+
+
+@dataclass(frozen=True)
+class Phase:
+    at_s: float
+    workload: Workload
+
+
+@dataclass(frozen=True)
+class WorkloadPlan:
+    phases: tuple[Phase, ...]
+
+    def __post_init__(self) -> None:
+        if not self.phases or self.phases[0].at_s != 0.0:
+            raise ValueError("a workload plan must start with a phase at 0 s")
+        times = [p.at_s for p in self.phases]
+        if times != sorted(times) or len(set(times)) != len(times):
+            raise ValueError("workload phases must be in strictly increasing time order")
+
+    @classmethod
+    def single(cls, workload: Workload) -> WorkloadPlan:
+        return cls((Phase(0.0, workload),))
+
+    @property
+    def virtual_pages(self) -> int:
+        """Size of the guest's virtual page space the plan touches."""
+        return max(p.workload.end_pages for p in self.phases)
+
+    def at(self, time_s: float) -> Workload:
+        current = self.phases[0].workload
+        for phase in self.phases:
+            if phase.at_s <= time_s:
+                current = phase.workload
+        return current
