@@ -38,10 +38,10 @@ class PageRange:
 
 
 def ranges_from_pages(pages: Iterable[int]) -> list[PageRange]:
-    """Collapse page frame numbers into sorted contiguous ranges."""
+    """Collapse page frame numbers (duplicates ignored) into sorted, maximal contiguous ranges."""
     ranges: list[PageRange] = []
     run_start = run_end = -1
-    for page in sorted(pages):
+    for page in sorted(set(pages)):
         if page == run_end:
             run_end += 1
             continue

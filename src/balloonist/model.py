@@ -70,6 +70,17 @@ class GuestSpec:
 
 
 @dataclass(frozen=True)
+class HostReading:
+    """Host memory as the hypervisor backend measures it (no interpretation yet)."""
+
+    time_s: float
+    memory_bytes: int
+    free_bytes: int
+    swap_bytes: int
+    swap_used_bytes: int
+
+
+@dataclass(frozen=True)
 class HostSample:
     time_s: float
     memory_bytes: int  # machine memory the guests may share

@@ -1,0 +1,110 @@
+"""The resource scheduler's loop: collect -> decide -> act, with time injected.
+
+``Hypervisor`` is the port to whatever runs the guests (the simulator, QEMU, a fake in
+tests). Each period the scheduler collects a host reading and guest samples, folds
+them into the state it keeps between periods (the host free-memory state with its
+hysteresis, each guest's working-set averages), builds a frozen ``Snapshot``, asks the
+pure policy for a ``Decision`` and hands that to the hypervisor to act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from balloonist.model import (
+    Decision,
+    GuestSample,
+    GuestSpec,
+    GuestView,
+    HostReading,
+    HostSample,
+    HostState,
+    Snapshot,
+)
+from balloonist.policy import Policy
+from balloonist.policy.hoststate import StateThresholds, next_host_state
+from balloonist.policy.workingset import EstimateState, EstimatorParams, update_estimate
+
+
+class Hypervisor(Protocol):
+    """What the scheduler needs from a backend."""
+
+    def specs(self) -> Sequence[GuestSpec]: ...
+
+    def read_host(self) -> HostReading: ...
+
+    def sample_guests(self) -> Sequence[GuestSample]: ...
+
+    def apply(self, decision: Decision) -> None: ...
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """One period's input and output, kept for reports and tests."""
+
+    snapshot: Snapshot
+    decision: Decision
+
+
+class Scheduler:
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        policy: Policy,
+        *,
+        period_s: float,
+        estimator: EstimatorParams | None = None,
+        thresholds: StateThresholds | None = None,
+    ) -> None:
+        self._hv = hypervisor
+        self._policy = policy
+        self._period_s = period_s
+        self._estimator = estimator or EstimatorParams()
+        self._thresholds = thresholds or StateThresholds()
+        self._state = HostState.HIGH
+        self._estimates: dict[str, EstimateState] = {}
+
+    @property
+    def host_state(self) -> HostState:
+        return self._state
+
+    def collect(self) -> Snapshot:
+        reading = self._hv.read_host()
+        self._state = next_host_state(
+            self._state, reading.free_bytes / reading.memory_bytes, self._thresholds
+        )
+        host = HostSample(
+            time_s=reading.time_s,
+            memory_bytes=reading.memory_bytes,
+            free_bytes=reading.free_bytes,
+            swap_bytes=reading.swap_bytes,
+            swap_used_bytes=reading.swap_used_bytes,
+            state=self._state,
+        )
+        samples = {s.name: s for s in self._hv.sample_guests()}
+        views: list[GuestView] = []
+        for spec in self._hv.specs():
+            sample = samples.get(spec.name)
+            if sample is None:
+                continue  # a guest that did not report is left out of this cycle, not guessed
+            views.append(GuestView(spec, sample, self._estimate(sample)))
+        return Snapshot(reading.time_s, self._period_s, host, tuple(views))
+
+    def _estimate(self, sample: GuestSample) -> int:
+        previous = self._estimates.get(sample.name)
+        observed = sample.active_bytes_observed
+        if observed is None:
+            # No observation this period: keep what we knew; with nothing known, assume
+            # everything the guest holds is in use (never tax a guest on no evidence).
+            return previous.estimate_bytes if previous else sample.allocated_bytes
+        state = update_estimate(previous, observed, self._period_s, self._estimator)
+        self._estimates[sample.name] = state
+        return state.estimate_bytes
+
+    def step(self) -> Cycle:
+        snapshot = self.collect()
+        decision = self._policy.decide(snapshot)
+        self._hv.apply(decision)
+        return Cycle(snapshot, decision)

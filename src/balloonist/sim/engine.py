@@ -1,0 +1,544 @@
+"""The simulator's compiled core: one guest OS, its VMM mapping, and its workload.
+
+Everything per page lives in flat numpy arrays (no Python object per page) and the
+hot loops are numba-compiled. Per guest, with P guest-physical frames and V virtual
+pages of the workload:
+
+    v2p[V]      frame holding each virtual page, or -1 (not resident)
+    vswap[V]    1 if the virtual page's contents are in the guest's swap
+    p2v[P]      virtual page in each frame, or FREE / BALLOON / KERNEL
+    pstate[P]   the VMM's physical-to-machine map: UNBACKED / MAPPED / HOST_SWAPPED
+    prev/next   the guest's resident list (LRU: recency order, FIFO: arrival order)
+    refbit[P]   CLOCK reference bits
+    sampled[P]  working-set sampling marks (SAMPLED, then TOUCHED once referenced)
+    free[P]     the guest's free-frame stack
+
+The guest OS picks its own victims (LRU / CLOCK / FIFO) and swaps to its own swap.
+The VMM only sees frames: it backs a frame with machine memory on first touch, takes
+the machine page away when the balloon pins the frame, and, when the host must page,
+picks victims at random without any knowledge of the guest. A guest that then evicts
+a frame the host already swapped out forces the host to read it back only so the
+guest can write it out: a double-paging event.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# p2v special values
+FREE = -1
+BALLOON = -2
+KERNEL = -3
+
+# pstate values
+UNBACKED = 0
+MAPPED = 1
+HOST_SWAPPED = 2
+
+# sampled values
+SAMPLED = 1
+TOUCHED = 2
+
+# replacement codes (match scenario.Replacement)
+LRU = 0
+CLOCK = 1
+FIFO = 2
+
+# workload codes (match workload.WorkloadKind)
+IDLE = 0
+UNIFORM = 1
+ZIPF = 2
+SCAN = 3
+
+# Indices into a guest's int64 scalar array ``st``.
+S_NFREE = 0
+S_HEAD = 1  # most recently used / newest resident frame
+S_TAIL = 2  # least recently used / oldest resident frame
+S_HAND = 3  # CLOCK hand
+S_MAPPED = 4  # frames backed by machine memory
+S_HOST_SWAPPED = 5  # frames whose contents the host paged out
+S_SWAP_USED = 6  # guest swap slots in use
+S_RESIDENT = 7  # workload pages resident in frames
+S_BALLOON = 8  # frames pinned by the balloon
+S_SCAN_POS = 9
+S_REFS = 10
+S_MAJOR = 11  # faults served from guest swap
+S_MINOR = 12  # first-touch faults (zero fill)
+S_GUEST_SWAP_OUT = 13
+S_HOST_SWAP_IN = 14
+S_HOST_SWAP_OUT = 15
+S_DOUBLE_PAGING = 16
+S_HOST_ALLOC = 17
+S_STALLS = 18  # slices cut short: no machine page or no guest swap could be had
+N_SCALARS = 19
+
+# Indices into the cost array (seconds).
+C_REF = 0
+C_MINOR = 1
+C_SWAP_IN = 2
+C_SWAP_OUT = 3
+C_HOST_ALLOC = 4
+C_HOST_SWAP_IN = 5
+C_HOST_SWAP_OUT = 6
+C_BALLOON_PAGE = 7
+N_COSTS = 8
+
+# Indices into the host's shared int64 array.
+H_SWAP_FREE = 0  # host swap slots free
+N_HOST = 1
+
+# Host-side random victim search: random probes first (cheap while most frames are
+# mapped), then a linear sweep so the search always terminates.
+_VICTIM_PROBES = 64
+
+
+@njit(cache=True, inline="always")
+def _rand(rng: np.ndarray) -> np.uint64:  # type: ignore[type-arg]
+    """xorshift64*: fast, good enough for reference streams, and per-guest reproducible."""
+    x = rng[0]
+    x ^= x >> np.uint64(12)
+    x ^= x << np.uint64(25)
+    x ^= x >> np.uint64(27)
+    rng[0] = x
+    return x * np.uint64(0x2545F4914F6CDD1D)
+
+
+@njit(cache=True, inline="always")
+def _rand_below(rng: np.ndarray, n: int) -> int:  # type: ignore[type-arg]
+    # top 53 bits as a float in [0, 1): unbiased enough for n << 2**53
+    return int((_rand(rng) >> np.uint64(11)) * (1.0 / 9007199254740992.0) * n)
+
+
+@njit(cache=True, inline="always")
+def _rand_unit(rng: np.ndarray) -> float:  # type: ignore[type-arg]
+    return (_rand(rng) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+# --------------------------------------------------------------------------------------
+# The guest's resident list (LRU and FIFO).
+
+
+@njit(cache=True, inline="always")
+def _list_push_head(st, prev, nxt, f):  # type: ignore[no-untyped-def]
+    head = st[S_HEAD]
+    prev[f] = -1
+    nxt[f] = head
+    if head >= 0:
+        prev[head] = f
+    else:
+        st[S_TAIL] = f
+    st[S_HEAD] = f
+
+
+@njit(cache=True, inline="always")
+def _list_unlink(st, prev, nxt, f):  # type: ignore[no-untyped-def]
+    p = prev[f]
+    n = nxt[f]
+    if p >= 0:
+        nxt[p] = n
+    else:
+        st[S_HEAD] = n
+    if n >= 0:
+        prev[n] = p
+    else:
+        st[S_TAIL] = p
+    prev[f] = -1
+    nxt[f] = -1
+
+
+@njit(cache=True)
+def _pick_guest_victim(st, p2v, prev, nxt, refbit, policy):  # type: ignore[no-untyped-def]
+    """The guest OS's own replacement choice among resident workload frames, or -1."""
+    if st[S_RESIDENT] == 0:
+        return -1
+    if policy == CLOCK:
+        nframes = p2v.shape[0]
+        hand = st[S_HAND]
+        # two sweeps always suffice: the first clears every reference bit
+        for _ in range(2 * nframes + 1):
+            f = hand
+            hand += 1
+            if hand == nframes:
+                hand = 0
+            if p2v[f] < 0:
+                continue
+            if refbit[f]:
+                refbit[f] = 0
+                continue
+            st[S_HAND] = hand
+            return f
+        return -1
+    return st[S_TAIL]
+
+
+@njit(cache=True)
+def _host_victim(st, p2v, pstate, rng, exclude):  # type: ignore[no-untyped-def]
+    """A random machine-backed frame of this guest (the host knows nothing better)."""
+    nframes = pstate.shape[0]
+    if st[S_MAPPED] <= 0:
+        return -1
+    for _ in range(_VICTIM_PROBES):
+        f = _rand_below(rng, nframes)
+        if pstate[f] == MAPPED and f != exclude:
+            return f
+    start = _rand_below(rng, nframes)
+    for i in range(nframes):
+        f = start + i
+        if f >= nframes:
+            f -= nframes
+        if pstate[f] == MAPPED and f != exclude:
+            return f
+    return -1
+
+
+@njit(cache=True)
+def _host_page_out(st, p2v, pstate, rng, host, exclude):  # type: ignore[no-untyped-def]
+    """Host pages out one random frame of the guest. Returns False if it cannot."""
+    if host[H_SWAP_FREE] <= 0:
+        return False
+    f = _host_victim(st, p2v, pstate, rng, exclude)
+    if f < 0:
+        return False
+    pstate[f] = HOST_SWAPPED
+    st[S_MAPPED] -= 1
+    st[S_HOST_SWAPPED] += 1
+    st[S_HOST_SWAP_OUT] += 1
+    host[H_SWAP_FREE] -= 1
+    return True
+
+
+@njit(cache=True)
+def _back_frame(f, st, p2v, pstate, rng, host, cap, costs):  # type: ignore[no-untyped-def]
+    """Make sure frame ``f`` has machine memory behind it; return the cost, or -1.0 if the
+    host could neither grant a machine page nor page another out to make room."""
+    state = pstate[f]
+    if state == MAPPED:
+        return 0.0
+    cost = 0.0
+    if st[S_MAPPED] >= cap:
+        # At its cap the guest only gets a machine page by giving one up: host paging.
+        if not _host_page_out(st, p2v, pstate, rng, host, f):
+            return -1.0
+        cost += costs[C_HOST_SWAP_OUT]
+    if state == HOST_SWAPPED:
+        st[S_HOST_SWAPPED] -= 1
+        st[S_HOST_SWAP_IN] += 1
+        host[H_SWAP_FREE] += 1
+        cost += costs[C_HOST_SWAP_IN]
+    else:
+        st[S_HOST_ALLOC] += 1
+        cost += costs[C_HOST_ALLOC]
+    pstate[f] = MAPPED
+    st[S_MAPPED] += 1
+    return cost
+
+
+@njit(cache=True)
+def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, cap, swap_pages, costs):  # type: ignore[no-untyped-def]
+    """The guest swaps out the workload page in frame ``f``; return cost or -1.0."""
+    v = p2v[f]
+    cost = 0.0
+    if vswap[v] == 0:
+        if st[S_SWAP_USED] >= swap_pages:
+            return -1.0
+        st[S_SWAP_USED] += 1
+        vswap[v] = 1
+    if pstate[f] == HOST_SWAPPED:
+        # The guest must write out a page the host already wrote out: double paging.
+        st[S_DOUBLE_PAGING] += 1
+        c = _back_frame(f, st, p2v, pstate, rng, host, cap, costs)
+        if c < 0.0:
+            return -1.0
+        cost += c
+    if policy != CLOCK:
+        _list_unlink(st, prev, nxt, f)
+    v2p[v] = -1
+    p2v[f] = FREE
+    st[S_RESIDENT] -= 1
+    st[S_GUEST_SWAP_OUT] += 1
+    cost += costs[C_SWAP_OUT]
+    return cost
+
+
+@njit(cache=True)
+def run_guest(  # type: ignore[no-untyped-def]
+    budget_s,
+    cap,
+    st,
+    v2p,
+    vswap,
+    p2v,
+    pstate,
+    prev,
+    nxt,
+    refbit,
+    sampled,
+    free,
+    rng,
+    host,
+    costs,
+    policy,
+    swap_pages,
+    kind,
+    ws_pages,
+    offset,
+    alias_prob,
+    alias_idx,
+):
+    """Run the workload for up to ``budget_s`` simulated seconds; return seconds used.
+
+    ``cap`` is the most machine pages the guest may hold during this run. The run
+    ends early (returning at least the budget) when the guest stalls: it needs a
+    machine page the host cannot provide, or a swap slot it does not have.
+    """
+    if kind == IDLE or ws_pages == 0:
+        return budget_s
+    used = 0.0
+    ref_cost = costs[C_REF]
+    while used < budget_s:
+        # which virtual page
+        if kind == UNIFORM:
+            r = _rand_below(rng, ws_pages)
+        elif kind == ZIPF:
+            i = _rand_below(rng, ws_pages)
+            r = i if _rand_unit(rng) < alias_prob[i] else alias_idx[i]
+        else:  # SCAN
+            r = st[S_SCAN_POS]
+            st[S_SCAN_POS] = r + 1 if r + 1 < ws_pages else 0
+        v = offset + r
+        f = v2p[v]
+        cost = ref_cost
+        if f >= 0:
+            if pstate[f] != MAPPED:
+                c = _back_frame(f, st, p2v, pstate, rng, host, cap, costs)
+                if c < 0.0:
+                    st[S_STALLS] += 1
+                    return max(used, budget_s)
+                cost += c
+            if policy == LRU:
+                if st[S_HEAD] != f:
+                    _list_unlink(st, prev, nxt, f)
+                    _list_push_head(st, prev, nxt, f)
+            elif policy == CLOCK:
+                refbit[f] = 1
+        else:
+            # guest page fault: a free frame, or one the guest's own policy evicts
+            if st[S_NFREE] > 0:
+                st[S_NFREE] -= 1
+                f = free[st[S_NFREE]]
+            else:
+                f = _pick_guest_victim(st, p2v, prev, nxt, refbit, policy)
+                if f < 0:
+                    st[S_STALLS] += 1
+                    return max(used, budget_s)
+                c = _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, cap, swap_pages, costs)
+                if c < 0.0:
+                    st[S_STALLS] += 1
+                    return max(used, budget_s)
+                cost += c
+            c = _back_frame(f, st, p2v, pstate, rng, host, cap, costs)
+            if c < 0.0:
+                # give the frame back; the reference did not happen
+                free[st[S_NFREE]] = f
+                st[S_NFREE] += 1
+                st[S_STALLS] += 1
+                return max(used, budget_s)
+            cost += c
+            if vswap[v]:
+                vswap[v] = 0
+                st[S_SWAP_USED] -= 1
+                st[S_MAJOR] += 1
+                cost += costs[C_SWAP_IN]
+            else:
+                st[S_MINOR] += 1
+                cost += costs[C_MINOR]
+            p2v[f] = v
+            v2p[v] = f
+            st[S_RESIDENT] += 1
+            if policy == CLOCK:
+                refbit[f] = 1
+            else:
+                _list_push_head(st, prev, nxt, f)
+        if sampled[f] == SAMPLED:
+            sampled[f] = TOUCHED
+        st[S_REFS] += 1
+        used += cost
+    return used
+
+
+@njit(cache=True)
+def balloon_allocate(  # type: ignore[no-untyped-def]
+    want,
+    reclaim_budget_s,
+    out,
+    st,
+    v2p,
+    vswap,
+    p2v,
+    pstate,
+    prev,
+    nxt,
+    policy,
+    rng,
+    host,
+    cap,
+    swap_pages,
+    costs,
+    free,
+    refbit,
+):
+    """The guest OS serves a balloon allocation of ``want`` frames and pins them.
+
+    Free frames go first; then the guest reclaims with its own replacement policy,
+    spending at most ``reclaim_budget_s`` on swapping (like Linux's __GFP_NORETRY:
+    a balloon allocation fails rather than stall the guest). Writes the frames into
+    ``out`` and returns (count, seconds spent).
+    """
+    got = 0
+    spent = 0.0
+    while got < want:
+        if st[S_NFREE] > 0:
+            st[S_NFREE] -= 1
+            f = free[st[S_NFREE]]
+        else:
+            if spent >= reclaim_budget_s:
+                break
+            f = _pick_guest_victim(st, p2v, prev, nxt, refbit, policy)
+            if f < 0:
+                break
+            c = _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, cap, swap_pages, costs)
+            if c < 0.0:
+                break
+            spent += c
+        p2v[f] = BALLOON
+        st[S_BALLOON] += 1
+        spent += costs[C_BALLOON_PAGE]
+        out[got] = f
+        got += 1
+    return got, spent
+
+
+@njit(cache=True)
+def vmm_reclaim(frames, st, p2v, pstate, host):  # type: ignore[no-untyped-def]
+    """The VMM drops the machine memory behind frames the balloon reported locked.
+
+    Returns the number of machine pages freed, or -1 if any frame is out of range or
+    not actually pinned by the balloon (the report is then refused as a whole).
+    """
+    nframes = p2v.shape[0]
+    for i in range(frames.shape[0]):
+        f = frames[i]
+        if f < 0 or f >= nframes or p2v[f] != BALLOON:
+            return -1
+    freed = 0
+    for i in range(frames.shape[0]):
+        f = frames[i]
+        if pstate[f] == MAPPED:
+            st[S_MAPPED] -= 1
+            freed += 1
+        elif pstate[f] == HOST_SWAPPED:
+            st[S_HOST_SWAPPED] -= 1
+            host[H_SWAP_FREE] += 1
+        pstate[f] = UNBACKED
+    return freed
+
+
+@njit(cache=True)
+def balloon_free(frames, st, p2v, free):  # type: ignore[no-untyped-def]
+    """The guest OS takes back frames the balloon released; -1 if any was not ballooned."""
+    nframes = p2v.shape[0]
+    for i in range(frames.shape[0]):
+        f = frames[i]
+        if f < 0 or f >= nframes or p2v[f] != BALLOON:
+            return -1
+    for i in range(frames.shape[0]):
+        f = frames[i]
+        p2v[f] = FREE
+        free[st[S_NFREE]] = f
+        st[S_NFREE] += 1
+        st[S_BALLOON] -= 1
+    return frames.shape[0]
+
+
+@njit(cache=True)
+def host_page_out(count, st, p2v, pstate, rng, host):  # type: ignore[no-untyped-def]
+    """Proactive host paging of up to ``count`` random frames; returns how many."""
+    done = 0
+    while done < count:
+        if not _host_page_out(st, p2v, pstate, rng, host, -1):
+            break
+        done += 1
+    return done
+
+
+@njit(cache=True)
+def mark_samples(n, st, pstate, p2v, sampled, rng):  # type: ignore[no-untyped-def]
+    """Clear old marks and pick ``n`` random machine-backed frames to watch this period.
+
+    Returns how many were picked. Kernel frames count as touched: the simulated
+    kernel's own references are not modelled, and its memory is always in use.
+    """
+    sampled[:] = 0
+    nframes = pstate.shape[0]
+    if st[S_MAPPED] == 0:
+        return 0
+    picked = 0
+    attempts = 0
+    limit = 64 * n + nframes
+    while picked < n and attempts < limit:
+        attempts += 1
+        f = _rand_below(rng, nframes)
+        if pstate[f] != MAPPED or sampled[f] != 0:
+            continue
+        sampled[f] = TOUCHED if p2v[f] == KERNEL else SAMPLED
+        picked += 1
+    return picked
+
+
+@njit(cache=True)
+def count_touched(sampled):  # type: ignore[no-untyped-def]
+    n = 0
+    for i in range(sampled.shape[0]):
+        if sampled[i] == TOUCHED:
+            n += 1
+    return n
+
+
+@njit(cache=True)
+def build_alias(weights, prob, alias):  # type: ignore[no-untyped-def]
+    """Vose's alias method: O(1) sampling from a fixed discrete distribution."""
+    n = weights.shape[0]
+    total = weights.sum()
+    scaled = weights * (n / total)
+    small = np.empty(n, dtype=np.int64)
+    large = np.empty(n, dtype=np.int64)
+    ns = 0
+    nl = 0
+    for i in range(n):
+        if scaled[i] < 1.0:
+            small[ns] = i
+            ns += 1
+        else:
+            large[nl] = i
+            nl += 1
+    while ns > 0 and nl > 0:
+        ns -= 1
+        s = small[ns]
+        nl -= 1
+        g = large[nl]
+        prob[s] = scaled[s]
+        alias[s] = g
+        scaled[g] = scaled[g] + scaled[s] - 1.0
+        if scaled[g] < 1.0:
+            small[ns] = g
+            ns += 1
+        else:
+            large[nl] = g
+            nl += 1
+    for k in range(nl):
+        prob[large[k]] = 1.0
+        alias[large[k]] = large[k]
+    for k in range(ns):
+        prob[small[k]] = 1.0
+        alias[small[k]] = small[k]

@@ -1,0 +1,421 @@
+"""The simulated host: machine memory, host swap, one VMM and guest OS per guest.
+
+``SimMachine`` is the simulator's adapter for the scheduler's ``Hypervisor`` port.
+Each guest runs the real :class:`~balloonist.driver.BalloonDriver`, bound to the
+simulated guest OS through ``SimGuestKernel`` and to its VMM through
+``SimBalloonChannel``: the same driver code that runs in real guests.
+
+Time within a period: the balloon drivers step once at its start (their page
+allocation and any swapping it forces cost the guest time), then the period is cut
+into slices. Before each slice the host grants each guest a cap on the machine pages
+it may hold, so the caps never add up to more than host memory; within the slice
+the guest's workload runs in the compiled loop until its time is used up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from balloonist.driver import BalloonDriver, PageRange, ranges_from_pages
+from balloonist.errors import GuestProtocolError, SimulationError
+from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mechanisms
+from balloonist.rate import AdaptiveRate
+from balloonist.sim import engine as e
+from balloonist.sim.scenario import Scenario, SimGuest
+from balloonist.sim.workload import Workload, WorkloadKind
+from balloonist.units import PAGE_SIZE_BYTES, bytes_to_pages
+
+I64 = npt.NDArray[np.int64]
+
+#: A balloon allocation may spend at most this share of a driver period making the
+#: guest swap before the guest OS reports failure (Linux's balloon allocates with
+#: __GFP_NORETRY for the same reason: fail rather than stall the guest).
+RECLAIM_BUDGET_FRACTION = 0.25
+
+
+def _ranges_to_frames(ranges: Sequence[PageRange]) -> I64:
+    if not ranges:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate([np.arange(r.start, r.end, dtype=np.int64) for r in ranges])
+
+
+class GuestMemory:
+    """All per-page state of one simulated guest, plus its workload tables."""
+
+    def __init__(self, guest: SimGuest, index: int, seed: int, costs: npt.NDArray[np.float64]):
+        self.guest = guest
+        self.spec = guest.spec
+        frames = guest.memory_pages
+        vpages = max(1, guest.plan.virtual_pages)
+        self.frames = frames
+        self.v2p = np.full(vpages, -1, dtype=np.int32)
+        self.vswap = np.zeros(vpages, dtype=np.int8)
+        self.p2v = np.full(frames, e.FREE, dtype=np.int32)
+        self.pstate = np.zeros(frames, dtype=np.int8)
+        self.prev = np.full(frames, -1, dtype=np.int32)
+        self.nxt = np.full(frames, -1, dtype=np.int32)
+        self.refbit = np.zeros(frames, dtype=np.int8)
+        self.sampled = np.zeros(frames, dtype=np.int8)
+        self.free = np.zeros(frames, dtype=np.int32)
+        self.st = np.zeros(e.N_SCALARS, dtype=np.int64)
+        self.st[e.S_HEAD] = -1
+        self.st[e.S_TAIL] = -1
+        # Seeded per guest so one guest's stream never depends on another's.
+        mixed = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) % 2**64
+        self.rng = np.array([mixed or 1], dtype=np.uint64)
+        self.costs = costs
+        # The kernel boots into the lowest frames and keeps them; the rest are free,
+        # handed out lowest first, and not yet backed by machine memory.
+        kernel = guest.kernel_pages
+        self.p2v[:kernel] = e.KERNEL
+        self.pstate[:kernel] = e.MAPPED
+        self.st[e.S_MAPPED] = kernel
+        free = np.arange(frames - 1, kernel - 1, -1, dtype=np.int32)
+        self.free[: free.size] = free
+        self.st[e.S_NFREE] = free.size
+        self.register_pages = 0
+        self.time_debt_s = 0.0
+        self.sample_picked = 0
+        self._tables: dict[int, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = {}
+        self._phase = -1
+        self.workload = guest.plan.phases[0].workload
+
+    @property
+    def mapped_pages(self) -> int:
+        return int(self.st[e.S_MAPPED])
+
+    def set_phase(self, time_s: float) -> None:
+        index = 0
+        for i, phase in enumerate(self.guest.plan.phases):
+            if phase.at_s <= time_s:
+                index = i
+        if index != self._phase:
+            self._phase = index
+            self.workload = self.guest.plan.phases[index].workload
+            self.st[e.S_SCAN_POS] = 0
+
+    def tables(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        """Alias tables for the current zipf phase (empty arrays for other kinds)."""
+        w = self.workload
+        if w.kind is not WorkloadKind.ZIPF:
+            return _EMPTY_F, _EMPTY_I
+        cached = self._tables.get(self._phase)
+        if cached is None:
+            cached = zipf_alias(w)
+            self._tables[self._phase] = cached
+        return cached
+
+    def run(self, budget_s: float, cap: int, host: I64) -> float:
+        w = self.workload
+        prob, alias = self.tables()
+        used: float = e.run_guest(
+            budget_s,
+            cap,
+            self.st,
+            self.v2p,
+            self.vswap,
+            self.p2v,
+            self.pstate,
+            self.prev,
+            self.nxt,
+            self.refbit,
+            self.sampled,
+            self.free,
+            self.rng,
+            host,
+            self.costs,
+            int(self.guest.replacement),
+            self.guest.swap_pages,
+            int(w.kind),
+            w.working_set_pages,
+            w.offset_pages,
+            prob,
+            alias,
+        )
+        return used
+
+
+_EMPTY_F = np.zeros(1, dtype=np.float64)
+_EMPTY_I = np.zeros(1, dtype=np.int64)
+
+
+def zipf_alias(w: Workload) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    ranks = np.arange(1, w.working_set_pages + 1, dtype=np.float64)
+    weights = ranks**-w.skew
+    prob = np.zeros(w.working_set_pages, dtype=np.float64)
+    alias = np.zeros(w.working_set_pages, dtype=np.int64)
+    e.build_alias(weights, prob, alias)
+    return prob, alias
+
+
+class SimGuestKernel:
+    """The driver's ``GuestKernel`` port onto the simulated guest OS."""
+
+    def __init__(self, mem: GuestMemory, machine: SimMachine) -> None:
+        self._mem = mem
+        self._machine = machine
+
+    def allocate_pages(self, count: int) -> list[PageRange]:
+        m = self._mem
+        out = np.empty(count, dtype=np.int64)
+        got, spent = e.balloon_allocate(
+            count,
+            RECLAIM_BUDGET_FRACTION * self._machine.period_s,
+            out,
+            m.st,
+            m.v2p,
+            m.vswap,
+            m.p2v,
+            m.pstate,
+            m.prev,
+            m.nxt,
+            int(m.guest.replacement),
+            m.rng,
+            self._machine.host,
+            self._machine.cap_for_driver(m),
+            m.guest.swap_pages,
+            m.costs,
+            m.free,
+            m.refbit,
+        )
+        m.time_debt_s += spent
+        return ranges_from_pages(out[:got].tolist())
+
+    def free_pages(self, ranges: Sequence[PageRange]) -> None:
+        m = self._mem
+        if e.balloon_free(_ranges_to_frames(ranges), m.st, m.p2v, m.free) < 0:
+            raise SimulationError(f"{m.spec.name}: driver freed frames it did not hold")
+        m.time_debt_s += m.costs[e.C_BALLOON_PAGE] * sum(r.count for r in ranges)
+
+
+class SimBalloonChannel:
+    """The driver's ``BalloonChannel`` port: the balloon register and the VMM."""
+
+    def __init__(self, mem: GuestMemory, machine: SimMachine) -> None:
+        self._mem = mem
+        self._machine = machine
+
+    def read_target_pages(self) -> int:
+        return self._mem.register_pages
+
+    def report_locked(self, ranges: Sequence[PageRange]) -> None:
+        m = self._mem
+        freed = e.vmm_reclaim(_ranges_to_frames(ranges), m.st, m.p2v, m.pstate, self._machine.host)
+        if freed < 0:
+            # The VMM checks every frame against its own map: a report is never trusted.
+            raise GuestProtocolError(f"{m.spec.name}: balloon reported frames it does not hold")
+
+    def report_unlocked(self, ranges: Sequence[PageRange]) -> None:
+        m = self._mem
+        frames = _ranges_to_frames(ranges)
+        if frames.size and (
+            frames.min() < 0 or frames.max() >= m.frames or np.any(m.p2v[frames] != e.BALLOON)
+        ):
+            raise GuestProtocolError(f"{m.spec.name}: balloon released frames it did not hold")
+
+
+@dataclass
+class _Targets:
+    allocation_pages: I64
+    mechanisms: Mechanisms
+
+
+class SimMachine:
+    """The simulated host. Implements the scheduler's ``Hypervisor`` port."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.period_s = scenario.period_s
+        self.time_s = 0.0
+        self.host_pages = bytes_to_pages(scenario.host_memory_bytes - scenario.host_memory_bytes % PAGE_SIZE_BYTES)
+        self.host_swap_pages = scenario.host_swap_bytes // PAGE_SIZE_BYTES
+        self.host = np.zeros(e.N_HOST, dtype=np.int64)
+        self.host[e.H_SWAP_FREE] = self.host_swap_pages
+        c = scenario.costs
+        self.costs = np.array(
+            [
+                c.reference_s,
+                c.guest_minor_fault_s,
+                c.guest_swap_in_s,
+                c.guest_swap_out_s,
+                c.host_alloc_s,
+                c.host_swap_in_s,
+                c.host_swap_out_s,
+                c.balloon_page_s,
+            ],
+            dtype=np.float64,
+        )
+        self.guests = [GuestMemory(g, i, scenario.seed, self.costs) for i, g in enumerate(scenario.guests)]
+        kernel_total = sum(g.guest.kernel_pages for g in self.guests)
+        if kernel_total > self.host_pages:
+            raise SimulationError("the guests' kernels alone do not fit in host memory")
+        self.limit_pages = np.array([bytes_to_pages(g.spec.limit_bytes) for g in self.guests], dtype=np.int64)
+        self.min_pages = np.array([bytes_to_pages(g.spec.min_bytes) for g in self.guests], dtype=np.int64)
+        self.drivers: list[BalloonDriver | None] = [
+            BalloonDriver(SimGuestKernel(m, self), SimBalloonChannel(m, self), AdaptiveRate(scenario.rate))
+            if m.spec.balloon
+            else None
+            for m in self.guests
+        ]
+        self._targets = _Targets(
+            allocation_pages=self.limit_pages.copy(), mechanisms=Mechanisms(balloon=True)
+        )
+        self._slice_start = 0
+
+    # -- the Hypervisor port ------------------------------------------------------------
+
+    def specs(self) -> Sequence[GuestSpec]:
+        return [m.spec for m in self.guests]
+
+    def read_host(self) -> HostReading:
+        return HostReading(
+            time_s=self.time_s,
+            memory_bytes=self.host_pages * PAGE_SIZE_BYTES,
+            free_bytes=self.free_pages() * PAGE_SIZE_BYTES,
+            swap_bytes=self.host_swap_pages * PAGE_SIZE_BYTES,
+            swap_used_bytes=(self.host_swap_pages - int(self.host[e.H_SWAP_FREE])) * PAGE_SIZE_BYTES,
+        )
+
+    def sample_guests(self) -> Sequence[GuestSample]:
+        out = []
+        for m in self.guests:
+            observed = None
+            if m.sample_picked:
+                touched = int(e.count_touched(m.sampled))
+                observed = round(touched / m.sample_picked * m.mapped_pages) * PAGE_SIZE_BYTES
+            out.append(
+                GuestSample(
+                    name=m.spec.name,
+                    allocated_bytes=m.mapped_pages * PAGE_SIZE_BYTES,
+                    balloon_bytes=int(m.st[e.S_BALLOON]) * PAGE_SIZE_BYTES,
+                    balloon_target_bytes=m.register_pages * PAGE_SIZE_BYTES,
+                    active_bytes_observed=observed,
+                    free_bytes=int(m.st[e.S_NFREE]) * PAGE_SIZE_BYTES,
+                    major_faults=int(m.st[e.S_MAJOR]),
+                )
+            )
+        return out
+
+    def apply(self, decision: Decision) -> None:
+        by_name = decision.by_name()
+        alloc = np.empty(len(self.guests), dtype=np.int64)
+        for i, m in enumerate(self.guests):
+            target = by_name.get(m.spec.name)
+            if target is None:
+                alloc[i] = self._targets.allocation_pages[i]
+                continue
+            alloc[i] = bytes_to_pages(target.allocation_bytes)
+            if decision.mechanisms.balloon and m.spec.balloon:
+                balloon_pages = bytes_to_pages(target.balloon_bytes)
+                # The register can never ask for the frames the guest kernel holds.
+                m.register_pages = min(balloon_pages, m.frames - m.guest.kernel_pages)
+        self._targets = _Targets(alloc, decision.mechanisms)
+
+    # -- time -------------------------------------------------------------------------
+
+    def free_pages(self) -> int:
+        return self.host_pages - sum(m.mapped_pages for m in self.guests)
+
+    def cap_for_driver(self, m: GuestMemory) -> int:
+        """While the driver runs, a guest may not grow: ballooning only gives memory back."""
+        return m.mapped_pages
+
+    def advance(self, period_s: float) -> None:
+        """Run every guest for one period of simulated time."""
+        sample_pages = self.scenario.ws_sample_pages
+        for m in self.guests:
+            m.set_phase(self.time_s)
+            m.sample_picked = int(e.mark_samples(sample_pages, m.st, m.pstate, m.p2v, m.sampled, m.rng))
+        for driver in self.drivers:
+            if driver is not None:
+                driver.step()
+        slices = self.scenario.slices_per_period
+        slice_s = period_s / slices
+        for k in range(slices):
+            now = self.time_s + k * slice_s
+            for m in self.guests:
+                m.set_phase(now)
+            caps, blocked = self._caps()
+            self._host_paging(slice_s)
+            n = len(self.guests)
+            # Rotate who runs first so no guest always gets the free pages first.
+            self._slice_start = (self._slice_start + 1) % max(1, n)
+            for j in range(n):
+                i = (self._slice_start + j) % n
+                m = self.guests[i]
+                budget = slice_s - m.time_debt_s
+                if blocked[i] or budget <= 0.0:
+                    m.time_debt_s = max(0.0, m.time_debt_s - slice_s)
+                    continue
+                used = m.run(budget, int(caps[i]), self.host)
+                m.time_debt_s = max(0.0, used - budget)
+        self.time_s += period_s
+        self.check_host()
+
+    def _caps(self) -> tuple[I64, npt.NDArray[np.bool_]]:
+        """Per guest, the most machine pages it may hold in the next slice.
+
+        Free machine memory goes first to guests below their allocation target (so a
+        reservation is always met), then, unless targets are enforced, to the rest in
+        proportion to how far each is below its limit. The caps add up to at most host
+        memory, which is how the simulator keeps that invariant by construction.
+        """
+        t = self._targets
+        mapped = np.array([m.mapped_pages for m in self.guests], dtype=np.int64)
+        target = t.allocation_pages
+        blocked = (mapped > target) & t.mechanisms.block_over_target
+        free = self.host_pages - int(mapped.sum())
+        deficit = np.clip(target - mapped, 0, None)
+        grant = _share(free, deficit)
+        free -= int(grant.sum())
+        if t.mechanisms.balloon and free > 0:
+            # Not enforcing targets: the rest of free memory may be used up to each limit.
+            room = np.clip(self.limit_pages - mapped - grant, 0, None)
+            room[blocked] = 0
+            grant += _share(free, room)
+        grant[blocked] = 0
+        return mapped + grant, blocked
+
+    def _host_paging(self, slice_s: float) -> None:
+        """Proactive host paging of guests above target, at the host swap's bandwidth."""
+        if not self._targets.mechanisms.host_paging:
+            return
+        swap_out_s = float(self.costs[e.C_HOST_SWAP_OUT])
+        budget = int(slice_s / swap_out_s) if swap_out_s > 0 else 1 << 30
+        for i, m in enumerate(self.guests):
+            excess = m.mapped_pages - int(self._targets.allocation_pages[i])
+            if excess > 0 and budget > 0:
+                done = int(e.host_page_out(min(excess, budget), m.st, m.p2v, m.pstate, m.rng, self.host))
+                budget -= done
+
+    def check_host(self) -> None:
+        """Host-level invariants; cheap enough to run every period."""
+        free = self.free_pages()
+        if free < 0:
+            raise SimulationError(f"guests hold {-free} machine pages more than the host has")
+        swapped = sum(int(m.st[e.S_HOST_SWAPPED]) for m in self.guests)
+        if swapped + int(self.host[e.H_SWAP_FREE]) != self.host_swap_pages:
+            raise SimulationError("host swap accounting is off")
+        for i, m in enumerate(self.guests):
+            if m.mapped_pages > max(int(self.limit_pages[i]), m.guest.kernel_pages):
+                raise SimulationError(f"{m.spec.name} holds more machine memory than its limit")
+
+
+def _share(amount: int, wants: I64) -> I64:
+    """Split ``amount`` pages in proportion to ``wants``, never more than asked, never
+    more than ``amount`` in total (floors, then the remainder one page at a time)."""
+    total = int(wants.sum())
+    if amount <= 0 or total == 0:
+        return np.zeros_like(wants)
+    if total <= amount:
+        return wants.copy()
+    grant = (wants * amount) // total
+    rest = amount - int(grant.sum())
+    if rest > 0:
+        order = np.argsort(-(wants - grant), kind="stable")[:rest]
+        grant[order] += 1
+    return np.minimum(grant, wants)

@@ -1,0 +1,164 @@
+"""Wiring for a simulated run: scenario -> machine, policy, scheduler -> SimResult.
+
+This is the one place where the simulator's parts are put together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from balloonist.errors import ConfigError
+from balloonist.policy import Policy
+from balloonist.scheduler import Scheduler
+from balloonist.sim import engine as e
+from balloonist.sim.machine import SimMachine
+from balloonist.sim.result import (
+    HOST_STATE_CODES,
+    GuestProgress,
+    GuestSeries,
+    Progress,
+    SimResult,
+)
+from balloonist.sim.scenario import POLICY_NAMES, Scenario
+from balloonist.units import PAGE_SIZE_BYTES
+
+ProgressCallback = Callable[[Progress], None]
+
+_COUNTERS = {
+    "refs": e.S_REFS,
+    "major_faults": e.S_MAJOR,
+    "guest_swap_outs": e.S_GUEST_SWAP_OUT,
+    "host_swap_ins": e.S_HOST_SWAP_IN,
+    "host_swap_outs": e.S_HOST_SWAP_OUT,
+    "double_paging": e.S_DOUBLE_PAGING,
+}
+
+
+def build_policy(scenario: Scenario, name: str) -> Policy:
+    if name not in POLICY_NAMES:
+        raise ConfigError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
+    if name == "oracle":
+        from balloonist.policy.oracle import OraclePolicy
+
+        return OraclePolicy(scenario.guests, scenario.costs)
+    from balloonist.policy.registry import make_policy
+
+    return make_policy(name, tax_rate=scenario.tax_rate)
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    policy_name: str | None = None,
+    progress: ProgressCallback | None = None,
+    check_every_period: bool = False,
+) -> SimResult:
+    """Simulate ``scenario`` under a policy (the scenario's own unless overridden)."""
+    name = policy_name or scenario.policy_name
+    policy = build_policy(scenario, name)
+    machine = SimMachine(scenario)
+    scheduler = Scheduler(
+        machine, policy, period_s=scenario.period_s, estimator=scenario.estimator
+    )
+    periods = scenario.periods
+    n = len(machine.guests)
+    series = {key: np.zeros((n, periods), dtype=np.int64) for key in _SERIES_KEYS}
+    host_free = np.zeros(periods, dtype=np.int64)
+    host_swap = np.zeros(periods, dtype=np.int64)
+    host_state = np.zeros(periods, dtype=np.int64)
+    times = np.zeros(periods, dtype=np.float64)
+    last = np.array([[m.st[idx] for idx in _COUNTERS.values()] for m in machine.guests])
+
+    for k in range(periods):
+        cycle = scheduler.step()
+        machine.advance(scenario.period_s)
+        if check_every_period:
+            from balloonist.sim.invariants import check_guest
+
+            for m in machine.guests:
+                check_guest(m)
+        targets = cycle.decision.by_name()
+        views = {v.name: v for v in cycle.snapshot.guests}
+        now = np.array([[m.st[idx] for idx in _COUNTERS.values()] for m in machine.guests])
+        delta = now - last
+        last = now
+        for i, m in enumerate(machine.guests):
+            t = targets.get(m.spec.name)
+            series["allocation_bytes"][i, k] = m.mapped_pages * PAGE_SIZE_BYTES
+            series["target_bytes"][i, k] = t.allocation_bytes if t else 0
+            series["balloon_bytes"][i, k] = int(m.st[e.S_BALLOON]) * PAGE_SIZE_BYTES
+            series["balloon_target_bytes"][i, k] = m.register_pages * PAGE_SIZE_BYTES
+            view = views.get(m.spec.name)
+            series["working_set_bytes"][i, k] = view.working_set_bytes if view else 0
+            driver = machine.drivers[i]
+            series["balloon_rate_pages"][i, k] = driver.rate.rate_pages if driver else 0
+            for j, key in enumerate(_COUNTERS):
+                series[key][i, k] = delta[i, j]
+        times[k] = machine.time_s
+        host_free[k] = machine.free_pages() * PAGE_SIZE_BYTES
+        host_swap[k] = (machine.host_swap_pages - int(machine.host[e.H_SWAP_FREE])) * PAGE_SIZE_BYTES
+        host_state[k] = HOST_STATE_CODES.index(scheduler.host_state)
+        if progress is not None:
+            progress(
+                Progress(
+                    period=k + 1,
+                    periods=periods,
+                    time_s=machine.time_s,
+                    host_memory_bytes=machine.host_pages * PAGE_SIZE_BYTES,
+                    host_free_bytes=int(host_free[k]),
+                    host_state=scheduler.host_state,
+                    guests=tuple(
+                        GuestProgress(
+                            name=m.spec.name,
+                            memory_bytes=m.spec.memory_bytes,
+                            allocation_bytes=int(series["allocation_bytes"][i, k]),
+                            target_bytes=int(series["target_bytes"][i, k]),
+                            balloon_bytes=int(series["balloon_bytes"][i, k]),
+                            working_set_bytes=int(series["working_set_bytes"][i, k]),
+                            refs_per_s=float(series["refs"][i, k]) / scenario.period_s,
+                            major_faults=int(m.st[e.S_MAJOR]),
+                        )
+                        for i, m in enumerate(machine.guests)
+                    ),
+                )
+            )
+
+    guests = tuple(
+        GuestSeries(
+            name=m.spec.name,
+            memory_bytes=m.spec.memory_bytes,
+            **{key: series[key][i].copy() for key in _SERIES_KEYS},
+        )
+        for i, m in enumerate(machine.guests)
+    )
+    return SimResult(
+        scenario=scenario.name,
+        policy=name,
+        seed=scenario.seed,
+        duration_s=periods * scenario.period_s,
+        period_s=scenario.period_s,
+        host_memory_bytes=machine.host_pages * PAGE_SIZE_BYTES,
+        time_s=times,
+        host_free_bytes=host_free,
+        host_swap_used_bytes=host_swap,
+        host_state=host_state,
+        guests=guests,
+    )
+
+
+_SERIES_KEYS = (
+    "allocation_bytes",
+    "target_bytes",
+    "balloon_bytes",
+    "balloon_target_bytes",
+    "working_set_bytes",
+    "refs",
+    "major_faults",
+    "guest_swap_outs",
+    "host_swap_ins",
+    "host_swap_outs",
+    "double_paging",
+    "balloon_rate_pages",
+)
