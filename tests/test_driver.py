@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import pytest
@@ -143,7 +144,7 @@ def test_ranges_cover_exactly_the_pages(pages: list[int]) -> None:
     assert covered == sorted(set(pages))
     assert count_pages(ranges) == len(set(pages))
     # maximal runs: consecutive ranges never touch
-    assert all(a.end < b.start for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a.end < b.start for a, b in itertools.pairwise(ranges))
 
 
 @given(st.lists(st.integers(0, 400), min_size=1, max_size=40))

@@ -102,7 +102,8 @@ class GuestSample:
     allocated_bytes: int  # machine memory now backing the guest's pages
     balloon_bytes: int  # actual balloon size (pages the driver holds)
     balloon_target_bytes: int  # what the balloon register holds now
-    active_bytes_observed: int | None = None  # this period's working-set observation
+    active_bytes_observed: int | None = None  # set when a sampling window closes
+    active_bytes_so_far: int | None = None  # the open window's count so far (a lower bound)
     free_bytes: int | None = None  # guest-reported free memory, if the guest reports it
     major_faults: int = 0  # cumulative guest major faults
     cooperative: bool = True  # False once the balloon stopped following its register

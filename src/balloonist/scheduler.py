@@ -65,6 +65,7 @@ class Scheduler:
         self._thresholds = thresholds or StateThresholds()
         self._state = HostState.HIGH
         self._estimates: dict[str, EstimateState] = {}
+        self._observed_at: dict[str, float] = {}
 
     @property
     def host_state(self) -> HostState:
@@ -89,19 +90,29 @@ class Scheduler:
             sample = samples.get(spec.name)
             if sample is None:
                 continue  # a guest that did not report is left out of this cycle, not guessed
-            views.append(GuestView(spec, sample, self._estimate(sample)))
+            views.append(GuestView(spec, sample, self._estimate(sample, reading.time_s)))
         return Snapshot(reading.time_s, self._period_s, host, tuple(views))
 
-    def _estimate(self, sample: GuestSample) -> int:
+    def _estimate(self, sample: GuestSample, now_s: float) -> int:
         previous = self._estimates.get(sample.name)
         observed = sample.active_bytes_observed
         if observed is None:
-            # No observation this period: keep what we knew; with nothing known, assume
+            # No closed window this period: keep what we knew; with nothing known, assume
             # everything the guest holds is in use (never tax a guest on no evidence).
-            return previous.estimate_bytes if previous else sample.allocated_bytes
-        state = update_estimate(previous, observed, self._period_s, self._estimator)
-        self._estimates[sample.name] = state
-        return state.estimate_bytes
+            known = previous.estimate_bytes if previous else sample.allocated_bytes
+        else:
+            # Windows may close less often than once a period; the averages decay by
+            # the time that actually passed.
+            elapsed = now_s - self._observed_at.get(sample.name, now_s - self._period_s)
+            state = update_estimate(previous, observed, max(elapsed, 1e-9), self._estimator)
+            self._estimates[sample.name] = state
+            self._observed_at[sample.name] = now_s
+            known = state.estimate_bytes
+        # ESX's third average: the open window's pages touched so far can only be a
+        # lower bound on its final count, so they may raise the estimate at once (a
+        # guest that just got busy) but never lower it.
+        so_far = sample.active_bytes_so_far
+        return max(known, so_far) if so_far is not None else known
 
     def step(self) -> Cycle:
         snapshot = self.collect()

@@ -3,7 +3,7 @@ host paging causes double paging, the invariants hold, and runs are reproducible
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ class FixedPolicy:
     """Targets given up front, per guest name, in MiB of allocation."""
 
     allocation_mib: dict[str, int]
-    mechanisms: Mechanisms = Mechanisms(balloon=True)
+    mechanisms: Mechanisms = field(default_factory=lambda: Mechanisms(balloon=True))
 
     @property
     def name(self) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class EstimatorParams:
     fast_halflife_s: float = 5.0  # follows a growing working set within a few periods
-    slow_halflife_s: float = 60.0  # forgets a shrinking one over about a minute
+    slow_halflife_s: float = 30.0  # forgets a shrinking one over a minute or two
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fast_halflife_s <= self.slow_halflife_s:

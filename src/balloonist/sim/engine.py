@@ -86,7 +86,8 @@ N_COSTS = 8
 
 # Indices into the host's shared int64 array.
 H_SWAP_FREE = 0  # host swap slots free
-N_HOST = 1
+H_FREE = 1  # machine pages backing no guest page
+N_HOST = 2
 
 # Host-side random victim search: random probes first (cheap while most frames are
 # mapped), then a linear sweep so the search always terminates.
@@ -94,24 +95,25 @@ _VICTIM_PROBES = 64
 
 
 @njit(cache=True, inline="always")
-def _rand(rng: np.ndarray) -> np.uint64:  # type: ignore[type-arg]
+def _rand(rng: np.ndarray) -> np.uint64:
     """xorshift64*: fast, good enough for reference streams, and per-guest reproducible."""
-    x = rng[0]
+    x: np.uint64 = rng[0]
     x ^= x >> np.uint64(12)
     x ^= x << np.uint64(25)
     x ^= x >> np.uint64(27)
     rng[0] = x
-    return x * np.uint64(0x2545F4914F6CDD1D)
+    out: np.uint64 = x * np.uint64(0x2545F4914F6CDD1D)
+    return out
 
 
 @njit(cache=True, inline="always")
-def _rand_below(rng: np.ndarray, n: int) -> int:  # type: ignore[type-arg]
+def _rand_below(rng: np.ndarray, n: int) -> int:
     # top 53 bits as a float in [0, 1): unbiased enough for n << 2**53
     return int((_rand(rng) >> np.uint64(11)) * (1.0 / 9007199254740992.0) * n)
 
 
 @njit(cache=True, inline="always")
-def _rand_unit(rng: np.ndarray) -> float:  # type: ignore[type-arg]
+def _rand_unit(rng: np.ndarray) -> float:
     return (_rand(rng) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
@@ -205,19 +207,27 @@ def _host_page_out(st, p2v, pstate, rng, host, exclude):  # type: ignore[no-unty
     st[S_HOST_SWAPPED] += 1
     st[S_HOST_SWAP_OUT] += 1
     host[H_SWAP_FREE] -= 1
+    host[H_FREE] += 1
     return True
 
 
 @njit(cache=True)
-def _back_frame(f, st, p2v, pstate, rng, host, cap, costs):  # type: ignore[no-untyped-def]
+def _back_frame(f, st, p2v, pstate, rng, host, lim, costs):  # type: ignore[no-untyped-def]
     """Make sure frame ``f`` has machine memory behind it; return the cost, or -1.0 if the
-    host could neither grant a machine page nor page another out to make room."""
+    host could neither grant a machine page nor page another out to make room.
+
+    ``lim`` = (cap, min, reserve): the guest may hold at most ``cap`` machine pages, and
+    may take from the host's free pool only beyond the ``reserve`` kept for other
+    guests still below their reservations, unless it is below its own ``min``.
+    """
     state = pstate[f]
     if state == MAPPED:
         return 0.0
     cost = 0.0
-    if st[S_MAPPED] >= cap:
-        # At its cap the guest only gets a machine page by giving one up: host paging.
+    mapped = st[S_MAPPED]
+    available = host[H_FREE] if mapped < lim[1] else host[H_FREE] - lim[2]
+    if mapped >= lim[0] or available <= 0:
+        # No machine page to grant: the host pages out one of this guest's own.
         if not _host_page_out(st, p2v, pstate, rng, host, f):
             return -1.0
         cost += costs[C_HOST_SWAP_OUT]
@@ -231,11 +241,12 @@ def _back_frame(f, st, p2v, pstate, rng, host, cap, costs):  # type: ignore[no-u
         cost += costs[C_HOST_ALLOC]
     pstate[f] = MAPPED
     st[S_MAPPED] += 1
+    host[H_FREE] -= 1
     return cost
 
 
 @njit(cache=True)
-def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, cap, swap_pages, costs):  # type: ignore[no-untyped-def]
+def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim, swap_pages, costs):  # type: ignore[no-untyped-def]
     """The guest swaps out the workload page in frame ``f``; return cost or -1.0."""
     v = p2v[f]
     cost = 0.0
@@ -247,7 +258,7 @@ def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, cap, sw
     if pstate[f] == HOST_SWAPPED:
         # The guest must write out a page the host already wrote out: double paging.
         st[S_DOUBLE_PAGING] += 1
-        c = _back_frame(f, st, p2v, pstate, rng, host, cap, costs)
+        c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
         if c < 0.0:
             return -1.0
         cost += c
@@ -264,7 +275,7 @@ def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, cap, sw
 @njit(cache=True)
 def run_guest(  # type: ignore[no-untyped-def]
     budget_s,
-    cap,
+    lim,
     st,
     v2p,
     vswap,
@@ -282,36 +293,44 @@ def run_guest(  # type: ignore[no-untyped-def]
     swap_pages,
     kind,
     ws_pages,
+    ws_active,
     offset,
     alias_prob,
     alias_idx,
 ):
     """Run the workload for up to ``budget_s`` simulated seconds; return seconds used.
 
-    ``cap`` is the most machine pages the guest may hold during this run. The run
+    ``ws_active`` <= ``ws_pages`` is how much of the working set is in use yet (a
+    working set that ramps up); zipf ranks beyond it fold back onto it.
+
+    ``lim`` is (cap, min, reserve) as for ``_back_frame``. The run
     ends early (returning at least the budget) when the guest stalls: it needs a
     machine page the host cannot provide, or a swap slot it does not have.
     """
-    if kind == IDLE or ws_pages == 0:
+    if kind == IDLE or ws_active <= 0:
         return budget_s
     used = 0.0
     ref_cost = costs[C_REF]
     while used < budget_s:
         # which virtual page
         if kind == UNIFORM:
-            r = _rand_below(rng, ws_pages)
+            r = _rand_below(rng, ws_active)
         elif kind == ZIPF:
             i = _rand_below(rng, ws_pages)
             r = i if _rand_unit(rng) < alias_prob[i] else alias_idx[i]
+            if r >= ws_active:
+                r = r % ws_active
         else:  # SCAN
             r = st[S_SCAN_POS]
-            st[S_SCAN_POS] = r + 1 if r + 1 < ws_pages else 0
+            if r >= ws_active:
+                r = 0
+            st[S_SCAN_POS] = r + 1 if r + 1 < ws_active else 0
         v = offset + r
         f = v2p[v]
         cost = ref_cost
         if f >= 0:
             if pstate[f] != MAPPED:
-                c = _back_frame(f, st, p2v, pstate, rng, host, cap, costs)
+                c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
                 if c < 0.0:
                     st[S_STALLS] += 1
                     return max(used, budget_s)
@@ -332,12 +351,27 @@ def run_guest(  # type: ignore[no-untyped-def]
                 if f < 0:
                     st[S_STALLS] += 1
                     return max(used, budget_s)
-                c = _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, cap, swap_pages, costs)
+                c = _evict(
+                    f,
+                    st,
+                    v2p,
+                    vswap,
+                    p2v,
+                    pstate,
+                    prev,
+                    nxt,
+                    policy,
+                    rng,
+                    host,
+                    lim,
+                    swap_pages,
+                    costs,
+                )
                 if c < 0.0:
                     st[S_STALLS] += 1
                     return max(used, budget_s)
                 cost += c
-            c = _back_frame(f, st, p2v, pstate, rng, host, cap, costs)
+            c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
             if c < 0.0:
                 # give the frame back; the reference did not happen
                 free[st[S_NFREE]] = f
@@ -382,7 +416,7 @@ def balloon_allocate(  # type: ignore[no-untyped-def]
     policy,
     rng,
     host,
-    cap,
+    lim,
     swap_pages,
     costs,
     free,
@@ -407,7 +441,9 @@ def balloon_allocate(  # type: ignore[no-untyped-def]
             f = _pick_guest_victim(st, p2v, prev, nxt, refbit, policy)
             if f < 0:
                 break
-            c = _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, cap, swap_pages, costs)
+            c = _evict(
+                f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim, swap_pages, costs
+            )
             if c < 0.0:
                 break
             spent += c
@@ -436,6 +472,7 @@ def vmm_reclaim(frames, st, p2v, pstate, host):  # type: ignore[no-untyped-def]
         f = frames[i]
         if pstate[f] == MAPPED:
             st[S_MAPPED] -= 1
+            host[H_FREE] += 1
             freed += 1
         elif pstate[f] == HOST_SWAPPED:
             st[S_HOST_SWAPPED] -= 1

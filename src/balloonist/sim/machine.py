@@ -80,6 +80,7 @@ class GuestMemory:
         self.register_pages = 0
         self.time_debt_s = 0.0
         self.sample_picked = 0
+        self.observed_pages: int | None = None  # set when a sampling window closes
         self._tables: dict[int, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = {}
         self._phase = -1
         self.workload = guest.plan.phases[0].workload
@@ -109,12 +110,30 @@ class GuestMemory:
             self._tables[self._phase] = cached
         return cached
 
-    def run(self, budget_s: float, cap: int, host: I64) -> float:
+    def active_pages(self, time_s: float) -> int:
+        """How much of the current working set is in use at ``time_s``.
+
+        A phase with ``ramp_s`` grows linearly from where the previous phase left off
+        (nothing, for the first phase or one elsewhere in memory) to its full size.
+        """
+        w = self.workload
+        if w.ramp_s <= 0.0:
+            return w.working_set_pages
+        phases = self.guest.plan.phases
+        start_pages = 0
+        if self._phase > 0:
+            before = phases[self._phase - 1].workload
+            if before.offset_pages == w.offset_pages:
+                start_pages = min(before.working_set_pages, w.working_set_pages)
+        fraction = min(1.0, max(0.0, (time_s - phases[self._phase].at_s) / w.ramp_s))
+        return max(1, start_pages + int((w.working_set_pages - start_pages) * fraction))
+
+    def run(self, budget_s: float, lim: I64, host: I64, time_s: float) -> float:
         w = self.workload
         prob, alias = self.tables()
         used: float = e.run_guest(
             budget_s,
-            cap,
+            lim,
             self.st,
             self.v2p,
             self.vswap,
@@ -132,6 +151,7 @@ class GuestMemory:
             self.guest.swap_pages,
             int(w.kind),
             w.working_set_pages,
+            self.active_pages(time_s),
             w.offset_pages,
             prob,
             alias,
@@ -176,7 +196,7 @@ class SimGuestKernel:
             int(m.guest.replacement),
             m.rng,
             self._machine.host,
-            self._machine.cap_for_driver(m),
+            self._machine.limits_for(m),
             m.guest.swap_pages,
             m.costs,
             m.free,
@@ -231,7 +251,9 @@ class SimMachine:
         self.scenario = scenario
         self.period_s = scenario.period_s
         self.time_s = 0.0
-        self.host_pages = bytes_to_pages(scenario.host_memory_bytes - scenario.host_memory_bytes % PAGE_SIZE_BYTES)
+        self.host_pages = bytes_to_pages(
+            scenario.host_memory_bytes - scenario.host_memory_bytes % PAGE_SIZE_BYTES
+        )
         self.host_swap_pages = scenario.host_swap_bytes // PAGE_SIZE_BYTES
         self.host = np.zeros(e.N_HOST, dtype=np.int64)
         self.host[e.H_SWAP_FREE] = self.host_swap_pages
@@ -249,14 +271,24 @@ class SimMachine:
             ],
             dtype=np.float64,
         )
-        self.guests = [GuestMemory(g, i, scenario.seed, self.costs) for i, g in enumerate(scenario.guests)]
+        self.guests = [
+            GuestMemory(g, i, scenario.seed, self.costs) for i, g in enumerate(scenario.guests)
+        ]
         kernel_total = sum(g.guest.kernel_pages for g in self.guests)
         if kernel_total > self.host_pages:
             raise SimulationError("the guests' kernels alone do not fit in host memory")
-        self.limit_pages = np.array([bytes_to_pages(g.spec.limit_bytes) for g in self.guests], dtype=np.int64)
-        self.min_pages = np.array([bytes_to_pages(g.spec.min_bytes) for g in self.guests], dtype=np.int64)
+        self.host[e.H_FREE] = self.host_pages - kernel_total
+        self._lims = {id(m): np.zeros(3, dtype=np.int64) for m in self.guests}
+        self.limit_pages = np.array(
+            [bytes_to_pages(g.spec.limit_bytes) for g in self.guests], dtype=np.int64
+        )
+        self.min_pages = np.array(
+            [bytes_to_pages(g.spec.min_bytes) for g in self.guests], dtype=np.int64
+        )
         self.drivers: list[BalloonDriver | None] = [
-            BalloonDriver(SimGuestKernel(m, self), SimBalloonChannel(m, self), AdaptiveRate(scenario.rate))
+            BalloonDriver(
+                SimGuestKernel(m, self), SimBalloonChannel(m, self), AdaptiveRate(scenario.rate)
+            )
             if m.spec.balloon
             else None
             for m in self.guests
@@ -265,6 +297,7 @@ class SimMachine:
             allocation_pages=self.limit_pages.copy(), mechanisms=Mechanisms(balloon=True)
         )
         self._slice_start = 0
+        self._periods_run = 0
 
     # -- the Hypervisor port ------------------------------------------------------------
 
@@ -277,16 +310,21 @@ class SimMachine:
             memory_bytes=self.host_pages * PAGE_SIZE_BYTES,
             free_bytes=self.free_pages() * PAGE_SIZE_BYTES,
             swap_bytes=self.host_swap_pages * PAGE_SIZE_BYTES,
-            swap_used_bytes=(self.host_swap_pages - int(self.host[e.H_SWAP_FREE])) * PAGE_SIZE_BYTES,
+            swap_used_bytes=(self.host_swap_pages - int(self.host[e.H_SWAP_FREE]))
+            * PAGE_SIZE_BYTES,
         )
 
     def sample_guests(self) -> Sequence[GuestSample]:
         out = []
         for m in self.guests:
             observed = None
+            if m.observed_pages is not None:
+                observed = m.observed_pages * PAGE_SIZE_BYTES
+                m.observed_pages = None
+            so_far = None
             if m.sample_picked:
                 touched = int(e.count_touched(m.sampled))
-                observed = round(touched / m.sample_picked * m.mapped_pages) * PAGE_SIZE_BYTES
+                so_far = round(touched / m.sample_picked * m.mapped_pages) * PAGE_SIZE_BYTES
             out.append(
                 GuestSample(
                     name=m.spec.name,
@@ -294,6 +332,7 @@ class SimMachine:
                     balloon_bytes=int(m.st[e.S_BALLOON]) * PAGE_SIZE_BYTES,
                     balloon_target_bytes=m.register_pages * PAGE_SIZE_BYTES,
                     active_bytes_observed=observed,
+                    active_bytes_so_far=so_far,
                     free_bytes=int(m.st[e.S_NFREE]) * PAGE_SIZE_BYTES,
                     major_faults=int(m.st[e.S_MAJOR]),
                 )
@@ -318,31 +357,31 @@ class SimMachine:
     # -- time -------------------------------------------------------------------------
 
     def free_pages(self) -> int:
-        return self.host_pages - sum(m.mapped_pages for m in self.guests)
+        return int(self.host[e.H_FREE])
 
-    def cap_for_driver(self, m: GuestMemory) -> int:
-        """While the driver runs, a guest may not grow: ballooning only gives memory back."""
-        return m.mapped_pages
+    def limits_for(self, m: GuestMemory) -> I64:
+        """(cap, min, reserve) for one guest, as the compiled loop takes them."""
+        return self._lims[id(m)]
 
     def advance(self, period_s: float) -> None:
         """Run every guest for one period of simulated time."""
-        sample_pages = self.scenario.ws_sample_pages
+        self._sample_window()
         for m in self.guests:
             m.set_phase(self.time_s)
-            m.sample_picked = int(e.mark_samples(sample_pages, m.st, m.pstate, m.p2v, m.sampled, m.rng))
+        self._set_limits()
         for driver in self.drivers:
             if driver is not None:
                 driver.step()
         slices = self.scenario.slices_per_period
         slice_s = period_s / slices
+        n = len(self.guests)
         for k in range(slices):
             now = self.time_s + k * slice_s
             for m in self.guests:
                 m.set_phase(now)
-            caps, blocked = self._caps()
+            blocked = self._set_limits()
             self._host_paging(slice_s)
-            n = len(self.guests)
-            # Rotate who runs first so no guest always gets the free pages first.
+            # Rotate who runs first so no guest always gets first pick of free memory.
             self._slice_start = (self._slice_start + 1) % max(1, n)
             for j in range(n):
                 i = (self._slice_start + j) % n
@@ -351,34 +390,51 @@ class SimMachine:
                 if blocked[i] or budget <= 0.0:
                     m.time_debt_s = max(0.0, m.time_debt_s - slice_s)
                     continue
-                used = m.run(budget, int(caps[i]), self.host)
+                used = m.run(budget, self._lims[id(m)], self.host, now)
                 m.time_debt_s = max(0.0, used - budget)
         self.time_s += period_s
+        self._periods_run += 1
         self.check_host()
 
-    def _caps(self) -> tuple[I64, npt.NDArray[np.bool_]]:
-        """Per guest, the most machine pages it may hold in the next slice.
+    def _sample_window(self) -> None:
+        """Close the working-set sampling window if it is over, and open the next.
 
-        Free machine memory goes first to guests below their allocation target (so a
-        reservation is always met), then, unless targets are enforced, to the rest in
-        proportion to how far each is below its limit. The caps add up to at most host
-        memory, which is how the simulator keeps that invariant by construction.
+        Like ESX, the VMM watches a few random pages for a whole window of several
+        periods: a guest that is thrashing makes few references per second, and a
+        one-period window would mistake it for an idle one.
+        """
+        every = self.scenario.ws_sample_periods
+        if self._periods_run % every:
+            return
+        n = self.scenario.ws_sample_pages
+        for m in self.guests:
+            if m.sample_picked:
+                touched = int(e.count_touched(m.sampled))
+                m.observed_pages = round(touched / m.sample_picked * m.mapped_pages)
+            m.sample_picked = int(e.mark_samples(n, m.st, m.pstate, m.p2v, m.sampled, m.rng))
+
+    def _set_limits(self) -> npt.NDArray[np.bool_]:
+        """Per guest: the most machine pages it may hold, its min, and the free pages
+        kept back for the other guests still below their reservations.
+
+        Free machine memory is one pool that guests draw from as they touch pages; the
+        host enforces a guest's allocation target as its cap only while it is allowed
+        to page (HARD and LOW states, or a policy with no balloon), and blocks guests
+        above target in LOW. Returns which guests are blocked this slice.
         """
         t = self._targets
         mapped = np.array([m.mapped_pages for m in self.guests], dtype=np.int64)
         target = t.allocation_pages
-        blocked = (mapped > target) & t.mechanisms.block_over_target
-        free = self.host_pages - int(mapped.sum())
-        deficit = np.clip(target - mapped, 0, None)
-        grant = _share(free, deficit)
-        free -= int(grant.sum())
-        if t.mechanisms.balloon and free > 0:
-            # Not enforcing targets: the rest of free memory may be used up to each limit.
-            room = np.clip(self.limit_pages - mapped - grant, 0, None)
-            room[blocked] = 0
-            grant += _share(free, room)
-        grant[blocked] = 0
-        return mapped + grant, blocked
+        cap = np.minimum(target, self.limit_pages) if t.mechanisms.host_paging else self.limit_pages
+        deficit = np.clip(self.min_pages - mapped, 0, None)
+        reserve = int(deficit.sum()) - deficit
+        for i, m in enumerate(self.guests):
+            lim = self._lims[id(m)]
+            lim[0] = cap[i]
+            lim[1] = self.min_pages[i]
+            lim[2] = reserve[i]
+        blocked: npt.NDArray[np.bool_] = (mapped > target) & t.mechanisms.block_over_target
+        return blocked
 
     def _host_paging(self, slice_s: float) -> None:
         """Proactive host paging of guests above target, at the host swap's bandwidth."""
@@ -389,33 +445,21 @@ class SimMachine:
         for i, m in enumerate(self.guests):
             excess = m.mapped_pages - int(self._targets.allocation_pages[i])
             if excess > 0 and budget > 0:
-                done = int(e.host_page_out(min(excess, budget), m.st, m.p2v, m.pstate, m.rng, self.host))
+                done = int(
+                    e.host_page_out(min(excess, budget), m.st, m.p2v, m.pstate, m.rng, self.host)
+                )
                 budget -= done
 
     def check_host(self) -> None:
         """Host-level invariants; cheap enough to run every period."""
-        free = self.free_pages()
+        free = self.host_pages - sum(m.mapped_pages for m in self.guests)
         if free < 0:
             raise SimulationError(f"guests hold {-free} machine pages more than the host has")
+        if free != self.free_pages():
+            raise SimulationError("the host's free-page count disagrees with the guests' maps")
         swapped = sum(int(m.st[e.S_HOST_SWAPPED]) for m in self.guests)
         if swapped + int(self.host[e.H_SWAP_FREE]) != self.host_swap_pages:
             raise SimulationError("host swap accounting is off")
         for i, m in enumerate(self.guests):
             if m.mapped_pages > max(int(self.limit_pages[i]), m.guest.kernel_pages):
                 raise SimulationError(f"{m.spec.name} holds more machine memory than its limit")
-
-
-def _share(amount: int, wants: I64) -> I64:
-    """Split ``amount`` pages in proportion to ``wants``, never more than asked, never
-    more than ``amount`` in total (floors, then the remainder one page at a time)."""
-    total = int(wants.sum())
-    if amount <= 0 or total == 0:
-        return np.zeros_like(wants)
-    if total <= amount:
-        return wants.copy()
-    grant = (wants * amount) // total
-    rest = amount - int(grant.sum())
-    if rest > 0:
-        order = np.argsort(-(wants - grant), kind="stable")[:rest]
-        grant[order] += 1
-    return np.minimum(grant, wants)

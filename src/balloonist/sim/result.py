@@ -71,7 +71,7 @@ class SimResult:
         for g in self.guests:
             guests[g.name] = {
                 "throughput_refs_per_s": float(g.refs.sum()) / duration,
-                "mean_allocation_bytes": int(round(float(g.allocation_bytes.mean()))),
+                "mean_allocation_bytes": round(float(g.allocation_bytes.mean())),
                 "min_allocation_bytes": int(g.allocation_bytes.min()),
                 "final_balloon_bytes": int(g.balloon_bytes[-1]),
                 "major_faults": int(g.major_faults.sum()),

@@ -59,9 +59,7 @@ def run_scenario(
     name = policy_name or scenario.policy_name
     policy = build_policy(scenario, name)
     machine = SimMachine(scenario)
-    scheduler = Scheduler(
-        machine, policy, period_s=scenario.period_s, estimator=scenario.estimator
-    )
+    scheduler = Scheduler(machine, policy, period_s=scenario.period_s, estimator=scenario.estimator)
     periods = scenario.periods
     n = len(machine.guests)
     series = {key: np.zeros((n, periods), dtype=np.int64) for key in _SERIES_KEYS}
@@ -98,7 +96,9 @@ def run_scenario(
                 series[key][i, k] = delta[i, j]
         times[k] = machine.time_s
         host_free[k] = machine.free_pages() * PAGE_SIZE_BYTES
-        host_swap[k] = (machine.host_swap_pages - int(machine.host[e.H_SWAP_FREE])) * PAGE_SIZE_BYTES
+        host_swap[k] = (
+            machine.host_swap_pages - int(machine.host[e.H_SWAP_FREE])
+        ) * PAGE_SIZE_BYTES
         host_state[k] = HOST_STATE_CODES.index(scheduler.host_state)
         if progress is not None:
             progress(

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from balloonist.errors import ConfigError
+from balloonist.errors import ConfigError, SizeError
 from balloonist.model import GuestSpec
 from balloonist.policy.workingset import EstimatorParams
 from balloonist.rate import RateLimits
@@ -45,8 +45,11 @@ class Replacement(enum.IntEnum):
 
 def _size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(f"sizes are strings with a unit, like \"512MiB\"; got {value!r}")
-    return parse_size_bytes(value)
+        raise ValueError(f'sizes are strings with a unit, like "512MiB"; got {value!r}')
+    try:
+        return parse_size_bytes(value)
+    except SizeError as exc:  # pydantic only turns ValueError into a located error
+        raise ValueError(exc.message) from None
 
 
 class _Strict(BaseModel):
@@ -65,6 +68,7 @@ class SimTable(_Strict):
     period_s: float = Field(default=1.0, gt=0, le=3600)
     seed: int = Field(default=1, ge=0, lt=2**63)
     ws_sample_pages: int = Field(default=100, ge=1, le=100_000)
+    ws_sample_period_s: float = Field(default=5.0, gt=0, le=3600)
     slices_per_period: int = Field(default=4, ge=1, le=100)
 
 
@@ -72,7 +76,7 @@ class PolicyTable(_Strict):
     name: str = "shares"
     tax_rate: float = Field(default=0.75, ge=0.0, lt=1.0)
     ws_fast_halflife_s: float = Field(default=5.0, gt=0)
-    ws_slow_halflife_s: float = Field(default=60.0, gt=0)
+    ws_slow_halflife_s: float = Field(default=30.0, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -83,9 +87,9 @@ class PolicyTable(_Strict):
 
 
 class RateTable(_Strict):
-    min: str = "1MiB"
-    max: str = "256MiB"
-    increase: str = "4MiB"
+    min: str = "4MiB"
+    max: str = "1GiB"
+    increase: str = "16MiB"
     divisor: float = Field(default=2.0, gt=1.0)
 
     _sizes = field_validator("min", "max", "increase")(classmethod(lambda cls, v: _check_size(v)))
@@ -109,6 +113,7 @@ class WorkloadTable(_Strict):
     working_set: str | None = None
     skew: float = Field(default=1.0, gt=0, le=5)
     offset: str = "0B"
+    ramp_s: float = Field(default=0.0, ge=0, le=86400)
     phases: list[PhaseTable] | None = None
 
     @field_validator("kind")
@@ -209,6 +214,7 @@ class Scenario:
     period_s: float
     seed: int
     ws_sample_pages: int
+    ws_sample_periods: int  # sampling window, in scheduler periods
     slices_per_period: int
     policy_name: str
     tax_rate: float
@@ -298,7 +304,9 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
             )
         kernel = _pages_exact(g.kernel, f"{gwhere}.kernel")
         if kernel >= memory // 2:
-            raise ConfigError("kernel must be under half the guest memory", where=f"{gwhere}.kernel")
+            raise ConfigError(
+                "kernel must be under half the guest memory", where=f"{gwhere}.kernel"
+            )
         swap = _pages_exact(g.swap, f"{gwhere}.swap") if g.swap is not None else 2 * memory
         plan = _plan(g.workload, f"{gwhere}.workload")
         if plan.virtual_pages * 4096 > memory - kernel + swap:
@@ -356,6 +364,7 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
         period_s=raw.sim.period_s,
         seed=raw.sim.seed,
         ws_sample_pages=raw.sim.ws_sample_pages,
+        ws_sample_periods=max(1, round(raw.sim.ws_sample_period_s / raw.sim.period_s)),
         slices_per_period=raw.sim.slices_per_period,
         policy_name=raw.policy.name,
         tax_rate=raw.policy.tax_rate,
@@ -429,4 +438,5 @@ def _single(w: WorkloadTable, where: str) -> Workload:
         working_set_pages=ws // 4096,
         skew=w.skew,
         offset_pages=offset // 4096,
+        ramp_s=w.ramp_s,
     )

@@ -26,6 +26,7 @@ class Workload:
     working_set_pages: int = 0
     skew: float = 1.0  # zipf only
     offset_pages: int = 0  # where the working set starts in the guest's virtual pages
+    ramp_s: float = 0.0  # grow linearly to the full working set over this long
 
     @property
     def end_pages(self) -> int:

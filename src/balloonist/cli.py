@@ -1,0 +1,295 @@
+"""The ``balloonist`` command line.
+
+Exit codes: 0 done; 1 a :class:`BalloonistError` other than bad input, or a report
+that could not be written; 2 bad input (:class:`ConfigError`, argparse usage error).
+An error is one line on stderr, ``balloonist: error: <message>``, never a traceback.
+
+Every input is checked (scenario file, policy name, report directory) before the
+simulation starts, so bad input costs nothing and leaves nothing behind.
+
+The simulator is reached through one seam, the :class:`Runner` passed to :func:`main`;
+by default it is ``balloonist.sim.runner.run_scenario``, imported when first needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Final, Protocol, TextIO
+
+from rich.console import Console
+
+from balloonist.errors import BalloonistError, ConfigError
+from balloonist.live import LiveView, ProgressLines, summary_table
+from balloonist.sim.result import Progress, SimResult
+from balloonist.sim.scenario import POLICY_NAMES, Scenario, load_scenario
+
+__all__ = ["Runner", "main"]
+
+PROG: Final = "balloonist"
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+DEMO_RESOURCE: Final = "demo.toml"
+DEMO_OUT_DEFAULT: Final = Path("balloonist-demo")
+DEMO_PLOT_NAME: Final = "demo.png"
+#: Wall-clock seconds per simulated period in the demo's live view: fast enough for a
+#: 90-period run to take about ten seconds, slow enough to watch the balloons move.
+DEMO_PACE_S: Final = 0.1
+MAX_PACE_S: Final = 10.0
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class Runner(Protocol):
+    """The simulator as the CLI sees it (``balloonist.sim.runner.run_scenario``)."""
+
+    def __call__(
+        self,
+        scenario: Scenario,
+        *,
+        policy_name: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> SimResult: ...
+
+
+def _default_runner() -> Runner:
+    # Imported late: the engine is heavy (numba compiles on import) and not needed to
+    # validate input or print --version.
+    from balloonist.sim.runner import run_scenario
+
+    return run_scenario
+
+
+@dataclass(frozen=True)
+class _Io:
+    stdout: TextIO
+    stderr: TextIO
+    runner: Callable[[], Runner]
+
+
+def main(argv: Sequence[str] | None = None, *, runner: Runner | None = None) -> int:
+    """Run the command line; returns the exit code (``__main__`` passes it to ``sys.exit``)."""
+    io = _Io(
+        stdout=sys.stdout,
+        stderr=sys.stderr,
+        runner=(lambda: runner) if runner is not None else _default_runner,
+    )
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on usage errors, --help and --version
+        return _exit_code(exc)
+    command: Callable[[argparse.Namespace, _Io], int] = args.command
+    try:
+        return command(args, io)
+    except ConfigError as exc:
+        _error(io, str(exc))
+        return EXIT_USAGE
+    except BalloonistError as exc:
+        _error(io, str(exc))
+        return EXIT_FAILURE
+    except OSError as exc:  # writing output: a full disk, a closed pipe, permissions
+        _error(io, f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _error(io, "interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _error(io: _Io, message: str) -> None:
+    one_line = " ".join(message.split("\n"))
+    print(f"{PROG}: error: {one_line}", file=io.stderr, flush=True)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return EXIT_OK
+    if isinstance(exc.code, int):
+        return exc.code
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+
+
+def _version() -> str:
+    try:
+        return metadata.version("balloonist")
+    except metadata.PackageNotFoundError:  # running from a source tree, not installed
+        return "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Share one host's memory among virtual machines by ballooning.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the built-in demo scenario and watch it live",
+        description="Run the built-in demo scenario (an overcommitted host with three "
+        "guests), show it live, then print a summary and write a plot.",
+    )
+    demo.add_argument("--no-live", action="store_true", help="plain progress lines")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=DEMO_OUT_DEFAULT,
+        metavar="DIR",
+        help=f"where to write the plot (default: ./{DEMO_OUT_DEFAULT})",
+    )
+    demo.add_argument("--policy", metavar="NAME", help=_policy_help())
+    demo.add_argument(
+        "--pace",
+        type=float,
+        default=DEMO_PACE_S,
+        metavar="SECONDS",
+        help="least wall-clock time per simulated period in the live view "
+        f"(default: {DEMO_PACE_S}; 0 runs flat out)",
+    )
+    demo.set_defaults(command=_cmd_demo)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run a scenario file",
+        description="Run a scenario file; print a summary, or JSON, and optionally "
+        "write a report directory.",
+    )
+    sim.add_argument("scenario", type=Path, metavar="SCENARIO.toml")
+    sim.add_argument("--policy", metavar="NAME", help=_policy_help())
+    sim.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the summary as one JSON object on stdout",
+    )
+    sim.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="write summary.json, CSV time series and PNG plots into DIR "
+        "(must not exist, or be empty)",
+    )
+    sim.add_argument("--no-live", action="store_true", help="plain progress lines")
+    sim.set_defaults(command=_cmd_simulate)
+    return parser
+
+
+def _policy_help() -> str:
+    return f"override the scenario's policy ({', '.join(POLICY_NAMES)})"
+
+
+def _check_policy(name: str | None) -> None:
+    if name is not None and name not in POLICY_NAMES:
+        raise ConfigError(
+            f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})", where="--policy"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_demo(args: argparse.Namespace, io: _Io) -> int:
+    from balloonist import report  # matplotlib is slow to import; only pay when needed
+
+    _check_policy(args.policy)
+    pace_s: float = args.pace
+    if not 0.0 <= pace_s <= MAX_PACE_S:
+        raise ConfigError(f"must be between 0 and {MAX_PACE_S:g} seconds", where="--pace")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ConfigError("exists and is not a directory", where=f"--out {out}")
+    scenario = _load_demo()
+    policy = args.policy or scenario.policy_name
+
+    console = Console(file=io.stdout)
+    live = io.stdout.isatty() and not args.no_live
+    title = f"balloonist demo: {scenario.name} (policy {policy})"
+    with _progress_view(console, io.stdout, live=live, title=title, pace_s=pace_s) as progress:
+        result = io.runner()(scenario, policy_name=args.policy, progress=progress)
+
+    console.print(summary_table(result.summary()))
+    plot = out / DEMO_PLOT_NAME
+    report.plot_overview(result, plot)
+    # Plain print: a path must not be wrapped or read as rich markup.
+    print(f"plot written to {plot}", file=io.stdout, flush=True)
+    return EXIT_OK
+
+
+def _cmd_simulate(args: argparse.Namespace, io: _Io) -> int:
+    from balloonist import report
+
+    scenario = _load(args.scenario)
+    _check_policy(args.policy)
+    report_dir: Path | None = args.report
+    if report_dir is not None:
+        report.check_report_dir(report_dir)
+    policy = args.policy or scenario.policy_name
+    title = f"{scenario.name} (policy {policy})"
+
+    # With --json stdout carries the JSON object and nothing else; progress may go to
+    # stderr, and only when a person is watching it.
+    view_stream = io.stderr if args.json else io.stdout
+    console = Console(file=view_stream)
+    watched = view_stream.isatty()
+    view: AbstractContextManager[ProgressCallback | None]
+    if args.json and not watched:
+        view = nullcontext(None)
+    else:
+        view = _progress_view(
+            console, view_stream, live=watched and not args.no_live, title=title, pace_s=0.0
+        )
+    with view as progress:
+        result = io.runner()(scenario, policy_name=args.policy, progress=progress)
+
+    if report_dir is not None:
+        report.write_report(result, report_dir)
+    if args.json:
+        print(json.dumps(result.summary()), file=io.stdout, flush=True)
+        return EXIT_OK
+    out = Console(file=io.stdout)
+    out.print(summary_table(result.summary()))
+    if report_dir is not None:
+        print(f"report written to {report_dir}", file=io.stdout, flush=True)
+    return EXIT_OK
+
+
+@contextmanager
+def _progress_view(
+    console: Console, stream: TextIO, *, live: bool, title: str, pace_s: float
+) -> Iterator[ProgressCallback | None]:
+    if live:
+        with LiveView(console, title=title, min_period_wall_s=pace_s) as view:
+            yield view
+    else:
+        yield ProgressLines(stream)
+
+
+def _load_demo() -> Scenario:
+    resource = resources.files("balloonist") / "scenarios" / DEMO_RESOURCE
+    with resources.as_file(resource) as path:
+        return _load(path)
+
+
+def _load(path: Path) -> Scenario:
+    try:
+        return load_scenario(path)
+    except ConfigError as exc:
+        if exc.where:
+            raise
+        # Some errors (e.g. a size checked inside the schema) arrive without a location;
+        # naming the file is the least the one-line message owes the user.
+        raise ConfigError(exc.message, where=str(path)) from exc

@@ -1,0 +1,282 @@
+"""ESX proportional-share memory policy: min-funding revocation with the idle memory tax.
+
+Each guest holds ``S`` shares. Its *shares-per-page ratio* is
+
+    rho = S / (P * (f + k * (1 - f))),     k = 1 / (1 - tau),   f = min(1, A / P)
+
+where ``P`` is the machine memory the guest has, ``A`` its estimated working set (the
+active pages), ``f`` the active fraction and ``tau`` the idle memory tax rate. An idle
+page costs ``k`` times an active one, so a guest hoarding idle memory "pays" less per
+page and is the first victim. Min-funding revocation repeatedly takes a page from the
+guest with the lowest ``rho`` and gives it to whoever asks; it stops changing anything
+when no page can move from a lower-``rho`` guest to a higher one, i.e. when every guest
+that is not held at its reservation (``min``) or limit (``max``) has the same ``rho``.
+
+This module computes that fixed point directly instead of simulating the page-by-page
+auction: for a common ratio ``lambda`` each guest's allocation is the ``P`` solving
+``rho(P) = lambda``, clamped to ``[min, max]``; the total is monotone in ``lambda``,
+so a bisection finds the ``lambda`` whose allocations add up to the memory on offer.
+The maths, with worked numbers, is in ``docs/policy.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from balloonist.errors import ConfigError
+from balloonist.model import (
+    Decision,
+    GuestTarget,
+    GuestView,
+    HostState,
+    Mechanisms,
+    Snapshot,
+)
+from balloonist.units import PAGE_SIZE_BYTES, format_size
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+#: ESX's default idle memory tax (``Mem.IdleTax`` = 75 %): an idle page costs 4 active ones.
+DEFAULT_TAX_RATE: Final = 0.75
+
+#: Leave the host's "high" threshold (6 %) free, so the equilibrium sits in the HIGH state
+#: and reclamation starts only when guests grow past their targets.
+DEFAULT_FREE_TARGET_FRACTION: Final = 0.06
+
+#: Bisection steps before giving up on an exact finish; float64 runs out of resolution
+#: long before (each step halves the bracket, 2**-200 is far below one page).
+_MAX_BISECTION_STEPS: Final = 200
+
+# Regime codes of one guest at a given ratio, in the order they occur as the ratio falls
+# (pages per share rise): held at min, untaxed (S*x <= A), taxed (S*x > A), held at max.
+_AT_MIN: Final = 0
+_UNTAXED: Final = 1
+_TAXED: Final = 2
+_AT_MAX: Final = 3
+
+
+def idle_cost_factor(tax_rate: float) -> float:
+    """``k = 1 / (1 - tau)``: how many active pages one idle page costs."""
+    _check_tax_rate(tax_rate)
+    return 1.0 / (1.0 - tax_rate)
+
+
+def shares_per_page(
+    shares: float, allocation_bytes: float, working_set_bytes: float, tax_rate: float
+) -> float:
+    """The ratio ``rho`` (shares per page) of one guest; ``inf`` for an empty guest."""
+    pages = allocation_bytes / PAGE_SIZE_BYTES
+    if pages <= 0:
+        return math.inf
+    k = idle_cost_factor(tax_rate)
+    active = min(1.0, working_set_bytes / allocation_bytes)
+    return shares / (pages * (active + k * (1.0 - active)))
+
+
+def equilibrium_bytes(
+    shares: F64,
+    working_set_bytes: F64,
+    min_bytes: I64,
+    max_bytes: I64,
+    *,
+    available_bytes: int,
+    tax_rate: float,
+) -> I64:
+    """Allocations (whole pages) that equalise ``rho`` among guests not held at a bound.
+
+    With ``x = 1 / lambda`` (pages per share), a guest whose working set is ``A``
+    pages gets ``P(x) = S*x`` while ``S*x <= A`` (it is all active, no tax applies) and
+    ``P(x) = (S*x + (k - 1)*A) / k`` beyond that (the idle part is taxed), clamped to
+    ``[min, max]``. The sum is non-decreasing in ``x``, so bisection brackets the
+    answer; once every guest keeps one regime across the bracket, the sum is linear
+    in ``x`` and is solved exactly.
+
+    The result is floored to pages and never below ``min``; it adds up to at most
+    ``available_bytes``, unless the reservations alone exceed it (then everyone gets
+    exactly ``min``). Raises :class:`ConfigError` if ``min`` and ``max`` leave a guest
+    no whole page to stand on.
+    """
+    k = idle_cost_factor(tax_rate)
+    min_pages = -(-min_bytes // PAGE_SIZE_BYTES)  # a reservation is rounded up, never cut
+    max_pages = max_bytes // PAGE_SIZE_BYTES
+    if bool(np.any(min_pages > max_pages)):
+        raise ConfigError("a guest's min and max leave no whole page between them")
+    available_pages = max(0, available_bytes) // PAGE_SIZE_BYTES
+    if int(max_pages.sum()) <= available_pages:
+        return max_pages * PAGE_SIZE_BYTES
+    if int(min_pages.sum()) >= available_pages:
+        return min_pages * PAGE_SIZE_BYTES
+
+    s = shares.astype(np.float64)
+    a = working_set_bytes.astype(np.float64) / PAGE_SIZE_BYTES
+    lo_b = min_pages.astype(np.float64)
+    hi_b = max_pages.astype(np.float64)
+    taxed_offset = (k - 1.0) * a
+    target = float(available_pages)
+
+    def evaluate(x: float) -> tuple[F64, npt.NDArray[np.int8]]:
+        sx = s * x
+        raw = np.where(sx <= a, sx, (sx + taxed_offset) / k)
+        inside = np.where(sx <= a, _UNTAXED, _TAXED)
+        regime = np.where(raw <= lo_b, _AT_MIN, np.where(raw >= hi_b, _AT_MAX, inside))
+        return np.clip(raw, lo_b, hi_b), regime.astype(np.int8)
+
+    # P(x) <= S*x always, so x = 0 puts everyone at min; P(x) >= S*x/k always, so at
+    # x = max(k * max / S) everyone is at max. The answer lies between.
+    lo, hi = 0.0, float(np.max(k * hi_b / s))
+    _, regime_lo = evaluate(lo)
+    _, regime_hi = evaluate(hi)
+    for _ in range(_MAX_BISECTION_STEPS):
+        if np.array_equal(regime_lo, regime_hi):
+            break
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break  # float resolution reached
+        pages, regime = evaluate(mid)
+        if float(pages.sum()) <= target:
+            lo, regime_lo = mid, regime
+        else:
+            hi, regime_hi = mid, regime
+
+    x = lo
+    if np.array_equal(regime_lo, regime_hi):
+        # One regime per guest across [lo, hi]: sum(P) = fixed + slope * x, exactly.
+        untaxed = regime_lo == _UNTAXED
+        taxed = regime_lo == _TAXED
+        fixed = float(
+            lo_b[regime_lo == _AT_MIN].sum()
+            + hi_b[regime_lo == _AT_MAX].sum()
+            + (taxed_offset[taxed] / k).sum()
+        )
+        slope = float(s[untaxed].sum() + (s[taxed] / k).sum())
+        if slope > 0.0:
+            x = min(hi, max(lo, (target - fixed) / slope))
+    pages, _ = evaluate(x)
+    whole = np.clip(np.floor(pages).astype(np.int64), min_pages, max_pages)
+    _trim(whole, min_pages, available_pages - int(whole.sum()))
+    return whole * PAGE_SIZE_BYTES
+
+
+def _trim(pages: I64, min_pages: I64, headroom_pages: int) -> None:
+    """Take back pages that float rounding granted beyond the budget (a handful at most).
+
+    Largest slack first, ties by position, so the result stays deterministic.
+    """
+    if headroom_pages >= 0:
+        return
+    excess = -headroom_pages
+    slack = pages - min_pages
+    for i in np.argsort(-slack, kind="stable"):
+        take = min(excess, int(slack[i]))
+        pages[i] -= take
+        excess -= take
+        if excess == 0:
+            return
+
+
+def guest_arrays(guests: Sequence[GuestView]) -> tuple[F64, F64, I64, I64]:
+    """Shares, working sets, mins and maxes of ``guests`` as arrays, in order."""
+    n = len(guests)
+    shares = np.fromiter((g.spec.shares for g in guests), dtype=np.float64, count=n)
+    working = np.fromiter((g.working_set_bytes for g in guests), dtype=np.float64, count=n)
+    mins = np.fromiter((g.spec.min_bytes for g in guests), dtype=np.int64, count=n)
+    maxes = np.fromiter((g.spec.limit_bytes for g in guests), dtype=np.int64, count=n)
+    return shares, working, mins, maxes
+
+
+def check_reservations(snapshot: Snapshot) -> None:
+    """Refuse a snapshot whose reservations cannot all be met (no policy could)."""
+    _check_reserved(sum(g.spec.min_bytes for g in snapshot.guests), snapshot.host.memory_bytes)
+
+
+def _check_reserved(reserved_bytes: int, host_memory_bytes: int) -> None:
+    if reserved_bytes > host_memory_bytes:
+        raise ConfigError(
+            f"the guests' reservations add up to {format_size(reserved_bytes)}, more than "
+            f"host memory {format_size(host_memory_bytes)}"
+        )
+
+
+def shares_allocations(snapshot: Snapshot, tax_rate: float, free_target_fraction: float) -> I64:
+    """The min-funding equilibrium for ``snapshot``, in bytes, one entry per guest."""
+    memory = snapshot.host.memory_bytes
+    shares, working, mins, maxes = guest_arrays(snapshot.guests)
+    _check_reserved(sum(mins.tolist()), memory)  # Python ints: no int64 overflow
+    available = min(memory, math.floor(memory * (1.0 - free_target_fraction)))
+    return equilibrium_bytes(
+        shares, working, mins, maxes, available_bytes=available, tax_rate=tax_rate
+    )
+
+
+class SharesPolicy:
+    """ESX memory management: proportional shares, idle memory tax, host states.
+
+    Allocation targets are the min-funding equilibrium over ``host memory x (1 -
+    free_target_fraction)``. The balloon register gets ``memory - allocation``, with
+    one exception: in :attr:`HostState.HIGH` nothing is reclaimed. Reclaiming costs
+    the guest work and possibly its own paging; while the host has plenty free there
+    is nothing to gain from it, and ESX waits for free memory to fall below the soft
+    threshold before it takes memory back. In HIGH the register only holds each guest
+    at the larger of its target and its current use (see :func:`register_bytes`). The
+    limit (``max``) is a limit in every state: the balloon never drops below
+    ``memory - max``. In HIGH a guest may therefore hold more than its allocation
+    target; the target stays the entitlement, which the host enforces by paging once
+    the state reaches HARD.
+
+    Guests without a balloon driver get register 0: the host can only take memory
+    from them by paging behind their backs (HARD and LOW states).
+    """
+
+    def __init__(
+        self,
+        tax_rate: float = DEFAULT_TAX_RATE,
+        free_target_fraction: float = DEFAULT_FREE_TARGET_FRACTION,
+    ) -> None:
+        _check_tax_rate(tax_rate)
+        if not 0.0 <= free_target_fraction < 1.0:
+            raise ValueError(f"free target fraction must be in [0, 1), got {free_target_fraction}")
+        self.tax_rate = tax_rate
+        self.free_target_fraction = free_target_fraction
+
+    @property
+    def name(self) -> str:
+        return "shares"
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        state = snapshot.host.state
+        guests = snapshot.guests
+        allocations = shares_allocations(snapshot, self.tax_rate, self.free_target_fraction)
+        registers = register_bytes(guests, allocations, state)
+        names = [g.spec.name for g in guests]
+        targets = tuple(map(GuestTarget, names, allocations.tolist(), registers.tolist()))
+        return Decision(targets, Mechanisms.for_state(state))
+
+
+def register_bytes(guests: Sequence[GuestView], allocations: I64, state: HostState) -> I64:
+    """Balloon register values for ``allocations`` in ``state`` (see :class:`SharesPolicy`).
+
+    Outside HIGH: ``memory - allocation``. In HIGH the guest is held at the larger of
+    its allocation and the machine memory it uses now (never above its limit), so
+    nothing it uses is taken back while the host has plenty free.
+    """
+    n = len(guests)
+    memory = np.fromiter((g.spec.memory_bytes for g in guests), dtype=np.int64, count=n)
+    ballooning = np.fromiter((g.spec.balloon for g in guests), dtype=np.bool_, count=n)
+    size = allocations
+    if state is HostState.HIGH:
+        used = np.fromiter((g.sample.allocated_bytes for g in guests), dtype=np.int64, count=n)
+        used = np.maximum(used, 0) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
+        limits = np.fromiter((g.spec.limit_bytes for g in guests), dtype=np.int64, count=n)
+        size = np.minimum(limits, np.maximum(allocations, used))  # the limit holds always
+    return np.where(ballooning, memory - size, 0)
+
+
+def _check_tax_rate(tax_rate: float) -> None:
+    if not 0.0 <= tax_rate < 1.0:
+        raise ValueError(f"idle memory tax rate must be in [0, 1), got {tax_rate}")

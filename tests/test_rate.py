@@ -1,0 +1,101 @@
+"""The adaptive (AIMD) rate: additive increase, multiplicative decrease, clamped."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balloonist.rate import AdaptiveRate, RateLimits
+
+SMALL = RateLimits(min_pages=10, max_pages=100, increase_pages=30, divisor=2.0)
+
+
+def rates_after(rate: AdaptiveRate, outcomes: str) -> list[int]:
+    """Apply 's' (success) / 'f' (failure) steps; the rate after each."""
+    out = []
+    for outcome in outcomes:
+        rate.on_success() if outcome == "s" else rate.on_failure()
+        out.append(rate.rate_pages)
+    return out
+
+
+def test_starts_at_min() -> None:
+    assert AdaptiveRate(SMALL).rate_pages == 10
+    assert AdaptiveRate().rate_pages == RateLimits().min_pages
+
+
+def test_grows_additively_and_clamps_at_max() -> None:
+    assert rates_after(AdaptiveRate(SMALL), "sssss") == [40, 70, 100, 100, 100]
+
+
+def test_divides_on_failure_and_clamps_at_min() -> None:
+    assert rates_after(AdaptiveRate(SMALL), "sssffff") == [40, 70, 100, 50, 25, 12, 10]
+
+
+def test_recovers_additively_after_a_cut() -> None:
+    assert rates_after(AdaptiveRate(SMALL), "sssfss") == [40, 70, 100, 50, 80, 100]
+
+
+def test_record_classifies_steps() -> None:
+    rate = AdaptiveRate(SMALL)
+    rate.record(requested=10, obtained=10)
+    assert (rate.rate_pages, rate.successes, rate.failures) == (40, 1, 0)
+    rate.record(requested=40, obtained=39)  # short by one page: a failure
+    assert (rate.rate_pages, rate.successes, rate.failures) == (20, 1, 1)
+    rate.record(requested=0, obtained=0)  # nothing attempted: no news
+    assert (rate.rate_pages, rate.successes, rate.failures) == (20, 1, 1)
+
+
+def test_reset_returns_to_min_and_keeps_counters() -> None:
+    rate = AdaptiveRate(SMALL)
+    rates_after(rate, "sss")
+    rate.reset()
+    assert rate.rate_pages == 10
+    assert rate.successes == 3
+
+
+def test_default_limits_are_valid_and_ordered() -> None:
+    limits = RateLimits()
+    assert 1 <= limits.min_pages <= limits.max_pages
+    assert limits.increase_pages > 0
+    assert limits.divisor > 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_pages": 0}, "at least one page"),
+        ({"min_pages": 10, "max_pages": 5}, "below min"),
+        ({"increase_pages": -1}, "increase"),
+        ({"divisor": 1.0}, "divisor"),
+    ],
+)
+def test_bad_limits_are_refused(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RateLimits(**kwargs)  # type: ignore[arg-type]
+
+
+limits = st.builds(
+    lambda lo, span, inc, div: RateLimits(lo, lo + span, inc, div),
+    st.integers(1, 10_000),
+    st.integers(0, 100_000),
+    st.integers(0, 10_000),
+    st.floats(1.01, 16.0),
+)
+
+
+@given(limits, st.lists(st.booleans(), max_size=200))
+def test_rate_follows_aimd_within_bounds(lim: RateLimits, outcomes: list[bool]) -> None:
+    rate = AdaptiveRate(lim)
+    for success in outcomes:
+        before = rate.rate_pages
+        if success:
+            rate.on_success()
+            assert rate.rate_pages == min(lim.max_pages, before + lim.increase_pages)
+        else:
+            rate.on_failure()
+            assert rate.rate_pages == max(lim.min_pages, int(before / lim.divisor))
+        assert lim.min_pages <= rate.rate_pages <= lim.max_pages
+    assert rate.successes == sum(outcomes)
+    assert rate.failures == len(outcomes) - sum(outcomes)
