@@ -437,12 +437,18 @@ class SimMachine:
         return blocked
 
     def _host_paging(self, slice_s: float) -> None:
-        """Proactive host paging of guests above target, at the host swap's bandwidth."""
+        """Proactive host paging of guests above target, at the host swap's bandwidth.
+
+        The bandwidth is shared in rotating order, so no guest is always paged first.
+        """
         if not self._targets.mechanisms.host_paging:
             return
         swap_out_s = float(self.costs[e.C_HOST_SWAP_OUT])
         budget = int(slice_s / swap_out_s) if swap_out_s > 0 else 1 << 30
-        for i, m in enumerate(self.guests):
+        n = len(self.guests)
+        for j in range(n):
+            i = (self._slice_start + j) % n
+            m = self.guests[i]
             excess = m.mapped_pages - int(self._targets.allocation_pages[i])
             if excess > 0 and budget > 0:
                 done = int(
