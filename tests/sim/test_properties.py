@@ -23,11 +23,13 @@ from balloonist.units import MIB
 @st.composite
 def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     n = draw(st.integers(1, 4))
-    guests = []
+    guests: list[dict[str, Any]] = []
+    reserved = 0
     for i in range(n):
         memory = draw(st.integers(32, 128))
         max_mib = draw(st.integers(16, memory))
         min_mib = draw(st.integers(0, max_mib // 2))
+        reserved += min_mib
         kind = draw(st.sampled_from(["idle", "uniform", "zipf", "scan", "phases"]))
         ws = draw(st.integers(4, memory + 16))
         if kind == "phases":
@@ -54,7 +56,6 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
                 "workload": workload,
             }
         )
-    reserved = sum(int(g["min"].removesuffix("MiB")) for g in guests)
     host = draw(st.integers(max(64, reserved + 8 * n), 512))
     return {
         "host": {"memory": f"{host}MiB", "swap": "1GiB"},
