@@ -32,6 +32,7 @@ from balloonist.model import Decision, GuestTarget, GuestView, HostState, Mechan
 from balloonist.policy.shares import (
     DEFAULT_FREE_TARGET_FRACTION,
     DEFAULT_TAX_RATE,
+    SharesPolicy,
     check_reservations,
     equilibrium_bytes,
     guest_arrays,
@@ -123,12 +124,16 @@ class HostSwapPolicy:
         tax_rate: float = DEFAULT_TAX_RATE,
         free_target_fraction: float = DEFAULT_FREE_TARGET_FRACTION,
     ) -> None:
-        if not 0.0 <= tax_rate < 1.0:
-            raise ValueError(f"idle memory tax rate must be in [0, 1), got {tax_rate}")
-        if not 0.0 <= free_target_fraction < 1.0:
-            raise ValueError(f"free target fraction must be in [0, 1), got {free_target_fraction}")
-        self.tax_rate = tax_rate
-        self.free_target_fraction = free_target_fraction
+        # The same parameters, checked in one place: the targets are the shares policy's.
+        self._shares = SharesPolicy(tax_rate, free_target_fraction)
+
+    @property
+    def tax_rate(self) -> float:
+        return self._shares.tax_rate
+
+    @property
+    def free_target_fraction(self) -> float:
+        return self._shares.free_target_fraction
 
     @property
     def name(self) -> str:

@@ -5,6 +5,7 @@ This is the one place where the simulator's parts are put together.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -148,17 +149,7 @@ def run_scenario(
     )
 
 
-_SERIES_KEYS = (
-    "allocation_bytes",
-    "target_bytes",
-    "balloon_bytes",
-    "balloon_target_bytes",
-    "working_set_bytes",
-    "refs",
-    "major_faults",
-    "guest_swap_outs",
-    "host_swap_ins",
-    "host_swap_outs",
-    "double_paging",
-    "balloon_rate_pages",
+#: Every per-period series of a guest, in GuestSeries' order.
+_SERIES_KEYS = tuple(
+    f.name for f in dataclasses.fields(GuestSeries) if f.name not in ("name", "memory_bytes")
 )
