@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench experiments clean
+GUEST_ASSETS := .cache/guest
+
+.PHONY: demo test lint typecheck unit bench experiments clean vm-deps guest-assets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +27,21 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
-	$(BIN)/pytest
+unit: $(STAMP) guest-assets
+	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/pytest
+
+# The real-VM tests need QEMU and a Debian kernel. As root, install what is missing;
+# otherwise say what to install. Under CI a failure here fails the run; elsewhere the
+# vm tests then skip.
+vm-deps:
+	@if command -v qemu-system-x86_64 >/dev/null && [ -n "$$(ls /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null; \
+	else echo "make: the real-VM tests need qemu-system-x86 and apt package lists (run as root)" >&2; \
+	  [ -z "$$CI" ]; fi
+
+guest-assets: $(STAMP) vm-deps
+	$(BIN)/balloonist guest-assets --cache $(GUEST_ASSETS) || [ -z "$$CI" ]
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py
@@ -37,4 +52,4 @@ experiments: $(STAMP)
 	$(BIN)/python -m balloonist.experiments docs/experiments
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache balloonist-demo
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache balloonist-demo $(GUEST_ASSETS)

@@ -184,7 +184,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--no-live", action="store_true", help="plain progress lines")
     sim.set_defaults(command=_cmd_simulate)
+
+    from balloonist import vmcli
+
+    vmcli.add_commands(sub, _plain_command)
     return parser
+
+
+def _plain_command(
+    handler: Callable[[argparse.Namespace, TextIO], int],
+) -> Callable[[argparse.Namespace, _Io], int]:
+    """Adapt a command that only needs stdout to the dispatcher's signature."""
+    return lambda args, io: handler(args, io.stdout)
 
 
 def _policy_help() -> str:

@@ -1,0 +1,363 @@
+"""Starting, adopting, listing and stopping QEMU guests, with state in one directory.
+
+Every VM has a directory ``STATE/vms/NAME/`` holding ``vm.json`` (what we know of it,
+written atomically), the QMP socket ``qmp.sock`` and the serial log ``serial.log``. A
+restarted daemon finds its VMs there. Guests we start get ``virtio-balloon-pci`` with
+``deflate-on-oom=on`` (the guest may take balloon pages back rather than OOM-kill a
+process), a QMP unix socket and a serial log, and run detached (``-daemonize``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+from balloonist.errors import BalloonistError, ConfigError, FatalBackendError
+from balloonist.units import MIB, format_size
+
+Accel = Literal["auto", "kvm", "tcg"]
+
+QEMU_BINARY: Final = "qemu-system-x86_64"
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: How long a started QEMU may take to create its QMP socket.
+START_TIMEOUT_S: Final = 20.0
+#: How long a stopped QEMU may take to exit before it is killed.
+STOP_TIMEOUT_S: Final = 10.0
+#: A KVM that cannot run a 512-byte boot sector within this is not worth using: on hosts
+#: with broken nested virtualisation it takes seconds, or forever.
+KVM_PROBE_TIMEOUT_S: Final = 3.0
+#: The smallest guest we start: a Linux kernel with our initramfs needs about this much.
+MIN_GUEST_BYTES: Final = 64 * MIB
+#: The balloon device's id, so its QOM path is /machine/peripheral/balloon0.
+BALLOON_ID: Final = "balloon0"
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    """What ``vm.json`` holds for one VM."""
+
+    name: str
+    memory_bytes: int
+    min_bytes: int
+    max_bytes: int
+    shares: int
+    qmp_socket: str
+    serial_log: str | None
+    pid: int | None  # None for a VM we adopted and did not start
+    accel: str | None
+    started_by_us: bool
+
+    def running(self) -> bool:
+        if self.pid is None:
+            return Path(self.qmp_socket).exists()
+        return _pid_alive(self.pid)
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    name: str
+    memory_bytes: int
+    min_bytes: int = 0
+    max_bytes: int | None = None
+    shares: int = 1000
+    cpus: int = 1
+    accel: Accel = "auto"
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    disk: Path | None = None
+    deflate_on_oom: bool = True
+    balloon: bool = True  # False only to test what happens without one
+
+    def validate(self) -> None:
+        check_name(self.name)
+        if self.memory_bytes < MIN_GUEST_BYTES:
+            raise ConfigError(f"--memory must be at least {format_size(MIN_GUEST_BYTES)}")
+        if self.memory_bytes % MIB:
+            raise ConfigError("--memory must be a whole number of MiB (QEMU's -m unit)")
+        limit = self.memory_bytes if self.max_bytes is None else self.max_bytes
+        if limit > self.memory_bytes:
+            raise ConfigError(
+                f"--max {format_size(limit)} is above --memory {format_size(self.memory_bytes)}"
+            )
+        if self.min_bytes > limit:
+            raise ConfigError(
+                f"--min {format_size(self.min_bytes)} is above --max {format_size(limit)}"
+            )
+        if not 1 <= self.cpus <= 64:
+            raise ConfigError(f"--cpus must be between 1 and 64, got {self.cpus}")
+        if self.shares <= 0:
+            raise ConfigError(f"--shares must be positive, got {self.shares}")
+        if (self.kernel is None) == (self.disk is None):
+            raise ConfigError("give either --kernel (with --initrd) or --disk")
+        for label, path in (
+            ("--kernel", self.kernel),
+            ("--initrd", self.initrd),
+            ("--disk", self.disk),
+        ):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{label}: no such file {path}")
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise ConfigError(
+            f"VM name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit"
+        )
+
+
+def default_state_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "balloonist"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "balloonist"
+
+
+class StateDir:
+    """The directory where VMs are recorded."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def vm_dir(self, name: str) -> Path:
+        check_name(name)
+        return self.root / "vms" / name
+
+    def save(self, record: VMRecord) -> None:
+        directory = self.vm_dir(record.name)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / "vm.json", json.dumps(asdict(record), indent=2) + "\n")
+
+    def load(self, name: str) -> VMRecord:
+        path = self.vm_dir(name) / "vm.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"unknown VM {name!r} (see 'balloonist vm list')") from None
+        except (OSError, ValueError) as exc:
+            raise BalloonistError(f"{path}: unreadable VM record: {exc}") from None
+        try:
+            return VMRecord(**data)
+        except TypeError as exc:
+            raise BalloonistError(f"{path}: VM record has the wrong fields: {exc}") from None
+
+    def names(self) -> list[str]:
+        vms = self.root / "vms"
+        if not vms.is_dir():
+            return []
+        return sorted(p.name for p in vms.iterdir() if (p / "vm.json").is_file())
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.vm_dir(name), ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is gone for our purposes.
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[0]
+    except OSError:
+        return True
+    return status != "Z"
+
+
+def qemu_binary() -> str:
+    found = shutil.which(QEMU_BINARY)
+    if found is None:
+        raise FatalBackendError(
+            f"{QEMU_BINARY} is not installed (Debian: apt-get install qemu-system-x86)"
+        )
+    return found
+
+
+# A boot sector that writes 1 to the isa-debug-exit port: QEMU then exits with (1<<1)|1.
+_PROBE_CODE: Final = bytes([0xB0, 0x01, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
+_PROBE_EXIT: Final = 3
+
+
+def kvm_works(binary: str | None = None, timeout_s: float = KVM_PROBE_TIMEOUT_S) -> bool:
+    """True if /dev/kvm opens and QEMU under KVM runs a boot sector within the deadline."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "probe.img"
+        image.write_bytes(_PROBE_CODE + b"\0" * (510 - len(_PROBE_CODE)) + b"\x55\xaa")
+        cmd = [
+            binary or qemu_binary(),
+            "-accel", "kvm", "-nodefaults", "-display", "none", "-m", "16",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-drive", f"file={image},format=raw,if=ide",
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+        except (subprocess.TimeoutExpired, OSError):
+            return False
+        return done.returncode == _PROBE_EXIT
+
+
+def resolve_accel(accel: Accel, binary: str) -> str:
+    if accel == "auto":
+        return "kvm" if kvm_works(binary) else "tcg"
+    return accel
+
+
+def build_command(request: StartRequest, *, binary: str, accel: str, directory: Path) -> list[str]:
+    """The QEMU command line for a guest we start (detached, QMP, serial log, balloon)."""
+    cmd = [
+        binary,
+        "-name", request.name,
+        "-accel", accel,
+        "-m", f"{request.memory_bytes // MIB}M",
+        "-smp", str(request.cpus),
+        "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-qmp", f"unix:{directory / 'qmp.sock'},server=on,wait=off",
+        "-serial", f"file:{directory / 'serial.log'}",
+        "-daemonize", "-pidfile", str(directory / "qemu.pid"),
+    ]  # fmt: skip
+    if accel == "kvm":
+        cmd += ["-cpu", "host"]
+    if request.balloon:
+        oom = "on" if request.deflate_on_oom else "off"
+        cmd += ["-device", f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom={oom}"]
+    if request.kernel is not None:
+        cmd += ["-kernel", str(request.kernel)]
+        if request.initrd is not None:
+            cmd += ["-initrd", str(request.initrd)]
+        cmd += ["-append", f"console=ttyS0 panic=-1 {request.append}".strip()]
+    if request.disk is not None:
+        cmd += ["-drive", f"file={request.disk},if=virtio"]
+    return cmd
+
+
+def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
+    """Start a detached guest and record it; returns once its QMP socket exists."""
+    request.validate()
+    directory = state.vm_dir(request.name)
+    if (directory / "vm.json").exists():
+        existing = state.load(request.name)
+        if existing.running():
+            raise ConfigError(f"VM {request.name!r} is already running")
+        state.remove(request.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = qemu_binary()
+    accel = resolve_accel(request.accel, binary)
+    cmd = build_command(request, binary=binary, accel=accel, directory=directory)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        state.remove(request.name)
+        lines = done.stderr.strip().splitlines()
+        raise FatalBackendError(
+            f"QEMU did not start {request.name!r}: {lines[-1] if lines else done.returncode}"
+        )
+    pid = int((directory / "qemu.pid").read_text().strip())
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (directory / "qmp.sock").exists():
+        if time.monotonic() > deadline or not _pid_alive(pid):
+            _terminate(pid)
+            state.remove(request.name)
+            raise FatalBackendError(f"QEMU for {request.name!r} never opened its QMP socket")
+        time.sleep(0.05)
+    record = VMRecord(
+        name=request.name,
+        memory_bytes=request.memory_bytes,
+        min_bytes=request.min_bytes,
+        max_bytes=request.memory_bytes if request.max_bytes is None else request.max_bytes,
+        shares=request.shares,
+        qmp_socket=str(directory / "qmp.sock"),
+        serial_log=str(directory / "serial.log"),
+        pid=pid,
+        accel=accel,
+        started_by_us=True,
+    )
+    state.save(record)
+    return record
+
+
+def adopt_vm(
+    state: StateDir,
+    name: str,
+    socket: Path,
+    *,
+    memory_bytes: int,
+    min_bytes: int = 0,
+    max_bytes: int | None = None,
+    shares: int = 1000,
+) -> VMRecord:
+    """Record a QEMU started elsewhere (libvirt, by hand) by its QMP socket."""
+    check_name(name)
+    if not socket.exists():
+        raise ConfigError(f"--qmp: no socket at {socket}")
+    limit = memory_bytes if max_bytes is None else max_bytes
+    if min_bytes > limit:
+        raise ConfigError(f"--min {format_size(min_bytes)} is above --max {format_size(limit)}")
+    record = VMRecord(
+        name=name,
+        memory_bytes=memory_bytes,
+        min_bytes=min_bytes,
+        max_bytes=limit,
+        shares=shares,
+        qmp_socket=str(socket),
+        serial_log=None,
+        pid=None,
+        accel=None,
+        started_by_us=False,
+    )
+    state.save(record)
+    return record
+
+
+def stop_vm(state: StateDir, name: str) -> None:
+    """Stop a VM we started (SIGTERM, then SIGKILL) and forget it; forget an adopted one."""
+    record = state.load(name)
+    if record.started_by_us and record.pid is not None:
+        _terminate(record.pid)
+    state.remove(name)
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+        time.sleep(0.05)

@@ -1,0 +1,208 @@
+"""The QMP adapter: one QEMU guest's balloon, over the ``qemu.qmp`` library (asyncio).
+
+What it does: set the balloon target (QMP ``balloon``, whose value is the memory the
+guest should keep, not the balloon size), read the actual size (``query-balloon`` and
+``BALLOON_CHANGE`` events), and switch on and read the guest's statistics (``qom-set
+guest-stats-polling-interval``, ``qom-get guest-stats``).
+
+Errors from the library become ours:
+
+- :class:`TransientBackendError`: the socket is not there yet, the connection dropped,
+  a command timed out. Reconnecting may help.
+- :class:`FatalBackendError`: QEMU answered, and the answer will not change (no
+  balloon device, a command refused).
+
+The guest's statistics come from the guest and are not trusted: each figure is
+checked to be an integer within a bound; anything else is dropped, not guessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from qemu.qmp import (
+    ConnectError,
+    ExecuteError,
+    QMPClient,
+    QMPError,
+    StateError,
+)
+
+from balloonist.errors import FatalBackendError, TransientBackendError
+
+#: Default QOM path of the balloon device QEMU creates for ``-device
+#: virtio-balloon-pci,id=balloon0`` (the id our launcher gives it).
+BALLOON_QOM_PATH: Final = "/machine/peripheral/balloon0"
+#: How long one QMP command may take before the connection is considered gone.
+COMMAND_TIMEOUT_S: Final = 5.0
+#: Largest figure accepted from a guest: 64 TiB in bytes, and as many faults as that.
+MAX_GUEST_FIGURE: Final = 1 << 46
+
+_STAT_KEYS: Final = {
+    "stat-total-memory": "total_bytes",
+    "stat-available-memory": "available_bytes",
+    "stat-free-memory": "free_bytes",
+    "stat-disk-caches": "disk_caches_bytes",
+    "stat-major-faults": "major_faults",
+    "stat-minor-faults": "minor_faults",
+    "stat-swap-in": "swap_in_pages",
+    "stat-swap-out": "swap_out_pages",
+}
+
+
+@dataclass(frozen=True)
+class GuestStats:
+    """The virtio-balloon statistics a guest last reported; None where it gave none."""
+
+    last_update_s: int
+    total_bytes: int | None = None
+    available_bytes: int | None = None
+    free_bytes: int | None = None
+    disk_caches_bytes: int | None = None
+    major_faults: int | None = None
+    minor_faults: int | None = None
+    swap_in_pages: int | None = None
+    swap_out_pages: int | None = None
+
+
+def parse_guest_stats(reply: Any) -> GuestStats:
+    """Check a ``guest-stats`` reply field by field; bad or missing figures become None."""
+    if not isinstance(reply, dict):
+        raise FatalBackendError("guest-stats reply is not an object")
+    raw = reply.get("stats")
+    stats = raw if isinstance(raw, dict) else {}
+    values = {field: _bounded(stats.get(key)) for key, field in _STAT_KEYS.items()}
+    return GuestStats(last_update_s=_bounded(reply.get("last-update")) or 0, **values)
+
+
+def _bounded(value: object) -> int | None:
+    """An integer in [0, MAX_GUEST_FIGURE], or None (QEMU reports -1 for "never sent")."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_GUEST_FIGURE:
+        return value
+    return None
+
+
+class BalloonQMP:
+    """A connection to one VM's QMP socket, for its balloon.
+
+    Use as ``async with BalloonQMP(path, name=...) as qmp:``, or call
+    :meth:`connect` and :meth:`close`.
+    """
+
+    def __init__(self, socket_path: Path, *, name: str, timeout_s: float = COMMAND_TIMEOUT_S):
+        self.socket_path = socket_path
+        self.name = name
+        self.timeout_s = timeout_s
+        self._client = QMPClient(name)
+
+    async def __aenter__(self) -> BalloonQMP:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect and check there is a balloon device to drive."""
+        try:
+            await asyncio.wait_for(self._client.connect(str(self.socket_path)), self.timeout_s)
+        except (ConnectError, OSError, TimeoutError) as exc:
+            raise TransientBackendError(
+                f"{self.name}: cannot connect to QMP at {self.socket_path}: {_reason(exc)}"
+            ) from exc
+        await self.actual_bytes()  # raises FatalBackendError without a balloon device
+
+    async def close(self) -> None:
+        with contextlib.suppress(QMPError):  # already gone: nothing left to close
+            await self._client.disconnect()
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate.name == "RUNNING"
+
+    async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), self.timeout_s)
+        except ExecuteError as exc:
+            if exc.error_class == "DeviceNotActive":
+                raise FatalBackendError(f"{self.name}: the VM has no balloon device") from exc
+            raise FatalBackendError(f"{self.name}: QMP refused {command}: {exc}") from exc
+        except TimeoutError as exc:
+            raise TransientBackendError(f"{self.name}: QMP {command} timed out") from exc
+        except (StateError, QMPError, OSError, EOFError) as exc:
+            raise TransientBackendError(
+                f"{self.name}: QMP connection lost during {command}: {_reason(exc)}"
+            ) from exc
+
+    async def set_target(self, guest_bytes: int) -> None:
+        """Ask the guest to keep ``guest_bytes`` of memory (QMP ``balloon``)."""
+        if guest_bytes <= 0:
+            raise ValueError(f"balloon target must be positive, got {guest_bytes}")
+        await self._execute("balloon", {"value": guest_bytes})
+
+    async def actual_bytes(self) -> int:
+        """Memory the guest has now, outside the balloon (``query-balloon``)."""
+        reply = await self._execute("query-balloon")
+        actual = reply.get("actual") if isinstance(reply, dict) else None
+        if not isinstance(actual, int) or isinstance(actual, bool) or actual < 0:
+            raise FatalBackendError(f"{self.name}: query-balloon gave no usable size: {reply!r}")
+        return actual
+
+    async def base_memory_bytes(self) -> int:
+        """The VM's configured RAM (``query-memory-size-summary``), balloon or not."""
+        reply = await self._execute("query-memory-size-summary")
+        base = reply.get("base-memory") if isinstance(reply, dict) else None
+        if not isinstance(base, int) or isinstance(base, bool) or base <= 0:
+            raise FatalBackendError(f"{self.name}: no usable base-memory in {reply!r}")
+        return base
+
+    async def enable_stats(self, interval_s: int, qom_path: str = BALLOON_QOM_PATH) -> None:
+        """Have the guest driver report statistics every ``interval_s`` seconds."""
+        await self._execute(
+            "qom-set",
+            {"path": qom_path, "property": "guest-stats-polling-interval", "value": interval_s},
+        )
+
+    async def guest_stats(self, qom_path: str = BALLOON_QOM_PATH) -> GuestStats:
+        reply = await self._execute("qom-get", {"path": qom_path, "property": "guest-stats"})
+        return parse_guest_stats(reply)
+
+    async def balloon_changes(self) -> AsyncIterator[int]:
+        """Actual sizes from ``BALLOON_CHANGE`` events, as QEMU sends them."""
+        with self._client.listener("BALLOON_CHANGE") as listener:
+            async for event in listener:
+                data = event.get("data")
+                actual = _bounded(data.get("actual") if isinstance(data, dict) else None)
+                if actual is not None:
+                    yield actual
+
+    async def wait_actual(
+        self, guest_bytes: int, *, timeout_s: float, tolerance_bytes: int = 0
+    ) -> float:
+        """Poll until the guest has ``guest_bytes`` (within tolerance); return seconds taken.
+
+        Raises TransientBackendError if the deadline passes first.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            actual = await self.actual_bytes()
+            if math.isclose(actual, guest_bytes, abs_tol=tolerance_bytes):
+                return loop.time() - start
+            if loop.time() - start > timeout_s:
+                raise TransientBackendError(
+                    f"{self.name}: balloon at {actual} bytes, not {guest_bytes}, "
+                    f"after {timeout_s:.0f} s"
+                )
+            await asyncio.sleep(0.1)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text if text else type(exc).__name__

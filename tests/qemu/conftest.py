@@ -1,0 +1,114 @@
+"""Fixtures for real-guest tests: QEMU, guest assets, a state directory, booted guests.
+
+When the CI environment variable is set, a missing QEMU or guest asset is a failure,
+never a skip: CI must prove the real-VM path works.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from balloonist.qemu import launcher
+from balloonist.qemu.assets import GuestAssets, cached_assets, default_cache_dir
+from balloonist.units import MIB
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: A guest under TCG prints BALLOONIST-READY about 7 s after QEMU starts on this kind
+#: of machine; allow for a loaded CI host.
+BOOT_TIMEOUT_S = 90.0
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing, and CI must run the real-VM tests")
+    pytest.skip(f"{what} is missing (run 'make test' to set it up)")
+
+
+@pytest.fixture(scope="session")
+def guest_assets() -> GuestAssets:
+    if shutil.which(launcher.QEMU_BINARY) is None:
+        _missing(launcher.QEMU_BINARY)
+    for cache in (
+        Path(os.environ["BALLOONIST_GUEST_ASSETS"])
+        if os.environ.get("BALLOONIST_GUEST_ASSETS")
+        else None,
+        ROOT / ".cache" / "guest",
+        default_cache_dir(),
+    ):
+        if cache is not None and (found := cached_assets(cache)) is not None:
+            return found
+    _missing("the guest assets (balloonist guest-assets)")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[launcher.StateDir]:
+    # unix socket paths must stay short: tmp_path can be long
+    short = Path(f"/tmp/bn-{os.getpid()}-{time.monotonic_ns() % 10**9}")
+    short.mkdir()
+    state = launcher.StateDir(short)
+    yield state
+    for name in state.names():
+        launcher.stop_vm(state, name)
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def boot(
+    state: launcher.StateDir,
+    assets: GuestAssets,
+    name: str,
+    *,
+    memory_mib: int = 512,
+    work: str | None = None,
+    **request: object,
+) -> launcher.VMRecord:
+    append = "quiet" + (f" balloonist.work={work}" if work else "")
+    record = launcher.start_vm(
+        state,
+        launcher.StartRequest(
+            name=name,
+            memory_bytes=memory_mib * MIB,
+            accel="tcg",  # nested KVM hangs on the CI machines; see docs/vms.md
+            kernel=assets.kernel,
+            initrd=assets.initrd,
+            append=append,
+            **request,  # type: ignore[arg-type]
+        ),
+    )
+    wait_for_line(record, "BALLOONIST-READY", BOOT_TIMEOUT_S)
+    return record
+
+
+def serial_lines(record: launcher.VMRecord) -> list[str]:
+    assert record.serial_log is not None
+    try:
+        return Path(record.serial_log).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def wait_for_line(record: launcher.VMRecord, pattern: str, timeout_s: float, after: int = 0) -> str:
+    """The first serial line at or after index ``after`` matching ``pattern``."""
+    deadline = time.monotonic() + timeout_s
+    regex = re.compile(pattern)
+    while time.monotonic() < deadline:
+        for line in serial_lines(record)[after:]:
+            if regex.search(line):
+                return line
+        time.sleep(0.2)
+    tail = "\n".join(serial_lines(record)[-5:])
+    raise AssertionError(
+        f"{record.name}: no serial line matching {pattern!r} in {timeout_s} s:\n{tail}"
+    )
+
+
+def meminfo_kib(line: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}

@@ -1,0 +1,31 @@
+"""``balloonist vm`` bad input: one line on stderr, exit 2, nothing recorded (no QEMU needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from balloonist.cli import main
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["stop", "nope"], "unknown VM 'nope'"),
+        (["attach", "x", "--qmp", "/nonexistent/qmp.sock"], "cannot connect to QMP"),
+        (["start", "g", "--memory", "512", "--test-guest"], "--memory: size '512' has no unit"),
+        (["start", "g", "--memory", "512MiB", "--min", "600MiB", "--kernel", "/k"], "above --max"),
+        (["start", "bad/name", "--memory", "512MiB", "--kernel", "/k"], "VM name"),
+        (["start", "g", "--memory", "512MiB"], "give either --kernel"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    code = main(["vm", "--state-dir", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("balloonist: error: ")
+    assert expected in err
+    assert not (tmp_path / "vms").exists() or not any((tmp_path / "vms").iterdir())
