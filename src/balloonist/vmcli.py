@@ -28,6 +28,20 @@ def add_commands(sub: Any, run: Any) -> None:
     assets.add_argument("--cache", type=Path, default=None, metavar="DIR")
     assets.set_defaults(command=run(_cmd_assets))
 
+    daemon = sub.add_parser(
+        "daemon",
+        help="manage the recorded VMs' memory, every period, until stopped",
+        description="Run the scheduler over the VMs in the state directory: sample the "
+        "host and each guest, decide with the policy, move balloons in paced steps. "
+        "SIGINT or SIGTERM stop it; guests keep the memory they have.",
+    )
+    daemon.add_argument(
+        "--config", type=Path, metavar="FILE", help="host.toml (see docs/daemon.md)"
+    )
+    daemon.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
+    daemon.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
+    daemon.set_defaults(command=run(_cmd_daemon))
+
     vm = sub.add_parser("vm", help="start, adopt, list and stop QEMU guests")
     vm.add_argument(
         "--state-dir",
@@ -180,6 +194,26 @@ def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
             f"{r.qmp_socket}",
             file=out,
         )
+    return 0
+
+
+def _cmd_daemon(args: argparse.Namespace, out: TextIO) -> int:
+    import logging
+    import signal
+    import threading
+
+    from balloonist.daemon.service import Daemon, load_config
+
+    config = load_config(args.config)  # bad config: one line, exit 2, before anything runs
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=out,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Daemon(config, _state(args)).run(stop)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""The host daemon: the scheduler over real QEMU guests."""

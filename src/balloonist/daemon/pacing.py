@@ -1,0 +1,129 @@
+"""Host-side pacing and safety for real guests (the patent's claim 8, host variant).
+
+Linux's virtio-balloon driver inflates as fast as the host asks, so the daemon paces
+it: each guest's target moves towards the policy's wish in steps whose size follows
+the shared :class:`~balloonist.rate.AdaptiveRate`. A step the guest reached grows the
+next one; a step it did not reach within a period cuts the rate. A guest whose balloon
+does not move at all for ``stall_timeout_s`` is marked uncooperative, and the policy
+stops counting on getting memory from it. Deflating (giving memory back) is never
+paced: a guest that needs memory should not wait.
+
+Safety, applied to every target sent, in this order:
+
+1. never below the VM's ``min`` or above its ``max``;
+2. never so low that the guest would keep less than ``available_floor_bytes`` of
+   available memory (by its own last report), unless that would break ``max``;
+3. on start, the first target is the guest's current size: a restarted daemon moves
+   nobody's memory abruptly.
+
+Everything here is pure bookkeeping on numbers; the adapter does the I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from balloonist.rate import AdaptiveRate, RateLimits
+from balloonist.units import MIB, PAGE_SIZE_BYTES
+
+#: A step counts as reached when the guest is within this of the commanded size: the
+#: driver works in pages and QEMU reports in whole pages, but guests round differently.
+REACHED_TOLERANCE_BYTES: Final = 4 * MIB
+#: Default time a balloon may sit still, with a step outstanding, before the guest is
+#: called uncooperative (a guest that cannot allocate, or a driver that is gone).
+DEFAULT_STALL_TIMEOUT_S: Final = 30.0
+#: Default memory a guest always keeps available: below this, Linux starts reclaiming
+#: hard and the OOM killer is near.
+DEFAULT_AVAILABLE_FLOOR_BYTES: Final = 64 * MIB
+#: Host-side rate defaults, in pages per period (1 s): start at 16 MiB, +32 MiB per
+#: reached step, halve on a missed one, at most 1 GiB. Under TCG a guest inflates
+#: about 256 MiB/s; under KVM several GiB/s.
+HOST_RATE_LIMITS: Final = RateLimits(
+    min_pages=16 * MIB // PAGE_SIZE_BYTES,
+    max_pages=1024 * MIB // PAGE_SIZE_BYTES,
+    increase_pages=32 * MIB // PAGE_SIZE_BYTES,
+    divisor=2.0,
+)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    min_bytes: int
+    max_bytes: int
+    available_floor_bytes: int = DEFAULT_AVAILABLE_FLOOR_BYTES
+
+
+def safe_target(
+    wanted_bytes: int, actual_bytes: int, available_bytes: int | None, bounds: Bounds
+) -> int:
+    """The lowest target we will send for a wish of ``wanted_bytes`` (rules 1 and 2)."""
+    target = wanted_bytes
+    if available_bytes is not None:
+        # Taking (actual - target) away must leave at least the floor available.
+        lowest = actual_bytes - max(0, available_bytes - bounds.available_floor_bytes)
+        target = max(target, lowest)
+    target = min(max(target, bounds.min_bytes), bounds.max_bytes)
+    return target // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
+
+
+@dataclass
+class GuestPacer:
+    """Pacing state of one guest. ``commanded_bytes`` is what we last sent."""
+
+    bounds: Bounds
+    commanded_bytes: int
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    rate: AdaptiveRate = field(default_factory=lambda: AdaptiveRate(HOST_RATE_LIMITS))
+    cooperative: bool = True
+    _last_actual: int | None = None
+    _still_since_s: float | None = None
+    _probed_at_s: float = float("-inf")
+
+    @classmethod
+    def starting_at(cls, actual_bytes: int, bounds: Bounds, **kw: float) -> GuestPacer:
+        """Rule 3: begin where the guest is, so a (re)start moves nothing."""
+        return cls(bounds=bounds, commanded_bytes=actual_bytes, **kw)  # type: ignore[arg-type]
+
+    def step(
+        self, wanted_bytes: int, actual_bytes: int, available_bytes: int | None, now_s: float
+    ) -> int:
+        """The next target to send, given the policy's wish and what the guest did."""
+        self._observe(actual_bytes, now_s)
+        goal = safe_target(wanted_bytes, actual_bytes, available_bytes, self.bounds)
+        if goal >= actual_bytes:
+            # Deflating, or holding: no pacing, no reason to wait.
+            self.commanded_bytes = goal
+            return goal
+        step_bytes = self.rate.rate_pages * PAGE_SIZE_BYTES
+        if not self.cooperative:
+            # Do not count on it: hold it where it is, and once per stall timeout probe
+            # with the smallest step to find out whether it works again.
+            if now_s - self._probed_at_s >= self.stall_timeout_s:
+                self._probed_at_s = now_s
+                step_bytes = self.rate.limits.min_pages * PAGE_SIZE_BYTES
+            else:
+                step_bytes = 0
+        self.commanded_bytes = max(goal, actual_bytes - step_bytes)
+        return self.commanded_bytes
+
+    def _observe(self, actual_bytes: int, now_s: float) -> None:
+        last = self._last_actual
+        self._last_actual = actual_bytes
+        asked = 0 if last is None else last - self.commanded_bytes
+        if asked <= REACHED_TOLERANCE_BYTES:
+            self._still_since_s = None  # no inflation step was outstanding
+            return
+        reached = actual_bytes - self.commanded_bytes <= REACHED_TOLERANCE_BYTES
+        assert last is not None  # asked > 0 needs a previous reading
+        self.rate.record(requested=asked, obtained=asked if reached else last - actual_bytes)
+        if reached:
+            self.cooperative = True
+            self._still_since_s = None
+        elif abs(actual_bytes - last) > REACHED_TOLERANCE_BYTES:
+            self._still_since_s = None  # slow, but moving
+        elif self._still_since_s is None:
+            self._still_since_s = now_s
+        elif self.cooperative and now_s - self._still_since_s >= self.stall_timeout_s:
+            self.cooperative = False
+            self._probed_at_s = now_s

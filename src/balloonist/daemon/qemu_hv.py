@@ -1,0 +1,280 @@
+"""The scheduler's ``Hypervisor`` port over real QEMU guests.
+
+One period, for every recorded VM: connect if needed, read the balloon's actual size
+and the guest's statistics, and hand the scheduler a sample; then send each guest the
+next paced, safety-checked target (:mod:`balloonist.daemon.pacing`).
+
+**Demand from guest statistics.** A real guest gives no page-access samples, so its
+working-set observation is built from what virtio-balloon reports:
+
+    used      = min(total, actual) - available
+    pressure  = (major faults + swap-ins since the last period) x page size
+    observed  = used + pressure, within [0, memory]
+
+``min(total, actual)``: with ``deflate-on-oom`` Linux keeps ballooned pages in its
+total and takes them out of "available", without it the total shrinks; either way the
+minimum is what the guest has to work with. Pages the guest had to read back in were
+needed and not resident, so they count as demand beyond what it uses now.
+
+**Failures.** A VM whose QEMU has exited is dropped with one log line; one whose
+socket does not answer is retried every period (reconnecting) and left out of the
+cycle meanwhile; one without a balloon device is logged once and left alone. None of
+these stops the others from being managed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+from balloonist.daemon.pacing import Bounds, GuestPacer
+from balloonist.errors import BackendError, FatalBackendError, TransientBackendError
+from balloonist.host import HostMemInfo
+from balloonist.model import Decision, GuestSample, GuestSpec, HostReading
+from balloonist.qemu.launcher import VMRecord
+from balloonist.qemu.qmp import BalloonQMP, GuestStats
+from balloonist.units import PAGE_SIZE_BYTES, format_size
+
+log = logging.getLogger("balloonist.daemon")
+
+#: Guest statistics polling interval asked of each guest's driver, seconds.
+STATS_INTERVAL_S = 1
+#: Targets remembered per VM (for inspection and tests); older ones are dropped.
+SENT_HISTORY = 10_000
+
+
+class VmPort(Protocol):
+    """What the adapter needs of one VM (``BalloonQMP`` is the real one)."""
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def set_target(self, guest_bytes: int) -> None: ...
+
+    async def actual_bytes(self) -> int: ...
+
+    async def enable_stats(self, interval_s: int) -> None: ...
+
+    async def guest_stats(self) -> GuestStats: ...
+
+
+def qmp_port(record: VMRecord) -> VmPort:
+    return BalloonQMP(Path(record.qmp_socket), name=record.name)
+
+
+@dataclass
+class _Vm:
+    record: VMRecord
+    port: VmPort | None = None
+    pacer: GuestPacer | None = None
+    actual_bytes: int = 0
+    stats: GuestStats | None = None
+    faults: int | None = None  # major faults + swap-ins at the last sample
+    observed_bytes: int | None = None
+    sampled: bool = False
+    broken: bool = False  # no balloon device: left alone
+    sent: deque[int] = field(default_factory=lambda: deque(maxlen=SENT_HISTORY))
+
+
+def demand_bytes(
+    actual_bytes: int, memory_bytes: int, stats: GuestStats | None, new_faults: int
+) -> int | None:
+    """The working-set observation from guest statistics (see the module docstring)."""
+    if stats is None or stats.total_bytes is None or stats.available_bytes is None:
+        return None
+    used = max(0, min(stats.total_bytes, actual_bytes) - stats.available_bytes)
+    pressure = max(0, new_faults) * PAGE_SIZE_BYTES
+    return min(memory_bytes, used + pressure)
+
+
+class QemuHypervisor:
+    def __init__(
+        self,
+        records: Sequence[VMRecord],
+        *,
+        budget_bytes: int,
+        meminfo: Callable[[], HostMemInfo],
+        clock: Callable[[], float],
+        connector: Callable[[VMRecord], VmPort] = qmp_port,
+        bounds_for: Callable[[VMRecord], Bounds] | None = None,
+        stall_timeout_s: float | None = None,
+        on_target: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.budget_bytes = budget_bytes
+        self._meminfo = meminfo
+        self._clock = clock
+        self._connector = connector
+        self._bounds_for = bounds_for or (lambda r: Bounds(r.min_bytes, r.max_bytes))
+        self._stall_timeout_s = stall_timeout_s
+        self._on_target = on_target
+        self._vms: dict[str, _Vm] = {}
+        self._loop = asyncio.new_event_loop()
+        self.update_records(records)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def update_records(self, records: Sequence[VMRecord]) -> None:
+        """Start managing new VMs and forget removed ones (the state dir changed)."""
+        names = {r.name for r in records}
+        for gone in set(self._vms) - names:
+            self._forget(gone, "no longer recorded")
+        for record in records:
+            vm = self._vms.get(record.name)
+            if vm is None:
+                self._vms[record.name] = _Vm(record)
+                log.info("%s: managing (%s)", record.name, format_size(record.memory_bytes))
+            elif vm.record != record:
+                vm.record = record
+                if vm.pacer is not None:
+                    vm.pacer.bounds = self._bounds_for(record)
+
+    def close(self) -> None:
+        for vm in self._vms.values():
+            if vm.port is not None:
+                self._loop.run_until_complete(vm.port.close())
+        self._loop.close()
+
+    def managed(self) -> list[str]:
+        return sorted(self._vms)
+
+    def sent_targets(self, name: str) -> list[int]:
+        return list(self._vms[name].sent)
+
+    def _forget(self, name: str, why: str) -> None:
+        vm = self._vms.pop(name)
+        log.warning("%s: %s; no longer managed", name, why)
+        if vm.port is not None:
+            self._close_later(vm.port)
+
+    def _close_later(self, port: VmPort) -> None:
+        if self._loop.is_running():
+            self._loop.create_task(port.close())
+        else:
+            self._loop.run_until_complete(port.close())
+
+    # -- the Hypervisor port ----------------------------------------------------------
+
+    def specs(self) -> list[GuestSpec]:
+        specs = []
+        for vm in self._vms.values():
+            r = vm.record
+            spec = GuestSpec(r.name, r.memory_bytes, r.min_bytes, r.max_bytes, r.shares)
+            if vm.pacer is not None and not vm.pacer.cooperative:
+                # Do not count on memory it will not give: hold it where it is.
+                held = max(r.min_bytes, min(vm.actual_bytes, r.max_bytes))
+                spec = replace(spec, min_bytes=held, max_bytes=held)
+            specs.append(spec)
+        return specs
+
+    def read_host(self) -> HostReading:
+        info = self._meminfo()
+        held = sum(vm.actual_bytes for vm in self._vms.values() if vm.sampled)
+        return HostReading(
+            time_s=self._clock(),
+            memory_bytes=self.budget_bytes,
+            free_bytes=max(0, self.budget_bytes - held),
+            swap_bytes=info.swap_total_bytes,
+            swap_used_bytes=info.swap_total_bytes - info.swap_free_bytes,
+        )
+
+    def sample_guests(self) -> list[GuestSample]:
+        return self._loop.run_until_complete(self._sample_all())
+
+    def apply(self, decision: Decision) -> None:
+        self._loop.run_until_complete(self._apply(decision))
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    async def _sample_all(self) -> list[GuestSample]:
+        vms = [vm for vm in self._vms.values() if not vm.broken]
+        results = await asyncio.gather(*(self._sample(vm) for vm in vms), return_exceptions=True)
+        samples = []
+        for vm, result in zip(vms, results, strict=True):
+            if isinstance(result, GuestSample):
+                samples.append(result)
+            elif isinstance(result, BaseException):
+                self._failed(vm, result)
+        return samples
+
+    async def _sample(self, vm: _Vm) -> GuestSample:
+        vm.sampled = False
+        if vm.port is None:
+            port = self._connector(vm.record)
+            await port.connect()
+            await port.enable_stats(STATS_INTERVAL_S)
+            vm.port = port
+            log.info("%s: connected", vm.record.name)
+        actual = await vm.port.actual_bytes()
+        stats = await vm.port.guest_stats()
+        r = vm.record
+        faults_now = (stats.major_faults or 0) + (stats.swap_in_pages or 0)
+        new_faults = 0 if vm.faults is None else faults_now - vm.faults
+        vm.faults = faults_now
+        vm.actual_bytes = actual
+        vm.stats = stats
+        vm.observed_bytes = demand_bytes(actual, r.memory_bytes, stats, new_faults)
+        if vm.pacer is None:
+            kw = {} if self._stall_timeout_s is None else {"stall_timeout_s": self._stall_timeout_s}
+            vm.pacer = GuestPacer.starting_at(actual, self._bounds_for(r), **kw)
+        vm.sampled = True
+        return GuestSample(
+            name=r.name,
+            allocated_bytes=actual,
+            balloon_bytes=r.memory_bytes - actual,
+            balloon_target_bytes=r.memory_bytes - vm.pacer.commanded_bytes,
+            active_bytes_observed=vm.observed_bytes,
+            free_bytes=stats.free_bytes,
+            major_faults=stats.major_faults or 0,
+            cooperative=vm.pacer.cooperative,
+        )
+
+    def _failed(self, vm: _Vm, exc: BaseException) -> None:
+        name = vm.record.name
+        if not isinstance(exc, BackendError):
+            raise exc  # a bug, not a guest failure
+        if isinstance(exc, FatalBackendError):
+            vm.broken = True
+            log.error("%s: %s; left alone", name, exc)
+            return
+        if vm.record.started_by_us and not vm.record.running():
+            self._forget(name, "QEMU exited")
+            return
+        # Transient: drop the connection and try a fresh one next period.
+        if vm.port is not None:
+            self._close_later(vm.port)
+            vm.port = None
+        log.warning("%s: %s; will reconnect", name, exc)
+
+    async def _apply(self, decision: Decision) -> None:
+        wanted = decision.by_name()
+        now = self._clock()
+        sends = []
+        for name, vm in self._vms.items():
+            target = wanted.get(name)
+            if target is None or not vm.sampled or vm.pacer is None or vm.port is None:
+                continue
+            available = vm.stats.available_bytes if vm.stats else None
+            next_bytes = vm.pacer.step(target.allocation_bytes, vm.actual_bytes, available, now)
+            if vm.sent and vm.sent[-1] == next_bytes:
+                continue
+            sends.append((vm, next_bytes))
+        results = await asyncio.gather(
+            *(vm.port.set_target(b) for vm, b in sends if vm.port is not None),
+            return_exceptions=True,
+        )
+        for (vm, sent), result in zip(sends, results, strict=True):
+            if isinstance(result, BaseException):
+                self._failed(vm, result)
+                continue
+            vm.sent.append(sent)
+            if self._on_target is not None:
+                self._on_target(vm.record.name, sent)
+
+
+__all__ = ["QemuHypervisor", "TransientBackendError", "VmPort", "demand_bytes", "qmp_port"]

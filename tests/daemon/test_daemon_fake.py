@@ -1,0 +1,177 @@
+"""The daemon over fake VM ports: failures are contained, targets are safe, restarts are
+gentle, config errors are one line. No QEMU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from balloonist.daemon.qemu_hv import demand_bytes
+from balloonist.daemon.service import Daemon, DaemonConfig, load_config
+from balloonist.errors import ConfigError, FatalBackendError, TransientBackendError
+from balloonist.host import HostMemInfo, parse_meminfo
+from balloonist.qemu.launcher import StateDir, VMRecord
+from balloonist.qemu.qmp import GuestStats
+from balloonist.units import GIB, MIB
+
+HOST = HostMemInfo(8 * GIB, 6 * GIB, 0, 0)
+
+
+@dataclass
+class FakeVm:
+    """A guest whose balloon follows its target at ``speed`` bytes per read."""
+
+    memory: int
+    actual: int
+    used: int = 100 * MIB
+    speed: int = 1 << 40
+    fail_next: int = 0
+    fatal: bool = False
+    target: int | None = None
+    connects: int = 0
+    targets: list[int] = field(default_factory=list)
+
+    async def connect(self) -> None:
+        self.connects += 1
+        if self.fail_next:
+            self.fail_next -= 1
+            raise TransientBackendError("socket not there")
+
+    async def close(self) -> None:
+        pass
+
+    async def set_target(self, guest_bytes: int) -> None:
+        self.target = guest_bytes
+        self.targets.append(guest_bytes)
+
+    async def actual_bytes(self) -> int:
+        if self.fatal:
+            raise FatalBackendError("fake: the VM has no balloon device")
+        if self.target is not None:
+            delta = self.target - self.actual
+            self.actual += max(-self.speed, min(self.speed, delta))
+        return self.actual
+
+    async def enable_stats(self, interval_s: int) -> None:
+        pass
+
+    async def guest_stats(self) -> GuestStats:
+        return GuestStats(
+            last_update_s=1,
+            total_bytes=self.memory,
+            available_bytes=max(0, self.actual - self.used),
+            major_faults=0,
+        )
+
+
+def record(
+    name: str, memory: int = 2 * GIB, lo: int = 256 * MIB, hi: int | None = None
+) -> VMRecord:
+    return VMRecord(
+        name=name,
+        memory_bytes=memory,
+        min_bytes=lo,
+        max_bytes=hi or memory,
+        shares=1000,
+        qmp_socket=f"/nonexistent/{name}.sock",
+        serial_log=None,
+        pid=None,
+        accel=None,
+        started_by_us=False,
+    )
+
+
+def make(tmp_path: Path, vms: dict[str, FakeVm], budget: str = "3GiB") -> Daemon:
+    state = StateDir(tmp_path)
+    for name, vm in vms.items():
+        state.save(record(name, vm.memory))
+    config = DaemonConfig.model_validate({"daemon": {"budget": budget}})
+    t = iter(range(10**6))
+    return Daemon(
+        config,
+        state,
+        clock=lambda: float(next(t)),
+        meminfo=lambda: HOST,
+        connector=lambda r: vms[r.name],
+    )
+
+
+def test_memory_moves_to_the_guest_that_uses_it_and_targets_stay_in_bounds(
+    tmp_path: Path,
+) -> None:
+    vms = {
+        "busy": FakeVm(2 * GIB, 2 * GIB, used=1800 * MIB),
+        "idle": FakeVm(2 * GIB, 2 * GIB, used=100 * MIB),
+    }
+    daemon = make(tmp_path, vms)
+    for _ in range(60):
+        daemon.step()
+    assert vms["busy"].actual > vms["idle"].actual + 512 * MIB
+    assert vms["busy"].actual + vms["idle"].actual <= 3 * GIB + 64 * MIB
+    for vm in vms.values():
+        assert all(256 * MIB <= t <= 2 * GIB for t in vm.targets)
+
+
+def test_a_restart_starts_from_where_the_guests_are(tmp_path: Path) -> None:
+    vms = {"a": FakeVm(2 * GIB, 1200 * MIB), "b": FakeVm(2 * GIB, 900 * MIB)}
+    daemon = make(tmp_path, vms, budget="2GiB")
+    daemon.step()
+    for vm in vms.values():
+        if vm.targets:  # a first inflation step is one paced step, not a jump
+            assert vm.targets[0] >= vm.actual - 16 * MIB or vm.targets[0] >= 900 * MIB
+
+
+def test_transient_failure_reconnects_and_fatal_leaves_the_others_managed(
+    tmp_path: Path,
+) -> None:
+    vms = {
+        "flaky": FakeVm(2 * GIB, 2 * GIB, fail_next=2),
+        "broken": FakeVm(2 * GIB, 2 * GIB, fatal=True),
+        "fine": FakeVm(2 * GIB, 2 * GIB),
+    }
+    daemon = make(tmp_path, vms, budget="4GiB")
+    for _ in range(10):
+        daemon.step()
+    assert vms["flaky"].connects == 3 and vms["flaky"].targets  # reconnected, then managed
+    assert not vms["broken"].targets
+    assert vms["fine"].targets
+
+
+def test_a_vm_removed_from_the_state_dir_is_dropped(tmp_path: Path) -> None:
+    vms = {"a": FakeVm(2 * GIB, 2 * GIB), "b": FakeVm(2 * GIB, 2 * GIB)}
+    daemon = make(tmp_path, vms)
+    daemon.step()
+    daemon.state.remove("a")
+    daemon.step()
+    assert daemon.hv.managed() == ["b"]
+
+
+def test_demand_counts_used_memory_and_pages_read_back() -> None:
+    stats = GuestStats(1, total_bytes=2 * GIB, available_bytes=1 * GIB)
+    # deflate-on-oom: total stays 2 GiB, the guest has 1.5 GiB; 0.5 GiB in use + 10 pages
+    assert demand_bytes(1536 * MIB, 2 * GIB, stats, new_faults=10) == 512 * MIB + 40960
+    assert demand_bytes(1536 * MIB, 2 * GIB, GuestStats(1), 0) is None
+
+
+def test_meminfo_is_parsed_in_bytes() -> None:
+    info = parse_meminfo("MemTotal: 1024 kB\nMemAvailable: 512 kB\nSwapTotal: 0 kB\n")
+    assert (info.total_bytes, info.available_bytes) == (1024 * 1024, 512 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('[daemon]\nbudget = "800"\n', "daemon.budget"),
+        ("[daemon]\nperiodd = 1\n", "daemon.periodd"),
+        ('[policy]\nname = "oracle"\n', "policy.name"),
+        ("[vms.web]\nmin = 5\n", "vms.web.min"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "host.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert where in str(err.value) and "host.toml" in str(err.value)

@@ -1,0 +1,91 @@
+"""Host-side pacing and the safety rules on every target (no QEMU)."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balloonist.daemon.pacing import HOST_RATE_LIMITS, Bounds, GuestPacer, safe_target
+from balloonist.units import MIB, PAGE_SIZE_BYTES
+
+BOUNDS = Bounds(min_bytes=128 * MIB, max_bytes=1024 * MIB, available_floor_bytes=64 * MIB)
+STEP0 = HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES
+GROW = HOST_RATE_LIMITS.increase_pages * PAGE_SIZE_BYTES
+
+
+def test_first_target_is_where_the_guest_is() -> None:
+    pacer = GuestPacer.starting_at(1024 * MIB, BOUNDS)
+    assert pacer.commanded_bytes == 1024 * MIB
+
+
+def test_inflation_moves_in_growing_steps_while_the_guest_keeps_up() -> None:
+    pacer = GuestPacer.starting_at(1024 * MIB, BOUNDS)
+    actual = 1024 * MIB
+    targets = []
+    for t in range(4):
+        target = pacer.step(256 * MIB, actual, available_bytes=None, now_s=float(t))
+        targets.append(target)
+        actual = target  # the guest reaches every step
+    steps = [1024 * MIB - targets[0]] + [a - b for a, b in itertools.pairwise(targets)]
+    assert steps == [STEP0, STEP0 + GROW, STEP0 + 2 * GROW, STEP0 + 3 * GROW]
+
+
+def test_a_guest_that_falls_behind_gets_smaller_steps_then_is_uncooperative() -> None:
+    pacer = GuestPacer.starting_at(1024 * MIB, BOUNDS, stall_timeout_s=5.0)
+    actual = 1024 * MIB
+    for t in range(3):  # keeps up, the rate grows
+        actual = pacer.step(256 * MIB, actual, None, float(t))
+    grown = pacer.rate.rate_pages
+    stuck = actual
+    for t in range(3, 12):  # the balloon stops moving
+        pacer.step(256 * MIB, stuck, None, float(t))
+    assert pacer.rate.rate_pages < grown
+    assert not pacer.cooperative
+    # not counted on: held where it is, and it stays uncooperative
+    for t in range(12, 14):
+        assert pacer.step(256 * MIB, stuck, None, float(t)) == stuck
+        assert not pacer.cooperative
+    # one stall timeout later it is probed with the smallest step; reaching it counts
+    probe = pacer.step(256 * MIB, stuck, None, 20.0)
+    assert stuck - probe == HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES
+    pacer.step(256 * MIB, probe, None, 21.0)
+    assert pacer.cooperative
+
+
+def test_deflation_is_not_paced() -> None:
+    pacer = GuestPacer.starting_at(256 * MIB, BOUNDS)
+    assert pacer.step(1024 * MIB, 256 * MIB, None, 0.0) == 1024 * MIB
+
+
+def test_never_below_the_available_floor() -> None:
+    # the guest has 100 MiB available: at most 36 MiB may go
+    assert safe_target(128 * MIB, 512 * MIB, 100 * MIB, BOUNDS) == 476 * MIB
+
+
+@given(
+    wanted=st.integers(0, 4096 * MIB),
+    actual=st.integers(0, 1024 * MIB),
+    available=st.none() | st.integers(0, 1024 * MIB),
+    lo=st.integers(0, 512),
+    hi=st.integers(512, 1024),
+)
+def test_safe_targets_stay_within_min_and_max(
+    wanted: int, actual: int, available: int | None, lo: int, hi: int
+) -> None:
+    bounds = Bounds(lo * MIB, hi * MIB)
+    target = safe_target(wanted, actual, available, bounds)
+    assert bounds.min_bytes <= target <= bounds.max_bytes
+    assert target % PAGE_SIZE_BYTES == 0
+    # the floor gives way only to min and max (a guest above its max is brought down)
+    if available is not None and target < actual and bounds.min_bytes < target < bounds.max_bytes:
+        assert actual - target <= max(0, available - bounds.available_floor_bytes) + PAGE_SIZE_BYTES
+
+
+@given(st.lists(st.tuples(st.integers(0, 2048), st.integers(0, 1024)), min_size=1, max_size=40))
+def test_every_paced_target_is_safe(moves: list[tuple[int, int]]) -> None:
+    pacer = GuestPacer.starting_at(1024 * MIB, BOUNDS)
+    for t, (wanted_mib, actual_mib) in enumerate(moves):
+        target = pacer.step(wanted_mib * MIB, actual_mib * MIB, None, float(t))
+        assert BOUNDS.min_bytes <= target <= BOUNDS.max_bytes

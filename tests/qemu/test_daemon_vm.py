@@ -1,0 +1,93 @@
+"""The host daemon over real guests under TCG (``vm``).
+
+Two 512 MiB guests share an 800 MiB budget. "busy" grows its working set from 50 to
+380 MiB at 60 s (after the daemon has settled); "idle" uses 20 MiB. The daemon must move memory from idle to busy,
+never send a target outside [min, max], and keep managing busy after idle's QEMU is
+killed.
+
+Thresholds:
+- MOVE_BYTES: 64 MiB, well above the 4 MiB the pacing treats as noise and well below
+  the ~110 MiB that moved in a hand-run of the same set-up.
+- DEADLINE_S: the move took about 15 s after busy grew, by hand, under TCG; 90 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from balloonist.daemon.service import Daemon, DaemonConfig
+from balloonist.qemu import launcher
+from balloonist.qemu.assets import GuestAssets
+from balloonist.units import MIB
+
+from .conftest import boot
+
+pytestmark = pytest.mark.vm
+
+MOVE_BYTES = 64 * MIB
+DEADLINE_S = 90.0
+MIN_BYTES = 128 * MIB
+
+
+def _actual(daemon: Daemon, name: str) -> int:
+    return daemon.hv._vms[name].actual_bytes
+
+
+def test_memory_follows_demand_targets_stay_in_bounds_and_a_dead_vm_is_dropped(
+    state: launcher.StateDir, guest_assets: GuestAssets
+) -> None:
+    boot(state, guest_assets, "busy", work="50@0,380@60", min_bytes=MIN_BYTES)
+    boot(state, guest_assets, "idle", work="20@0", min_bytes=MIN_BYTES)
+    sent: list[tuple[str, int]] = []
+    config = DaemonConfig.model_validate({"daemon": {"budget": "800MiB"}})
+    daemon = Daemon(config, state, on_target=lambda name, b: sent.append((name, b)))
+
+    def run_until(condition: object, deadline_s: float) -> bool:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            started = time.monotonic()
+            daemon.step()
+            if callable(condition) and condition():
+                return True
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+        return False
+
+    try:
+        # settle: the budget is shared, both guests get ballooned down
+        assert run_until(lambda: _actual(daemon, "busy") < 480 * MIB, 25)
+        run_until(None, 5)
+        busy0, idle0 = _actual(daemon, "busy"), _actual(daemon, "idle")
+        assert busy0 < 480 * MIB and idle0 < 480 * MIB  # busy has not grown yet
+        moved = run_until(
+            lambda: (
+                _actual(daemon, "busy") >= busy0 + MOVE_BYTES
+                and _actual(daemon, "idle") <= idle0 - MOVE_BYTES
+            ),
+            DEADLINE_S,
+        )
+        assert moved, (busy0, idle0, _actual(daemon, "busy"), _actual(daemon, "idle"))
+        assert sent and all(MIN_BYTES <= b <= 512 * MIB for _, b in sent)
+
+        idle = state.load("idle")
+        assert idle.pid is not None
+        os.kill(idle.pid, signal.SIGKILL)
+        assert run_until(lambda: daemon.hv.managed() == ["busy"], 30)
+        before = len(daemon.hv.sent_targets("busy"))
+        daemon.step()
+        assert daemon.hv.managed() == ["busy"]
+        assert len(daemon.hv.sent_targets("busy")) >= before  # still served, no crash
+    finally:
+        daemon.hv.close()
+
+
+def test_the_cli_daemon_refuses_a_bad_config(tmp_path: Path) -> None:
+    from balloonist.cli import main
+
+    bad = tmp_path / "host.toml"
+    bad.write_text('[daemon]\nbudget = "800"\n')
+    assert main(["daemon", "--config", str(bad), "--state-dir", str(tmp_path)]) == 2
