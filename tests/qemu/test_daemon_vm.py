@@ -1,9 +1,9 @@
 """The host daemon over real guests under TCG (``vm``).
 
 Two 512 MiB guests share an 800 MiB budget. "busy" grows its working set from 50 to
-380 MiB at 60 s (after the daemon has settled); "idle" uses 20 MiB. The daemon must move memory from idle to busy,
-never send a target outside [min, max], and keep managing busy after idle's QEMU is
-killed.
+380 MiB at 60 s (after the daemon has settled); "idle" uses 20 MiB. The daemon must
+move memory from idle to busy, never send a target outside [min, max], and keep
+managing busy after idle's QEMU is killed.
 
 Thresholds:
 - MOVE_BYTES: 64 MiB, well above the 4 MiB the pacing treats as noise and well below
