@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 GUEST_ASSETS := .cache/guest
 
-.PHONY: demo test lint typecheck unit bench experiments clean vm-deps guest-assets
+.PHONY: demo demo-vm test lint typecheck unit bench bench-vm experiments clean vm-deps guest-assets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/balloonist demo
+
+# Three real QEMU guests under the daemon (needs root for the set-up, like the vm tests).
+demo-vm: $(STAMP) guest-assets
+	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/balloonist demo-vm
 
 test: lint typecheck unit
 
@@ -47,6 +51,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py
 	$(BIN)/python benchmarks/bench_policy.py
 	$(BIN)/python benchmarks/bench_memory.py
+
+bench-vm: $(STAMP) guest-assets
+	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_reclaim.py
+	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_fidelity.py
+	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_daemon_overhead.py
 
 experiments: $(STAMP)
 	$(BIN)/python -m balloonist.experiments docs/experiments

@@ -35,7 +35,7 @@ MIN_BYTES = 128 * MIB
 
 
 def _actual(daemon: Daemon, name: str) -> int:
-    return daemon.hv._vms[name].actual_bytes
+    return daemon.hv.actual_bytes(name) or 0
 
 
 def test_memory_follows_demand_targets_stay_in_bounds_and_a_dead_vm_is_dropped(

@@ -9,12 +9,16 @@ working-set observation is built from what virtio-balloon reports:
 
     used      = min(total, actual) - available
     pressure  = (major faults + swap-ins since the last period) x page size
-    observed  = used + pressure, within [0, memory]
+    shortfall = available floor - available, if positive
+    observed  = used + pressure + shortfall, within [0, memory]
 
 ``min(total, actual)``: with ``deflate-on-oom`` Linux keeps ballooned pages in its
 total and takes them out of "available", without it the total shrinks; either way the
 minimum is what the guest has to work with. Pages the guest had to read back in were
-needed and not resident, so they count as demand beyond what it uses now.
+needed and not resident, so they count as demand beyond what it uses now. A guest
+below its available floor is about to reclaim hard, or, without swap, to OOM-kill:
+what it lacks of the floor is demand too. Without these two terms a guest could never
+look bigger than what it already holds.
 
 **Failures.** A VM whose QEMU has exited is dropped with one log line; one whose
 socket does not answer is retried every period (reconnecting) and left out of the
@@ -83,14 +87,19 @@ class _Vm:
 
 
 def demand_bytes(
-    actual_bytes: int, memory_bytes: int, stats: GuestStats | None, new_faults: int
+    actual_bytes: int,
+    memory_bytes: int,
+    stats: GuestStats | None,
+    new_faults: int,
+    floor_bytes: int = 0,
 ) -> int | None:
     """The working-set observation from guest statistics (see the module docstring)."""
     if stats is None or stats.total_bytes is None or stats.available_bytes is None:
         return None
     used = max(0, min(stats.total_bytes, actual_bytes) - stats.available_bytes)
     pressure = max(0, new_faults) * PAGE_SIZE_BYTES
-    return min(memory_bytes, used + pressure)
+    shortfall = max(0, floor_bytes - stats.available_bytes)
+    return min(memory_bytes, used + pressure + shortfall)
 
 
 class QemuHypervisor:
@@ -142,6 +151,11 @@ class QemuHypervisor:
 
     def managed(self) -> list[str]:
         return sorted(self._vms)
+
+    def actual_bytes(self, name: str) -> int | None:
+        """The guest's size at its last sample, or None if it is not managed."""
+        vm = self._vms.get(name)
+        return vm.actual_bytes if vm is not None and vm.sampled else None
 
     def sent_targets(self, name: str) -> list[int]:
         return list(self._vms[name].sent)
@@ -218,7 +232,8 @@ class QemuHypervisor:
         vm.faults = faults_now
         vm.actual_bytes = actual
         vm.stats = stats
-        vm.observed_bytes = demand_bytes(actual, r.memory_bytes, stats, new_faults)
+        floor = self._bounds_for(r).available_floor_bytes
+        vm.observed_bytes = demand_bytes(actual, r.memory_bytes, stats, new_faults, floor)
         if vm.pacer is None:
             kw = {} if self._stall_timeout_s is None else {"stall_timeout_s": self._stall_timeout_s}
             vm.pacer = GuestPacer.starting_at(actual, self._bounds_for(r), **kw)
@@ -260,7 +275,22 @@ class QemuHypervisor:
             if target is None or not vm.sampled or vm.pacer is None or vm.port is None:
                 continue
             available = vm.stats.available_bytes if vm.stats else None
-            next_bytes = vm.pacer.step(target.allocation_bytes, vm.actual_bytes, available, now)
+            # The balloon register, exactly as the simulated driver reads it: it carries
+            # the policy's per-state rules (no reclamation while the host is HIGH).
+            wanted_bytes = (
+                vm.record.memory_bytes - target.balloon_bytes
+                if decision.mechanisms.balloon
+                else vm.actual_bytes
+            )
+            next_bytes = vm.pacer.step(wanted_bytes, vm.actual_bytes, available, now)
+            log.debug(
+                "%s: actual %s, observed %s, policy %s, sending %s",
+                name,
+                format_size(vm.actual_bytes),
+                format_size(vm.observed_bytes or 0),
+                format_size(wanted_bytes),
+                format_size(next_bytes),
+            )
             if vm.sent and vm.sent[-1] == next_bytes:
                 continue
             sends.append((vm, next_bytes))

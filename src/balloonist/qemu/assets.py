@@ -45,7 +45,7 @@ KERNEL_META_PACKAGE: Final = "linux-image-amd64"
 BUSYBOX_PACKAGE: Final = "busybox-static"
 MANIFEST: Final = "assets.json"
 #: Bump when the initramfs contents change, so old caches are rebuilt.
-ASSETS_FORMAT: Final = 1
+ASSETS_FORMAT: Final = 2
 
 Progress = Callable[[str], None]
 

@@ -61,7 +61,8 @@ int main(int argc, char **argv)
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	double start = now_s(), last_report = start;
-	size_t resident = 0, pos = 0;
+	size_t resident = 0, pos = 0, grow_base = 0;
+	double grow_since = -1;
 	unsigned long written = 0;
 	unsigned char value = 1;
 	for (;;) {
@@ -71,13 +72,17 @@ int main(int argc, char **argv)
 			if (t >= at_s[i])
 				want_mib = ws_mib[i];
 		size_t want = (size_t)want_mib * 256;
-		if (grow > 0) {
-			/* fault the working set in no faster than GROW_MIB_PER_S */
-			size_t allowed = (size_t)(grow * 256 * t);
-			if (want > allowed && allowed > resident)
+		if (want > resident && grow > 0) {
+			/* fault a larger working set in at GROW_MIB_PER_S from when it began */
+			if (grow_since < 0) {
+				grow_since = t;
+				grow_base = resident;
+			}
+			size_t allowed = grow_base + (size_t)(grow * 256 * (t - grow_since));
+			if (want > allowed)
 				want = allowed;
-			else if (want > resident && allowed <= resident)
-				want = resident;
+		} else if (want <= resident) {
+			grow_since = -1;
 		}
 		if (want < resident) {
 			madvise(mem + want * PAGE, (resident - want) * PAGE, MADV_DONTNEED);

@@ -1,0 +1,77 @@
+"""Shared set-up of the real-VM benchmarks: guest assets, booting, serial parsing."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from balloonist.qemu import launcher
+from balloonist.qemu.assets import GuestAssets, default_cache_dir, ensure_guest_assets
+from balloonist.units import MIB
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Accelerator for the benchmark guests: KVM where it works, else TCG (as on CI).
+ACCEL: launcher.Accel = os.environ.get("BALLOONIST_ACCEL", "auto")  # type: ignore[assignment]
+
+
+def assets() -> GuestAssets:
+    cache = Path(os.environ.get("BALLOONIST_GUEST_ASSETS", ROOT / ".cache" / "guest"))
+    if not cache.exists():
+        cache = default_cache_dir()
+    return ensure_guest_assets(cache, progress=print)
+
+
+def state_dir() -> launcher.StateDir:
+    # unix socket paths must stay short
+    return launcher.StateDir(Path(tempfile.mkdtemp(prefix="bn-bench-", dir="/tmp")))
+
+
+def boot(
+    state: launcher.StateDir, name: str, memory_mib: int, work: str | None = None
+) -> launcher.VMRecord:
+    a = assets()
+    append = "quiet" + (f" balloonist.work={work}" if work else "")
+    record = launcher.start_vm(
+        state,
+        launcher.StartRequest(
+            name=name,
+            memory_bytes=memory_mib * MIB,
+            accel=ACCEL,
+            kernel=a.kernel,
+            initrd=a.initrd,
+            append=append,
+        ),
+    )
+    wait_line(record, "BALLOONIST-READY", 120.0)
+    return record
+
+
+def lines(record: launcher.VMRecord) -> list[str]:
+    assert record.serial_log is not None
+    return Path(record.serial_log).read_text(errors="replace").splitlines()
+
+
+def wait_line(record: launcher.VMRecord, pattern: str, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if any(re.search(pattern, line) for line in lines(record)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{record.name}: no {pattern!r} on the serial console")
+
+
+def work_rates(record: launcher.VMRecord) -> list[int]:
+    """pages_per_s of every BALLOONIST-WORK line so far."""
+    return [
+        int(m.group(1))
+        for line in lines(record)
+        if (m := re.search(r"BALLOONIST-WORK .*pages_per_s=(\d+)", line))
+    ]
+
+
+def stop_all(state: launcher.StateDir) -> None:
+    for name in state.names():
+        launcher.stop_vm(state, name)
