@@ -29,3 +29,20 @@ def test_bad_input_is_one_line_and_exit_2(
     assert err.count("\n") == 1 and err.startswith("balloonist: error: ")
     assert expected in err
     assert not (tmp_path / "vms").exists() or not any((tmp_path / "vms").iterdir())
+
+
+def test_demo_vm_refuses_a_bad_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo-vm", "--duration", "5"]) == 2
+    assert "--duration" in capsys.readouterr().err
+
+
+def test_demo_vm_plot_is_written(tmp_path: Path) -> None:
+    from balloonist.vmdemo import _plot, _Trace
+
+    trace = _Trace(
+        time_s=[0.0, 1.0, 2.0],
+        actual={"busy": [384.0, 300.0, 320.0], "quiet": [384.0, 200.0, 180.0]},
+        rate={"busy": [0.0, 1e7, 2e7], "quiet": [0.0, 3e7, 3e7]},
+    )
+    path = _plot(trace, tmp_path / "demo-vm.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
