@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -75,3 +76,4 @@ def work_rates(record: launcher.VMRecord) -> list[int]:
 def stop_all(state: launcher.StateDir) -> None:
     for name in state.names():
         launcher.stop_vm(state, name)
+    shutil.rmtree(state.root, ignore_errors=True)
