@@ -33,19 +33,8 @@ def state_dir() -> launcher.StateDir:
 def boot(
     state: launcher.StateDir, name: str, memory_mib: int, work: str | None = None
 ) -> launcher.VMRecord:
-    a = assets()
-    append = "quiet" + (f" balloonist.work={work}" if work else "")
-    record = launcher.start_vm(
-        state,
-        launcher.StartRequest(
-            name=name,
-            memory_bytes=memory_mib * MIB,
-            accel=ACCEL,
-            kernel=a.kernel,
-            initrd=a.initrd,
-            append=append,
-        ),
-    )
+    request = assets().start_request(name, memory_mib * MIB, work=work, accel=ACCEL)
+    record = launcher.start_vm(state, request)
     wait_line(record, "BALLOONIST-READY", 120.0)
     return record
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -66,16 +67,11 @@ def run_vm_demo(
             print(f"booting {name} ({accel}) ...", file=stdout, flush=True)
             launcher.start_vm(
                 state,
-                launcher.StartRequest(
-                    name=name,
-                    memory_bytes=GUEST_MIB * MIB,
+                assets.start_request(
+                    name, GUEST_MIB * MIB, work=work, grow_mib_s=grow, accel=accel,
                     min_bytes=64 * MIB,
-                    accel=accel,
-                    kernel=assets.kernel,
-                    initrd=assets.initrd,
-                    append=f"quiet balloonist.work={work} balloonist.grow={grow}",
                 ),
-            )
+            )  # fmt: skip
         daemon = Daemon(DaemonConfig.model_validate({"daemon": {"budget": BUDGET}}), state)
         records = {name: state.load(name) for name, _, _ in GUESTS}
         start = time.monotonic()
@@ -94,6 +90,7 @@ def run_vm_demo(
     finally:
         for name in state.names():
             launcher.stop_vm(state, name)
+        shutil.rmtree(state.root, ignore_errors=True)
     return _plot(trace, out / "demo-vm.png")
 
 

@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,20 +69,12 @@ def boot(
     *,
     memory_mib: int = 512,
     work: str | None = None,
-    **request: object,
+    **request: Any,
 ) -> launcher.VMRecord:
-    append = "quiet" + (f" balloonist.work={work}" if work else "")
     record = launcher.start_vm(
         state,
-        launcher.StartRequest(
-            name=name,
-            memory_bytes=memory_mib * MIB,
-            accel="tcg",  # nested KVM hangs on the CI machines; see docs/vms.md
-            kernel=assets.kernel,
-            initrd=assets.initrd,
-            append=append,
-            **request,  # type: ignore[arg-type]
-        ),
+        # nested KVM hangs on the CI machines; see docs/vms.md
+        assets.start_request(name, memory_mib * MIB, work=work, accel="tcg", **request),
     )
     wait_for_line(record, "BALLOONIST-READY", BOOT_TIMEOUT_S)
     return record

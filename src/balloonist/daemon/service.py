@@ -28,14 +28,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
+from balloonist.config import Strict, check_size, read_toml, validate
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds
 from balloonist.daemon.qemu_hv import QemuHypervisor, VmPort, qmp_port
 from balloonist.errors import BalloonistError, ConfigError
@@ -55,22 +54,7 @@ MIN_RESERVE_BYTES = 512 * MIB
 RESERVE_FRACTION = 0.10
 
 
-def _size(value: Any) -> Any:
-    if value is not None:
-        if not isinstance(value, str):
-            raise ValueError(f'sizes are strings with a unit, like "512MiB"; got {value!r}')
-        try:
-            parse_size_bytes(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DaemonTable(_Strict):
+class DaemonTable(Strict):
     period_s: float = Field(default=1.0, gt=0, le=3600)
     budget: str | None = None
     reserve: str | None = None
@@ -78,11 +62,11 @@ class DaemonTable(_Strict):
     stall_timeout_s: float = Field(default=DEFAULT_STALL_TIMEOUT_S, gt=0)
 
     _sizes = field_validator("budget", "reserve", "available_floor")(
-        classmethod(lambda cls, v: _size(v))
+        classmethod(lambda cls, v: check_size(v))
     )
 
 
-class PolicyTable(_Strict):
+class PolicyTable(Strict):
     name: str = "shares"
     tax_rate: float = Field(default=0.75, ge=0.0, lt=1.0)
 
@@ -94,39 +78,24 @@ class PolicyTable(_Strict):
         return v
 
 
-class VmTable(_Strict):
+class VmTable(Strict):
     min: str | None = None
     max: str | None = None
     shares: int | None = Field(default=None, gt=0)
 
-    _sizes = field_validator("min", "max")(classmethod(lambda cls, v: _size(v)))
+    _sizes = field_validator("min", "max")(classmethod(lambda cls, v: check_size(v)))
 
 
-class DaemonConfig(_Strict):
+class DaemonConfig(Strict):
     daemon: DaemonTable = DaemonTable()
     policy: PolicyTable = PolicyTable()
-    vms: dict[str, VmTable] = {}
+    vms: dict[str, VmTable] = Field(default_factory=dict)
 
 
 def load_config(path: Path | None) -> DaemonConfig:
     if path is None:
         return DaemonConfig()
-    where = str(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("no such file", where=where) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read: {exc}", where=where) from None
-    try:
-        return DaemonConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(
-            str(message).removeprefix("Value error, "), where=f"{where}: {key}"
-        ) from None
+    return validate(DaemonConfig, read_toml(path), where=str(path))
 
 
 def budget_bytes(config: DaemonConfig, host: HostMemInfo) -> int:

@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from balloonist.errors import BalloonistError
+from balloonist.qemu.launcher import Accel, StartRequest
 
 #: The modules the guests need, in load order (each depends on those before it).
 GUEST_MODULES: Final = (
@@ -59,6 +60,30 @@ class GuestAssets:
     kernel: Path
     initrd: Path
     kernel_version: str
+
+    def start_request(
+        self,
+        name: str,
+        memory_bytes: int,
+        *,
+        work: str | None = None,
+        grow_mib_s: float = 0.0,
+        accel: Accel = "auto",
+        **request: Any,
+    ) -> StartRequest:
+        """A request to boot the test guest, running ``touchmem WORK GROW`` if given."""
+        append = "quiet"
+        if work:
+            append += f" balloonist.work={work} balloonist.grow={grow_mib_s:g}"
+        return StartRequest(
+            name=name,
+            memory_bytes=memory_bytes,
+            accel=accel,
+            kernel=self.kernel,
+            initrd=self.initrd,
+            append=append,
+            **request,
+        )
 
 
 def default_cache_dir() -> Path:

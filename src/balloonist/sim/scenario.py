@@ -8,14 +8,14 @@ The file format is documented in ``docs/scenarios.md``. Every problem is reporte
 from __future__ import annotations
 
 import enum
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from balloonist.errors import ConfigError, SizeError
+from balloonist.config import Strict, check_size, read_toml, validate
+from balloonist.errors import ConfigError
 from balloonist.model import GuestSpec
 from balloonist.policy.workingset import EstimatorParams
 from balloonist.rate import RateLimits
@@ -43,27 +43,14 @@ class Replacement(enum.IntEnum):
 # The file schema (pydantic). Unknown keys are errors everywhere.
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(f'sizes are strings with a unit, like "512MiB"; got {value!r}')
-    try:
-        return parse_size_bytes(value)
-    except SizeError as exc:  # pydantic only turns ValueError into a located error
-        raise ValueError(exc.message) from None
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HostTable(_Strict):
+class HostTable(Strict):
     memory: str
     swap: str = "0B"
 
-    _sizes = field_validator("memory", "swap")(classmethod(lambda cls, v: _check_size(v)))
+    _sizes = field_validator("memory", "swap")(classmethod(lambda cls, v: check_size(v)))
 
 
-class SimTable(_Strict):
+class SimTable(Strict):
     duration_s: float = Field(default=120.0, gt=0, le=86400)
     period_s: float = Field(default=1.0, gt=0, le=3600)
     seed: int = Field(default=1, ge=0, lt=2**63)
@@ -72,7 +59,7 @@ class SimTable(_Strict):
     slices_per_period: int = Field(default=4, ge=1, le=100)
 
 
-class PolicyTable(_Strict):
+class PolicyTable(Strict):
     name: str = "shares"
     tax_rate: float = Field(default=0.75, ge=0.0, lt=1.0)
     ws_fast_halflife_s: float = Field(default=5.0, gt=0)
@@ -86,16 +73,16 @@ class PolicyTable(_Strict):
         return v
 
 
-class RateTable(_Strict):
+class RateTable(Strict):
     min: str = "4MiB"
     max: str = "1GiB"
     increase: str = "16MiB"
     divisor: float = Field(default=2.0, gt=1.0)
 
-    _sizes = field_validator("min", "max", "increase")(classmethod(lambda cls, v: _check_size(v)))
+    _sizes = field_validator("min", "max", "increase")(classmethod(lambda cls, v: check_size(v)))
 
 
-class CostsTable(_Strict):
+class CostsTable(Strict):
     """Simulated seconds each event costs the guest that suffers it."""
 
     reference_s: float = Field(default=1e-6, gt=0)
@@ -108,7 +95,7 @@ class CostsTable(_Strict):
     balloon_page_s: float = Field(default=0.5e-6, ge=0)
 
 
-class WorkloadTable(_Strict):
+class WorkloadTable(Strict):
     kind: Literal["idle", "uniform", "zipf", "scan", "phases"] | str
     working_set: str | None = None
     skew: float = Field(default=1.0, gt=0, le=5)
@@ -125,15 +112,15 @@ class WorkloadTable(_Strict):
             )
         return v
 
-    _sizes = field_validator("working_set", "offset")(classmethod(lambda cls, v: _check_size(v)))
+    _sizes = field_validator("working_set", "offset")(classmethod(lambda cls, v: check_size(v)))
 
 
-class PhaseTable(_Strict):
+class PhaseTable(Strict):
     at_s: float = Field(ge=0)
     workload: WorkloadTable
 
 
-class GuestTable(_Strict):
+class GuestTable(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     memory: str
     min: str = "0B"
@@ -146,14 +133,14 @@ class GuestTable(_Strict):
     workload: WorkloadTable
 
     _sizes = field_validator("memory", "min", "max", "kernel", "swap")(
-        classmethod(lambda cls, v: _check_size(v))
+        classmethod(lambda cls, v: check_size(v))
     )
 
 
 WorkloadTable.model_rebuild()
 
 
-class ScenarioFile(_Strict):
+class ScenarioFile(Strict):
     name: str | None = None
     description: str = ""
     host: HostTable
@@ -162,13 +149,6 @@ class ScenarioFile(_Strict):
     rate: RateTable = RateTable()
     costs: CostsTable = CostsTable()
     guests: list[GuestTable] = Field(min_length=1, max_length=10_000)
-
-
-def _check_size(value: Any) -> Any:
-    """Field validator: reject anything that is not a size string with a unit."""
-    if value is not None:
-        _size(value)
-    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,49 +210,12 @@ class Scenario:
 
 def load_scenario(path: Path) -> Scenario:
     """Read and validate a scenario file; any problem is one ``ConfigError``."""
-    where = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such file", where=where) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read: {exc}", where=where) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"not valid TOML: {exc}", where=where) from None
-    return scenario_from_dict(data, where=where, default_name=path.stem)
+    return scenario_from_dict(read_toml(path), where=str(path), default_name=path.stem)
 
 
 def scenario_from_dict(data: dict[str, Any], *, where: str, default_name: str) -> Scenario:
-    try:
-        raw = ScenarioFile.model_validate(data)
-    except ValidationError as exc:
-        raise _config_error(exc, where) from None
+    raw = validate(ScenarioFile, data, where=where)
     return _build(raw, where, default_name)
-
-
-def _config_error(exc: ValidationError, where: str) -> ConfigError:
-    err = exc.errors()[0]
-    key = _format_loc(err["loc"])
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        message = "unknown key"
-    elif kind == "missing":
-        message = "required key is missing"
-    else:
-        message = str(err["msg"]).removeprefix("Value error, ")
-    return ConfigError(message, where=f"{where}: {key}" if key else where)
-
-
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out
 
 
 def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
