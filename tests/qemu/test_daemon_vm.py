@@ -1,14 +1,17 @@
 """The host daemon over real guests under TCG (``vm``).
 
 Two 512 MiB guests share an 800 MiB budget. "busy" grows its working set from 50 to
-380 MiB at 60 s (after the daemon has settled); "idle" uses 20 MiB. The daemon must
-move memory from idle to busy, never send a target outside [min, max], and keep
-managing busy after idle's QEMU is killed.
+380 MiB at 60 s (after the daemon has settled) and drops back to 50 MiB at 110 s;
+"idle" uses 20 MiB. The daemon must move memory from idle to busy, give it back once
+busy idles, never send a target outside [min, max], and keep managing busy after
+idle's QEMU is killed.
 
 Thresholds:
 - MOVE_BYTES: 64 MiB, well above the 4 MiB the pacing treats as noise and well below
   the ~110 MiB that moved in a hand-run of the same set-up.
 - DEADLINE_S: the move took about 15 s after busy grew, by hand, under TCG; 90 s.
+- RETURN_DEADLINE_S: giving memory back waits for the slow working-set average
+  (30 s half-life) to come down; 150 s.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ pytestmark = pytest.mark.vm
 MOVE_BYTES = 64 * MIB
 DEADLINE_S = 90.0
 MIN_BYTES = 128 * MIB
+RETURN_DEADLINE_S = 150.0
 
 
 def _actual(daemon: Daemon, name: str) -> int:
@@ -41,7 +45,7 @@ def _actual(daemon: Daemon, name: str) -> int:
 def test_memory_follows_demand_targets_stay_in_bounds_and_a_dead_vm_is_dropped(
     state: launcher.StateDir, guest_assets: GuestAssets
 ) -> None:
-    boot(state, guest_assets, "busy", work="50@0,380@60", min_bytes=MIN_BYTES)
+    boot(state, guest_assets, "busy", work="50@0,380@60,50@110", min_bytes=MIN_BYTES)
     boot(state, guest_assets, "idle", work="20@0", min_bytes=MIN_BYTES)
     sent: list[tuple[str, int]] = []
     config = DaemonConfig.model_validate({"daemon": {"budget": "800MiB"}})
@@ -71,6 +75,15 @@ def test_memory_follows_demand_targets_stay_in_bounds_and_a_dead_vm_is_dropped(
             DEADLINE_S,
         )
         assert moved, (busy0, idle0, _actual(daemon, "busy"), _actual(daemon, "idle"))
+        busy_peak, idle_low = _actual(daemon, "busy"), _actual(daemon, "idle")
+        returned = run_until(
+            lambda: (
+                _actual(daemon, "busy") <= busy_peak - MOVE_BYTES
+                and _actual(daemon, "idle") >= idle_low + MOVE_BYTES
+            ),
+            RETURN_DEADLINE_S,
+        )
+        assert returned, (busy_peak, idle_low, _actual(daemon, "busy"), _actual(daemon, "idle"))
         assert sent and all(MIN_BYTES <= b <= 512 * MIB for _, b in sent)
 
         idle = state.load("idle")
