@@ -72,6 +72,9 @@ class Scheduler:
         return self._state
 
     def collect(self) -> Snapshot:
+        # Guests first: a backend may derive the host's free memory from what the guests
+        # hold now (the QEMU daemon does), so both must describe the same moment.
+        samples = {s.name: s for s in self._hv.sample_guests()}
         reading = self._hv.read_host()
         self._state = next_host_state(
             self._state, reading.free_bytes / reading.memory_bytes, self._thresholds
@@ -84,7 +87,6 @@ class Scheduler:
             swap_used_bytes=reading.swap_used_bytes,
             state=self._state,
         )
-        samples = {s.name: s for s in self._hv.sample_guests()}
         views: list[GuestView] = []
         for spec in self._hv.specs():
             sample = samples.get(spec.name)
