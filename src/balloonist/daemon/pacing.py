@@ -81,9 +81,14 @@ class GuestPacer:
     _probed_at_s: float = float("-inf")
 
     @classmethod
-    def starting_at(cls, actual_bytes: int, bounds: Bounds, **kw: float) -> GuestPacer:
+    def starting_at(
+        cls,
+        actual_bytes: int,
+        bounds: Bounds,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    ) -> GuestPacer:
         """Rule 3: begin where the guest is, so a (re)start moves nothing."""
-        return cls(bounds=bounds, commanded_bytes=actual_bytes, **kw)  # type: ignore[arg-type]
+        return cls(bounds=bounds, commanded_bytes=actual_bytes, stall_timeout_s=stall_timeout_s)
 
     def step(
         self, wanted_bytes: int, actual_bytes: int, available_bytes: int | None, now_s: float

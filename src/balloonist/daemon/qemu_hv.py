@@ -36,8 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from balloonist.daemon.pacing import Bounds, GuestPacer
-from balloonist.errors import BackendError, FatalBackendError, TransientBackendError
+from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds, GuestPacer
+from balloonist.errors import BackendError, FatalBackendError
 from balloonist.host import HostMemInfo
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading
 from balloonist.qemu.launcher import VMRecord
@@ -112,7 +112,7 @@ class QemuHypervisor:
         clock: Callable[[], float],
         connector: Callable[[VMRecord], VmPort] = qmp_port,
         bounds_for: Callable[[VMRecord], Bounds] | None = None,
-        stall_timeout_s: float | None = None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         on_target: Callable[[str, int], None] | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes
@@ -232,11 +232,12 @@ class QemuHypervisor:
         vm.faults = faults_now
         vm.actual_bytes = actual
         vm.stats = stats
-        floor = self._bounds_for(r).available_floor_bytes
-        vm.observed_bytes = demand_bytes(actual, r.memory_bytes, stats, new_faults, floor)
+        bounds = self._bounds_for(r)
+        vm.observed_bytes = demand_bytes(
+            actual, r.memory_bytes, stats, new_faults, bounds.available_floor_bytes
+        )
         if vm.pacer is None:
-            kw = {} if self._stall_timeout_s is None else {"stall_timeout_s": self._stall_timeout_s}
-            vm.pacer = GuestPacer.starting_at(actual, self._bounds_for(r), **kw)
+            vm.pacer = GuestPacer.starting_at(actual, bounds, self._stall_timeout_s)
         vm.sampled = True
         return GuestSample(
             name=r.name,
@@ -307,4 +308,4 @@ class QemuHypervisor:
                 self._on_target(vm.record.name, sent)
 
 
-__all__ = ["QemuHypervisor", "TransientBackendError", "VmPort", "demand_bytes", "qmp_port"]
+__all__ = ["QemuHypervisor", "VmPort", "demand_bytes", "qmp_port"]
