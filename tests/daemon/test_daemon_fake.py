@@ -84,7 +84,9 @@ def record(
     )
 
 
-def make(tmp_path: Path, vms: dict[str, FakeVm], budget: str = "3GiB") -> Daemon:
+def make(
+    tmp_path: Path, vms: dict[str, FakeVm], budget: str = "3GiB", host: HostMemInfo = HOST
+) -> Daemon:
     state = StateDir(tmp_path)
     for name, vm in vms.items():
         state.save(record(name, vm.memory))
@@ -94,7 +96,7 @@ def make(tmp_path: Path, vms: dict[str, FakeVm], budget: str = "3GiB") -> Daemon
         config,
         state,
         clock=lambda: float(next(t)),
-        meminfo=lambda: HOST,
+        meminfo=lambda: host,
         connector=lambda r: vms[r.name],
     )
 
@@ -127,6 +129,21 @@ def test_a_restart_starts_from_where_the_guests_are(tmp_path: Path) -> None:
     for name, vm in vms.items():
         if vm.targets:
             assert before[name] - first_step <= vm.targets[0] <= before[name]
+
+
+def test_a_host_short_of_memory_of_its_own_makes_the_guests_give_some_back(
+    tmp_path: Path,
+) -> None:
+    # Within budget (2 of 4 GiB held) but the host has only 16 MiB available: the VMs
+    # share 2 GiB + 16 MiB, less than the guests hold with 6 % kept free.
+    short = HostMemInfo(8 * GIB, 16 * MIB, 0, 0)
+    for host, reclaims in ((HOST, False), (short, True)):
+        vms = {name: FakeVm(1 * GIB, 1 * GIB, used=100 * MIB) for name in ("a", "b")}
+        daemon = make(tmp_path / str(reclaims), vms, budget="4GiB", host=host)
+        for _ in range(10):
+            daemon.step()
+        shrunk = any(vm.actual < 1 * GIB for vm in vms.values())
+        assert shrunk == reclaims
 
 
 def test_transient_failure_reconnects_and_fatal_leaves_the_others_managed(

@@ -20,6 +20,10 @@ below its available floor is about to reclaim hard, or, without swap, to OOM-kil
 what it lacks of the floor is demand too. Without these two terms a guest could never
 look bigger than what it already holds.
 
+**Host memory** for the policy is the budget, or less when the host is short for
+reasons of its own: never more than what the guests hold (their balloons' actual
+sizes) plus the host's ``MemAvailable``. Free memory is that minus what they hold.
+
 **Failures.** A VM whose QEMU has exited is dropped with one log line; one whose
 socket does not answer is retried every period (reconnecting) and left out of the
 cycle meanwhile; one without a balloon device is logged once and left alone. None of
@@ -189,10 +193,14 @@ class QemuHypervisor:
     def read_host(self) -> HostReading:
         info = self._meminfo()
         held = sum(vm.actual_bytes for vm in self._vms.values() if vm.sampled)
+        # The budget is what the VMs may hold; the host may still run short of it for
+        # reasons of its own (other processes, pinned cache), and then the VMs share
+        # only what they hold plus what the host has available.
+        memory = min(self.budget_bytes, held + info.available_bytes)
         return HostReading(
             time_s=self._clock(),
-            memory_bytes=self.budget_bytes,
-            free_bytes=max(0, self.budget_bytes - held),
+            memory_bytes=memory,
+            free_bytes=max(0, memory - held),
             swap_bytes=info.swap_total_bytes,
             swap_used_bytes=info.swap_total_bytes - info.swap_free_bytes,
         )
