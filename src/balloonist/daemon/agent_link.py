@@ -1,0 +1,413 @@
+"""The host's end of one guest's balloon agent (``docs/agent-protocol.md``).
+
+Two layers. :class:`AgentSession` is pure bookkeeping: it takes lines the guest sent,
+refuses anything outside the protocol, tracks which guest pages the balloon holds, and
+says what to answer. :class:`AgentPort` does the I/O: it reads the virtio-serial
+socket QEMU exposes, frees the memory behind reported pages in the guest's RAM file
+(with the vCPUs paused, so no page can change between its check and its hole), and
+offers the daemon the same port as a virtio-balloon VM (:class:`~balloonist.daemon.
+qemu_hv.VmPort`), so both kinds of guest run under one policy.
+
+Everything the guest says is hostile until checked: line length and message shape
+(:mod:`balloonist.agent.protocol`), page ranges against the guest's RAM and against
+what the balloon holds, sequence numbers, and message rate. The first violation cuts
+the guest off for ``CUT_OFF_S``: its connection is closed, it counts as
+uncooperative (the policy holds it where it is), and other guests never notice.
+
+The balloon size the daemon sees is what the host verified, never what the guest
+claims: the pages of held ranges that are holes in the RAM file now. A guest that
+reuses a page behind the balloon's back only shrinks that figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol
+
+from balloonist.agent import protocol as wire
+from balloonist.driver import PageRange, count_pages
+from balloonist.errors import GuestProtocolError, TransientBackendError
+from balloonist.qemu.qmp import GuestStats
+from balloonist.units import PAGE_SIZE_BYTES
+
+log = logging.getLogger("balloonist.agent")
+
+#: Messages a guest may send per second on average, and in one burst. An agent sends a
+#: stats line a second and a few reports per step; a hundred times that is abuse.
+MESSAGE_RATE_PER_S: Final = 100.0
+MESSAGE_BURST: Final = 500
+#: A guest that broke the protocol is not listened to again for this long.
+CUT_OFF_S: Final = 60.0
+#: An agent that has said nothing (no stats) for this long is taken for gone.
+SILENCE_TIMEOUT_S: Final = 5.0
+#: The only page size this host understands (x86-64 base pages).
+AGENT_PAGE_SIZE_BYTES: Final = PAGE_SIZE_BYTES
+
+
+class RamFile(Protocol):
+    """The file behind a guest's RAM (``balloonist.qemu.reclaim`` is the real one)."""
+
+    def check(self, ranges: Sequence[PageRange]) -> None:
+        """Raise GuestProtocolError if any range is not guest RAM."""
+        ...
+
+    def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
+        """Free the pages that still carry the token; return how many were freed."""
+        ...
+
+    def hole_pages(self, ranges: Sequence[PageRange]) -> int:
+        """How many pages of the ranges are holes (freed) right now."""
+        ...
+
+
+class _TokenBucket:
+    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate_per_s)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+class _HeldPages:
+    """Disjoint page ranges the balloon holds, kept as a sorted list of intervals."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    @property
+    def pages(self) -> int:
+        return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
+
+    def ranges(self) -> list[PageRange]:
+        return [PageRange(s, e - s) for s, e in zip(self._starts, self._ends, strict=True)]
+
+    def add(self, r: PageRange) -> None:
+        i = bisect.bisect_left(self._starts, r.start)
+        if (i > 0 and self._ends[i - 1] > r.start) or (
+            i < len(self._starts) and self._starts[i] < r.end
+        ):
+            raise GuestProtocolError(f"pages {r.start}+{r.count} are already in the balloon")
+        self._starts.insert(i, r.start)
+        self._ends.insert(i, r.end)
+
+    def remove(self, r: PageRange) -> None:
+        i = bisect.bisect_right(self._starts, r.start) - 1
+        if i < 0 or self._ends[i] < r.end:
+            raise GuestProtocolError(f"pages {r.start}+{r.count} are not in the balloon")
+        start, end = self._starts[i], self._ends[i]
+        del self._starts[i], self._ends[i]
+        for s, e in ((r.end, end), (start, r.start)):  # the parts that stay, kept sorted
+            if e > s:
+                self._starts.insert(i, s)
+                self._ends.insert(i, e)
+
+    def clear(self) -> None:
+        self._starts.clear()
+        self._ends.clear()
+
+
+@dataclass
+class AgentSession:
+    """What the host knows of one guest's agent; no I/O (see the module docstring)."""
+
+    name: str
+    ram: RamFile
+    memory_pages: int
+    token: bytes | None = None
+    stats: wire.Stats | None = None
+    last_heard_s: float | None = None
+    freed_pages_reported: int = 0  # by punches; the verified figure comes from the file
+    violations: Counter[str] = field(default_factory=Counter)
+    cut_off_until_s: float = -math.inf
+    _held: _HeldPages = field(default_factory=_HeldPages)
+    _last_seq: int = -1
+    _out_seq: int = 0
+    _bucket: _TokenBucket | None = None
+
+    # -- queries ------------------------------------------------------------------
+
+    @property
+    def registered(self) -> bool:
+        return self.token is not None
+
+    def held_ranges(self) -> list[PageRange]:
+        return self._held.ranges()
+
+    def held_pages(self) -> int:
+        return self._held.pages
+
+    def verified_freed_pages(self) -> int:
+        return self.ram.hole_pages(self._held.ranges()) if self.registered else 0
+
+    def cut_off(self, now_s: float) -> bool:
+        return now_s < self.cut_off_until_s
+
+    def alive(self, now_s: float) -> bool:
+        """Registered, not cut off, and heard from lately."""
+        return (
+            self.registered
+            and not self.cut_off(now_s)
+            and self.last_heard_s is not None
+            and now_s - self.last_heard_s <= SILENCE_TIMEOUT_S
+        )
+
+    # -- input --------------------------------------------------------------------
+
+    def decode(self, line: bytes, now_s: float) -> wire.GuestMessage:
+        """Check one line's rate, shape and sequence number; raise GuestProtocolError."""
+        if self._bucket is None:
+            self._bucket = _TokenBucket(MESSAGE_RATE_PER_S, MESSAGE_BURST, now_s)
+        if not self._bucket.take(now_s):
+            raise GuestProtocolError(f"more than {MESSAGE_RATE_PER_S:.0f} messages/s")
+        message = wire.decode_guest_message(line)
+        if isinstance(message, wire.Hello):
+            self._last_seq = -1  # a new session numbers from anything
+        elif not self.registered:
+            raise GuestProtocolError(f"{_kind(message)} before hello")
+        if message.seq <= self._last_seq:
+            raise GuestProtocolError(f"seq {message.seq} after {self._last_seq}")
+        self._last_seq = message.seq
+        return message
+
+    def handle(self, message: wire.GuestMessage, now_s: float) -> list[wire.HostMessage]:
+        """Act on a decoded message; return what to send back."""
+        self.last_heard_s = now_s
+        if isinstance(message, wire.Hello):
+            return self._hello(message)
+        if isinstance(message, wire.Locked):
+            return [self._ack(self._locked(message.ranges))]
+        if isinstance(message, wire.Unlocked):
+            for r in message.ranges:
+                self._held.remove(r)
+            return [self._ack(0)]
+        if isinstance(message, wire.Stats):
+            self.stats = message
+        elif isinstance(message, wire.Error):
+            log.info("%s: agent reports %s: %s", self.name, message.code, message.message)
+        return []
+
+    def violated(self, exc: GuestProtocolError, now_s: float) -> None:
+        """Count a violation and cut the guest off; the balloon's pages are forgotten."""
+        reason = str(exc).split(":")[0][:60]
+        self.violations[reason] += 1
+        self.cut_off_until_s = now_s + CUT_OFF_S
+        self.token = None
+        self._held.clear()
+        log.warning("%s: agent cut off for %.0f s: %s", self.name, CUT_OFF_S, exc)
+
+    def target(self, balloon_pages: int) -> wire.Target:
+        self._out_seq += 1
+        return wire.Target(self._out_seq, max(0, min(balloon_pages, self.memory_pages)))
+
+    def _hello(self, hello: wire.Hello) -> list[wire.HostMessage]:
+        if hello.version != wire.VERSION:
+            raise GuestProtocolError(f"protocol version {hello.version}, host speaks 1")
+        if hello.page_size != AGENT_PAGE_SIZE_BYTES:
+            raise GuestProtocolError(f"page size {hello.page_size}, host uses 4096")
+        if self.registered:
+            log.info("%s: agent re-registered; its old balloon is forgotten", self.name)
+        # A new agent starts with an empty balloon: the old one's pages went back to the
+        # guest when it exited, and the guest may be using them now.
+        self._held.clear()
+        self.token = bytes.fromhex(hello.token)
+        log.info("%s: agent %s registered", self.name, hello.agent)
+        self._out_seq += 1
+        return [wire.Welcome(self._out_seq, wire.VERSION)]
+
+    def _locked(self, ranges: Iterable[PageRange]) -> int:
+        ranges = list(ranges)
+        self.ram.check(ranges)
+        if self._held.pages + count_pages(ranges) > self.memory_pages:
+            raise GuestProtocolError("the balloon would be larger than the guest")
+        for r in ranges:
+            self._held.add(r)
+        assert self.token is not None  # decode() refuses reports before hello
+        freed = self.ram.punch(ranges, self.token)
+        self.freed_pages_reported += freed
+        return freed
+
+    def _ack(self, freed_pages: int) -> wire.Ack:
+        # Acks carry the host's own sequence; the report they answer is implied by
+        # order (the host answers every report, in order).
+        self._out_seq += 1
+        return wire.Ack(self._out_seq, freed_pages)
+
+
+def _kind(message: wire.GuestMessage) -> str:
+    return type(message).__name__.lower()
+
+
+# -- I/O -------------------------------------------------------------------------------
+
+
+class Freezer(Protocol):
+    """Pauses a guest's vCPUs around a punch (QMP ``stop``/``cont``)."""
+
+    def frozen(self) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+
+class _NoFreeze:
+    @contextlib.asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        yield
+
+
+class AgentPort:
+    """A VM managed through its balloon agent, as the daemon's ``VmPort``."""
+
+    def __init__(
+        self,
+        name: str,
+        socket_path: Path,
+        ram: RamFile,
+        memory_bytes: int,
+        *,
+        clock: Callable[[], float],
+        freezer: Freezer | None = None,
+    ) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.memory_bytes = memory_bytes
+        self._clock = clock
+        self._freezer: Freezer = freezer or _NoFreeze()
+        self.session = AgentSession(name, ram, memory_bytes // PAGE_SIZE_BYTES)
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._target_pages: int | None = None
+
+    async def connect(self) -> None:
+        now = self._clock()
+        if self.session.cut_off(now):
+            raise TransientBackendError(f"{self.name}: agent cut off for breaking the protocol")
+        try:
+            reader, writer = await asyncio.open_unix_connection(
+                str(self.socket_path), limit=wire.MAX_LINE_BYTES
+            )
+        except OSError as exc:
+            raise TransientBackendError(
+                f"{self.name}: cannot connect to the agent port at {self.socket_path}: {exc}"
+            ) from exc
+        self._writer = writer
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+            self._reader_task = None
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+            self._writer = None
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                self._violated(GuestProtocolError(f"a line over {wire.MAX_LINE_BYTES} bytes"))
+                return
+            except (asyncio.IncompleteReadError, OSError):
+                return  # QEMU closed the socket; connect() will be retried
+            now = self._clock()
+            try:
+                message = self.session.decode(line, now)
+                if isinstance(message, wire.Locked):
+                    async with self._freezer.frozen():
+                        replies = self.session.handle(message, now)
+                else:
+                    replies = self.session.handle(message, now)
+                if isinstance(message, wire.Hello) and self._target_pages is not None:
+                    replies.append(self.session.target(self._target_pages))
+            except GuestProtocolError as exc:
+                self._violated(exc)
+                return
+            await self._send(replies)
+
+    def _violated(self, exc: GuestProtocolError) -> None:
+        self.session.violated(exc, self._clock())
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    async def _send(self, messages: Sequence[wire.HostMessage]) -> None:
+        if self._writer is None or not messages:
+            return
+        try:
+            self._writer.write(b"".join(wire.encode(m) for m in messages))
+            await self._writer.drain()
+        except OSError as exc:
+            raise TransientBackendError(f"{self.name}: agent port: {exc}") from exc
+
+    def _check_usable(self) -> None:
+        if self._writer is None or self._reader_task is None or self._reader_task.done():
+            raise TransientBackendError(f"{self.name}: agent connection lost")
+
+    # -- VmPort ---------------------------------------------------------------------
+
+    async def set_target(self, guest_bytes: int) -> None:
+        self._check_usable()
+        self._target_pages = max(0, self.memory_bytes - guest_bytes) // PAGE_SIZE_BYTES
+        if self.session.registered:
+            await self._send([self.session.target(self._target_pages)])
+
+    async def actual_bytes(self) -> int:
+        self._check_usable()
+        return self.memory_bytes - self.session.verified_freed_pages() * PAGE_SIZE_BYTES
+
+    async def enable_stats(self, interval_s: int) -> None:
+        del interval_s  # the agent sends stats on its own, once a second
+
+    async def guest_stats(self) -> GuestStats:
+        """The agent's figures in virtio-balloon's terms, for the daemon's demand rule.
+
+        Refaults (pages the guest evicted and needed again) stand in for major faults:
+        they are the sharper signal of a guest short of memory.
+        """
+        self._check_usable()
+        s = self.session.stats
+        if s is None or not self.session.alive(self._clock()):
+            return GuestStats(last_update_s=0)
+        return GuestStats(
+            last_update_s=int(self.session.last_heard_s or 0),
+            total_bytes=s.mem_total_bytes,
+            available_bytes=s.mem_available_bytes,
+            major_faults=s.refaults,
+            swap_in_pages=s.swap_in_pages,
+            swap_out_pages=s.swap_out_pages,
+        )
+
+    @property
+    def cooperative(self) -> bool:
+        return self.session.alive(self._clock())
+
+
+__all__ = [
+    "CUT_OFF_S",
+    "MESSAGE_BURST",
+    "MESSAGE_RATE_PER_S",
+    "SILENCE_TIMEOUT_S",
+    "AgentPort",
+    "AgentSession",
+    "Freezer",
+    "RamFile",
+]

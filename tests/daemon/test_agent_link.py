@@ -1,0 +1,224 @@
+"""The host's end of the agent protocol: what a guest may and may not make it do.
+
+No QEMU: a fake RAM file records what would be freed, and for the port tests a fake
+guest speaks over a real unix socket, as QEMU's chardev would carry it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from balloonist.agent import protocol as wire
+from balloonist.daemon.agent_link import (
+    CUT_OFF_S,
+    MESSAGE_BURST,
+    SILENCE_TIMEOUT_S,
+    AgentPort,
+    AgentSession,
+)
+from balloonist.driver import PageRange
+from balloonist.errors import GuestProtocolError, TransientBackendError
+from balloonist.units import MIB, PAGE_SIZE_BYTES
+
+TOKEN = "00112233aabbccdd"
+RAM_PAGES = 64 * MIB // PAGE_SIZE_BYTES
+
+
+@dataclass
+class FakeRam:
+    """Guest RAM of RAM_PAGES pages; pages in ``reused`` no longer carry the token."""
+
+    pages: int = RAM_PAGES
+    holes: set[int] = field(default_factory=set)
+    reused: set[int] = field(default_factory=set)
+
+    def check(self, ranges: Sequence[PageRange]) -> None:
+        for r in ranges:
+            if r.end > self.pages:
+                raise GuestProtocolError(f"pages {r.start}+{r.count} are not guest RAM")
+
+    def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
+        assert token == bytes.fromhex(TOKEN)
+        freed = [p for r in ranges for p in range(r.start, r.end) if p not in self.reused]
+        self.holes.update(freed)
+        return len(freed)
+
+    def hole_pages(self, ranges: Sequence[PageRange]) -> int:
+        return sum(1 for r in ranges for p in range(r.start, r.end) if p in self.holes)
+
+
+def hello(seq: int = 0) -> bytes:
+    return wire.encode(wire.Hello(seq, 1, "test", 4096, TOKEN))
+
+
+def locked(seq: int, *ranges: tuple[int, int]) -> bytes:
+    return wire.encode(wire.Locked(seq, tuple(PageRange(s, c) for s, c in ranges)))
+
+
+def unlocked(seq: int, *ranges: tuple[int, int]) -> bytes:
+    return wire.encode(wire.Unlocked(seq, tuple(PageRange(s, c) for s, c in ranges)))
+
+
+def feed(session: AgentSession, *lines: bytes, now: float = 0.0) -> list[wire.HostMessage]:
+    replies = []
+    for line in lines:
+        replies += session.handle(session.decode(line, now), now)
+    return replies
+
+
+def test_a_session_registers_locks_and_unlocks_and_the_size_is_what_the_file_shows() -> None:
+    ram = FakeRam(reused={15})
+    session = AgentSession("g", ram, RAM_PAGES)
+    replies = feed(session, hello(), locked(1, (10, 6), (100, 4)))
+    assert isinstance(replies[0], wire.Welcome)
+    assert replies[1] == wire.Ack(replies[0].seq + 1, 9)  # page 15 was reused: not freed
+    assert session.held_pages() == 10
+    assert session.verified_freed_pages() == 9
+    ram.holes.discard(100)  # the guest touched a freed page: the file has it again
+    assert session.verified_freed_pages() == 8
+    feed(session, unlocked(2, (12, 2)))
+    assert session.held_ranges() == [PageRange(10, 2), PageRange(14, 2), PageRange(100, 4)]
+
+
+@pytest.mark.parametrize(
+    ("lines", "why"),
+    [
+        ([locked(1, (0, 1))], "before hello"),
+        ([hello(), locked(1, (0, 1)), locked(1, (5, 1))], "seq"),
+        ([hello(), locked(1, (0, 4)), locked(2, (3, 1))], "already in the balloon"),
+        ([hello(), unlocked(1, (0, 1))], "not in the balloon"),
+        ([hello(), locked(1, (0, 4)), unlocked(2, (2, 4))], "not in the balloon"),
+        ([hello(), locked(1, (RAM_PAGES - 1, 2))], "not guest RAM"),
+        ([hello(), locked(1, (0, RAM_PAGES)), locked(2, (RAM_PAGES + 1, 1))], "not guest RAM"),
+        ([wire.encode(wire.Hello(0, 2, "x", 4096, TOKEN))], "version"),
+        ([wire.encode(wire.Hello(0, 1, "x", 65536, TOKEN))], "page size"),
+        ([hello(), b'{"type":"locked","seq":1}\n'], "missing ranges"),
+    ],
+)
+def test_violations_are_refused(lines: list[bytes], why: str) -> None:
+    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    with pytest.raises(GuestProtocolError, match=why):
+        feed(session, *lines)
+
+
+def test_a_balloon_larger_than_the_guest_is_refused() -> None:
+    session = AgentSession("g", FakeRam(pages=1 << 30), RAM_PAGES)
+    with pytest.raises(GuestProtocolError, match="larger than the guest"):
+        feed(session, hello(), locked(1, (0, RAM_PAGES)), locked(2, (RAM_PAGES, 1)))
+
+
+def test_a_flood_is_a_violation_and_a_violation_cuts_the_guest_off() -> None:
+    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    feed(session, hello(), locked(1, (0, 8)))
+    with pytest.raises(GuestProtocolError, match="messages/s") as caught:
+        for seq in range(2, MESSAGE_BURST + 10):  # all at the same instant
+            feed(session, wire.encode(wire.Error(seq, "pressure", "x")))
+    session.violated(caught.value, now_s=0.0)
+    assert session.violations and not session.registered and session.held_pages() == 0
+    assert session.cut_off(CUT_OFF_S - 1) and not session.cut_off(CUT_OFF_S + 1)
+
+
+def test_a_new_hello_forgets_the_old_balloon() -> None:
+    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    feed(session, hello(), locked(1, (0, 8)), hello(0))
+    assert session.registered and session.held_pages() == 0
+
+
+def test_an_agent_is_alive_only_while_it_keeps_talking() -> None:
+    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    assert not session.alive(0.0)
+    feed(session, hello(), now=10.0)
+    assert session.alive(10.0 + SILENCE_TIMEOUT_S)
+    assert not session.alive(10.0 + SILENCE_TIMEOUT_S + 1)
+
+
+# -- over a socket -----------------------------------------------------------------
+
+
+class FakeGuest:
+    """QEMU's side of the chardev socket, with a scripted guest behind it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.received: list[wire.HostMessage] = []
+        self.writer: asyncio.StreamWriter | None = None
+        self.connected = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def serve(self) -> asyncio.Server:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.writer = writer
+            self.connected.set()
+            while line := await reader.readline():
+                self.received.append(wire.decode_host_message(line))
+            self.closed.set()
+
+        return await asyncio.start_unix_server(on_connect, str(self.path))
+
+    async def send(self, *lines: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(b"".join(lines))
+        await self.writer.drain()
+
+
+async def until(condition: object, timeout_s: float = 5.0) -> None:
+    async def poll() -> None:
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def guest_and_port(tmp_path: Path, name: str) -> AsyncIterator[tuple[FakeGuest, AgentPort]]:
+    guest = FakeGuest(tmp_path / f"{name}.sock")
+    server = await guest.serve()
+    port = AgentPort(name, guest.path, FakeRam(), 64 * MIB, clock=asyncio.get_running_loop().time)
+    try:
+        await port.connect()
+        await guest.connected.wait()
+        yield guest, port
+    finally:
+        await port.close()
+        server.close()
+
+
+def test_the_port_follows_the_target_and_reports_verified_sizes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with guest_and_port(tmp_path, "g") as (guest, port):
+            await port.set_target(48 * MIB)  # before hello: sent once the agent registers
+            await guest.send(hello())
+            await until(lambda: any(isinstance(m, wire.Target) for m in guest.received))
+            target = next(m for m in guest.received if isinstance(m, wire.Target))
+            assert target.balloon_pages == 16 * MIB // PAGE_SIZE_BYTES
+            await guest.send(locked(1, (0, target.balloon_pages)))
+            await until(lambda: isinstance(guest.received[-1], wire.Ack))
+            assert await port.actual_bytes() == 48 * MIB
+
+    asyncio.run(scenario())
+
+
+def test_a_hostile_guest_is_cut_off_and_the_other_keeps_being_served(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with (
+            guest_and_port(tmp_path, "bad") as (bad, bad_port),
+            guest_and_port(tmp_path, "good") as (good, good_port),
+        ):
+            await bad.send(hello(), b"x" * (wire.MAX_LINE_BYTES + 10) + b"\n")
+            await good.send(hello(), locked(1, (0, 256)))
+            await asyncio.wait_for(bad.closed.wait(), 5.0)
+            assert sum(bad_port.session.violations.values()) == 1
+            with pytest.raises(TransientBackendError):
+                await bad_port.actual_bytes()
+            with pytest.raises(TransientBackendError, match="cut off"):
+                await bad_port.connect()
+            await until(lambda: good_port.session.held_pages() == 256)
+            assert await good_port.actual_bytes() == 64 * MIB - 256 * PAGE_SIZE_BYTES
+
+    asyncio.run(scenario())
