@@ -5,6 +5,7 @@ one-line ``ConfigError`` naming the file and key (scenarios, the daemon's host.t
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +37,13 @@ def check_size(value: Any) -> Any:
         parse_size_bytes(value)
     except SizeError as exc:
         raise ValueError(exc.message) from None
+    return value
+
+
+def check_policy_name(value: str, known: Sequence[str]) -> str:
+    """Field validator body: one of ``known`` (raises ValueError, as check_size)."""
+    if value not in known:
+        raise ValueError(f"unknown policy {value!r} (choose from {', '.join(known)})")
     return value
 
 

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from balloonist.errors import ConfigError
 from balloonist.model import (
-    Decision,
     GuestSample,
     GuestSpec,
     GuestView,
@@ -30,67 +29,9 @@ from balloonist.policy.registry import POLICY_NAMES, make_policy
 from balloonist.policy.shares import SharesPolicy
 from balloonist.units import MIB, PAGE_SIZE_BYTES
 
+from .snapshots import allocations_mib, balloons_mib, guest, snapshot
+
 PAGE_MIB = PAGE_SIZE_BYTES / MIB
-
-# -- helpers -------------------------------------------------------------------------------
-
-
-def guest(
-    name: str,
-    *,
-    memory_mib: int = 1000,
-    working_set_mib: int = 0,
-    shares: int = 1000,
-    min_mib: int = 0,
-    max_mib: int | None = None,
-    balloon: bool = True,
-    register_mib: int = 0,
-    free_mib: int | None = None,
-) -> GuestView:
-    """A guest whose balloon has reached its register (actual size == target)."""
-    spec = GuestSpec(
-        name=name,
-        memory_bytes=memory_mib * MIB,
-        min_bytes=min_mib * MIB,
-        max_bytes=None if max_mib is None else max_mib * MIB,
-        shares=shares,
-        balloon=balloon,
-    )
-    sample = GuestSample(
-        name=name,
-        allocated_bytes=(memory_mib - register_mib) * MIB,
-        balloon_bytes=register_mib * MIB,
-        balloon_target_bytes=register_mib * MIB,
-        free_bytes=None if free_mib is None else free_mib * MIB,
-    )
-    return GuestView(spec, sample, working_set_mib * MIB)
-
-
-def snapshot(
-    *guests: GuestView,
-    host_mib: int = 1000,
-    free_mib: int = 20,
-    state: HostState = HostState.SOFT,
-    time_s: float = 0.0,
-    period_s: float = 1.0,
-) -> Snapshot:
-    host = HostSample(
-        time_s=time_s,
-        memory_bytes=host_mib * MIB,
-        free_bytes=free_mib * MIB,
-        swap_bytes=0,
-        swap_used_bytes=0,
-        state=state,
-    )
-    return Snapshot(time_s=time_s, period_s=period_s, host=host, guests=tuple(guests))
-
-
-def allocations_mib(decision: Decision) -> list[float]:
-    return [t.allocation_bytes / MIB for t in decision.targets]
-
-
-def balloons_mib(decision: Decision) -> list[float]:
-    return [t.balloon_bytes / MIB for t in decision.targets]
 
 
 # -- static --------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from balloonist.errors import ConfigError
 from balloonist.model import (
-    Decision,
     GuestSample,
     GuestSpec,
     GuestView,
@@ -28,60 +27,7 @@ from balloonist.policy.shares import (
 )
 from balloonist.units import MIB, PAGE_SIZE_BYTES
 
-# -- helpers -------------------------------------------------------------------------------
-
-
-def guest(
-    name: str,
-    *,
-    memory_mib: int = 1000,
-    working_set_mib: int = 0,
-    shares: int = 1000,
-    min_mib: int = 0,
-    max_mib: int | None = None,
-    balloon: bool = True,
-    register_mib: int = 0,
-    allocated_mib: int | None = None,
-) -> GuestView:
-    spec = GuestSpec(
-        name=name,
-        memory_bytes=memory_mib * MIB,
-        min_bytes=min_mib * MIB,
-        max_bytes=None if max_mib is None else max_mib * MIB,
-        shares=shares,
-        balloon=balloon,
-    )
-    sample = GuestSample(
-        name=name,
-        allocated_bytes=(memory_mib - register_mib if allocated_mib is None else allocated_mib)
-        * MIB,
-        balloon_bytes=register_mib * MIB,
-        balloon_target_bytes=register_mib * MIB,
-    )
-    return GuestView(spec, sample, working_set_mib * MIB)
-
-
-def snapshot(
-    *guests: GuestView, host_mib: int = 1000, state: HostState = HostState.SOFT
-) -> Snapshot:
-    host = HostSample(
-        time_s=0.0,
-        memory_bytes=host_mib * MIB,
-        free_bytes=host_mib * MIB // 50,
-        swap_bytes=0,
-        swap_used_bytes=0,
-        state=state,
-    )
-    return Snapshot(time_s=0.0, period_s=1.0, host=host, guests=tuple(guests))
-
-
-def allocations_mib(decision: Decision) -> list[float]:
-    return [t.allocation_bytes / MIB for t in decision.targets]
-
-
-def balloons_mib(decision: Decision) -> list[float]:
-    return [t.balloon_bytes / MIB for t in decision.targets]
-
+from .snapshots import allocations_mib, balloons_mib, guest, snapshot
 
 PAGE_MIB = PAGE_SIZE_BYTES / MIB
 EXACT = SharesPolicy(free_target_fraction=0.0)  # the whole host on offer: round numbers

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from balloonist.config import Strict, check_size, read_toml, validate
+from balloonist.config import Strict, check_policy_name, check_size, read_toml, validate
 from balloonist.errors import ConfigError
 from balloonist.model import GuestSpec
 from balloonist.policy.workingset import EstimatorParams
@@ -68,9 +68,7 @@ class PolicyTable(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {v!r} (choose from {', '.join(POLICY_NAMES)})")
-        return v
+        return check_policy_name(v, POLICY_NAMES)
 
 
 class RateTable(Strict):
