@@ -80,6 +80,12 @@ def add_commands(sub: Any, run: Any) -> None:
         help="boot balloonist's own test guest (see 'balloonist guest-assets')",
     )
     start.add_argument(
+        "--agent",
+        action="store_true",
+        help="RAM in a shared file under /dev/shm and a virtio-serial port for the "
+        "in-guest balloon agent (the virtio balloon stays too)",
+    )
+    start.add_argument(
         "--workload",
         metavar="SCHEDULE",
         help="test guest only: WS_MIB@T_S,... for its touchmem workload",
@@ -152,10 +158,13 @@ def _cmd_start(args: argparse.Namespace, out: TextIO) -> int:
         initrd=initrd,
         append=append,
         disk=args.disk,
+        agent=args.agent,
     )
     record = launcher.start_vm(_state(args), request)
+    agent = f"; agent {record.agent_socket}, RAM {record.ram_file}" if record.agent else ""
     print(
-        f"started {record.name} (pid {record.pid}, {record.accel}); QMP {record.qmp_socket}",
+        f"started {record.name} (pid {record.pid}, {record.accel}); QMP {record.qmp_socket}"
+        + agent,
         file=out,
     )
     return 0
@@ -195,15 +204,17 @@ def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
         print("no VMs recorded", file=out)
         return 0
     print(
-        f"{'NAME':16} {'STATE':8} {'MEMORY':>8} {'MIN':>8} {'MAX':>8} {'SHARES':>7}  QMP", file=out
+        f"{'NAME':16} {'STATE':8} {'MEMORY':>8} {'MIN':>8} {'MAX':>8} {'SHARES':>7} "
+        f"{'AGENT':5}  QMP",
+        file=out,
     )
     for name in names:
         r = state.load(name)
         status = "running" if r.running() else "gone"
         print(
             f"{r.name:16} {status:8} {format_size(r.memory_bytes):>8} "
-            f"{format_size(r.min_bytes):>8} {format_size(r.max_bytes):>8} {r.shares:>7}  "
-            f"{r.qmp_socket}",
+            f"{format_size(r.min_bytes):>8} {format_size(r.max_bytes):>8} {r.shares:>7} "
+            f"{'yes' if r.agent else 'no':5}  {r.qmp_socket}",
             file=out,
         )
     return 0

@@ -5,7 +5,13 @@
 - the kernel is Debian's (``linux-image-amd64`` names the current one), fetched with
   ``apt-get download`` and unpacked with ``dpkg-deb -x``;
 - the initramfs holds busybox (``busybox-static``), the virtio modules in load order,
-  our ``init`` and ``touchmem`` (a workload compiled here, statically, with gcc).
+  the 9p modules, our ``init`` and ``touchmem`` (a workload compiled here, statically,
+  with gcc).
+
+A guest may instead take the host's own filesystem, shared read-only over virtio-9p, as
+its root (``host_root``): then it can run the host's ``python3`` and see this repository
+at the same path, and ``run`` names a program it runs once booted. That is for test
+guests on a development machine only: the guest can read every file the host can.
 
 The initramfs is written by :func:`write_cpio` (the kernel's "newc" format), so no
 root, no ``cpio`` tool and no loop devices are needed. Everything is cached in one
@@ -23,13 +29,13 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-from balloonist.errors import BalloonistError
+from balloonist.errors import BalloonistError, ConfigError
 from balloonist.qemu.launcher import Accel, StartRequest
 
 #: The modules the guests need, in load order (each depends on those before it).
@@ -42,11 +48,27 @@ GUEST_MODULES: Final = (
     "kernel/drivers/virtio/virtio_balloon.ko",
     "kernel/drivers/char/virtio_console.ko",
 )
+#: What a guest with the host's filesystem as its root loads after GUEST_MODULES
+#: (``depends=`` of the Debian 6.1 modules: 9p needs 9pnet, fscache, netfs).
+NINEP_MODULES: Final = (
+    "kernel/fs/netfs/netfs.ko",
+    "kernel/fs/fscache/fscache.ko",
+    "kernel/net/9p/9pnet.ko",
+    "kernel/net/9p/9pnet_virtio.ko",
+    "kernel/fs/9p/9p.ko",
+)
 KERNEL_META_PACKAGE: Final = "linux-image-amd64"
 BUSYBOX_PACKAGE: Final = "busybox-static"
 MANIFEST: Final = "assets.json"
 #: Bump when the initramfs contents change, so old caches are rebuilt.
-ASSETS_FORMAT: Final = 2
+ASSETS_FORMAT: Final = 3
+#: Where a host-root guest may find the host's Python, first match wins.
+HOST_PYTHONS: Final = ("/usr/bin/python3", "/usr/local/bin/python3")
+#: What may go into a guest's command line unquoted: the kernel splits it at blanks and
+#: init never evaluates it, but quotes and control characters have no business there.
+_CMDLINE_VALUE_RE: Final = re.compile(r"^[A-Za-z0-9_./:=,+@%-]{1,200}$")
+#: Host directories a host-root guest does not see: init mounts its own there.
+GUEST_OWN_DIRS: Final = ("/tmp/", "/run/", "/dev/", "/proc/", "/sys/")
 
 Progress = Callable[[str], None]
 
@@ -69,12 +91,22 @@ class GuestAssets:
         work: str | None = None,
         grow_mib_s: float = 0.0,
         accel: Accel = "auto",
+        run: Sequence[str] = (),
+        host_root: bool = False,
         **request: Any,
     ) -> StartRequest:
-        """A request to boot the test guest, running ``touchmem WORK GROW`` if given."""
+        """A request to boot the test guest, running ``touchmem WORK GROW`` if given.
+
+        ``run`` is the argv of a program on the host's filesystem that the guest runs
+        once booted (its output goes to the serial log); it implies ``host_root``, the
+        host's filesystem as the guest's root, read-only over 9p.
+        """
         append = "quiet"
         if work:
             append += f" balloonist.work={work} balloonist.grow={grow_mib_s:g}"
+        share = host_root or bool(run)
+        if share:
+            append += " " + host_root_cmdline(run)
         return StartRequest(
             name=name,
             memory_bytes=memory_bytes,
@@ -82,8 +114,39 @@ class GuestAssets:
             kernel=self.kernel,
             initrd=self.initrd,
             append=append,
+            share_root=share,
             **request,
         )
+
+
+def host_root_cmdline(run: Sequence[str] = ()) -> str:
+    """Kernel parameters for init: the 9p root, and ``run`` as one parameter per word."""
+    words = ["balloonist.root=9p"]
+    if run:
+        program = run[0]
+        if program.startswith(GUEST_OWN_DIRS):
+            raise ConfigError(f"the guest has its own /{program.split('/')[1]}: {program}")
+        if not program.startswith("/") or not Path(program).is_file():
+            raise ConfigError(f"the guest's program must be a file by absolute path: {program!r}")
+        if not os.access(program, os.X_OK):
+            raise ConfigError(f"the guest's program is not executable: {program}")
+        for value in run:
+            if not _CMDLINE_VALUE_RE.match(value):
+                raise ConfigError(
+                    f"cannot pass {value!r} to the guest: "
+                    "use 1-200 of A-Z a-z 0-9 _ . / : = , + @ % -"
+                )
+        words.append(f"balloonist.run={program}")
+        words += [f"balloonist.arg={value}" for value in run[1:]]
+    return " ".join(words)
+
+
+def host_python() -> str:
+    """The host's own python3, which a host-root guest can run at the same path."""
+    for candidate in HOST_PYTHONS:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise ConfigError(f"no host python3 a guest could run (looked for {', '.join(HOST_PYTHONS)})")
 
 
 def default_cache_dir() -> Path:
@@ -161,15 +224,36 @@ def _build(work: Path, out: Path, say: Progress) -> str:
     entries.append(CpioEntry.file("init", init, mode=0o755))
     entries.append(CpioEntry.file("bin/busybox", (root / "bin" / "busybox").read_bytes(), 0o755))
     entries.append(CpioEntry.file("bin/touchmem", touchmem.read_bytes(), mode=0o755))
-    for module in GUEST_MODULES:
+    loaded: list[str] = []
+    for module in (*GUEST_MODULES, *NINEP_MODULES):
         path = modules / module
         if not path.is_file():
             raise AssetError(f"{kernel_pkg} has no {module}")
-        entries.append(CpioEntry.file(f"lib/modules/{path.name}", path.read_bytes(), 0o644))
+        data = path.read_bytes()
+        # init loads them in this order with insmod, which does not resolve dependencies:
+        # a newer kernel that adds one must fail here, not in every guest.
+        missing = [dep for dep in module_depends(data) if dep not in loaded]
+        if missing:
+            raise AssetError(f"{module} in {kernel_pkg} needs {', '.join(missing)} loaded first")
+        loaded.append(module_name(module))
+        entries.append(CpioEntry.file(f"lib/modules/{path.name}", data, 0o644))
     say("writing the initramfs")
     with gzip.open(out / "initrd.gz", "wb", compresslevel=6) as fh:
         fh.write(write_cpio(entries))
     return version
+
+
+def module_name(path: str) -> str:
+    """The kernel's name for a module file: ``kernel/net/9p/9pnet-x.ko`` -> ``9pnet_x``."""
+    return Path(path).name.removesuffix(".ko").replace("-", "_")
+
+
+def module_depends(data: bytes) -> list[str]:
+    """The ``depends=`` list in a module's ``.modinfo`` (NUL-separated key=value strings)."""
+    match = re.search(rb"\0depends=([^\0]*)\0", data)
+    if match is None:
+        return []
+    return [name for name in match.group(1).decode("ascii", "replace").split(",") if name]
 
 
 def _kernel_package() -> str:

@@ -5,10 +5,18 @@ written atomically), the QMP socket ``qmp.sock`` and the serial log ``serial.log
 restarted daemon finds its VMs there. Guests we start get ``virtio-balloon-pci`` with
 ``deflate-on-oom=on`` (the guest may take balloon pages back rather than OOM-kill a
 process), a QMP unix socket and a serial log, and run detached (``-daemonize``).
+
+An *agent* VM (``StartRequest.agent``) is also ready for the user-level balloon agent:
+its RAM is a shared file, ``/dev/shm/balloonist-<state-dir hash>-NAME.ram``, which the
+host can punch holes in (:mod:`balloonist.qemu.reclaim`), and it has a virtio-serial
+port named :data:`~balloonist.agent.protocol.PORT_NAME` whose host end is the unix
+socket ``agent.sock`` in its state directory. It keeps its virtio-balloon device, so
+either mechanism can manage it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from balloonist.agent.protocol import PORT_NAME
 from balloonist.errors import BalloonistError, ConfigError, FatalBackendError
 from balloonist.units import MIB, format_size
 
@@ -40,6 +49,13 @@ KVM_PROBE_TIMEOUT_S: Final = 1.0
 MIN_GUEST_BYTES: Final = 64 * MIB
 #: The balloon device's id, so its QOM path is /machine/peripheral/balloon0.
 BALLOON_ID: Final = "balloon0"
+#: Where agent VMs' RAM files go: a tmpfs, so the file is the guest's memory and a
+#: punched hole is memory the host has back.
+RAM_DIR: Final = Path("/dev/shm")
+#: The 9p mount tag of the host's root for guests with ``share_root`` (init.sh knows it).
+HOST_ROOT_TAG: Final = "hostroot"
+#: x86 Linux refuses a longer kernel command line (COMMAND_LINE_SIZE).
+MAX_CMDLINE_BYTES: Final = 2047
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,13 @@ class VMRecord:
     pid: int | None  # None for a VM we adopted and did not start
     accel: str | None
     started_by_us: bool
+    # Agent VMs only; defaults keep vm.json files from before agents loading.
+    ram_file: str | None = None  # the guest's RAM, a shared file under RAM_DIR
+    agent_socket: str | None = None  # host end of the agent's virtio-serial port
+
+    @property
+    def agent(self) -> bool:
+        return self.agent_socket is not None
 
     def running(self) -> bool:
         if self.pid is None:
@@ -78,6 +101,8 @@ class StartRequest:
     disk: Path | None = None
     deflate_on_oom: bool = True
     balloon: bool = True  # False only to test what happens without one
+    agent: bool = False  # RAM in a shared file and a virtio-serial port for the agent
+    share_root: bool = False  # the host's / as a read-only 9p share (test guests)
 
     def validate(self) -> None:
         check_name(self.name)
@@ -107,6 +132,38 @@ class StartRequest:
         ):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{label}: no such file {path}")
+        if len(kernel_cmdline(self.append).encode()) > MAX_CMDLINE_BYTES:
+            raise ConfigError(f"the kernel command line is longer than {MAX_CMDLINE_BYTES} bytes")
+
+
+def kernel_cmdline(append: str) -> str:
+    return f"console=ttyS0 panic=-1 {append}".strip()
+
+
+def ram_file_path(state_root: Path, name: str) -> Path:
+    """Where an agent VM's RAM goes: unique per state directory and VM name."""
+    tag = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:12]
+    return RAM_DIR / f"balloonist-{tag}-{name}.ram"
+
+
+def _create_ram_file(path: Path, memory_bytes: int) -> None:
+    """An empty file, ours alone (0600), for QEMU to size; refused if there is no room."""
+    try:
+        free_bytes = shutil.disk_usage(path.parent).free
+    except OSError as exc:
+        raise ConfigError(f"agent VMs keep their RAM in {path.parent}: {exc.strerror}") from None
+    if free_bytes < memory_bytes:
+        raise ConfigError(
+            f"agent VMs keep their RAM in {path.parent}, which has {format_size(free_bytes)} "
+            f"free, less than the VM's {format_size(memory_bytes)}"
+        )
+    # Left over from a VM of the same name that died without 'vm stop' (start_vm has
+    # checked it is not running).
+    path.unlink(missing_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
 
 
 def check_name(name: str) -> None:
@@ -234,13 +291,25 @@ def resolve_accel(accel: Accel, binary: str) -> str:
     return accel
 
 
-def build_command(request: StartRequest, *, binary: str, accel: str, directory: Path) -> list[str]:
-    """The QEMU command line for a guest we start (detached, QMP, serial log, balloon)."""
+def build_command(
+    request: StartRequest,
+    *,
+    binary: str,
+    accel: str,
+    directory: Path,
+    ram_file: Path | None = None,
+) -> list[str]:
+    """The QEMU command line for a guest we start (detached, QMP, serial log, balloon).
+
+    An agent VM needs ``ram_file``. Its machine is spelled out as ``pc`` (i440fx) because
+    :mod:`balloonist.qemu.reclaim` maps guest frames to file offsets with pc's layout.
+    """
+    memory_mib = request.memory_bytes // MIB
     cmd = [
         binary,
         "-name", request.name,
         "-accel", accel,
-        "-m", f"{request.memory_bytes // MIB}M",
+        "-m", f"{memory_mib}M",
         "-smp", str(request.cpus),
         "-nodefaults", "-no-user-config",
         "-display", "none",
@@ -253,43 +322,77 @@ def build_command(request: StartRequest, *, binary: str, accel: str, directory: 
     if request.balloon:
         oom = "on" if request.deflate_on_oom else "off"
         cmd += ["-device", f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom={oom}"]
+    if request.agent:
+        if ram_file is None:
+            raise ValueError("an agent VM needs a RAM file")
+        socket = directory / "agent.sock"
+        cmd += [
+            "-object",
+            f"memory-backend-file,id=ram0,size={memory_mib}M,mem-path={ram_file},share=on",
+            "-machine", "pc,memory-backend=ram0",
+            "-device", "virtio-serial-pci,id=vserial0",
+            "-chardev", f"socket,id=agent0,path={socket},server=on,wait=off",
+            "-device", f"virtserialport,bus=vserial0.0,chardev=agent0,name={PORT_NAME}",
+        ]  # fmt: skip
+    if request.share_root:
+        cmd += [
+            # multidevs=remap: / spans several host filesystems, whose inode numbers
+            # would otherwise collide in the guest.
+            "-fsdev", f"local,id={HOST_ROOT_TAG},path=/,security_model=none,readonly=on,"
+            "multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev={HOST_ROOT_TAG},mount_tag={HOST_ROOT_TAG}",
+        ]  # fmt: skip
     if request.kernel is not None:
         cmd += ["-kernel", str(request.kernel)]
         if request.initrd is not None:
             cmd += ["-initrd", str(request.initrd)]
-        cmd += ["-append", f"console=ttyS0 panic=-1 {request.append}".strip()]
+        cmd += ["-append", kernel_cmdline(request.append)]
     if request.disk is not None:
         cmd += ["-drive", f"file={request.disk},if=virtio"]
     return cmd
 
 
 def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
-    """Start a detached guest and record it; returns once its QMP socket exists."""
+    """Start a detached guest and record it; returns once its sockets (QMP, agent) exist."""
     request.validate()
     directory = state.vm_dir(request.name)
     if (directory / "vm.json").exists():
         existing = state.load(request.name)
         if existing.running():
             raise ConfigError(f"VM {request.name!r} is already running")
+        if existing.started_by_us and existing.ram_file is not None:
+            Path(existing.ram_file).unlink(missing_ok=True)
         state.remove(request.name)
-    directory.mkdir(parents=True, exist_ok=True)
     binary = qemu_binary()
+    ram_file = ram_file_path(state.root, request.name) if request.agent else None
+    if ram_file is not None:
+        _create_ram_file(ram_file, request.memory_bytes)
+    directory.mkdir(parents=True, exist_ok=True)
     accel = resolve_accel(request.accel, binary)
-    cmd = build_command(request, binary=binary, accel=accel, directory=directory)
+    cmd = build_command(request, binary=binary, accel=accel, directory=directory, ram_file=ram_file)
+    sockets = [directory / "qmp.sock"]
+    if request.agent:
+        sockets.append(directory / "agent.sock")
+
+    def give_up() -> None:
+        state.remove(request.name)
+        if ram_file is not None:
+            ram_file.unlink(missing_ok=True)
+
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        state.remove(request.name)
+        give_up()
         lines = done.stderr.strip().splitlines()
         raise FatalBackendError(
             f"QEMU did not start {request.name!r}: {lines[-1] if lines else done.returncode}"
         )
     pid = int((directory / "qemu.pid").read_text().strip())
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not (directory / "qmp.sock").exists():
+    while not all(socket.exists() for socket in sockets):
         if time.monotonic() > deadline or not _pid_alive(pid):
             _terminate(pid)
-            state.remove(request.name)
-            raise FatalBackendError(f"QEMU for {request.name!r} never opened its QMP socket")
+            give_up()
+            raise FatalBackendError(f"QEMU for {request.name!r} never opened its sockets")
         time.sleep(0.05)
     record = VMRecord(
         name=request.name,
@@ -302,6 +405,8 @@ def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
         pid=pid,
         accel=accel,
         started_by_us=True,
+        ram_file=None if ram_file is None else str(ram_file),
+        agent_socket=str(directory / "agent.sock") if request.agent else None,
     )
     state.save(record)
     return record
@@ -345,6 +450,8 @@ def stop_vm(state: StateDir, name: str) -> None:
     record = state.load(name)
     if record.started_by_us and record.pid is not None:
         _terminate(record.pid)
+    if record.started_by_us and record.ram_file is not None:
+        Path(record.ram_file).unlink(missing_ok=True)
     state.remove(name)
 
 

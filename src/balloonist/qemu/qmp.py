@@ -2,8 +2,9 @@
 
 What it does: set the balloon target (QMP ``balloon``, whose value is the memory the
 guest should keep, not the balloon size), read the actual size (``query-balloon`` and
-``BALLOON_CHANGE`` events), and switch on and read the guest's statistics (``qom-set
-guest-stats-polling-interval``, ``qom-get guest-stats``).
+``BALLOON_CHANGE`` events), switch on and read the guest's statistics (``qom-set
+guest-stats-polling-interval``, ``qom-get guest-stats``), and pause the guest around
+work that must not race with it (``stop``/``cont``, for the agent's reclaim).
 
 Errors from the library become ours:
 
@@ -28,9 +29,11 @@ from typing import Any, Final
 
 from qemu.qmp import (
     ConnectError,
+    EventListener,
     ExecuteError,
     QMPClient,
     QMPError,
+    Runstate,
     StateError,
 )
 
@@ -110,6 +113,8 @@ class BalloonQMP:
 
     async def connect(self) -> None:
         """Connect and check there is a balloon device to drive."""
+        if self._client.runstate != Runstate.IDLE:
+            await self.close()  # a dropped connection not yet cleaned up
         try:
             await asyncio.wait_for(self._client.connect(str(self.socket_path)), self.timeout_s)
         except (ConnectError, OSError, TimeoutError) as exc:
@@ -121,6 +126,15 @@ class BalloonQMP:
     async def close(self) -> None:
         with contextlib.suppress(QMPError):  # already gone: nothing left to close
             await self._client.disconnect()
+
+    def release(self) -> None:
+        """Nothing is held beyond the connection."""
+
+    @property
+    def cooperative(self) -> bool:
+        # The guest kernel's driver cannot die apart from the guest; whether it keeps
+        # up is the pacer's to judge.
+        return True
 
     @property
     def connected(self) -> bool:
@@ -173,14 +187,44 @@ class BalloonQMP:
         reply = await self._execute("qom-get", {"path": qom_path, "property": "guest-stats"})
         return parse_guest_stats(reply)
 
-    async def balloon_changes(self) -> AsyncIterator[int]:
-        """Actual sizes from ``BALLOON_CHANGE`` events, as QEMU sends them."""
+    @contextlib.asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        """Pause the guest's vCPUs for the body (QMP ``stop``/``cont``).
+
+        A guest that was not running (paused by its user, or shutting down) is left
+        as it was, and the body runs anyway.
+        """
+        status = await self._execute("query-status")
+        running = isinstance(status, dict) and status.get("status") == "running"
+        if running:
+            await self._execute("stop")
+        try:
+            yield
+        finally:
+            if running:
+                await self._execute("cont")
+
+    @contextlib.asynccontextmanager
+    async def balloon_changes(self) -> AsyncIterator[AsyncIterator[int]]:
+        """Listen for ``BALLOON_CHANGE`` events; yields an iterator of actual sizes.
+
+        The listener is in place when the ``async with`` body starts, so a target set
+        inside it cannot race past its own events::
+
+            async with qmp.balloon_changes() as changes:
+                await qmp.set_target(target)
+                async for actual in changes: ...
+        """
         with self._client.listener("BALLOON_CHANGE") as listener:
-            async for event in listener:
-                data = event.get("data")
-                actual = _bounded(data.get("actual") if isinstance(data, dict) else None)
-                if actual is not None:
-                    yield actual
+            yield self._actual_sizes(listener)
+
+    @staticmethod
+    async def _actual_sizes(listener: EventListener) -> AsyncIterator[int]:
+        async for event in listener:
+            data = event.get("data")
+            actual = _bounded(data.get("actual") if isinstance(data, dict) else None)
+            if actual is not None:
+                yield actual
 
     async def wait_actual(
         self, guest_bytes: int, *, timeout_s: float, tolerance_bytes: int = 0

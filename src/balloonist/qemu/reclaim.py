@@ -1,0 +1,233 @@
+"""Giving the host the memory behind pages an agent holds, by punching holes in guest RAM.
+
+An agent VM's RAM is a shared file in a tmpfs (see :mod:`balloonist.qemu.launcher`).
+The in-guest agent pins pages and reports their guest page frame numbers (PFNs); the
+host maps each PFN to its offset in the file and punches a hole there, which frees the
+page on the host. The guest keeps the page mapped: if it ever touches it again, it
+reads zeros, and a write gets a fresh page.
+
+A guest is not trusted, so before freeing a page the host checks that the page says it
+is one the agent holds: the agent writes its session token (8 bytes) and the page's own
+PFN (8 bytes, little-endian) at the start of every page it holds. A page that says
+anything else was never the agent's, or has been reused, and is left alone. This does
+not make a lying guest harmless to itself (between the check and the punch the guest
+could write to the page, and lose what it wrote), but it cannot make the host free a
+page the guest did not mark, and the protocol's rule that the agent reports pages
+*unlocked* before it reuses them leaves an honest guest nothing to lose.
+
+Frame numbers map to file offsets with the layout of QEMU's ``pc`` (i440fx) machine,
+which the launcher gives every agent VM: RAM below 4 GiB ends at ``low_bytes``; the
+rest is mapped from 4 GiB up; everything else (the PCI hole, beyond RAM) is no RAM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from balloonist.driver import PageRange
+from balloonist.errors import FatalBackendError, GuestProtocolError
+
+PAGE_BYTES: Final = 4096
+#: QEMU's default ``max-ram-below-4g`` for pc: 3.5 GiB. RAM of this size or more is split.
+PC_MAX_LOW_BYTES: Final = 0xE000_0000
+#: Where a split puts the top of low RAM on machine types with ``gigabyte_align`` (every
+#: pc-i440fx since 1.7; hw/i386/pc_piix.c, pc_init1).
+PC_SPLIT_LOW_BYTES: Final = 0xC000_0000
+#: RAM above the split starts at 4 GiB.
+HIGH_BASE_BYTES: Final = 1 << 32
+HIGH_BASE_PFN: Final = HIGH_BASE_BYTES // PAGE_BYTES
+#: The agent's mark at the start of a page it holds: token, then the PFN.
+TOKEN_BYTES: Final = 8
+MARK_BYTES: Final = TOKEN_BYTES + 8
+
+_FALLOC_FL_KEEP_SIZE: Final = 0x01
+_FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+
+def pc_low_ram_bytes(ram_bytes: int) -> int:
+    """How much of ``ram_bytes`` QEMU's pc machine maps below 4 GiB."""
+    return PC_SPLIT_LOW_BYTES if ram_bytes >= PC_MAX_LOW_BYTES else ram_bytes
+
+
+@dataclass(frozen=True)
+class RamLayout:
+    """Where guest RAM sits in guest-physical memory, and where each page is in the file."""
+
+    ram_bytes: int
+    low_bytes: int
+
+    @classmethod
+    def pc(cls, ram_bytes: int) -> RamLayout:
+        if ram_bytes <= 0 or ram_bytes % PAGE_BYTES:
+            raise ValueError(f"guest RAM must be a positive number of pages, got {ram_bytes}")
+        return cls(ram_bytes, pc_low_ram_bytes(ram_bytes))
+
+    @property
+    def low_pages(self) -> int:
+        return self.low_bytes // PAGE_BYTES
+
+    @property
+    def high_pages(self) -> int:
+        return (self.ram_bytes - self.low_bytes) // PAGE_BYTES
+
+    def pfn_to_offset_bytes(self, pfn: int) -> int:
+        """The file offset of guest frame ``pfn``; GuestProtocolError if it is not RAM."""
+        return self.range_offset_bytes(PageRange(pfn, 1))
+
+    def offset_to_pfn(self, offset_bytes: int) -> int:
+        """The guest frame at file offset ``offset_bytes`` (page-aligned, inside the file)."""
+        if offset_bytes % PAGE_BYTES or not 0 <= offset_bytes < self.ram_bytes:
+            raise ValueError(f"not a page offset in guest RAM: {offset_bytes}")
+        page = offset_bytes // PAGE_BYTES
+        return page if page < self.low_pages else HIGH_BASE_PFN + page - self.low_pages
+
+    def range_offset_bytes(self, pages: PageRange) -> int:
+        """The file offset of the first page of ``pages``, which must lie in one RAM region.
+
+        The region's pages are contiguous in the file, so the range is ``pages.count``
+        pages from there.
+        """
+        if pages.start < 0 or pages.count <= 0:
+            raise GuestProtocolError(f"bad page range {pages.start}+{pages.count}")
+        if pages.end <= self.low_pages:
+            return pages.start * PAGE_BYTES
+        high_end = HIGH_BASE_PFN + self.high_pages
+        if pages.start >= HIGH_BASE_PFN and pages.end <= high_end:
+            return self.low_bytes + (pages.start - HIGH_BASE_PFN) * PAGE_BYTES
+        raise GuestProtocolError(
+            f"pages {pages.start:#x}+{pages.count} are not guest RAM ({self.describe()})"
+        )
+
+    def describe(self) -> str:
+        """The guest's RAM as frame ranges, for error messages."""
+        text = f"RAM is frames 0x0-{self.low_pages:#x}"
+        if self.high_pages:
+            text += f" and {HIGH_BASE_PFN:#x}-{HIGH_BASE_PFN + self.high_pages:#x}"
+        return text
+
+
+def page_mark(token: bytes, pfn: int) -> bytes:
+    """What the agent writes at the start of page ``pfn`` while it holds it."""
+    if len(token) != TOKEN_BYTES:
+        raise ValueError(f"a token is {TOKEN_BYTES} bytes, got {len(token)}")
+    return token + pfn.to_bytes(8, "little")
+
+
+class GuestRam:
+    """An agent VM's RAM file, opened for checking and punching. Close it when done."""
+
+    def __init__(self, path: Path, ram_bytes: int) -> None:
+        self.path = path
+        self.layout = RamLayout.pc(ram_bytes)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FatalBackendError(f"guest RAM {path}: {exc.strerror}") from None
+        size_bytes = os.fstat(self._fd).st_size
+        if size_bytes != ram_bytes:
+            os.close(self._fd)
+            raise FatalBackendError(
+                f"guest RAM {path} is {size_bytes} bytes, not the VM's {ram_bytes}"
+            )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> GuestRam:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def check(self, ranges: Iterable[PageRange]) -> None:
+        """GuestProtocolError unless every range is guest RAM, each within one region."""
+        for pages in ranges:
+            self.layout.range_offset_bytes(pages)
+
+    def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
+        """Free the host memory behind every page of ``ranges`` that carries the agent's
+        mark (``token``, then its PFN); returns how many pages were freed.
+
+        All ranges are checked before any page is touched. Pages without the mark (reused
+        by the guest, or already holes, which read as zeros) are left as they are.
+        """
+        if len(token) != TOKEN_BYTES:
+            raise ValueError(f"a token is {TOKEN_BYTES} bytes, got {len(token)}")
+        self.check(ranges)
+        freed_pages = 0
+        for pages in ranges:
+            base = self.layout.range_offset_bytes(pages)
+            for first, count in self._marked_runs(pages, base, token):
+                self._punch_hole(base + first * PAGE_BYTES, count * PAGE_BYTES)
+                freed_pages += count
+        return freed_pages
+
+    def _marked_runs(self, pages: PageRange, base: int, token: bytes) -> Iterator[tuple[int, int]]:
+        """(first index, count) of each run of consecutive marked pages in ``pages``."""
+        run_start = -1
+        for i in range(pages.count):
+            try:
+                head = os.pread(self._fd, MARK_BYTES, base + i * PAGE_BYTES)
+            except OSError as exc:
+                raise FatalBackendError(f"guest RAM {self.path}: {exc.strerror}") from None
+            if head == token + (pages.start + i).to_bytes(8, "little"):
+                if run_start < 0:
+                    run_start = i
+            elif run_start >= 0:
+                yield run_start, i - run_start
+                run_start = -1
+        if run_start >= 0:
+            yield run_start, pages.count - run_start
+
+    def _punch_hole(self, offset_bytes: int, length_bytes: int) -> None:
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _fallocate(self._fd, mode, offset_bytes, length_bytes) != 0:
+            code = ctypes.get_errno()
+            raise FatalBackendError(f"guest RAM {self.path}: punching a hole: {os.strerror(code)}")
+
+    def allocated_bytes(self) -> int:
+        """Host memory the guest's RAM uses now (the file's allocated blocks)."""
+        return os.fstat(self._fd).st_blocks * 512
+
+    def hole_pages(self, ranges: Iterable[PageRange]) -> int:
+        """How many pages of ``ranges`` are holes now: memory the host verifiably has back."""
+        holes_bytes = 0
+        for pages in ranges:
+            start = self.layout.range_offset_bytes(pages)
+            holes_bytes += self._hole_bytes(start, start + pages.count * PAGE_BYTES)
+        return holes_bytes // PAGE_BYTES
+
+    def _hole_bytes(self, start: int, end: int) -> int:
+        """Bytes of [start, end) in holes, walking the file's data with SEEK_DATA/SEEK_HOLE."""
+        total = 0
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data after pos
+                    raise FatalBackendError(f"guest RAM {self.path}: {exc.strerror}") from None
+                data = end
+            data = min(data, end)
+            total += data - pos
+            if data >= end:
+                break
+            pos = os.lseek(self._fd, data, os.SEEK_HOLE)
+        return total
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int

@@ -1,0 +1,171 @@
+"""Host-side reclaim on a real tmpfs file, no VM: the pc layout, the page-mark check,
+punching holes and measuring them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balloonist.driver import PageRange
+from balloonist.errors import FatalBackendError, GuestProtocolError
+from balloonist.qemu.reclaim import (
+    HIGH_BASE_PFN,
+    PAGE_BYTES,
+    GuestRam,
+    RamLayout,
+    page_mark,
+    pc_low_ram_bytes,
+)
+from balloonist.units import GIB, MIB
+
+TOKEN = bytes.fromhex("0123456789abcdef")
+SHM = Path("/dev/shm")
+
+
+# -- the layout ----------------------------------------------------------------------
+
+
+def test_small_guests_are_all_low_memory() -> None:
+    layout = RamLayout.pc(512 * MIB)
+    assert layout.low_bytes == 512 * MIB and layout.high_pages == 0
+    assert layout.pfn_to_offset_bytes(0) == 0
+    assert layout.pfn_to_offset_bytes(1000) == 1000 * PAGE_BYTES
+    last = 512 * MIB // PAGE_BYTES - 1
+    assert layout.pfn_to_offset_bytes(last) == 512 * MIB - PAGE_BYTES
+    for pfn in (last + 1, HIGH_BASE_PFN, -1):
+        with pytest.raises(GuestProtocolError, match=r"not guest RAM|bad page range"):
+            layout.pfn_to_offset_bytes(pfn)
+
+
+def test_the_split_moves_to_3_gib_from_3_5_gib_of_ram() -> None:
+    # hw/i386/pc_piix.c: below max-ram-below-4g (3.5 GiB) nothing is split; at or above
+    # it, gigabyte_align puts the split at 3 GiB ("-m 4G -> 3072M low, 1024M high").
+    assert pc_low_ram_bytes(3 * GIB + 512 * MIB - MIB) == 3 * GIB + 512 * MIB - MIB
+    assert pc_low_ram_bytes(3 * GIB + 512 * MIB) == 3 * GIB
+    layout = RamLayout.pc(4 * GIB)
+    assert (layout.low_bytes, layout.high_pages) == (3 * GIB, GIB // PAGE_BYTES)
+    low_top = 3 * GIB // PAGE_BYTES
+    assert layout.pfn_to_offset_bytes(low_top - 1) == 3 * GIB - PAGE_BYTES
+    assert layout.pfn_to_offset_bytes(HIGH_BASE_PFN) == 3 * GIB
+    assert layout.pfn_to_offset_bytes(HIGH_BASE_PFN + 5) == 3 * GIB + 5 * PAGE_BYTES
+    top = HIGH_BASE_PFN + GIB // PAGE_BYTES
+    assert layout.pfn_to_offset_bytes(top - 1) == 4 * GIB - PAGE_BYTES
+    for pfn in (low_top, HIGH_BASE_PFN - 1, top):  # the PCI hole, and beyond RAM
+        with pytest.raises(GuestProtocolError, match="not guest RAM"):
+            layout.pfn_to_offset_bytes(pfn)
+
+
+def test_ranges_may_not_cross_the_hole_or_leave_ram() -> None:
+    layout = RamLayout.pc(4 * GIB)
+    low_top = 3 * GIB // PAGE_BYTES
+    assert layout.range_offset_bytes(PageRange(low_top - 4, 4)) == 3 * GIB - 4 * PAGE_BYTES
+    bad = [
+        PageRange(low_top - 1, 2),  # into the hole
+        PageRange(HIGH_BASE_PFN - 1, 2),  # out of it
+        PageRange(low_top - 1, HIGH_BASE_PFN - low_top + 2),  # across it
+        PageRange(HIGH_BASE_PFN + GIB // PAGE_BYTES - 1, 2),  # past the top
+        PageRange(0, 0),
+    ]
+    for pages in bad:
+        with pytest.raises(GuestProtocolError):
+            layout.range_offset_bytes(pages)
+
+
+@given(st.integers(min_value=16, max_value=64 * 1024).map(lambda mib: mib * MIB), st.data())
+def test_offsets_and_frames_are_inverse(ram_bytes: int, data: st.DataObject) -> None:
+    layout = RamLayout.pc(ram_bytes)
+    offset = data.draw(st.integers(0, ram_bytes // PAGE_BYTES - 1)) * PAGE_BYTES
+    pfn = layout.offset_to_pfn(offset)
+    assert layout.pfn_to_offset_bytes(pfn) == offset
+    # RAM below 4 GiB never reaches the hole; above, it starts at 4 GiB exactly
+    assert pfn < layout.low_pages or pfn >= HIGH_BASE_PFN
+    assert layout.low_bytes <= 0xE000_0000
+
+
+# -- punching a real file ------------------------------------------------------------
+
+
+@pytest.fixture
+def ram_file() -> Iterator[Path]:
+    if not SHM.is_dir():
+        pytest.skip("no /dev/shm")
+    path = SHM / f"balloonist-test-{os.getpid()}.ram"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def _make_ram(path: Path, ram_bytes: int, pages: dict[int, bytes]) -> None:
+    """A sparse file of ``ram_bytes`` with each page of ``pages`` (offset -> head) written."""
+    with path.open("wb") as fh:
+        fh.truncate(ram_bytes)
+        for offset, head in pages.items():
+            fh.seek(offset)
+            fh.write(head + bytes([offset // PAGE_BYTES % 251]) * (PAGE_BYTES - len(head)))
+
+
+def test_marked_pages_are_punched_and_the_rest_survive(ram_file: Path) -> None:
+    ram_bytes = 16 * MIB
+    marked = set(range(100, 140)) | set(range(200, 210)) | {300}
+    unmarked = {
+        140: b"\0" * 16,  # zeros: never the agent's
+        141: page_mark(TOKEN, 141)[:8] + b"garbage!",  # right token, wrong frame
+        205: page_mark(bytes(8), 205),  # another token, in the middle of a run
+        301: page_mark(TOKEN, 300),  # a copy of another page's mark
+    }
+    pages = {pfn: page_mark(TOKEN, pfn) for pfn in marked if pfn != 205} | unmarked
+    _make_ram(ram_file, ram_bytes, {pfn * PAGE_BYTES: head for pfn, head in pages.items()})
+    ranges = [PageRange(100, 42), PageRange(200, 10), PageRange(300, 2)]
+    with GuestRam(ram_file, ram_bytes) as ram:
+        before = ram.allocated_bytes()
+        assert before == len(pages) * PAGE_BYTES
+        assert ram.hole_pages(ranges) == 54 - len(pages)  # 54 pages asked, a few unwritten
+        freed = ram.punch(ranges, TOKEN)
+        assert freed == len(marked) - 1  # all marked pages except 205
+        assert ram.allocated_bytes() == before - freed * PAGE_BYTES
+        assert ram.hole_pages(ranges) == 54 - len(unmarked)
+        assert ram.punch(ranges, TOKEN) == 0  # holes read as zeros: nothing more to free
+    content = ram_file.read_bytes()
+    assert len(content) == ram_bytes
+    for pfn, head in unmarked.items():
+        page = content[pfn * PAGE_BYTES : (pfn + 1) * PAGE_BYTES]
+        assert page == head + bytes([pfn % 251]) * (PAGE_BYTES - len(head))
+    assert content[100 * PAGE_BYTES : 140 * PAGE_BYTES] == bytes(40 * PAGE_BYTES)
+
+
+def test_high_memory_pages_are_found_above_the_split(ram_file: Path) -> None:
+    ram_bytes = 4 * GIB  # sparse: only the pages written take memory
+    pfns = [HIGH_BASE_PFN, HIGH_BASE_PFN + 1, 3 * GIB // PAGE_BYTES - 1]
+    offsets = [3 * GIB, 3 * GIB + PAGE_BYTES, 3 * GIB - PAGE_BYTES]  # where QEMU keeps them
+    _make_ram(
+        ram_file, ram_bytes, {o: page_mark(TOKEN, p) for o, p in zip(offsets, pfns, strict=True)}
+    )
+    with GuestRam(ram_file, ram_bytes) as ram:
+        assert ram.allocated_bytes() == 3 * PAGE_BYTES
+        ranges = [PageRange(HIGH_BASE_PFN, 2), PageRange(pfns[2], 1)]
+        assert ram.punch(ranges, TOKEN) == 3
+        assert ram.allocated_bytes() == 0
+        assert ram.hole_pages(ranges) == 3
+
+
+def test_a_range_outside_ram_frees_nothing(ram_file: Path) -> None:
+    ram_bytes = 16 * MIB
+    _make_ram(ram_file, ram_bytes, {10 * PAGE_BYTES: page_mark(TOKEN, 10)})
+    with GuestRam(ram_file, ram_bytes) as ram:
+        with pytest.raises(GuestProtocolError, match="not guest RAM"):
+            ram.punch([PageRange(10, 1), PageRange(ram_bytes // PAGE_BYTES, 1)], TOKEN)
+        assert ram.allocated_bytes() == PAGE_BYTES  # checked all before punching any
+        with pytest.raises(ValueError, match="token"):
+            ram.punch([PageRange(10, 1)], b"short")
+
+
+def test_a_file_of_the_wrong_size_or_none_is_refused(ram_file: Path) -> None:
+    with pytest.raises(FatalBackendError, match="guest RAM"):
+        GuestRam(ram_file, 16 * MIB)
+    _make_ram(ram_file, 8 * MIB, {})
+    with pytest.raises(FatalBackendError, match="not the VM's"):
+        GuestRam(ram_file, 16 * MIB)
