@@ -52,6 +52,9 @@ class FakeRam:
     def hole_pages(self, ranges: Sequence[PageRange]) -> int:
         return sum(1 for r in ranges for p in range(r.start, r.end) if p in self.holes)
 
+    def close(self) -> None:
+        pass
+
 
 def hello(seq: int = 0) -> bytes:
     return wire.encode(wire.Hello(seq, 1, "test", 4096, TOKEN))
@@ -89,7 +92,6 @@ def test_a_session_registers_locks_and_unlocks_and_the_size_is_what_the_file_sho
 @pytest.mark.parametrize(
     ("lines", "why"),
     [
-        ([locked(1, (0, 1))], "before hello"),
         ([hello(), locked(1, (0, 1)), locked(1, (5, 1))], "seq"),
         ([hello(), locked(1, (0, 4)), locked(2, (3, 1))], "already in the balloon"),
         ([hello(), unlocked(1, (0, 1))], "not in the balloon"),
@@ -128,6 +130,16 @@ def test_a_new_hello_forgets_the_old_balloon() -> None:
     session = AgentSession("g", FakeRam(), RAM_PAGES)
     feed(session, hello(), locked(1, (0, 8)), hello(0))
     assert session.registered and session.held_pages() == 0
+
+
+def test_after_a_reset_only_hello_counts_and_the_agent_can_report_its_balloon_again() -> None:
+    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    feed(session, hello(), locked(1, (0, 8)))
+    session.reset()  # the host reconnected
+    assert feed(session, locked(2, (8, 8)), unlocked(3, (0, 8))) == []  # in flight: dropped
+    assert session.dropped_before_hello == 2 and not session.violations
+    feed(session, hello(4), locked(5, (0, 8)))  # the agent answers the reset
+    assert session.held_ranges() == [PageRange(0, 8)]
 
 
 def test_an_agent_is_alive_only_while_it_keeps_talking() -> None:
@@ -193,6 +205,7 @@ def test_the_port_follows_the_target_and_reports_verified_sizes(tmp_path: Path) 
     async def scenario() -> None:
         async with guest_and_port(tmp_path, "g") as (guest, port):
             await port.set_target(48 * MIB)  # before hello: sent once the agent registers
+            await until(lambda: guest.received == [wire.Reset(1)])
             await guest.send(hello())
             await until(lambda: any(isinstance(m, wire.Target) for m in guest.received))
             target = next(m for m in guest.received if isinstance(m, wire.Target))

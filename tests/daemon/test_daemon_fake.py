@@ -43,6 +43,11 @@ class FakeVm:
     async def close(self) -> None:
         pass
 
+    def release(self) -> None:
+        pass
+
+    cooperative = True
+
     async def set_target(self, guest_bytes: int) -> None:
         self.target = guest_bytes
         self.targets.append(guest_bytes)

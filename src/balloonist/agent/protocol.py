@@ -114,6 +114,17 @@ class Welcome:
 
 
 @dataclass(frozen=True)
+class Reset:
+    """Host -> guest, first on every connection: the host knows nothing of this agent.
+
+    The agent answers with ``hello`` and then reports every page it still holds as
+    ``locked``, so a restarted daemon finds the balloon where it was.
+    """
+
+    seq: int
+
+
+@dataclass(frozen=True)
 class Target:
     """Host -> guest: the balloon register; the balloon should hold this many pages."""
 
@@ -133,7 +144,7 @@ class Ack:
 
 
 GuestMessage = Union[Hello, Locked, Unlocked, Stats, Error]
-HostMessage = Union[Welcome, Target, Ack]
+HostMessage = Union[Welcome, Reset, Target, Ack]
 Message = Union[GuestMessage, HostMessage]
 
 # -- encoding ------------------------------------------------------------------------
@@ -145,6 +156,7 @@ _TYPE_NAMES: dict[type, str] = {
     Stats: "stats",
     Error: "error",
     Welcome: "welcome",
+    Reset: "reset",
     Target: "target",
     Ack: "ack",
 }
@@ -328,6 +340,7 @@ _FIELDS: dict[type, dict[str, Callable[[object], Any]]] = {
     },
     Error: {"seq": _seq, "code": _code, "message": _text},
     Welcome: {"seq": _seq, "version": _int(1, 1000)},
+    Reset: {"seq": _seq},
     Target: {"seq": _seq, "balloon_pages": _pages},
     Ack: {"seq": _seq, "freed_pages": _pages},
 }
@@ -338,7 +351,12 @@ _GUEST_TYPES: dict[str, type] = {
     "stats": Stats,
     "error": Error,
 }
-_HOST_TYPES: dict[str, type] = {"welcome": Welcome, "target": Target, "ack": Ack}
+_HOST_TYPES: dict[str, type] = {
+    "welcome": Welcome,
+    "reset": Reset,
+    "target": Target,
+    "ack": Ack,
+}
 
 __all__ = [
     "MAX_LINE_BYTES",
@@ -353,6 +371,7 @@ __all__ = [
     "Locked",
     "Message",
     "ProtocolError",
+    "Reset",
     "Stats",
     "Target",
     "Unlocked",

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -66,6 +66,8 @@ class RamFile(Protocol):
     def hole_pages(self, ranges: Sequence[PageRange]) -> int:
         """How many pages of the ranges are holes (freed) right now."""
         ...
+
+    def close(self) -> None: ...
 
 
 class _TokenBucket:
@@ -135,6 +137,7 @@ class AgentSession:
     last_heard_s: float | None = None
     freed_pages_reported: int = 0  # by punches; the verified figure comes from the file
     violations: Counter[str] = field(default_factory=Counter)
+    dropped_before_hello: int = 0
     cut_off_until_s: float = -math.inf
     _held: _HeldPages = field(default_factory=_HeldPages)
     _last_seq: int = -1
@@ -179,18 +182,24 @@ class AgentSession:
         message = wire.decode_guest_message(line)
         if isinstance(message, wire.Hello):
             self._last_seq = -1  # a new session numbers from anything
-        elif not self.registered:
-            raise GuestProtocolError(f"{_kind(message)} before hello")
         if message.seq <= self._last_seq:
             raise GuestProtocolError(f"seq {message.seq} after {self._last_seq}")
         self._last_seq = message.seq
         return message
 
     def handle(self, message: wire.GuestMessage, now_s: float) -> list[wire.HostMessage]:
-        """Act on a decoded message; return what to send back."""
-        self.last_heard_s = now_s
+        """Act on a decoded message; return what to send back.
+
+        Before ``hello`` only ``hello`` counts: what an agent sent before it saw the
+        host's ``reset`` is dropped, not held against it.
+        """
         if isinstance(message, wire.Hello):
+            self.last_heard_s = now_s
             return self._hello(message)
+        if not self.registered:
+            self.dropped_before_hello += 1
+            return []
+        self.last_heard_s = now_s
         if isinstance(message, wire.Locked):
             return [self._ack(self._locked(message.ranges))]
         if isinstance(message, wire.Unlocked):
@@ -212,6 +221,13 @@ class AgentSession:
         self._held.clear()
         log.warning("%s: agent cut off for %.0f s: %s", self.name, CUT_OFF_S, exc)
 
+    def reset(self) -> wire.Reset:
+        """A new connection: forget the agent until it says hello again."""
+        self.token = None
+        self._held.clear()
+        self._out_seq += 1
+        return wire.Reset(self._out_seq)
+
     def target(self, balloon_pages: int) -> wire.Target:
         self._out_seq += 1
         return wire.Target(self._out_seq, max(0, min(balloon_pages, self.memory_pages)))
@@ -221,10 +237,9 @@ class AgentSession:
             raise GuestProtocolError(f"protocol version {hello.version}, host speaks 1")
         if hello.page_size != AGENT_PAGE_SIZE_BYTES:
             raise GuestProtocolError(f"page size {hello.page_size}, host uses 4096")
-        if self.registered:
-            log.info("%s: agent re-registered; its old balloon is forgotten", self.name)
-        # A new agent starts with an empty balloon: the old one's pages went back to the
-        # guest when it exited, and the guest may be using them now.
+        # A new session starts with an empty balloon: a restarted agent's old pages went
+        # back to the guest, which may be using them now; a running agent answering
+        # our reset reports what it still holds right after this.
         self._held.clear()
         self.token = bytes.fromhex(hello.token)
         log.info("%s: agent %s registered", self.name, hello.agent)
@@ -250,23 +265,17 @@ class AgentSession:
         return wire.Ack(self._out_seq, freed_pages)
 
 
-def _kind(message: wire.GuestMessage) -> str:
-    return type(message).__name__.lower()
-
-
 # -- I/O -------------------------------------------------------------------------------
 
 
-class Freezer(Protocol):
-    """Pauses a guest's vCPUs around a punch (QMP ``stop``/``cont``)."""
+class GuestControl(Protocol):
+    """The VM's QMP, for pausing its vCPUs around a punch (``BalloonQMP`` is the real one)."""
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
 
     def frozen(self) -> contextlib.AbstractAsyncContextManager[None]: ...
-
-
-class _NoFreeze:
-    @contextlib.asynccontextmanager
-    async def frozen(self) -> AsyncIterator[None]:
-        yield
 
 
 class AgentPort:
@@ -280,13 +289,16 @@ class AgentPort:
         memory_bytes: int,
         *,
         clock: Callable[[], float],
-        freezer: Freezer | None = None,
+        control: GuestControl | None = None,
     ) -> None:
+        """``control`` pauses the guest around each punch; without it (tests) there is
+        no pause, and only the page marks guard against a page reused meanwhile."""
         self.name = name
         self.socket_path = socket_path
         self.memory_bytes = memory_bytes
         self._clock = clock
-        self._freezer: Freezer = freezer or _NoFreeze()
+        self._control = control
+        self._ram = ram
         self.session = AgentSession(name, ram, memory_bytes // PAGE_SIZE_BYTES)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -296,6 +308,8 @@ class AgentPort:
         now = self._clock()
         if self.session.cut_off(now):
             raise TransientBackendError(f"{self.name}: agent cut off for breaking the protocol")
+        if self._control is not None:
+            await self._control.connect()
         try:
             reader, writer = await asyncio.open_unix_connection(
                 str(self.socket_path), limit=wire.MAX_LINE_BYTES
@@ -306,6 +320,7 @@ class AgentPort:
             ) from exc
         self._writer = writer
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+        await self._send([self.session.reset()])
 
     async def close(self) -> None:
         if self._reader_task is not None:
@@ -318,6 +333,12 @@ class AgentPort:
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
             self._writer = None
+        if self._control is not None:
+            await self._control.close()
+
+    def release(self) -> None:
+        """Close the RAM file too: the VM is no longer managed."""
+        self._ram.close()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while True:
@@ -331,8 +352,8 @@ class AgentPort:
             now = self._clock()
             try:
                 message = self.session.decode(line, now)
-                if isinstance(message, wire.Locked):
-                    async with self._freezer.frozen():
+                if isinstance(message, wire.Locked) and self._control is not None:
+                    async with self._control.frozen():
                         replies = self.session.handle(message, now)
                 else:
                     replies = self.session.handle(message, now)
@@ -408,6 +429,6 @@ __all__ = [
     "SILENCE_TIMEOUT_S",
     "AgentPort",
     "AgentSession",
-    "Freezer",
+    "GuestControl",
     "RamFile",
 ]

@@ -40,12 +40,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from balloonist.daemon.agent_link import AgentPort
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds, GuestPacer
 from balloonist.errors import BackendError, FatalBackendError
 from balloonist.host import HostMemInfo
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading
 from balloonist.qemu.launcher import VMRecord
 from balloonist.qemu.qmp import BalloonQMP, GuestStats
+from balloonist.qemu.reclaim import GuestRam
 from balloonist.units import PAGE_SIZE_BYTES, format_size
 
 log = logging.getLogger("balloonist.daemon")
@@ -57,11 +59,21 @@ SENT_HISTORY = 10_000
 
 
 class VmPort(Protocol):
-    """What the adapter needs of one VM (``BalloonQMP`` is the real one)."""
+    """What the adapter needs of one VM: ``BalloonQMP`` for virtio-balloon VMs,
+    ``AgentPort`` for VMs run through our agent.
+
+    A port lives as long as the VM is managed: ``connect`` and ``close`` may alternate
+    (reconnects), and ``release`` ends it.
+    """
 
     async def connect(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    @property
+    def cooperative(self) -> bool: ...
 
     async def set_target(self, guest_bytes: int) -> None: ...
 
@@ -72,14 +84,26 @@ class VmPort(Protocol):
     async def guest_stats(self) -> GuestStats: ...
 
 
-def qmp_port(record: VMRecord) -> VmPort:
-    return BalloonQMP(Path(record.qmp_socket), name=record.name)
+def vm_port(record: VMRecord, clock: Callable[[], float]) -> VmPort:
+    """The real port for a VM: through its agent if it has one, else virtio-balloon."""
+    qmp = BalloonQMP(Path(record.qmp_socket), name=record.name)
+    if record.agent_socket is None or record.ram_file is None:
+        return qmp
+    return AgentPort(
+        record.name,
+        Path(record.agent_socket),
+        GuestRam(Path(record.ram_file), record.memory_bytes),
+        record.memory_bytes,
+        clock=clock,
+        control=qmp,
+    )
 
 
 @dataclass
 class _Vm:
     record: VMRecord
     port: VmPort | None = None
+    connected: bool = False
     pacer: GuestPacer | None = None
     actual_bytes: int = 0
     stats: GuestStats | None = None
@@ -114,7 +138,7 @@ class QemuHypervisor:
         budget_bytes: int,
         meminfo: Callable[[], HostMemInfo],
         clock: Callable[[], float],
-        connector: Callable[[VMRecord], VmPort] = qmp_port,
+        connector: Callable[[VMRecord], VmPort] | None = None,
         bounds_for: Callable[[VMRecord], Bounds] | None = None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         on_target: Callable[[str, int], None] | None = None,
@@ -122,7 +146,7 @@ class QemuHypervisor:
         self.budget_bytes = budget_bytes
         self._meminfo = meminfo
         self._clock = clock
-        self._connector = connector
+        self._connector = connector or (lambda record: vm_port(record, clock))
         self._bounds_for = bounds_for or (lambda r: Bounds(r.min_bytes, r.max_bytes))
         self._stall_timeout_s = stall_timeout_s
         self._on_target = on_target
@@ -150,7 +174,9 @@ class QemuHypervisor:
     def close(self) -> None:
         for vm in self._vms.values():
             if vm.port is not None:
-                self._loop.run_until_complete(vm.port.close())
+                if vm.connected:
+                    self._loop.run_until_complete(vm.port.close())
+                vm.port.release()
         self._loop.close()
 
     def managed(self) -> list[str]:
@@ -168,7 +194,9 @@ class QemuHypervisor:
         vm = self._vms.pop(name)
         log.warning("%s: %s; no longer managed", name, why)
         if vm.port is not None:
-            self._close_later(vm.port)
+            if vm.connected:
+                self._close_later(vm.port)
+            vm.port.release()
 
     def _close_later(self, port: VmPort) -> None:
         if self._loop.is_running():
@@ -183,12 +211,17 @@ class QemuHypervisor:
         for vm in self._vms.values():
             r = vm.record
             spec = GuestSpec(r.name, r.memory_bytes, r.min_bytes, r.max_bytes, r.shares)
-            if vm.pacer is not None and not vm.pacer.cooperative:
+            if not self._cooperative(vm):
                 # Do not count on memory it will not give: hold it where it is.
                 held = max(r.min_bytes, min(vm.actual_bytes, r.max_bytes))
                 spec = replace(spec, min_bytes=held, max_bytes=held)
             specs.append(spec)
         return specs
+
+    @staticmethod
+    def _cooperative(vm: _Vm) -> bool:
+        pacer_ok = vm.pacer is None or vm.pacer.cooperative
+        return pacer_ok and (vm.port is None or vm.port.cooperative)
 
     def read_host(self) -> HostReading:
         info = self._meminfo()
@@ -227,10 +260,11 @@ class QemuHypervisor:
     async def _sample(self, vm: _Vm) -> GuestSample:
         vm.sampled = False
         if vm.port is None:
-            port = self._connector(vm.record)
-            await port.connect()
-            await port.enable_stats(STATS_INTERVAL_S)
-            vm.port = port
+            vm.port = self._connector(vm.record)
+        if not vm.connected:
+            await vm.port.connect()
+            await vm.port.enable_stats(STATS_INTERVAL_S)
+            vm.connected = True
             log.info("%s: connected", vm.record.name)
         actual = await vm.port.actual_bytes()
         stats = await vm.port.guest_stats()
@@ -255,7 +289,7 @@ class QemuHypervisor:
             active_bytes_observed=vm.observed_bytes,
             free_bytes=stats.free_bytes,
             major_faults=stats.major_faults or 0,
-            cooperative=vm.pacer.cooperative,
+            cooperative=self._cooperative(vm),
         )
 
     def _failed(self, vm: _Vm, exc: BaseException) -> None:
@@ -269,10 +303,10 @@ class QemuHypervisor:
         if vm.record.started_by_us and not vm.record.running():
             self._forget(name, "QEMU exited")
             return
-        # Transient: drop the connection and try a fresh one next period.
-        if vm.port is not None:
+        # Transient: drop the connection and try again next period.
+        if vm.port is not None and vm.connected:
             self._close_later(vm.port)
-            vm.port = None
+        vm.connected = False
         log.warning("%s: %s; will reconnect", name, exc)
 
     async def _apply(self, decision: Decision) -> None:
@@ -281,7 +315,7 @@ class QemuHypervisor:
         sends = []
         for name, vm in self._vms.items():
             target = wanted.get(name)
-            if target is None or not vm.sampled or vm.pacer is None or vm.port is None:
+            if target is None or not vm.sampled or vm.pacer is None or not vm.connected:
                 continue
             available = vm.stats.available_bytes if vm.stats else None
             # The balloon register, exactly as the simulated driver reads it: it carries
@@ -316,4 +350,4 @@ class QemuHypervisor:
                 self._on_target(vm.record.name, sent)
 
 
-__all__ = ["QemuHypervisor", "VmPort", "demand_bytes", "qmp_port"]
+__all__ = ["QemuHypervisor", "VmPort", "demand_bytes", "vm_port"]

@@ -34,9 +34,9 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from balloonist.config import Strict, check_size, read_toml, validate
+from balloonist.config import Strict, check_policy_name, check_size, read_toml, validate
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds
-from balloonist.daemon.qemu_hv import QemuHypervisor, VmPort, qmp_port
+from balloonist.daemon.qemu_hv import QemuHypervisor, VmPort
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo, read_meminfo
 from balloonist.policy import Policy
@@ -73,9 +73,7 @@ class PolicyTable(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in DAEMON_POLICIES:
-            raise ValueError(f"unknown policy {v!r} (choose from {', '.join(DAEMON_POLICIES)})")
-        return v
+        return check_policy_name(v, DAEMON_POLICIES)
 
 
 class VmTable(Strict):
@@ -139,7 +137,7 @@ class Daemon:
         *,
         clock: Callable[[], float] = time.monotonic,
         meminfo: Callable[[], HostMemInfo] = read_meminfo,
-        connector: Callable[[VMRecord], VmPort] = qmp_port,
+        connector: Callable[[VMRecord], VmPort] | None = None,
         on_target: Callable[[str, int], None] | None = None,
         policy: Policy | None = None,
     ) -> None:
