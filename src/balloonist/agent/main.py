@@ -1,0 +1,695 @@
+"""balloonist-agent: the user-level balloon driver inside a Linux guest (patent claim 9).
+
+The agent runs the shared :class:`~balloonist.driver.BalloonDriver` with
+:class:`~balloonist.agent.linux.LinuxKernel` as its ``GuestKernel`` and the host, over a
+virtio-serial port (``docs/agent-protocol.md``), as its ``BalloonChannel``.
+:class:`Agent` is the loop, written so tests drive it one step at a time
+(``run_once``) with a fake port, kernel, pressure and clock; :func:`main` is the
+command line around it.
+
+The link to the host has three states; each change is logged once:
+
+    DOWN        no port open; try to open it every ``retry_s``
+    HELLO_SENT  ``hello`` sent (on opening the port, and again on every ``reset``);
+                wait up to ``welcome_timeout_s`` for the ``welcome`` that answers it
+    UP          a session: ``target`` sets the balloon; ``locked``, ``unlocked``,
+                ``stats`` and ``error`` go out
+
+While not UP the balloon is held where it is (the host may have freed the memory
+behind it, so giving it back could overcommit the host, and growing it would report
+to no one), and ``unlocked`` reports are dropped: no host knows those pages. The token
+is the agent's for its whole life, so a new session can adopt the old balloon: after
+``welcome`` the agent reports every page it still holds as ``locked`` (the protocol's
+rule 4), and the balloon stays where it was until the host sets a target.
+
+The host cuts off a guest that sends more than 100 messages a second on average or
+500 at once; the agent keeps to half of each with a token bucket. Each step may send
+only as many ``locked``/``unlocked`` ranges as the bucket holds messages for, and the
+target the driver sees is limited to match (at worst one page per range).
+
+Each step: read what the host sent (without blocking; a bad line is logged and
+dropped), read the guest's pressure, compute the target the driver sees, adopt old
+pages if a new session still has some to report, step the driver, send stats when
+due, flush. The **pressure guard** keeps the guest's own processes safe from the
+balloon: the driver's target never leaves less than the floor of ``MemAvailable``
+(below it, the balloon gives the shortfall back), and while PSI "some" avg10 is above
+its limit the balloon does not grow. Either condition also cuts the inflation rate.
+The guard only ever lowers the host's target.
+
+On SIGTERM or SIGINT the agent releases every page (reporting them while UP) and
+exits 0. Stdlib only, Python 3.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import logging
+import mmap
+import secrets
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Callable
+
+import balloonist
+from balloonist.agent import protocol as proto
+from balloonist.agent.port import LineStream, PortClosedError, open_port
+from balloonist.agent.pressure import PressureSample, PressureSource
+from balloonist.driver import BalloonDriver, GuestKernel, PageRange, StepResult, count_pages
+from balloonist.errors import BackendError, BalloonistError, ConfigError
+from balloonist.rate import AdaptiveRate, RateLimits
+
+log = logging.getLogger("balloonist.agent")
+
+PROG = "balloonist-agent"
+AGENT_NAME = f"{PROG}/{balloonist.__version__}"
+MIB = 1 << 20
+
+#: The default floor of MemAvailable: the larger of these two. 64 MiB keeps a small
+#: guest's daemons alive; 5 % is about what Linux's own watermarks and a working page
+#: cache need on a large one.
+FLOOR_MIN_BYTES = 64 * MIB
+FLOOR_FRACTION = 0.05
+#: Half the host's limits (100 messages/s on average, bursts of 500): a margin for
+#: clock differences and for the host's own accounting.
+MESSAGES_PER_S = 50.0
+MESSAGE_BURST = 250
+#: Messages a step keeps back from page reports for stats and errors.
+MESSAGE_RESERVE = 4
+#: How long shutdown waits for the final ``unlocked`` reports to leave.
+SHUTDOWN_FLUSH_S = 2.0
+#: The host takes an agent silent (no stats) for 5 s as gone.
+MAX_STATS_S = 4.0
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class Link(enum.Enum):
+    DOWN = "down"
+    HELLO_SENT = "hello-sent"
+    UP = "up"
+
+
+def rate_limits_for_step(step_s: float) -> RateLimits:
+    """The default rate limits (per 1 s step) scaled to ``step_s``: the same MiB per second."""
+    base = RateLimits()
+    min_pages = max(1, round(base.min_pages * step_s))
+    return RateLimits(
+        min_pages=min_pages,
+        max_pages=max(min_pages, round(base.max_pages * step_s)),
+        increase_pages=round(base.increase_pages * step_s),
+        divisor=base.divisor,
+    )
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    step_s: float = 0.2
+    stats_s: float = 1.0
+    #: Keep at least this much MemAvailable; None: FLOOR_MIN_BYTES or FLOOR_FRACTION.
+    floor_bytes: int | None = None
+    #: PSI memory "some" avg10, percent, above which the balloon stops growing.
+    psi_limit_percent: float = 10.0
+    welcome_timeout_s: float = 10.0
+    retry_s: float = 3.0
+    #: At most one ``error`` message (and one warning line) per code in this interval.
+    error_interval_s: float = 10.0
+    page_size_bytes: int = mmap.PAGESIZE
+
+    def floor_for(self, mem_total_bytes: int) -> int:
+        if self.floor_bytes is not None:
+            return self.floor_bytes
+        return max(FLOOR_MIN_BYTES, int(mem_total_bytes * FLOOR_FRACTION))
+
+
+class _HostChannel:
+    """The driver's ``BalloonChannel``: the guarded target in, reports out through the agent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def read_target_pages(self) -> int:
+        return self._agent.driver_target_pages
+
+    def report_locked(self, ranges: Sequence[PageRange]) -> None:
+        self._agent._report_locked(ranges)
+
+    def report_unlocked(self, ranges: Sequence[PageRange]) -> None:
+        self._agent._report_unlocked(ranges)
+
+
+def _merge(ranges: list[PageRange]) -> list[PageRange]:
+    """Sorted, with touching ranges joined (fewer ranges, fewer messages)."""
+    merged: list[PageRange] = []
+    for r in sorted(ranges, key=lambda r: r.start):
+        if merged and merged[-1].end == r.start:
+            merged[-1] = PageRange(merged[-1].start, merged[-1].count + r.count)
+        else:
+            merged.append(r)
+    return merged
+
+
+class Agent:
+    """The agent loop; see the module docstring. ``run_once`` is one step.
+
+    ``token`` (16 hex digits) must be the one ``kernel`` writes into its pages.
+    """
+
+    def __init__(
+        self,
+        open_port: Callable[[], int],
+        kernel: GuestKernel,
+        pressure: PressureSource,
+        clock: Callable[[], float],
+        token: str,
+        config: AgentConfig | None = None,
+        *,
+        rate: AdaptiveRate | None = None,
+    ) -> None:
+        self.config = config or AgentConfig()
+        self.token = token
+        self._open_port = open_port
+        self._pressure = pressure
+        self._clock = clock
+        rate = rate or AdaptiveRate(rate_limits_for_step(self.config.step_s))
+        self.driver = BalloonDriver(kernel, _HostChannel(self), rate)
+        self.link = Link.DOWN
+        self.host_target_pages = 0
+        #: What the driver sees this step: the host's target after the guard and budget.
+        self.driver_target_pages = 0
+        self.guarded = False
+        self.last_sample: PressureSample | None = None
+        #: Diagnostics: disconnects, resets, bad_lines, unexpected, sent (messages),
+        #: freed_pages (as the host acked them), unreported_pages (given back with no
+        #: session), unadopted_pages (given back before a new session heard of them).
+        self.counters: Counter[str] = Counter()
+        self._stream: LineStream | None = None
+        self._seq = 0  # never restarts: increasing across sessions is increasing within
+        self._hellos_unanswered = 0
+        #: The bottom this many pages of the driver's stack are held but unknown to the
+        #: host (adopted from before the session); they are reported from the top down.
+        self._unreported_pages = 0
+        now = clock()
+        self._retry_at = now
+        self._welcome_deadline = 0.0
+        self._next_stats_at = 0.0
+        self._messages = float(MESSAGE_BURST)
+        self._messages_at = now
+        self._quiet_until: dict[str, float] = {}
+        self._last_down_reason = ""
+
+    # -- the step ----------------------------------------------------------------------
+
+    def run_once(self) -> StepResult:
+        now = self._clock()
+        self._refill(now)
+        self._service_link(now)
+        sample = self._read_pressure(now)
+        self.driver_target_pages = self._limited_target(sample, now)
+        self._adopt_old_pages()
+        result = self.driver.step()
+        if result.failed:
+            self._send_error(
+                "alloc-failed", f"got {result.moved_pages} of {result.requested_pages} pages", now
+            )
+        if self.link is Link.UP and now >= self._next_stats_at and self.last_sample is not None:
+            self._send_stats(self.last_sample)
+            self._next_stats_at = now + self.config.stats_s
+        self._flush(now)
+        return result
+
+    def run(self, should_stop: Callable[[], bool], sleep: Callable[[float], None]) -> None:
+        """Step every ``step_s`` until ``should_stop()``; the caller then calls ``close``."""
+        while not should_stop():
+            started = self._clock()
+            self.run_once()
+            delay_s = started + self.config.step_s - self._clock()
+            if delay_s > 0 and not should_stop():
+                sleep(delay_s)
+
+    def close(self) -> None:
+        """Release the whole balloon (reported if a session is up), then close the port."""
+        self.driver.release_all()
+        if self._stream is not None:
+            try:
+                self._stream.drain(SHUTDOWN_FLUSH_S)
+            except PortClosedError as exc:
+                log.warning("at shutdown: %s", exc)
+            self._stream.close()
+            self._stream = None
+        self.link = Link.DOWN
+
+    def report_fatal(self, code: str, message: str) -> None:
+        """Tell the host why the agent stops (best effort; it may not be listening)."""
+        now = self._clock()
+        self._quiet_until.pop(code, None)
+        self._send_error(code, message, now)
+        self._flush(now)
+
+    # -- the link ----------------------------------------------------------------------
+
+    def _service_link(self, now: float) -> None:
+        if self.link is Link.DOWN and now >= self._retry_at:
+            self._connect(now)
+        if self._stream is None:
+            return
+        try:
+            lines = self._stream.read_lines()
+        except PortClosedError as exc:
+            self._disconnect(now, str(exc))
+            return
+        overlong = self._stream.take_overlong_lines()
+        if overlong:
+            self.counters["bad_lines"] += overlong
+            if self._due("bad-line", now):
+                log.warning("dropped %d overlong line(s) from the host", overlong)
+        for line in lines:
+            try:
+                message = proto.decode_host_message(line)
+            except proto.ProtocolError as exc:
+                self.counters["bad_lines"] += 1
+                if self._due("bad-line", now):
+                    log.warning("dropped a bad line from the host: %s", exc)
+                continue
+            self._handle(message, now)
+            if self._stream is None:
+                return
+        if self.link is Link.HELLO_SENT and now >= self._welcome_deadline:
+            self._disconnect(now, f"no welcome within {self.config.welcome_timeout_s:g} s")
+
+    def _connect(self, now: float) -> None:
+        try:
+            fd = self._open_port()
+        except (OSError, BalloonistError) as exc:
+            self._retry_at = now + self.config.retry_s
+            self._note_down(f"cannot open the port: {exc}")
+            return
+        self._stream = LineStream(fd)
+        # Say hello at once: a daemon that connected long ago sent its reset to whoever
+        # had the port then. A daemon connecting now sends a reset too; that gets
+        # another hello, and the session starts when the last hello is answered.
+        self._hello(now)
+
+    def _hello(self, now: float) -> None:
+        self.link = Link.HELLO_SENT
+        self._hellos_unanswered += 1
+        self._welcome_deadline = now + self.config.welcome_timeout_s
+        self._send(
+            proto.Hello(
+                seq=self._next_seq(),
+                version=proto.VERSION,
+                agent=AGENT_NAME,
+                page_size=self.config.page_size_bytes,
+                token=self.token,
+            )
+        )
+
+    def _handle(self, message: proto.HostMessage, now: float) -> None:
+        if isinstance(message, proto.Reset):
+            # The host knows nothing of us (it connected, or restarted): a new session.
+            self.counters["resets"] += 1
+            self._hello(now)
+        elif isinstance(message, proto.Welcome):
+            if self._hellos_unanswered == 0:
+                self.counters["unexpected"] += 1
+                return
+            if message.version != proto.VERSION:
+                self._disconnect(
+                    now, f"the host speaks protocol {message.version}, not {proto.VERSION}"
+                )
+                return
+            self._hellos_unanswered -= 1
+            if self._hellos_unanswered == 0:
+                self._session_up(now)
+        elif isinstance(message, proto.Target):
+            if self.link is not Link.UP:
+                self.counters["unexpected"] += 1
+                return
+            if message.balloon_pages != self.host_target_pages:
+                log.debug("target %d pages", message.balloon_pages)
+            self.host_target_pages = message.balloon_pages
+        else:
+            self.counters["freed_pages"] += message.freed_pages
+
+    def _session_up(self, now: float) -> None:
+        # The host forgot any earlier balloon at hello; adopt ours into the session, and
+        # hold it where it is until the host says otherwise.
+        self.link = Link.UP
+        self._unreported_pages = self.driver.size_pages
+        self.host_target_pages = self.driver.size_pages
+        self._next_stats_at = now
+        self._last_down_reason = ""
+        log.info("session up (adopting a balloon of %d pages)", self.driver.size_pages)
+
+    def _disconnect(self, now: float, reason: str) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self.link = Link.DOWN
+        self._hellos_unanswered = 0
+        self._retry_at = now + self.config.retry_s
+        self.counters["disconnects"] += 1
+        self._note_down(f"{reason}; holding the balloon at {self.driver.size_pages} pages")
+
+    def _note_down(self, reason: str) -> None:
+        # One line per new reason; a host that stays away is not worth a line per retry.
+        if reason != self._last_down_reason:
+            log.info("link down: %s (retrying every %g s)", reason, self.config.retry_s)
+            self._last_down_reason = reason
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    def _refill(self, now: float) -> None:
+        elapsed_s = max(0.0, now - self._messages_at)
+        self._messages = min(float(MESSAGE_BURST), self._messages + elapsed_s * MESSAGES_PER_S)
+        self._messages_at = now
+
+    def _report_budget_ranges(self) -> int:
+        """How many ranges page reports may still carry this step."""
+        messages = max(0, int(self._messages) - MESSAGE_RESERVE)
+        return messages * proto.MAX_RANGES_PER_MESSAGE
+
+    def _send(self, message: proto.GuestMessage) -> None:
+        if self._stream is not None:
+            self._stream.send(proto.encode(message))
+            self._messages -= 1
+            self.counters["sent"] += 1
+
+    def _flush(self, now: float) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.flush()
+            except PortClosedError as exc:
+                self._disconnect(now, str(exc))
+
+    def _send_ranges(
+        self, kind: type[proto.Locked] | type[proto.Unlocked], ranges: list[PageRange]
+    ) -> None:
+        for part in proto.split_ranges(ranges):
+            self._send(kind(seq=self._next_seq(), ranges=part))
+
+    def _report_locked(self, ranges: Sequence[PageRange]) -> None:
+        if self.link is Link.UP:  # the guarded target never grows the balloon otherwise
+            self._send_ranges(proto.Locked, list(ranges))
+
+    def _report_unlocked(self, ranges: Sequence[PageRange]) -> None:
+        if self.link is not Link.UP:
+            self.counters["unreported_pages"] += count_pages(ranges)
+            return
+        known = self._known_part(ranges)
+        if known:
+            self._send_ranges(proto.Unlocked, known)
+            # The driver frees the pages right after this returns: get the report out
+            # first where the port allows (the protocol's rule 3). If it must wait, the
+            # zeroed token still keeps the host from freeing a page the guest reuses.
+            self._flush(self._clock())
+
+    def _known_part(self, released: Sequence[PageRange]) -> list[PageRange]:
+        """The part of pages just popped off the driver's stack that the host knows.
+
+        The driver pops from the top (newest first) and, splitting a range, releases
+        its upper frames; its size is already the size after the pop. Stack positions
+        below ``_unreported_pages`` were never reported to this host.
+        """
+        unreported = self._unreported_pages
+        top = self.driver.size_pages + count_pages(released)
+        known: list[PageRange] = []
+        for r in released:
+            bottom = top - r.count
+            if top > unreported:
+                skip = max(0, unreported - bottom)  # the lowest ``skip`` frames: unknown
+                known.append(PageRange(r.start + skip, r.count - skip))
+            else:
+                self.counters["unadopted_pages"] += r.count
+            top = bottom
+        self._unreported_pages = min(unreported, self.driver.size_pages)
+        return known
+
+    def _adopt_old_pages(self) -> None:
+        """Report, as locked, held pages the session does not know yet, within budget.
+
+        They are the bottom ``_unreported_pages`` of the driver's stack; reporting them
+        from the top down means deflation, which pops the top, meets known pages first.
+        """
+        budget = self._report_budget_ranges()
+        if self.link is not Link.UP or not self._unreported_pages or not budget:
+            return
+        below: list[tuple[int, PageRange]] = []  # (stack position, range) under the mark
+        position = 0
+        for r in self.driver.held:
+            if position >= self._unreported_pages:
+                break
+            below.append((position, r))
+            position += r.count
+        adopted: list[PageRange] = []
+        for position, r in reversed(below):
+            if len(adopted) == budget:
+                break
+            count = min(r.count, self._unreported_pages - position)
+            adopted.append(PageRange(r.start, count))
+            self._unreported_pages = position
+        self._send_ranges(proto.Locked, _merge(adopted))
+
+    def _due(self, key: str, now: float) -> bool:
+        """True at most once per ``error_interval_s`` for each key."""
+        if now < self._quiet_until.get(key, float("-inf")):
+            return False
+        self._quiet_until[key] = now + self.config.error_interval_s
+        return True
+
+    def _send_error(self, code: str, message: str, now: float) -> None:
+        if self.link is Link.UP and self._due(code, now):
+            text = "".join(c if c.isprintable() else "?" for c in message)
+            self._send(proto.Error(seq=self._next_seq(), code=code, message=text[:200]))
+
+    def _send_stats(self, sample: PressureSample) -> None:
+        self._send(
+            proto.Stats(
+                seq=self._next_seq(),
+                balloon_pages=self.driver.size_pages,
+                rate_pages=self.driver.rate.rate_pages,
+                mem_total_bytes=min(sample.mem_total_bytes, _MAX_BYTES),
+                mem_available_bytes=min(sample.mem_available_bytes, _MAX_BYTES),
+                psi_some_avg10=sample.psi_some_avg10,
+                psi_full_avg10=sample.psi_full_avg10,
+                refaults=min(sample.refaults, proto.MAX_COUNTER),
+                swap_in_pages=min(sample.swap_in_pages, proto.MAX_COUNTER),
+                swap_out_pages=min(sample.swap_out_pages, proto.MAX_COUNTER),
+            )
+        )
+
+    # -- the target the driver sees ------------------------------------------------------
+
+    def _read_pressure(self, now: float) -> PressureSample | None:
+        try:
+            sample = self._pressure.read()
+        except BackendError as exc:
+            if self._due("pressure-read", now):
+                log.warning("%s; the balloon will not grow until it can be read", exc)
+            return None
+        self.last_sample = sample
+        return sample
+
+    def _limited_target(self, sample: PressureSample | None, now: float) -> int:
+        """The host's target, lowered by the pressure guard, paced by the message budget."""
+        size = self.driver.size_pages
+        # Without a session, hold: the host may have freed the memory behind the balloon.
+        target = self.host_target_pages if self.link is Link.UP else size
+        target = min(target, self._guard_limit(sample, now))
+        budget = self._report_budget_ranges()
+        if target > size:  # at worst each new page is its own range
+            return min(target, size + budget)
+        if target < size:  # the newest ranges go first; at least one message's worth
+            newest = self.driver.held[-max(budget, proto.MAX_RANGES_PER_MESSAGE) :]
+            return max(target, size - count_pages(newest))
+        return target
+
+    def _guard_limit(self, sample: PressureSample | None, now: float) -> int:
+        """The largest balloon the guest's pressure allows now."""
+        size = self.driver.size_pages
+        if sample is None:
+            return size  # blind: never grow
+        floor = self.config.floor_for(sample.mem_total_bytes)
+        # Floor division rounds a shortfall up to whole pages.
+        headroom_pages = (sample.mem_available_bytes - floor) // self.config.page_size_bytes
+        limit = max(0, size + headroom_pages)
+        psi_high = sample.psi_some_avg10 > self.config.psi_limit_percent
+        if psi_high:
+            limit = min(limit, size)
+        guarded = sample.mem_available_bytes < floor or psi_high
+        if guarded:
+            self.driver.rate.on_failure()
+        if guarded != self.guarded:
+            what = (
+                f"MemAvailable {sample.mem_available_bytes // MIB} MiB (floor {floor // MIB}),"
+                f" PSI some {sample.psi_some_avg10:.1f} % (limit {self.config.psi_limit_percent:g})"
+            )
+            log.info("pressure guard %s: %s", "on" if guarded else "off", what)
+            if guarded:
+                self._send_error("pressure", f"guard on: {what}", now)
+            self.guarded = guarded
+        return limit
+
+
+_MAX_BYTES = proto.MAX_PFN * 4096
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "The balloonist balloon agent: run as root inside a Linux guest. It pins guest"
+            " pages the host asks for, over the virtio-serial port "
+            f"{proto.PORT_NAME}, and gives them back when the guest runs short."
+        ),
+    )
+    parser.add_argument(
+        "--port",
+        type=Path,
+        help=f"the port device (default /dev/virtio-ports/{proto.PORT_NAME}, or the vport"
+        " of that name)",
+    )
+    parser.add_argument("--step-s", type=float, default=0.2, help="seconds per step (0.2)")
+    parser.add_argument(
+        "--stats-s",
+        type=float,
+        default=1.0,
+        help=f"seconds between stats (1, at most {MAX_STATS_S:g})",
+    )
+    parser.add_argument(
+        "--floor-mib",
+        type=int,
+        help="keep at least this many MiB of MemAvailable (default: 64, or 5%% of MemTotal"
+        " if that is more)",
+    )
+    parser.add_argument(
+        "--psi-limit",
+        type=float,
+        default=10.0,
+        help="PSI memory 'some' avg10 (percent) above which the balloon stops growing (10)",
+    )
+    parser.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="leave oom_score_adj and vm.compact_unevictable_allowed alone",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every target")
+    parser.add_argument("--version", action="version", version=AGENT_NAME)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    if not 0.01 <= args.step_s <= 60:
+        raise ConfigError("must be between 0.01 and 60 seconds", where="--step-s")
+    if not 0.01 <= args.stats_s <= MAX_STATS_S:
+        # stats are the heartbeat: the host takes an agent silent for 5 s as gone
+        raise ConfigError(f"must be between 0.01 and {MAX_STATS_S:g} seconds", where="--stats-s")
+    if not 0.0 <= args.psi_limit <= 100.0:
+        raise ConfigError("must be a percentage, 0 to 100", where="--psi-limit")
+    if args.floor_mib is not None and not 0 <= args.floor_mib <= 1 << 30:
+        raise ConfigError("must be a number of MiB, 0 to 2**30", where="--floor-mib")
+    return AgentConfig(
+        step_s=args.step_s,
+        stats_s=args.stats_s,
+        floor_bytes=None if args.floor_mib is None else args.floor_mib * MIB,
+        psi_limit_percent=args.psi_limit,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"{PROG}: %(message)s",
+    )
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except BalloonistError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    except OSError as exc:  # /proc or the port refused in a way we did not foresee
+        _error(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        return EXIT_FAILURE
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here: Linux-only, and --help should work anywhere.
+    from balloonist.agent.linux import prepare_host
+    from balloonist.agent.pressure import ProcPressure
+
+    config = _config(args)
+    pressure = ProcPressure()
+    pressure.read()  # fails now, in one line, if /proc lacks what the guard needs
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    tuning = None if args.no_tune else prepare_host()
+    try:
+        _serve(args.port, config, pressure, lambda: stopping)
+    finally:
+        if tuning is not None:
+            tuning.restore()
+    log.info("stopped; balloon released")
+    return EXIT_OK
+
+
+def _serve(
+    port_path: Path | None,
+    config: AgentConfig,
+    pressure: PressureSource,
+    should_stop: Callable[[], bool],
+) -> None:
+    from balloonist.agent.linux import LinuxKernel, PagemapError
+
+    # One token for the agent's life: a new session adopts the balloon with it.
+    token = secrets.token_hex(8)
+    kernel = LinuxKernel(token)
+    try:
+        kernel.probe()
+        agent = Agent(lambda: open_port(port_path), kernel, pressure, time.monotonic, token, config)
+        log.info("started (%s); waiting for the host", AGENT_NAME)
+        try:
+            agent.run(should_stop, time.sleep)
+        except BalloonistError as exc:
+            agent.report_fatal("pagemap" if isinstance(exc, PagemapError) else "internal", str(exc))
+            raise
+        finally:
+            try:
+                agent.close()
+            except (BalloonistError, RuntimeError) as exc:
+                log.warning("releasing the balloon: %s", exc)
+    finally:
+        kernel.close()

@@ -1,0 +1,162 @@
+"""Fakes for the agent's ports: a host at the other end of a socketpair, a guest kernel
+that hands out frames from a pool, a pressure reading and a clock the test moves."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from balloonist.agent import protocol as proto
+from balloonist.agent.pressure import PressureSample
+from balloonist.driver import PageRange, ranges_from_pages
+from balloonist.errors import TransientBackendError
+from balloonist.units import GIB
+
+PAGE = 4096
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+class FakeKernel:
+    """Frames from a pool; ``limit`` caps one allocation; frees are logged in ``events``."""
+
+    def __init__(self, events: list[str], frames: int = 1 << 20) -> None:
+        self.free = list(range(frames, 0, -1))  # frame 0 is never handed out
+        self.held: set[int] = set()
+        self.limit: int | None = None
+        self.events = events
+
+    def allocate_pages(self, count: int) -> list[PageRange]:
+        n = min(count, len(self.free), self.limit if self.limit is not None else count)
+        taken = [self.free.pop() for _ in range(n)]
+        self.held |= set(taken)
+        return ranges_from_pages(taken)
+
+    def free_pages(self, ranges: Sequence[PageRange]) -> None:
+        for r in ranges:
+            pages = set(range(r.start, r.end))
+            assert pages <= self.held, "freed a page the kernel never gave out"
+            self.held -= pages
+            self.free.extend(pages)
+            self.events.append(f"freed {r.start}+{r.count}")
+
+
+class FakePressure:
+    """A guest of 4 GiB with plenty available and no PSI stall, unless a test says otherwise."""
+
+    def __init__(self) -> None:
+        self.sample = PressureSample(
+            mem_total_bytes=4 * GIB,
+            mem_available_bytes=3 * GIB,
+            psi_some_avg10=0.0,
+            psi_full_avg10=0.0,
+            refaults=7,
+            swap_in_pages=1,
+            swap_out_pages=2,
+        )
+        self.fail = False
+        #: If set, MemAvailable comes from it (e.g. to shrink as the balloon grows).
+        self.available: Callable[[], int] | None = None
+
+    def set(self, **changes: Any) -> None:
+        self.sample = replace(self.sample, **changes)
+
+    def read(self) -> PressureSample:
+        if self.fail:
+            raise TransientBackendError("fake: /proc unreadable")
+        if self.available is not None:
+            return replace(self.sample, mem_available_bytes=self.available())
+        return self.sample
+
+
+class FakeHost:
+    """The host end of one connection. It decodes what the agent sends with the host's
+    own strict decoder, so every agent message in a test is also checked against the
+    protocol."""
+
+    def __init__(self, events: list[str], *, reset: bool = True) -> None:
+        self.sock, agent_end = socket.socketpair()
+        self.sock.setblocking(False)
+        self.agent_fd: int | None = agent_end.detach()
+        self.events = events
+        self.received: list[proto.GuestMessage] = []
+        self._buffer = b""
+        self.eof = False
+        if reset:  # what the real host sends first on every connection
+            self.send(proto.Reset(seq=0))
+
+    def send(self, *messages: proto.HostMessage) -> None:
+        for message in messages:
+            self.sock.sendall(proto.encode(message))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def receive_lines(self) -> list[bytes]:
+        """Every line the agent has written so far (its writes finish inside run_once)."""
+        if self.sock.fileno() < 0:  # closed by the test: the host is gone
+            return []
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except ConnectionResetError:  # the agent closed with our replies unread
+                data = b""
+            if not data:
+                self.eof = True
+                break
+            self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [line + b"\n" for line in lines]
+
+    def receive(self) -> list[proto.GuestMessage]:
+        """Every message the agent has written so far, decoded as the host would."""
+        new: list[proto.GuestMessage] = []
+        for line in self.receive_lines():
+            message = proto.decode_guest_message(line)
+            new.append(message)
+            if isinstance(message, (proto.Locked, proto.Unlocked)):
+                kind = type(message).__name__.lower()
+                self.events.extend(f"{kind} {r.start}+{r.count}" for r in message.ranges)
+        self.received.extend(new)
+        return new
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Ports:
+    """The agent's ``open_port``: hands out queued hosts' ends, else 'no such device'."""
+
+    def __init__(self) -> None:
+        self.queue: list[FakeHost] = []
+        self.opens = 0
+
+    def __call__(self) -> int:
+        self.opens += 1
+        if not self.queue:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        host = self.queue.pop(0)
+        assert host.agent_fd is not None
+        fd, host.agent_fd = host.agent_fd, None
+        return fd
+
+
+def pages_of(messages: Sequence[proto.GuestMessage], kind: type) -> set[int]:
+    """Every page in the ``kind`` (Locked or Unlocked) messages."""
+    pages: set[int] = set()
+    for m in messages:
+        if isinstance(m, (proto.Locked, proto.Unlocked)) and isinstance(m, kind):
+            pages.update(p for r in m.ranges for p in range(r.start, r.end))
+    return pages

@@ -1,0 +1,188 @@
+"""LinuxKernel for real, on this host (root): mmap + mlock + pagemap, a few MiB at a time.
+
+The same code runs inside guests; here the "guest" is the test process itself. VmLck in
+/proc/self/status is the kernel's own count of our locked memory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from balloonist.agent.linux import (
+    CHUNK_PAGES,
+    PAGE_SIZE_BYTES,
+    Libc,
+    LinuxKernel,
+    prepare_host,
+)
+from balloonist.driver import PageRange, count_pages
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0, reason="needs Linux and root (pagemap PFNs)"
+)
+
+TOKEN = "0123456789abcdef"
+MIB_PAGES = (1 << 20) // PAGE_SIZE_BYTES
+
+
+def locked_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    match = re.search(r"^VmLck:\s+(\d+) kB$", status, re.MULTILINE)
+    assert match is not None
+    return int(match.group(1)) * 1024
+
+
+@pytest.fixture
+def kernel() -> Iterator[LinuxKernel]:
+    k = LinuxKernel(TOKEN)
+    yield k
+    k.close()
+
+
+def frames_of(ranges: list[PageRange]) -> list[int]:
+    return [pfn for r in ranges for pfn in range(r.start, r.end)]
+
+
+def test_allocated_pages_are_pinned_marked_and_have_real_frame_numbers(
+    kernel: LinuxKernel,
+) -> None:
+    before = locked_bytes()
+    ranges = kernel.allocate_pages(8 * MIB_PAGES)
+    frames = frames_of(ranges)
+    assert len(frames) == len(set(frames)) == 8 * MIB_PAGES
+    assert 0 not in frames
+    assert locked_bytes() - before == 8 << 20
+    for pfn in frames:
+        assert kernel.read_marks(pfn) == (bytes.fromhex(TOKEN), pfn)
+
+
+def test_freeing_a_sub_range_unlocks_exactly_those_pages(kernel: LinuxKernel) -> None:
+    before = locked_bytes()
+    frames = frames_of(kernel.allocate_pages(4 * MIB_PAGES))
+    # free the middle half, cutting through whatever ranges the kernel gave
+    middle = frames[MIB_PAGES : 3 * MIB_PAGES]
+    kernel.free_pages([PageRange(pfn, 1) for pfn in middle])
+    assert locked_bytes() - before == 2 << 20
+    assert kernel.held_pages == 2 * MIB_PAGES
+    kept = frames[:MIB_PAGES] + frames[3 * MIB_PAGES :]
+    assert all(kernel.read_marks(pfn)[1] == pfn for pfn in kept)
+    kernel.free_pages([PageRange(pfn, 1) for pfn in kept])
+    assert locked_bytes() == before
+    assert kernel.mappings == 0
+
+
+def test_a_large_request_is_split_into_chunks_and_unmapped_when_all_freed(
+    kernel: LinuxKernel,
+) -> None:
+    ranges = kernel.allocate_pages(CHUNK_PAGES + 10)
+    assert count_pages(ranges) == CHUNK_PAGES + 10
+    assert kernel.mappings == 2
+    kernel.free_pages(ranges)
+    assert kernel.mappings == 0 and kernel.held_pages == 0
+
+
+class FailingLock(Libc):
+    """Real mlock until ``budget_bytes`` are locked, then ENOMEM like a guest out of memory."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        super().__init__()
+        self.budget_bytes = budget_bytes
+
+    def mlock(self, address: int, length_bytes: int) -> int:
+        if length_bytes > self.budget_bytes:
+            return errno.ENOMEM
+        self.budget_bytes -= length_bytes
+        return super().mlock(address, length_bytes)
+
+
+def test_out_of_memory_returns_the_pages_pinned_so_far_and_gives_back_the_rest() -> None:
+    before = locked_bytes()
+    kernel = LinuxKernel(TOKEN, memory_lock=FailingLock(budget_bytes=3 << 20))
+    try:
+        ranges = kernel.allocate_pages(16 * MIB_PAGES)
+        # mlock goes in 2 MiB pieces: the first piece fits, the second does not
+        assert count_pages(ranges) == 2 * MIB_PAGES
+        assert locked_bytes() - before == 2 << 20
+        assert kernel.allocate_pages(MIB_PAGES * 2) == []  # 1 MiB of budget left: too little
+        assert locked_bytes() - before == 2 << 20
+        kernel.free_pages(ranges)
+        assert locked_bytes() == before
+        assert kernel.mappings == 0
+    finally:
+        kernel.close()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_without_cap_sys_admin_frame_numbers_read_as_zero_and_fail_clearly() -> None:
+    # A root process without CAP_SYS_ADMIN: pagemap shows pages present with PFN 0.
+    script = (
+        "import re\n"
+        "from balloonist.agent.linux import LinuxKernel, PagemapError\n"
+        f"k = LinuxKernel({TOKEN!r})\n"
+        "try:\n"
+        "    k.allocate_pages(256)\n"
+        "except PagemapError as exc:\n"
+        "    print('refused:', exc)\n"
+        "status = open('/proc/self/status').read()\n"
+        "print('locked:', re.search(r'VmLck:\\s+(\\d+)', status).group(1), k.mappings)\n"
+    )
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_admin", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "refused:" in result.stdout and "CAP_SYS_ADMIN" in result.stdout, result
+    assert "locked: 0 0" in result.stdout  # the chunk was unlocked and unmapped
+
+
+def test_freeing_pages_it_does_not_hold_is_a_bug(kernel: LinuxKernel) -> None:
+    ranges = kernel.allocate_pages(4)
+    with pytest.raises(RuntimeError):
+        kernel.free_pages([PageRange(ranges[0].start, 1), PageRange(ranges[0].start, 1)])
+    with pytest.raises(RuntimeError):
+        kernel.free_pages([PageRange(1, 1)])
+    assert kernel.held_pages == 4  # a refused free changes nothing
+
+
+def test_the_token_must_be_16_lowercase_hex_digits() -> None:
+    for bad in ("0123", "0123456789ABCDEF", "0123456789abcdeg"):
+        with pytest.raises(ValueError):
+            LinuxKernel(bad)
+
+
+def test_close_releases_everything(kernel: LinuxKernel) -> None:
+    before = locked_bytes()
+    kernel.allocate_pages(2 * MIB_PAGES)
+    kernel.close()
+    assert locked_bytes() == before
+
+
+def test_prepare_host_sets_both_knobs_and_restores_compaction(tmp_path: Path) -> None:
+    (tmp_path / "self").mkdir()
+    (tmp_path / "sys/vm").mkdir(parents=True)
+    (tmp_path / "self/oom_score_adj").write_text("0\n")
+    compact = tmp_path / "sys/vm/compact_unevictable_allowed"
+    compact.write_text("1\n")
+    tuning = prepare_host(tmp_path)
+    assert (tmp_path / "self/oom_score_adj").read_text() == "1000\n"
+    assert compact.read_text() == "0\n"
+    tuning.restore()
+    assert compact.read_text() == "1\n"
+
+
+def test_prepare_host_goes_on_when_it_cannot_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prepare_host(tmp_path / "missing").restore()
+    assert "oom_score_adj" in caplog.text
+    assert "compact_unevictable_allowed" in caplog.text
