@@ -7,8 +7,9 @@ Thresholds and timeouts:
 - BALLOON_MIB = 128 and MIN_EFFECT = 0.9: the guest must lose at least 90 % of the
   balloon from its own MemAvailable, and the RAM file at least 90 % of it in
   allocated blocks. For the second, the guest first touches TOUCH_MIB (and frees
-  it), as a guest that has run a while has; a never-touched page frees nothing. Every pinned page is marked, so less means wrong offsets or moved
-  pages; the slack is for what the guest allocates or frees meanwhile.
+  it), as a guest that has run a while has; a never-touched page frees nothing.
+  Every pinned page is marked, so less means wrong offsets or moved pages; the slack
+  is for what the guest allocates or frees meanwhile.
 - REACH_TIMEOUT_S = 90: the agent starts at 4 MiB per 0.2 s step and grows by 16 MiB
   per step, so 128 MiB takes about 2 s of steps; Python starting over 9p under TCG
   takes about 5 s. The rest is room for a loaded CI host without hiding a hang.
