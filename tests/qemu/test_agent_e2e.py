@@ -10,8 +10,8 @@ Thresholds and timeouts:
   it), as a guest that has run a while has; a never-touched page frees nothing.
   Every pinned page is marked, so less means wrong offsets or moved pages; the slack
   is for what the guest allocates or frees meanwhile.
-- REACH_TIMEOUT_S = 90: the agent starts at 4 MiB per 0.2 s step and grows by 16 MiB
-  per step, so 128 MiB takes about 2 s of steps; Python starting over 9p under TCG
+- REACH_TIMEOUT_S = 90: the agent's rate starts at 4 MiB/s and grows by 16 MiB/s with
+  every 0.2 s step that succeeds, so 128 MiB takes about 2 s of steps; Python starting over 9p under TCG
   takes about 5 s. The rest is room for a loaded CI host without hiding a hang.
 - SILENCE_TIMEOUT_S (agent_link): the host takes a silent agent for gone after 5 s.
 """
