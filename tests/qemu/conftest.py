@@ -50,6 +50,18 @@ def guest_assets() -> GuestAssets:
     raise AssertionError("unreachable")
 
 
+#: Files a host-root guest must see: not under /tmp, which the guest mounts its own.
+SHARED_DIR = ROOT / ".cache" / "agent-tests"
+
+
+@pytest.fixture(scope="session")
+def agent_pyz() -> Path:
+    """The shipped agent, built from this tree where host-root guests can run it."""
+    from balloonist.agent.pyz import build_pyz
+
+    return build_pyz(SHARED_DIR / "balloonist-agent.pyz")
+
+
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[launcher.StateDir]:
     # unix socket paths must stay short: tmp_path can be long

@@ -11,8 +11,8 @@ Thresholds and timeouts:
   Every pinned page is marked, so less means wrong offsets or moved pages; the slack
   is for what the guest allocates or frees meanwhile.
 - REACH_TIMEOUT_S = 90: the agent's rate starts at 4 MiB/s and grows by 16 MiB/s with
-  every 0.2 s step that succeeds, so 128 MiB takes about 2 s of steps; Python starting over 9p under TCG
-  takes about 5 s. The rest is room for a loaded CI host without hiding a hang.
+  every 0.2 s step that succeeds, so 128 MiB takes about 2 s of steps; Python starting
+  over 9p under TCG takes about 5 s. The rest is room for a loaded CI host without hiding a hang.
 - SILENCE_TIMEOUT_S (agent_link): the host takes a silent agent for gone after 5 s.
 """
 
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 
-from balloonist.agent.pyz import build_pyz
 from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S, AgentPort
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets, host_python
@@ -37,7 +36,7 @@ from balloonist.qemu.qmp import BalloonQMP
 from balloonist.qemu.reclaim import GuestRam
 from balloonist.units import MIB
 
-from .conftest import BOOT_TIMEOUT_S, ROOT, boot, meminfo_kib, serial_lines, wait_for_line
+from .conftest import BOOT_TIMEOUT_S, SHARED_DIR, boot, meminfo_kib, serial_lines, wait_for_line
 
 pytestmark = pytest.mark.vm
 
@@ -48,18 +47,11 @@ REACH_TIMEOUT_S = 90.0
 #: Touched (and freed) before inflating, so the balloon takes memory the host backs.
 TOUCH_MIB = 250
 SUPERVISOR = Path(__file__).with_name("guest_agent_supervisor.py")
-#: The guest mounts its own /tmp: what it must see of the host lives in the repo.
-SHARED = ROOT / ".cache" / "agent-tests"
-
-
-@pytest.fixture(scope="module")
-def agent_pyz() -> Path:
-    return build_pyz(SHARED / "balloonist-agent.pyz")
 
 
 @pytest.fixture
 def control() -> Iterator[Path]:
-    path = SHARED / f"ctl-{uuid.uuid4().hex[:8]}"
+    path = SHARED_DIR / f"ctl-{uuid.uuid4().hex[:8]}"
     path.mkdir(parents=True)
     yield path
     shutil.rmtree(path, ignore_errors=True)

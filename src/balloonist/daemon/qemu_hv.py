@@ -190,6 +190,10 @@ class QemuHypervisor:
     def sent_targets(self, name: str) -> list[int]:
         return list(self._vms[name].sent)
 
+    def port(self, name: str) -> VmPort | None:
+        """The VM's port, once it has been sampled (for inspection and tests)."""
+        return self._vms[name].port
+
     def _forget(self, name: str, why: str) -> None:
         vm = self._vms.pop(name)
         log.warning("%s: %s; no longer managed", name, why)
