@@ -29,6 +29,9 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
         (["--step-s", "0"], "balloonist-agent: error: --step-s: must be between"),
         (["--stats-s", "-1"], "balloonist-agent: error: --stats-s: must be between"),
         (["--psi-limit", "101"], "balloonist-agent: error: --psi-limit: must be a percentage"),
+        (["--rate-start", "0"], "balloonist-agent: error: --rate-start: must be above 0"),
+        (["--rate-increase", "-1"], "balloonist-agent: error: --rate-increase: must be MiB/s"),
+        (["--rate-max", "2"], "balloonist-agent: error: --rate-max: must not be below"),
     ],
 )
 def test_bad_values_are_one_line_and_exit_2(
@@ -37,6 +40,19 @@ def test_bad_values_are_one_line_and_exit_2(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_rate_flags_set_the_per_step_limits() -> None:
+    from balloonist.agent.main import AgentConfig, rate_limits_for
+    from balloonist.rate import RateLimits
+
+    # the defaults are the shared controller's, per second, scaled to the 0.2 s step
+    default, base = rate_limits_for(AgentConfig()), RateLimits()
+    assert (default.min_pages, default.increase_pages, default.max_pages) == tuple(
+        round(p * 0.2) for p in (base.min_pages, base.increase_pages, base.max_pages)
+    )
+    fast = rate_limits_for(AgentConfig(step_s=0.5, rate_start_mib_s=100, rate_max_mib_s=200))
+    assert (fast.min_pages, fast.max_pages) == (100 * 256 // 2, 200 * 256 // 2)
 
 
 def test_unknown_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

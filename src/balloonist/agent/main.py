@@ -98,15 +98,15 @@ class Link(enum.Enum):
     UP = "up"
 
 
-def rate_limits_for_step(step_s: float) -> RateLimits:
-    """The default rate limits (per 1 s step) scaled to ``step_s``: the same MiB per second."""
-    base = RateLimits()
-    min_pages = max(1, round(base.min_pages * step_s))
+def rate_limits_for(config: AgentConfig) -> RateLimits:
+    """The agent's rate limits, given per second, in pages per step of ``config.step_s``."""
+    per_step = config.step_s * MIB / config.page_size_bytes
+    start = max(1, round(config.rate_start_mib_s * per_step))
     return RateLimits(
-        min_pages=min_pages,
-        max_pages=max(min_pages, round(base.max_pages * step_s)),
-        increase_pages=round(base.increase_pages * step_s),
-        divisor=base.divisor,
+        min_pages=start,
+        max_pages=max(start, round(config.rate_max_mib_s * per_step)),
+        increase_pages=round(config.rate_increase_mib_s * per_step),
+        divisor=RateLimits().divisor,
     )
 
 
@@ -123,6 +123,12 @@ class AgentConfig:
     #: At most one ``error`` message (and one warning line) per code in this interval.
     error_interval_s: float = 10.0
     page_size_bytes: int = mmap.PAGESIZE
+    #: Inflation rate: where it starts (and never falls below), how much each step
+    #: that got all it asked for adds, and its ceiling; MiB per second. The defaults
+    #: are the shared controller's (balloonist.rate.RateLimits).
+    rate_start_mib_s: float = 4.0
+    rate_increase_mib_s: float = 16.0
+    rate_max_mib_s: float = 1024.0
 
     def floor_for(self, mem_total_bytes: int) -> int:
         if self.floor_bytes is not None:
@@ -179,7 +185,7 @@ class Agent:
         self._open_port = open_port
         self._pressure = pressure
         self._clock = clock
-        rate = rate or AdaptiveRate(rate_limits_for_step(self.config.step_s))
+        rate = rate or AdaptiveRate(rate_limits_for(self.config))
         self.driver = BalloonDriver(kernel, _HostChannel(self), rate)
         self.link = Link.DOWN
         self.host_target_pages = 0
@@ -585,6 +591,27 @@ def _parser() -> argparse.ArgumentParser:
         help="PSI memory 'some' avg10 (percent) above which the balloon stops growing (10)",
     )
     parser.add_argument(
+        "--rate-start",
+        type=float,
+        default=AgentConfig.rate_start_mib_s,
+        metavar="MIB_S",
+        help="inflation rate to start from and never fall below, MiB/s (4)",
+    )
+    parser.add_argument(
+        "--rate-increase",
+        type=float,
+        default=AgentConfig.rate_increase_mib_s,
+        metavar="MIB_S",
+        help="added to the rate by every step that got all it asked for, MiB/s (16)",
+    )
+    parser.add_argument(
+        "--rate-max",
+        type=float,
+        default=AgentConfig.rate_max_mib_s,
+        metavar="MIB_S",
+        help="the highest inflation rate, MiB/s (1024)",
+    )
+    parser.add_argument(
         "--no-tune",
         action="store_true",
         help="leave oom_score_adj and vm.compact_unevictable_allowed alone",
@@ -604,7 +631,21 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         raise ConfigError("must be a percentage, 0 to 100", where="--psi-limit")
     if args.floor_mib is not None and not 0 <= args.floor_mib <= 1 << 30:
         raise ConfigError("must be a number of MiB, 0 to 2**30", where="--floor-mib")
+    for flag, value in (
+        ("--rate-start", args.rate_start),
+        ("--rate-increase", args.rate_increase),
+        ("--rate-max", args.rate_max),
+    ):
+        if not 0.0 <= value <= 1 << 20:
+            raise ConfigError("must be MiB/s, 0 to 2**20", where=flag)
+    if args.rate_start <= 0:
+        raise ConfigError("must be above 0", where="--rate-start")
+    if args.rate_max < args.rate_start:
+        raise ConfigError("must not be below --rate-start", where="--rate-max")
     return AgentConfig(
+        rate_start_mib_s=args.rate_start,
+        rate_increase_mib_s=args.rate_increase,
+        rate_max_mib_s=args.rate_max,
         step_s=args.step_s,
         stats_s=args.stats_s,
         floor_bytes=None if args.floor_mib is None else args.floor_mib * MIB,
