@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 GUEST_ASSETS := .cache/guest
+# The in-guest balloon agent, one file to copy into a guest (docs/agent.md).
+AGENT_PYZ ?= build/balloonist-agent.pyz
 
-.PHONY: demo demo-vm test lint typecheck unit bench bench-vm experiments clean vm-deps guest-assets
+.PHONY: demo demo-vm test lint typecheck unit bench bench-vm experiments clean vm-deps guest-assets \
+	agent-pyz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +63,10 @@ bench-vm: $(STAMP) guest-assets
 experiments: $(STAMP)
 	$(BIN)/python -m balloonist.experiments docs/experiments
 
+agent-pyz: $(STAMP)
+	mkdir -p $(dir $(AGENT_PYZ))
+	$(BIN)/balloonist agent-pyz --output $(AGENT_PYZ)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache balloonist-demo $(GUEST_ASSETS)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache balloonist-demo $(GUEST_ASSETS) \
+	  $(AGENT_PYZ)

@@ -5,7 +5,8 @@ that could not be written; 2 bad input (:class:`ConfigError`, argparse usage err
 An error is one line on stderr, ``balloonist: error: <message>``, never a traceback.
 
 Every input is checked (scenario file, policy name, report directory) before the
-simulation starts, so bad input costs nothing and leaves nothing behind.
+simulation starts, so bad input costs nothing and leaves nothing behind. Files are
+written whole or not at all: ``agent-pyz`` builds next to its output and renames.
 
 The simulator is reached through one seam, the :class:`Runner` passed to :func:`main`;
 by default it is ``balloonist.sim.runner.run_scenario``, imported when first needed.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -45,6 +48,7 @@ DEMO_PLOT_NAME: Final = "demo.png"
 #: 90-period run to take about ten seconds, slow enough to watch the balloons move.
 DEMO_PACE_S: Final = 0.1
 MAX_PACE_S: Final = 10.0
+AGENT_PYZ_DEFAULT: Final = Path("balloonist-agent.pyz")
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -185,6 +189,21 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-live", action="store_true", help="plain progress lines")
     sim.set_defaults(command=_cmd_simulate)
 
+    pyz = sub.add_parser(
+        "agent-pyz",
+        help="build balloonist-agent.pyz, the in-guest balloon agent as one file",
+        description="Build the user-level balloon agent as one zipapp to copy into a "
+        "Linux guest and run there as root with python3 >= 3.9 (see docs/agent.md).",
+    )
+    pyz.add_argument(
+        "--output",
+        type=Path,
+        default=AGENT_PYZ_DEFAULT,
+        metavar="PATH",
+        help=f"where to write it; an existing file is replaced (default: ./{AGENT_PYZ_DEFAULT})",
+    )
+    pyz.set_defaults(command=_cmd_agent_pyz)
+
     from balloonist import vmcli
 
     vmcli.add_commands(sub, _plain_command)
@@ -275,6 +294,32 @@ def _cmd_simulate(args: argparse.Namespace, io: _Io) -> int:
     out.print(summary_table(result.summary()))
     if report_dir is not None:
         print(f"report written to {report_dir}", file=io.stdout, flush=True)
+    return EXIT_OK
+
+
+def _cmd_agent_pyz(args: argparse.Namespace, io: _Io) -> int:
+    from balloonist.agent.pyz import build_pyz
+    from balloonist.units import format_size
+
+    out: Path = args.output
+    where = f"--output {out}"
+    if out.is_dir():
+        raise ConfigError("is a directory; give the file's path", where=where)
+    if not out.parent.is_dir():
+        raise ConfigError(f"no directory {out.parent}", where=where)
+    # Built under a hidden name in the same directory and renamed, so the output is a
+    # whole archive or absent, never half of one. O_EXCL: never reuse someone's file;
+    # mode 0o777 less the umask, as any new file (zipapp adds the owner's x bit).
+    staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o777))
+    try:
+        build_pyz(staging)
+        os.replace(staging, out)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    size = format_size(out.stat().st_size)
+    print(f"agent written to {out} ({size})", file=io.stdout, flush=True)
     return EXIT_OK
 
 
