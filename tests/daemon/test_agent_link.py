@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,3 +236,49 @@ def test_a_hostile_guest_is_cut_off_and_the_other_keeps_being_served(tmp_path: P
             assert await good_port.actual_bytes() == 64 * MIB - 256 * PAGE_SIZE_BYTES
 
     asyncio.run(scenario())
+
+
+def test_between_periods_the_daemon_keeps_reading_its_agents(tmp_path: Path) -> None:
+    """A report that arrives while the daemon waits for its next period is handled then."""
+    import socket
+    import threading
+
+    from balloonist.daemon.service import Daemon, DaemonConfig
+    from balloonist.host import HostMemInfo
+    from balloonist.qemu.launcher import StateDir, VMRecord
+    from balloonist.units import GIB
+
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    accepted: list[socket.socket] = []
+    ready = threading.Event()
+
+    def accept() -> None:
+        accepted.append(server.accept()[0])
+        ready.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    state = StateDir(tmp_path / "state")
+    state.save(VMRecord("g", 64 * MIB, 0, 64 * MIB, 1000, "/nonexistent", None, None, None, False))
+    port = AgentPort("g", path, FakeRam(), 64 * MIB, clock=time.monotonic)
+    config = DaemonConfig.model_validate({"daemon": {"budget": "1GiB"}})
+    daemon = Daemon(
+        config,
+        state,
+        meminfo=lambda: HostMemInfo(8 * GIB, 6 * GIB, 0, 0),
+        connector=lambda record: port,
+    )
+    try:
+        daemon.step()  # connects (and sends reset)
+        assert ready.wait(5.0)
+        accepted[0].sendall(hello() + locked(1, (0, 256)))
+        deadline = time.monotonic() + 5.0
+        while port.session.held_pages() != 256 and time.monotonic() < deadline:
+            daemon.idle(0.1)  # no step: only the wait between periods runs
+        assert port.session.held_pages() == 256
+    finally:
+        daemon.hv.close()
+        accepted[0].close()
+        server.close()

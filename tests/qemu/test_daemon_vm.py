@@ -59,7 +59,7 @@ def test_memory_follows_demand_targets_stay_in_bounds_and_a_dead_vm_is_dropped(
             daemon.step()
             if callable(condition) and condition():
                 return True
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+            daemon.idle(max(0.0, 1.0 - (time.monotonic() - started)))
         return False
 
     try:

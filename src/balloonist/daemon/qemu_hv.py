@@ -54,6 +54,8 @@ log = logging.getLogger("balloonist.daemon")
 
 #: Guest statistics polling interval asked of each guest's driver, seconds.
 STATS_INTERVAL_S = 1
+#: How often ``serve`` checks whether to stop, seconds.
+IDLE_SLICE_S = 0.1
 #: Targets remembered per VM (for inspection and tests); older ones are dropped.
 SENT_HISTORY = 10_000
 
@@ -170,6 +172,20 @@ class QemuHypervisor:
                 vm.record = record
                 if vm.pacer is not None:
                     vm.pacer.bounds = self._bounds_for(record)
+
+    def serve(self, seconds: float, stop: Callable[[], bool] = lambda: False) -> None:
+        """Let the ports work for ``seconds`` between periods (or until ``stop()``).
+
+        The event loop runs only while the adapter does: agents' messages are read,
+        and their reports punched, as they arrive, not once a period.
+        """
+
+        async def idle() -> None:
+            deadline = self._loop.time() + seconds
+            while not stop() and (left := deadline - self._loop.time()) > 0:
+                await asyncio.sleep(min(left, IDLE_SLICE_S))
+
+        self._loop.run_until_complete(idle())
 
     def close(self) -> None:
         for vm in self._vms.values():

@@ -185,13 +185,17 @@ class Daemon:
         except BalloonistError as exc:
             log.error("cycle skipped: %s", exc)
 
+    def idle(self, seconds: float, stop: Callable[[], bool] = lambda: False) -> None:
+        """Wait between periods while the VMs' ports keep working (see ``serve``)."""
+        self.hv.serve(seconds, stop)
+
     def run(self, stop: threading.Event) -> None:
         period = self.config.daemon.period_s
         try:
             while not stop.is_set():
                 started = self._clock()
                 self.step()
-                stop.wait(max(0.0, period - (self._clock() - started)))
+                self.idle(max(0.0, period - (self._clock() - started)), stop.is_set)
         finally:
             self.hv.close()
             log.info("stopped; guests keep the memory they have")
