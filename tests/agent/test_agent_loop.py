@@ -345,3 +345,22 @@ def test_close_releases_everything_and_reports_it(rig: Rig) -> None:
     assert pages_of(messages, proto.Unlocked) == locked
     assert rig.kernel.held == set()
     assert host.eof
+
+
+def test_closing_a_fragmented_balloon_stays_within_the_burst(rig: Rig) -> None:
+    """A shutdown must not flood the host (it would cut the guest off): what does not fit
+    the budget goes back to the guest unreported."""
+    rig.kernel.free = list(range(2_000_000, 0, -2))  # no two frames touch
+    rig.agent.driver.rate = AdaptiveRate(RateLimits(min_pages=100_000, max_pages=100_000))
+    host = rig.session()
+    host.send(proto.Target(seq=4, balloon_pages=200_000))
+    rig.run_until(lambda: rig.agent.driver.size_pages > 150_000)
+    held = rig.agent.driver.size_pages
+    rig.clock.now_s += 60  # the budget is full again
+    sent_before = rig.agent.counters["sent"]
+    rig.agent.close()
+    sent_at_close = rig.agent.counters["sent"] - sent_before
+    assert 0 < sent_at_close <= MESSAGE_BURST
+    assert rig.kernel.held == set()  # all of it went back to the guest
+    # a full budget's worth of ranges (one page each here) was reported, the rest not
+    assert 0 < rig.agent.counters["unreported_pages"] < held

@@ -211,6 +211,7 @@ class Agent:
         self._messages_at = now
         self._quiet_until: dict[str, float] = {}
         self._last_down_reason = ""
+        self._closing = False
 
     # -- the step ----------------------------------------------------------------------
 
@@ -242,7 +243,15 @@ class Agent:
                 sleep(delay_s)
 
     def close(self) -> None:
-        """Release the whole balloon (reported if a session is up), then close the port."""
+        """Release the whole balloon (reported if a session is up), then close the port.
+
+        The report stays within the message budget: what does not fit goes back to
+        the guest unreported, as when no session is up. The host keeps counting only
+        what is still a hole in the guest's RAM, so it learns the truth as the guest
+        writes to those pages; and it never sees more than its rate limit allows.
+        """
+        self._refill(self._clock())
+        self._closing = True
         self.driver.release_all()
         if self._stream is not None:
             try:
@@ -416,6 +425,10 @@ class Agent:
             self.counters["unreported_pages"] += count_pages(ranges)
             return
         known = self._known_part(ranges)
+        if self._closing:
+            budget = self._report_budget_ranges()
+            self.counters["unreported_pages"] += count_pages(known[budget:])
+            known = known[:budget]
         if known:
             self._send_ranges(proto.Unlocked, known)
             # The driver frees the pages right after this returns: get the report out

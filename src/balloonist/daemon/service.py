@@ -42,7 +42,7 @@ from balloonist.host import HostMemInfo, read_meminfo
 from balloonist.policy import Policy
 from balloonist.policy.registry import make_policy
 from balloonist.qemu.launcher import StateDir, VMRecord
-from balloonist.scheduler import Scheduler
+from balloonist.scheduler import Cycle, Scheduler
 from balloonist.units import MIB, format_size, parse_size_bytes
 
 log = logging.getLogger("balloonist.daemon")
@@ -177,13 +177,17 @@ class Daemon:
                 log.error("%s: %s; skipped", name, exc)
         return records
 
-    def step(self) -> None:
-        """One period: pick up added or removed VMs, then collect, decide, act."""
+    def step(self) -> Cycle | None:
+        """One period: pick up added or removed VMs, then collect, decide, act.
+
+        Returns what the period saw and decided, or None if it was skipped.
+        """
         self.hv.update_records(self._records())
         try:
-            self.scheduler.step()
+            return self.scheduler.step()
         except BalloonistError as exc:
             log.error("cycle skipped: %s", exc)
+            return None
 
     def idle(self, seconds: float, stop: Callable[[], bool] = lambda: False) -> None:
         """Wait between periods while the VMs' ports keep working (see ``serve``)."""
