@@ -59,6 +59,8 @@ bench-vm: $(STAMP) guest-assets
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_reclaim.py
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_fidelity.py
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_daemon_overhead.py
+	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_agent_inflate.py
+	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_demand.py
 
 experiments: $(STAMP)
 	$(BIN)/python -m balloonist.experiments docs/experiments
