@@ -1,5 +1,5 @@
 """The agent loop with the real LinuxKernel on this host (root): what the fake host is
-told is exactly what the process has pinned, with the token and PFN in every page."""
+told is exactly what the process has pinned, every page filled with its mark."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from balloonist.agent import protocol as proto
-from balloonist.agent.linux import PAGE_SIZE_BYTES, LinuxKernel
+from balloonist.agent.linux import PAGE_SIZE_BYTES, LinuxKernel, page_mark
 from balloonist.agent.main import Agent, AgentConfig, Link
 
 from .fakes import FakeClock, FakeHost, FakePressure, Ports, pages_of
@@ -54,7 +54,7 @@ def test_agent_with_the_real_kernel_reports_what_it_pins() -> None:
         assert len(locked) == TARGET_PAGES
         assert locked_bytes() - before == TARGET_PAGES * PAGE_SIZE_BYTES
         marks = bytes.fromhex(hello.token)
-        assert all(kernel.read_marks(pfn) == (marks, pfn) for pfn in locked)
+        assert all(kernel.read_page(pfn) == page_mark(marks, pfn) for pfn in locked)
 
         host.send(proto.Target(seq=2, balloon_pages=TARGET_PAGES // 3))
         clock.now_s += config.step_s

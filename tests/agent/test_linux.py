@@ -5,6 +5,7 @@ The same code runs inside guests; here the "guest" is the test process itself. V
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
@@ -21,6 +22,7 @@ from balloonist.agent.linux import (
     PAGE_SIZE_BYTES,
     Libc,
     LinuxKernel,
+    page_mark,
     prepare_host,
 )
 from balloonist.driver import PageRange, count_pages
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOKEN = "0123456789abcdef"
+TOKEN_BYTES = bytes.fromhex(TOKEN)
 MIB_PAGES = (1 << 20) // PAGE_SIZE_BYTES
 
 
@@ -60,8 +63,8 @@ def test_allocated_pages_are_pinned_marked_and_have_real_frame_numbers(
     assert len(frames) == len(set(frames)) == 8 * MIB_PAGES
     assert 0 not in frames
     assert locked_bytes() - before == 8 << 20
-    for pfn in frames:
-        assert kernel.read_marks(pfn) == (bytes.fromhex(TOKEN), pfn)
+    for pfn in frames:  # every byte of every page: what the host checks
+        assert kernel.read_page(pfn) == page_mark(TOKEN_BYTES, pfn)
 
 
 def test_freeing_a_sub_range_unlocks_exactly_those_pages(kernel: LinuxKernel) -> None:
@@ -73,7 +76,7 @@ def test_freeing_a_sub_range_unlocks_exactly_those_pages(kernel: LinuxKernel) ->
     assert locked_bytes() - before == 2 << 20
     assert kernel.held_pages == 2 * MIB_PAGES
     kept = frames[:MIB_PAGES] + frames[3 * MIB_PAGES :]
-    assert all(kernel.read_marks(pfn)[1] == pfn for pfn in kept)
+    assert all(kernel.read_page(pfn) == page_mark(TOKEN_BYTES, pfn) for pfn in kept)
     kernel.free_pages([PageRange(pfn, 1) for pfn in kept])
     assert locked_bytes() == before
     assert kernel.mappings == 0
@@ -87,6 +90,37 @@ def test_a_large_request_is_split_into_chunks_and_unmapped_when_all_freed(
     assert kernel.mappings == 2
     kernel.free_pages(ranges)
     assert kernel.mappings == 0 and kernel.held_pages == 0
+
+
+class MarkCheckingLock(Libc):
+    """Real munlock, after recording whether the pages still hold their marks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages_at_munlock: list[bytes] = []
+
+    def munlock(self, address: int, length_bytes: int) -> int:
+        for offset in range(0, length_bytes, PAGE_SIZE_BYTES):
+            self.pages_at_munlock.append(ctypes.string_at(address + offset, PAGE_SIZE_BYTES))
+        return super().munlock(address, length_bytes)
+
+
+def test_freeing_leaves_the_marks_in_place() -> None:
+    # Freeing is munlock, then MADV_DONTNEED: up to munlock the pages must be untouched
+    # (writing to a page the host has punched would make the host back it again).
+    before = locked_bytes()
+    spy = MarkCheckingLock()
+    kernel = LinuxKernel(TOKEN, memory_lock=spy)
+    try:
+        frames = frames_of(kernel.allocate_pages(MIB_PAGES))
+        marks = [page_mark(TOKEN_BYTES, pfn) for pfn in frames]
+        spy.pages_at_munlock.clear()
+        kernel.free_pages([PageRange(pfn, 1) for pfn in frames[::2]])
+        kernel.free_pages([PageRange(pfn, 1) for pfn in frames[1::2]])
+        assert sorted(spy.pages_at_munlock) == sorted(marks)
+        assert locked_bytes() == before and kernel.mappings == 0 and kernel.held_pages == 0
+    finally:
+        kernel.close()
 
 
 class FailingLock(Libc):

@@ -6,13 +6,14 @@ without the agent:
 1. maps MIB of anonymous memory, without transparent huge pages, and mlocks it (which
    faults every page in); mlocked pages are not migrated once
    ``vm.compact_unevictable_allowed`` is 0, so their frames stay put;
-2. reads each page's frame number (PFN) from /proc/self/pagemap and writes the agent's
-   mark at the start of the page: the token (8 bytes), then the PFN (8 bytes LE);
+2. reads each page's frame number (PFN) from /proc/self/pagemap and fills the page with
+   the agent's mark: the token (8 bytes), then the PFN (8 bytes LE), repeated over all
+   4096 bytes (``page_mark``, the same as the agent's and the host's; a host test checks);
 3. writes one JSON line ``{"token": HEX, "ranges": [[start, count], ...]}`` to the
    virtio-serial port /dev/virtio-ports/PORT_NAME;
-4. waits for a line back from the host (sent after it punched), counts the pages whose
-   first 16 bytes now read as zeros, prints ``GUEST-LOCK zeroed=N of=M``, and holds the
-   memory until the VM stops.
+4. waits for a line back from the host (sent after it punched), counts the pages that
+   now read as all zeros, prints ``GUEST-LOCK zeroed=N of=M``, and holds the memory
+   until the VM stops.
 
 Usage: python3 guest_lock_pages.py MIB TOKEN_HEX PORT_NAME
 """
@@ -29,6 +30,13 @@ import time
 PAGE_BYTES = 4096
 PFN_MASK = (1 << 55) - 1
 PRESENT = 1 << 63
+
+
+def page_mark(token: bytes, pfn: int) -> bytes:
+    """All of page ``pfn`` while the agent holds it: token + PFN (8 bytes LE), repeated."""
+    if len(token) != 8:
+        raise ValueError(f"a token is 8 bytes, got {len(token)}")
+    return (token + pfn.to_bytes(8, "little")) * (PAGE_BYTES // 16)
 
 
 def main(argv: list[str]) -> int:
@@ -55,7 +63,7 @@ def main(argv: list[str]) -> int:
         return 1
     pfns = [entry & PFN_MASK for entry in entries]
     for i, pfn in enumerate(pfns):
-        memory[i * PAGE_BYTES : i * PAGE_BYTES + 16] = token + pfn.to_bytes(8, "little")
+        memory[i * PAGE_BYTES : (i + 1) * PAGE_BYTES] = page_mark(token, pfn)
     ranges: list[list[int]] = []
     for pfn in sorted(pfns):
         if ranges and ranges[-1][0] + ranges[-1][1] == pfn:
@@ -66,8 +74,9 @@ def main(argv: list[str]) -> int:
     with open(f"/dev/virtio-ports/{port_name}", "r+b", buffering=0) as port:
         port.write(json.dumps({"token": token_hex, "ranges": ranges}).encode() + b"\n")
         port.readline()
+    zero_page = bytes(PAGE_BYTES)
     zeroed = sum(
-        1 for i in range(count) if memory[i * PAGE_BYTES : i * PAGE_BYTES + 16] == bytes(16)
+        1 for i in range(count) if memory[i * PAGE_BYTES : (i + 1) * PAGE_BYTES] == zero_page
     )
     print(f"GUEST-LOCK zeroed={zeroed} of={count}", flush=True)
     while True:

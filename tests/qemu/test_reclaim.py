@@ -1,5 +1,5 @@
-"""Host-side reclaim on a real tmpfs file, no VM: the pc layout, the page-mark check,
-punching holes and measuring them."""
+"""Host-side reclaim on a real tmpfs file, no VM: the pc layout, the page mark and the
+check of it, punching holes and measuring them."""
 
 from __future__ import annotations
 
@@ -11,17 +11,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from balloonist.agent import linux as agent_linux
 from balloonist.driver import PageRange
 from balloonist.errors import FatalBackendError, GuestProtocolError
 from balloonist.qemu.reclaim import (
     HIGH_BASE_PFN,
     PAGE_BYTES,
+    READ_PAGES,
     GuestRam,
     RamLayout,
     page_mark,
     pc_low_ram_bytes,
 )
 from balloonist.units import GIB, MIB
+
+from . import guest_lock_pages
 
 TOKEN = bytes.fromhex("0123456789abcdef")
 SHM = Path("/dev/shm")
@@ -87,6 +91,24 @@ def test_offsets_and_frames_are_inverse(ram_bytes: int, data: st.DataObject) -> 
     assert layout.low_bytes <= 0xE000_0000
 
 
+# -- the mark ------------------------------------------------------------------------
+
+
+@given(st.binary(min_size=8, max_size=8), st.integers(0, (1 << 55) - 1))
+def test_host_agent_and_test_guest_agree_on_the_mark(token: bytes, pfn: int) -> None:
+    mark = page_mark(token, pfn)
+    assert len(mark) == PAGE_BYTES
+    assert mark == (token + pfn.to_bytes(8, "little")) * (PAGE_BYTES // 16)
+    assert agent_linux.page_mark(token, pfn) == mark  # the agent's own copy
+    assert guest_lock_pages.page_mark(token, pfn) == mark  # the VM test's guest script
+
+
+def test_a_mark_needs_an_8_byte_token() -> None:
+    for make in (page_mark, agent_linux.page_mark):
+        with pytest.raises(ValueError, match="token"):
+            make(b"short", 1)
+
+
 # -- punching a real file ------------------------------------------------------------
 
 
@@ -99,25 +121,34 @@ def ram_file() -> Iterator[Path]:
     path.unlink(missing_ok=True)
 
 
+def _page(head: bytes, offset: int) -> bytes:
+    """``head``, then the rest of the page filled with a byte that depends on ``offset``."""
+    return head + bytes([offset // PAGE_BYTES % 251]) * (PAGE_BYTES - len(head))
+
+
 def _make_ram(path: Path, ram_bytes: int, pages: dict[int, bytes]) -> None:
     """A sparse file of ``ram_bytes`` with each page of ``pages`` (offset -> head) written."""
     with path.open("wb") as fh:
         fh.truncate(ram_bytes)
         for offset, head in pages.items():
             fh.seek(offset)
-            fh.write(head + bytes([offset // PAGE_BYTES % 251]) * (PAGE_BYTES - len(head)))
+            fh.write(_page(head, offset))
 
 
 def test_marked_pages_are_punched_and_the_rest_survive(ram_file: Path) -> None:
     ram_bytes = 16 * MIB
+    tampered = bytearray(page_mark(TOKEN, 207))
+    tampered[3000] ^= 0xFF  # reused: written once, far from the start
     marked = set(range(100, 140)) | set(range(200, 210)) | {300}
     unmarked = {
         140: b"\0" * 16,  # zeros: never the agent's
         141: page_mark(TOKEN, 141)[:8] + b"garbage!",  # right token, wrong frame
         205: page_mark(bytes(8), 205),  # another token, in the middle of a run
+        207: bytes(tampered),  # the mark but for one byte
+        208: page_mark(TOKEN, 208)[:16],  # the first 16 bytes right, the rest not
         301: page_mark(TOKEN, 300),  # a copy of another page's mark
     }
-    pages = {pfn: page_mark(TOKEN, pfn) for pfn in marked if pfn != 205} | unmarked
+    pages = {pfn: page_mark(TOKEN, pfn) for pfn in marked - unmarked.keys()} | unmarked
     _make_ram(ram_file, ram_bytes, {pfn * PAGE_BYTES: head for pfn, head in pages.items()})
     ranges = [PageRange(100, 42), PageRange(200, 10), PageRange(300, 2)]
     with GuestRam(ram_file, ram_bytes) as ram:
@@ -125,7 +156,7 @@ def test_marked_pages_are_punched_and_the_rest_survive(ram_file: Path) -> None:
         assert before == len(pages) * PAGE_BYTES
         assert ram.hole_pages(ranges) == 54 - len(pages)  # 54 pages asked, a few unwritten
         freed = ram.punch(ranges, TOKEN)
-        assert freed == len(marked) - 1  # all marked pages except 205
+        assert freed == len(marked - unmarked.keys())  # not 205, 207 or 208
         assert ram.allocated_bytes() == before - freed * PAGE_BYTES
         assert ram.hole_pages(ranges) == 54 - len(unmarked)
         assert ram.punch(ranges, TOKEN) == 0  # holes read as zeros: nothing more to free
@@ -133,8 +164,27 @@ def test_marked_pages_are_punched_and_the_rest_survive(ram_file: Path) -> None:
     assert len(content) == ram_bytes
     for pfn, head in unmarked.items():
         page = content[pfn * PAGE_BYTES : (pfn + 1) * PAGE_BYTES]
-        assert page == head + bytes([pfn % 251]) * (PAGE_BYTES - len(head))
+        assert page == _page(head, pfn * PAGE_BYTES)
     assert content[100 * PAGE_BYTES : 140 * PAGE_BYTES] == bytes(40 * PAGE_BYTES)
+
+
+def test_long_ranges_are_read_in_pieces_and_runs_cross_them(ram_file: Path) -> None:
+    ram_bytes = 16 * MIB
+    first, count = 50, 2 * READ_PAGES + 7  # three reads, the last short
+    # unmarked pages at each read's edges; the run from READ_PAGES + 4 crosses a read
+    kept = {first + i for i in (0, 5, READ_PAGES - 1, READ_PAGES, READ_PAGES + 3, count - 1)}
+    pages = {
+        pfn * PAGE_BYTES: b"\0" * 16 if pfn in kept else page_mark(TOKEN, pfn)
+        for pfn in range(first, first + count)
+    }
+    _make_ram(ram_file, ram_bytes, pages)
+    with GuestRam(ram_file, ram_bytes) as ram:
+        assert ram.punch([PageRange(first, count)], TOKEN) == count - len(kept)
+        assert ram.allocated_bytes() == len(kept) * PAGE_BYTES
+    content = ram_file.read_bytes()
+    for pfn in range(first, first + count):
+        page = content[pfn * PAGE_BYTES : (pfn + 1) * PAGE_BYTES]
+        assert page == (_page(b"\0" * 16, pfn * PAGE_BYTES) if pfn in kept else bytes(PAGE_BYTES))
 
 
 def test_high_memory_pages_are_found_above_the_split(ram_file: Path) -> None:

@@ -433,7 +433,8 @@ class Agent:
             self._send_ranges(proto.Unlocked, known)
             # The driver frees the pages right after this returns: get the report out
             # first where the port allows (the protocol's rule 3). If it must wait, the
-            # zeroed token still keeps the host from freeing a page the guest reuses.
+            # full-page mark still keeps the host from freeing a page the guest has
+            # reused and written.
             self._flush(self._clock())
 
     def _known_part(self, released: Sequence[PageRange]) -> list[PageRange]:

@@ -7,13 +7,15 @@ page on the host. The guest keeps the page mapped: if it ever touches it again, 
 reads zeros, and a write gets a fresh page.
 
 A guest is not trusted, so before freeing a page the host checks that the page says it
-is one the agent holds: the agent writes its session token (8 bytes) and the page's own
-PFN (8 bytes, little-endian) at the start of every page it holds. A page that says
-anything else was never the agent's, or has been reused, and is left alone. This does
-not make a lying guest harmless to itself (between the check and the punch the guest
-could write to the page, and lose what it wrote), but it cannot make the host free a
-page the guest did not mark, and the protocol's rule that the agent reports pages
-*unlocked* before it reuses them leaves an honest guest nothing to lose.
+is one the agent holds: the agent fills every page it holds with its mark, its session
+token (8 bytes) and the page's own PFN (8 bytes, little-endian), over and over, all
+4096 bytes (:func:`page_mark`). A page that differs anywhere was never the agent's, or
+has been reused and written since, and is left alone; a reused page not yet written
+anywhere holds nothing anyone needs. This does not make a lying guest harmless to
+itself (between the check and the punch the guest could write to the page, and lose
+what it wrote), but it cannot make the host free a page the guest did not mark; and
+the daemon checks and punches with the guest's vCPUs paused (docs/agent-protocol.md,
+rule 2), which leaves an honest guest nothing to lose.
 
 Frame numbers map to file offsets with the layout of QEMU's ``pc`` (i440fx) machine,
 which the launcher gives every agent VM: RAM below 4 GiB ends at ``low_bytes``; the
@@ -43,9 +45,11 @@ PC_SPLIT_LOW_BYTES: Final = 0xC000_0000
 #: RAM above the split starts at 4 GiB.
 HIGH_BASE_BYTES: Final = 1 << 32
 HIGH_BASE_PFN: Final = HIGH_BASE_BYTES // PAGE_BYTES
-#: The agent's mark at the start of a page it holds: token, then the PFN.
+#: The agent's mark fills a page it holds: token, then the PFN, repeated.
 TOKEN_BYTES: Final = 8
-MARK_BYTES: Final = TOKEN_BYTES + 8
+MARK_UNIT_BYTES: Final = TOKEN_BYTES + 8
+#: Pages checked per read of the RAM file (1 MiB).
+READ_PAGES: Final = 256
 
 _FALLOC_FL_KEEP_SIZE: Final = 0x01
 _FALLOC_FL_PUNCH_HOLE: Final = 0x02
@@ -114,10 +118,14 @@ class RamLayout:
 
 
 def page_mark(token: bytes, pfn: int) -> bytes:
-    """What the agent writes at the start of page ``pfn`` while it holds it."""
+    """All of page ``pfn`` while the agent holds it: token + PFN (8 bytes LE), repeated.
+
+    The agent (stdlib only, it cannot import this) has its own copy,
+    ``balloonist.agent.linux.page_mark``; a test checks that the two agree.
+    """
     if len(token) != TOKEN_BYTES:
         raise ValueError(f"a token is {TOKEN_BYTES} bytes, got {len(token)}")
-    return token + pfn.to_bytes(8, "little")
+    return (token + pfn.to_bytes(8, "little")) * (PAGE_BYTES // MARK_UNIT_BYTES)
 
 
 class GuestRam:
@@ -156,11 +164,12 @@ class GuestRam:
             self.layout.range_offset_bytes(pages)
 
     def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
-        """Free the host memory behind every page of ``ranges`` that carries the agent's
-        mark (``token``, then its PFN); returns how many pages were freed.
+        """Free the host memory behind every page of ``ranges`` that is exactly the agent's
+        mark (:func:`page_mark`, all 4096 bytes); returns how many pages were freed.
 
-        All ranges are checked before any page is touched. Pages without the mark (reused
-        by the guest, or already holes, which read as zeros) are left as they are.
+        All ranges are checked before any page is touched. Pages that differ anywhere
+        (reused and written by the guest, or already holes, which read as zeros) are
+        left as they are.
         """
         if len(token) != TOKEN_BYTES:
             raise ValueError(f"a token is {TOKEN_BYTES} bytes, got {len(token)}")
@@ -175,20 +184,34 @@ class GuestRam:
 
     def _marked_runs(self, pages: PageRange, base: int, token: bytes) -> Iterator[tuple[int, int]]:
         """(first index, count) of each run of consecutive marked pages in ``pages``."""
+        buffer = bytearray(min(pages.count, READ_PAGES) * PAGE_BYTES)  # reused for each read
         run_start = -1
-        for i in range(pages.count):
-            try:
-                head = os.pread(self._fd, MARK_BYTES, base + i * PAGE_BYTES)
-            except OSError as exc:
-                raise FatalBackendError(f"guest RAM {self.path}: {exc.strerror}") from None
-            if head == token + (pages.start + i).to_bytes(8, "little"):
-                if run_start < 0:
-                    run_start = i
-            elif run_start >= 0:
-                yield run_start, i - run_start
-                run_start = -1
+        for first in range(0, pages.count, READ_PAGES):
+            count = min(READ_PAGES, pages.count - first)
+            self._read_into(buffer, count * PAGE_BYTES, base + first * PAGE_BYTES)
+            for i in range(first, first + count):
+                # startswith at an offset compares in place (memcmp), without a copy
+                if buffer.startswith(page_mark(token, pages.start + i), (i - first) * PAGE_BYTES):
+                    if run_start < 0:
+                        run_start = i
+                elif run_start >= 0:
+                    yield run_start, i - run_start
+                    run_start = -1
         if run_start >= 0:
             yield run_start, pages.count - run_start
+
+    def _read_into(self, buffer: bytearray, length_bytes: int, offset_bytes: int) -> None:
+        """Fill ``buffer[:length_bytes]`` from the file at ``offset_bytes``."""
+        done = 0
+        with memoryview(buffer) as view:
+            while done < length_bytes:
+                try:
+                    got = os.preadv(self._fd, [view[done:length_bytes]], offset_bytes + done)
+                except OSError as exc:
+                    raise FatalBackendError(f"guest RAM {self.path}: {exc.strerror}") from None
+                if got == 0:
+                    raise FatalBackendError(f"guest RAM {self.path}: shorter than the VM's RAM")
+                done += got
 
     def _punch_hole(self, offset_bytes: int, length_bytes: int) -> None:
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
