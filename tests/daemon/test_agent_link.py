@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +25,12 @@ from balloonist.daemon.agent_link import (
     AgentPort,
     AgentSession,
 )
+from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.driver import PageRange
 from balloonist.errors import GuestProtocolError, TransientBackendError
-from balloonist.units import MIB, PAGE_SIZE_BYTES
+from balloonist.host import HostMemInfo
+from balloonist.qemu.launcher import StateDir, VMRecord
+from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
 
 TOKEN = "00112233aabbccdd"
 RAM_PAGES = 64 * MIB // PAGE_SIZE_BYTES
@@ -238,47 +243,93 @@ def test_a_hostile_guest_is_cut_off_and_the_other_keeps_being_served(tmp_path: P
     asyncio.run(scenario())
 
 
-def test_between_periods_the_daemon_keeps_reading_its_agents(tmp_path: Path) -> None:
-    """A report that arrives while the daemon waits for its next period is handled then."""
-    import socket
-    import threading
+class ThreadedGuest:
+    """QEMU's end of an agent socket for a daemon that runs its own event loop."""
 
-    from balloonist.daemon.service import Daemon, DaemonConfig
-    from balloonist.host import HostMemInfo
-    from balloonist.qemu.launcher import StateDir, VMRecord
-    from balloonist.units import GIB
+    def __init__(self, path: Path) -> None:
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen(1)
+        self.conn: socket.socket | None = None
+        self.accepted = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    path = tmp_path / "agent.sock"
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen(1)
-    accepted: list[socket.socket] = []
-    ready = threading.Event()
+    def _accept(self) -> None:
+        self.conn = self.server.accept()[0]
+        self.accepted.set()
 
-    def accept() -> None:
-        accepted.append(server.accept()[0])
-        ready.set()
+    def send(self, *lines: bytes) -> None:
+        assert self.accepted.wait(5.0) and self.conn is not None
+        self.conn.sendall(b"".join(lines))
 
-    threading.Thread(target=accept, daemon=True).start()
+    def received(self) -> list[wire.HostMessage]:
+        """Everything the host has sent so far."""
+        assert self.conn is not None
+        self.conn.setblocking(False)
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := self.conn.recv(1 << 16):
+                data += chunk
+        return [wire.decode_host_message(line + b"\n") for line in data.split(b"\n") if line]
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.close()
+
+
+def daemon_over(tmp_path: Path, names: Sequence[str]) -> tuple[Daemon, dict[str, AgentPort]]:
+    """A daemon over agent VMs of 64 MiB whose ports are ``AgentPort``s on fake RAM."""
     state = StateDir(tmp_path / "state")
-    state.save(VMRecord("g", 64 * MIB, 0, 64 * MIB, 1000, "/nonexistent", None, None, None, False))
-    port = AgentPort("g", path, FakeRam(), 64 * MIB, clock=time.monotonic)
-    config = DaemonConfig.model_validate({"daemon": {"budget": "1GiB"}})
+    ports = {}
+    for name in names:
+        state.save(VMRecord(name, 64 * MIB, 0, 64 * MIB, 1000, "/none", None, None, None, False))
+        ports[name] = AgentPort(
+            name, tmp_path / f"{name}.sock", FakeRam(), 64 * MIB, clock=time.monotonic
+        )
+    config = DaemonConfig.model_validate({"daemon": {"budget": "96MiB"}})
     daemon = Daemon(
         config,
         state,
         meminfo=lambda: HostMemInfo(8 * GIB, 6 * GIB, 0, 0),
-        connector=lambda record: port,
+        connector=lambda record: ports[record.name],
     )
+    return daemon, ports
+
+
+def test_between_periods_the_daemon_keeps_reading_its_agents(tmp_path: Path) -> None:
+    """A report that arrives while the daemon waits for its next period is handled then."""
+    guest = ThreadedGuest(tmp_path / "g.sock")
+    daemon, ports = daemon_over(tmp_path, ["g"])
     try:
         daemon.step()  # connects (and sends reset)
-        assert ready.wait(5.0)
-        accepted[0].sendall(hello() + locked(1, (0, 256)))
+        guest.send(hello() + locked(1, (0, 256)))
         deadline = time.monotonic() + 5.0
-        while port.session.held_pages() != 256 and time.monotonic() < deadline:
+        while ports["g"].session.held_pages() != 256 and time.monotonic() < deadline:
             daemon.idle(0.1)  # no step: only the wait between periods runs
-        assert port.session.held_pages() == 256
+        assert ports["g"].session.held_pages() == 256
     finally:
         daemon.hv.close()
-        accepted[0].close()
-        server.close()
+        guest.close()
+
+
+def test_a_hostile_agent_is_cut_off_and_the_daemon_serves_the_others(tmp_path: Path) -> None:
+    guests = {name: ThreadedGuest(tmp_path / f"{name}.sock") for name in ("bad", "good")}
+    daemon, ports = daemon_over(tmp_path, list(guests))
+    try:
+        daemon.step()
+        guests["good"].send(hello())
+        guests["bad"].send(hello(), locked(1, (RAM_PAGES + 10, 1)))  # not its RAM
+        for _ in range(5):
+            daemon.step()
+            daemon.idle(0.1)
+        assert ports["bad"].session.violations and not ports["bad"].cooperative
+        assert "bad" in daemon.hv.managed()  # held where it is, not dropped
+        # two 64 MiB guests in 96 MiB: the policy balloons the good one, and tells it so
+        targets = [m for m in guests["good"].received() if isinstance(m, wire.Target)]
+        assert targets and targets[-1].balloon_pages > 0
+        assert ports["good"].cooperative
+    finally:
+        daemon.hv.close()
+        for guest in guests.values():
+            guest.close()

@@ -8,6 +8,7 @@ Thresholds and timeouts:
   balloon from its own MemAvailable, and the RAM file at least 90 % of it in
   allocated blocks. For the second, the guest first touches TOUCH_MIB (and frees
   it), as a guest that has run a while has; a never-touched page frees nothing.
+  After deflating, touching TOUCH_MIB again must bring 90 % of it back into the file.
   Every pinned page is marked, so less means wrong offsets or moved pages; the slack
   is for what the guest allocates or frees meanwhile.
 - REACH_TIMEOUT_S = 90: the agent's rate starts at 4 MiB/s and grows by 16 MiB/s with
@@ -142,6 +143,17 @@ def test_inflating_128_mib_takes_it_from_the_guest_and_frees_it_on_the_host(
             await until(lambda: port.session.held_pages() == 0, REACH_TIMEOUT_S, "deflated")
             assert available_kib(record) - available_after >= MIN_EFFECT * BALLOON_MIB * 1024
             assert await port.actual_bytes() == MEMORY_MIB * MIB
+            # Deflating writes nothing: the host backs the pages again as the guest uses
+            # them, and a guest that touches its memory again is back where it was.
+            mark = len(serial_lines(record))
+            command(control, f"hog-{TOUCH_MIB}")
+            await until(
+                lambda: any("hog exited rc=0" in line for line in serial_lines(record)[mark:]),
+                REACH_TIMEOUT_S,
+                "the second hog",
+            )
+            allocated_again = ram_file.stat().st_blocks * 512
+            assert allocated_again - allocated_after >= MIN_EFFECT * BALLOON_MIB * MIB
 
     asyncio.run(scenario())
 

@@ -23,6 +23,7 @@ look bigger than what it already holds.
 **Host memory** for the policy is the budget, or less when the host is short for
 reasons of its own: never more than what the guests hold (their balloons' actual
 sizes) plus the host's ``MemAvailable``. Free memory is that minus what they hold.
+A VM that could not be sampled this period still holds its last known size.
 
 **Failures.** A VM whose QEMU has exited is dropped with one log line; one whose
 socket does not answer is retried every period (reconnecting) and left out of the
@@ -240,12 +241,20 @@ class QemuHypervisor:
 
     @staticmethod
     def _cooperative(vm: _Vm) -> bool:
-        pacer_ok = vm.pacer is None or vm.pacer.cooperative
-        return pacer_ok and (vm.port is None or vm.port.cooperative)
+        if vm.pacer is None:
+            return True  # never sampled: not in the policy's view yet
+        reachable = vm.sampled and vm.port is not None and vm.port.cooperative
+        return reachable and vm.pacer.cooperative
 
     def read_host(self) -> HostReading:
         info = self._meminfo()
-        held = sum(vm.actual_bytes for vm in self._vms.values() if vm.sampled)
+        # Every managed VM holds memory, reachable this period or not: its last known
+        # size, or all of it if it was never sampled. A VM that cannot be asked (cut
+        # off, reconnecting, no balloon device) must not look like free memory.
+        held = sum(
+            vm.actual_bytes if vm.pacer is not None else vm.record.memory_bytes
+            for vm in self._vms.values()
+        )
         # The budget is what the VMs may hold; the host may still run short of it for
         # reasons of its own (other processes, pinned cache), and then the VMs share
         # only what they hold plus what the host has available.
@@ -275,7 +284,25 @@ class QemuHypervisor:
                 samples.append(result)
             elif isinstance(result, BaseException):
                 self._failed(vm, result)
+        # A VM known from earlier periods that could not be asked now (cut off,
+        # reconnecting, no balloon device) still holds its memory: the policy sees it
+        # as it was last, uncooperative, and holds it there (see specs()).
+        for vm in self._vms.values():
+            if not vm.sampled and vm.pacer is not None:
+                samples.append(self._stale_sample(vm))
         return samples
+
+    @staticmethod
+    def _stale_sample(vm: _Vm) -> GuestSample:
+        r = vm.record
+        return GuestSample(
+            name=r.name,
+            allocated_bytes=vm.actual_bytes,
+            balloon_bytes=r.memory_bytes - vm.actual_bytes,
+            balloon_target_bytes=r.memory_bytes - vm.actual_bytes,
+            active_bytes_observed=None,
+            cooperative=False,
+        )
 
     async def _sample(self, vm: _Vm) -> GuestSample:
         vm.sampled = False
