@@ -1,0 +1,161 @@
+"""What operators see of a running daemon, and how they steer it: the one seam between
+the daemon's loop and everything that serves it (REST API, metrics, dashboard, CLI).
+
+The loop publishes a :class:`Status` after every period, built from the period's
+:class:`~balloonist.scheduler.Cycle`; servers read the newest one (a frozen snapshot,
+so no locking beyond swapping a reference). Changes go the other way through
+:class:`Controller`: they are validated at once (a bad one raises
+:class:`~balloonist.errors.ConfigError` and changes nothing) and take effect at the
+start of the next period, in the loop's thread.
+
+Everything here is plain data and pure functions; the daemon implements ``Controller``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from balloonist.scheduler import Cycle
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    memory_bytes: int  # what the guests share (the budget, or less when the host is short)
+    free_bytes: int
+    swap_bytes: int
+    swap_used_bytes: int
+    state: str  # high, soft, hard, low
+
+
+@dataclass(frozen=True)
+class GuestStatus:
+    name: str
+    memory_bytes: int  # configured size
+    min_bytes: int
+    max_bytes: int
+    shares: int
+    allocation_target_bytes: int  # what the policy wants the guest to have
+    allocated_bytes: int  # what it has now
+    balloon_bytes: int
+    balloon_target_bytes: int
+    working_set_bytes: int  # the policy's estimate
+    free_bytes: int | None
+    major_faults: int
+    cooperative: bool
+    #: Failure counters of this guest (see Status.counters for the names).
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicyStatus:
+    name: str
+    tax_rate: float
+
+
+@dataclass(frozen=True)
+class Status:
+    """One period, as operators see it. ``version`` increases with every period."""
+
+    version: int
+    time_s: float
+    period_s: float
+    host: HostStatus
+    guests: tuple[GuestStatus, ...]
+    policy: PolicyStatus
+    #: Failure counters of the whole daemon, cumulative: qmp_errors, stalls,
+    #: uncooperative, agent_rejected, cycles_skipped, ...
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    def guest(self, name: str) -> GuestStatus | None:
+        return next((g for g in self.guests if g.name == name), None)
+
+
+def status_from_cycle(
+    cycle: Cycle,
+    *,
+    version: int,
+    policy: PolicyStatus,
+    counters: Mapping[str, int] | None = None,
+    guest_counters: Mapping[str, Mapping[str, int]] | None = None,
+) -> Status:
+    snapshot = cycle.snapshot
+    targets = cycle.decision.by_name()
+    guests = []
+    for view in snapshot.guests:
+        spec, sample = view.spec, view.sample
+        target = targets.get(spec.name)
+        guests.append(
+            GuestStatus(
+                name=spec.name,
+                memory_bytes=spec.memory_bytes,
+                min_bytes=spec.min_bytes,
+                max_bytes=spec.max_bytes if spec.max_bytes is not None else spec.memory_bytes,
+                shares=spec.shares,
+                allocation_target_bytes=(
+                    target.allocation_bytes if target is not None else sample.allocated_bytes
+                ),
+                allocated_bytes=sample.allocated_bytes,
+                balloon_bytes=sample.balloon_bytes,
+                balloon_target_bytes=sample.balloon_target_bytes,
+                working_set_bytes=view.working_set_bytes,
+                free_bytes=sample.free_bytes,
+                major_faults=sample.major_faults,
+                cooperative=sample.cooperative,
+                counters=dict((guest_counters or {}).get(spec.name, {})),
+            )
+        )
+    host = snapshot.host
+    return Status(
+        version=version,
+        time_s=snapshot.time_s,
+        period_s=snapshot.period_s,
+        host=HostStatus(
+            memory_bytes=host.memory_bytes,
+            free_bytes=host.free_bytes,
+            swap_bytes=host.swap_bytes,
+            swap_used_bytes=host.swap_used_bytes,
+            state=host.state.value,
+        ),
+        guests=tuple(guests),
+        policy=policy,
+        counters=dict(counters or {}),
+    )
+
+
+@dataclass(frozen=True)
+class GuestChange:
+    """A live change to one guest's spec; None leaves a field as it is."""
+
+    min_bytes: int | None = None
+    max_bytes: int | None = None
+    shares: int | None = None
+
+
+class Controller(Protocol):
+    """The running daemon, as its servers see it."""
+
+    def status(self) -> Status | None:
+        """The newest period's status; None before the first period."""
+        ...
+
+    def change_guest(self, name: str, change: GuestChange) -> None:
+        """Validate now, apply at the next period; raise ConfigError naming the field
+        (unknown guest, min above max, max above the guest's memory, shares < 1)."""
+        ...
+
+    def change_policy(self, *, tax_rate: float) -> None:
+        """Same contract as change_guest, for the policy's parameters."""
+        ...
+
+
+__all__ = [
+    "Controller",
+    "GuestChange",
+    "GuestStatus",
+    "HostStatus",
+    "PolicyStatus",
+    "Status",
+    "status_from_cycle",
+]
