@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import re
 import shutil
 import subprocess
 import sys
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from balloonist.agent.linux import (
     PAGE_SIZE_BYTES,
     Libc,
     LinuxKernel,
+    _mark,
     page_mark,
     prepare_host,
 )
@@ -65,6 +68,25 @@ def test_allocated_pages_are_pinned_marked_and_have_real_frame_numbers(
     assert locked_bytes() - before == 8 << 20
     for pfn in frames:  # every byte of every page: what the host checks
         assert kernel.read_page(pfn) == page_mark(TOKEN_BYTES, pfn)
+
+
+def test_marking_fills_the_given_pages_and_nothing_past_them() -> None:
+    # Any number of pages (the token is doubled across them), any frame numbers.
+    frames = array("Q", [7, 1 << 54, 3, *range(1000, 1034)])  # 37 pages
+    pages = len(frames) + 3
+    mm = mmap.mmap(-1, pages * PAGE_SIZE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        _mark(mm, TOKEN_BYTES, frames)
+        for index in range(pages):
+            page = mm[index * PAGE_SIZE_BYTES : (index + 1) * PAGE_SIZE_BYTES]
+            if index < len(frames):
+                assert page == page_mark(TOKEN_BYTES, frames[index]), index
+            else:  # past the pinned pages (given back after a short mlock): untouched
+                assert page == bytes(PAGE_SIZE_BYTES), index
+        _mark(mm, bytes(8), array("Q"))  # nothing pinned: nothing written
+        assert mm[:PAGE_SIZE_BYTES] == page_mark(TOKEN_BYTES, frames[0])
+    finally:
+        mm.close()
 
 
 def test_freeing_a_sub_range_unlocks_exactly_those_pages(kernel: LinuxKernel) -> None:
@@ -145,6 +167,9 @@ def test_out_of_memory_returns_the_pages_pinned_so_far_and_gives_back_the_rest()
         # mlock goes in 2 MiB pieces: the first piece fits, the second does not
         assert count_pages(ranges) == 2 * MIB_PAGES
         assert locked_bytes() - before == 2 << 20
+        assert all(
+            kernel.read_page(pfn) == page_mark(TOKEN_BYTES, pfn) for pfn in frames_of(ranges)
+        )
         assert kernel.allocate_pages(MIB_PAGES * 2) == []  # 1 MiB of budget left: too little
         assert locked_bytes() - before == 2 << 20
         kernel.free_pages(ranges)

@@ -7,8 +7,9 @@ without the agent:
    faults every page in); mlocked pages are not migrated once
    ``vm.compact_unevictable_allowed`` is 0, so their frames stay put;
 2. reads each page's frame number (PFN) from /proc/self/pagemap and fills the page with
-   the agent's mark: the token (8 bytes), then the PFN (8 bytes LE), repeated over all
-   4096 bytes (``page_mark``, the same as the agent's and the host's; a host test checks);
+   the agent's mark: the token (8 bytes), the PFN (8 bytes LE), then the token repeated
+   to the end of the 4096 bytes (``page_mark``, the same as the agent's and the host's;
+   a host test checks);
 3. writes one JSON line ``{"token": HEX, "ranges": [[start, count], ...]}`` to the
    virtio-serial port /dev/virtio-ports/PORT_NAME;
 4. waits for a line back from the host (sent after it punched), counts the pages that
@@ -33,10 +34,10 @@ PRESENT = 1 << 63
 
 
 def page_mark(token: bytes, pfn: int) -> bytes:
-    """All of page ``pfn`` while the agent holds it: token + PFN (8 bytes LE), repeated."""
+    """All of page ``pfn`` while the agent holds it: token, PFN (8 bytes LE), token * 510."""
     if len(token) != 8:
         raise ValueError(f"a token is 8 bytes, got {len(token)}")
-    return (token + pfn.to_bytes(8, "little")) * (PAGE_BYTES // 16)
+    return token + pfn.to_bytes(8, "little") + token * (PAGE_BYTES // 8 - 2)
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from balloonist.agent import linux as agent_linux
-from balloonist.driver import PageRange
+from balloonist.driver import PageRange, count_pages
 from balloonist.errors import FatalBackendError, GuestProtocolError
 from balloonist.qemu.reclaim import (
     HIGH_BASE_PFN,
@@ -98,7 +98,9 @@ def test_offsets_and_frames_are_inverse(ram_bytes: int, data: st.DataObject) -> 
 def test_host_agent_and_test_guest_agree_on_the_mark(token: bytes, pfn: int) -> None:
     mark = page_mark(token, pfn)
     assert len(mark) == PAGE_BYTES
-    assert mark == (token + pfn.to_bytes(8, "little")) * (PAGE_BYTES // 16)
+    assert mark == token + pfn.to_bytes(8, "little") + token * 510
+    assert mark[8:16] == pfn.to_bytes(8, "little")
+    assert mark[:8] + mark[16:] == token * 511
     assert agent_linux.page_mark(token, pfn) == mark  # the agent's own copy
     assert guest_lock_pages.page_mark(token, pfn) == mark  # the VM test's guest script
 
@@ -137,35 +139,49 @@ def _make_ram(path: Path, ram_bytes: int, pages: dict[int, bytes]) -> None:
 
 def test_marked_pages_are_punched_and_the_rest_survive(ram_file: Path) -> None:
     ram_bytes = 16 * MIB
-    tampered = bytearray(page_mark(TOKEN, 207))
-    tampered[3000] ^= 0xFF  # reused: written once, far from the start
-    marked = set(range(100, 140)) | set(range(200, 210)) | {300}
-    unmarked = {
+
+    def tampered(pfn: int, at: int) -> bytes:
+        """The mark of ``pfn`` but for one byte: reused, and written once."""
+        page = bytearray(page_mark(TOKEN, pfn))
+        page[at] ^= 0xFF
+        return bytes(page)
+
+    ranges = [PageRange(100, 42), PageRange(200, 20), PageRange(300, 2)]
+    asked = count_pages(ranges)
+    marked = set(range(100, 140)) | set(range(200, 220)) | {300}
+    unmarked = {  # among marked pages, each breaking a run
         140: b"\0" * 16,  # zeros: never the agent's
         141: page_mark(TOKEN, 141)[:8] + b"garbage!",  # right token, wrong frame
-        205: page_mark(bytes(8), 205),  # another token, in the middle of a run
-        207: bytes(tampered),  # the mark but for one byte
+        202: tampered(202, 0),  # in the token before the frame number
+        204: tampered(204, 15),  # in the frame number
+        205: page_mark(bytes(8), 205),  # another token
+        207: tampered(207, 16),  # just after the frame number
         208: page_mark(TOKEN, 208)[:16],  # the first 16 bytes right, the rest not
+        210: tampered(210, 3000),  # far from the start
+        212: tampered(212, PAGE_BYTES - 1),  # the very last byte
+        214: TOKEN * (PAGE_BYTES // 8),  # all token, no frame number
+        216: (TOKEN + (216).to_bytes(8, "little")) * (PAGE_BYTES // 16),  # an older mark
         301: page_mark(TOKEN, 300),  # a copy of another page's mark
     }
     pages = {pfn: page_mark(TOKEN, pfn) for pfn in marked - unmarked.keys()} | unmarked
     _make_ram(ram_file, ram_bytes, {pfn * PAGE_BYTES: head for pfn, head in pages.items()})
-    ranges = [PageRange(100, 42), PageRange(200, 10), PageRange(300, 2)]
     with GuestRam(ram_file, ram_bytes) as ram:
         before = ram.allocated_bytes()
         assert before == len(pages) * PAGE_BYTES
-        assert ram.hole_pages(ranges) == 54 - len(pages)  # 54 pages asked, a few unwritten
+        assert ram.hole_pages(ranges) == asked - len(pages)  # a few pages asked are unwritten
         freed = ram.punch(ranges, TOKEN)
-        assert freed == len(marked - unmarked.keys())  # not 205, 207 or 208
+        assert freed == len(marked - unmarked.keys())
         assert ram.allocated_bytes() == before - freed * PAGE_BYTES
-        assert ram.hole_pages(ranges) == 54 - len(unmarked)
+        assert ram.hole_pages(ranges) == asked - len(unmarked)
         assert ram.punch(ranges, TOKEN) == 0  # holes read as zeros: nothing more to free
     content = ram_file.read_bytes()
     assert len(content) == ram_bytes
-    for pfn, head in unmarked.items():
+    for pfn in range(ram_bytes // PAGE_BYTES):
         page = content[pfn * PAGE_BYTES : (pfn + 1) * PAGE_BYTES]
-        assert page == _page(head, pfn * PAGE_BYTES)
-    assert content[100 * PAGE_BYTES : 140 * PAGE_BYTES] == bytes(40 * PAGE_BYTES)
+        if pfn in unmarked:
+            assert page == _page(unmarked[pfn], pfn * PAGE_BYTES), pfn
+        else:  # punched, or never written
+            assert page == bytes(PAGE_BYTES), pfn
 
 
 def test_long_ranges_are_read_in_pieces_and_runs_cross_them(ram_file: Path) -> None:

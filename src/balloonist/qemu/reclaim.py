@@ -8,14 +8,15 @@ reads zeros, and a write gets a fresh page.
 
 A guest is not trusted, so before freeing a page the host checks that the page says it
 is one the agent holds: the agent fills every page it holds with its mark, its session
-token (8 bytes) and the page's own PFN (8 bytes, little-endian), over and over, all
-4096 bytes (:func:`page_mark`). A page that differs anywhere was never the agent's, or
-has been reused and written since, and is left alone; a reused page not yet written
-anywhere holds nothing anyone needs. This does not make a lying guest harmless to
-itself (between the check and the punch the guest could write to the page, and lose
-what it wrote), but it cannot make the host free a page the guest did not mark; and
-the daemon checks and punches with the guest's vCPUs paused (docs/agent-protocol.md,
-rule 2), which leaves an honest guest nothing to lose.
+token (8 bytes) over and over, all 4096 bytes, but for bytes 8-16, which hold the page's
+own PFN (8 bytes, little-endian) (:func:`page_mark`). The host checks every byte: a
+page that differs anywhere was never the agent's, or has been reused and written
+since, and is left alone; a reused page not yet written anywhere holds nothing anyone
+needs. This does not make a lying guest harmless to itself (between the check and the
+punch the guest could write to the page, and lose what it wrote), but it cannot make
+the host free a page the guest did not mark; and the daemon checks and punches with
+the guest's vCPUs paused (docs/agent-protocol.md, rule 2), which leaves an honest
+guest nothing to lose.
 
 Frame numbers map to file offsets with the layout of QEMU's ``pc`` (i440fx) machine,
 which the launcher gives every agent VM: RAM below 4 GiB ends at ``low_bytes``; the
@@ -45,9 +46,10 @@ PC_SPLIT_LOW_BYTES: Final = 0xC000_0000
 #: RAM above the split starts at 4 GiB.
 HIGH_BASE_BYTES: Final = 1 << 32
 HIGH_BASE_PFN: Final = HIGH_BASE_BYTES // PAGE_BYTES
-#: The agent's mark fills a page it holds: token, then the PFN, repeated.
+#: The agent's mark fills a page it holds: the token, the PFN, then the token repeated.
 TOKEN_BYTES: Final = 8
-MARK_UNIT_BYTES: Final = TOKEN_BYTES + 8
+#: The part of the mark that differs from page to page: the token, then the PFN.
+MARK_HEAD_BYTES: Final = TOKEN_BYTES + 8
 #: Pages checked per read of the RAM file (1 MiB).
 READ_PAGES: Final = 256
 
@@ -118,14 +120,20 @@ class RamLayout:
 
 
 def page_mark(token: bytes, pfn: int) -> bytes:
-    """All of page ``pfn`` while the agent holds it: token + PFN (8 bytes LE), repeated.
+    """All of page ``pfn`` while the agent holds it: token, PFN (8 bytes LE), then the
+    token again and again to the end of the page (510 more times).
 
     The agent (stdlib only, it cannot import this) has its own copy,
     ``balloonist.agent.linux.page_mark``; a test checks that the two agree.
     """
     if len(token) != TOKEN_BYTES:
         raise ValueError(f"a token is {TOKEN_BYTES} bytes, got {len(token)}")
-    return (token + pfn.to_bytes(8, "little")) * (PAGE_BYTES // MARK_UNIT_BYTES)
+    return token + pfn.to_bytes(8, "little") + _mark_tail(token)
+
+
+def _mark_tail(token: bytes) -> bytes:
+    """The rest of any page's mark, from ``MARK_HEAD_BYTES``: the token, repeated."""
+    return token * ((PAGE_BYTES - MARK_HEAD_BYTES) // TOKEN_BYTES)
 
 
 class GuestRam:
@@ -185,13 +193,18 @@ class GuestRam:
     def _marked_runs(self, pages: PageRange, base: int, token: bytes) -> Iterator[tuple[int, int]]:
         """(first index, count) of each run of consecutive marked pages in ``pages``."""
         buffer = bytearray(min(pages.count, READ_PAGES) * PAGE_BYTES)  # reused for each read
+        tail = _mark_tail(token)  # the same in every page: built once
         run_start = -1
         for first in range(0, pages.count, READ_PAGES):
             count = min(READ_PAGES, pages.count - first)
             self._read_into(buffer, count * PAGE_BYTES, base + first * PAGE_BYTES)
             for i in range(first, first + count):
-                # startswith at an offset compares in place (memcmp), without a copy
-                if buffer.startswith(page_mark(token, pages.start + i), (i - first) * PAGE_BYTES):
+                # The whole page, in two parts: the head (token, then this page's PFN, as in
+                # page_mark), and the tail, which is the same for every page. startswith at
+                # an offset compares in place (memcmp), without a copy.
+                at = (i - first) * PAGE_BYTES
+                head = token + (pages.start + i).to_bytes(8, "little")
+                if buffer.startswith(head, at) and buffer.startswith(tail, at + MARK_HEAD_BYTES):
                     if run_start < 0:
                         run_start = i
                 elif run_start >= 0:
