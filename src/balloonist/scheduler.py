@@ -71,6 +71,28 @@ class Scheduler:
     def host_state(self) -> HostState:
         return self._state
 
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        """Decide with ``policy`` from the next step on; what was learned is kept."""
+        self._policy = policy
+
+    def estimates(self) -> dict[str, tuple[EstimateState, float]]:
+        """Each guest's working-set averages and when they last took an observation."""
+        return {
+            name: (state, self._observed_at[name])
+            for name, state in self._estimates.items()
+            if name in self._observed_at
+        }
+
+    def restore_estimate(self, name: str, state: EstimateState, observed_at_s: float) -> None:
+        """Continue from averages saved earlier (a daemon restarted on the same clock)."""
+        self._estimates[name] = state
+        self._observed_at[name] = observed_at_s
+
     def collect(self) -> Snapshot:
         # Guests first: a backend may derive the host's free memory from what the guests
         # hold now (the QEMU daemon does), so both must describe the same moment.

@@ -28,19 +28,18 @@ def add_commands(sub: Any, run: Any) -> None:
     assets.add_argument("--cache", type=Path, default=None, metavar="DIR")
     assets.set_defaults(command=run(_cmd_assets))
 
+    from balloonist.daemon import command as daemon_command
+
     daemon = sub.add_parser(
         "daemon",
-        help="manage the recorded VMs' memory, every period, until stopped",
+        help="manage the recorded VMs' memory (or a simulated host's), every period, until stopped",
         description="Run the scheduler over the VMs in the state directory: sample the "
         "host and each guest, decide with the policy, move balloons in paced steps. "
+        "With --sim, over a simulated host in accelerated time instead, no VMs needed. "
         "SIGINT or SIGTERM stop it; guests keep the memory they have.",
     )
-    daemon.add_argument(
-        "--config", type=Path, metavar="FILE", help="host.toml (see docs/daemon.md)"
-    )
-    daemon.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
-    daemon.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
-    daemon.set_defaults(command=run(_cmd_daemon))
+    daemon_command.add_arguments(daemon)
+    daemon.set_defaults(command=run(daemon_command.command))
 
     vdemo = sub.add_parser(
         "demo-vm",
@@ -217,26 +216,6 @@ def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
             f"{'yes' if r.agent else 'no':5}  {r.qmp_socket}",
             file=out,
         )
-    return 0
-
-
-def _cmd_daemon(args: argparse.Namespace, out: TextIO) -> int:
-    import logging
-    import signal
-    import threading
-
-    from balloonist.daemon.service import Daemon, load_config
-
-    config = load_config(args.config)  # bad config: one line, exit 2, before anything runs
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=out,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    Daemon(config, _state(args)).run(stop)
     return 0
 
 

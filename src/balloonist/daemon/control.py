@@ -64,8 +64,9 @@ class Status:
     host: HostStatus
     guests: tuple[GuestStatus, ...]
     policy: PolicyStatus
-    #: Failure counters of the whole daemon, cumulative: qmp_errors, stalls,
-    #: uncooperative, agent_rejected, cycles_skipped, ...
+    #: Failure counters of the whole daemon, cumulative (names in daemon/backend.py):
+    #: cycles_skipped, uncooperative; QEMU: backend_errors_transient,
+    #: backend_errors_fatal, stalls, agent_rejected; simulator: balloon_alloc_failures.
     counters: Mapping[str, int] = field(default_factory=dict)
 
     def guest(self, name: str) -> GuestStatus | None:

@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from balloonist.daemon.agent_link import AgentPort
+from balloonist.daemon.backend import AGENT_REJECTED, FATAL_ERRORS, STALLS, TRANSIENT_ERRORS
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds, GuestPacer
 from balloonist.errors import BackendError, FatalBackendError
 from balloonist.host import HostMemInfo
@@ -115,6 +116,13 @@ class _Vm:
     sampled: bool = False
     broken: bool = False  # no balloon device: left alone
     sent: deque[int] = field(default_factory=lambda: deque(maxlen=SENT_HISTORY))
+    counters: Counter[str] = field(default_factory=Counter)  # failures, cumulative
+
+    def agent_rejected(self) -> int:
+        """Messages its agent sent that were refused (0 for a virtio-balloon VM)."""
+        if isinstance(self.port, AgentPort):
+            return sum(self.port.session.violations.values())
+        return 0
 
 
 def demand_bytes(
@@ -154,6 +162,7 @@ class QemuHypervisor:
         self._stall_timeout_s = stall_timeout_s
         self._on_target = on_target
         self._vms: dict[str, _Vm] = {}
+        self._retired: Counter[str] = Counter()  # counters of VMs no longer managed
         self._loop = asyncio.new_event_loop()
         self.update_records(records)
 
@@ -207,12 +216,37 @@ class QemuHypervisor:
     def sent_targets(self, name: str) -> list[int]:
         return list(self._vms[name].sent)
 
+    def records(self) -> list[VMRecord]:
+        """The managed VMs' records, as the policy is configured with them."""
+        return [vm.record for vm in self._vms.values()]
+
+    def guest_counters(self) -> dict[str, dict[str, int]]:
+        """Failure counters per managed VM, cumulative (see ``daemon/backend.py``)."""
+        return {name: self._counters_of(vm) for name, vm in self._vms.items()}
+
+    def counters(self) -> dict[str, int]:
+        """Failure counters of every VM ever managed, summed."""
+        total = Counter(self._retired)
+        for vm in self._vms.values():
+            total.update(self._counters_of(vm))
+        return {key: total[key] for key in (TRANSIENT_ERRORS, FATAL_ERRORS, STALLS, AGENT_REJECTED)}
+
+    @staticmethod
+    def _counters_of(vm: _Vm) -> dict[str, int]:
+        return {
+            TRANSIENT_ERRORS: vm.counters[TRANSIENT_ERRORS],
+            FATAL_ERRORS: vm.counters[FATAL_ERRORS],
+            STALLS: vm.counters[STALLS],
+            AGENT_REJECTED: vm.agent_rejected(),
+        }
+
     def port(self, name: str) -> VmPort | None:
         """The VM's port, once it has been sampled (for inspection and tests)."""
         return self._vms[name].port
 
     def _forget(self, name: str, why: str) -> None:
         vm = self._vms.pop(name)
+        self._retired.update(self._counters_of(vm))
         log.warning("%s: %s; no longer managed", name, why)
         if vm.port is not None:
             if vm.connected:
@@ -344,9 +378,11 @@ class QemuHypervisor:
         if not isinstance(exc, BackendError):
             raise exc  # a bug, not a guest failure
         if isinstance(exc, FatalBackendError):
+            vm.counters[FATAL_ERRORS] += 1
             vm.broken = True
             log.error("%s: %s; left alone", name, exc)
             return
+        vm.counters[TRANSIENT_ERRORS] += 1
         if vm.record.started_by_us and not vm.record.running():
             self._forget(name, "QEMU exited")
             return
@@ -372,7 +408,11 @@ class QemuHypervisor:
                 if decision.mechanisms.balloon
                 else vm.actual_bytes
             )
+            was_cooperative = vm.pacer.cooperative
             next_bytes = vm.pacer.step(wanted_bytes, vm.actual_bytes, available, now)
+            if was_cooperative and not vm.pacer.cooperative:
+                vm.counters[STALLS] += 1
+                log.warning("%s: balloon stalled; uncooperative", name)
             log.debug(
                 "%s: actual %s, observed %s, policy %s, sending %s",
                 name,

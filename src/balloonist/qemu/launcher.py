@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from balloonist.agent.protocol import PORT_NAME
+from balloonist.atomicfile import write_atomic
 from balloonist.errors import BalloonistError, ConfigError, FatalBackendError
 from balloonist.units import MIB, format_size
 
@@ -195,7 +196,7 @@ class StateDir:
     def save(self, record: VMRecord) -> None:
         directory = self.vm_dir(record.name)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "vm.json", json.dumps(asdict(record), indent=2) + "\n")
+        write_atomic(directory / "vm.json", json.dumps(asdict(record), indent=2) + "\n")
 
     def load(self, name: str) -> VMRecord:
         path = self.vm_dir(name) / "vm.json"
@@ -218,19 +219,6 @@ class StateDir:
 
     def remove(self, name: str) -> None:
         shutil.rmtree(self.vm_dir(name), ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pid_alive(pid: int) -> bool:

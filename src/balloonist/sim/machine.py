@@ -23,7 +23,7 @@ import numpy.typing as npt
 from balloonist.driver import BalloonDriver, PageRange, ranges_from_pages
 from balloonist.errors import GuestProtocolError, SimulationError
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mechanisms
-from balloonist.rate import AdaptiveRate
+from balloonist.rate import AdaptiveRate, RateLimits
 from balloonist.sim import engine as e
 from balloonist.sim.scenario import Scenario, SimGuest
 from balloonist.sim.workload import Workload, WorkloadKind
@@ -282,6 +282,8 @@ class SimMachine:
         self.limit_pages = np.array(
             [bytes_to_pages(g.spec.limit_bytes) for g in self.guests], dtype=np.int64
         )
+        # Where each cap is headed after a live change of max (see set_spec).
+        self._limit_goal_pages = self.limit_pages.copy()
         self.min_pages = np.array(
             [bytes_to_pages(g.spec.min_bytes) for g in self.guests], dtype=np.int64
         )
@@ -298,6 +300,69 @@ class SimMachine:
         )
         self._slice_start = 0
         self._periods_run = 0
+
+    # -- live changes and restarts (the daemon over the simulator) ---------------------
+
+    def _index(self, name: str) -> int:
+        for i, m in enumerate(self.guests):
+            if m.spec.name == name:
+                return i
+        raise KeyError(name)
+
+    def set_spec(self, spec: GuestSpec) -> None:
+        """Change a running guest's min, max or shares (its memory and balloon stay).
+
+        A lower max is the balloon's to enforce: the policy's register never lets a
+        guest keep more than its max. The host's cap on the guest's machine memory
+        follows the new max down only as the guest's memory falls below it, so no
+        guest is ever over its cap the moment its max changes.
+        """
+        i = self._index(spec.name)
+        m = self.guests[i]
+        if spec.memory_bytes != m.spec.memory_bytes or spec.balloon != m.spec.balloon:
+            raise ValueError(f"{spec.name}: only min, max and shares may change")
+        m.spec = spec
+        self.min_pages[i] = bytes_to_pages(spec.min_bytes)
+        self._limit_goal_pages[i] = bytes_to_pages(spec.limit_bytes)
+        self._follow_limit_goals()
+
+    def _follow_limit_goals(self) -> None:
+        for i, m in enumerate(self.guests):
+            goal = int(self._limit_goal_pages[i])
+            now = int(self.limit_pages[i])
+            if goal < now:
+                goal = max(goal, min(now, m.mapped_pages))
+            self.limit_pages[i] = goal
+
+    def restore_balloon(self, name: str, *, balloon_pages: int, register_pages: int) -> int:
+        """Before the first period: start a guest with ``balloon_pages`` already in its
+        balloon and ``register_pages`` in its register, as a daemon resuming a saved
+        state does. Returns the balloon's size (what fits beside the guest's kernel).
+        """
+        if self._periods_run:
+            raise SimulationError("a balloon can only be restored before the first period")
+        i = self._index(name)
+        m = self.guests[i]
+        driver = self.drivers[i]
+        if driver is None:
+            return 0
+        room = m.frames - m.guest.kernel_pages
+        pages = max(0, min(balloon_pages, room))
+        if pages:
+            # A freshly booted guest has the pages free: one unpaced step takes them,
+            # through the same driver, kernel and VMM paths as any inflation.
+            m.register_pages = pages
+            self._set_limits()
+            rate = driver.rate
+            driver.rate = AdaptiveRate(RateLimits(pages, pages, 0))
+            try:
+                driver.step()
+            finally:
+                driver.rate = rate
+            m.time_debt_s = 0.0
+        m.register_pages = max(0, min(register_pages, room))
+        self.check_host()
+        return driver.size_pages
 
     # -- the Hypervisor port ------------------------------------------------------------
 
@@ -394,6 +459,7 @@ class SimMachine:
                 m.time_debt_s = max(0.0, used - budget)
         self.time_s += period_s
         self._periods_run += 1
+        self._follow_limit_goals()
         self.check_host()
 
     def _sample_window(self) -> None:

@@ -1,0 +1,194 @@
+"""Prometheus metrics, read from the daemon's newest :class:`Status` at scrape time.
+
+Nothing is counted here: the collector turns the status the loop last published into
+metric families on every scrape, so metrics and the REST API always agree. Each app
+has its own :class:`~prometheus_client.CollectorRegistry` (never the global one), so
+two servers in one process, or tests, do not see each other's series.
+
+======================================== ====== ======== ==================================
+metric                                   type   labels   meaning
+======================================== ====== ======== ==================================
+balloonist_status_version                gauge           newest status version; 0 before
+                                                         the first period (then nothing
+                                                         else is exported)
+balloonist_status_time_seconds           gauge           daemon clock at that period's end
+balloonist_period_seconds                gauge           length of one period
+balloonist_host_memory_bytes             gauge           memory the guests share
+balloonist_host_free_bytes               gauge           host_memory less what guests hold
+balloonist_host_swap_bytes               gauge           host swap size
+balloonist_host_swap_used_bytes          gauge           host swap in use
+balloonist_host_state                    gauge  state    1 for the current state (high,
+                                                         soft, hard, low), 0 for the others
+balloonist_policy_tax_rate               gauge  policy   idle memory tax rate
+balloonist_guest_memory_bytes            gauge  guest    configured size
+balloonist_guest_min_bytes               gauge  guest    reservation
+balloonist_guest_max_bytes               gauge  guest    limit
+balloonist_guest_shares                  gauge  guest    shares
+balloonist_guest_allocation_target_bytes gauge  guest    what the policy wants it to have
+balloonist_guest_allocated_bytes         gauge  guest    what it has now
+balloonist_guest_balloon_bytes           gauge  guest    balloon size
+balloonist_guest_balloon_target_bytes    gauge  guest    balloon target sent
+balloonist_guest_working_set_bytes       gauge  guest    the policy's working-set estimate
+balloonist_guest_reclaimed_bytes         gauge  guest    memory - allocated
+balloonist_guest_free_bytes              gauge  guest    free memory the guest reports
+                                                         (guests that report it)
+balloonist_guest_major_faults_total      counter guest   major faults the guest reports
+balloonist_guest_cooperative             gauge  guest    1 cooperative, 0 uncooperative
+balloonist_<counter>_total               counter         each daemon failure counter of
+                                                         ``Status.counters`` (qmp_errors,
+                                                         stalls, uncooperative,
+                                                         agent_rejected, cycles_skipped...)
+balloonist_guest_<counter>_total         counter guest   each per-guest failure counter of
+                                                         ``GuestStatus.counters``
+======================================== ====== ======== ==================================
+
+Counter names come from the daemon; characters Prometheus does not allow in a name
+become ``_``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from balloonist.daemon.control import GuestStatus, Status
+from balloonist.model import HostState
+
+PREFIX = "balloonist"
+
+#: Per-guest gauges: (metric name after ``balloonist_guest_``, help, value).
+_GUEST_GAUGES: tuple[tuple[str, str, Callable[[GuestStatus], float]], ...] = (
+    ("memory_bytes", "Configured guest memory.", lambda g: g.memory_bytes),
+    ("min_bytes", "Guest reservation (min).", lambda g: g.min_bytes),
+    ("max_bytes", "Guest limit (max).", lambda g: g.max_bytes),
+    ("shares", "Guest shares.", lambda g: g.shares),
+    (
+        "allocation_target_bytes",
+        "What the policy wants the guest to have.",
+        lambda g: g.allocation_target_bytes,
+    ),
+    ("allocated_bytes", "What the guest has now.", lambda g: g.allocated_bytes),
+    ("balloon_bytes", "Balloon size.", lambda g: g.balloon_bytes),
+    ("balloon_target_bytes", "Balloon target sent.", lambda g: g.balloon_target_bytes),
+    ("working_set_bytes", "The policy's working-set estimate.", lambda g: g.working_set_bytes),
+    (
+        "reclaimed_bytes",
+        "Memory taken from the guest (memory - allocated).",
+        lambda g: g.memory_bytes - g.allocated_bytes,
+    ),
+    ("cooperative", "1 if the guest's balloon follows its target.", lambda g: int(g.cooperative)),
+)
+
+_INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def metric_name(*parts: str) -> str:
+    """``balloonist_`` + the parts, with characters Prometheus refuses replaced."""
+    return _INVALID_NAME_CHARS.sub("_", "_".join((PREFIX, *parts)))
+
+
+class StatusCollector:
+    """A prometheus_client collector over ``status()``, called at every scrape."""
+
+    def __init__(self, status: Callable[[], Status | None]) -> None:
+        self._status = status
+
+    def describe(self) -> Iterable[Metric]:
+        # The metric set depends on the status (guests, counter names): nothing to
+        # declare up front, and collect() must not run at registration.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._status()
+        yield GaugeMetricFamily(
+            metric_name("status_version"),
+            "Newest status version; 0 before the first period.",
+            value=0 if status is None else status.version,
+        )
+        if status is None:
+            return
+        seen = {metric_name("status_version")}
+        for family in (*_daemon_metrics(status), *_guest_metrics(status.guests)):
+            # Counter names come from the daemon; one that happens to map onto a name
+            # already exported would make the whole scrape invalid, so it is dropped.
+            if family.name not in seen:
+                seen.add(family.name)
+                yield family
+
+
+def _daemon_metrics(status: Status) -> Iterable[Metric]:
+    host = status.host
+    yield GaugeMetricFamily(
+        metric_name("status_time_seconds"), "Daemon clock at the period's end.", status.time_s
+    )
+    yield GaugeMetricFamily(metric_name("period_seconds"), "Length of a period.", status.period_s)
+    yield GaugeMetricFamily(
+        metric_name("host_memory_bytes"), "Memory the guests share.", host.memory_bytes
+    )
+    yield GaugeMetricFamily(
+        metric_name("host_free_bytes"), "Host memory less what guests hold.", host.free_bytes
+    )
+    yield GaugeMetricFamily(metric_name("host_swap_bytes"), "Host swap size.", host.swap_bytes)
+    yield GaugeMetricFamily(
+        metric_name("host_swap_used_bytes"), "Host swap in use.", host.swap_used_bytes
+    )
+    state = GaugeMetricFamily(
+        metric_name("host_state"), "1 for the current host state.", labels=["state"]
+    )
+    for known in HostState:
+        state.add_metric([known.value], 1 if known.value == host.state else 0)
+    if host.state not in {s.value for s in HostState}:
+        state.add_metric([host.state], 1)
+    yield state
+    tax = GaugeMetricFamily(
+        metric_name("policy_tax_rate"), "Idle memory tax rate.", labels=["policy"]
+    )
+    tax.add_metric([status.policy.name], status.policy.tax_rate)
+    yield tax
+    for name in sorted(status.counters):
+        yield CounterMetricFamily(
+            metric_name(name), f"Daemon failure counter {name!r}.", value=status.counters[name]
+        )
+
+
+def _guest_metrics(guests: Iterable[GuestStatus]) -> Iterable[Metric]:
+    guests = tuple(guests)
+    for suffix, help_text, value in _GUEST_GAUGES:
+        family = GaugeMetricFamily(metric_name("guest", suffix), help_text, labels=["guest"])
+        for guest in guests:
+            family.add_metric([guest.name], value(guest))
+        yield family
+    free = GaugeMetricFamily(
+        metric_name("guest", "free_bytes"), "Free memory the guest reports.", labels=["guest"]
+    )
+    faults = CounterMetricFamily(
+        metric_name("guest", "major_faults"), "Major faults the guest reports.", labels=["guest"]
+    )
+    for guest in guests:
+        if guest.free_bytes is not None:
+            free.add_metric([guest.name], guest.free_bytes)
+        faults.add_metric([guest.name], guest.major_faults)
+    yield free
+    yield faults
+    # One family per counter name, with a sample for each guest that has it.
+    by_name: dict[str, dict[str, int]] = {}
+    for guest in guests:
+        for name, count in guest.counters.items():
+            by_name.setdefault(name, {})[guest.name] = count
+    for name in sorted(by_name):
+        counter = CounterMetricFamily(
+            metric_name("guest", name), f"Guest failure counter {name!r}.", labels=["guest"]
+        )
+        for guest_name, count in by_name[name].items():
+            counter.add_metric([guest_name], count)
+        yield counter
+
+
+def make_registry(status: Callable[[], Status | None]) -> CollectorRegistry:
+    """A fresh registry holding only the status collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status))
+    return registry

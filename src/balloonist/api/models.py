@@ -1,0 +1,238 @@
+"""The API's wire format: pydantic models for every request and response body, so the
+OpenAPI description is complete, and their conversion from the daemon's
+:class:`~balloonist.daemon.control.Status`.
+
+Sizes go out as integers in bytes, named ``*_bytes``. They come in as strings with a
+unit (``"512MiB"``, ``"2GiB"``), exactly as in ``host.toml``: a bare number is refused
+rather than guessed at (bytes? MiB?), and the unit rules are those of
+:func:`balloonist.units.parse_size_bytes`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from balloonist.config import check_size
+from balloonist.daemon.control import GuestStatus, HostStatus, PolicyStatus, Status
+from balloonist.units import parse_size_bytes
+
+#: Largest shares value accepted: far beyond any useful ratio between guests, and
+#: small enough that shares times bytes stays exact in the policy's arithmetic.
+MAX_SHARES = 1_000_000_000
+
+HostStateName = Literal["high", "soft", "hard", "low"]
+
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HostStatusOut(_Out):
+    memory_bytes: NonNegative = Field(
+        description="What the guests share: the budget, or less when the host is short."
+    )
+    free_bytes: int = Field(description="memory_bytes less what the guests hold now.")
+    swap_bytes: NonNegative
+    swap_used_bytes: NonNegative
+    state: HostStateName = Field(description="Host free-memory state (see docs/policy.md).")
+
+
+class HostOut(HostStatusOut):
+    """``GET /v1/host``: the host part of the newest status, with its time."""
+
+    version: NonNegative = Field(description="Status version; increases every period.")
+    time_s: float = Field(description="Daemon clock at the end of the period, in seconds.")
+    period_s: float = Field(description="Length of one period, in seconds.")
+
+
+class GuestOut(_Out):
+    name: str
+    memory_bytes: NonNegative = Field(description="Configured size.")
+    min_bytes: NonNegative
+    max_bytes: NonNegative
+    shares: int = Field(ge=1)
+    allocation_target_bytes: NonNegative = Field(
+        description="What the policy wants the guest to have."
+    )
+    allocated_bytes: NonNegative = Field(description="What the guest has now.")
+    balloon_bytes: NonNegative
+    balloon_target_bytes: NonNegative
+    working_set_bytes: NonNegative = Field(description="The policy's working-set estimate.")
+    reclaimed_bytes: int = Field(description="memory_bytes - allocated_bytes.")
+    free_bytes: int | None = Field(description="Free memory as the guest reports it, if it does.")
+    major_faults: NonNegative
+    cooperative: bool
+    counters: dict[str, NonNegative] = Field(description="Failure counters of this guest.")
+
+    @classmethod
+    def of(cls, guest: GuestStatus) -> GuestOut:
+        return cls(
+            name=guest.name,
+            memory_bytes=guest.memory_bytes,
+            min_bytes=guest.min_bytes,
+            max_bytes=guest.max_bytes,
+            shares=guest.shares,
+            allocation_target_bytes=guest.allocation_target_bytes,
+            allocated_bytes=guest.allocated_bytes,
+            balloon_bytes=guest.balloon_bytes,
+            balloon_target_bytes=guest.balloon_target_bytes,
+            working_set_bytes=guest.working_set_bytes,
+            reclaimed_bytes=guest.memory_bytes - guest.allocated_bytes,
+            free_bytes=guest.free_bytes,
+            major_faults=guest.major_faults,
+            cooperative=guest.cooperative,
+            counters=dict(guest.counters),
+        )
+
+
+class GuestListOut(_Out):
+    """``GET /v1/guests``."""
+
+    version: NonNegative
+    time_s: float
+    guests: list[GuestOut]
+
+
+class PolicyOut(_Out):
+    name: str
+    tax_rate: float = Field(ge=0.0, lt=1.0)
+
+
+class StatusOut(_Out):
+    """One period, as operators see it (``GET /v1/status`` and each ``status`` event)."""
+
+    version: NonNegative
+    time_s: float
+    period_s: float
+    host: HostStatusOut
+    guests: list[GuestOut]
+    policy: PolicyOut
+    counters: dict[str, NonNegative] = Field(description="Failure counters of the daemon.")
+
+    @classmethod
+    def of(cls, status: Status) -> StatusOut:
+        return cls(
+            version=status.version,
+            time_s=status.time_s,
+            period_s=status.period_s,
+            host=host_out(status.host),
+            guests=[GuestOut.of(g) for g in status.guests],
+            policy=policy_out(status.policy),
+            counters=dict(status.counters),
+        )
+
+    def host_view(self) -> HostOut:
+        return HostOut(
+            **self.host.model_dump(),
+            version=self.version,
+            time_s=self.time_s,
+            period_s=self.period_s,
+        )
+
+
+def host_out(host: HostStatus) -> HostStatusOut:
+    return HostStatusOut.model_validate(
+        {
+            "memory_bytes": host.memory_bytes,
+            "free_bytes": host.free_bytes,
+            "swap_bytes": host.swap_bytes,
+            "swap_used_bytes": host.swap_used_bytes,
+            "state": host.state,
+        }
+    )
+
+
+def policy_out(policy: PolicyStatus) -> PolicyOut:
+    return PolicyOut(name=policy.name, tax_rate=policy.tax_rate)
+
+
+# --- requests ---------------------------------------------------------------------------
+
+#: The shape of a size (the units of balloonist.units, any case), for the OpenAPI
+#: description; check_size runs first and gives the clearer message.
+SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([KkMmGgTt]([Ii]?[Bb])?|[Bb])\s*$"
+
+SizeText = Annotated[
+    str,
+    # Field before the validator: pydantic leaves a pattern that follows a
+    # BeforeValidator out of the JSON schema (it still enforces it).
+    Field(
+        pattern=SIZE_PATTERN,
+        description=(
+            'A size with a unit, e.g. "512MiB" or "2GiB" (K/M/G/T are binary, KB/MB/GB '
+            "decimal); a bare number is refused, so are fractions of a byte and sizes "
+            "above 1 PiB."
+        ),
+        examples=["512MiB"],
+    ),
+    BeforeValidator(check_size),
+]
+
+
+class _In(BaseModel):
+    # Unknown fields are errors: a typo such as "mni" must not be a silent no-op.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GuestPatch(_In):
+    """``PATCH /v1/guests/{name}``: fields left out stay as they are."""
+
+    min: SizeText | None = Field(default=None, description="Reservation (never below).")
+    max: SizeText | None = Field(default=None, description="Limit (never above).")
+    shares: int | None = Field(default=None, ge=1, le=MAX_SHARES, strict=True)
+
+    @property
+    def min_bytes(self) -> int | None:
+        return None if self.min is None else parse_size_bytes(self.min)
+
+    @property
+    def max_bytes(self) -> int | None:
+        return None if self.max is None else parse_size_bytes(self.max)
+
+
+class GuestChangeOut(_Out):
+    """A guest change the daemon accepted; it takes effect at the start of the next
+    period (the status after it shows it). Fields that were not changed are null."""
+
+    name: str
+    min_bytes: NonNegative | None
+    max_bytes: NonNegative | None
+    shares: int | None
+
+
+class PolicyPatch(_In):
+    """``PATCH /v1/policy``."""
+
+    tax_rate: float = Field(
+        ge=0.0,
+        lt=1.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Idle memory tax rate, 0 <= tax_rate < 1.",
+    )
+
+
+class PolicyChangeOut(_Out):
+    """A policy change the daemon accepted; it takes effect at the next period."""
+
+    tax_rate: float
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class FieldError(_Out):
+    field: str = Field(description='The field at fault, e.g. "min"; "body" for the whole body.')
+    message: str = Field(description="The rule it broke.")
+    type: str = Field(description='Kind of error, e.g. "value_error", "greater_than_equal".')
+
+
+class ErrorOut(_Out):
+    """Every error response: ``detail`` is one line; ``errors`` is set on 422."""
+
+    detail: str
+    errors: list[FieldError] = Field(default_factory=list)

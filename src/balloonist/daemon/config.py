@@ -1,0 +1,120 @@
+"""The QEMU daemon's configuration file (``--config host.toml``, every key optional)::
+
+[daemon]
+period_s = 1.0
+budget = "6GiB"            # memory the VMs may use; default: host memory - reserve
+reserve = "1GiB"           # default: the larger of 512MiB and 10 % of host memory
+available_floor = "64MiB"  # never leave a guest less available memory than this
+stall_timeout_s = 30.0     # a balloon that does not move for this long is uncooperative
+
+[policy]
+name = "shares"            # shares, static, proxmox or mom
+tax_rate = 0.75
+
+[vms.web]                  # per-VM overrides of what `vm start` recorded
+min = "256MiB"
+max = "1GiB"
+shares = 2000
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from balloonist.config import Strict, check_policy_name, check_size, read_toml, validate
+from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S
+from balloonist.errors import ConfigError
+from balloonist.host import HostMemInfo
+from balloonist.qemu.launcher import VMRecord
+from balloonist.units import MIB, format_size, parse_size_bytes
+
+DAEMON_POLICIES = ("shares", "static", "proxmox", "mom")
+#: Host memory kept out of the VMs' budget by default: the host kernel, QEMU's own
+#: memory and page cache need room, and 10 % scales that with the host.
+MIN_RESERVE_BYTES = 512 * MIB
+RESERVE_FRACTION = 0.10
+
+
+class DaemonTable(Strict):
+    period_s: float = Field(default=1.0, gt=0, le=3600)
+    budget: str | None = None
+    reserve: str | None = None
+    available_floor: str = "64MiB"
+    stall_timeout_s: float = Field(default=DEFAULT_STALL_TIMEOUT_S, gt=0)
+
+    _sizes = field_validator("budget", "reserve", "available_floor")(
+        classmethod(lambda cls, v: check_size(v))
+    )
+
+
+class PolicyTable(Strict):
+    name: str = "shares"
+    tax_rate: float = Field(default=0.75, ge=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return check_policy_name(v, DAEMON_POLICIES)
+
+
+class VmTable(Strict):
+    min: str | None = None
+    max: str | None = None
+    shares: int | None = Field(default=None, gt=0)
+
+    _sizes = field_validator("min", "max")(classmethod(lambda cls, v: check_size(v)))
+
+
+class DaemonConfig(Strict):
+    daemon: DaemonTable = DaemonTable()
+    policy: PolicyTable = PolicyTable()
+    vms: dict[str, VmTable] = Field(default_factory=dict)
+
+
+def load_config(path: Path | None) -> DaemonConfig:
+    if path is None:
+        return DaemonConfig()
+    return validate(DaemonConfig, read_toml(path), where=str(path))
+
+
+def budget_bytes(config: DaemonConfig, host: HostMemInfo) -> int:
+    d = config.daemon
+    if d.budget is not None:
+        return parse_size_bytes(d.budget)
+    reserve = (
+        parse_size_bytes(d.reserve)
+        if d.reserve is not None
+        else max(MIN_RESERVE_BYTES, int(host.total_bytes * RESERVE_FRACTION))
+    )
+    return max(0, host.total_bytes - reserve)
+
+
+def with_overrides(record: VMRecord, config: DaemonConfig) -> VMRecord:
+    table = config.vms.get(record.name)
+    if table is None:
+        return record
+    updated = replace(
+        record,
+        min_bytes=parse_size_bytes(table.min) if table.min else record.min_bytes,
+        max_bytes=parse_size_bytes(table.max) if table.max else record.max_bytes,
+        shares=table.shares or record.shares,
+    )
+    if not updated.min_bytes <= updated.max_bytes <= updated.memory_bytes:
+        raise ConfigError(
+            f"min {format_size(updated.min_bytes)} / max {format_size(updated.max_bytes)} do "
+            f"not fit the VM's {format_size(updated.memory_bytes)}",
+            where=f"vms.{record.name}",
+        )
+    return updated
+
+
+__all__ = [
+    "DAEMON_POLICIES",
+    "DaemonConfig",
+    "budget_bytes",
+    "load_config",
+    "with_overrides",
+]

@@ -1,0 +1,241 @@
+"""The API's contract over a fake controller: every endpoint, every error, and that a
+refused change changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from balloonist.api import create_app
+from balloonist.daemon.control import GuestChange
+from balloonist.units import GIB, MIB
+from tests.api.fake import FakeController, make_status
+
+
+@pytest.fixture
+def fake() -> FakeController:
+    return FakeController(make_status())
+
+
+@pytest.fixture
+def client(fake: FakeController) -> TestClient:
+    return TestClient(create_app(fake, token=None))
+
+
+def only_error(body: dict[str, Any]) -> dict[str, Any]:
+    assert len(body["errors"]) == 1, body
+    error: dict[str, Any] = body["errors"][0]
+    return error
+
+
+def test_status_is_the_whole_snapshot(client: TestClient) -> None:
+    body = client.get("/v1/status").json()
+    assert body["version"] == 1
+    assert body["host"]["state"] == "soft"
+    assert [g["name"] for g in body["guests"]] == ["web", "db"]
+    assert body["policy"] == {"name": "shares", "tax_rate": 0.75}
+    assert body["counters"]["qmp_errors"] == 4
+
+
+def test_host(client: TestClient) -> None:
+    assert client.get("/v1/host").json() == {
+        "memory_bytes": 6 * GIB,
+        "free_bytes": 3 * GIB,
+        "swap_bytes": 1 * GIB,
+        "swap_used_bytes": 0,
+        "state": "soft",
+        "version": 1,
+        "time_s": 1.0,
+        "period_s": 1.0,
+    }
+
+
+def test_guests_list_and_one(client: TestClient) -> None:
+    listing = client.get("/v1/guests").json()
+    assert listing["version"] == 1
+    web = listing["guests"][0]
+    assert web == client.get("/v1/guests/web").json()
+    assert web["allocation_target_bytes"] == 1536 * MIB
+    assert web["allocated_bytes"] == 1 * GIB
+    assert web["working_set_bytes"] == 700 * MIB
+    assert web["reclaimed_bytes"] == 2 * GIB - 1 * GIB
+    assert web["counters"] == {"stalls": 1}
+    db = client.get("/v1/guests/db").json()
+    assert db["free_bytes"] is None
+    assert db["cooperative"] is False
+
+
+def test_unknown_guest_is_404_with_one_line(client: TestClient) -> None:
+    response = client.get("/v1/guests/nope")
+    assert response.status_code == 404
+    assert response.json()["detail"] == "no guest named 'nope'"
+
+
+def test_policy(client: TestClient) -> None:
+    assert client.get("/v1/policy").json() == {"name": "shares", "tax_rate": 0.75}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/status", None),
+        ("GET", "/v1/host", None),
+        ("GET", "/v1/guests", None),
+        ("GET", "/v1/guests/web", None),
+        ("PATCH", "/v1/guests/web", {"shares": 5}),
+        ("GET", "/v1/policy", None),
+        ("PATCH", "/v1/policy", {"tax_rate": 0.5}),
+    ],
+)
+def test_before_the_first_period_is_503(method: str, path: str, body: Any) -> None:
+    fake = FakeController(None)
+    response = TestClient(create_app(fake, token=None)).request(method, path, json=body)
+    assert response.status_code == 503
+    assert response.json()["detail"].startswith("no status yet")
+    assert response.headers["retry-after"] == "1"
+    assert fake.guest_changes == [] and fake.policy_changes == []
+
+
+def test_patch_guest_accepts_sizes_with_units(client: TestClient, fake: FakeController) -> None:
+    response = client.patch("/v1/guests/web", json={"min": "512MiB", "max": "1.5GiB"})
+    assert response.status_code == 202
+    assert response.json() == {
+        "name": "web",
+        "min_bytes": 512 * MIB,
+        "max_bytes": 1536 * MIB,
+        "shares": None,
+    }
+    assert fake.guest_changes == [("web", GuestChange(min_bytes=512 * MIB, max_bytes=1536 * MIB))]
+    # Applied at the next period, as the daemon does.
+    fake.advance()
+    web = client.get("/v1/guests/web").json()
+    assert (web["min_bytes"], web["max_bytes"], web["shares"]) == (512 * MIB, 1536 * MIB, 1000)
+
+
+def test_patch_guest_shares(client: TestClient, fake: FakeController) -> None:
+    assert client.patch("/v1/guests/db", json={"shares": 3000}).status_code == 202
+    assert fake.guest_changes == [("db", GuestChange(shares=3000))]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "rule"),
+    [
+        ({"min": 512}, "min", "sizes are strings with a unit"),
+        ({"min": "512"}, "min", "has no unit"),
+        ({"max": "lots"}, "max", "is not a size"),
+        ({"max": "1.5B"}, "max", "not a whole number of bytes"),
+        ({"shares": 0}, "shares", "greater than or equal to 1"),
+        ({"shares": "2000"}, "shares", "valid integer"),
+        ({"shares": 2.5}, "shares", "valid integer"),
+        ({"shares": 10**12}, "shares", "less than or equal to"),
+        ({"mni": "1GiB"}, "mni", "unknown field"),
+    ],
+)
+def test_invalid_guest_patch_is_422_naming_field_and_rule(
+    client: TestClient, fake: FakeController, body: dict[str, Any], field: str, rule: str
+) -> None:
+    before = client.get("/v1/status").json()
+    response = client.patch("/v1/guests/web", json=body)
+    assert response.status_code == 422
+    error = only_error(response.json())
+    assert error["field"] == field
+    assert rule in error["message"]
+    assert response.json()["detail"].startswith(f"{field}: ")
+    assert fake.guest_changes == []
+    fake.advance()
+    after = client.get("/v1/status").json()
+    assert after["guests"] == before["guests"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "rule"),
+    [
+        ({"min": "3GiB"}, "min", "min 3GiB is above max 2GiB"),
+        ({"min": "1GiB", "max": "512MiB"}, "min", "min 1GiB is above max 512MiB"),
+        ({"max": "4GiB"}, "max", "max 4GiB is above memory 2GiB"),
+    ],
+)
+def test_change_the_daemon_refuses_is_422_with_its_message(
+    client: TestClient, fake: FakeController, body: dict[str, Any], field: str, rule: str
+) -> None:
+    response = client.patch("/v1/guests/web", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"] == f"guest 'web': {rule}"
+    error = only_error(response.json())
+    assert (error["field"], error["message"], error["type"]) == (field, rule, "config")
+    assert fake.guest_changes == []
+
+
+def test_patch_unknown_guest_is_404(client: TestClient, fake: FakeController) -> None:
+    response = client.patch("/v1/guests/nope", json={"shares": 5})
+    assert response.status_code == 404
+    assert response.json()["detail"] == "no guest named 'nope'"
+    assert fake.guest_changes == []
+
+
+def test_guest_gone_since_the_last_status_is_404(client: TestClient, fake: FakeController) -> None:
+    # The daemon dropped the VM after the status the API looked at.
+    fake.before_next_change = lambda: fake.publish(make_status(2, guests=()))
+    response = client.patch("/v1/guests/web", json={"shares": 5})
+    assert response.status_code == 404
+    assert fake.guest_changes == []
+
+
+def test_patch_body_must_be_a_json_object(client: TestClient) -> None:
+    response = client.patch(
+        "/v1/guests/web", content=b"not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    missing = client.patch("/v1/guests/web")
+    assert missing.status_code == 422
+    assert only_error(missing.json())["field"] == "body"
+
+
+def test_patch_policy(client: TestClient, fake: FakeController) -> None:
+    response = client.patch("/v1/policy", json={"tax_rate": 0.5})
+    assert response.status_code == 202
+    assert response.json() == {"tax_rate": 0.5}
+    assert fake.policy_changes == [0.5]
+    fake.advance()
+    assert client.get("/v1/policy").json()["tax_rate"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("body", "rule"),
+    [
+        ({"tax_rate": 1.0}, "less than 1"),
+        ({"tax_rate": -0.1}, "greater than or equal to 0"),
+        ({"tax_rate": "0.5"}, "valid number"),
+        ({"tax_rate": True}, "valid number"),
+        ({}, "required field is missing"),
+    ],
+)
+def test_invalid_policy_patch_is_422(
+    client: TestClient, fake: FakeController, body: dict[str, Any], rule: str
+) -> None:
+    response = client.patch("/v1/policy", json=body)
+    assert response.status_code == 422
+    error = only_error(response.json())
+    assert error["field"] == "tax_rate"
+    assert rule in error["message"]
+    assert fake.policy_changes == []
+
+
+def test_openapi_describes_every_endpoint(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]) == {
+        "/v1/status",
+        "/v1/host",
+        "/v1/guests",
+        "/v1/guests/{name}",
+        "/v1/policy",
+        "/v1/events",
+        "/metrics",
+    }
+    patch = spec["paths"]["/v1/guests/{name}"]["patch"]
+    assert set(patch["responses"]) >= {"202", "404", "422", "503"}
+    assert "GuestOut" in spec["components"]["schemas"]
+    # No HTML pages served (they would pull scripts from a CDN).
+    assert client.get("/docs").status_code == 404

@@ -1,0 +1,95 @@
+"""/metrics: the series of the newest status, with its values, in Prometheus text."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from balloonist.api import create_app
+from balloonist.units import GIB, MIB
+from tests.api.fake import FakeController, make_guest, make_status
+
+
+def scrape(fake: FakeController) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = TestClient(create_app(fake, token=None)).get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_host_series() -> None:
+    samples = scrape(FakeController(make_status(7)))
+    assert samples[("balloonist_status_version", ())] == 7
+    assert samples[("balloonist_host_memory_bytes", ())] == 6 * GIB
+    assert samples[("balloonist_host_free_bytes", ())] == 3 * GIB
+    assert samples[("balloonist_host_swap_bytes", ())] == 1 * GIB
+    assert samples[("balloonist_period_seconds", ())] == 1.0
+    states = {
+        labels[0][1]: value
+        for (name, labels), value in samples.items()
+        if name == "balloonist_host_state"
+    }
+    assert states == {"high": 0, "soft": 1, "hard": 0, "low": 0}
+    assert samples[("balloonist_policy_tax_rate", (("policy", "shares"),))] == 0.75
+
+
+def test_guest_series() -> None:
+    samples = scrape(FakeController(make_status()))
+
+    def web(name: str) -> float:
+        return samples[(f"balloonist_guest_{name}", (("guest", "web"),))]
+
+    assert web("allocation_target_bytes") == 1536 * MIB
+    assert web("allocated_bytes") == 1 * GIB
+    assert web("balloon_bytes") == 1 * GIB
+    assert web("balloon_target_bytes") == 512 * MIB
+    assert web("working_set_bytes") == 700 * MIB
+    assert web("reclaimed_bytes") == 1 * GIB
+    assert web("cooperative") == 1
+    assert web("free_bytes") == 300 * MIB
+    assert web("major_faults_total") == 12
+    assert samples[("balloonist_guest_cooperative", (("guest", "db"),))] == 0
+    # db does not report free memory: no sample rather than a made-up value.
+    assert ("balloonist_guest_free_bytes", (("guest", "db"),)) not in samples
+
+
+def test_failure_counters() -> None:
+    samples = scrape(FakeController(make_status()))
+    assert samples[("balloonist_qmp_errors_total", ())] == 4
+    assert samples[("balloonist_stalls_total", ())] == 2
+    assert samples[("balloonist_uncooperative_total", ())] == 1
+    assert samples[("balloonist_agent_rejected_total", ())] == 0
+    assert samples[("balloonist_guest_stalls_total", (("guest", "web"),))] == 1
+    assert samples[("balloonist_guest_stalls_total", (("guest", "db"),))] == 3
+    assert samples[("balloonist_guest_qmp_errors_total", (("guest", "db"),))] == 2
+
+
+def test_before_the_first_period_only_the_version() -> None:
+    samples = scrape(FakeController(None))
+    assert samples == {("balloonist_status_version", ()): 0}
+
+
+def test_odd_counter_names_still_make_a_valid_scrape() -> None:
+    status = make_status(guests=(make_guest("a-b", counters={"weird.name": 1}),))
+    fake = FakeController(status)
+    samples = scrape(fake)
+    assert samples[("balloonist_guest_weird_name_total", (("guest", "a-b"),))] == 1
+
+
+def test_each_app_has_its_own_registry() -> None:
+    one = TestClient(create_app(FakeController(make_status(1)), token=None))
+    two = TestClient(create_app(FakeController(make_status(2)), token=None))
+    assert "balloonist_status_version 1.0" in one.get("/metrics").text
+    assert "balloonist_status_version 2.0" in two.get("/metrics").text
+
+
+def test_openmetrics_when_asked() -> None:
+    client = TestClient(create_app(FakeController(make_status()), token=None))
+    response = client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert "balloonist_qmp_errors_total 4.0" in response.text
+    assert response.text.endswith("# EOF\n")
