@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from _common import write_result
-from _vm import ACCEL, ROOT, assets, state_dir, stop_all, wait_line
+from _vm import ACCEL, assets, state_dir, stop_all, wait_line
 from balloonist.agent.pyz import build_pyz
 from balloonist.daemon.agent_link import AgentPort
 from balloonist.qemu import launcher
-from balloonist.qemu.assets import host_python
+from balloonist.qemu.assets import default_cache_dir, host_python
 from balloonist.qemu.qmp import BalloonQMP
 from balloonist.qemu.reclaim import GuestRam
 from balloonist.units import MIB, PAGE_SIZE_BYTES
@@ -94,7 +94,8 @@ async def _measure(record: launcher.VMRecord, modes: Sequence[str]) -> dict[str,
 
 
 def _run(name: str, agent_args: Sequence[str], modes: Sequence[str]) -> dict[str, list[float]]:
-    pyz = build_pyz(ROOT / ".cache" / "bench-agent" / "balloonist-agent.pyz")
+    # where a host-root guest sees it: not under /tmp, which the guest mounts its own
+    pyz = build_pyz(default_cache_dir().parent / "guest-shared" / "balloonist-agent.pyz")
     state = state_dir()
     try:
         request = assets().start_request(

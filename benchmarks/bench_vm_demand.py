@@ -25,12 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _common import write_result
-from _vm import ACCEL, ROOT, assets, lines, state_dir, stop_all, wait_line
+from _vm import ACCEL, assets, lines, state_dir, stop_all, wait_line
 from balloonist.agent.pyz import build_pyz
 from balloonist.daemon.qemu_hv import VmPort
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.qemu import launcher
-from balloonist.qemu.assets import host_python
+from balloonist.qemu.assets import default_cache_dir, host_python
 from balloonist.qemu.qmp import BalloonQMP
 from balloonist.units import MIB
 
@@ -51,7 +51,8 @@ def _step_seen(record: launcher.VMRecord, ws_mib: int, after: int) -> int | None
 
 
 def _run(mode: str) -> dict[str, object]:
-    pyz = build_pyz(ROOT / ".cache" / "bench-agent" / "balloonist-agent.pyz")
+    # where a host-root guest sees it: not under /tmp, which the guest mounts its own
+    pyz = build_pyz(default_cache_dir().parent / "guest-shared" / "balloonist-agent.pyz")
     state = state_dir()
     guest = assets()
     try:

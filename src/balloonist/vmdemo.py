@@ -85,7 +85,7 @@ def run_vm_demo(
                     trace.actual.setdefault(name, []).append(held / MIB)
                     trace.rate.setdefault(name, []).append(_work_rate(record))
                 _show(view, console, trace, live)
-                time.sleep(max(0.0, 1.0 - (time.monotonic() - start - now)))
+                daemon.idle(max(0.0, 1.0 - (time.monotonic() - start - now)))
         daemon.hv.close()
     finally:
         for name in state.names():

@@ -17,7 +17,12 @@ from typing import Any
 import pytest
 
 from balloonist.qemu import launcher
-from balloonist.qemu.assets import GuestAssets, cached_assets, default_cache_dir
+from balloonist.qemu.assets import (
+    GUEST_OWN_DIRS,
+    GuestAssets,
+    cached_assets,
+    default_cache_dir,
+)
 from balloonist.units import MIB
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,8 +55,25 @@ def guest_assets() -> GuestAssets:
     raise AssertionError("unreachable")
 
 
-#: Files a host-root guest must see: not under /tmp, which the guest mounts its own.
-SHARED_DIR = ROOT / ".cache" / "agent-tests"
+def _shared_dir() -> Path:
+    """Where files a host-root guest must see go: not under /tmp or /run, which the
+    guest mounts its own (a clone of this repository may well live under /tmp)."""
+    for candidate in (ROOT / ".cache", default_cache_dir().parent, Path("/var/tmp")):
+        if not f"{candidate.resolve()}/".startswith(GUEST_OWN_DIRS):
+            return candidate / "guest-shared"
+    raise AssertionError("no directory a host-root guest can see")
+
+
+#: Files a host-root guest must see (the agent, scripts, control files).
+SHARED_DIR = _shared_dir()
+
+
+def guest_visible(path: Path) -> Path:
+    """A copy of ``path`` in SHARED_DIR, where a host-root guest can open it."""
+    SHARED_DIR.mkdir(parents=True, exist_ok=True)
+    copy = SHARED_DIR / path.name
+    shutil.copyfile(path, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,15 @@ from balloonist.qemu.qmp import BalloonQMP
 from balloonist.qemu.reclaim import GuestRam
 from balloonist.units import MIB
 
-from .conftest import BOOT_TIMEOUT_S, SHARED_DIR, boot, meminfo_kib, serial_lines, wait_for_line
+from .conftest import (
+    BOOT_TIMEOUT_S,
+    SHARED_DIR,
+    boot,
+    guest_visible,
+    meminfo_kib,
+    serial_lines,
+    wait_for_line,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -72,7 +80,7 @@ def boot_agent_vm(
         name,
         memory_mib=MEMORY_MIB,
         agent=True,
-        run=(host_python(), str(SUPERVISOR), str(pyz), str(control)),
+        run=(host_python(), str(guest_visible(SUPERVISOR)), str(pyz), str(control)),
     )
 
 

@@ -31,7 +31,7 @@ from balloonist.qemu.assets import GuestAssets, host_python
 from balloonist.qemu.reclaim import PAGE_BYTES, GuestRam
 from balloonist.units import MIB
 
-from .conftest import BOOT_TIMEOUT_S, boot, serial_lines, wait_for_line
+from .conftest import BOOT_TIMEOUT_S, boot, guest_visible, serial_lines, wait_for_line
 
 pytestmark = pytest.mark.vm
 
@@ -96,7 +96,13 @@ def test_the_host_frees_the_memory_behind_marked_pages(
         384 * MIB,
         accel="tcg",
         agent=True,
-        run=(host_python(), str(GUEST_SCRIPT), str(LOCKED_MIB), token.hex(), PORT_NAME),
+        run=(
+            host_python(),
+            str(guest_visible(GUEST_SCRIPT)),
+            str(LOCKED_MIB),
+            token.hex(),
+            PORT_NAME,
+        ),
     )
     record = launcher.start_vm(state, request)
     assert record.agent_socket is not None and record.ram_file is not None

@@ -35,9 +35,12 @@ balloonist_guest_free_bytes              gauge  guest    free memory the guest r
 balloonist_guest_major_faults_total      counter guest   major faults the guest reports
 balloonist_guest_cooperative             gauge  guest    1 cooperative, 0 uncooperative
 balloonist_<counter>_total               counter         each daemon failure counter of
-                                                         ``Status.counters`` (qmp_errors,
-                                                         stalls, uncooperative,
-                                                         agent_rejected, cycles_skipped...)
+                                                         ``Status.counters``
+                                                         (cycles_skipped, uncooperative,
+                                                         backend_errors_transient,
+                                                         backend_errors_fatal, stalls,
+                                                         agent_rejected,
+                                                         balloon_alloc_failures)
 balloonist_guest_<counter>_total         counter guest   each per-guest failure counter of
                                                          ``GuestStatus.counters``
 ======================================== ====== ======== ==================================
