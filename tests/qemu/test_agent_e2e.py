@@ -185,7 +185,9 @@ def test_under_real_memory_pressure_the_balloon_gives_way_and_nothing_is_oom_kil
                     rates.append(stats.rate_pages)
                 return False
 
-            await asyncio.sleep(2)  # let a stats line carry the rate it grew to
+            # the next stats line carries the rate inflating grew to
+            reached = port.session.stats
+            await until(lambda: port.session.stats is not reached, REACH_TIMEOUT_S, "stats")
             note_rate()
             peak_rate = rates[-1]
             # A process wanting 250 of the 184 MiB the balloon leaves: the guest must
