@@ -204,9 +204,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     pyz.set_defaults(command=_cmd_agent_pyz)
 
-    from balloonist import vmcli
+    from balloonist import apicli, vmcli
 
     vmcli.add_commands(sub, _plain_command)
+    apicli.add_commands(sub, _plain_command)
     return parser
 
 
