@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py
 	$(BIN)/python benchmarks/bench_policy.py
 	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_api.py
 
 bench-vm: $(STAMP) guest-assets
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_reclaim.py
