@@ -157,3 +157,21 @@ def test_a_balloon_that_stalls_is_counted_once_as_a_stall_and_as_uncooperative(
         "stalls": 1,
         "agent_rejected": 0,
     }
+
+
+def test_a_held_guest_that_leaves_no_room_holds_the_others_at_their_minimum(
+    tmp_path: Path,
+) -> None:
+    # "stuck" turns uncooperative and is held at 2 GiB: with "fine"'s 256 MiB minimum
+    # that is more than the 2 GiB budget. The policy must still decide (everyone at
+    # the minimum the physical situation allows), not skip every cycle.
+    vms = {"stuck": FakeVm(2 * GIB, 2 * GIB, speed=0), "fine": FakeVm(2 * GIB, 2 * GIB)}
+    daemon = make(tmp_path, vms, budget="2GiB")
+    for _ in range(80):
+        daemon.step()
+    status = daemon.status()
+    assert status is not None
+    stuck = status.guest("stuck")
+    assert stuck is not None and not stuck.cooperative
+    assert status.counters["cycles_skipped"] == 0
+    assert vms["fine"].actual == 256 * MIB  # its minimum

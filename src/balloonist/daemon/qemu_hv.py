@@ -23,7 +23,10 @@ look bigger than what it already holds.
 **Host memory** for the policy is the budget, or less when the host is short for
 reasons of its own: never more than what the guests hold (their balloons' actual
 sizes) plus the host's ``MemAvailable``. Free memory is that minus what they hold.
-A VM that could not be sampled this period still holds its last known size.
+A VM that could not be sampled this period still holds its last known size. When the
+guests' minimums and the sizes uncooperative guests are held at add up to more than
+that, the memory is in use regardless: the policy is given that much, so it holds
+everyone at their minimum instead of refusing to decide (logged once).
 
 **Failures.** A VM whose QEMU has exited is dropped with one log line; one whose
 socket does not answer is retried every period (reconnecting) and left out of the
@@ -162,6 +165,7 @@ class QemuHypervisor:
         self._stall_timeout_s = stall_timeout_s
         self._on_target = on_target
         self._vms: dict[str, _Vm] = {}
+        self._over_reserved = False
         self._retired: Counter[str] = Counter()  # counters of VMs no longer managed
         self._loop = asyncio.new_event_loop()
         self.update_records(records)
@@ -293,6 +297,24 @@ class QemuHypervisor:
         # reasons of its own (other processes, pinned cache), and then the VMs share
         # only what they hold plus what the host has available.
         memory = min(self.budget_bytes, held + info.available_bytes)
+        # Guests the policy may not move (uncooperative ones are held where they are)
+        # can reserve more than that; then the memory is in use anyway, and the best
+        # the policy can do is hold everyone at their minimum. Say so, rather than
+        # refuse to decide and leave every guest unmanaged.
+        reserved = sum(
+            spec.min_bytes
+            for spec, vm in zip(self.specs(), self._vms.values(), strict=True)
+            if vm.pacer is not None
+        )
+        if reserved > memory and not self._over_reserved:
+            log.warning(
+                "the guests' minimums and held sizes (%s) exceed the %s they may share; "
+                "holding every guest at its minimum",
+                format_size(reserved),
+                format_size(memory),
+            )
+        self._over_reserved = reserved > memory
+        memory = max(memory, reserved)
         return HostReading(
             time_s=self._clock(),
             memory_bytes=memory,
