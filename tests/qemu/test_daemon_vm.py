@@ -12,7 +12,8 @@ Thresholds:
 - DEADLINE_S: the move took about 15 s after busy grew, by hand, under TCG; 90 s.
 - RETURN_DEADLINE_S: giving memory back waits for the slow working-set average
   (30 s half-life) to come down. One run made it in about 100 s; another had returned
-  60 of the 64 MiB when a 150 s wait ended, still moving. 240 s.
+  60 of the 64 MiB when a 150 s wait ended, still moving; a CI run had moved 76 and
+  67 MiB just after a 240 s wait ended. 360 s.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.vm
 MOVE_BYTES = 64 * MIB
 DEADLINE_S = 90.0
 MIN_BYTES = 128 * MIB
-RETURN_DEADLINE_S = 240.0
+RETURN_DEADLINE_S = 360.0
 
 
 def _actual(daemon: Daemon, name: str) -> int:
