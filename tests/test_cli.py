@@ -31,7 +31,12 @@ from balloonist.sim.result import (
     Progress,
     SimResult,
 )
-from balloonist.sim.scenario import Scenario, load_scenario, scenario_from_dict
+from balloonist.sim.scenario import (
+    Scenario,
+    load_scenario,
+    load_scenario_or_demo,
+    scenario_from_dict,
+)
 from balloonist.units import MIB
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -432,7 +437,7 @@ def test_demo_scenario_is_valid_and_overcommitted() -> None:
     assert configured > scenario.host_memory_bytes  # the point of the demo
     # long enough to see memory move twice, short enough to watch (0.1 s a period live)
     assert 60 <= scenario.duration_s <= 150
-    assert cli._load_demo() == scenario  # the packaged copy is the one in the tree
+    assert load_scenario_or_demo(None) == scenario  # the packaged copy is the one in the tree
 
 
 # ---------------------------------------------------------------------------------------

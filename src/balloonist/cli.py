@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Final, Protocol, TextIO
 
@@ -31,7 +31,7 @@ from rich.console import Console
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.live import LiveView, ProgressLines, summary_table
 from balloonist.sim.result import Progress, SimResult
-from balloonist.sim.scenario import POLICY_NAMES, Scenario, load_scenario
+from balloonist.sim.scenario import POLICY_NAMES, Scenario, load_scenario_or_demo
 
 __all__ = ["Runner", "main"]
 
@@ -41,7 +41,6 @@ EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
-DEMO_RESOURCE: Final = "demo.toml"
 DEMO_OUT_DEFAULT: Final = Path("balloonist-demo")
 DEMO_PLOT_NAME: Final = "demo.png"
 #: Wall-clock seconds per simulated period in the demo's live view: fast enough for a
@@ -243,7 +242,7 @@ def _cmd_demo(args: argparse.Namespace, io: _Io) -> int:
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ConfigError("exists and is not a directory", where=f"--out {out}")
-    scenario = _load_demo()
+    scenario = load_scenario_or_demo(None)
     policy = args.policy or scenario.policy_name
 
     console = Console(file=io.stdout)
@@ -263,7 +262,7 @@ def _cmd_demo(args: argparse.Namespace, io: _Io) -> int:
 def _cmd_simulate(args: argparse.Namespace, io: _Io) -> int:
     from balloonist import report
 
-    scenario = _load(args.scenario)
+    scenario = load_scenario_or_demo(args.scenario)
     _check_policy(args.policy)
     report_dir: Path | None = args.report
     if report_dir is not None:
@@ -333,20 +332,3 @@ def _progress_view(
             yield view
     else:
         yield ProgressLines(stream)
-
-
-def _load_demo() -> Scenario:
-    resource = resources.files("balloonist") / "scenarios" / DEMO_RESOURCE
-    with resources.as_file(resource) as path:
-        return _load(path)
-
-
-def _load(path: Path) -> Scenario:
-    try:
-        return load_scenario(path)
-    except ConfigError as exc:
-        if exc.where:
-            raise
-        # Some errors (e.g. a size checked inside the schema) arrive without a location;
-        # naming the file is the least the one-line message owes the user.
-        raise ConfigError(exc.message, where=str(path)) from exc

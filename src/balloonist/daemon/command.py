@@ -18,7 +18,6 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -31,8 +30,6 @@ if TYPE_CHECKING:  # imported when used: the simulator and QMP are slow to impor
 
 #: The API's unix socket, in the daemon's state directory unless --api-socket says.
 API_SOCKET = "api.sock"
-#: The built-in scenario ``--sim`` runs when given no file (the one ``balloonist demo`` runs).
-DEMO_RESOURCE = "demo.toml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,23 +148,10 @@ def _backend_request(args: argparse.Namespace) -> DaemonRequest:
     from balloonist.daemon.sim_backend import check_speed
 
     speed = check_speed(1.0 if args.speed is None else args.speed)
-    scenario = load_sim_scenario(Path(args.sim) if args.sim else None)
+    from balloonist.sim.scenario import load_scenario_or_demo
+
+    scenario = load_scenario_or_demo(Path(args.sim) if args.sim else None)
     return DaemonRequest(state_dir=args.state_dir, scenario=scenario, speed=speed)
-
-
-def load_sim_scenario(path: Path | None) -> Scenario:
-    from balloonist.sim.scenario import load_scenario
-
-    if path is None:
-        resource = resources.files("balloonist") / "scenarios" / DEMO_RESOURCE
-        with resources.as_file(resource) as demo:
-            return load_scenario(demo)
-    try:
-        return load_scenario(path)
-    except ConfigError as exc:
-        if exc.where:
-            raise
-        raise ConfigError(exc.message, where=str(path)) from exc
 
 
 def configure_logging(level: str, stream: TextIO) -> None:
@@ -220,7 +204,6 @@ __all__ = [
     "command",
     "configure_logging",
     "daemon_request",
-    "load_sim_scenario",
     "run_daemon",
     "stop_on_signals",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,9 @@ from balloonist.units import (
 )
 
 POLICY_NAMES = ("shares", "static", "host-swap", "proxmox", "mom", "oracle")
+
+#: The built-in scenario (`balloonist demo`, `balloonist daemon --sim`), packaged.
+DEMO_RESOURCE = "demo.toml"
 
 
 class Replacement(enum.IntEnum):
@@ -209,6 +213,24 @@ class Scenario:
 def load_scenario(path: Path) -> Scenario:
     """Read and validate a scenario file; any problem is one ``ConfigError``."""
     return scenario_from_dict(read_toml(path), where=str(path), default_name=path.stem)
+
+
+def load_scenario_or_demo(path: Path | None) -> Scenario:
+    """A scenario file, or the built-in demo scenario when ``path`` is None.
+
+    Every error names the file: some (a size checked inside the schema) arrive
+    without a location, and the one-line message owes the user at least that.
+    """
+    if path is None:
+        resource = resources.files("balloonist") / "scenarios" / DEMO_RESOURCE
+        with resources.as_file(resource) as demo:
+            return load_scenario(demo)
+    try:
+        return load_scenario(path)
+    except ConfigError as exc:
+        if exc.where:
+            raise
+        raise ConfigError(exc.message, where=str(path)) from exc
 
 
 def scenario_from_dict(data: dict[str, Any], *, where: str, default_name: str) -> Scenario:
