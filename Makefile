@@ -9,7 +9,7 @@ GUEST_ASSETS := .cache/guest
 # The in-guest balloon agent, one file to copy into a guest (docs/agent.md).
 AGENT_PYZ ?= build/balloonist-agent.pyz
 
-.PHONY: demo demo-vm test lint typecheck unit bench bench-vm experiments clean vm-deps guest-assets \
+.PHONY: demo demo-vm test lint typecheck unit bench bench-vm experiments clean test-deps guest-assets \
 	agent-pyz
 
 $(STAMP): pyproject.toml
@@ -37,17 +37,21 @@ typecheck: $(STAMP)
 unit: $(STAMP) guest-assets
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/pytest
 
-# The real-VM tests need QEMU and a Debian kernel. As root, install what is missing;
-# otherwise say what to install. Under CI a failure here fails the run; elsewhere the
-# vm tests then skip.
-vm-deps:
-	@if command -v qemu-system-x86_64 >/dev/null && [ -n "$$(ls /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then :; \
+# The real-VM tests need QEMU and a Debian kernel (apt package lists for
+# `apt-get download`); the dashboard tests need Chromium. As root, install what is
+# missing; otherwise say what to install. Under CI a failure here fails the run;
+# elsewhere those tests then skip.
+TEST_DEBS := qemu-system-x86_64:qemu-system-x86 chromium:chromium
+test-deps:
+	@missing=$$(for dep in $(TEST_DEBS); do command -v $${dep%%:*} >/dev/null || printf ' %s' $${dep#*:}; done); \
+	if [ -z "$$missing" ] && [ -n "$$(ls /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null; \
-	else echo "make: the real-VM tests need qemu-system-x86 and apt package lists (run as root)" >&2; \
+	  apt-get update -qq && { [ -z "$$missing" ] || \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }; \
+	else echo "make: the real-VM and dashboard tests need$${missing:+$$missing and} apt package lists (run as root)" >&2; \
 	  [ -z "$$CI" ]; fi
 
-guest-assets: $(STAMP) vm-deps
+guest-assets: $(STAMP) test-deps
 	$(BIN)/balloonist guest-assets --cache $(GUEST_ASSETS) || [ -z "$$CI" ]
 
 bench: $(STAMP)

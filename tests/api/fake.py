@@ -1,11 +1,12 @@
 """A fake daemon behind the Controller protocol: statuses built from control.py's
 dataclasses, and changes validated with the daemon's rules, applied at ``advance()``
-(the next period), as the real loop does."""
+(the next period), as the real loop does. Every status it publishes goes into its
+history, as the daemon's do."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from balloonist.daemon.control import (
@@ -15,6 +16,7 @@ from balloonist.daemon.control import (
     PolicyStatus,
     Status,
 )
+from balloonist.daemon.history import History, HistoryPoint
 from balloonist.errors import ConfigError
 from balloonist.units import GIB, MIB, format_size
 
@@ -77,6 +79,9 @@ class FakeController:
 
     def __init__(self, status: Status | None = None) -> None:
         self._status = status
+        self._history = History()
+        if status is not None:
+            self._history.record(status)
         self._lock = threading.Lock()
         self.guest_changes: list[tuple[str, GuestChange]] = []
         self.policy_changes: list[float] = []
@@ -87,8 +92,16 @@ class FakeController:
     def status(self) -> Status | None:
         return self._status
 
+    def history(self, since_version: int = 0) -> Sequence[HistoryPoint]:
+        return self._history.since(since_version)
+
     def publish(self, status: Status | None) -> None:
+        """Make ``status`` the newest; a version above the last also joins the history
+        (tests publish older or repeated versions to see what servers make of them)."""
         self._status = status
+        points = self._history.since()
+        if status is not None and (not points or status.version > points[-1].version):
+            self._history.record(status)
 
     def change_guest(self, name: str, change: GuestChange) -> None:
         with self._lock:
@@ -148,4 +161,5 @@ class FakeController:
                 current, version=current.version + 1, time_s=current.time_s + 1, guests=guests
             )
             self._status = replace(self._status, policy=policy)
+            self._history.record(self._status)
             return self._status

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from balloonist.api import create_app
 from balloonist.daemon.control import GuestChange
 from balloonist.units import GIB, MIB
-from tests.api.fake import FakeController, make_status
+from tests.api.fake import FakeController, make_guest, make_status
 
 
 @pytest.fixture
@@ -85,6 +85,7 @@ def test_policy(client: TestClient) -> None:
         ("GET", "/v1/guests", None),
         ("GET", "/v1/guests/web", None),
         ("PATCH", "/v1/guests/web", {"shares": 5}),
+        ("GET", "/v1/history", None),
         ("GET", "/v1/policy", None),
         ("PATCH", "/v1/policy", {"tax_rate": 0.5}),
     ],
@@ -230,6 +231,7 @@ def test_openapi_describes_every_endpoint(client: TestClient) -> None:
         "/v1/host",
         "/v1/guests",
         "/v1/guests/{name}",
+        "/v1/history",
         "/v1/policy",
         "/v1/events",
         "/metrics",
@@ -239,3 +241,29 @@ def test_openapi_describes_every_endpoint(client: TestClient) -> None:
     assert "GuestOut" in spec["components"]["schemas"]
     # No HTML pages served (they would pull scripts from a CDN).
     assert client.get("/docs").status_code == 404
+
+
+def test_history_is_one_column_per_figure(client: TestClient, fake: FakeController) -> None:
+    fake.advance()
+    fake.publish(make_status(3, guests=(make_guest("web", allocated_bytes=3 * GIB // 2),)))
+    body = client.get("/v1/history").json()
+    assert body["version"] == [1, 2, 3]
+    assert body["time_s"] == [1.0, 2.0, 3.0]
+    assert body["host_state"] == ["soft"] * 3
+    assert body["host_memory_bytes"] == [6 * GIB] * 3
+    assert list(body["guests"]) == ["web", "db"]
+    assert body["guests"]["web"]["allocated_bytes"] == [GIB, GIB, 3 * GIB // 2]
+    # db left at version 3: null there, so every column lines up with time_s
+    assert body["guests"]["db"]["allocated_bytes"] == [2 * GIB, 2 * GIB, None]
+    assert body["guests"]["db"]["working_set_bytes"][:2] == [700 * MIB, 700 * MIB]
+
+
+def test_history_since_a_version(client: TestClient, fake: FakeController) -> None:
+    fake.advance()
+    fake.advance()
+    assert client.get("/v1/history", params={"since": 2}).json()["version"] == [3]
+    empty = client.get("/v1/history", params={"since": 3}).json()
+    assert empty["version"] == [] and empty["guests"] == {}
+    bad = client.get("/v1/history", params={"since": -1})
+    assert bad.status_code == 422
+    assert only_error(bad.json())["field"] == "since"

@@ -1,11 +1,15 @@
-"""With a token (the TCP app), every path needs ``Authorization: Bearer <token>``."""
+"""With a token (the TCP app), every path needs ``Authorization: Bearer <token>``, but
+the dashboard's static files, which hold no data."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import ASGIApp, Message
 
 from balloonist.api import create_app
 from balloonist.errors import ConfigError
@@ -17,6 +21,7 @@ PATHS = [
     "/v1/host",
     "/v1/guests",
     "/v1/guests/web",
+    "/v1/history",
     "/v1/policy",
     "/metrics",
     "/openapi.json",
@@ -88,3 +93,62 @@ def test_unusable_token_is_a_config_error(token: str) -> None:
     with pytest.raises(ConfigError) as caught:
         create_app(FakeController(), token=token)
     assert token not in str(caught.value)
+
+
+def raw_get(app: ASGIApp, path: str) -> tuple[int, bytes]:
+    """GET ``path`` exactly as given: HTTP clients tidy dot segments away, and a
+    hostile one would not."""
+    answer: dict[str, Any] = {"body": b""}
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            answer["body"] += message.get("body", b"")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"api")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    return answer["status"], answer["body"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/dashboard/../v1/status",
+        "/dashboard/../../v1/guests",
+        "/dashboard//v1/status",
+        "/dashboard/vendor/../../v1/status",
+        "/dashboardx",
+        "/dashboard/../metrics",
+    ],
+)
+def test_no_path_through_the_dashboard_reaches_data_without_a_token(path: str) -> None:
+    app = create_app(FakeController(make_status()), token=TOKEN)
+    status, body = raw_get(app, path)
+    assert status in {401, 404}, (status, body[:200])
+    assert b"web" not in body and b"balloonist_" not in body
+
+
+def test_the_dashboard_page_and_its_scripts_need_no_token(client: TestClient) -> None:
+    for path in ["/dashboard/", "/dashboard/dashboard.js", "/dashboard/vendor/plotly.min.js"]:
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+    page = client.get("/dashboard/").text
+    assert TOKEN not in page and "web" not in page  # no data in the page itself

@@ -88,3 +88,17 @@ def test_bad_api_options_are_one_line_exit_2(
     assert cli.main(["daemon", "--sim", "--state-dir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_token_file_that_is_not_there_is_made_for_the_daemon(tmp_path: Path) -> None:
+    from balloonist import cli
+    from balloonist.daemon.command import daemon_request
+
+    args = cli._parser().parse_args(
+        ["daemon", "--sim", "--api-tcp", "0", "--api-token-file", str(tmp_path / "token")]
+    )
+    request = daemon_request(args)
+    assert request.api_tcp == ("127.0.0.1", 0)
+    assert request.api_token is not None
+    assert (tmp_path / "token").read_text().strip() == request.api_token
+    assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600

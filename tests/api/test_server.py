@@ -3,6 +3,7 @@ token, event streams over it, stale sockets, clean stops, the token file."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
@@ -13,7 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from balloonist.api import ApiServer, parse_tcp_address, read_token, serve
+from balloonist.api import (
+    ApiServer,
+    parse_tcp_address,
+    read_or_create_token,
+    read_token,
+    serve,
+)
 from balloonist.errors import ConfigError
 from tests.api.fake import FakeController, make_status
 
@@ -218,6 +225,37 @@ def test_unusable_token_file_is_refused(tmp_path: Path, text: str, message: str)
 def test_missing_token_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         read_token(tmp_path / "nope")
+
+
+def test_a_missing_token_file_is_made_owner_only_with_a_fresh_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "token"
+    old_umask = os.umask(0)  # the worst umask: the mode must not come from it
+    try:
+        with caplog.at_level(logging.INFO):
+            token = read_or_create_token(path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == token + "\n" and len(token) >= 32
+    assert read_token(path) == token == read_or_create_token(path)  # kept, not replaced
+    assert read_or_create_token(tmp_path / "other") != token
+    assert f"created a new API token in {path}" in caplog.text
+    assert token not in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "token"]  # no temporaries
+
+
+def test_an_existing_token_file_is_never_rewritten(tmp_path: Path) -> None:
+    path = token_file(tmp_path, TOKEN, 0o644)
+    with pytest.raises(ConfigError, match="lets other users read"):
+        read_or_create_token(path)
+    assert path.read_text() == TOKEN
+
+
+def test_a_token_file_that_cannot_be_made_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot create"):
+        read_or_create_token(tmp_path / "no-such-dir" / "token")
 
 
 def test_token_file_must_be_a_file(tmp_path: Path) -> None:

@@ -131,6 +131,23 @@ def test_the_loop_publishes_a_status_every_period_at_the_speed_asked(tmp_path: P
     assert state_file(tmp_path)["periods"] >= seen[-1].version
 
 
+def test_every_published_status_joins_the_history(tmp_path: Path) -> None:
+    daemon = sim_daemon(small(), state_dir=tmp_path, speed=1000.0)
+    assert daemon.history() == ()
+    published = []
+    for _ in range(4):
+        daemon.step()
+        published.append(status(daemon))
+    points = daemon.history()
+    assert [p.version for p in points] == [s.version for s in published]
+    assert [p.time_s for p in points] == [s.time_s for s in published]
+    last, newest = points[-1], published[-1]
+    assert last.names == tuple(g.name for g in newest.guests) == GUESTS
+    assert last.allocated_bytes == tuple(g.allocated_bytes for g in newest.guests)
+    assert last.host_free_bytes == newest.host.free_bytes
+    assert [p.version for p in daemon.history(published[1].version)] == [3, 4]
+
+
 def test_run_waits_a_period_over_speed_between_periods(tmp_path: Path) -> None:
     speed = 10.0
     daemon = sim_daemon(small(), state_dir=tmp_path, speed=speed)

@@ -7,6 +7,7 @@ Endpoints (JSON; sizes out as ``*_bytes`` integers, in as strings with a unit)::
     GET   /v1/guests          every guest: spec, target, actual, working set, counters
     GET   /v1/guests/{name}   one guest (404 if unknown)
     PATCH /v1/guests/{name}   {"min": "512MiB", "max": "2GiB", "shares": 2000}, any subset
+    GET   /v1/history?since=V the last minutes of periods, as columns (for charts)
     GET   /v1/policy          policy name and tax rate
     PATCH /v1/policy          {"tax_rate": 0.5}
     GET   /v1/events          server-sent events: one ``status`` event per new period
@@ -18,8 +19,12 @@ first period; the event stream simply starts with the first status. A change (PA
 is validated at once, answered 202 and applied at the start of the next period; a bad
 one is a 422 whose ``detail`` names the field and the rule, and changes nothing.
 
+The web dashboard is served at ``/dashboard/`` (``/`` redirects there); see
+:mod:`balloonist.api.dashboard`.
+
 With a ``token``, every request, ``/metrics`` and ``/openapi.json`` included, needs
-``Authorization: Bearer <token>``, or it is answered 401. There are no HTML docs pages
+``Authorization: Bearer <token>``, or it is answered 401; only the dashboard's static
+files, which hold no data, are served without it. There are no HTML docs pages
 (``/docs``): they would load scripts from a CDN, which a host daemon has no business
 serving.
 """
@@ -34,7 +39,7 @@ from collections.abc import AsyncIterator, Sequence
 from functools import cached_property
 from typing import Annotated, Any, Final
 
-from fastapi import FastAPI, Path, Request, Security
+from fastapi import FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -46,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from balloonist.api.dashboard import add_dashboard, is_public
 from balloonist.api.metrics import make_registry
 from balloonist.api.models import (
     ErrorOut,
@@ -54,6 +60,8 @@ from balloonist.api.models import (
     GuestListOut,
     GuestOut,
     GuestPatch,
+    HistoryOut,
+    HistoryQuery,
     HostOut,
     PolicyChangeOut,
     PolicyOut,
@@ -114,7 +122,8 @@ def _error_response(
 
 
 class BearerAuth:
-    """ASGI middleware: every HTTP request needs ``Authorization: Bearer <token>``.
+    """ASGI middleware: every HTTP request but the dashboard's static files needs
+    ``Authorization: Bearer <token>``.
 
     Constant-time comparison (``hmac.compare_digest``); the token is never logged, and
     neither is the header (nothing here logs at all)."""
@@ -124,7 +133,11 @@ class BearerAuth:
         self._token = check_token(token).encode("ascii")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._allowed(Headers(scope=scope)):
+        if (
+            scope["type"] == "http"
+            and not is_public(scope["path"])
+            and not self._allowed(Headers(scope=scope))
+        ):
             response = _error_response(
                 401, ErrorOut(detail=AUTH_DETAIL), headers={"WWW-Authenticate": "Bearer"}
             )
@@ -355,6 +368,19 @@ def create_app(
         )
         return _json(accepted, 202)
 
+    @app.get(
+        "/v1/history",
+        response_model=HistoryOut,
+        tags=["status"],
+        responses={422: {"model": ErrorOut, "description": "since is not a whole number >= 0."}},
+    )
+    def get_history(query: Annotated[HistoryQuery, Query()]) -> Response:
+        """The last minutes of periods (up to ten minutes at a 1 s period), one column
+        per figure: host memory and state, and every guest's allocation, target, balloon
+        and working set. What the dashboard charts."""
+        views.require()
+        return _json(HistoryOut.of(controller.history(query.since)))
+
     @app.get("/v1/policy", response_model=PolicyOut, tags=["policy"])
     async def get_policy() -> Response:
         """The policy's name and parameters."""
@@ -420,6 +446,7 @@ def create_app(
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encode(registry), media_type=content_type)
 
+    add_dashboard(app)
     return app
 
 

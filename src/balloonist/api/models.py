@@ -10,12 +10,14 @@ rather than guessed at (bytes? MiB?), and the unit rules are those of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from balloonist.config import check_size
 from balloonist.daemon.control import GuestStatus, HostStatus, PolicyStatus, Status
+from balloonist.daemon.history import GUEST_SERIES, HistoryPoint
 from balloonist.units import parse_size_bytes
 
 #: Largest shares value accepted: far beyond any useful ratio between guests, and
@@ -150,6 +152,52 @@ def policy_out(policy: PolicyStatus) -> PolicyOut:
     return PolicyOut(name=policy.name, tax_rate=policy.tax_rate)
 
 
+class GuestSeriesOut(_Out):
+    """One guest's figures over the history, aligned with ``HistoryOut.time_s``; null
+    where the guest was not managed at that period."""
+
+    allocated_bytes: list[NonNegative | None]
+    allocation_target_bytes: list[NonNegative | None]
+    balloon_bytes: list[NonNegative | None]
+    balloon_target_bytes: list[NonNegative | None]
+    working_set_bytes: list[NonNegative | None]
+
+
+class HistoryOut(_Out):
+    """``GET /v1/history``: the last minutes of periods, one column per figure (the
+    form charts take). Every list has one entry per period, oldest first."""
+
+    version: list[NonNegative] = Field(description="Each period's status version.")
+    time_s: list[float] = Field(description="Each period's daemon clock, in seconds.")
+    host_memory_bytes: list[NonNegative]
+    host_free_bytes: list[int]
+    host_state: list[HostStateName]
+    guests: dict[str, GuestSeriesOut] = Field(
+        description="Per guest, by name, in the order guests first appear."
+    )
+
+    @classmethod
+    def of(cls, points: Sequence[HistoryPoint]) -> HistoryOut:
+        columns: dict[str, dict[str, list[int | None]]] = {}
+        for i, point in enumerate(points):
+            for j, name in enumerate(point.names):
+                guest = columns.get(name)
+                if guest is None:
+                    guest = columns[name] = {k: [None] * len(points) for k in GUEST_SERIES}
+                for key in GUEST_SERIES:
+                    guest[key][i] = getattr(point, key)[j]
+        return cls.model_validate(
+            {
+                "version": [p.version for p in points],
+                "time_s": [p.time_s for p in points],
+                "host_memory_bytes": [p.host_memory_bytes for p in points],
+                "host_free_bytes": [p.host_free_bytes for p in points],
+                "host_state": [p.host_state for p in points],
+                "guests": columns,
+            }
+        )
+
+
 # --- requests ---------------------------------------------------------------------------
 
 #: The shape of a size (the units of balloonist.units, any case), for the OpenAPI
@@ -192,6 +240,14 @@ class GuestPatch(_In):
     @property
     def max_bytes(self) -> int | None:
         return None if self.max is None else parse_size_bytes(self.max)
+
+
+class HistoryQuery(_In):
+    """``GET /v1/history``'s query; unknown parameters are refused like unknown fields."""
+
+    since: int = Field(
+        default=0, ge=0, description="Only periods with a status version above this one."
+    )
 
 
 class GuestChangeOut(_Out):

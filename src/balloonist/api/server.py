@@ -26,8 +26,10 @@ import enum
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ log = logging.getLogger("balloonist.api")
 DEFAULT_TCP_HOST: Final = "127.0.0.1"
 #: A token file larger than this is not a token file.
 MAX_TOKEN_FILE_BYTES: Final = 4096
+#: Random bytes in a token the daemon makes itself (43 characters once encoded).
+TOKEN_BYTES: Final = 32
 #: Waiting this long for uvicorn to start listening means something is wrong.
 START_TIMEOUT_S: Final = 10.0
 #: Requests still running after this long when stopping are cancelled.
@@ -88,6 +92,33 @@ def read_token(path: Path) -> str:
         return check_token(token)
     except ConfigError as exc:
         raise ConfigError(exc.message, where=where) from None
+
+
+def read_or_create_token(path: Path) -> str:
+    """:func:`read_token`, but a file that does not exist yet is first created with a
+    new random token, mode 0600 from the start, whole or not at all (written aside,
+    then linked into place, which never replaces a file that appeared meanwhile).
+    Logs that it did, and where; never the token."""
+    if not path.exists():
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        except OSError as exc:
+            raise ConfigError(f"cannot create: {exc.strerror or exc}", where=str(path)) from None
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(token + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)
+            log.info("created a new API token in %s (mode 0600)", path)
+        except FileExistsError:
+            pass  # another process made it first: read theirs
+        except OSError as exc:
+            raise ConfigError(f"cannot create: {exc.strerror or exc}", where=str(path)) from None
+        finally:
+            os.unlink(tmp)
+    return read_token(path)
 
 
 def parse_tcp_address(text: str) -> tuple[str, int]:
@@ -180,6 +211,10 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _url_host(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -264,6 +299,7 @@ class ApiServer:
         if self._tcp_address is not None:
             host, port = self._tcp_address
             log.info("API listening on tcp %s:%d (bearer token required)", host, port)
+            log.info("dashboard: http://%s/dashboard/", _url_host(host, port))
             if not _is_loopback(host):
                 log.warning("API on %s is reachable from other machines", host)
 

@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-token-file",
         type=Path,
         metavar="FILE",
-        help="the bearer token TCP clients must send; the file must be its owner's only",
+        help="the bearer token TCP clients (and the dashboard) must send; the file must be "
+        "its owner's only; a file that does not exist is created with a new random token",
     )
     api.add_argument("--no-api", action="store_true", help="serve no API at all")
 
@@ -125,12 +126,12 @@ def _api_options(args: argparse.Namespace) -> dict[str, Any]:
             if value is not None:
                 raise ConfigError("makes no sense with --no-api", where=flag)
         return {"api": False}
-    from balloonist.api.server import parse_tcp_address, read_token
+    from balloonist.api.server import parse_tcp_address, read_or_create_token
 
     tcp = parse_tcp_address(args.api_tcp) if args.api_tcp is not None else None
     if tcp is not None and args.api_token_file is None:
         raise ConfigError("TCP clients must present a token: give one", where="--api-token-file")
-    token = read_token(args.api_token_file) if args.api_token_file is not None else None
+    token = read_or_create_token(args.api_token_file) if args.api_token_file is not None else None
     return {"api_socket": args.api_socket, "api_tcp": tcp, "api_token": token}
 
 

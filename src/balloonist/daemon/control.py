@@ -3,7 +3,8 @@ the daemon's loop and everything that serves it (REST API, metrics, dashboard, C
 
 The loop publishes a :class:`Status` after every period, built from the period's
 :class:`~balloonist.scheduler.Cycle`; servers read the newest one (a frozen snapshot,
-so no locking beyond swapping a reference). Changes go the other way through
+so no locking beyond swapping a reference), and the last minutes of them as compact
+points for charts (:mod:`balloonist.daemon.history`). Changes go the other way through
 :class:`Controller`: they are validated at once (a bad one raises
 :class:`~balloonist.errors.ConfigError` and changes nothing) and take effect at the
 start of the next period, in the loop's thread.
@@ -13,11 +14,14 @@ Everything here is plain data and pure functions; the daemon implements ``Contro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from balloonist.scheduler import Cycle
+
+if TYPE_CHECKING:
+    from balloonist.daemon.history import HistoryPoint
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,11 @@ class Controller(Protocol):
 
     def status(self) -> Status | None:
         """The newest period's status; None before the first period."""
+        ...
+
+    def history(self, since_version: int = 0) -> Sequence[HistoryPoint]:
+        """The charted figures of the last minutes' periods newer than
+        ``since_version``, oldest first (see balloonist.daemon.history)."""
         ...
 
     def change_guest(self, name: str, change: GuestChange) -> None:

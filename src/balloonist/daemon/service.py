@@ -11,7 +11,8 @@ One loop (:class:`DaemonLoop`) serves both. A period:
 3. collects, decides and acts (:class:`~balloonist.scheduler.Scheduler`), and lets the
    backend settle (the simulator runs its guests for the period);
 4. publishes a :class:`~balloonist.daemon.control.Status` (a frozen snapshot, swapped in
-   by reference: servers in other threads read :meth:`DaemonLoop.status`);
+   by reference: servers in other threads read :meth:`DaemonLoop.status`), and keeps
+   its charted figures for the last minutes (:meth:`DaemonLoop.history`);
 5. writes ``daemon-state.json`` if anything changed (:mod:`balloonist.daemon.statefile`).
 
 Between periods it waits ``wall_period_s`` from the period's start.
@@ -38,7 +39,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
@@ -65,6 +66,7 @@ from balloonist.daemon.control import (
     Status,
     status_from_cycle,
 )
+from balloonist.daemon.history import History, HistoryPoint
 from balloonist.daemon.qemu_backend import QemuBackend
 from balloonist.daemon.qemu_hv import QemuHypervisor, VmPort
 from balloonist.daemon.statefile import (
@@ -144,6 +146,7 @@ class DaemonLoop:
         self._pending: dict[str, GuestChange] = {}
         self._pending_tax: float | None = None
         self._status: Status | None = None
+        self._history = History()
         self._version = 0
         self._live: dict[str, GuestChange] = {}  # live changes in effect (persisted)
         self._periods = saved.periods if saved is not None else 0
@@ -161,6 +164,9 @@ class DaemonLoop:
 
     def status(self) -> Status | None:
         return self._status
+
+    def history(self, since_version: int = 0) -> Sequence[HistoryPoint]:
+        return self._history.since(since_version)
 
     def change_guest(self, name: str, change: GuestChange) -> None:
         with self._lock:
@@ -329,6 +335,7 @@ class DaemonLoop:
             return  # nothing seen yet
         self._version += 1
         self._status = status  # one reference swap: readers see the old or the new
+        self._history.record(status)
 
     def _log_period(self) -> None:
         now = time.monotonic()
