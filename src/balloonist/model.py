@@ -107,6 +107,9 @@ class GuestSample:
     free_bytes: int | None = None  # guest-reported free memory, if the guest reports it
     major_faults: int = 0  # cumulative guest major faults
     cooperative: bool = True  # False once the balloon stopped following its register
+    #: How fast the adaptive rate controller pacing this balloon lets it inflate now
+    #: (sim: the guest's driver; QEMU: the daemon's host-side pacing); None if unknown.
+    inflate_rate_bytes_per_s: float | None = None
 
 
 @dataclass(frozen=True)

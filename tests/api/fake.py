@@ -36,6 +36,7 @@ def make_guest(name: str, **overrides: object) -> GuestStatus:
         "free_bytes": 300 * MIB,
         "major_faults": 12,
         "cooperative": True,
+        "inflate_rate_bytes_per_s": 48.0 * MIB,
         "counters": {"stalls": 1},
     }
     fields.update(overrides)
@@ -54,6 +55,7 @@ def make_status(version: int = 1, guests: tuple[GuestStatus, ...] | None = None)
                 balloon_target_bytes=0,
                 cooperative=False,
                 free_bytes=None,
+                inflate_rate_bytes_per_s=None,
                 counters={"stalls": 3, "qmp_errors": 2},
             ),
         )

@@ -53,8 +53,10 @@ def test_guest_series() -> None:
     assert web("free_bytes") == 300 * MIB
     assert web("major_faults_total") == 12
     assert samples[("balloonist_guest_cooperative", (("guest", "db"),))] == 0
-    # db does not report free memory: no sample rather than a made-up value.
+    assert web("inflate_rate_bytes_per_second") == 48 * MIB
+    # db does not report free memory or a rate: no sample rather than a made-up value.
     assert ("balloonist_guest_free_bytes", (("guest", "db"),)) not in samples
+    assert ("balloonist_guest_inflate_rate_bytes_per_second", (("guest", "db"),)) not in samples
 
 
 def test_failure_counters() -> None:

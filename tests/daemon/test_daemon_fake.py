@@ -90,12 +90,16 @@ def record(
 
 
 def make(
-    tmp_path: Path, vms: dict[str, FakeVm], budget: str = "3GiB", host: HostMemInfo = HOST
+    tmp_path: Path,
+    vms: dict[str, FakeVm],
+    budget: str = "3GiB",
+    host: HostMemInfo = HOST,
+    period_s: float = 1.0,
 ) -> Daemon:
     state = StateDir(tmp_path)
     for name, vm in vms.items():
         state.save(record(name, vm.memory))
-    config = DaemonConfig.model_validate({"daemon": {"budget": budget}})
+    config = DaemonConfig.model_validate({"daemon": {"budget": budget, "period_s": period_s}})
     t = iter(range(10**6))
     return Daemon(
         config,
@@ -203,3 +207,18 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, where: str) -> None
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert where in str(err.value) and "host.toml" in str(err.value)
+
+
+def test_the_status_shows_the_host_side_pacing_rate_per_second(tmp_path: Path) -> None:
+    # A guest whose balloon moves 8 MiB per read misses its paced steps: the rate falls
+    # to its floor; one that follows at once gets every step and the rate grows.
+    vms = {"slow": FakeVm(2 * GIB, 2 * GIB, speed=8 * MIB), "quick": FakeVm(2 * GIB, 2 * GIB)}
+    daemon = make(tmp_path, vms, budget="2GiB", period_s=0.5)
+    for _ in range(8):
+        daemon.step()
+    status = daemon.status()
+    assert status is not None
+    rates = {g.name: g.inflate_rate_bytes_per_s for g in status.guests}
+    floor_per_s = HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES / 0.5
+    assert rates["slow"] == floor_per_s
+    assert rates["quick"] is not None and rates["quick"] > floor_per_s

@@ -93,6 +93,20 @@ def test_inflating_the_balloon_frees_the_machine_memory_behind_it() -> None:
     assert int(g.st[e.S_HOST_SWAP_OUT]) == 0
 
 
+def test_a_sample_carries_the_driver_rate_per_second_and_none_without_a_balloon() -> None:
+    data = one_guest({"kind": "uniform", "working_set": "100MiB"})
+    data["guests"].append(
+        {"name": "fixed", "memory": "128MiB", "balloon": False, "workload": {"kind": "idle"}}
+    )
+    data["sim"]["period_s"] = 0.5
+    machine = run(scenario(data), FixedPolicy({"g": 128}), 6)
+    driver = machine.drivers[0]
+    assert driver is not None and driver.rate.successes > 0  # it has grown from the start
+    rates = {s.name: s.inflate_rate_bytes_per_s for s in machine.sample_guests()}
+    assert rates["g"] == driver.rate.rate_pages * 4096 / 0.5
+    assert rates["fixed"] is None
+
+
 def test_deflating_gives_the_guest_its_memory_back() -> None:
     sc = scenario(one_guest({"kind": "uniform", "working_set": "200MiB"}))
     machine = SimMachine(sc)

@@ -33,6 +33,10 @@ balloonist_guest_reclaimed_bytes         gauge  guest    memory - allocated
 balloonist_guest_free_bytes              gauge  guest    free memory the guest reports
                                                          (guests that report it)
 balloonist_guest_major_faults_total      counter guest   major faults the guest reports
+balloonist_guest_inflate_rate_bytes_per_second
+                                         gauge  guest    how fast the adaptive rate
+                                                         controller lets the balloon
+                                                         inflate now (guests that have one)
 balloonist_guest_cooperative             gauge  guest    1 cooperative, 0 uncooperative
 balloonist_<counter>_total               counter         each daemon failure counter of
                                                          ``Status.counters``
@@ -170,12 +174,20 @@ def _guest_metrics(guests: Iterable[GuestStatus]) -> Iterable[Metric]:
     faults = CounterMetricFamily(
         metric_name("guest", "major_faults"), "Major faults the guest reports.", labels=["guest"]
     )
+    rate = GaugeMetricFamily(
+        metric_name("guest", "inflate_rate_bytes_per_second"),
+        "How fast the adaptive rate controller lets the balloon inflate now.",
+        labels=["guest"],
+    )
     for guest in guests:
         if guest.free_bytes is not None:
             free.add_metric([guest.name], guest.free_bytes)
         faults.add_metric([guest.name], guest.major_faults)
+        if guest.inflate_rate_bytes_per_s is not None:
+            rate.add_metric([guest.name], guest.inflate_rate_bytes_per_s)
     yield free
     yield faults
+    yield rate
     # One family per counter name, with a sample for each guest that has it.
     by_name: dict[str, dict[str, int]] = {}
     for guest in guests:

@@ -68,6 +68,11 @@ class GuestOut(_Out):
     free_bytes: int | None = Field(description="Free memory as the guest reports it, if it does.")
     major_faults: NonNegative
     cooperative: bool
+    inflate_rate_bytes_per_s: float | None = Field(
+        ge=0,
+        description="How fast the adaptive rate controller pacing the balloon lets it "
+        "inflate now (the simulator's driver, or the daemon's host-side pacing).",
+    )
     counters: dict[str, NonNegative] = Field(description="Failure counters of this guest.")
 
     @classmethod
@@ -87,6 +92,7 @@ class GuestOut(_Out):
             free_bytes=guest.free_bytes,
             major_faults=guest.major_faults,
             cooperative=guest.cooperative,
+            inflate_rate_bytes_per_s=guest.inflate_rate_bytes_per_s,
             counters=dict(guest.counters),
         )
 

@@ -48,6 +48,8 @@ class GuestStatus:
     free_bytes: int | None
     major_faults: int
     cooperative: bool
+    #: How fast the balloon's adaptive rate controller lets it inflate now; None if unknown.
+    inflate_rate_bytes_per_s: float | None = None
     #: Failure counters of this guest (see Status.counters for the names).
     counters: Mapping[str, int] = field(default_factory=dict)
 
@@ -108,6 +110,7 @@ def status_from_cycle(
                 free_bytes=sample.free_bytes,
                 major_faults=sample.major_faults,
                 cooperative=sample.cooperative,
+                inflate_rate_bytes_per_s=sample.inflate_rate_bytes_per_s,
                 counters=dict((guest_counters or {}).get(spec.name, {})),
             )
         )

@@ -63,6 +63,7 @@ class QemuBackend:
             bounds_for=lambda r: Bounds(r.min_bytes, r.max_bytes, floor),
             stall_timeout_s=config.daemon.stall_timeout_s,
             on_target=on_target,
+            period_s=config.daemon.period_s,
         )
 
     def _records(self) -> list[VMRecord]:

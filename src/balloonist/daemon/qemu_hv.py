@@ -156,8 +156,12 @@ class QemuHypervisor:
         bounds_for: Callable[[VMRecord], Bounds] | None = None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         on_target: Callable[[str, int], None] | None = None,
+        period_s: float = 1.0,
     ) -> None:
+        """``period_s``: how often ``apply`` runs, so the pacing rate (pages per step)
+        can be reported per second."""
         self.budget_bytes = budget_bytes
+        self._period_s = period_s
         self._meminfo = meminfo
         self._clock = clock
         self._connector = connector or (lambda record: vm_port(record, clock))
@@ -393,6 +397,7 @@ class QemuHypervisor:
             free_bytes=stats.free_bytes,
             major_faults=stats.major_faults or 0,
             cooperative=self._cooperative(vm),
+            inflate_rate_bytes_per_s=vm.pacer.rate.rate_pages * PAGE_SIZE_BYTES / self._period_s,
         )
 
     def _failed(self, vm: _Vm, exc: BaseException) -> None:

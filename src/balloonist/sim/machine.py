@@ -381,7 +381,9 @@ class SimMachine:
 
     def sample_guests(self) -> Sequence[GuestSample]:
         out = []
-        for m in self.guests:
+        # A driver steps once a period: its rate is in pages per period.
+        per_period = PAGE_SIZE_BYTES / self.period_s
+        for m, driver in zip(self.guests, self.drivers, strict=True):
             observed = None
             if m.observed_pages is not None:
                 observed = m.observed_pages * PAGE_SIZE_BYTES
@@ -400,6 +402,9 @@ class SimMachine:
                     active_bytes_so_far=so_far,
                     free_bytes=int(m.st[e.S_NFREE]) * PAGE_SIZE_BYTES,
                     major_faults=int(m.st[e.S_MAJOR]),
+                    inflate_rate_bytes_per_s=(
+                        None if driver is None else driver.rate.rate_pages * per_period
+                    ),
                 )
             )
         return out

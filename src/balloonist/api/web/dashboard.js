@@ -316,6 +316,8 @@ function showGuest(guest) {
   text(".shares", String(guest.shares));
   text(".min", formatSize(guest.min_bytes));
   text(".max", formatSize(guest.max_bytes));
+  const rate = guest.inflate_rate_bytes_per_s;
+  text(".rate", rate === null ? "-" : `${formatSize(rate)}/s`);
   text(".cooperative", guest.cooperative ? "" : "uncooperative");
   card.root.classList.toggle("uncooperative", !guest.cooperative);
 }
