@@ -30,6 +30,43 @@ _STATE_RANK = {HostState.HIGH: 0, HostState.SOFT: 1, HostState.HARD: 2, HostStat
 
 
 @dataclass(frozen=True)
+class CpuSpec:
+    """The processor side of a guest's spec: the CPU balloon (the patent's claims 11
+    and 19). Processors are counted in whole CPUs: a guest is granted as many host
+    processors as it has vCPUs online, and its CPU balloon holds the rest offline."""
+
+    vcpus: int  # vCPUs the guest OS sees
+    min_cpus: int = 1  # reservation; a guest always keeps at least one vCPU online
+    max_cpus: int | None = None  # limit; defaults to vcpus
+    shares: int = 1000
+    balloon: bool = True  # has a CPU balloon (without one its vCPUs are all time-sliced)
+
+    def check(self, where: str) -> None:
+        if self.vcpus < 1:
+            raise ConfigError(f"cpus must be at least 1, got {self.vcpus}", where=where)
+        if self.shares <= 0:
+            raise ConfigError(f"cpu_shares must be positive, got {self.shares}", where=where)
+        if self.min_cpus < 1:
+            raise ConfigError(
+                f"cpu_min must be at least 1 (one vCPU always stays online), got {self.min_cpus}",
+                where=where,
+            )
+        if self.limit_cpus > self.vcpus:
+            raise ConfigError(
+                f"cpu_max {self.limit_cpus} is above its {self.vcpus} vCPUs", where=where
+            )
+        if self.min_cpus > self.limit_cpus:
+            raise ConfigError(
+                f"cpu_min {self.min_cpus} is above cpu_max {self.limit_cpus}", where=where
+            )
+
+    @property
+    def limit_cpus(self) -> int:
+        """``max_cpus`` with its default applied."""
+        return self.vcpus if self.max_cpus is None else self.max_cpus
+
+
+@dataclass(frozen=True)
 class GuestSpec:
     """What an administrator configured for one guest."""
 
@@ -39,11 +76,14 @@ class GuestSpec:
     max_bytes: int | None = None  # limit: never give more; defaults to memory_bytes
     shares: int = 1000
     balloon: bool = True  # has a cooperating balloon driver
+    cpu: CpuSpec | None = None  # its processors, when the scheduler shares them too
 
     def __post_init__(self) -> None:
         if self.max_bytes is None:
             object.__setattr__(self, "max_bytes", self.memory_bytes)
         where = f"guest {self.name!r}"
+        if self.cpu is not None:
+            self.cpu.check(where)
         if self.memory_bytes <= 0:
             raise ConfigError("memory must be positive", where=where)
         if self.shares <= 0:
@@ -78,6 +118,7 @@ class HostReading:
     free_bytes: int
     swap_bytes: int
     swap_used_bytes: int
+    cpus: int | None = None  # host processors the guests' vCPUs share, if shared
 
 
 @dataclass(frozen=True)
@@ -88,10 +129,23 @@ class HostSample:
     swap_bytes: int  # host swap capacity
     swap_used_bytes: int
     state: HostState
+    cpus: int | None = None  # host processors the guests' vCPUs share, if shared
 
     @property
     def free_fraction(self) -> float:
         return self.free_bytes / self.memory_bytes if self.memory_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A guest's processors, raw, once per period."""
+
+    online_vcpus: int  # vCPUs online: the processors it has now
+    balloon_vcpus: int  # vCPUs the CPU balloon holds offline
+    balloon_target_vcpus: int  # what the CPU balloon register holds now
+    #: The period's average number of runnable tasks, up to its vCPUs: what it would
+    #: use with every vCPU online. None when the backend cannot see it.
+    demand_vcpus: float | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +164,7 @@ class GuestSample:
     #: How fast the adaptive rate controller pacing this balloon lets it inflate now
     #: (sim: the guest's driver; QEMU: the daemon's host-side pacing); None if unknown.
     inflate_rate_bytes_per_s: float | None = None
+    cpu: CpuSample | None = None  # its processors, for a guest with a CpuSpec
 
 
 @dataclass(frozen=True)
@@ -119,6 +174,8 @@ class GuestView:
     spec: GuestSpec
     sample: GuestSample
     working_set_bytes: int
+    #: The smoothed CPU demand (vCPUs busy), for a guest whose processors are shared.
+    cpu_demand_vcpus: float | None = None
 
     @property
     def name(self) -> str:
@@ -154,10 +211,17 @@ class Mechanisms:
 
 
 @dataclass(frozen=True)
+class CpuTarget:
+    allocation_cpus: int  # host processors the guest should end up with
+    balloon_vcpus: int  # value for the CPU balloon register: vCPUs to hold offline
+
+
+@dataclass(frozen=True)
 class GuestTarget:
     name: str
     allocation_bytes: int  # machine memory the guest should end up with
     balloon_bytes: int  # value for the balloon register
+    cpu: CpuTarget | None = None  # its processors, when they are shared
 
 
 @dataclass(frozen=True)

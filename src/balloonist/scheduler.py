@@ -3,8 +3,9 @@
 ``Hypervisor`` is the port to whatever runs the guests (the simulator, QEMU, a fake in
 tests). Each period the scheduler collects a host reading and guest samples, folds
 them into the state it keeps between periods (the host free-memory state with its
-hysteresis, each guest's working-set averages), builds a frozen ``Snapshot``, asks the
-pure policy for a ``Decision`` and hands that to the hypervisor to act on.
+hysteresis, each guest's working-set and CPU-demand averages), builds a frozen
+``Snapshot``, asks the pure policy for a ``Decision`` and hands that to the hypervisor
+to act on.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from balloonist.model import (
 )
 from balloonist.policy import Policy
 from balloonist.policy.hoststate import StateThresholds, next_host_state
-from balloonist.policy.workingset import EstimateState, EstimatorParams, update_estimate
+from balloonist.policy.workingset import (
+    CpuDemandState,
+    EstimateState,
+    EstimatorParams,
+    update_cpu_demand,
+    update_estimate,
+)
 
 
 class Hypervisor(Protocol):
@@ -66,6 +73,7 @@ class Scheduler:
         self._state = HostState.HIGH
         self._estimates: dict[str, EstimateState] = {}
         self._observed_at: dict[str, float] = {}
+        self._cpu_demand: dict[str, CpuDemandState] = {}
 
     @property
     def host_state(self) -> HostState:
@@ -108,14 +116,34 @@ class Scheduler:
             swap_bytes=reading.swap_bytes,
             swap_used_bytes=reading.swap_used_bytes,
             state=self._state,
+            cpus=reading.cpus,
         )
         views: list[GuestView] = []
         for spec in self._hv.specs():
             sample = samples.get(spec.name)
             if sample is None:
                 continue  # a guest that did not report is left out of this cycle, not guessed
-            views.append(GuestView(spec, sample, self._estimate(sample, reading.time_s)))
+            views.append(
+                GuestView(
+                    spec,
+                    sample,
+                    self._estimate(sample, reading.time_s),
+                    self._cpu_estimate(sample),
+                )
+            )
         return Snapshot(reading.time_s, self._period_s, host, tuple(views))
+
+    def _cpu_estimate(self, sample: GuestSample) -> float | None:
+        cpu = sample.cpu
+        if cpu is None:
+            return None
+        previous = self._cpu_demand.get(sample.name)
+        if cpu.demand_vcpus is None:
+            # Nothing measured: as for memory, assume it uses all it has.
+            return previous.estimate_vcpus if previous else float(cpu.online_vcpus)
+        state = update_cpu_demand(previous, cpu.demand_vcpus, self._period_s, self._estimator)
+        self._cpu_demand[sample.name] = state
+        return state.estimate_vcpus
 
     def _estimate(self, sample: GuestSample, now_s: float) -> int:
         previous = self._estimates.get(sample.name)

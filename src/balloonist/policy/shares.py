@@ -1,4 +1,5 @@
-"""ESX proportional-share memory policy: min-funding revocation with the idle memory tax.
+"""ESX proportional shares with the idle tax, for memory and for processors: min-funding
+revocation.
 
 Each guest holds ``S`` shares. Its *shares-per-page ratio* is
 
@@ -30,6 +31,7 @@ import numpy.typing as npt
 
 from balloonist.errors import ConfigError
 from balloonist.model import (
+    CpuTarget,
     Decision,
     GuestTarget,
     GuestView,
@@ -48,6 +50,14 @@ DEFAULT_TAX_RATE: Final = 0.75
 #: Leave the host's "high" threshold (6 %) free, so the equilibrium sits in the HIGH state
 #: and reclamation starts only when guests grow past their targets.
 DEFAULT_FREE_TARGET_FRACTION: Final = 0.06
+
+#: A processor the shares split between guests goes to one of them for this long, then
+#: the rounding moves on (see cpu_targets): long enough that vCPUs do not go off- and
+#: online every period, short enough that each guest gets its fraction within minutes.
+CPU_ROUNDING_ROUND_S: Final = 10.0
+#: The offsets of successive rounds follow the golden ratio's multiples: they spread
+#: evenly over [0, 1) however many rounds there are.
+_GOLDEN: Final = (math.sqrt(5.0) - 1.0) / 2.0
 
 #: Bisection steps before giving up on an exact finish; float64 runs out of resolution
 #: long before (each step halves the bracket, 2**-200 is far below one page).
@@ -79,46 +89,52 @@ def shares_per_page(
     return shares / (pages * (active + k * (1.0 - active)))
 
 
-def equilibrium_bytes(
+def equilibrium_units(
     shares: F64,
-    working_set_bytes: F64,
-    min_bytes: I64,
-    max_bytes: I64,
+    active_units: F64,
+    min_units: I64,
+    max_units: I64,
     *,
-    available_bytes: int,
+    available_units: int,
     tax_rate: float,
+    rounding_offset: float = 0.0,
 ) -> I64:
-    """Allocations (whole pages) that equalise ``rho`` among guests not held at a bound.
+    """Whole units of one resource (memory pages, processors) for each guest, so that
+    ``rho`` is equal among guests not held at a bound: the policy's one equilibrium,
+    for every resource it shares.
 
-    With ``x = 1 / lambda`` (pages per share), a guest whose working set is ``A``
-    pages gets ``P(x) = S*x`` while ``S*x <= A`` (it is all active, no tax applies) and
+    With ``x = 1 / lambda`` (units per share), a guest whose active part is ``A`` units
+    gets ``P(x) = S*x`` while ``S*x <= A`` (it is all active, no tax applies) and
     ``P(x) = (S*x + (k - 1)*A) / k`` beyond that (the idle part is taxed), clamped to
     ``[min, max]``. The sum is non-decreasing in ``x``, so bisection brackets the
     answer; once every guest keeps one regime across the bracket, the sum is linear
     in ``x`` and is solved exactly.
 
-    The result is floored to pages and never below ``min``; it adds up to at most
-    ``available_bytes``, unless the reservations alone exceed it (then everyone gets
-    exactly ``min``). Raises :class:`ConfigError` if ``min`` and ``max`` leave a guest
-    no whole page to stand on.
+    The exact shares are then rounded to whole units: floors first, then the units
+    that flooring left over go one each to guests with a fraction, by systematic
+    rounding at ``rounding_offset`` in [0, 1) (see :func:`_hand_out`): a caller that
+    moves the offset over time gives each guest its fraction on average, where a
+    fixed rule would hand the odd unit to the same guest forever. For memory that is a
+    few pages; for a handful of processors it is most of the point. The result is
+    never below ``min`` or above ``max`` and adds up to at most ``available_units``,
+    unless the reservations alone exceed it (then everyone gets exactly ``min``).
+    Raises :class:`ConfigError` if a guest's ``min`` is above its ``max``.
     """
     k = idle_cost_factor(tax_rate)
-    min_pages = -(-min_bytes // PAGE_SIZE_BYTES)  # a reservation is rounded up, never cut
-    max_pages = max_bytes // PAGE_SIZE_BYTES
-    if bool(np.any(min_pages > max_pages)):
-        raise ConfigError("a guest's min and max leave no whole page between them")
-    available_pages = max(0, available_bytes) // PAGE_SIZE_BYTES
-    if int(max_pages.sum()) <= available_pages:
-        return max_pages * PAGE_SIZE_BYTES
-    if int(min_pages.sum()) >= available_pages:
-        return min_pages * PAGE_SIZE_BYTES
+    if bool(np.any(min_units > max_units)):
+        raise ConfigError("a guest's min and max leave no whole unit between them")
+    available = max(0, available_units)
+    if int(max_units.sum()) <= available:
+        return max_units.copy()
+    if int(min_units.sum()) >= available:
+        return min_units.copy()
 
     s = shares.astype(np.float64)
-    a = working_set_bytes.astype(np.float64) / PAGE_SIZE_BYTES
-    lo_b = min_pages.astype(np.float64)
-    hi_b = max_pages.astype(np.float64)
+    a = active_units.astype(np.float64)
+    lo_b = min_units.astype(np.float64)
+    hi_b = max_units.astype(np.float64)
     taxed_offset = (k - 1.0) * a
-    target = float(available_pages)
+    target = float(available)
 
     def evaluate(x: float) -> tuple[F64, npt.NDArray[np.int8]]:
         sx = s * x
@@ -138,8 +154,8 @@ def equilibrium_bytes(
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi:
             break  # float resolution reached
-        pages, regime = evaluate(mid)
-        if float(pages.sum()) <= target:
+        units, regime = evaluate(mid)
+        if float(units.sum()) <= target:
             lo, regime_lo = mid, regime
         else:
             hi, regime_hi = mid, regime
@@ -157,24 +173,72 @@ def equilibrium_bytes(
         slope = float(s[untaxed].sum() + (s[taxed] / k).sum())
         if slope > 0.0:
             x = min(hi, max(lo, (target - fixed) / slope))
-    pages, _ = evaluate(x)
-    whole = np.clip(np.floor(pages).astype(np.int64), min_pages, max_pages)
-    _trim(whole, min_pages, available_pages - int(whole.sum()))
-    return whole * PAGE_SIZE_BYTES
+    exact, _ = evaluate(x)
+    whole = np.clip(np.floor(exact).astype(np.int64), min_units, max_units)
+    left = available - int(whole.sum())
+    fractions = np.clip(exact - whole, 0.0, 1.0)
+    # Floats may make the fractions add up to a hair less than the units left over.
+    left = min(left, int(np.floor(fractions.sum() + 1e-6)))
+    if left > 0:
+        _hand_out(whole, fractions * (left / fractions.sum()), left, rounding_offset % 1.0)
+        np.minimum(whole, max_units, out=whole)  # a point on a float edge never breaks a max
+    else:
+        _trim(whole, min_units, left)
+    return whole
 
 
-def _trim(pages: I64, min_pages: I64, headroom_pages: int) -> None:
-    """Take back pages that float rounding granted beyond the budget (a handful at most).
+def equilibrium_bytes(
+    shares: F64,
+    working_set_bytes: F64,
+    min_bytes: I64,
+    max_bytes: I64,
+    *,
+    available_bytes: int,
+    tax_rate: float,
+) -> I64:
+    """:func:`equilibrium_units` for memory, in whole pages, given and returned in bytes.
+
+    A reservation is rounded up to whole pages (never cut), a limit down. Raises
+    :class:`ConfigError` if ``min`` and ``max`` leave a guest no whole page.
+    """
+    min_pages = -(-min_bytes // PAGE_SIZE_BYTES)
+    max_pages = max_bytes // PAGE_SIZE_BYTES
+    if bool(np.any(min_pages > max_pages)):
+        raise ConfigError("a guest's min and max leave no whole page between them")
+    pages = equilibrium_units(
+        shares,
+        working_set_bytes.astype(np.float64) / PAGE_SIZE_BYTES,
+        min_pages,
+        max_pages,
+        available_units=max(0, available_bytes) // PAGE_SIZE_BYTES,
+        tax_rate=tax_rate,
+    )
+    return pages * PAGE_SIZE_BYTES
+
+
+def _hand_out(units: I64, fractions: F64, count: int, offset: float) -> None:
+    """Systematic rounding: lay the fractions end to end and give a unit to each guest
+    whose stretch holds one of the points ``offset, offset + 1, ...``. Exactly
+    ``count`` units go out (the fractions add up to it), and a guest gets one with
+    probability equal to its fraction as the offset moves."""
+    edges = np.concatenate(([0.0], np.cumsum(fractions)))
+    points = offset + np.arange(count, dtype=np.float64)
+    hits = np.searchsorted(edges, points, side="right") - 1
+    np.add.at(units, np.clip(hits, 0, len(units) - 1), 1)
+
+
+def _trim(units: I64, min_units: I64, headroom_units: int) -> None:
+    """Take back units that float rounding granted beyond the budget (a handful at most).
 
     Largest slack first, ties by position, so the result stays deterministic.
     """
-    if headroom_pages >= 0:
+    if headroom_units >= 0:
         return
-    excess = -headroom_pages
-    slack = pages - min_pages
+    excess = -headroom_units
+    slack = units - min_units
     for i in np.argsort(-slack, kind="stable"):
         take = min(excess, int(slack[i]))
-        pages[i] -= take
+        units[i] -= take
         excess -= take
         if excess == 0:
             return
@@ -253,9 +317,55 @@ class SharesPolicy:
         guests = snapshot.guests
         allocations = shares_allocations(snapshot, self.tax_rate, self.free_target_fraction)
         registers = register_bytes(guests, allocations, state)
-        names = [g.spec.name for g in guests]
-        targets = tuple(map(GuestTarget, names, allocations.tolist(), registers.tolist()))
+        cpus = cpu_targets(snapshot, self.tax_rate)
+        targets = tuple(
+            GuestTarget(g.spec.name, alloc, register, cpus.get(g.spec.name))
+            for g, alloc, register in zip(
+                guests, allocations.tolist(), registers.tolist(), strict=True
+            )
+        )
         return Decision(targets, Mechanisms.for_state(state))
+
+
+def cpu_targets(snapshot: Snapshot, tax_rate: float) -> dict[str, CpuTarget]:
+    """Processors for the guests that share the host's: the memory policy's own
+    equilibrium (:func:`equilibrium_units`) in whole CPUs, over every processor (no
+    free target: an idle processor saves nothing), with each guest's smoothed CPU
+    demand as its active part, so idle vCPUs are taxed as idle pages are.
+
+    The CPU balloon register is ``vcpus - allocation``: the guest keeps as many vCPUs
+    online as it is granted processors. When the reservations (at least one vCPU
+    each) exceed the host's processors, every guest is held at its reservation and
+    the host time-slices what is left online. Guests without a CPU balloon get
+    register 0.
+
+    A processor the shares split (two equal busy guests on three processors) cannot
+    be split: the rounding gives it to one guest per round of CPU_ROUNDING_ROUND_S of
+    the snapshot's time, moving its offset every round, so over time each guest gets
+    its share (1.5 each) instead of the same guest always getting the odd one.
+    """
+    host_cpus = snapshot.host.cpus
+    sharing = [g for g in snapshot.guests if g.spec.cpu is not None and g.sample.cpu is not None]
+    if host_cpus is None or not sharing:
+        return {}
+    specs = [g.spec.cpu for g in sharing if g.spec.cpu is not None]
+    demand = [
+        g.cpu_demand_vcpus if g.cpu_demand_vcpus is not None else float(c.vcpus)
+        for g, c in zip(sharing, specs, strict=True)
+    ]
+    allocations = equilibrium_units(
+        np.array([c.shares for c in specs], dtype=np.float64),
+        np.array(demand, dtype=np.float64),
+        np.array([c.min_cpus for c in specs], dtype=np.int64),
+        np.array([c.limit_cpus for c in specs], dtype=np.int64),
+        available_units=host_cpus,
+        tax_rate=tax_rate,
+        rounding_offset=(math.floor(snapshot.time_s / CPU_ROUNDING_ROUND_S) * _GOLDEN) % 1.0,
+    )
+    return {
+        g.spec.name: CpuTarget(alloc, c.vcpus - alloc if c.balloon else 0)
+        for g, c, alloc in zip(sharing, specs, allocations.tolist(), strict=True)
+    }
 
 
 def register_bytes(guests: Sequence[GuestView], allocations: I64, state: HostState) -> I64:

@@ -1,4 +1,5 @@
-"""Working-set estimation from sampled activity (ESX's statistical sampling).
+"""Working-set estimation from sampled activity (ESX's statistical sampling), and the
+same averages of CPU demand for guests whose processors are shared.
 
 Each period the VMM watches ``n`` random pages of a guest and reports how many were
 touched; ``fraction x allocated`` is that period's observation. The estimate is the
@@ -40,16 +41,45 @@ def _gain(period_s: float, halflife_s: float) -> float:
     return 1.0 - math.pow(0.5, period_s / halflife_s)
 
 
+def _fold(
+    fast: float, slow: float, observed: float, period_s: float, params: EstimatorParams
+) -> tuple[float, float]:
+    return (
+        fast + _gain(period_s, params.fast_halflife_s) * (observed - fast),
+        slow + _gain(period_s, params.slow_halflife_s) * (observed - slow),
+    )
+
+
 def update_estimate(
     state: EstimateState | None, observed_bytes: int, period_s: float, params: EstimatorParams
 ) -> EstimateState:
     """Fold one observation into the averages; the first observation seeds both."""
     if state is None:
         return EstimateState(float(observed_bytes), float(observed_bytes))
-    fast = state.fast_bytes + _gain(period_s, params.fast_halflife_s) * (
-        observed_bytes - state.fast_bytes
+    return EstimateState(
+        *_fold(state.fast_bytes, state.slow_bytes, observed_bytes, period_s, params)
     )
-    slow = state.slow_bytes + _gain(period_s, params.slow_halflife_s) * (
-        observed_bytes - state.slow_bytes
+
+
+@dataclass(frozen=True)
+class CpuDemandState:
+    """The same two averages, of a guest's CPU demand (vCPUs busy): it may take a
+    processor as soon as it gets busy, and keeps it through a brief lull."""
+
+    fast_vcpus: float
+    slow_vcpus: float
+
+    @property
+    def estimate_vcpus(self) -> float:
+        return max(self.fast_vcpus, self.slow_vcpus)
+
+
+def update_cpu_demand(
+    state: CpuDemandState | None, observed_vcpus: float, period_s: float, params: EstimatorParams
+) -> CpuDemandState:
+    """:func:`update_estimate` for CPU demand."""
+    if state is None:
+        return CpuDemandState(observed_vcpus, observed_vcpus)
+    return CpuDemandState(
+        *_fold(state.fast_vcpus, state.slow_vcpus, observed_vcpus, period_s, params)
     )
-    return EstimateState(fast, slow)
