@@ -555,6 +555,8 @@ def test_scenario_docs_name_every_key_of_the_schema() -> None:
         schema.GuestTable,
         schema.WorkloadTable,
         schema.PhaseTable,
+        schema.CpuTable,
+        schema.CpuWorkloadTable,
     ]
     missing = [
         f"{table.__name__}.{key}"

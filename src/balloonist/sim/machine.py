@@ -10,6 +10,12 @@ allocation and any swapping it forces cost the guest time), then the period is c
 into slices. Before each slice the host grants each guest a cap on the machine pages
 it may hold, so the caps never add up to more than host memory; within the slice
 the guest's workload runs in the compiled loop until its time is used up.
+
+A scenario with ``host.cpus`` also shares processors (``sim/cpu_balloon.py``): once
+the memory slices are done, the guests' CPU balloons step and the host's processors
+run the same period (``sim/cpu.py``). Memory and processors do not interact (a
+guest's memory workload runs at its own pace whatever its vCPUs get), so the order
+within the period changes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from balloonist.errors import GuestProtocolError, SimulationError
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mechanisms
 from balloonist.rate import AdaptiveRate, RateLimits
 from balloonist.sim import engine as e
+from balloonist.sim.cpu_balloon import SimCpus
 from balloonist.sim.scenario import Scenario, SimGuest
 from balloonist.sim.workload import Workload, WorkloadKind
 from balloonist.units import PAGE_SIZE_BYTES, bytes_to_pages
@@ -300,6 +307,8 @@ class SimMachine:
         )
         self._slice_start = 0
         self._periods_run = 0
+        #: The host's processors and the guests' CPU balloons, if the scenario has them.
+        self.cpus = SimCpus(scenario) if scenario.host_cpus is not None else None
 
     # -- live changes and restarts (the daemon over the simulator) ---------------------
 
@@ -319,9 +328,18 @@ class SimMachine:
         """
         i = self._index(spec.name)
         m = self.guests[i]
+        same_cpus = (spec.cpu is None) == (m.spec.cpu is None) and (
+            spec.cpu is None
+            or m.spec.cpu is None
+            or (spec.cpu.vcpus, spec.cpu.balloon) == (m.spec.cpu.vcpus, m.spec.cpu.balloon)
+        )
         if spec.memory_bytes != m.spec.memory_bytes or spec.balloon != m.spec.balloon:
             raise ValueError(f"{spec.name}: only min, max and shares may change")
+        if not same_cpus:
+            raise ValueError(f"{spec.name}: only cpu_min, cpu_max and cpu_shares may change")
         m.spec = spec
+        if self.cpus is not None:
+            self.cpus.set_spec(spec)
         self.min_pages[i] = bytes_to_pages(spec.min_bytes)
         self._limit_goal_pages[i] = bytes_to_pages(spec.limit_bytes)
         self._follow_limit_goals()
@@ -377,6 +395,7 @@ class SimMachine:
             swap_bytes=self.host_swap_pages * PAGE_SIZE_BYTES,
             swap_used_bytes=(self.host_swap_pages - int(self.host[e.H_SWAP_FREE]))
             * PAGE_SIZE_BYTES,
+            cpus=self.scenario.host_cpus,
         )
 
     def sample_guests(self) -> Sequence[GuestSample]:
@@ -405,6 +424,7 @@ class SimMachine:
                     inflate_rate_bytes_per_s=(
                         None if driver is None else driver.rate.rate_pages * per_period
                     ),
+                    cpu=None if self.cpus is None else self.cpus.sample(m.spec.name),
                 )
             )
         return out
@@ -423,6 +443,8 @@ class SimMachine:
                 # The register can never ask for the frames the guest kernel holds.
                 m.register_pages = min(balloon_pages, m.frames - m.guest.kernel_pages)
         self._targets = _Targets(alloc, decision.mechanisms)
+        if self.cpus is not None:
+            self.cpus.apply(by_name)
 
     # -- time -------------------------------------------------------------------------
 
@@ -462,6 +484,8 @@ class SimMachine:
                     continue
                 used = m.run(budget, self._lims[id(m)], self.host, now)
                 m.time_debt_s = max(0.0, used - budget)
+        if self.cpus is not None:
+            self.cpus.advance(self.time_s, period_s)
         self.time_s += period_s
         self._periods_run += 1
         self._follow_limit_goals()

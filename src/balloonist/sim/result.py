@@ -45,6 +45,22 @@ class GuestSeries:
 
 
 @dataclass(frozen=True)
+class CpuSeries:
+    """One guest's processors, per period (for guests whose processors are shared)."""
+
+    name: str
+    vcpus: int
+    online_vcpus: IntArray  # at the end of the period
+    target_cpus: IntArray  # processors the policy wanted it to have
+    balloon_target_vcpus: IntArray  # the CPU balloon register
+    demand_vcpus: FloatArray  # the scheduler's estimate
+    useful_cpu_s: FloatArray  # processor time spent on its tasks' own work
+    ran_cpu_s: FloatArray  # processor time its vCPUs got
+    spin_cpu_s: FloatArray  # of that, spent spinning at barriers
+    switch_lost_cpu_s: FloatArray  # of that, lost refilling caches
+
+
+@dataclass(frozen=True)
 class SimResult:
     scenario: str
     policy: str
@@ -57,6 +73,14 @@ class SimResult:
     host_swap_used_bytes: IntArray
     host_state: IntArray  # index into HOST_STATE_CODES
     guests: tuple[GuestSeries, ...]
+    host_cpus: int | None = None  # processors shared, when the scenario has them
+    cpus: tuple[CpuSeries, ...] = ()
+
+    def cpu(self, name: str) -> CpuSeries:
+        for c in self.cpus:
+            if c.name == name:
+                return c
+        raise KeyError(name)
 
     def guest(self, name: str) -> GuestSeries:
         for g in self.guests:
@@ -76,7 +100,7 @@ class SimResult:
                 "final_balloon_bytes": int(g.balloon_bytes[-1]),
                 "major_faults": int(g.major_faults.sum()),
             }
-        return {
+        summary: dict[str, Any] = {
             "scenario": self.scenario,
             "policy": self.policy,
             "seed": self.seed,
@@ -89,6 +113,27 @@ class SimResult:
                 "double_paging_events": sum(int(g.double_paging.sum()) for g in self.guests),
             },
             "guests": guests,
+        }
+        if self.host_cpus is not None:
+            summary["cpu"] = self._cpu_summary()
+        return summary
+
+    def _cpu_summary(self) -> dict[str, Any]:
+        duration = self.duration_s
+        return {
+            "host_cpus": self.host_cpus,
+            "useful_cpu_s_per_s": sum(float(c.useful_cpu_s.sum()) for c in self.cpus) / duration,
+            "spin_cpu_s_per_s": sum(float(c.spin_cpu_s.sum()) for c in self.cpus) / duration,
+            "switch_lost_cpu_s_per_s": sum(float(c.switch_lost_cpu_s.sum()) for c in self.cpus)
+            / duration,
+            "guests": {
+                c.name: {
+                    "vcpus": c.vcpus,
+                    "useful_cpu_s_per_s": float(c.useful_cpu_s.sum()) / duration,
+                    "mean_online_vcpus": float(c.online_vcpus.mean()),
+                }
+                for c in self.cpus
+            },
         }
 
 

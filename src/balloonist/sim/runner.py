@@ -17,6 +17,7 @@ from balloonist.sim import engine as e
 from balloonist.sim.machine import SimMachine
 from balloonist.sim.result import (
     HOST_STATE_CODES,
+    CpuSeries,
     GuestProgress,
     GuestSeries,
     Progress,
@@ -69,6 +70,10 @@ def run_scenario(
     host_state = np.zeros(periods, dtype=np.int64)
     times = np.zeros(periods, dtype=np.float64)
     last = np.array([[m.st[idx] for idx in _COUNTERS.values()] for m in machine.guests])
+    cpus = machine.cpus
+    n_cpu = 0 if cpus is None else len(cpus.names)
+    cpu_ints = {key: np.zeros((n_cpu, periods), dtype=np.int64) for key in _CPU_INT_KEYS}
+    cpu_floats = {key: np.zeros((n_cpu, periods), dtype=np.float64) for key in _CPU_FLOAT_KEYS}
 
     for k in range(periods):
         cycle = scheduler.step()
@@ -95,6 +100,22 @@ def run_scenario(
             series["balloon_rate_pages"][i, k] = driver.rate.rate_pages if driver else 0
             for j, key in enumerate(_COUNTERS):
                 series[key][i, k] = delta[i, j]
+        if cpus is not None and cpus.last is not None:
+            ran = cpus.last
+            for j, name in enumerate(cpus.names):
+                t = targets.get(name)
+                view = views.get(name)
+                cpu_ints["online_vcpus"][j, k] = cpus.host.online(j)
+                cpu_ints["target_cpus"][j, k] = (
+                    t.cpu.allocation_cpus if t is not None and t.cpu is not None else 0
+                )
+                cpu_ints["balloon_target_vcpus"][j, k] = cpus.registers[j]
+                demand = view.cpu_demand_vcpus if view is not None else None
+                cpu_floats["demand_vcpus"][j, k] = demand if demand is not None else 0.0
+                cpu_floats["useful_cpu_s"][j, k] = ran.useful_cpu_s[j]
+                cpu_floats["ran_cpu_s"][j, k] = ran.ran_cpu_s[j]
+                cpu_floats["spin_cpu_s"][j, k] = ran.spin_cpu_s[j]
+                cpu_floats["switch_lost_cpu_s"][j, k] = ran.switch_lost_cpu_s[j]
         times[k] = machine.time_s
         host_free[k] = machine.free_pages() * PAGE_SIZE_BYTES
         host_swap[k] = (
@@ -134,6 +155,17 @@ def run_scenario(
         )
         for i, m in enumerate(machine.guests)
     )
+    cpu_series: tuple[CpuSeries, ...] = ()
+    if cpus is not None:
+        cpu_series = tuple(
+            CpuSeries(
+                name=name,
+                vcpus=cpus.host.guests[j].vcpus,
+                **{key: cpu_ints[key][j].copy() for key in _CPU_INT_KEYS},
+                **{key: cpu_floats[key][j].copy() for key in _CPU_FLOAT_KEYS},
+            )
+            for j, name in enumerate(cpus.names)
+        )
     return SimResult(
         scenario=scenario.name,
         policy=name,
@@ -146,8 +178,14 @@ def run_scenario(
         host_swap_used_bytes=host_swap,
         host_state=host_state,
         guests=guests,
+        host_cpus=scenario.host_cpus,
+        cpus=cpu_series,
     )
 
+
+#: CpuSeries' per-period series, whole numbers and not.
+_CPU_INT_KEYS = ("online_vcpus", "target_cpus", "balloon_target_vcpus")
+_CPU_FLOAT_KEYS = ("demand_vcpus", "useful_cpu_s", "ran_cpu_s", "spin_cpu_s", "switch_lost_cpu_s")
 
 #: Every per-period series of a guest, in GuestSeries' order.
 _SERIES_KEYS = tuple(

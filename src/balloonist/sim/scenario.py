@@ -17,9 +17,15 @@ from pydantic import Field, field_validator
 
 from balloonist.config import Strict, check_policy_name, check_size, read_toml, validate
 from balloonist.errors import ConfigError
-from balloonist.model import GuestSpec
+from balloonist.model import CpuSpec, GuestSpec
 from balloonist.policy.workingset import EstimatorParams
 from balloonist.rate import RateLimits
+from balloonist.sim.cpu import (
+    DEFAULT_QUANTUM_S,
+    DEFAULT_SWITCH_COST_S,
+    CpuCosts,
+    CpuWorkload,
+)
 from balloonist.sim.workload import Phase, Workload, WorkloadKind, WorkloadPlan
 from balloonist.units import (
     MIB,
@@ -50,6 +56,7 @@ class Replacement(enum.IntEnum):
 class HostTable(Strict):
     memory: str
     swap: str = "0B"
+    cpus: int | None = Field(default=None, ge=1, le=4096)
 
     _sizes = field_validator("memory", "swap")(classmethod(lambda cls, v: check_size(v)))
 
@@ -82,6 +89,30 @@ class RateTable(Strict):
     divisor: float = Field(default=2.0, gt=1.0)
 
     _sizes = field_validator("min", "max", "increase")(classmethod(lambda cls, v: check_size(v)))
+
+
+class CpuTable(Strict):
+    """The host's processor scheduling (the CPU balloon; see sim/cpu.py)."""
+
+    quantum_s: float = Field(default=DEFAULT_QUANTUM_S, gt=0, le=1.0)
+    switch_cost_s: float = Field(default=DEFAULT_SWITCH_COST_S, ge=0)
+
+
+class CpuWorkloadTable(Strict):
+    kind: Literal["idle", "cpu-bound", "bursty", "parallel"] | str
+    threads: int = Field(default=1, ge=0, le=4096)
+    duty: float | None = None
+    burst_s: float | None = None
+    work_per_round_cpu_s: float | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in ("idle", "cpu-bound", "bursty", "parallel"):
+            raise ValueError(
+                f"unknown CPU workload kind {v!r} (choose from idle, cpu-bound, bursty, parallel)"
+            )
+        return v
 
 
 class CostsTable(Strict):
@@ -133,6 +164,12 @@ class GuestTable(Strict):
     kernel: str = "16MiB"
     swap: str | None = None
     workload: WorkloadTable
+    cpus: int | None = Field(default=None, ge=1, le=4096)
+    cpu_min: int = Field(default=1, ge=1, le=4096)
+    cpu_max: int | None = Field(default=None, ge=1, le=4096)
+    cpu_shares: int = Field(default=1000, gt=0, le=10**9)
+    cpu_balloon: bool = True
+    cpu_workload: CpuWorkloadTable | None = None
 
     _sizes = field_validator("memory", "min", "max", "kernel", "swap")(
         classmethod(lambda cls, v: check_size(v))
@@ -150,6 +187,7 @@ class ScenarioFile(Strict):
     policy: PolicyTable = PolicyTable()
     rate: RateTable = RateTable()
     costs: CostsTable = CostsTable()
+    cpu: CpuTable = CpuTable()
     guests: list[GuestTable] = Field(min_length=1, max_length=10_000)
 
 
@@ -176,6 +214,7 @@ class SimGuest:
     kernel_pages: int  # memory the guest kernel keeps for itself, never swapped or ballooned
     swap_pages: int  # guest swap device
     plan: WorkloadPlan
+    cpu_workload: CpuWorkload | None = None  # what runs on its vCPUs (spec.cpu is set)
 
     @property
     def name(self) -> str:
@@ -204,6 +243,8 @@ class Scenario:
     rate: RateLimits
     costs: Costs
     guests: tuple[SimGuest, ...] = field(default_factory=tuple)
+    host_cpus: int | None = None  # processors the guests' vCPUs share (the CPU balloon)
+    cpu_costs: CpuCosts = field(default_factory=CpuCosts)
 
     @property
     def periods(self) -> int:
@@ -278,6 +319,7 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
                 f"guest's memory less kernel plus swap ({format_size(memory - kernel + swap)})",
                 where=f"{gwhere}.workload",
             )
+        cpu, cpu_workload = _cpu(g, raw.host.cpus, gwhere)
         spec = GuestSpec(
             name=g.name,
             memory_bytes=memory,
@@ -285,6 +327,7 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
             max_bytes=max_b,
             shares=g.shares,
             balloon=g.balloon,
+            cpu=cpu,
         )
         guests.append(
             SimGuest(
@@ -293,6 +336,7 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
                 kernel_pages=bytes_to_pages(kernel),
                 swap_pages=bytes_to_pages(swap),
                 plan=plan,
+                cpu_workload=cpu_workload,
             )
         )
     reserved = sum(g.spec.min_bytes for g in guests)
@@ -317,6 +361,18 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
         raise ConfigError(str(exc), where=f"{where}: rate") from None
     if raw.sim.period_s > raw.sim.duration_s:
         raise ConfigError("period_s is longer than duration_s", where=f"{where}: sim.period_s")
+    try:
+        cpu_costs = CpuCosts(quantum_s=raw.cpu.quantum_s, switch_cost_s=raw.cpu.switch_cost_s)
+    except ConfigError as exc:
+        raise ConfigError(exc.message.removeprefix("CpuCosts."), where=f"{where}: cpu") from None
+    if raw.host.cpus is not None:
+        quanta = raw.sim.period_s / cpu_costs.quantum_s
+        if abs(quanta - round(quanta)) > 1e-9 * quanta:
+            raise ConfigError(
+                f"period_s {raw.sim.period_s:g} is not a whole number of CPU quanta "
+                f"({cpu_costs.quantum_s:g} s)",
+                where=f"{where}: cpu.quantum_s",
+            )
     c = raw.costs
     return Scenario(
         name=raw.name or default_name,
@@ -344,7 +400,50 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
             balloon_page_s=c.balloon_page_s,
         ),
         guests=tuple(guests),
+        host_cpus=raw.host.cpus,
+        cpu_costs=cpu_costs,
     )
+
+
+def _cpu(
+    g: GuestTable, host_cpus: int | None, where: str
+) -> tuple[CpuSpec | None, CpuWorkload | None]:
+    """A guest's processors: its CpuSpec and what runs on its vCPUs, or None, None for
+    a guest whose processors are not modelled (no ``cpus``)."""
+    if g.cpus is None:
+        for key in ("cpu_max", "cpu_workload"):
+            if getattr(g, key) is not None:
+                raise ConfigError("needs cpus, the guest's vCPUs", where=f"{where}.{key}")
+        return None, None
+    if host_cpus is None:
+        raise ConfigError(
+            "a guest with cpus needs host.cpus, the processors the guests share",
+            where=f"{where}.cpus",
+        )
+    spec = CpuSpec(
+        vcpus=g.cpus,
+        min_cpus=g.cpu_min,
+        max_cpus=g.cpu_max,
+        shares=g.cpu_shares,
+        balloon=g.cpu_balloon,
+    )
+    spec.check(where)
+    w = g.cpu_workload
+    try:
+        if w is None:
+            workload = CpuWorkload.idle()
+        else:
+            workload = CpuWorkload(
+                kind=w.kind,  # type: ignore[arg-type]  # checked by the table's validator
+                threads=w.threads,
+                duty=w.duty,
+                burst_s=w.burst_s,
+                work_per_round_cpu_s=w.work_per_round_cpu_s,
+            )
+    except ConfigError as exc:
+        message = exc.message.removeprefix("CpuWorkload.")  # the file's key names it
+        raise ConfigError(message, where=f"{where}.cpu_workload") from None
+    return spec, workload
 
 
 def _pages_exact(text: str, where: str) -> int:
