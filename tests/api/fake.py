@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from balloonist.daemon.control import (
     GuestChange,
+    GuestCpuStatus,
     GuestStatus,
     HostStatus,
     PolicyStatus,
@@ -37,6 +38,17 @@ def make_guest(name: str, **overrides: object) -> GuestStatus:
         "major_faults": 12,
         "cooperative": True,
         "inflate_rate_bytes_per_s": 48.0 * MIB,
+        "cpu": GuestCpuStatus(
+            vcpus=4,
+            min_cpus=1,
+            max_cpus=4,
+            shares=1000,
+            allocation_target_cpus=3,
+            online_vcpus=2,
+            balloon_vcpus=2,
+            balloon_target_vcpus=1,
+            demand_vcpus=2.5,
+        ),
         "counters": {"stalls": 1},
     }
     fields.update(overrides)
@@ -56,6 +68,7 @@ def make_status(version: int = 1, guests: tuple[GuestStatus, ...] | None = None)
                 cooperative=False,
                 free_bytes=None,
                 inflate_rate_bytes_per_s=None,
+                cpu=None,
                 counters={"stalls": 3, "qmp_errors": 2},
             ),
         )
@@ -69,6 +82,7 @@ def make_status(version: int = 1, guests: tuple[GuestStatus, ...] | None = None)
             swap_bytes=1 * GIB,
             swap_used_bytes=0,
             state="soft",
+            cpus=8,
         ),
         guests=guests,
         policy=PolicyStatus(name="shares", tax_rate=0.75),

@@ -46,6 +46,7 @@ def test_host(client: TestClient) -> None:
         "swap_bytes": 1 * GIB,
         "swap_used_bytes": 0,
         "state": "soft",
+        "cpus": 8,
         "version": 1,
         "time_s": 1.0,
         "period_s": 1.0,
@@ -65,6 +66,22 @@ def test_guests_list_and_one(client: TestClient) -> None:
     db = client.get("/v1/guests/db").json()
     assert db["free_bytes"] is None
     assert db["cooperative"] is False
+
+
+def test_a_guest_s_processors_when_they_are_shared(client: TestClient) -> None:
+    web = client.get("/v1/guests/web").json()
+    assert web["cpu"] == {
+        "vcpus": 4,
+        "min_cpus": 1,
+        "max_cpus": 4,
+        "shares": 1000,
+        "allocation_target_cpus": 3,
+        "online_vcpus": 2,
+        "balloon_vcpus": 2,
+        "balloon_target_vcpus": 1,
+        "demand_vcpus": 2.5,
+    }
+    assert client.get("/v1/guests/db").json()["cpu"] is None
 
 
 def test_unknown_guest_is_404_with_one_line(client: TestClient) -> None:

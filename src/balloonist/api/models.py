@@ -16,7 +16,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from balloonist.config import check_size
-from balloonist.daemon.control import GuestStatus, HostStatus, PolicyStatus, Status
+from balloonist.daemon.control import (
+    GuestCpuStatus,
+    GuestStatus,
+    HostStatus,
+    PolicyStatus,
+    Status,
+)
 from balloonist.daemon.history import GUEST_SERIES, HistoryPoint
 from balloonist.units import parse_size_bytes
 
@@ -41,6 +47,10 @@ class HostStatusOut(_Out):
     swap_bytes: NonNegative
     swap_used_bytes: NonNegative
     state: HostStateName = Field(description="Host free-memory state (see docs/policy.md).")
+    cpus: NonNegative | None = Field(
+        default=None,
+        description="Host processors the guests' vCPUs share; null when they are not shared.",
+    )
 
 
 class HostOut(HostStatusOut):
@@ -49,6 +59,36 @@ class HostOut(HostStatusOut):
     version: NonNegative = Field(description="Status version; increases every period.")
     time_s: float = Field(description="Daemon clock at the end of the period, in seconds.")
     period_s: float = Field(description="Length of one period, in seconds.")
+
+
+class GuestCpuOut(_Out):
+    """A guest's processors: what its CPU balloon holds and what the policy wants."""
+
+    vcpus: int = Field(ge=1, description="vCPUs the guest has.")
+    min_cpus: int = Field(ge=1, description="Reservation: processors it always keeps.")
+    max_cpus: int = Field(ge=1, description="Limit.")
+    shares: int = Field(ge=1)
+    allocation_target_cpus: NonNegative = Field(
+        description="Processors the policy wants it to have."
+    )
+    online_vcpus: NonNegative = Field(description="vCPUs online now: the processors it has.")
+    balloon_vcpus: NonNegative = Field(description="vCPUs its CPU balloon holds offline.")
+    balloon_target_vcpus: NonNegative
+    demand_vcpus: float = Field(ge=0, description="The policy's estimate of its CPU demand.")
+
+    @classmethod
+    def of(cls, cpu: GuestCpuStatus) -> GuestCpuOut:
+        return cls(
+            vcpus=cpu.vcpus,
+            min_cpus=cpu.min_cpus,
+            max_cpus=cpu.max_cpus,
+            shares=cpu.shares,
+            allocation_target_cpus=cpu.allocation_target_cpus,
+            online_vcpus=cpu.online_vcpus,
+            balloon_vcpus=cpu.balloon_vcpus,
+            balloon_target_vcpus=cpu.balloon_target_vcpus,
+            demand_vcpus=cpu.demand_vcpus,
+        )
 
 
 class GuestOut(_Out):
@@ -73,6 +113,9 @@ class GuestOut(_Out):
         description="How fast the adaptive rate controller pacing the balloon lets it "
         "inflate now (the simulator's driver, or the daemon's host-side pacing).",
     )
+    cpu: GuestCpuOut | None = Field(
+        default=None, description="Its processors; null when they are not shared."
+    )
     counters: dict[str, NonNegative] = Field(description="Failure counters of this guest.")
 
     @classmethod
@@ -93,6 +136,7 @@ class GuestOut(_Out):
             major_faults=guest.major_faults,
             cooperative=guest.cooperative,
             inflate_rate_bytes_per_s=guest.inflate_rate_bytes_per_s,
+            cpu=None if guest.cpu is None else GuestCpuOut.of(guest.cpu),
             counters=dict(guest.counters),
         )
 
@@ -150,6 +194,7 @@ def host_out(host: HostStatus) -> HostStatusOut:
             "swap_bytes": host.swap_bytes,
             "swap_used_bytes": host.swap_used_bytes,
             "state": host.state,
+            "cpus": host.cpus,
         }
     )
 

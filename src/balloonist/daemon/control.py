@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from balloonist.model import CpuTarget, GuestView
 from balloonist.scheduler import Cycle
 
 if TYPE_CHECKING:
@@ -31,6 +32,22 @@ class HostStatus:
     swap_bytes: int
     swap_used_bytes: int
     state: str  # high, soft, hard, low
+    cpus: int | None = None  # host processors the guests' vCPUs share, if shared
+
+
+@dataclass(frozen=True)
+class GuestCpuStatus:
+    """A guest's processors (for a guest whose processors are shared)."""
+
+    vcpus: int
+    min_cpus: int
+    max_cpus: int
+    shares: int
+    allocation_target_cpus: int  # processors the policy wants it to have
+    online_vcpus: int  # what it has now
+    balloon_vcpus: int  # held offline by its CPU balloon
+    balloon_target_vcpus: int
+    demand_vcpus: float  # the policy's estimate of its CPU demand
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class GuestStatus:
     cooperative: bool
     #: How fast the balloon's adaptive rate controller lets it inflate now; None if unknown.
     inflate_rate_bytes_per_s: float | None = None
+    cpu: GuestCpuStatus | None = None
     #: Failure counters of this guest (see Status.counters for the names).
     counters: Mapping[str, int] = field(default_factory=dict)
 
@@ -111,6 +129,7 @@ def status_from_cycle(
                 major_faults=sample.major_faults,
                 cooperative=sample.cooperative,
                 inflate_rate_bytes_per_s=sample.inflate_rate_bytes_per_s,
+                cpu=_cpu_status(view, target.cpu if target is not None else None),
                 counters=dict((guest_counters or {}).get(spec.name, {})),
             )
         )
@@ -125,10 +144,34 @@ def status_from_cycle(
             swap_bytes=host.swap_bytes,
             swap_used_bytes=host.swap_used_bytes,
             state=host.state.value,
+            cpus=host.cpus,
         ),
         guests=tuple(guests),
         policy=policy,
         counters=dict(counters or {}),
+    )
+
+
+def _cpu_status(view: GuestView, target: CpuTarget | None) -> GuestCpuStatus | None:
+    spec, sample = view.spec.cpu, view.sample.cpu
+    if spec is None or sample is None:
+        return None
+    return GuestCpuStatus(
+        vcpus=spec.vcpus,
+        min_cpus=spec.min_cpus,
+        max_cpus=spec.limit_cpus,
+        shares=spec.shares,
+        allocation_target_cpus=(
+            target.allocation_cpus if target is not None else sample.online_vcpus
+        ),
+        online_vcpus=sample.online_vcpus,
+        balloon_vcpus=sample.balloon_vcpus,
+        balloon_target_vcpus=sample.balloon_target_vcpus,
+        demand_vcpus=(
+            view.cpu_demand_vcpus
+            if view.cpu_demand_vcpus is not None
+            else float(sample.online_vcpus)
+        ),
     )
 
 
@@ -166,6 +209,7 @@ class Controller(Protocol):
 __all__ = [
     "Controller",
     "GuestChange",
+    "GuestCpuStatus",
     "GuestStatus",
     "HostStatus",
     "PolicyStatus",
