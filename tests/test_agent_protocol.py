@@ -35,6 +35,14 @@ def disjoint_ranges(draw: st.DrawFn) -> tuple[PageRange, ...]:
     return tuple(draw(st.permutations(out)))
 
 
+@st.composite
+def vcpu_split(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Disjoint, sorted (online, reserved), at least one online."""
+    cpus = draw(st.lists(st.integers(0, wire.MAX_VCPUS - 1), min_size=1, max_size=64, unique=True))
+    reserved = draw(st.sets(st.sampled_from(cpus), max_size=len(cpus) - 1))
+    return tuple(sorted(set(cpus) - reserved)), tuple(sorted(reserved))
+
+
 guest_messages = st.one_of(
     st.builds(
         wire.Hello,
@@ -60,11 +68,13 @@ guest_messages = st.one_of(
         swap_out_pages=counters,
     ),
     st.builds(wire.Error, seq=seqs, code=st.sampled_from(sorted(wire.ERROR_CODES)), message=text),
+    st.builds(lambda seq, split: wire.Cpus(seq, *split), seq=seqs, split=vcpu_split()),
 )
 host_messages = st.one_of(
     st.builds(wire.Welcome, seq=seqs, version=st.just(1)),
     st.builds(wire.Target, seq=seqs, balloon_pages=pages),
     st.builds(wire.Ack, seq=seqs, freed_pages=pages),
+    st.builds(wire.CpuTarget, seq=seqs, reserved_vcpus=st.integers(0, wire.MAX_VCPUS - 1)),
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -93,11 +103,17 @@ def test_any_bytes_decode_or_raise_a_protocol_error(line: bytes) -> None:
 
 
 @settings(max_examples=500)
-@given(json_values, st.sampled_from(["hello", "locked", "unlocked", "stats", "error", "ack"]))
+@given(
+    json_values,
+    st.sampled_from(["hello", "locked", "unlocked", "stats", "error", "ack", "cpus", "cpu_target"]),
+)
 def test_any_json_object_decodes_or_raises_a_protocol_error(value: Any, kind: str) -> None:
     for candidate in (
         value,
         {"type": kind, "seq": 1, "ranges": value},
+        {"type": kind, "seq": 1, "online": value, "reserved": []},
+        {"type": kind, "seq": 1, "online": [0], "reserved": value},
+        {"type": kind, "seq": 1, "reserved_vcpus": value},
         {"type": kind, **_d(value)},
     ):
         try:
@@ -106,6 +122,8 @@ def test_any_json_object_decodes_or_raises_a_protocol_error(value: Any, kind: st
             continue
         with contextlib.suppress(wire.ProtocolError):
             wire.decode_guest_message(line)
+        with contextlib.suppress(wire.ProtocolError):
+            wire.decode_host_message(line)
 
 
 def _d(value: Any) -> dict[str, Any]:
@@ -141,6 +159,16 @@ def test_a_valid_message_with_a_field_dropped_added_or_retyped_is_refused(
         (b'{"type":"error","seq":1,"code":"pressure","message":"a","message":"b"}', "twice"),
         (b'{"type":"error","seq":1,"code":"reboot","message":"a"}', "unknown error code"),
         (b'{"type":"welcome","seq":1,"version":1}', "unknown message type"),
+        (b'{"type":"cpu_target","seq":1,"reserved_vcpus":1}', "unknown message type"),
+        (b'{"type":"cpus","seq":1,"online":[0,1],"reserved":[1]}', "both online and reserved"),
+        (b'{"type":"cpus","seq":1,"online":[1,0],"reserved":[]}', "strictly increasing"),
+        (b'{"type":"cpus","seq":1,"online":[0,0],"reserved":[]}', "strictly increasing"),
+        (b'{"type":"cpus","seq":1,"online":[],"reserved":[0]}', "0 vCPUs, must be 1"),
+        (b'{"type":"cpus","seq":1,"online":[1024],"reserved":[]}', "outside"),
+        (b'{"type":"cpus","seq":1,"online":[true],"reserved":[]}', "expected an integer"),
+        (b'{"type":"cpus","seq":1,"online":[0],"reserved":7}', "expected a list"),
+        (b'{"type":"cpus","seq":1,"online":[0]}', "missing reserved"),
+        (b'{"type":"error","seq":1,"code":"cpu-reboot","message":"a"}', "unknown error code"),
         (b"[" * 10000, "nested too deeply"),
         (b'{"type":"hello"}' + b" " * wire.MAX_LINE_BYTES, "limit"),
         (b"\xff\xfe", "not a JSON line"),
@@ -157,3 +185,34 @@ def test_a_big_report_is_split_into_messages_within_bounds() -> None:
     assert [len(c) for c in chunks] == [wire.MAX_RANGES_PER_MESSAGE] * 2 + [1]
     for chunk in chunks:
         assert len(wire.encode(wire.Locked(1, chunk))) <= wire.MAX_LINE_BYTES
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (b'{"type":"cpu_target","seq":1,"reserved_vcpus":-1}', "outside"),
+        (b'{"type":"cpu_target","seq":1,"reserved_vcpus":1024}', "outside"),
+        (b'{"type":"cpu_target","seq":1,"reserved_vcpus":1.0}', "expected an integer"),
+        (b'{"type":"cpu_target","seq":1}', "missing reserved_vcpus"),
+        (b'{"type":"cpus","seq":1,"online":[0],"reserved":[]}', "unknown message type"),
+    ],
+)
+def test_hostile_host_lines_are_refused_with_the_reason(line: bytes, why: str) -> None:
+    with pytest.raises(GuestProtocolError, match=why):
+        wire.decode_host_message(line)
+
+
+def test_a_report_of_every_vcpu_fits_a_line_and_one_more_is_refused() -> None:
+    every = wire.Cpus(wire.MAX_SEQ, tuple(range(1, wire.MAX_VCPUS)), (0,))
+    assert len(wire.encode(every)) <= wire.MAX_LINE_BYTES
+    assert wire.decode_guest_message(wire.encode(every)) == every
+    too_many = json.dumps(
+        {"type": "cpus", "seq": 1, "online": list(range(wire.MAX_VCPUS + 1)), "reserved": []}
+    )
+    with pytest.raises(wire.ProtocolError, match="must be 1 to"):
+        wire.decode_guest_message(too_many.encode())
+
+
+def test_the_agent_cannot_send_a_cpu_report_the_protocol_refuses() -> None:
+    with pytest.raises(wire.ProtocolError, match="both online and reserved"):
+        wire.encode(wire.Cpus(1, (0, 1), (1,)))

@@ -1,5 +1,6 @@
 """Fakes for the agent's ports: a host at the other end of a socketpair, a guest kernel
-that hands out frames from a pool, a pressure reading and a clock the test moves."""
+that hands out frames from a pool, a pressure reading, a clock the test moves, and a
+sysfs CPU tree."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from balloonist.agent import protocol as proto
+from balloonist.agent.cpus import CpuHotplug
 from balloonist.agent.pressure import PressureSample
 from balloonist.driver import PageRange, ranges_from_pages
 from balloonist.errors import TransientBackendError
@@ -160,3 +163,54 @@ def pages_of(messages: Sequence[proto.GuestMessage], kind: type) -> set[int]:
         if isinstance(m, (proto.Locked, proto.Unlocked)) and isinstance(m, kind):
             pages.update(p for r in m.ranges for p in range(r.start, r.end))
     return pages
+
+
+class FakeSysfs:
+    """A fake ``/sys/devices/system/cpu``: the ``possible``/``present``/``online`` lists
+    and one ``cpuN/online`` file per hotpluggable vCPU, as Linux lays them out (cpu0 of
+    an x86 guest has none). Writing a vCPU's file is what the kernel would act on; the
+    ``online`` list is kept for the others, as reading code must not rely on it for
+    hotpluggable vCPUs (the fake does not rewrite it, the real kernel would)."""
+
+    def __init__(self, root: Path, cpus: int, *, cpu0_hotpluggable: bool = False) -> None:
+        self.root = root
+        every = f"0-{cpus - 1}" if cpus > 1 else "0"
+        root.mkdir(parents=True, exist_ok=True)
+        for name in ("possible", "present", "online"):
+            (root / name).write_text(every + "\n")
+        (root / "kernel_max").write_text("8191\n")
+        for cpu in range(cpus):
+            (root / f"cpu{cpu}").mkdir()
+            if cpu > 0 or cpu0_hotpluggable:
+                (root / f"cpu{cpu}" / "online").write_text("1\n")
+
+    def online_file(self, cpu: int) -> Path:
+        return self.root / f"cpu{cpu}" / "online"
+
+    def switch(self, cpu: int, online: bool) -> None:
+        """Someone else (an administrator) brings a vCPU up or down."""
+        self.online_file(cpu).write_text("1\n" if online else "0\n")
+
+    def offline(self) -> set[int]:
+        return {
+            int(path.parent.name[3:])
+            for path in self.root.glob("cpu*/online")
+            if path.read_text().strip() == "0"
+        }
+
+
+class FlakyHotplug(CpuHotplug):
+    """The real sysfs adapter whose writes the test can make the kernel refuse."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.refuse: set[int] = set()  # writes to these fail with EBUSY
+        self.ignore: set[int] = set()  # writes to these "succeed" and change nothing
+        self.writes: list[tuple[int, bool]] = []
+
+    def set_online(self, cpu: int, online: bool) -> None:
+        self.writes.append((cpu, online))
+        if cpu in self.refuse:
+            raise TransientBackendError(f"cannot take cpu{cpu} offline: Device or resource busy")
+        if cpu not in self.ignore:
+            super().set_online(cpu, online)

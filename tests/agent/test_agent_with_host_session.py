@@ -1,23 +1,26 @@
 """The agent against the host's own bookkeeping (``daemon.agent_link.AgentSession``):
 through inflation, deflation, a daemon restart that adopts the balloon in paced steps,
 and pressure that gives pages back in the middle of that, the host never sees a
-protocol violation and ends up holding exactly the pages the guest has pinned."""
+protocol violation and ends up holding exactly the pages the guest has pinned. The
+same for the CPU balloon: the host's report follows the guest's vCPUs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from balloonist.agent import main as agent_main
 from balloonist.agent import protocol as proto
+from balloonist.agent.cpus import CpuBalloon, CpuHotplug
 from balloonist.agent.main import MIB, Agent, AgentConfig, Link
 from balloonist.daemon.agent_link import AgentSession
 from balloonist.driver import PageRange, count_pages
 from balloonist.errors import GuestProtocolError
 from balloonist.rate import AdaptiveRate, RateLimits
 
-from .fakes import PAGE, FakeClock, FakeHost, FakeKernel, FakePressure, Ports
+from .fakes import PAGE, FakeClock, FakeHost, FakeKernel, FakePressure, FakeSysfs, Ports
 
 TOKEN = "0f1e2d3c4b5a6978"
 CONFIG = AgentConfig(step_s=0.25, floor_bytes=256 * MIB, page_size_bytes=PAGE)
@@ -56,6 +59,7 @@ class SessionHost:
         self.session = AgentSession("guest", FakeRam(), MEMORY_PAGES)
         self.clock = clock
         self.target_pages: int | None = None
+        self.cpu_target: int | None = None
         self.wire.send(self.session.reset())
 
     def pump(self) -> None:
@@ -65,6 +69,8 @@ class SessionHost:
             replies = self.session.handle(message, now)
             if isinstance(message, proto.Hello) and self.target_pages is not None:
                 replies.append(self.session.target(self.target_pages))
+            if isinstance(message, proto.Hello) and self.cpu_target is not None:
+                replies.append(self.session.cpu_target(self.cpu_target))
             if not self.wire.eof:  # the agent may have closed after its last report
                 self.wire.send(*replies)
 
@@ -72,6 +78,11 @@ class SessionHost:
         self.target_pages = pages
         if self.session.registered:
             self.wire.send(self.session.target(pages))
+
+    def set_cpu_target(self, vcpus: int) -> None:
+        self.cpu_target = vcpus
+        if self.session.registered:
+            self.wire.send(self.session.cpu_target(vcpus))
 
     def held(self) -> set[int]:
         return {p for r in self.session.held_ranges() for p in range(r.start, r.end)}
@@ -151,4 +162,59 @@ def test_host_session_and_guest_agree_through_a_daemon_restart_and_pressure(
     host.pump()
     assert kernel.held == set()
     assert len(host.held()) == agent.counters["unreported_pages"] - unreported_before > 0
+    assert host.session.violations == {}
+
+
+def test_the_hosts_cpu_report_follows_the_guest_through_a_daemon_restart(tmp_path: Path) -> None:
+    events: list[str] = []
+    clock, ports = FakeClock(), Ports()
+    sysfs = FakeSysfs(tmp_path / "cpu", 4)
+    agent = Agent(
+        ports,
+        FakeKernel(events),
+        FakePressure(),
+        clock,
+        TOKEN,
+        CONFIG,
+        cpus=CpuBalloon(CpuHotplug(sysfs.root)),
+    )
+    host = SessionHost(events, clock)
+    host.session.vcpus = 4
+    ports.queue.append(host.wire)
+
+    def step() -> None:
+        agent.run_once()
+        host.pump()
+        clock.now_s += CONFIG.step_s
+
+    def reserved() -> tuple[int, ...] | None:
+        report = host.session.cpu_report
+        return None if report is None else report.reserved_vcpus
+
+    host.set_cpu_target(3)  # sent with the welcome
+    for _ in range(MAX_STEPS):
+        if reserved() == (1, 2, 3):
+            break
+        step()
+    assert host.session.cpu_report is not None
+    assert host.session.cpu_report.online_vcpus == (0,)
+    assert sysfs.offline() == {1, 2, 3}
+    # The daemon restarts and claims the same CPU balloon with its welcome.
+    host.wire.close()
+    step()
+    host = SessionHost(events, clock)
+    host.session.vcpus = 4
+    host.cpu_target = 3
+    ports.queue.append(host.wire)
+    clock.now_s += CONFIG.retry_s
+    for _ in range(8):
+        step()
+    assert reserved() == (1, 2, 3) and sysfs.offline() == {1, 2, 3}
+    host.set_cpu_target(1)
+    for _ in range(4):
+        step()
+    assert reserved() == (3,)
+    agent.close()
+    host.pump()
+    assert reserved() == () and sysfs.offline() == set()
     assert host.session.violations == {}

@@ -36,8 +36,26 @@ balloon: the driver's target never leaves less than the floor of ``MemAvailable`
 its limit the balloon does not grow. Either condition also cuts the inflation rate.
 The guard only ever lowers the host's target.
 
-On SIGTERM or SIGINT the agent releases every page (reporting them while UP) and
-exits 0. Stdlib only, Python 3.9.
+The **CPU balloon** (patent claims 11 and 19) runs beside the memory balloon, through
+:class:`~balloonist.agent.cpus.CpuBalloon`: ``cpu_target`` sets how many vCPUs it should
+hold offline. A target that would leave no vCPU online (or needs more vCPUs than can go
+offline) is refused with an ``error`` of code ``cpu-refused`` and the vCPUs stay as they
+are. Inflation is paced by the shared adaptive rate, counting vCPUs; deflation is not
+paced (a guest given its processors back loses nothing), and both are bounded per step
+(``CPU_MAX_PER_STEP``). A ``cpus`` report follows every ``cpu_target`` and every change.
+The host *claims* the CPU balloon by sending ``cpu_target`` in a session; the agent
+reports only then, so a host without the CPU balloon never sees a CPU message. Held vCPUs
+nobody claims for ``cpu_unclaimed_s`` go back online: after a session reset the host
+must set the CPU target again (``AgentPort`` sends it with its ``welcome``), else the
+guest gets its processors back. Unlike memory, which is held across resets because the
+host may have lent it out, an offline vCPU is only a loss to the guest: a host that has
+forgotten it would never ask for it back, while a vCPU brought back too early costs at
+most some contention on the host processors its threads may still use. vCPUs an
+earlier agent held when it died are adopted at start from the balloon's state file
+(``CpuBalloon.adopt``), unclaimed like any others.
+
+On SIGTERM or SIGINT the agent brings every reserved vCPU back online, releases every
+page (reporting both while UP) and exits 0. Stdlib only, Python 3.9.
 """
 
 from __future__ import annotations
@@ -59,6 +77,14 @@ from typing import Callable
 
 import balloonist
 from balloonist.agent import protocol as proto
+from balloonist.agent.cpus import STATE_PATH as CPU_STATE_PATH
+from balloonist.agent.cpus import (
+    CpuBalloon,
+    CpuHotplug,
+    CpuTargetError,
+    CpuView,
+    format_cpu_list,
+)
 from balloonist.agent.port import LineStream, PortClosedError, open_port
 from balloonist.agent.pressure import PressureSample, PressureSource
 from balloonist.driver import BalloonDriver, GuestKernel, PageRange, StepResult, count_pages
@@ -86,6 +112,10 @@ MESSAGE_RESERVE = 4
 SHUTDOWN_FLUSH_S = 2.0
 #: The host takes an agent silent (no stats) for 5 s as gone.
 MAX_STATS_S = 4.0
+#: At most this many vCPUs go offline or come back in one step: each hotplug write took
+#: 30-110 ms in a TCG guest here (less under KVM), so a step stays well under a second
+#: and the stats heartbeat (the host waits 5 s) keeps going.
+CPU_MAX_PER_STEP = 8
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -129,6 +159,10 @@ class AgentConfig:
     rate_start_mib_s: float = 4.0
     rate_increase_mib_s: float = 16.0
     rate_max_mib_s: float = 1024.0
+    #: Reserved vCPUs no host has claimed (sent ``cpu_target`` in a session) for this
+    #: long go back online. Long enough for a daemon to reconnect and say what it wants,
+    #: short enough that a guest whose daemon has gone does not stay small for long.
+    cpu_unclaimed_s: float = 10.0
 
     def floor_for(self, mem_total_bytes: int) -> int:
         if self.floor_bytes is not None:
@@ -179,7 +213,9 @@ class Agent:
         config: AgentConfig | None = None,
         *,
         rate: AdaptiveRate | None = None,
+        cpus: CpuBalloon | None = None,
     ) -> None:
+        """``cpus`` is the CPU balloon; without one every CPU target is refused."""
         self.config = config or AgentConfig()
         self.token = token
         self._open_port = open_port
@@ -212,6 +248,15 @@ class Agent:
         self._quiet_until: dict[str, float] = {}
         self._last_down_reason = ""
         self._closing = False
+        self.cpus = cpus
+        #: The CPU balloon register; None until a host sets it in this session.
+        self.host_cpu_target: int | None = None
+        self._cpu_rate: AdaptiveRate | None = None
+        self._cpu_unclaimed_since: float | None = None
+        self._cpu_report_due = False
+        self._cpu_changed = False
+        self._last_cpu_view: CpuView | None = None
+        self._next_cpu_check_at = 0.0
 
     # -- the step ----------------------------------------------------------------------
 
@@ -227,6 +272,7 @@ class Agent:
             self._send_error(
                 "alloc-failed", f"got {result.moved_pages} of {result.requested_pages} pages", now
             )
+        self._step_cpus(now)
         if self.link is Link.UP and now >= self._next_stats_at and self.last_sample is not None:
             self._send_stats(self.last_sample)
             self._next_stats_at = now + self.config.stats_s
@@ -250,8 +296,10 @@ class Agent:
         what is still a hole in the guest's RAM, so it learns the truth as the guest
         writes to those pages; and it never sees more than its rate limit allows.
         """
-        self._refill(self._clock())
+        now = self._clock()
+        self._refill(now)
         self._closing = True
+        self._release_all_cpus(now)
         self.driver.release_all()
         if self._stream is not None:
             try:
@@ -351,6 +399,11 @@ class Agent:
             if message.balloon_pages != self.host_target_pages:
                 log.debug("target %d pages", message.balloon_pages)
             self.host_target_pages = message.balloon_pages
+        elif isinstance(message, proto.CpuTarget):
+            if self.link is not Link.UP:
+                self.counters["unexpected"] += 1
+                return
+            self._set_cpu_target(message.reserved_vcpus, now)
         else:
             self.counters["freed_pages"] += message.freed_pages
 
@@ -360,6 +413,9 @@ class Agent:
         self.link = Link.UP
         self._unreported_pages = self.driver.size_pages
         self.host_target_pages = self.driver.size_pages
+        # The CPU balloon is the host's to claim again (see the module docstring).
+        self.host_cpu_target = None
+        self._last_cpu_view = None
         self._next_stats_at = now
         self._last_down_reason = ""
         log.info("session up (adopting a balloon of %d pages)", self.driver.size_pages)
@@ -510,6 +566,177 @@ class Agent:
                 swap_out_pages=min(sample.swap_out_pages, proto.MAX_COUNTER),
             )
         )
+
+    # -- the CPU balloon -----------------------------------------------------------------
+
+    @property
+    def cpus_claimed(self) -> bool:
+        """A host has set the CPU target in this session: it hears about the CPU balloon."""
+        return self.link is Link.UP and self.host_cpu_target is not None
+
+    def _set_cpu_target(self, target: int, now: float) -> None:
+        """The host's ``cpu_target``: accept it, or refuse it and keep the vCPUs as they are."""
+        held = len(self.cpus.held) if self.cpus is not None else 0
+        previous = self.host_cpu_target
+        self.host_cpu_target = held  # claimed from now on; stays here if refused
+        self._cpu_report_due = True
+        try:
+            if self.cpus is None:
+                raise CpuTargetError("this agent has no CPU balloon")
+            self.cpus.check_target(target)
+            if max(self.cpus.hotplug.possible(), default=0) >= proto.MAX_VCPUS:
+                raise CpuTargetError(f"vCPU numbers reach {proto.MAX_VCPUS} or more")
+        except CpuTargetError as exc:
+            self.counters["cpu_refused"] += 1
+            log.info("CPU target %d refused: %s", target, exc)
+            # Every refusal answers a host's request; one per distinct target per interval
+            # keeps a host that repeats itself from running through the message budget.
+            if self._due(f"cpu-refused:{target}", now):
+                text = f"cpu_target {target} refused: {exc}"[: proto.MAX_TEXT_CHARS]
+                self._send(proto.Error(seq=self._next_seq(), code="cpu-refused", message=text))
+            return
+        except BackendError as exc:
+            self._cpu_failed(f"cannot read the guest's vCPUs: {exc}", now)
+            return
+        if target != previous:
+            log.info("CPU target %d vCPUs (holding %d)", target, held)
+        self.host_cpu_target = target
+
+    def _cpu_rate_for(self, balloon: CpuBalloon) -> AdaptiveRate:
+        if self._cpu_rate is None:
+            vcpus = len(balloon.hotplug.possible())
+            # The shared AIMD controller is unit-free; here its "pages" count vCPUs: one
+            # to start, one more after every step that took all it asked for, halved
+            # after one that did not, never above what one step may do.
+            self._cpu_rate = AdaptiveRate(
+                RateLimits(
+                    min_pages=1,
+                    max_pages=max(1, min(vcpus, CPU_MAX_PER_STEP)),
+                    increase_pages=1,
+                    divisor=RateLimits().divisor,
+                )
+            )
+        return self._cpu_rate
+
+    def _step_cpus(self, now: float) -> None:
+        """Move the CPU balloon one bounded step towards its goal; report what changed."""
+        balloon = self.cpus
+        if balloon is None or self._closing:
+            return
+        claimed = self.cpus_claimed
+        if claimed:
+            self._cpu_unclaimed_since = None
+            unclaimed_s = 0.0
+        else:
+            if self._cpu_unclaimed_since is None:
+                self._cpu_unclaimed_since = now
+            unclaimed_s = now - self._cpu_unclaimed_since
+        if not claimed and not balloon.held:
+            return  # nothing held, nobody to tell
+        try:
+            taken_back = balloon.forget_taken_back() if now >= self._next_cpu_check_at else []
+            if taken_back:
+                self.counters["cpus_taken_back"] += len(taken_back)
+                self._cpu_changed = True
+                log.info("vCPU(s) %s came back online without the balloon", taken_back)
+            held = len(balloon.held)
+            if claimed:
+                assert self.host_cpu_target is not None
+                goal = self.host_cpu_target
+            elif unclaimed_s >= self.config.cpu_unclaimed_s:
+                goal = 0
+                log.info(
+                    "giving back %d vCPU(s): no host has set a CPU target for %g s",
+                    held,
+                    self.config.cpu_unclaimed_s,
+                )
+            else:
+                goal = held
+            if goal > held:
+                self._inflate_cpus(balloon, goal - held, now)
+            elif goal < held:
+                released = balloon.release(min(held - goal, CPU_MAX_PER_STEP))
+                self._cpu_changed = True
+                log.info("vCPU(s) %s back online (%d held)", released, len(balloon.held))
+        except BackendError as exc:
+            self._cpu_changed = True  # perhaps part of it happened
+            self._cpu_failed(str(exc), now)
+        self._report_cpus(now)
+
+    def _inflate_cpus(self, balloon: CpuBalloon, missing: int, now: float) -> None:
+        rate = self._cpu_rate_for(balloon)
+        wanted = min(missing, rate.rate_pages, CPU_MAX_PER_STEP)
+        before = len(balloon.held)
+        try:
+            taken = balloon.reserve(wanted)
+        except BackendError:
+            rate.on_failure()
+            raise
+        finally:
+            if len(balloon.held) != before:
+                self._cpu_changed = True
+                log.info(
+                    "vCPU(s) %s offline (%d held)", list(balloon.held[before:]), len(balloon.held)
+                )
+        rate.record(requested=wanted, obtained=len(taken))
+        if len(taken) < wanted:
+            self._cpu_failed(f"only {len(taken)} of {wanted} vCPU(s) could go offline", now)
+
+    def _cpu_failed(self, message: str, now: float) -> None:
+        self.counters["cpu_failures"] += 1
+        if self._due("cpu-failed-log", now):
+            log.warning("CPU balloon: %s", message)
+        if self.cpus_claimed:
+            self._send_error("cpu-failed", message, now)
+
+    def _report_cpus(self, now: float) -> None:
+        """A ``cpus`` report when the host claims the balloon and something is new."""
+        if not self.cpus_claimed or self.cpus is None:
+            return
+        if not (self._cpu_report_due or self._cpu_changed or now >= self._next_cpu_check_at):
+            return
+        # Someone else may bring vCPUs up or down too: look again now and then.
+        self._next_cpu_check_at = now + self.config.stats_s
+        try:
+            view = self.cpus.view()
+        except BackendError as exc:
+            self._cpu_failed(f"cannot read the guest's vCPUs: {exc}", now)
+            return
+        if view == self._last_cpu_view and not self._cpu_report_due:
+            self._cpu_changed = False
+            return
+        if any(cpu >= proto.MAX_VCPUS for cpu in (*view.online, *view.reserved)):
+            self._cpu_failed(f"vCPU numbers reach {proto.MAX_VCPUS}: not reported", now)
+            return
+        self._send(proto.Cpus(seq=self._next_seq(), online=view.online, reserved=view.reserved))
+        if view != self._last_cpu_view:
+            log.info(
+                "vCPUs online %s, reserved %s",
+                format_cpu_list(view.online),
+                format_cpu_list(view.reserved),
+            )
+        self._last_cpu_view = view
+        self._cpu_report_due = self._cpu_changed = False
+
+    def _release_all_cpus(self, now: float) -> None:
+        """At shutdown: every reserved vCPU back online (reported if claimed); never raises."""
+        balloon = self.cpus
+        if balloon is None or not balloon.held:
+            return
+        try:
+            for _ in range(len(balloon.held)):  # each pass releases at least one or raises
+                if not balloon.held:
+                    break
+                balloon.release(CPU_MAX_PER_STEP)
+        except BackendError as exc:
+            log.warning("at shutdown, vCPU(s) %s stay offline: %s", list(balloon.held), exc)
+        else:
+            log.info("every reserved vCPU is back online")
+        self._cpu_changed = True
+        try:
+            self._report_cpus(now)
+        except BalloonistError as exc:  # the report is a courtesy; the vCPUs matter
+            log.warning("at shutdown: %s", exc)
 
     # -- the target the driver sees ------------------------------------------------------
 
@@ -732,9 +959,26 @@ def _serve(
     # One token for the agent's life: a new session adopts the balloon with it.
     token = secrets.token_hex(8)
     kernel = LinuxKernel(token)
+    cpus = CpuBalloon(CpuHotplug(), CPU_STATE_PATH)
+    try:
+        adopted = cpus.adopt()
+    except BackendError as exc:
+        log.warning("cannot look for vCPUs an earlier agent held: %s", exc)
+    else:
+        if adopted:
+            # Claimed again by a host within cpu_unclaimed_s, or given back.
+            log.info("adopted vCPU(s) %s, held offline by an earlier agent", adopted)
     try:
         kernel.probe()
-        agent = Agent(lambda: open_port(port_path), kernel, pressure, time.monotonic, token, config)
+        agent = Agent(
+            lambda: open_port(port_path),
+            kernel,
+            pressure,
+            time.monotonic,
+            token,
+            config,
+            cpus=cpus,
+        )
         log.info("started (%s); waiting for the host", AGENT_NAME)
         try:
             agent.run(should_stop, time.sleep)

@@ -9,7 +9,8 @@ guest sent and a guest is not trusted:
 - every message has exactly the fields of its type: unknown, missing, duplicated or
   mistyped fields are refused (a ``bool`` is not an ``int``; ``NaN`` is not a number);
 - every number is within a bound, every list within a length, every string short;
-- page ranges in one message are non-empty and do not overlap.
+- page ranges in one message are non-empty and do not overlap;
+- vCPU lists are strictly increasing, and a vCPU is never both online and reserved.
 
 Anything else raises :class:`ProtocolError` naming what was wrong. Checks that
 need the guest's size (a range beyond its RAM) belong to the host.
@@ -35,11 +36,26 @@ MAX_PFN = 1 << 40
 MAX_COUNTER = 1 << 62
 MAX_TEXT_CHARS = 200
 MAX_SEQ = 1 << 53
+#: vCPU numbers in CPU messages are below this. QEMU 7.2 takes at most 255 vCPUs on
+#: its pc machine and 288 on q35 (our launcher, 64); a report naming every one of
+#: MAX_VCPUS fits a line with room to spare (about 5 KiB).
+MAX_VCPUS = 1024
 #: The serial port's name in the guest (``/dev/virtio-ports/<name>``) and in QEMU.
 PORT_NAME = "org.balloonist.agent.0"
 
 #: Error codes a guest may send (``error`` messages).
-ERROR_CODES = frozenset({"alloc-failed", "pressure", "pagemap", "internal", "bad-message"})
+ERROR_CODES = frozenset(
+    {
+        "alloc-failed",
+        "pressure",
+        "pagemap",
+        "internal",
+        "bad-message",
+        # Only in a session where the host has sent ``cpu_target`` (see Cpus):
+        "cpu-refused",  # a CPU target the guest will not meet; the balloon stays as it is
+        "cpu-failed",  # the guest kernel refused to take a vCPU offline or bring it back
+    }
+)
 
 
 class ProtocolError(GuestProtocolError):
@@ -106,6 +122,19 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Cpus:
+    """Guest -> host: which vCPUs are online, and which the CPU balloon holds offline.
+
+    Sent only in a session where the host has sent ``cpu_target`` (right after each
+    one, and after every change), so a host that never does never sees one.
+    """
+
+    seq: int
+    online: tuple[int, ...]
+    reserved: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Welcome:
     """Host -> guest, the answer to ``hello``."""
 
@@ -133,6 +162,14 @@ class Target:
 
 
 @dataclass(frozen=True)
+class CpuTarget:
+    """Host -> guest: the CPU balloon register; the balloon should hold this many vCPUs."""
+
+    seq: int
+    reserved_vcpus: int
+
+
+@dataclass(frozen=True)
 class Ack:
     """Host -> guest: a ``locked``/``unlocked`` report was handled.
 
@@ -143,8 +180,8 @@ class Ack:
     freed_pages: int
 
 
-GuestMessage = Union[Hello, Locked, Unlocked, Stats, Error]
-HostMessage = Union[Welcome, Reset, Target, Ack]
+GuestMessage = Union[Hello, Locked, Unlocked, Stats, Error, Cpus]
+HostMessage = Union[Welcome, Reset, Target, Ack, CpuTarget]
 Message = Union[GuestMessage, HostMessage]
 
 # -- encoding ------------------------------------------------------------------------
@@ -155,10 +192,12 @@ _TYPE_NAMES: dict[type, str] = {
     Unlocked: "unlocked",
     Stats: "stats",
     Error: "error",
+    Cpus: "cpus",
     Welcome: "welcome",
     Reset: "reset",
     Target: "target",
     Ack: "ack",
+    CpuTarget: "cpu_target",
 }
 
 
@@ -232,7 +271,12 @@ def _decode(line: bytes, types: dict[str, type]) -> Message:
             values[name] = check(raw[name])
         except ProtocolError as exc:
             raise ProtocolError(f"{kind}.{name}: {exc}") from None
-    return cls(**values)  # type: ignore[no-any-return]
+    message = cls(**values)
+    if isinstance(message, Cpus):
+        both = set(message.online) & set(message.reserved)
+        if both:
+            raise ProtocolError(f"cpus: vCPU {min(both)} both online and reserved")
+    return message  # type: ignore[no-any-return]
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -311,6 +355,22 @@ def _ranges(value: object) -> tuple[PageRange, ...]:
     return tuple(ranges)
 
 
+def _vcpus(min_count: int) -> Callable[[object], tuple[int, ...]]:
+    def check(value: object) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise ProtocolError(f"expected a list of vCPU numbers, got {type(value).__name__}")
+        if not min_count <= len(value) <= MAX_VCPUS:
+            raise ProtocolError(f"{len(value)} vCPUs, must be {min_count} to {MAX_VCPUS}")
+        number = _int(0, MAX_VCPUS - 1)
+        cpus = tuple(number(item) for item in value)
+        for before, after in zip(cpus, cpus[1:]):
+            if after <= before:
+                raise ProtocolError(f"vCPU {after} after {before}: not strictly increasing")
+        return cpus
+
+    return check
+
+
 _seq = _int(0, MAX_SEQ)
 _pages = _int(0, MAX_PFN)
 _bytes = _int(0, MAX_PFN * 4096)
@@ -339,10 +399,13 @@ _FIELDS: dict[type, dict[str, Callable[[object], Any]]] = {
         "swap_out_pages": _counter,
     },
     Error: {"seq": _seq, "code": _code, "message": _text},
+    # A guest always has a vCPU online, so the balloon never holds all of them.
+    Cpus: {"seq": _seq, "online": _vcpus(1), "reserved": _vcpus(0)},
     Welcome: {"seq": _seq, "version": _int(1, 1000)},
     Reset: {"seq": _seq},
     Target: {"seq": _seq, "balloon_pages": _pages},
     Ack: {"seq": _seq, "freed_pages": _pages},
+    CpuTarget: {"seq": _seq, "reserved_vcpus": _int(0, MAX_VCPUS - 1)},
 }
 _GUEST_TYPES: dict[str, type] = {
     "hello": Hello,
@@ -350,20 +413,25 @@ _GUEST_TYPES: dict[str, type] = {
     "unlocked": Unlocked,
     "stats": Stats,
     "error": Error,
+    "cpus": Cpus,
 }
 _HOST_TYPES: dict[str, type] = {
     "welcome": Welcome,
     "reset": Reset,
     "target": Target,
     "ack": Ack,
+    "cpu_target": CpuTarget,
 }
 
 __all__ = [
     "MAX_LINE_BYTES",
     "MAX_RANGES_PER_MESSAGE",
+    "MAX_VCPUS",
     "PORT_NAME",
     "VERSION",
     "Ack",
+    "CpuTarget",
+    "Cpus",
     "Error",
     "GuestMessage",
     "Hello",
