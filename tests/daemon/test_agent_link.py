@@ -24,10 +24,16 @@ from balloonist.daemon.agent_link import (
     SILENCE_TIMEOUT_S,
     AgentPort,
     AgentSession,
+    CpuReport,
 )
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.driver import PageRange
-from balloonist.errors import GuestProtocolError, TransientBackendError
+from balloonist.errors import (
+    ConfigError,
+    FatalBackendError,
+    GuestProtocolError,
+    TransientBackendError,
+)
 from balloonist.host import HostMemInfo
 from balloonist.qemu.launcher import StateDir, VMRecord
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
@@ -72,6 +78,10 @@ def locked(seq: int, *ranges: tuple[int, int]) -> bytes:
 
 def unlocked(seq: int, *ranges: tuple[int, int]) -> bytes:
     return wire.encode(wire.Unlocked(seq, tuple(PageRange(s, c) for s, c in ranges)))
+
+
+def cpus(seq: int, online: tuple[int, ...], reserved: tuple[int, ...]) -> bytes:
+    return wire.encode(wire.Cpus(seq, online, reserved))
 
 
 def feed(session: AgentSession, *lines: bytes, now: float = 0.0) -> list[wire.HostMessage]:
@@ -154,6 +164,57 @@ def test_an_agent_is_alive_only_while_it_keeps_talking() -> None:
     feed(session, hello(), now=10.0)
     assert session.alive(10.0 + SILENCE_TIMEOUT_S)
     assert not session.alive(10.0 + SILENCE_TIMEOUT_S + 1)
+
+
+# -- the CPU balloon ---------------------------------------------------------------
+
+
+def test_a_cpu_report_is_kept_once_the_host_has_asked_for_one() -> None:
+    session = AgentSession("g", FakeRam(), RAM_PAGES, vcpus=4)
+    feed(session, hello(), now=7.0)
+    assert session.cpu_target(2) == wire.CpuTarget(2, 2)
+    feed(session, cpus(1, (0, 1), (2, 3)), now=7.0)
+    assert session.cpu_report == CpuReport((0, 1), (2, 3), 7.0)
+    feed(session, wire.encode(wire.Error(2, "cpu-refused", "cpu_target 4 refused")), now=7.0)
+    assert session.cpu_error == wire.Error(2, "cpu-refused", "cpu_target 4 refused")
+    feed(session, wire.encode(wire.Error(3, "pressure", "guard on")), now=7.0)  # not a CPU one
+    assert session.cpu_error is not None and session.cpu_error.seq == 2
+    # A new session knows nothing of the old one's vCPUs, and has not asked yet.
+    feed(session, hello(10), now=7.0)
+    assert session.cpu_report is None and session.cpu_error is None
+    with pytest.raises(GuestProtocolError, match="did not ask"):
+        feed(session, cpus(11, (0, 1, 2, 3), ()), now=7.0)
+
+
+@pytest.mark.parametrize(
+    ("lines", "why"),
+    [
+        ([hello(), cpus(1, (0,), (1,))], "did not ask"),
+        ([hello(), "ask", cpus(1, (0, 1, 2), (3, 4))], "5 vCPUs, the guest has 4"),
+        ([hello(), b'{"type":"cpus","seq":1,"online":[0,1],"reserved":[1]}\n'], "both"),
+    ],
+)
+def test_cpu_reports_outside_the_protocol_are_violations(lines: list[object], why: str) -> None:
+    session = AgentSession("g", FakeRam(), RAM_PAGES, vcpus=4)
+    with pytest.raises(GuestProtocolError, match=why):
+        for line in lines:
+            if line == "ask":
+                session.cpu_target(1)
+            else:
+                assert isinstance(line, bytes)
+                feed(session, line)
+
+
+def test_a_reset_forgets_that_the_host_asked() -> None:
+    session = AgentSession("g", FakeRam(), RAM_PAGES, vcpus=4)
+    feed(session, hello())
+    session.cpu_target(1)
+    session.reset()
+    feed(session, cpus(1, (0, 1, 2), (3,)))  # in flight from before: dropped
+    assert session.dropped_before_hello == 1 and session.cpu_report is None
+    feed(session, hello(2))
+    with pytest.raises(GuestProtocolError, match="did not ask"):
+        feed(session, cpus(3, (0, 1, 2), (3,)))
 
 
 # -- over a socket -----------------------------------------------------------------
@@ -333,3 +394,111 @@ def test_a_hostile_agent_is_cut_off_and_the_daemon_serves_the_others(tmp_path: P
         daemon.hv.close()
         for guest in guests.values():
             guest.close()
+
+
+@dataclass
+class FakeControl:
+    """The VM's QMP as AgentPort needs it: no pause, and a fixed list of vCPU threads."""
+
+    threads: dict[int, int] = field(default_factory=lambda: {0: 101, 1: 102})
+    asked: int = 0
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @contextlib.asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        yield
+
+    async def vcpu_threads(self) -> dict[int, int]:
+        self.asked += 1
+        return self.threads
+
+
+def test_the_port_sets_the_cpu_target_and_keeps_the_guests_report(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        guest = FakeGuest(tmp_path / "g.sock")
+        server = await guest.serve()
+        control = FakeControl()
+        port = AgentPort(
+            "g", guest.path, FakeRam(), 64 * MIB, clock=time.monotonic, control=control
+        )
+        try:
+            await port.connect()
+            await guest.connected.wait()
+            await port.set_cpu_target(1)  # before hello: sent with the welcome
+            assert await port.vcpu_count() == 2 and control.asked == 1  # asked once, kept
+            await guest.send(hello())
+            await until(lambda: any(isinstance(m, wire.CpuTarget) for m in guest.received))
+            assert [type(m) for m in guest.received] == [wire.Reset, wire.Welcome, wire.CpuTarget]
+            assert guest.received[-1] == wire.CpuTarget(guest.received[-1].seq, 1)
+            assert port.cpu_report is None
+            await guest.send(cpus(1, (0,), (1,)))
+            await until(lambda: port.cpu_report is not None)
+            assert port.cpu_report is not None
+            assert (port.cpu_report.online_vcpus, port.cpu_report.reserved_vcpus) == ((0,), (1,))
+            await port.set_cpu_target(0)  # registered: sent at once
+            await until(lambda: guest.received[-1] == wire.CpuTarget(guest.received[-1].seq, 0))
+            await guest.send(wire.encode(wire.Error(2, "cpu-failed", "cpu1: busy")))
+            await until(lambda: port.cpu_error is not None)
+            assert port.cpu_error is not None and port.cpu_error.message == "cpu1: busy"
+            assert not port.session.violations
+        finally:
+            await port.close()
+            server.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("reserved", "why"),
+    [
+        (2, "g: cannot reserve 2 of its 2 vCPU(s): at least one must stay online"),
+        (3, "g: cannot reserve 3 of its 2 vCPU(s)"),
+        (-1, "g: cannot reserve -1 vCPUs"),
+    ],
+)
+def test_the_port_refuses_a_cpu_target_that_leaves_no_vcpu(
+    tmp_path: Path, reserved: int, why: str
+) -> None:
+    async def scenario() -> None:
+        async with guest_and_port(tmp_path, "g") as (guest, port):
+            port.session.vcpus = 2
+            await guest.send(hello())
+            await until(lambda: port.session.registered)
+            with pytest.raises(ConfigError) as refused:
+                await port.set_cpu_target(reserved)
+            assert str(refused.value).startswith(why) and "\n" not in str(refused.value)
+            await asyncio.sleep(0.05)
+            assert not any(isinstance(m, wire.CpuTarget) for m in guest.received)
+
+    asyncio.run(scenario())
+
+
+def test_without_a_vcpu_count_or_qmp_the_cpu_target_is_a_backend_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with guest_and_port(tmp_path, "g") as (_guest, port):
+            with pytest.raises(FatalBackendError, match="g: the number of vCPUs is not known"):
+                await port.set_cpu_target(1)
+
+    asyncio.run(scenario())
+
+
+def test_a_vcpu_count_given_to_the_port_needs_no_qmp(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        control = FakeControl()
+        port = AgentPort(
+            "g",
+            tmp_path / "none.sock",
+            FakeRam(),
+            64 * MIB,
+            clock=time.monotonic,
+            control=control,
+            vcpus=3,
+        )
+        assert await port.vcpu_count() == 3 and control.asked == 0
+
+    asyncio.run(scenario())

@@ -17,6 +17,16 @@ uncooperative (the policy holds it where it is), and other guests never notice.
 The balloon size the daemon sees is what the host verified, never what the guest
 claims: the pages of held ranges that are holes in the RAM file now. A guest that
 reuses a page behind the balloon's back only shrinks that figure.
+
+The CPU balloon (patent claims 11 and 19) rides on the same session:
+:meth:`AgentPort.set_cpu_target` sets how many vCPUs the guest should take offline,
+and :attr:`AgentPort.cpu_report` is the guest's last word on which vCPUs are online
+and which its balloon holds. That report is the guest's claim, not a fact the host
+checked (the host cannot see inside the guest's scheduler); it is bounded, and a guest
+that sends one unasked, or names more vCPUs than it has, breaks the protocol. Moving the
+host's processors (:mod:`balloonist.qemu.affinity`) is the caller's: narrow the vCPU
+threads' affinity after the report shows the vCPUs offline, widen it before lowering
+the target.
 """
 
 from __future__ import annotations
@@ -34,7 +44,12 @@ from typing import Final, Protocol
 
 from balloonist.agent import protocol as wire
 from balloonist.driver import PageRange, count_pages
-from balloonist.errors import GuestProtocolError, TransientBackendError
+from balloonist.errors import (
+    ConfigError,
+    FatalBackendError,
+    GuestProtocolError,
+    TransientBackendError,
+)
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import PAGE_SIZE_BYTES
 
@@ -68,6 +83,19 @@ class RamFile(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CpuReport:
+    """The guest's last ``cpus`` report: its online vCPUs, and those its balloon holds.
+
+    The guest's own numbering (Linux CPU numbers), as it said; ``received_s`` is the
+    host's clock when it arrived.
+    """
+
+    online_vcpus: tuple[int, ...]
+    reserved_vcpus: tuple[int, ...]
+    received_s: float
 
 
 class _TokenBucket:
@@ -132,8 +160,13 @@ class AgentSession:
     name: str
     ram: RamFile
     memory_pages: int
+    #: The guest's vCPUs, as the host knows them (None: not known, not checked).
+    vcpus: int | None = None
     token: bytes | None = None
     stats: wire.Stats | None = None
+    cpu_report: CpuReport | None = None
+    #: The last ``cpu-refused`` or ``cpu-failed`` error of this session.
+    cpu_error: wire.Error | None = None
     last_heard_s: float | None = None
     freed_pages_reported: int = 0  # by punches; the verified figure comes from the file
     violations: Counter[str] = field(default_factory=Counter)
@@ -143,6 +176,7 @@ class AgentSession:
     _last_seq: int = -1
     _out_seq: int = 0
     _bucket: _TokenBucket | None = None
+    _cpu_asked: bool = False  # a cpu_target went out in this session
 
     # -- queries ------------------------------------------------------------------
 
@@ -208,9 +242,32 @@ class AgentSession:
             return [self._ack(0)]
         if isinstance(message, wire.Stats):
             self.stats = message
+        elif isinstance(message, wire.Cpus):
+            self._cpus(message, now_s)
         elif isinstance(message, wire.Error):
+            if message.code.startswith("cpu-"):
+                self.cpu_error = message
             log.info("%s: agent reports %s: %s", self.name, message.code, message.message)
         return []
+
+    def _cpus(self, message: wire.Cpus, now_s: float) -> None:
+        if not self._cpu_asked:
+            raise GuestProtocolError("a cpus report the host did not ask for")
+        named = len(message.online) + len(message.reserved)
+        if self.vcpus is not None and named > self.vcpus:
+            raise GuestProtocolError(f"a cpus report of {named} vCPUs, the guest has {self.vcpus}")
+        report = CpuReport(message.online, message.reserved, now_s)
+        if self.cpu_report is None or (report.online_vcpus, report.reserved_vcpus) != (
+            self.cpu_report.online_vcpus,
+            self.cpu_report.reserved_vcpus,
+        ):
+            log.info(
+                "%s: agent reports vCPUs online %s, reserved %s",
+                self.name,
+                list(message.online),
+                list(message.reserved),
+            )
+        self.cpu_report = report
 
     def violated(self, exc: GuestProtocolError, now_s: float) -> None:
         """Count a violation and cut the guest off; the balloon's pages are forgotten."""
@@ -219,18 +276,35 @@ class AgentSession:
         self.cut_off_until_s = now_s + CUT_OFF_S
         self.token = None
         self._held.clear()
+        self._forget_cpus()
         log.warning("%s: agent cut off for %.0f s: %s", self.name, CUT_OFF_S, exc)
 
     def reset(self) -> wire.Reset:
         """A new connection: forget the agent until it says hello again."""
         self.token = None
         self._held.clear()
+        self._forget_cpus()
         self._out_seq += 1
         return wire.Reset(self._out_seq)
 
     def target(self, balloon_pages: int) -> wire.Target:
         self._out_seq += 1
         return wire.Target(self._out_seq, max(0, min(balloon_pages, self.memory_pages)))
+
+    def cpu_target(self, reserved_vcpus: int) -> wire.CpuTarget:
+        """The CPU balloon register; from now on this session may report its vCPUs."""
+        if not 0 <= reserved_vcpus < wire.MAX_VCPUS:
+            raise ValueError(f"a CPU target of {reserved_vcpus} vCPUs")
+        self._cpu_asked = True
+        self._out_seq += 1
+        return wire.CpuTarget(self._out_seq, reserved_vcpus)
+
+    def _forget_cpus(self) -> None:
+        # A new session's agent reports only once asked again (and gives back vCPUs
+        # nobody claims); what the old one said is history.
+        self._cpu_asked = False
+        self.cpu_report = None
+        self.cpu_error = None
 
     def _hello(self, hello: wire.Hello) -> list[wire.HostMessage]:
         if hello.version != wire.VERSION:
@@ -241,6 +315,7 @@ class AgentSession:
         # back to the guest, which may be using them now; a running agent answering
         # our reset reports what it still holds right after this.
         self._held.clear()
+        self._forget_cpus()
         self.token = bytes.fromhex(hello.token)
         log.info("%s: agent %s registered", self.name, hello.agent)
         self._out_seq += 1
@@ -277,6 +352,10 @@ class GuestControl(Protocol):
 
     def frozen(self) -> contextlib.AbstractAsyncContextManager[None]: ...
 
+    async def vcpu_threads(self) -> dict[int, int]:
+        """The VM's vCPUs: cpu-index -> host thread id (QMP ``query-cpus-fast``)."""
+        ...
+
 
 class AgentPort:
     """A VM managed through its balloon agent, as the daemon's ``VmPort``."""
@@ -290,19 +369,27 @@ class AgentPort:
         *,
         clock: Callable[[], float],
         control: GuestControl | None = None,
+        vcpus: int | None = None,
     ) -> None:
         """``control`` pauses the guest around each punch; without it (tests) there is
-        no pause, and only the page marks guard against a page reused meanwhile."""
+        no pause, and only the page marks guard against a page reused meanwhile.
+
+        ``vcpus`` is how many vCPUs the VM has; if not given, it is asked of ``control``
+        (``query-cpus-fast``) the first time a CPU target is set.
+        """
         self.name = name
         self.socket_path = socket_path
         self.memory_bytes = memory_bytes
         self._clock = clock
         self._control = control
         self._ram = ram
-        self.session = AgentSession(name, ram, memory_bytes // PAGE_SIZE_BYTES)
+        if vcpus is not None and not 1 <= vcpus <= wire.MAX_VCPUS:
+            raise ValueError(f"{name}: {vcpus} vCPUs")
+        self.session = AgentSession(name, ram, memory_bytes // PAGE_SIZE_BYTES, vcpus=vcpus)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._target_pages: int | None = None
+        self._cpu_target: int | None = None
 
     async def connect(self) -> None:
         now = self._clock()
@@ -357,8 +444,12 @@ class AgentPort:
                         replies = self.session.handle(message, now)
                 else:
                     replies = self.session.handle(message, now)
-                if isinstance(message, wire.Hello) and self._target_pages is not None:
-                    replies.append(self.session.target(self._target_pages))
+                if isinstance(message, wire.Hello):
+                    # Right with the welcome: the agent gives back vCPUs nobody claims.
+                    if self._target_pages is not None:
+                        replies.append(self.session.target(self._target_pages))
+                    if self._cpu_target is not None:
+                        replies.append(self.session.cpu_target(self._cpu_target))
             except GuestProtocolError as exc:
                 self._violated(exc)
                 return
@@ -390,6 +481,49 @@ class AgentPort:
         self._target_pages = max(0, self.memory_bytes - guest_bytes) // PAGE_SIZE_BYTES
         if self.session.registered:
             await self._send([self.session.target(self._target_pages)])
+
+    async def set_cpu_target(self, reserved_vcpus: int) -> None:
+        """Ask the guest to hold ``reserved_vcpus`` of its vCPUs offline (the CPU balloon).
+
+        Refused with ConfigError if that is negative, or all of the guest's vCPUs or
+        more (one must stay online). Sent now if the agent is registered, and again
+        with every new session's ``welcome``. The guest may still refuse (say, its cpu0
+        cannot go offline); it then says so in :attr:`cpu_error`, and :attr:`cpu_report`
+        shows where it stays.
+        """
+        if reserved_vcpus < 0:
+            raise ConfigError(f"{self.name}: cannot reserve {reserved_vcpus} vCPUs")
+        vcpus = await self.vcpu_count()
+        if reserved_vcpus >= vcpus:
+            raise ConfigError(
+                f"{self.name}: cannot reserve {reserved_vcpus} of its {vcpus} vCPU(s):"
+                " at least one must stay online"
+            )
+        self._check_usable()
+        self._cpu_target = reserved_vcpus
+        if self.session.registered:
+            await self._send([self.session.cpu_target(reserved_vcpus)])
+
+    async def vcpu_count(self) -> int:
+        """How many vCPUs the VM has: as given, or from QMP (asked once, then kept)."""
+        if self.session.vcpus is None:
+            if self._control is None:
+                raise FatalBackendError(f"{self.name}: the number of vCPUs is not known")
+            count = len(await self._control.vcpu_threads())
+            if not 1 <= count <= wire.MAX_VCPUS:
+                raise FatalBackendError(f"{self.name}: QEMU reports {count} vCPUs")
+            self.session.vcpus = count
+        return self.session.vcpus
+
+    @property
+    def cpu_report(self) -> CpuReport | None:
+        """The guest's last CPU report in this session (None before one)."""
+        return self.session.cpu_report
+
+    @property
+    def cpu_error(self) -> wire.Error | None:
+        """The guest's last CPU refusal or failure in this session (None before one)."""
+        return self.session.cpu_error
 
     async def actual_bytes(self) -> int:
         self._check_usable()
@@ -429,6 +563,7 @@ __all__ = [
     "SILENCE_TIMEOUT_S",
     "AgentPort",
     "AgentSession",
+    "CpuReport",
     "GuestControl",
     "RamFile",
 ]

@@ -3,8 +3,9 @@
 What it does: set the balloon target (QMP ``balloon``, whose value is the memory the
 guest should keep, not the balloon size), read the actual size (``query-balloon`` and
 ``BALLOON_CHANGE`` events), switch on and read the guest's statistics (``qom-set
-guest-stats-polling-interval``, ``qom-get guest-stats``), and pause the guest around
-work that must not race with it (``stop``/``cont``, for the agent's reclaim).
+guest-stats-polling-interval``, ``qom-get guest-stats``), pause the guest around
+work that must not race with it (``stop``/``cont``, for the agent's reclaim), and list
+the vCPUs' host threads (``query-cpus-fast``, for the CPU balloon's affinity).
 
 Errors from the library become ours:
 
@@ -14,7 +15,9 @@ Errors from the library become ours:
   balloon device, a command refused).
 
 The guest's statistics come from the guest and are not trusted: each figure is
-checked to be an integer within a bound; anything else is dropped, not guessed.
+checked to be an integer within a bound; anything else is dropped, not guessed. The
+vCPU list comes from QEMU, but is checked as strictly: it is what decides which host
+threads get their affinity changed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ BALLOON_QOM_PATH: Final = "/machine/peripheral/balloon0"
 COMMAND_TIMEOUT_S: Final = 5.0
 #: Largest figure accepted from a guest: 64 TiB in bytes, and as many faults as that.
 MAX_GUEST_FIGURE: Final = 1 << 46
+#: Most vCPUs a VM may list: QEMU 7.2 takes at most 255 on pc and 288 on q35.
+MAX_VCPUS: Final = 1024
+#: Linux thread ids are at most PID_MAX_LIMIT (2**22 on 64-bit).
+MAX_THREAD_ID: Final = 1 << 22
 
 _STAT_KEYS: Final = {
     "stat-total-memory": "total_bytes",
@@ -82,6 +89,37 @@ def parse_guest_stats(reply: Any) -> GuestStats:
     stats = raw if isinstance(raw, dict) else {}
     values = {field: _bounded(stats.get(key)) for key, field in _STAT_KEYS.items()}
     return GuestStats(last_update_s=_bounded(reply.get("last-update")) or 0, **values)
+
+
+def parse_vcpu_threads(reply: Any) -> dict[int, int]:
+    """Check a ``query-cpus-fast`` reply: cpu-index -> host thread id, sorted by index.
+
+    Every entry must have a unique integer ``cpu-index`` below MAX_VCPUS and an integer
+    ``thread-id`` in [1, MAX_THREAD_ID]; anything else refuses the whole reply (a wrong
+    thread id would move some other thread's processors). vCPUs may share a thread:
+    single-threaded TCG (``-accel tcg,thread=single``) runs them all in one.
+    """
+    if not isinstance(reply, list) or not 1 <= len(reply) <= MAX_VCPUS:
+        what = f"a list of {len(reply)}" if isinstance(reply, list) else type(reply).__name__
+        raise FatalBackendError(f"query-cpus-fast: expected 1 to {MAX_VCPUS} vCPUs, got {what}")
+    threads: dict[int, int] = {}
+    for entry in reply:
+        fields = entry if isinstance(entry, dict) else {}
+        index = _int_in(fields.get("cpu-index"), 0, MAX_VCPUS - 1)
+        thread = _int_in(fields.get("thread-id"), 1, MAX_THREAD_ID)
+        if index is None or thread is None:
+            raise FatalBackendError(f"query-cpus-fast: unusable entry {str(entry)[:200]}")
+        if index in threads:
+            raise FatalBackendError(f"query-cpus-fast: vCPU {index} twice")
+        threads[index] = thread
+    return dict(sorted(threads.items()))
+
+
+def _int_in(value: object, lo: int, hi: int) -> int | None:
+    """``value`` if it is an integer (not a bool) in [lo, hi], else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
+        return value
+    return None
 
 
 def _bounded(value: object) -> int | None:
@@ -186,6 +224,10 @@ class BalloonQMP:
     async def guest_stats(self, qom_path: str = BALLOON_QOM_PATH) -> GuestStats:
         reply = await self._execute("qom-get", {"path": qom_path, "property": "guest-stats"})
         return parse_guest_stats(reply)
+
+    async def vcpu_threads(self) -> dict[int, int]:
+        """The VM's vCPUs: cpu-index -> the host thread that runs it (``query-cpus-fast``)."""
+        return parse_vcpu_threads(await self._execute("query-cpus-fast"))
 
     @contextlib.asynccontextmanager
     async def frozen(self) -> AsyncIterator[None]:
