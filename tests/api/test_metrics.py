@@ -54,6 +54,16 @@ def test_guest_series() -> None:
     assert web("major_faults_total") == 12
     assert samples[("balloonist_guest_cooperative", (("guest", "db"),))] == 0
     assert web("inflate_rate_bytes_per_second") == 48 * MIB
+    assert samples[("balloonist_host_cpus", ())] == 8
+    assert (web("vcpus"), web("online_vcpus"), web("cpu_balloon_vcpus")) == (4, 2, 2)
+    assert (web("cpu_allocation_target"), web("cpu_balloon_target_vcpus")) == (3, 1)
+    assert (web("cpu_demand_vcpus"), web("cpu_min"), web("cpu_max"), web("cpu_shares")) == (
+        2.5,
+        1,
+        4,
+        1000,
+    )
+    assert ("balloonist_guest_vcpus", (("guest", "db"),)) not in samples  # not shared
     # db does not report free memory or a rate: no sample rather than a made-up value.
     assert ("balloonist_guest_free_bytes", (("guest", "db"),)) not in samples
     assert ("balloonist_guest_inflate_rate_bytes_per_second", (("guest", "db"),)) not in samples

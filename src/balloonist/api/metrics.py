@@ -17,6 +17,8 @@ balloonist_host_memory_bytes             gauge           memory the guests share
 balloonist_host_free_bytes               gauge           host_memory less what guests hold
 balloonist_host_swap_bytes               gauge           host swap size
 balloonist_host_swap_used_bytes          gauge           host swap in use
+balloonist_host_cpus                     gauge           host processors the guests share
+                                                         (when they are shared)
 balloonist_host_state                    gauge  state    1 for the current state (high,
                                                          soft, hard, low), 0 for the others
 balloonist_policy_tax_rate               gauge  policy   idle memory tax rate
@@ -38,6 +40,11 @@ balloonist_guest_inflate_rate_bytes_per_second
                                                          controller lets the balloon
                                                          inflate now (guests that have one)
 balloonist_guest_cooperative             gauge  guest    1 cooperative, 0 uncooperative
+balloonist_guest_vcpus, _online_vcpus,   gauge  guest    processors, for guests whose
+_cpu_balloon_vcpus,                                      processors are shared: vCPUs,
+_cpu_balloon_target_vcpus,                               online, held by the CPU balloon,
+_cpu_allocation_target, _cpu_demand_vcpus,               its target, the policy's grant
+_cpu_min, _cpu_max, _cpu_shares                          and demand estimate, the spec
 balloonist_<counter>_total               counter         each daemon failure counter of
                                                          ``Status.counters``
                                                          (cycles_skipped, uncooperative,
@@ -61,7 +68,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from balloonist.daemon.control import GuestStatus, Status
+from balloonist.daemon.control import GuestCpuStatus, GuestStatus, Status
 from balloonist.model import HostState
 
 PREFIX = "balloonist"
@@ -87,6 +94,28 @@ _GUEST_GAUGES: tuple[tuple[str, str, Callable[[GuestStatus], float]], ...] = (
         lambda g: g.memory_bytes - g.allocated_bytes,
     ),
     ("cooperative", "1 if the guest's balloon follows its target.", lambda g: int(g.cooperative)),
+)
+
+#: Per-guest processor gauges, for guests whose processors are shared: (name after
+#: ``balloonist_guest_``, help, value).
+_GUEST_CPU_GAUGES: tuple[tuple[str, str, Callable[[GuestCpuStatus], float]], ...] = (
+    ("vcpus", "The guest's vCPUs.", lambda c: c.vcpus),
+    ("cpu_min", "Processor reservation (cpu_min).", lambda c: c.min_cpus),
+    ("cpu_max", "Processor limit (cpu_max).", lambda c: c.max_cpus),
+    ("cpu_shares", "Processor shares.", lambda c: c.shares),
+    (
+        "cpu_allocation_target",
+        "Processors the policy wants the guest to have.",
+        lambda c: c.allocation_target_cpus,
+    ),
+    ("online_vcpus", "vCPUs online: the processors it has.", lambda c: c.online_vcpus),
+    ("cpu_balloon_vcpus", "vCPUs the CPU balloon holds offline.", lambda c: c.balloon_vcpus),
+    (
+        "cpu_balloon_target_vcpus",
+        "CPU balloon target sent.",
+        lambda c: c.balloon_target_vcpus,
+    ),
+    ("cpu_demand_vcpus", "The policy's estimate of its CPU demand.", lambda c: c.demand_vcpus),
 )
 
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
@@ -142,6 +171,10 @@ def _daemon_metrics(status: Status) -> Iterable[Metric]:
     yield GaugeMetricFamily(
         metric_name("host_swap_used_bytes"), "Host swap in use.", host.swap_used_bytes
     )
+    if host.cpus is not None:
+        yield GaugeMetricFamily(
+            metric_name("host_cpus"), "Host processors the guests' vCPUs share.", host.cpus
+        )
     state = GaugeMetricFamily(
         metric_name("host_state"), "1 for the current host state.", labels=["state"]
     )
@@ -188,6 +221,13 @@ def _guest_metrics(guests: Iterable[GuestStatus]) -> Iterable[Metric]:
     yield free
     yield faults
     yield rate
+    sharing = [(g.name, g.cpu) for g in guests if g.cpu is not None]
+    if sharing:
+        for suffix, help_text, cpu_value in _GUEST_CPU_GAUGES:
+            family = GaugeMetricFamily(metric_name("guest", suffix), help_text, labels=["guest"])
+            for name, cpu in sharing:
+                family.add_metric([name], cpu_value(cpu))
+            yield family
     # One family per counter name, with a sample for each guest that has it.
     by_name: dict[str, dict[str, int]] = {}
     for guest in guests:

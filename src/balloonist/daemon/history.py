@@ -33,12 +33,16 @@ class HistoryPoint:
     host_memory_bytes: int
     host_free_bytes: int
     host_state: str
+    host_cpus: int | None
     names: tuple[str, ...]
     allocated_bytes: tuple[int, ...]
     allocation_target_bytes: tuple[int, ...]
     balloon_bytes: tuple[int, ...]
     balloon_target_bytes: tuple[int, ...]
     working_set_bytes: tuple[int, ...]
+    #: Processors, None for a guest whose processors are not shared.
+    online_vcpus: tuple[int | None, ...]
+    cpu_allocation_target: tuple[int | None, ...]
 
 
 #: The per-guest series a point carries, as named in GuestStatus and the API.
@@ -48,6 +52,8 @@ GUEST_SERIES: Final = (
     "balloon_bytes",
     "balloon_target_bytes",
     "working_set_bytes",
+    "online_vcpus",
+    "cpu_allocation_target",
 )
 
 
@@ -63,12 +69,17 @@ def point_of(status: Status, names: tuple[str, ...] | None = None) -> HistoryPoi
         host_memory_bytes=status.host.memory_bytes,
         host_free_bytes=status.host.free_bytes,
         host_state=status.host.state,
+        host_cpus=status.host.cpus,
         names=names,
         allocated_bytes=tuple(g.allocated_bytes for g in guests),
         allocation_target_bytes=tuple(g.allocation_target_bytes for g in guests),
         balloon_bytes=tuple(g.balloon_bytes for g in guests),
         balloon_target_bytes=tuple(g.balloon_target_bytes for g in guests),
         working_set_bytes=tuple(g.working_set_bytes for g in guests),
+        online_vcpus=tuple(None if g.cpu is None else g.cpu.online_vcpus for g in guests),
+        cpu_allocation_target=tuple(
+            None if g.cpu is None else g.cpu.allocation_target_cpus for g in guests
+        ),
     )
 
 
