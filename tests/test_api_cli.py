@@ -16,6 +16,7 @@ from balloonist import apicli, cli
 from balloonist.api import ApiServer, serve
 from balloonist.api.client import parse_sse
 from balloonist.api.models import StatusOut
+from balloonist.daemon.control import GuestChange
 from balloonist.units import GIB, MIB
 from tests.api.fake import FakeController, make_status
 
@@ -58,12 +59,16 @@ def test_status_lists_host_and_every_guest(
 ) -> None:
     code, out, err = run(capsys, "status", "--api-socket", str(sock))
     assert (code, err) == (0, "")
-    assert "host soft: memory 6GiB, free 3GiB" in out
+    assert "host soft: memory 6GiB, free 3GiB" in out and "8 processors shared" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
     assert set(rows) == {"web", "db"}
-    # name memory min max shares working-set target allocated balloon cooperative
-    assert " ".join(rows["web"]) == "web 2GiB 256MiB 2GiB 1000 700MiB 1.5GiB 1GiB 1GiB yes"
-    assert rows["db"][4] == "2000" and rows["db"][-1] == "NO"
+    # name memory min max shares working-set target allocated balloon cooperative, then
+    # the processors: vCPUs online, CPU target, CPU demand, CPU shares
+    assert " ".join(rows["web"]) == (
+        "web 2GiB 256MiB 2GiB 1000 700MiB 1.5GiB 1GiB 1GiB yes 2/4 3 2.5 1000"
+    )
+    assert rows["db"][4] == "2000" and rows["db"][9] == "NO"
+    assert rows["db"][10:] == ["-", "-", "-", "-"]  # its processors are not shared
     assert "\x1b" not in out  # no colour without a terminal
 
 
@@ -113,12 +118,26 @@ def test_set_sends_the_change(
     )
 
 
+def test_set_sends_a_change_of_processors(
+    server: ApiServer, sock: Path, fake: FakeController, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        capsys, "set", "web", "--cpu-shares", "3000", "--cpu-max", "3", "--api-socket", str(sock)
+    )
+    assert (code, err) == (0, "")
+    assert out == "web: cpu_max 3, cpu_shares 3000 accepted; applies at the next period\n"
+    assert fake.guest_changes == [("web", GuestChange(cpu_max=3, cpu_shares=3000))]
+    code, out, err = run(capsys, "set", "db", "--cpu-min", "2", "--api-socket", str(sock))
+    assert code == 2 and "processors are not shared" in one_error_line(err)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--max", "2"], "--max: size '2' has no unit"),
         (["--min", "lots"], "--min: 'lots' is not a size"),
         (["--shares", "0"], "--shares: must be 1 or more"),
+        (["--cpu-min", "0"], "--cpu-min: must be 1 or more"),
         ([], "nothing to change"),
     ],
 )

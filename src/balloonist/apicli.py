@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -42,6 +43,20 @@ _COLUMNS: Final = (
     ("balloon", lambda g: format_size(g.balloon_bytes)),
     ("cooperative", lambda g: "yes" if g.cooperative else "NO"),
 )
+
+#: Columns for processors, shown when some guest's processors are shared.
+_CPU_COLUMNS: Final = (
+    ("vCPUs online", lambda g: "-" if g.cpu is None else f"{g.cpu.online_vcpus}/{g.cpu.vcpus}"),
+    ("CPU target", lambda g: "-" if g.cpu is None else str(g.cpu.allocation_target_cpus)),
+    ("CPU demand", lambda g: "-" if g.cpu is None else f"{g.cpu.demand_vcpus:.1f}"),
+    ("CPU shares", lambda g: "-" if g.cpu is None else str(g.cpu.shares)),
+)
+
+
+def _columns(status: StatusOut) -> tuple[tuple[str, Callable[[GuestOut], str]], ...]:
+    if any(g.cpu is not None for g in status.guests):
+        return (*_COLUMNS, *_CPU_COLUMNS)
+    return _COLUMNS
 
 
 def default_socket() -> Path:
@@ -72,6 +87,11 @@ def add_commands(sub: Any, run: Any) -> None:
     change.add_argument("--min", metavar="SIZE", help="reservation, with a unit (512MiB)")
     change.add_argument("--max", metavar="SIZE", help="limit, with a unit (2GiB)")
     change.add_argument("--shares", type=int, metavar="N", help="shares, 1 or more")
+    change.add_argument(
+        "--cpu-min", type=int, metavar="N", help="processor reservation (shared processors)"
+    )
+    change.add_argument("--cpu-max", type=int, metavar="N", help="processor limit")
+    change.add_argument("--cpu-shares", type=int, metavar="N", help="processor shares")
     _connection_args(change)
     change.set_defaults(command=run(_cmd_set))
 
@@ -145,22 +165,34 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_set(args: argparse.Namespace, out: TextIO) -> int:
-    if args.min is None and args.max is None and args.shares is None:
-        raise ConfigError("nothing to change: give --min, --max or --shares")
+    numbers = {
+        "--shares": args.shares,
+        "--cpu-min": args.cpu_min,
+        "--cpu-max": args.cpu_max,
+        "--cpu-shares": args.cpu_shares,
+    }
+    if args.min is None and args.max is None and all(v is None for v in numbers.values()):
+        raise ConfigError(
+            "nothing to change: give --min, --max, --shares, --cpu-min, --cpu-max or --cpu-shares"
+        )
     for flag, text in (("--min", args.min), ("--max", args.max)):
         if text is not None:
             try:
                 parse_size_bytes(text)
             except ConfigError as exc:
                 raise ConfigError(exc.message, where=flag) from None
-    if args.shares is not None and args.shares < 1:
-        raise ConfigError(f"must be 1 or more, got {args.shares}", where="--shares")
+    for flag, number in numbers.items():
+        if number is not None and number < 1:
+            raise ConfigError(f"must be 1 or more, got {number}", where=flag)
     with connect(args) as api:
         accepted = api.change_guest(
             args.name,
             min=args.min.strip() if args.min is not None else None,
             max=args.max.strip() if args.max is not None else None,
             shares=args.shares,
+            cpu_min=args.cpu_min,
+            cpu_max=args.cpu_max,
+            cpu_shares=args.cpu_shares,
         )
     parts = []
     if accepted.min_bytes is not None:
@@ -169,6 +201,13 @@ def _cmd_set(args: argparse.Namespace, out: TextIO) -> int:
         parts.append(f"max {format_size(accepted.max_bytes)}")
     if accepted.shares is not None:
         parts.append(f"shares {accepted.shares}")
+    for label, number in (
+        ("cpu_min", accepted.cpu_min),
+        ("cpu_max", accepted.cpu_max),
+        ("cpu_shares", accepted.cpu_shares),
+    ):
+        if number is not None:
+            parts.append(f"{label} {number}")
     print(
         f"{accepted.name}: {', '.join(parts)} accepted; applies at the next period",
         file=out,
@@ -213,20 +252,22 @@ def _heading(status: StatusOut) -> str:
 
 def _host_text(status: StatusOut) -> str:
     host = status.host
+    cpus = "" if host.cpus is None else f", {host.cpus} processors shared"
     return (
         f"host {host.state}: memory {format_size(host.memory_bytes)}, free "
         f"{format_size(host.free_bytes)}, swap used {format_size(host.swap_used_bytes)} "
-        f"of {format_size(host.swap_bytes)}"
+        f"of {format_size(host.swap_bytes)}{cpus}"
     )
 
 
 def render_status(status: StatusOut) -> RenderableType:
     """The status for a terminal: host line above a table of guests."""
     table = Table()
-    for heading, _ in _COLUMNS:
+    columns = _columns(status)
+    for heading, _ in columns:
         table.add_column(heading, justify="left" if heading == "name" else "right")
     for guest in status.guests:
-        cells = [show(guest) for _, show in _COLUMNS]
+        cells = [show(guest) for _, show in columns]
         style = None if guest.cooperative else "red"
         table.add_row(*cells, style=style)
     return Group(Text(_heading(status), style="bold"), Text(_host_text(status)), table)
@@ -234,9 +275,10 @@ def render_status(status: StatusOut) -> RenderableType:
 
 def status_text(status: StatusOut) -> str:
     """The status as plain text (no colour, no box drawing), for pipes and logs."""
-    rows = [[heading for heading, _ in _COLUMNS]]
-    rows += [[show(g) for _, show in _COLUMNS] for g in status.guests]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    columns = _columns(status)
+    rows = [[heading for heading, _ in columns]]
+    rows += [[show(g) for _, show in columns] for g in status.guests]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = [_heading(status), _host_text(status)]
     for row in rows:
         cells = [

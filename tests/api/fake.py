@@ -143,6 +143,16 @@ class FakeController:
                 raise ConfigError(
                     f"min {format_size(lo)} is above max {format_size(hi)}", where=where
                 )
+            cpu_given = [
+                f for f in ("cpu_min", "cpu_max", "cpu_shares") if getattr(change, f) is not None
+            ]
+            if cpu_given and guest.cpu is None:
+                raise ConfigError("the guest's processors are not shared", where=cpu_given[0])
+            if guest.cpu is not None:
+                cpu_lo = change.cpu_min if change.cpu_min is not None else guest.cpu.min_cpus
+                cpu_hi = change.cpu_max if change.cpu_max is not None else guest.cpu.max_cpus
+                if cpu_lo > cpu_hi:
+                    raise ConfigError(f"cpu_min {cpu_lo} is above cpu_max {cpu_hi}", where=where)
             self.guest_changes.append((name, change))
 
     def change_policy(self, *, tax_rate: float) -> None:

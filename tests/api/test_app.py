@@ -84,6 +84,32 @@ def test_a_guest_s_processors_when_they_are_shared(client: TestClient) -> None:
     assert client.get("/v1/guests/db").json()["cpu"] is None
 
 
+def test_patch_a_guest_s_processors(client: TestClient, fake: FakeController) -> None:
+    response = client.patch("/v1/guests/web", json={"cpu_shares": 3000, "cpu_min": 2})
+    assert response.status_code == 202
+    assert response.json()["cpu_shares"] == 3000 and response.json()["cpu_min"] == 2
+    assert fake.guest_changes == [("web", GuestChange(cpu_min=2, cpu_shares=3000))]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "field", "rule"),
+    [
+        ("db", {"cpu_shares": 2000}, "cpu_shares", "processors are not shared"),
+        ("web", {"cpu_min": 3, "cpu_max": 2}, "cpu_min", "cpu_min 3 is above cpu_max 2"),
+        ("web", {"cpu_min": 0}, "cpu_min", "greater than or equal to 1"),
+        ("web", {"cpu_max": "2"}, "cpu_max", "valid integer"),
+    ],
+)
+def test_a_bad_processor_change_is_422_and_changes_nothing(
+    client: TestClient, fake: FakeController, name: str, body: dict[str, Any], field: str, rule: str
+) -> None:
+    response = client.patch(f"/v1/guests/{name}", json=body)
+    assert response.status_code == 422
+    error = only_error(response.json())
+    assert error["field"] == field and rule in error["message"], error
+    assert fake.guest_changes == []
+
+
 def test_unknown_guest_is_404_with_one_line(client: TestClient) -> None:
     response = client.get("/v1/guests/nope")
     assert response.status_code == 404
@@ -124,6 +150,9 @@ def test_patch_guest_accepts_sizes_with_units(client: TestClient, fake: FakeCont
         "min_bytes": 512 * MIB,
         "max_bytes": 1536 * MIB,
         "shares": None,
+        "cpu_min": None,
+        "cpu_max": None,
+        "cpu_shares": None,
     }
     assert fake.guest_changes == [("web", GuestChange(min_bytes=512 * MIB, max_bytes=1536 * MIB))]
     # Applied at the next period, as the daemon does.
@@ -273,6 +302,11 @@ def test_history_is_one_column_per_figure(client: TestClient, fake: FakeControll
     # db left at version 3: null there, so every column lines up with time_s
     assert body["guests"]["db"]["allocated_bytes"] == [2 * GIB, 2 * GIB, None]
     assert body["guests"]["db"]["working_set_bytes"][:2] == [700 * MIB, 700 * MIB]
+    # processors: web's are shared, db's are not
+    assert body["host_cpus"] == [8, 8, 8]
+    assert body["guests"]["web"]["online_vcpus"][:2] == [2, 2]
+    assert body["guests"]["web"]["cpu_allocation_target"][:2] == [3, 3]
+    assert body["guests"]["db"]["online_vcpus"] == [None, None, None]
 
 
 def test_history_since_a_version(client: TestClient, fake: FakeController) -> None:

@@ -241,7 +241,14 @@ def test_a_valid_change_takes_effect_at_the_next_period_and_is_recorded(
     # The register enforces the limit from this period on: the balloon heads for it.
     assert daemon.backend.guest_states()["busy"].balloon_target_bytes == MEMORY - 100 * MIB
     saved = state_file(tmp_path)["guests"]["busy"]
-    assert saved["changed"] == {"min_bytes": None, "max_bytes": 100 * MIB, "shares": 3000}
+    assert saved["changed"] == {
+        "min_bytes": None,
+        "max_bytes": 100 * MIB,
+        "shares": 3000,
+        "cpu_min": None,
+        "cpu_max": None,
+        "cpu_shares": None,
+    }
     assert (saved["max_bytes"], saved["shares"]) == (100 * MIB, 3000)
     for _ in range(40):
         daemon.step()
@@ -495,3 +502,29 @@ def test_daemon_sim_runs_the_demo_by_default_and_sigterm_stops_it_cleanly(
     assert saved["scenario"] == "demo"
     assert set(saved["guests"]) == {"busy", "idle", "phased"}
     assert "stopped" in log_path.read_text()
+
+
+def test_a_live_change_of_processors_applies_and_survives_a_restart(tmp_path: Path) -> None:
+    from balloonist.sim.scenario import load_scenario_or_demo
+
+    demo = load_scenario_or_demo(None)  # the built-in demo shares 4 processors
+    daemon = sim_daemon(demo, state_dir=tmp_path, speed=1000.0)
+    daemon.step()
+    with pytest.raises(ConfigError) as caught:
+        daemon.change_guest("busy", GuestChange(cpu_min=5))
+    assert (
+        caught.value.where == "cpu_min" and caught.value.message == "cpu_min 5 is above cpu_max 4"
+    )
+    daemon.change_guest("busy", GuestChange(cpu_min=3, cpu_shares=4000))
+    daemon.step()
+    busy = status(daemon).guest("busy")
+    assert busy is not None and busy.cpu is not None
+    assert (busy.cpu.min_cpus, busy.cpu.shares) == (3, 4000)
+    assert busy.cpu.allocation_target_cpus >= 3
+    daemon.close()
+
+    restarted = sim_daemon(demo, state_dir=tmp_path, speed=1000.0)
+    restarted.step()
+    again = status(restarted).guest("busy")
+    assert again is not None and again.cpu is not None
+    assert (again.cpu.min_cpus, again.cpu.shares) == (3, 4000)

@@ -6,7 +6,8 @@ Endpoints (JSON; sizes out as ``*_bytes`` integers, in as strings with a unit)::
     GET   /v1/host            host memory, free, swap, state, time, period
     GET   /v1/guests          every guest: spec, target, actual, working set, counters
     GET   /v1/guests/{name}   one guest (404 if unknown)
-    PATCH /v1/guests/{name}   {"min": "512MiB", "max": "2GiB", "shares": 2000}, any subset
+    PATCH /v1/guests/{name}   {"min": "512MiB", "max": "2GiB", "shares": 2000,
+                               "cpu_min": 1, "cpu_max": 4, "cpu_shares": 2000}, any subset
     GET   /v1/history?since=V the last minutes of periods, as columns (for charts)
     GET   /v1/policy          policy name and tax rate
     PATCH /v1/policy          {"tax_rate": 0.5}
@@ -84,6 +85,9 @@ NO_STATUS_DETAIL: Final = "no status yet: the daemon has not finished its first 
 AUTH_DETAIL: Final = "missing or wrong bearer token"
 
 JSON: Final = "application/json"
+
+#: The fields of a guest change, as the request names them.
+PATCH_FIELDS: Final = ("min", "max", "shares", "cpu_min", "cpu_max", "cpu_shares")
 
 GuestName = Annotated[str, Path(description="The VM's name.", examples=["web"])]
 
@@ -343,14 +347,20 @@ def create_app(
         responses={**unknown, **invalid},
     )
     def patch_guest(name: GuestName, patch: GuestPatch) -> Response:
-        """Change a guest's min, max or shares; fields left out stay as they are.
+        """Change a guest's min, max or shares, or for a guest whose processors are
+        shared its cpu_min, cpu_max or cpu_shares; fields left out stay as they are.
 
         Sizes are strings with a unit ("512MiB"). Accepted changes (202) take effect
         at the start of the next period; a rejected one (422) changes nothing."""
         if views.require().status.guest(name) is None:
             raise ApiError(404, f"no guest named {name!r}")
         change = GuestChange(
-            min_bytes=patch.min_bytes, max_bytes=patch.max_bytes, shares=patch.shares
+            min_bytes=patch.min_bytes,
+            max_bytes=patch.max_bytes,
+            shares=patch.shares,
+            cpu_min=patch.cpu_min,
+            cpu_max=patch.cpu_max,
+            cpu_shares=patch.cpu_shares,
         )
         try:
             controller.change_guest(name, change)
@@ -358,13 +368,16 @@ def create_app(
             latest = controller.status()
             if latest is not None and latest.guest(name) is None:
                 raise ApiError(404, f"no guest named {name!r}") from None
-            fields = [k for k in ("min", "max", "shares") if getattr(patch, k) is not None]
+            fields = [k for k in PATCH_FIELDS if getattr(patch, k) is not None]
             raise _config_error(exc, fields or ["body"]) from None
         accepted = GuestChangeOut(
             name=name,
             min_bytes=change.min_bytes,
             max_bytes=change.max_bytes,
             shares=change.shares,
+            cpu_min=change.cpu_min,
+            cpu_max=change.cpu_max,
+            cpu_shares=change.cpu_shares,
         )
         return _json(accepted, 202)
 

@@ -121,12 +121,20 @@ class ApiClient:
         min: str | None = None,
         max: str | None = None,
         shares: int | None = None,
+        cpu_min: int | None = None,
+        cpu_max: int | None = None,
+        cpu_shares: int | None = None,
     ) -> GuestChangeOut:
         """``PATCH /v1/guests/{name}``: accepted changes apply at the next period."""
-        patch: dict[str, Any] = {}
-        for key, value in (("min", min), ("max", max), ("shares", shares)):
-            if value is not None:
-                patch[key] = value
+        given = {
+            "min": min,
+            "max": max,
+            "shares": shares,
+            "cpu_min": cpu_min,
+            "cpu_max": cpu_max,
+            "cpu_shares": cpu_shares,
+        }
+        patch: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         path = f"/v1/guests/{_quote(name)}"
         return self._model(GuestChangeOut, self._request("PATCH", path, json=patch), path)
 

@@ -29,6 +29,8 @@ from balloonist.units import parse_size_bytes
 #: Largest shares value accepted: far beyond any useful ratio between guests, and
 #: small enough that shares times bytes stays exact in the policy's arithmetic.
 MAX_SHARES = 1_000_000_000
+#: Largest processor count accepted (QEMU's own limit on vCPUs is in the thousands).
+MAX_CPUS = 4096
 
 HostStateName = Literal["high", "soft", "hard", "low"]
 
@@ -212,6 +214,12 @@ class GuestSeriesOut(_Out):
     balloon_bytes: list[NonNegative | None]
     balloon_target_bytes: list[NonNegative | None]
     working_set_bytes: list[NonNegative | None]
+    online_vcpus: list[NonNegative | None] = Field(
+        description="vCPUs online; null where its processors are not shared."
+    )
+    cpu_allocation_target: list[NonNegative | None] = Field(
+        description="Processors the policy wanted it to have."
+    )
 
 
 class HistoryOut(_Out):
@@ -223,13 +231,16 @@ class HistoryOut(_Out):
     host_memory_bytes: list[NonNegative]
     host_free_bytes: list[int]
     host_state: list[HostStateName]
+    host_cpus: list[NonNegative | None] = Field(
+        description="Processors the guests shared; null where they were not shared."
+    )
     guests: dict[str, GuestSeriesOut] = Field(
         description="Per guest, by name, in the order guests first appear."
     )
 
     @classmethod
     def of(cls, points: Sequence[HistoryPoint]) -> HistoryOut:
-        columns: dict[str, dict[str, list[int | None]]] = {}
+        columns: dict[str, dict[str, list[int | None]]] = {}  # guest -> series -> values
         for i, point in enumerate(points):
             for j, name in enumerate(point.names):
                 guest = columns.get(name)
@@ -244,6 +255,7 @@ class HistoryOut(_Out):
                 "host_memory_bytes": [p.host_memory_bytes for p in points],
                 "host_free_bytes": [p.host_free_bytes for p in points],
                 "host_state": [p.host_state for p in points],
+                "host_cpus": [p.host_cpus for p in points],
                 "guests": columns,
             }
         )
@@ -283,6 +295,17 @@ class GuestPatch(_In):
     min: SizeText | None = Field(default=None, description="Reservation (never below).")
     max: SizeText | None = Field(default=None, description="Limit (never above).")
     shares: int | None = Field(default=None, ge=1, le=MAX_SHARES, strict=True)
+    cpu_min: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CPUS,
+        strict=True,
+        description="Processor reservation, for a guest whose processors are shared.",
+    )
+    cpu_max: int | None = Field(
+        default=None, ge=1, le=MAX_CPUS, strict=True, description="Processor limit."
+    )
+    cpu_shares: int | None = Field(default=None, ge=1, le=MAX_SHARES, strict=True)
 
     @property
     def min_bytes(self) -> int | None:
@@ -309,6 +332,9 @@ class GuestChangeOut(_Out):
     min_bytes: NonNegative | None
     max_bytes: NonNegative | None
     shares: int | None
+    cpu_min: int | None = None
+    cpu_max: int | None = None
+    cpu_shares: int | None = None
 
 
 class PolicyPatch(_In):

@@ -14,13 +14,14 @@ time). The loop itself is :class:`~balloonist.daemon.service.DaemonLoop`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Final, Literal, Protocol
 
 from balloonist.daemon.control import GuestChange
 from balloonist.errors import ConfigError
-from balloonist.model import GuestSpec
+from balloonist.model import CpuSpec, GuestSpec
 from balloonist.scheduler import Hypervisor
 from balloonist.units import PAGE_SIZE_BYTES, format_size
 
@@ -128,16 +129,14 @@ def merge_changes(first: GuestChange | None, then: GuestChange) -> GuestChange:
     """``first`` followed by ``then``: the later value of each field wins."""
     if first is None:
         return then
-    return GuestChange(
-        min_bytes=then.min_bytes if then.min_bytes is not None else first.min_bytes,
-        max_bytes=then.max_bytes if then.max_bytes is not None else first.max_bytes,
-        shares=then.shares if then.shares is not None else first.shares,
-    )
+    later = {k: v for k, v in dataclasses.asdict(then).items() if v is not None}
+    return replace(first, **later)
 
 
 def changed_spec(spec: GuestSpec, change: GuestChange) -> GuestSpec:
     """``spec`` with ``change`` applied; a bad change raises ConfigError naming the field
-    (``min_bytes``, ``max_bytes`` or ``shares``) and changes nothing."""
+    (``min_bytes``, ``max_bytes``, ``shares``, ``cpu_min``, ``cpu_max`` or
+    ``cpu_shares``) and changes nothing."""
     for field, value in (("min_bytes", change.min_bytes), ("max_bytes", change.max_bytes)):
         if value is None:
             continue
@@ -164,7 +163,40 @@ def changed_spec(spec: GuestSpec, change: GuestChange) -> GuestSpec:
             where="min_bytes" if change.min_bytes is not None else "max_bytes",
         )
     shares = spec.shares if change.shares is None else change.shares
-    return replace(spec, min_bytes=lo, max_bytes=hi, shares=shares)
+    return replace(spec, min_bytes=lo, max_bytes=hi, shares=shares, cpu=_changed_cpu(spec, change))
+
+
+def _changed_cpu(spec: GuestSpec, change: GuestChange) -> CpuSpec | None:
+    given = {
+        field: value
+        for field, value in (
+            ("cpu_min", change.cpu_min),
+            ("cpu_max", change.cpu_max),
+            ("cpu_shares", change.cpu_shares),
+        )
+        if value is not None
+    }
+    if not given:
+        return spec.cpu
+    field = next(iter(given))
+    if spec.cpu is None:
+        raise ConfigError("the guest's processors are not shared", where=field)
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"must be a whole number of at least 1, got {value!r}", where=name)
+    cpu = replace(
+        spec.cpu,
+        min_cpus=given.get("cpu_min", spec.cpu.min_cpus),
+        max_cpus=given.get("cpu_max", spec.cpu.limit_cpus),
+        shares=given.get("cpu_shares", spec.cpu.shares),
+    )
+    try:
+        cpu.check(f"guest {spec.name!r}")
+    except ConfigError as exc:
+        # Name the field the rule is about ("cpu_min 3 is above cpu_max 2": cpu_min).
+        named = next((f for f in given if exc.message.startswith(f)), field)
+        raise ConfigError(exc.message, where=named) from None
+    return cpu
 
 
 __all__ = [

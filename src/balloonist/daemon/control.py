@@ -182,6 +182,10 @@ class GuestChange:
     min_bytes: int | None = None
     max_bytes: int | None = None
     shares: int | None = None
+    #: Processors, for a guest whose processors are shared.
+    cpu_min: int | None = None
+    cpu_max: int | None = None
+    cpu_shares: int | None = None
 
 
 class Controller(Protocol):

@@ -34,6 +34,7 @@ A corrupt file is logged, set aside and never overwritten; the daemon then start
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -286,12 +287,16 @@ class DaemonLoop:
             log.error("%s: change not applied: %s", name, exc)
             return False
         self._live[name] = merge_changes(self._live.get(name), change)
+        cpu = updated.cpu
         log.info(
-            "%s: min %s, max %s, shares %d (%s)",
+            "%s: min %s, max %s, shares %d%s (%s)",
             name,
             format_size(updated.min_bytes),
             format_size(updated.limit_bytes),
             updated.shares,
+            ""
+            if cpu is None
+            else f"; cpu_min {cpu.min_cpus}, cpu_max {cpu.limit_cpus}, cpu_shares {cpu.shares}",
             why,
         )
         return True
@@ -375,9 +380,7 @@ class DaemonLoop:
                 min_bytes=spec.min_bytes,
                 max_bytes=spec.limit_bytes,
                 shares=spec.shares,
-                changed=SavedChange(
-                    min_bytes=live.min_bytes, max_bytes=live.max_bytes, shares=live.shares
-                ),
+                changed=SavedChange.model_validate(dataclasses.asdict(live)),
                 allocated_bytes=state.allocated_bytes if state else None,
                 balloon_bytes=state.balloon_bytes if state else None,
                 balloon_target_bytes=state.balloon_target_bytes if state else None,
@@ -433,9 +436,7 @@ class DaemonLoop:
                     format_size(guest.memory_bytes),
                 )
                 continue
-            change = GuestChange(
-                guest.changed.min_bytes, guest.changed.max_bytes, guest.changed.shares
-            )
+            change = GuestChange(**guest.changed.model_dump())
             if change != GuestChange():
                 self._apply_change(name, change, why="saved live change")
             if guest.estimate is not None and self.backend.resumes_estimates:

@@ -42,6 +42,9 @@ class SavedChange(Strict):
     min_bytes: int | None = Field(default=None, ge=0)
     max_bytes: int | None = Field(default=None, ge=0)
     shares: int | None = Field(default=None, ge=1)
+    cpu_min: int | None = Field(default=None, ge=1)
+    cpu_max: int | None = Field(default=None, ge=1)
+    cpu_shares: int | None = Field(default=None, ge=1)
 
 
 class SavedEstimate(Strict):
