@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import threading
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from balloonist.api import serve
 from balloonist.daemon.service import DaemonLoop
 from balloonist.daemon.sim_backend import sim_daemon
+from balloonist.sim.scenario import Scenario, scenario_from_dict
 from balloonist.units import MIB
-from tests.daemon.test_daemon_sim import GUESTS, small
+from tests.daemon.test_daemon_sim import GUESTS, SMALL
 
 pytestmark = pytest.mark.browser
 
@@ -49,6 +51,21 @@ CHROMIUM_ARGS = [
 ]
 
 
+def small_with_cpus() -> Scenario:
+    """The daemon tests' small host, with 4 processors shared by its guests' 2 vCPUs each."""
+    data = tomllib.loads(SMALL)
+    data["host"]["cpus"] = 4
+    workloads = [
+        {"kind": "parallel", "threads": 2, "work_per_round_cpu_s": 0.005},
+        {"kind": "idle"},
+        {"kind": "cpu-bound", "threads": 2},
+    ]
+    for guest, workload in zip(data["guests"], workloads, strict=True):
+        guest["cpus"] = 2
+        guest["cpu_workload"] = workload
+    return scenario_from_dict(data, where="small", default_name="small")
+
+
 def _chromium() -> str:
     found = os.environ.get("BALLOONIST_CHROMIUM") or shutil.which("chromium")
     if found is None:
@@ -70,7 +87,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[DaemonLoop, str]]:
     """The daemon's loop over the small simulated host, and the URL of its API."""
-    loop = sim_daemon(small(), state_dir=tmp_path, speed=SPEED)
+    loop = sim_daemon(small_with_cpus(), state_dir=tmp_path, speed=SPEED)
     server = serve(loop, tcp=("127.0.0.1", 0), token=TOKEN)
     stop = threading.Event()
     thread = threading.Thread(target=loop.run, args=(stop,), name="daemon")
@@ -163,6 +180,28 @@ def test_the_page_shows_every_guest_and_a_chart_follows_a_target_change(
     assert guest is not None and guest.allocation_target_bytes >= 200 * MIB
     expect(card.locator(".min")).to_have_text("200 MiB", timeout=DEADLINE_MS)
 
+    # processors next to memory: the host's chart, and each card's vCPUs
+    expect(page.locator("#cpu-panel")).to_be_visible()
+    expect(page.locator("#host-summary")).to_contain_text("4 processors")
+    page.wait_for_function(
+        "names => names.every(n => (document.getElementById('cpu-chart').data || [])"
+        ".some(t => t.name === n))",
+        arg=list(GUESTS),
+        timeout=DEADLINE_MS,
+    )
+    # the chart follows the period as the memory charts do (its arrays grow in place)
+    page.wait_for_function(
+        """() => {
+            const cpus = document.getElementById('cpu-chart');
+            const times = cpus.data[0].x;
+            return times.length > 20 && cpus.layout.xaxis.range[1] >= times[times.length - 1];
+        }""",
+        timeout=DEADLINE_MS,
+    )
+    expect(card.locator(".vcpus")).to_have_text(re.compile(r"^[12] of 2 \(target [12]\)$"))
+    online = last_value(page, "small", "vCPUs online")
+    assert online in (1, 2)
+
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
@@ -184,6 +223,11 @@ def test_the_form_changes_shares_and_shows_a_refusal(
     assert status is not None
     guest = status.guest("idle")
     assert guest is not None and guest.shares == 3000
+
+    # the processors' shares, through the same form
+    card.locator('input[name="cpu_shares"]').fill("4000")
+    card.locator('button[type="submit"]').click()
+    expect(card.locator(".cpu-shares")).to_have_text("4000", timeout=DEADLINE_MS)
 
     # a refused change: the daemon's one-line reason, and nothing changes
     card.locator('input[name="min"]').fill("300MiB")

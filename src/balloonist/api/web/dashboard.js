@@ -14,14 +14,34 @@ const REDRAW_EVERY_MS = 250;
 const RETRY_MS = 1000;
 const MIB = 1024 * 1024;
 
-// The per-guest series of /v1/history and of a status' guests, as charted.
+// The per-guest series of /v1/history, how to read each from a status' guest, and how
+// it is charted: memory in MiB on the left axis, processors on the right one.
 const GUEST_SERIES = [
   { key: "allocated_bytes", label: "allocated", color: "#1f77b4", dash: "solid", width: 2 },
   { key: "allocation_target_bytes", label: "target", color: "#1f77b4", dash: "dash", width: 1 },
   { key: "balloon_bytes", label: "balloon", color: "#d62728", dash: "solid", width: 2 },
   { key: "balloon_target_bytes", label: "balloon target", color: "#d62728", dash: "dash", width: 1 },
   { key: "working_set_bytes", label: "working set", color: "#2ca02c", dash: "dot", width: 2 },
+  {
+    key: "online_vcpus",
+    label: "vCPUs online",
+    color: "#9467bd",
+    dash: "solid",
+    width: 2,
+    cpu: true,
+    pick: (g) => (g.cpu ? g.cpu.online_vcpus : null),
+  },
+  {
+    key: "cpu_allocation_target",
+    label: "CPU target",
+    color: "#9467bd",
+    dash: "dash",
+    width: 1,
+    cpu: true,
+    pick: (g) => (g.cpu ? g.cpu.allocation_target_cpus : null),
+  },
 ];
+const HOST_SERIES = ["version", "time_s", "host_memory_bytes", "host_free_bytes", "host_state", "host_cpus"];
 
 const PLOT_CONFIG = { displayModeBar: false, responsive: true };
 
@@ -101,6 +121,7 @@ function emptyHistory() {
     host_memory_bytes: [],
     host_free_bytes: [],
     host_state: [],
+    host_cpus: [],
     guests: {},
   };
 }
@@ -114,9 +135,7 @@ function appendColumns(more) {
   const h = page.history;
   const before = h.version.length;
   const added = more.version.length;
-  for (const key of ["version", "time_s", "host_memory_bytes", "host_free_bytes", "host_state"]) {
-    h[key].push(...more[key]);
-  }
+  for (const key of HOST_SERIES) h[key].push(...more[key]);
   const names = new Set([...Object.keys(h.guests), ...Object.keys(more.guests)]);
   for (const name of names) {
     if (!h.guests[name]) h.guests[name] = seriesOf(before);
@@ -138,7 +157,9 @@ function appendStatus(status) {
   const guests = {};
   for (const guest of status.guests) {
     guests[guest.name] = {};
-    for (const { key } of GUEST_SERIES) guests[guest.name][key] = [guest[key]];
+    for (const { key, pick } of GUEST_SERIES) {
+      guests[guest.name][key] = [pick ? pick(guest) : guest[key]];
+    }
   }
   appendColumns({
     version: [status.version],
@@ -146,6 +167,7 @@ function appendStatus(status) {
     host_memory_bytes: [status.host.memory_bytes],
     host_free_bytes: [status.host.free_bytes],
     host_state: [status.host.state],
+    host_cpus: [status.host.cpus],
     guests,
   });
 }
@@ -154,9 +176,7 @@ function trimHistory() {
   const h = page.history;
   const extra = h.version.length - MAX_POINTS;
   if (extra <= 0) return;
-  for (const key of ["version", "time_s", "host_memory_bytes", "host_free_bytes", "host_state"]) {
-    h[key].splice(0, extra);
-  }
+  for (const key of HOST_SERIES) h[key].splice(0, extra);
   for (const [name, series] of Object.entries(h.guests)) {
     for (const { key } of GUEST_SERIES) series[key].splice(0, extra);
     if (series.allocated_bytes.every((v) => v === null)) delete h.guests[name];
@@ -189,6 +209,8 @@ function layout(extra) {
     yaxis: { title: { text: "MiB" }, rangemode: "tozero" },
     legend: { orientation: "h", y: -0.25 },
     uirevision: "keep", // zoom and legend clicks survive redraws
+    // The history's arrays grow in place; a new revision makes Plotly look at them again.
+    datarevision: lastVersion(),
     ...extra,
   };
 }
@@ -244,26 +266,73 @@ function drawHost() {
   Plotly.react("host-chart", traces, layout({ height: 300, shapes: stateBands() }), PLOT_CONFIG);
 }
 
+function sharesProcessors() {
+  return page.history.host_cpus.some((v) => v !== null);
+}
+
+function drawCpus() {
+  const panel = document.getElementById("cpu-panel");
+  panel.hidden = !sharesProcessors();
+  if (panel.hidden) return;
+  const h = page.history;
+  const traces = Object.entries(h.guests)
+    .filter(([, series]) => series.online_vcpus.some((v) => v !== null))
+    .map(([name, series]) => ({
+      name,
+      x: h.time_s,
+      y: series.online_vcpus,
+      type: "scatter",
+      mode: "lines",
+      stackgroup: "vcpus",
+      line: { width: 1, shape: "hv" },
+    }));
+  traces.push({
+    name: "host processors",
+    x: h.time_s,
+    y: h.host_cpus,
+    type: "scatter",
+    mode: "lines",
+    line: { color: "#333", width: 2, dash: "dash", shape: "hv" },
+  });
+  const look = layout({ height: 240 });
+  look.yaxis = { title: { text: "vCPUs online" }, rangemode: "tozero", dtick: 1 };
+  Plotly.react("cpu-chart", traces, look, PLOT_CONFIG);
+}
+
 function drawGuest(name) {
   const card = page.cards.get(name);
   const series = page.history.guests[name];
   if (!card || !series || !card.visible) return;
-  const traces = GUEST_SERIES.map(({ key, label, color, dash, width }) => ({
-    name: label,
+  const cpus = series.online_vcpus.some((v) => v !== null);
+  const traces = GUEST_SERIES.filter((s) => cpus || !s.cpu).map((s) => ({
+    name: s.label,
     x: page.history.time_s,
-    y: mib(series[key]),
+    y: s.cpu ? series[s.key] : mib(series[s.key]),
+    yaxis: s.cpu ? "y2" : "y",
     type: "scatter",
     mode: "lines",
-    line: { color, dash, width },
+    line: { color: s.color, dash: s.dash, width: s.width, shape: s.cpu ? "hv" : "linear" },
   }));
   const compact = layout({ height: 220, legend: { orientation: "h", y: -0.15 } });
   compact.xaxis = { zeroline: false }; // the host chart above names the axis
+  if (cpus) {
+    compact.yaxis2 = {
+      title: { text: "vCPUs" },
+      overlaying: "y",
+      side: "right",
+      rangemode: "tozero",
+      dtick: 1,
+      showgrid: false,
+    };
+    compact.margin = { ...compact.margin, r: 48 };
+  }
   Plotly.react(card.chart, traces, compact, PLOT_CONFIG);
 }
 
 function redraw() {
   page.redrawTimer = null;
   drawHost();
+  drawCpus();
   for (const name of page.cards.keys()) drawGuest(name);
 }
 
@@ -283,8 +352,9 @@ function showStatus(status) {
   state.textContent = status.host.state;
   state.dataset.state = status.host.state;
   const host = status.host;
+  const processors = host.cpus === null ? "" : `; ${host.cpus} processors`;
   document.getElementById("host-summary").textContent =
-    `${formatSize(host.memory_bytes)} shared, ${formatSize(host.free_bytes)} free`;
+    `${formatSize(host.memory_bytes)} shared, ${formatSize(host.free_bytes)} free${processors}`;
   document.getElementById("policy").textContent =
     `policy ${status.policy.name}, idle tax ${status.policy.tax_rate}`;
   document.getElementById("guest-count").textContent = `${status.guests.length}`;
@@ -318,6 +388,14 @@ function showGuest(guest) {
   text(".max", formatSize(guest.max_bytes));
   const rate = guest.inflate_rate_bytes_per_s;
   text(".rate", rate === null ? "-" : `${formatSize(rate)}/s`);
+  const cpu = guest.cpu;
+  for (const el of card.root.querySelectorAll(".cpu-only")) el.hidden = cpu === null;
+  if (cpu !== null) {
+    text(".vcpus", `${cpu.online_vcpus} of ${cpu.vcpus} (target ${cpu.allocation_target_cpus})`);
+    text(".cpu-demand", cpu.demand_vcpus.toFixed(1));
+    text(".cpu-shares", String(cpu.shares));
+    text(".cpu-bounds", `${cpu.min_cpus} to ${cpu.max_cpus}`);
+  }
   text(".cooperative", guest.cooperative ? "" : "uncooperative");
   card.root.classList.toggle("uncooperative", !guest.cooperative);
 }
@@ -352,8 +430,10 @@ async function onChange(event, name) {
   const form = event.target;
   const output = form.querySelector(".result");
   const body = {};
-  const shares = form.elements.shares.value.trim();
-  if (shares !== "") body.shares = Number(shares);
+  for (const key of ["shares", "cpu_shares", "cpu_min", "cpu_max"]) {
+    const value = form.elements[key].value.trim();
+    if (value !== "") body[key] = Number(value);
+  }
   for (const key of ["min", "max"]) {
     const value = form.elements[key].value.trim();
     if (value !== "") body[key] = value;
