@@ -68,6 +68,15 @@ def add_commands(sub: Any, run: Any) -> None:
     start.add_argument("--memory", required=True, metavar="SIZE")
     _policy_args(start)
     start.add_argument("--cpus", type=int, default=1)
+    start.add_argument(
+        "--cpu-min",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processors always granted (agent VMs whose processors the daemon shares)",
+    )
+    start.add_argument("--cpu-max", type=int, default=None, metavar="N", help="processor limit")
+    start.add_argument("--cpu-shares", type=int, default=1000, metavar="N")
     start.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     start.add_argument("--kernel", type=Path)
     start.add_argument("--initrd", type=Path)
@@ -152,6 +161,9 @@ def _cmd_start(args: argparse.Namespace, out: TextIO) -> int:
         max_bytes=_size(args.max, "--max"),
         shares=args.shares,
         cpus=args.cpus,
+        cpu_min=args.cpu_min,
+        cpu_max=args.cpu_max,
+        cpu_shares=args.cpu_shares,
         accel=args.accel,
         kernel=kernel,
         initrd=initrd,

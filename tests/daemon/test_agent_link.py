@@ -481,7 +481,7 @@ def test_the_port_refuses_a_cpu_target_that_leaves_no_vcpu(
 def test_without_a_vcpu_count_or_qmp_the_cpu_target_is_a_backend_error(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with guest_and_port(tmp_path, "g") as (_guest, port):
-            with pytest.raises(FatalBackendError, match="g: the number of vCPUs is not known"):
+            with pytest.raises(FatalBackendError, match="g: no QMP to ask for its vCPU threads"):
                 await port.set_cpu_target(1)
 
     asyncio.run(scenario())

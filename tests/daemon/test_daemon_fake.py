@@ -199,6 +199,9 @@ def test_meminfo_is_parsed_in_bytes() -> None:
         ("[daemon]\nperiodd = 1\n", "daemon.periodd"),
         ('[policy]\nname = "oracle"\n', "policy.name"),
         ("[vms.web]\nmin = 5\n", "vms.web.min"),
+        ('[daemon]\nprocessors = "1-x"\n', "daemon.processors"),
+        ('[daemon]\nprocessors = "3-1"\n', "daemon.processors"),
+        ("[vms.web]\ncpu_min = 0\n", "vms.web.cpu_min"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, where: str) -> None:

@@ -22,7 +22,10 @@ What is measured, and against what:
 - a second test: an agent killed with a vCPU offline leaves it offline (nothing brings
   a vCPU back by itself), the next agent adopts it from its state file and the host
   claims it with the welcome, so the guest never has it back in between; SIGTERM then
-  brings it back.
+  brings it back;
+- a third: the daemon itself, sharing the host's processors 0-1 by policy, with the
+  VM's processor limit changed live: 1 vCPU online inside and its threads on processor
+  0, then both back, the work going on throughout.
 
 Deadlines and thresholds:
 
@@ -58,6 +61,8 @@ from pathlib import Path
 import pytest
 
 from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S, AgentPort
+from balloonist.daemon.control import GuestChange
+from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.errors import ConfigError
 from balloonist.qemu import launcher
 from balloonist.qemu.affinity import narrow_vcpu_affinity, set_vcpu_affinity, vcpu_affinity
@@ -382,3 +387,94 @@ def test_a_killed_agents_vcpu_stays_offline_is_adopted_and_sigterm_gives_it_back
             assert not port.session.violations
 
     asyncio.run(scenario())
+
+
+def test_the_daemon_shares_the_host_s_processors_by_policy(
+    state: launcher.StateDir, guest_assets: GuestAssets, agent_pyz: Path, control: Path
+) -> None:
+    """The daemon, with ``processors = "0-1"``, over the 2-vCPU agent VM: a live
+    ``cpu_max`` of 1 makes the policy grant one processor, the agent takes a vCPU
+    offline and the daemon narrows the vCPU threads to processor 0; ``cpu_max`` 2 gives
+    both back, the threads widened first."""
+    record = boot_cpu_vm(state, guest_assets, "dcpu", agent_pyz, control)
+    assert record.pid is not None
+    pid = record.pid
+    serial = Serial(record)
+    config = DaemonConfig.model_validate({"daemon": {"budget": "1GiB", "processors": "0-1"}})
+    daemon = Daemon(config, state)
+
+    def run_until(condition: Callable[[], bool], deadline_s: float, what: str) -> None:
+        end = time.monotonic() + deadline_s
+        while not condition():
+            if time.monotonic() > end:
+                raise AssertionError(f"not within {deadline_s:.0f} s: {what}")
+            started = time.monotonic()
+            daemon.step()
+            daemon.idle(max(0.0, 1.0 - (time.monotonic() - started)))
+
+    def online() -> int | None:
+        status = daemon.status()
+        guest = status.guest("dcpu") if status is not None else None
+        return None if guest is None or guest.cpu is None else guest.cpu.online_vcpus
+
+    def threads_on() -> set[frozenset[int]]:
+        threads = daemon.hv.vcpu_threads("dcpu")
+        return set() if threads is None else set(vcpu_affinity(pid, threads).values())
+
+    def work_goes_on(*, online: str, cpus: set[int]) -> None:
+        """PROGRESS_LINES more lines from every worker showing ``online``, on ``cpus``,
+        counts rising (the daemon keeps serving the agent meanwhile)."""
+        mark = serial.mark()
+
+        def lines(i: int) -> list[WorkLine]:
+            # From the second line showing ``online``: the first may have been printed
+            # on the vCPU that just went.
+            return [w for w in serial.since(mark) if w.worker == i and w.online == online][1:]
+
+        run_until(
+            lambda: all(len(lines(i)) >= PROGRESS_LINES for i in range(WORKERS)),
+            WORK_TIMEOUT_S,
+            f"{PROGRESS_LINES} work lines from each worker with online={online}",
+        )
+        for i in range(WORKERS):
+            counts = [w.count for w in lines(i)]
+            assert counts == sorted(set(counts)), counts
+            assert {w.cpu for w in lines(i)} <= cpus, [w.cpu for w in lines(i)]
+
+    try:
+        run_until(lambda: supervisor_said(serial, "agent started"), BOOT_TIMEOUT_S, "the agent")
+        command(control, f"work-{WORKERS}")
+        run_until(lambda: online() == VCPUS, AGENT_TIMEOUT_S, "the daemon to see 2 vCPUs")
+        run_until(lambda: threads_on() == {frozenset({0, 1})}, CPU_CHANGE_TIMEOUT_S, "0-1")
+
+        mark = serial.mark()
+        daemon.change_guest("dcpu", GuestChange(cpu_max=1))
+        run_until(
+            lambda: online() == 1 and threads_on() == {frozenset({0})},
+            CPU_CHANGE_TIMEOUT_S,
+            "1 vCPU online and its threads on processor 0",
+        )
+        run_until(
+            lambda: any(w.online == "0" for w in serial.since(mark)),
+            CPU_CHANGE_TIMEOUT_S,
+            "online=0 in the guest",
+        )
+        work_goes_on(online="0", cpus={0})
+
+        mark = serial.mark()
+        daemon.change_guest("dcpu", GuestChange(cpu_max=2))
+        run_until(
+            lambda: online() == VCPUS and threads_on() == {frozenset({0, 1})},
+            CPU_CHANGE_TIMEOUT_S,
+            "both vCPUs back on both processors",
+        )
+        run_until(
+            lambda: any(w.online == "0-1" for w in serial.since(mark)),
+            CPU_CHANGE_TIMEOUT_S,
+            "online=0-1 in the guest",
+        )
+        work_goes_on(online="0-1", cpus={0, 1})
+        status = daemon.status()
+        assert status is not None and status.host.cpus == 2
+    finally:
+        daemon.hv.close()

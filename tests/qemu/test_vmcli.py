@@ -18,6 +18,10 @@ from balloonist.cli import main
         (["start", "g", "--memory", "512MiB", "--min", "600MiB", "--kernel", "/k"], "above --max"),
         (["start", "bad/name", "--memory", "512MiB", "--kernel", "/k"], "VM name"),
         (["start", "g", "--memory", "512MiB"], "give either --kernel"),
+        (
+            ["start", "g", "--memory", "512MiB", "--cpus", "2", "--cpu-min", "3", "--kernel", "/k"],
+            "--cpu-min 3 and --cpu-max 2 must satisfy",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

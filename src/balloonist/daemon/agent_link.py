@@ -507,13 +507,17 @@ class AgentPort:
     async def vcpu_count(self) -> int:
         """How many vCPUs the VM has: as given, or from QMP (asked once, then kept)."""
         if self.session.vcpus is None:
-            if self._control is None:
-                raise FatalBackendError(f"{self.name}: the number of vCPUs is not known")
-            count = len(await self._control.vcpu_threads())
+            count = len(await self.vcpu_threads())
             if not 1 <= count <= wire.MAX_VCPUS:
                 raise FatalBackendError(f"{self.name}: QEMU reports {count} vCPUs")
             self.session.vcpus = count
         return self.session.vcpus
+
+    async def vcpu_threads(self) -> dict[int, int]:
+        """The VM's vCPU threads (cpu-index -> host thread id), asked of QMP."""
+        if self._control is None:
+            raise FatalBackendError(f"{self.name}: no QMP to ask for its vCPU threads")
+        return await self._control.vcpu_threads()
 
     @property
     def cpu_report(self) -> CpuReport | None:

@@ -6,6 +6,8 @@ budget = "6GiB"            # memory the VMs may use; default: host memory - rese
 reserve = "1GiB"           # default: the larger of 512MiB and 10 % of host memory
 available_floor = "64MiB"  # never leave a guest less available memory than this
 stall_timeout_s = 30.0     # a balloon that does not move for this long is uncooperative
+processors = "2-7"         # host processors agent VMs' vCPUs share (the CPU balloon);
+                           # default: none, processors are left alone
 
 [policy]
 name = "shares"            # shares, static, proxmox or mom
@@ -15,6 +17,9 @@ tax_rate = 0.75
 min = "256MiB"
 max = "1GiB"
 shares = 2000
+cpu_min = 1                # processors, for agent VMs when processors are shared
+cpu_max = 4
+cpu_shares = 2000
 """
 
 from __future__ import annotations
@@ -44,10 +49,22 @@ class DaemonTable(Strict):
     reserve: str | None = None
     available_floor: str = "64MiB"
     stall_timeout_s: float = Field(default=DEFAULT_STALL_TIMEOUT_S, gt=0)
+    processors: str | None = None
 
     _sizes = field_validator("budget", "reserve", "available_floor")(
         classmethod(lambda cls, v: check_size(v))
     )
+
+    @field_validator("processors")
+    @classmethod
+    def _cpu_list(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_cpu_list(v)
+        return v
+
+    @property
+    def processor_ids(self) -> tuple[int, ...] | None:
+        return None if self.processors is None else parse_cpu_list(self.processors)
 
 
 class PolicyTable(Strict):
@@ -64,6 +81,9 @@ class VmTable(Strict):
     min: str | None = None
     max: str | None = None
     shares: int | None = Field(default=None, gt=0)
+    cpu_min: int | None = Field(default=None, ge=1)
+    cpu_max: int | None = Field(default=None, ge=1)
+    cpu_shares: int | None = Field(default=None, gt=0)
 
     _sizes = field_validator("min", "max")(classmethod(lambda cls, v: check_size(v)))
 
@@ -101,6 +121,9 @@ def with_overrides(record: VMRecord, config: DaemonConfig) -> VMRecord:
         min_bytes=parse_size_bytes(table.min) if table.min else record.min_bytes,
         max_bytes=parse_size_bytes(table.max) if table.max else record.max_bytes,
         shares=table.shares or record.shares,
+        cpu_min=table.cpu_min or record.cpu_min,
+        cpu_max=table.cpu_max or record.cpu_max,
+        cpu_shares=table.cpu_shares or record.cpu_shares,
     )
     if not updated.min_bytes <= updated.max_bytes <= updated.memory_bytes:
         raise ConfigError(
@@ -108,7 +131,36 @@ def with_overrides(record: VMRecord, config: DaemonConfig) -> VMRecord:
             f"not fit the VM's {format_size(updated.memory_bytes)}",
             where=f"vms.{record.name}",
         )
+    if updated.cpus is not None:
+        cpu_max = updated.cpus if updated.cpu_max is None else updated.cpu_max
+        if not updated.cpu_min <= cpu_max <= updated.cpus:
+            raise ConfigError(
+                f"cpu_min {updated.cpu_min} / cpu_max {cpu_max} do not fit the VM's "
+                f"{updated.cpus} vCPUs",
+                where=f"vms.{record.name}",
+            )
     return updated
+
+
+#: Host processor numbers a daemon may hand out are below this (Linux's NR_CPUS).
+MAX_HOST_CPUS = 8192
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """``"0-3,6"`` -> (0, 1, 2, 3, 6): Linux's CPU list format (``taskset -c``),
+    sorted and without repeats. Raises ValueError naming what is wrong."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a processor number or range") from None
+        if not 0 <= lo <= hi < MAX_HOST_CPUS:
+            raise ValueError(f"{part.strip()!r} is not a range of processors 0-{MAX_HOST_CPUS - 1}")
+        cpus.update(range(lo, hi + 1))
+    return tuple(sorted(cpus))
 
 
 __all__ = [
@@ -116,5 +168,6 @@ __all__ = [
     "DaemonConfig",
     "budget_bytes",
     "load_config",
+    "parse_cpu_list",
     "with_overrides",
 ]

@@ -36,6 +36,9 @@ def with_change(record: VMRecord, change: GuestChange) -> VMRecord:
         min_bytes=record.min_bytes if change.min_bytes is None else change.min_bytes,
         max_bytes=record.max_bytes if change.max_bytes is None else change.max_bytes,
         shares=record.shares if change.shares is None else change.shares,
+        cpu_min=record.cpu_min if change.cpu_min is None else change.cpu_min,
+        cpu_max=record.cpu_max if change.cpu_max is None else change.cpu_max,
+        cpu_shares=record.cpu_shares if change.cpu_shares is None else change.cpu_shares,
     )
 
 
@@ -64,6 +67,7 @@ class QemuBackend:
             stall_timeout_s=config.daemon.stall_timeout_s,
             on_target=on_target,
             period_s=config.daemon.period_s,
+            processors=config.daemon.processor_ids,
         )
 
     def _records(self) -> list[VMRecord]:
@@ -118,10 +122,7 @@ class QemuBackend:
         self.hv.close()
 
     def configured_specs(self) -> list[GuestSpec]:
-        return [
-            GuestSpec(r.name, r.memory_bytes, r.min_bytes, r.max_bytes, r.shares)
-            for r in self.hv.records()
-        ]
+        return [self.hv.configured_spec(r) for r in self.hv.records()]
 
     def capacity_bytes(self) -> int:
         return self.hv.budget_bytes

@@ -28,6 +28,10 @@ guests' minimums and the sizes uncooperative guests are held at add up to more t
 that, the memory is in use regardless: the policy is given that much, so it holds
 everyone at their minimum instead of refusing to decide (logged once).
 
+**Processors.** With ``processors`` given (``[daemon] processors``), agent VMs with
+recorded vCPUs share them through their CPU balloons; see
+:mod:`balloonist.daemon.processors` for the grants, the demand and the order of moves.
+
 **Failures.** A VM whose QEMU has exited is dropped with one log line; one whose
 socket does not answer is retried every period (reconnecting) and left out of the
 cycle meanwhile; one without a balloon device is logged once and left alone. None of
@@ -42,14 +46,24 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from balloonist.daemon.agent_link import AgentPort
+from balloonist.daemon.agent_link import AgentPort, CpuReport
 from balloonist.daemon.backend import AGENT_REJECTED, FATAL_ERRORS, STALLS, TRANSIENT_ERRORS
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds, GuestPacer
-from balloonist.errors import BackendError, FatalBackendError
+from balloonist.daemon.processors import VmProcessors, grants, threads_cpu_s
+from balloonist.errors import BackendError, ConfigError, FatalBackendError
 from balloonist.host import HostMemInfo
-from balloonist.model import Decision, GuestSample, GuestSpec, HostReading
+from balloonist.model import (
+    CpuSample,
+    CpuSpec,
+    Decision,
+    GuestSample,
+    GuestSpec,
+    GuestTarget,
+    HostReading,
+)
+from balloonist.qemu.affinity import narrow_vcpu_affinity
 from balloonist.qemu.launcher import VMRecord
 from balloonist.qemu.qmp import BalloonQMP, GuestStats
 from balloonist.qemu.reclaim import GuestRam
@@ -91,6 +105,18 @@ class VmPort(Protocol):
     async def guest_stats(self) -> GuestStats: ...
 
 
+@runtime_checkable
+class CpuBalloonPort(Protocol):
+    """What the adapter needs of a VM whose CPU balloon it drives (``AgentPort``)."""
+
+    @property
+    def cpu_report(self) -> CpuReport | None: ...
+
+    async def set_cpu_target(self, reserved_vcpus: int) -> None: ...
+
+    async def vcpu_threads(self) -> dict[int, int]: ...
+
+
 def vm_port(record: VMRecord, clock: Callable[[], float]) -> VmPort:
     """The real port for a VM: through its agent if it has one, else virtio-balloon."""
     qmp = BalloonQMP(Path(record.qmp_socket), name=record.name)
@@ -118,6 +144,7 @@ class _Vm:
     observed_bytes: int | None = None
     sampled: bool = False
     broken: bool = False  # no balloon device: left alone
+    cpu: VmProcessors | None = None  # its processors, when the daemon shares them
     sent: deque[int] = field(default_factory=lambda: deque(maxlen=SENT_HISTORY))
     counters: Counter[str] = field(default_factory=Counter)  # failures, cumulative
 
@@ -157,11 +184,14 @@ class QemuHypervisor:
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         on_target: Callable[[str, int], None] | None = None,
         period_s: float = 1.0,
+        processors: Sequence[int] | None = None,
     ) -> None:
         """``period_s``: how often ``apply`` runs, so the pacing rate (pages per step)
-        can be reported per second."""
+        can be reported per second. ``processors``: host processors the agent VMs'
+        vCPUs share; None leaves processors alone."""
         self.budget_bytes = budget_bytes
         self._period_s = period_s
+        self._processors = tuple(processors) if processors is not None else None
         self._meminfo = meminfo
         self._clock = clock
         self._connector = connector or (lambda record: vm_port(record, clock))
@@ -224,6 +254,11 @@ class QemuHypervisor:
     def sent_targets(self, name: str) -> list[int]:
         return list(self._vms[name].sent)
 
+    def vcpu_threads(self, name: str) -> dict[int, int] | None:
+        """The VM's vCPU threads, once the daemon drives its processors (inspection)."""
+        cpu = self._vms[name].cpu
+        return None if cpu is None or cpu.threads is None else dict(cpu.threads)
+
     def records(self) -> list[VMRecord]:
         """The managed VMs' records, as the policy is configured with them."""
         return [vm.record for vm in self._vms.values()]
@@ -273,13 +308,26 @@ class QemuHypervisor:
         specs = []
         for vm in self._vms.values():
             r = vm.record
-            spec = GuestSpec(r.name, r.memory_bytes, r.min_bytes, r.max_bytes, r.shares)
+            spec = self.configured_spec(r)
             if not self._cooperative(vm):
                 # Do not count on memory it will not give: hold it where it is.
                 held = max(r.min_bytes, min(vm.actual_bytes, r.max_bytes))
                 spec = replace(spec, min_bytes=held, max_bytes=held)
             specs.append(spec)
         return specs
+
+    def configured_spec(self, r: VMRecord) -> GuestSpec:
+        """The VM's spec as recorded (not as held when uncooperative)."""
+        return GuestSpec(
+            r.name, r.memory_bytes, r.min_bytes, r.max_bytes, r.shares, cpu=self._cpu_spec(r)
+        )
+
+    def _cpu_spec(self, r: VMRecord) -> CpuSpec | None:
+        """Its processors' spec, if the daemon shares them: an agent VM we started,
+        with its vCPUs recorded."""
+        if self._processors is None or not r.agent or r.cpus is None or r.pid is None:
+            return None
+        return CpuSpec(r.cpus, r.cpu_min, r.cpu_max, r.cpu_shares)
 
     @staticmethod
     def _cooperative(vm: _Vm) -> bool:
@@ -325,6 +373,7 @@ class QemuHypervisor:
             free_bytes=max(0, memory - held),
             swap_bytes=info.swap_total_bytes,
             swap_used_bytes=info.swap_total_bytes - info.swap_free_bytes,
+            cpus=None if self._processors is None else len(self._processors),
         )
 
     def sample_guests(self) -> list[GuestSample]:
@@ -398,6 +447,27 @@ class QemuHypervisor:
             major_faults=stats.major_faults or 0,
             cooperative=self._cooperative(vm),
             inflate_rate_bytes_per_s=vm.pacer.rate.rate_pages * PAGE_SIZE_BYTES / self._period_s,
+            cpu=await self._sample_cpus(vm),
+        )
+
+    async def _sample_cpus(self, vm: _Vm) -> CpuSample | None:
+        r = vm.record
+        spec = self._cpu_spec(r)
+        if spec is None or r.pid is None or not isinstance(vm.port, CpuBalloonPort):
+            return None
+        cpu = vm.cpu
+        if cpu is None:
+            cpu = vm.cpu = VmProcessors(vcpus=spec.vcpus)
+        if cpu.threads is None:
+            cpu.threads = await vm.port.vcpu_threads()
+        cpu.observe(threads_cpu_s(r.pid, cpu.threads), self._clock())
+        report = vm.port.cpu_report
+        reserved = len(report.reserved_vcpus) if report is not None else 0
+        return CpuSample(
+            online_vcpus=spec.vcpus - reserved,
+            balloon_vcpus=reserved,
+            balloon_target_vcpus=cpu.sent_reserved,
+            demand_vcpus=cpu.demand_vcpus,
         )
 
     def _failed(self, vm: _Vm, exc: BaseException) -> None:
@@ -462,6 +532,70 @@ class QemuHypervisor:
             vm.sent.append(sent)
             if self._on_target is not None:
                 self._on_target(vm.record.name, sent)
+        if self._processors is not None:
+            await self._apply_cpus(wanted, self._processors)
+
+    async def _apply_cpus(
+        self, wanted: dict[str, GuestTarget], processors: tuple[int, ...]
+    ) -> None:
+        """The CPU balloon targets and the affinity grants, in the order of
+        :mod:`balloonist.daemon.processors`."""
+        moving = {
+            name: (vm, target.cpu)
+            for name, vm in self._vms.items()
+            if (target := wanted.get(name)) is not None
+            and target.cpu is not None
+            and vm.cpu is not None
+            and vm.connected
+        }
+        granted = grants({n: cpu.allocation_cpus for n, (_, cpu) in moving.items()}, processors)
+        every = frozenset(processors)
+        for name, (vm, cpu_target) in moving.items():
+            port, cpu = vm.port, vm.cpu
+            assert isinstance(port, CpuBalloonPort) and cpu is not None  # by _sample_cpus
+            report = port.cpu_report
+            online_now = cpu.vcpus - (len(report.reserved_vcpus) if report is not None else 0)
+            desired = cpu_target.balloon_vcpus
+            try:
+                if desired < cpu.sent_reserved:
+                    # Giving processors back: room first, then the vCPUs.
+                    self._set_affinity(
+                        vm, cpu.affinity_for(granted[name], cpu.vcpus - desired, every)
+                    )
+                    await port.set_cpu_target(desired)
+                else:
+                    if desired != cpu.sent_reserved:
+                        await port.set_cpu_target(desired)
+                    self._set_affinity(vm, cpu.affinity_for(granted[name], online_now, every))
+                cpu.sent_reserved = desired
+            except BackendError as exc:
+                self._failed(vm, exc)
+            except ConfigError as exc:  # the policy keeps one vCPU: a bug if it asks for all
+                log.error("%s: CPU balloon target not sent: %s", name, exc)
+
+    def _set_affinity(self, vm: _Vm, mask: frozenset[int]) -> None:
+        cpu, pid = vm.cpu, vm.record.pid
+        assert cpu is not None and cpu.threads is not None and pid is not None
+        if mask == cpu.affinity:
+            return
+        narrow_vcpu_affinity(pid, cpu.threads, mask)
+        cpu.affinity = mask
+        log.info("%s: vCPU threads on host processors %s", vm.record.name, _cpu_list(mask))
 
 
-__all__ = ["QemuHypervisor", "VmPort", "demand_bytes", "vm_port"]
+def _cpu_list(cpus: frozenset[int]) -> str:
+    """(0, 1, 2, 5) -> "0-2,5"."""
+    ordered = sorted(cpus)
+    runs: list[str] = []
+    start = prev = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(runs)
+
+
+__all__ = ["CpuBalloonPort", "QemuHypervisor", "VmPort", "demand_bytes", "vm_port"]

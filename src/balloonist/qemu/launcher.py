@@ -76,6 +76,12 @@ class VMRecord:
     # Agent VMs only; defaults keep vm.json files from before agents loading.
     ram_file: str | None = None  # the guest's RAM, a shared file under RAM_DIR
     agent_socket: str | None = None  # host end of the agent's virtio-serial port
+    # Processors (the CPU balloon, through the agent); None: not known (adopted VMs,
+    # vm.json files from before).
+    cpus: int | None = None
+    cpu_min: int = 1
+    cpu_max: int | None = None
+    cpu_shares: int = 1000
 
     @property
     def agent(self) -> bool:
@@ -95,6 +101,9 @@ class StartRequest:
     max_bytes: int | None = None
     shares: int = 1000
     cpus: int = 1
+    cpu_min: int = 1
+    cpu_max: int | None = None
+    cpu_shares: int = 1000
     accel: Accel = "auto"
     kernel: Path | None = None
     initrd: Path | None = None
@@ -122,6 +131,14 @@ class StartRequest:
             )
         if not 1 <= self.cpus <= 64:
             raise ConfigError(f"--cpus must be between 1 and 64, got {self.cpus}")
+        cpu_limit = self.cpus if self.cpu_max is None else self.cpu_max
+        if not 1 <= self.cpu_min <= cpu_limit <= self.cpus:
+            raise ConfigError(
+                f"--cpu-min {self.cpu_min} and --cpu-max {cpu_limit} must satisfy "
+                f"1 <= cpu-min <= cpu-max <= --cpus {self.cpus}"
+            )
+        if self.cpu_shares <= 0:
+            raise ConfigError(f"--cpu-shares must be positive, got {self.cpu_shares}")
         if self.shares <= 0:
             raise ConfigError(f"--shares must be positive, got {self.shares}")
         if (self.kernel is None) == (self.disk is None):
@@ -395,6 +412,10 @@ def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
         started_by_us=True,
         ram_file=None if ram_file is None else str(ram_file),
         agent_socket=str(directory / "agent.sock") if request.agent else None,
+        cpus=request.cpus,
+        cpu_min=request.cpu_min,
+        cpu_max=request.cpu_max,
+        cpu_shares=request.cpu_shares,
     )
     state.save(record)
     return record
