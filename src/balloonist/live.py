@@ -256,4 +256,19 @@ def summary_table(summary: Mapping[str, Any]) -> RenderableType:
     host.add_row(
         str(agg["host_swap_ins"]), str(agg["host_swap_outs"]), str(agg["double_paging_events"])
     )
-    return Group(guests, host)
+    cpu = summary.get("cpu")
+    if cpu is None:
+        return Group(guests, host)
+    processors = Table(
+        title=f"processors: {cpu['host_cpus']} shared (the CPU balloon)", title_justify="left"
+    )
+    processors.add_column("guest", style="bold")
+    for heading in ("vCPUs", "mean online", "useful CPU-s/s"):
+        processors.add_column(heading, justify="right")
+    for name, g in cpu["guests"].items():
+        processors.add_row(
+            name, str(g["vcpus"]), f"{g['mean_online_vcpus']:.1f}", f"{g['useful_cpu_s_per_s']:.2f}"
+        )
+    processors.add_section()
+    processors.add_row("all guests", "", "", f"{cpu['useful_cpu_s_per_s']:.2f}", style="bold")
+    return Group(guests, host, processors)

@@ -176,3 +176,20 @@ def test_the_cpu_balloon_keeps_its_bounds_on_any_host(data: dict[str, Any]) -> N
         period = machine.cpus.last if machine.cpus is not None else None
         assert period is not None
         assert period.busy_cpu_s <= sc.host_cpus * sc.period_s + 1e-9
+
+
+def test_the_summary_table_shows_the_processors() -> None:
+    import io
+
+    from rich.console import Console
+
+    from balloonist.live import summary_table
+
+    sc = build(cpu_scenario({"name": "a", "cpus": 4, "cpu_workload": PARALLEL}))
+    out = io.StringIO()
+    Console(file=out, width=120).print(summary_table(run_scenario(sc).summary()))
+    text = out.getvalue()
+    assert "processors: 4 shared (the CPU balloon)" in text
+    processors = text[text.index("processors: 4 shared") :]
+    row = next(line for line in processors.splitlines() if line.startswith("│ a "))
+    assert row.split("│")[2].strip() == "4"  # vCPUs
