@@ -6,16 +6,21 @@ never a skip: CI must prove the real-VM path works.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from balloonist.daemon.agent_link import AgentPort
+from balloonist.daemon.qemu_hv import vm_port
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import (
     GUEST_OWN_DIRS,
@@ -139,3 +144,42 @@ def wait_for_line(record: launcher.VMRecord, pattern: str, timeout_s: float, aft
 
 def meminfo_kib(line: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+
+
+@pytest.fixture
+def control() -> Iterator[Path]:
+    """A directory the test guest's supervisor watches for commands (see ``command``)."""
+    path = SHARED_DIR / f"ctl-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def command(control: Path, verb: str) -> None:
+    """Tell ``guest_agent_supervisor.py`` in the guest to do ``verb`` (in order)."""
+    n = len(list(control.iterdir())) + 1
+    (control / f"{n}-{verb}").touch()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Wait for ``condition`` while the event loop runs (the agent port reads); return
+    the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - start
+
+
+@asynccontextmanager
+async def agent_port(record: launcher.VMRecord) -> AsyncIterator[AgentPort]:
+    """The daemon's own port to the VM's agent (``vm_port``), connected, for the body."""
+    port = vm_port(record, time.monotonic)
+    assert isinstance(port, AgentPort), f"{record.name} is not an agent VM"
+    await port.connect()
+    try:
+        yield port
+    finally:
+        await port.close()
+        port.release()

@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -33,17 +29,17 @@ import pytest
 from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S, AgentPort
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets, host_python
-from balloonist.qemu.qmp import BalloonQMP
-from balloonist.qemu.reclaim import GuestRam
 from balloonist.units import MIB
 
 from .conftest import (
     BOOT_TIMEOUT_S,
-    SHARED_DIR,
+    agent_port,
     boot,
+    command,
     guest_visible,
     meminfo_kib,
     serial_lines,
+    until,
     wait_for_line,
 )
 
@@ -58,19 +54,6 @@ TOUCH_MIB = 250
 SUPERVISOR = Path(__file__).with_name("guest_agent_supervisor.py")
 
 
-@pytest.fixture
-def control() -> Iterator[Path]:
-    path = SHARED_DIR / f"ctl-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def command(control: Path, verb: str) -> None:
-    n = len(list(control.iterdir())) + 1
-    (control / f"{n}-{verb}").touch()
-
-
 def boot_agent_vm(
     state: launcher.StateDir, assets: GuestAssets, name: str, pyz: Path, control: Path
 ) -> launcher.VMRecord:
@@ -82,34 +65,6 @@ def boot_agent_vm(
         agent=True,
         run=(host_python(), str(guest_visible(SUPERVISOR)), str(pyz), str(control)),
     )
-
-
-@asynccontextmanager
-async def agent_port(record: launcher.VMRecord) -> AsyncIterator[AgentPort]:
-    assert record.agent_socket is not None and record.ram_file is not None
-    ram = GuestRam(Path(record.ram_file), record.memory_bytes)
-    port = AgentPort(
-        record.name,
-        Path(record.agent_socket),
-        ram,
-        record.memory_bytes,
-        clock=time.monotonic,
-        control=BalloonQMP(Path(record.qmp_socket), name=record.name),
-    )
-    await port.connect()
-    try:
-        yield port
-    finally:
-        await port.close()
-        port.release()
-
-
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
-        await asyncio.sleep(0.2)
 
 
 def balloon_mib(port: AgentPort) -> float:

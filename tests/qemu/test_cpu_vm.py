@@ -50,27 +50,31 @@ import asyncio
 import itertools
 import os
 import re
-import shutil
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S, AgentPort
+from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.processors import threads_cpu_s
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.errors import ConfigError
 from balloonist.qemu import launcher
 from balloonist.qemu.affinity import narrow_vcpu_affinity, set_vcpu_affinity, vcpu_affinity
 from balloonist.qemu.assets import GuestAssets, host_python
-from balloonist.qemu.qmp import BalloonQMP
-from balloonist.qemu.reclaim import GuestRam
 
-from .conftest import BOOT_TIMEOUT_S, SHARED_DIR, boot, guest_visible, serial_lines
+from .conftest import (
+    BOOT_TIMEOUT_S,
+    agent_port,
+    boot,
+    command,
+    guest_visible,
+    serial_lines,
+    until,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -126,52 +130,8 @@ class Serial:
         return serial_lines(self.record)
 
 
-@pytest.fixture
-def control() -> Iterator[Path]:
-    path = SHARED_DIR / f"ctl-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def command(control: Path, verb: str) -> None:
-    n = len(list(control.iterdir())) + 1
-    (control / f"{n}-{verb}").touch()
-
-
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Wait for ``condition``; return the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
-        await asyncio.sleep(0.1)
-    return time.monotonic() - start
-
-
-@asynccontextmanager
-async def agent_port(record: launcher.VMRecord, qmp: BalloonQMP) -> AsyncIterator[AgentPort]:
-    assert record.agent_socket is not None and record.ram_file is not None
-    port = AgentPort(
-        record.name,
-        Path(record.agent_socket),
-        GuestRam(Path(record.ram_file), record.memory_bytes),
-        record.memory_bytes,
-        clock=time.monotonic,
-        control=qmp,  # the vCPU count comes from its query-cpus-fast
-    )
-    await port.connect()
-    try:
-        yield port
-    finally:
-        await port.close()
-        port.release()
-
-
 def thread_cpu_s(pid: int, tid: int) -> float:
-    """Host CPU time (user + system) a thread has used, from /proc/PID/task/TID/stat."""
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S  # fields 14 and 15
+    return threads_cpu_s(pid, {0: tid})
 
 
 async def progress(serial: Serial, *, online: str, cpus: set[int], workers: int = WORKERS) -> float:
@@ -239,10 +199,9 @@ def test_reserving_a_vcpu_moves_the_work_in_the_guest_and_frees_a_host_processor
         await until(lambda: supervisor_said(serial, "agent started"), BOOT_TIMEOUT_S, "the agent")
         command(control, f"work-{WORKERS}")
         timings["work on 2 vCPUs, counts/s"] = await progress(serial, online="0-1", cpus={0, 1})
-        qmp = BalloonQMP(Path(record.qmp_socket), name=record.name)
-        async with agent_port(record, qmp) as port:
+        async with agent_port(record) as port:
             await until(lambda: port.session.alive(time.monotonic()), AGENT_TIMEOUT_S, "hello")
-            threads = await qmp.vcpu_threads()
+            threads = await port.vcpu_threads()
             assert sorted(threads) == list(range(VCPUS))
             before = vcpu_affinity(pid, threads)
             qemu_before = os.sched_getaffinity(pid)
@@ -351,9 +310,7 @@ def test_a_killed_agents_vcpu_stays_offline_is_adopted_and_sigterm_gives_it_back
         await until(lambda: supervisor_said(serial, "agent started"), BOOT_TIMEOUT_S, "the agent")
         command(control, "work-1")
         await progress(serial, online="0-1", cpus={0, 1}, workers=1)
-        async with agent_port(
-            record, BalloonQMP(Path(record.qmp_socket), name=record.name)
-        ) as port:
+        async with agent_port(record) as port:
 
             def reserved() -> tuple[int, ...] | None:
                 report = port.cpu_report
