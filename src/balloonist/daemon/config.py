@@ -29,9 +29,10 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from balloonist.agent.cpus import parse_cpu_list as cpu_list
 from balloonist.config import Strict, check_policy_name, check_size, read_toml, validate
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S
-from balloonist.errors import ConfigError
+from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo
 from balloonist.qemu.launcher import VMRecord
 from balloonist.units import MIB, format_size, parse_size_bytes
@@ -142,24 +143,17 @@ def with_overrides(record: VMRecord, config: DaemonConfig) -> VMRecord:
     return updated
 
 
-#: Host processor numbers a daemon may hand out are below this (Linux's NR_CPUS).
-MAX_HOST_CPUS = 8192
-
-
 def parse_cpu_list(text: str) -> tuple[int, ...]:
-    """``"0-3,6"`` -> (0, 1, 2, 3, 6): Linux's CPU list format (``taskset -c``),
-    sorted and without repeats. Raises ValueError naming what is wrong."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        try:
-            lo = int(first)
-            hi = int(last) if dash else lo
-        except ValueError:
-            raise ValueError(f"{part.strip()!r} is not a processor number or range") from None
-        if not 0 <= lo <= hi < MAX_HOST_CPUS:
-            raise ValueError(f"{part.strip()!r} is not a range of processors 0-{MAX_HOST_CPUS - 1}")
-        cpus.update(range(lo, hi + 1))
+    """``"0-3,6"`` -> (0, 1, 2, 3, 6): Linux's CPU list format (``taskset -c``), read
+    with the agent's own parser, sorted; raises ValueError (for pydantic) naming what is
+    wrong, and for an empty list (no processors to share is no ``processors``)."""
+    try:
+        # Spaces around the commas are for people; sysfs writes none.
+        cpus = cpu_list(",".join(part.strip() for part in text.split(",")), where="processors")
+    except BalloonistError as exc:
+        raise ValueError(str(exc).removeprefix("processors: ")) from None
+    if not cpus:
+        raise ValueError("an empty list of processors")
     return tuple(sorted(cpus))
 
 

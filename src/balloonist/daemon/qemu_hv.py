@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from balloonist.agent.cpus import format_cpu_list
 from balloonist.daemon.agent_link import AgentPort, CpuReport
 from balloonist.daemon.backend import AGENT_REJECTED, FATAL_ERRORS, STALLS, TRANSIENT_ERRORS
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds, GuestPacer
@@ -580,22 +581,7 @@ class QemuHypervisor:
             return
         narrow_vcpu_affinity(pid, cpu.threads, mask)
         cpu.affinity = mask
-        log.info("%s: vCPU threads on host processors %s", vm.record.name, _cpu_list(mask))
-
-
-def _cpu_list(cpus: frozenset[int]) -> str:
-    """(0, 1, 2, 5) -> "0-2,5"."""
-    ordered = sorted(cpus)
-    runs: list[str] = []
-    start = prev = ordered[0]
-    for cpu in [*ordered[1:], None]:
-        if cpu is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        runs.append(str(start) if start == prev else f"{start}-{prev}")
-        if cpu is not None:
-            start = prev = cpu
-    return ",".join(runs)
+        log.info("%s: vCPU threads on host processors %s", vm.record.name, format_cpu_list(mask))
 
 
 __all__ = ["CpuBalloonPort", "QemuHypervisor", "VmPort", "demand_bytes", "vm_port"]
