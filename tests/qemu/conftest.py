@@ -27,6 +27,7 @@ from balloonist.qemu.assets import (
     GuestAssets,
     cached_assets,
     default_cache_dir,
+    host_python,
 )
 from balloonist.units import MIB
 
@@ -144,6 +145,32 @@ def wait_for_line(record: launcher.VMRecord, pattern: str, timeout_s: float, aft
 
 def meminfo_kib(line: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+
+
+#: Runs in a host-root test guest: starts the agent and obeys ``command``s.
+SUPERVISOR = Path(__file__).with_name("guest_agent_supervisor.py")
+
+
+def boot_supervised(
+    state: launcher.StateDir,
+    assets: GuestAssets,
+    name: str,
+    pyz: Path,
+    control: Path,
+    *,
+    memory_mib: int,
+    **request: Any,
+) -> launcher.VMRecord:
+    """An agent VM whose guest runs SUPERVISOR with the agent ``pyz`` and ``control``."""
+    return boot(
+        state,
+        assets,
+        name,
+        memory_mib=memory_mib,
+        agent=True,
+        run=(host_python(), str(guest_visible(SUPERVISOR)), str(pyz), str(control)),
+        **request,
+    )
 
 
 @pytest.fixture

@@ -28,15 +28,14 @@ import pytest
 
 from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S, AgentPort
 from balloonist.qemu import launcher
-from balloonist.qemu.assets import GuestAssets, host_python
+from balloonist.qemu.assets import GuestAssets
 from balloonist.units import MIB
 
 from .conftest import (
     BOOT_TIMEOUT_S,
     agent_port,
-    boot,
+    boot_supervised,
     command,
-    guest_visible,
     meminfo_kib,
     serial_lines,
     until,
@@ -51,20 +50,6 @@ MIN_EFFECT = 0.9
 REACH_TIMEOUT_S = 90.0
 #: Touched (and freed) before inflating, so the balloon takes memory the host backs.
 TOUCH_MIB = 250
-SUPERVISOR = Path(__file__).with_name("guest_agent_supervisor.py")
-
-
-def boot_agent_vm(
-    state: launcher.StateDir, assets: GuestAssets, name: str, pyz: Path, control: Path
-) -> launcher.VMRecord:
-    return boot(
-        state,
-        assets,
-        name,
-        memory_mib=MEMORY_MIB,
-        agent=True,
-        run=(host_python(), str(guest_visible(SUPERVISOR)), str(pyz), str(control)),
-    )
 
 
 def balloon_mib(port: AgentPort) -> float:
@@ -79,7 +64,9 @@ def available_kib(record: launcher.VMRecord) -> int:
 def test_inflating_128_mib_takes_it_from_the_guest_and_frees_it_on_the_host(
     state: launcher.StateDir, guest_assets: GuestAssets, agent_pyz: Path, control: Path
 ) -> None:
-    record = boot_agent_vm(state, guest_assets, "inflate", agent_pyz, control)
+    record = boot_supervised(
+        state, guest_assets, "inflate", agent_pyz, control, memory_mib=MEMORY_MIB
+    )
     wait_for_line(record, r"^SUPERVISOR agent started", BOOT_TIMEOUT_S)
     assert record.ram_file is not None
     ram_file = Path(record.ram_file)
@@ -124,7 +111,9 @@ def test_inflating_128_mib_takes_it_from_the_guest_and_frees_it_on_the_host(
 def test_under_real_memory_pressure_the_balloon_gives_way_and_nothing_is_oom_killed(
     state: launcher.StateDir, guest_assets: GuestAssets, agent_pyz: Path, control: Path
 ) -> None:
-    record = boot_agent_vm(state, guest_assets, "pressure", agent_pyz, control)
+    record = boot_supervised(
+        state, guest_assets, "pressure", agent_pyz, control, memory_mib=MEMORY_MIB
+    )
     wait_for_line(record, r"^SUPERVISOR agent started", BOOT_TIMEOUT_S)
 
     async def scenario() -> None:
@@ -174,7 +163,9 @@ def test_under_real_memory_pressure_the_balloon_gives_way_and_nothing_is_oom_kil
 def test_a_killed_agent_is_noticed_and_a_restarted_one_rebuilds_the_balloon(
     state: launcher.StateDir, guest_assets: GuestAssets, agent_pyz: Path, control: Path
 ) -> None:
-    record = boot_agent_vm(state, guest_assets, "killed", agent_pyz, control)
+    record = boot_supervised(
+        state, guest_assets, "killed", agent_pyz, control, memory_mib=MEMORY_MIB
+    )
     wait_for_line(record, r"^SUPERVISOR agent started", BOOT_TIMEOUT_S)
 
     async def scenario() -> None:

@@ -64,14 +64,13 @@ from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.errors import ConfigError
 from balloonist.qemu import launcher
 from balloonist.qemu.affinity import narrow_vcpu_affinity, set_vcpu_affinity, vcpu_affinity
-from balloonist.qemu.assets import GuestAssets, host_python
+from balloonist.qemu.assets import GuestAssets
 
 from .conftest import (
     BOOT_TIMEOUT_S,
     agent_port,
-    boot,
+    boot_supervised,
     command,
-    guest_visible,
     serial_lines,
     until,
 )
@@ -87,7 +86,6 @@ WORK_TIMEOUT_S = 60.0
 PROGRESS_LINES = 3
 MAX_WORK_GAP_S = 10.0
 OFFLINE_VCPU_MAX_SHARE = 0.05
-SUPERVISOR = Path(__file__).with_name("guest_agent_supervisor.py")
 WORK_RE = re.compile(r"^SUPERVISOR work id=(\d+) n=(\d+) cpu=(\d+) online=(\S+)$")
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -171,15 +169,7 @@ async def progress(serial: Serial, *, online: str, cpus: set[int], workers: int 
 def boot_cpu_vm(
     state: launcher.StateDir, assets: GuestAssets, name: str, pyz: Path, control: Path
 ) -> launcher.VMRecord:
-    return boot(
-        state,
-        assets,
-        name,
-        memory_mib=MEMORY_MIB,
-        agent=True,
-        cpus=VCPUS,
-        run=(host_python(), str(guest_visible(SUPERVISOR)), str(pyz), str(control)),
-    )
+    return boot_supervised(state, assets, name, pyz, control, memory_mib=MEMORY_MIB, cpus=VCPUS)
 
 
 def supervisor_said(serial: Serial, line: str, after: int = 0) -> bool:
