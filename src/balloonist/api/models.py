@@ -10,6 +10,7 @@ rather than guessed at (bytes? MiB?), and the unit rules are those of
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
@@ -80,17 +81,9 @@ class GuestCpuOut(_Out):
 
     @classmethod
     def of(cls, cpu: GuestCpuStatus) -> GuestCpuOut:
-        return cls(
-            vcpus=cpu.vcpus,
-            min_cpus=cpu.min_cpus,
-            max_cpus=cpu.max_cpus,
-            shares=cpu.shares,
-            allocation_target_cpus=cpu.allocation_target_cpus,
-            online_vcpus=cpu.online_vcpus,
-            balloon_vcpus=cpu.balloon_vcpus,
-            balloon_target_vcpus=cpu.balloon_target_vcpus,
-            demand_vcpus=cpu.demand_vcpus,
-        )
+        # The wire form is the status field for field; a field added to one and not
+        # the other is refused here (extra fields are forbidden), not silently dropped.
+        return cls.model_validate(dataclasses.asdict(cpu))
 
 
 class GuestOut(_Out):
