@@ -58,8 +58,8 @@ def run_scenario(
     check_every_period: bool = False,
 ) -> SimResult:
     """Simulate ``scenario`` under a policy (the scenario's own unless overridden)."""
-    name = policy_name or scenario.policy_name
-    policy = build_policy(scenario, name)
+    policy_used = policy_name or scenario.policy_name
+    policy = build_policy(scenario, policy_used)
     machine = SimMachine(scenario)
     scheduler = Scheduler(machine, policy, period_s=scenario.period_s, estimator=scenario.estimator)
     periods = scenario.periods
@@ -168,7 +168,7 @@ def run_scenario(
         )
     return SimResult(
         scenario=scenario.name,
-        policy=name,
+        policy=policy_used,
         seed=scenario.seed,
         duration_s=periods * scenario.period_s,
         period_s=scenario.period_s,
