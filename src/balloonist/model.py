@@ -160,11 +160,26 @@ class GuestSample:
     active_bytes_so_far: int | None = None  # the open window's count so far (a lower bound)
     free_bytes: int | None = None  # guest-reported free memory, if the guest reports it
     major_faults: int = 0  # cumulative guest major faults
+    #: Cumulative seconds the guest's tasks stalled waiting for memory (swap-ins, the
+    #: writes that make room for them): what PSI's memory "some" total counts. None
+    #: when the backend cannot see it (virtio-balloon statistics do not carry it).
+    memory_stall_s: float | None = None
     cooperative: bool = True  # False once the balloon stopped following its register
     #: How fast the adaptive rate controller pacing this balloon lets it inflate now
     #: (sim: the guest's driver; QEMU: the daemon's host-side pacing); None if unknown.
     inflate_rate_bytes_per_s: float | None = None
     cpu: CpuSample | None = None  # its processors, for a guest with a CpuSpec
+
+
+@dataclass(frozen=True)
+class MemoryPressure:
+    """How short of memory a guest has been lately, from its own counters, smoothed
+    over a few periods by the scheduler."""
+
+    major_faults_per_s: float
+    #: Share of wall time its tasks stalled on memory (0..1), as PSI's "some" line
+    #: reports it; None when the guest does not report stall time.
+    stall_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,11 @@ class GuestView:
     working_set_bytes: int
     #: The smoothed CPU demand (vCPUs busy), for a guest whose processors are shared.
     cpu_demand_vcpus: float | None = None
+    #: The working set by the fast average alone (and the open window's lower bound):
+    #: what the guest touched lately, without the slow average's long memory.
+    recent_working_set_bytes: int | None = None
+    #: Fault and stall rates since the last periods; None before a second sample.
+    pressure: MemoryPressure | None = None
 
     @property
     def name(self) -> str:

@@ -22,6 +22,7 @@ from balloonist.model import (
     HostReading,
     HostSample,
     HostState,
+    MemoryPressure,
     Snapshot,
 )
 from balloonist.policy import Policy
@@ -30,8 +31,10 @@ from balloonist.policy.workingset import (
     CpuDemandState,
     EstimateState,
     EstimatorParams,
+    PressureState,
     update_cpu_demand,
     update_estimate,
+    update_pressure,
 )
 
 
@@ -74,6 +77,7 @@ class Scheduler:
         self._estimates: dict[str, EstimateState] = {}
         self._observed_at: dict[str, float] = {}
         self._cpu_demand: dict[str, CpuDemandState] = {}
+        self._pressure: dict[str, PressureState] = {}
 
     @property
     def host_state(self) -> HostState:
@@ -123,12 +127,15 @@ class Scheduler:
             sample = samples.get(spec.name)
             if sample is None:
                 continue  # a guest that did not report is left out of this cycle, not guessed
+            working, recent = self._estimate(sample, reading.time_s)
             views.append(
                 GuestView(
                     spec,
                     sample,
-                    self._estimate(sample, reading.time_s),
+                    working,
                     self._cpu_estimate(sample),
+                    recent_working_set_bytes=recent,
+                    pressure=self._pressure_of(sample, reading.time_s),
                 )
             )
         return Snapshot(reading.time_s, self._period_s, host, tuple(views))
@@ -145,13 +152,23 @@ class Scheduler:
         self._cpu_demand[sample.name] = state
         return state.estimate_vcpus
 
-    def _estimate(self, sample: GuestSample, now_s: float) -> int:
+    def _pressure_of(self, sample: GuestSample, now_s: float) -> MemoryPressure | None:
+        previous = self._pressure.get(sample.name)
+        state = update_pressure(previous, now_s, sample.major_faults, sample.memory_stall_s)
+        self._pressure[sample.name] = state
+        if previous is None:
+            return None  # one sample gives no rate
+        return MemoryPressure(state.major_faults_per_s, state.stall_fraction)
+
+    def _estimate(self, sample: GuestSample, now_s: float) -> tuple[int, int]:
+        """The working-set estimate, and the fast average's part of it alone."""
         previous = self._estimates.get(sample.name)
         observed = sample.active_bytes_observed
         if observed is None:
             # No closed window this period: keep what we knew; with nothing known, assume
             # everything the guest holds is in use (never tax a guest on no evidence).
             known = previous.estimate_bytes if previous else sample.allocated_bytes
+            recent = round(previous.fast_bytes) if previous else known
         else:
             # Windows may close less often than once a period; the averages decay by
             # the time that actually passed.
@@ -160,11 +177,14 @@ class Scheduler:
             self._estimates[sample.name] = state
             self._observed_at[sample.name] = now_s
             known = state.estimate_bytes
+            recent = round(state.fast_bytes)
         # ESX's third average: the open window's pages touched so far can only be a
         # lower bound on its final count, so they may raise the estimate at once (a
         # guest that just got busy) but never lower it.
         so_far = sample.active_bytes_so_far
-        return max(known, so_far) if so_far is not None else known
+        if so_far is None:
+            return known, recent
+        return max(known, so_far), max(recent, so_far)
 
     def step(self) -> Cycle:
         snapshot = self.collect()

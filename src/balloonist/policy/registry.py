@@ -11,14 +11,17 @@ from typing import Final
 from balloonist.errors import ConfigError
 from balloonist.policy import Policy
 from balloonist.policy.baselines import HostSwapPolicy, MomPolicy, ProxmoxPolicy, StaticPolicy
+from balloonist.policy.demand import DemandPolicy
 from balloonist.policy.shares import SharesPolicy
 
 #: Names ``make_policy`` builds, in the order the docs list them.
-POLICY_NAMES: Final = ("shares", "static", "host-swap", "proxmox", "mom")
+POLICY_NAMES: Final = ("demand", "shares", "static", "host-swap", "proxmox", "mom")
 
 
 def make_policy(name: str, *, tax_rate: float) -> Policy:
     """The policy called ``name``; ``tax_rate`` applies to those that tax idle memory."""
+    if name == "demand":
+        return DemandPolicy(tax_rate=tax_rate)
     if name == "shares":
         return SharesPolicy(tax_rate=tax_rate)
     if name == "static":

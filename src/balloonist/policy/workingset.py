@@ -83,3 +83,38 @@ def update_cpu_demand(
     return CpuDemandState(
         *_fold(state.fast_vcpus, state.slow_vcpus, observed_vcpus, period_s, params)
     )
+
+
+#: Half-life of the fault and stall rates: a guest that starts to thrash shows within
+#: a period or two, and one burst of faults fades within a few seconds.
+PRESSURE_HALFLIFE_S = 2.0
+
+
+@dataclass(frozen=True)
+class PressureState:
+    """A guest's cumulative counters at its last sample, and the smoothed rates."""
+
+    time_s: float
+    major_faults: int
+    memory_stall_s: float | None
+    major_faults_per_s: float = 0.0
+    stall_fraction: float | None = None
+
+
+def update_pressure(
+    state: PressureState | None, time_s: float, major_faults: int, memory_stall_s: float | None
+) -> PressureState:
+    """Fold one sample's counters into the rates. A counter that went backwards (a
+    guest rebooted, a new agent) restarts its rate instead of going negative."""
+    if state is None or time_s <= state.time_s:
+        return PressureState(time_s, major_faults, memory_stall_s)
+    elapsed = time_s - state.time_s
+    gain = _gain(elapsed, PRESSURE_HALFLIFE_S)
+    faults = max(0, major_faults - state.major_faults) / elapsed
+    rate = state.major_faults_per_s + gain * (faults - state.major_faults_per_s)
+    stall: float | None = None
+    if memory_stall_s is not None and state.memory_stall_s is not None:
+        now = min(1.0, max(0.0, memory_stall_s - state.memory_stall_s) / elapsed)
+        before = state.stall_fraction if state.stall_fraction is not None else now
+        stall = before + gain * (now - before)
+    return PressureState(time_s, major_faults, memory_stall_s, rate, stall)

@@ -96,6 +96,14 @@ class GuestMemory:
     def mapped_pages(self) -> int:
         return int(self.st[e.S_MAPPED])
 
+    def memory_stall_s(self) -> float:
+        """Seconds this guest's workload has waited on memory so far, as PSI counts
+        them: pages read back from its swap or the host's. A first touch, served from
+        zeroed memory, is no stall; nor are the writes the balloon's own allocations
+        force, which the workload does not wait for."""
+        st, c = self.st, self.costs
+        return float(st[e.S_MAJOR] * c[e.C_SWAP_IN] + st[e.S_HOST_SWAP_IN] * c[e.C_HOST_SWAP_IN])
+
     def set_phase(self, time_s: float) -> None:
         index = 0
         for i, phase in enumerate(self.guest.plan.phases):
@@ -421,6 +429,7 @@ class SimMachine:
                     active_bytes_so_far=so_far,
                     free_bytes=int(m.st[e.S_NFREE]) * PAGE_SIZE_BYTES,
                     major_faults=int(m.st[e.S_MAJOR]),
+                    memory_stall_s=m.memory_stall_s(),
                     inflate_rate_bytes_per_s=(
                         None if driver is None else driver.rate.rate_pages * per_period
                     ),

@@ -35,7 +35,7 @@ from balloonist.units import (
     parse_size_bytes,
 )
 
-POLICY_NAMES = ("shares", "static", "host-swap", "proxmox", "mom", "oracle")
+POLICY_NAMES = ("demand", "shares", "static", "host-swap", "proxmox", "mom", "oracle")
 
 #: The built-in scenario (`balloonist demo`, `balloonist daemon --sim`), packaged.
 DEMO_RESOURCE = "demo.toml"

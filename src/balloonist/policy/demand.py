@@ -1,0 +1,274 @@
+"""The default policy: each guest's demand, met by shares where it cannot all be met.
+
+The ESX shares policy (:mod:`balloonist.policy.shares`) splits memory by shares and
+taxes idle pages, but it cannot see a guest that needs *more* than it holds: a guest
+short of memory touches everything it has, so its sampled working set is exactly its
+allocation, and it thrashes at its share while idle guests keep a quarter of what
+they once used. This policy starts from demand instead:
+
+1. **Demand** of each guest, from the signals real guests give:
+   - its working set (sampled page activity, ESX-style) plus headroom;
+   - its pressure: a guest stalled on memory (PSI's "some" share of time, or its
+     major-fault rate where stall time is not reported) wants more than it may hold
+     now, so its demand is its current allowance plus a step that grows with the
+     stall;
+   - while any guest is under pressure, the others' demand follows their *recent*
+     working set (the fast average), so memory they stopped using goes to the guest
+     that stalls without waiting out the slow average.
+2. **Allocation** by weighted water-filling: every guest gets its demand up to a
+   common level of memory per share; guests that want more than that level share
+   what is left by their shares. So shares decide who wins when every guest needs
+   more, a guest never gets less than the smaller of its demand and the level its
+   shares give it, and idle memory (held but not demanded) is the first to go: the
+   idle tax at its strongest. Memory nobody demands is left with the guests that
+   hold it, then spread by shares, so nothing is reclaimed that nobody needs.
+   Reservations (``min``) and limits (``max``) bound every step.
+3. **Balloon registers** partition the host: a guest may use at most
+   ``memory - register`` and the allocations add up to the host less a small margin,
+   so a guest whose demand jumps pages inside itself (its own choice of victims),
+   never the host behind its back. A growing guest's balloon deflates only into
+   memory that is free now, so one guest cannot outrun the others' inflation and
+   push the host into paging. Small changes are not worth a balloon move
+   (dead band).
+
+Guests without a balloon driver, or whose balloon stopped following its register,
+can only be held to their allocation by host paging, which this policy allows in the
+HARD and LOW host states, for them alone. Processors are shared as the shares policy
+shares them (:func:`balloonist.policy.shares.cpu_targets`). The maths, with worked
+numbers, is in ``docs/policy.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from balloonist.model import (
+    Decision,
+    GuestTarget,
+    GuestView,
+    HostState,
+    Mechanisms,
+    Snapshot,
+)
+from balloonist.policy.shares import (
+    DEFAULT_TAX_RATE,
+    check_reservations,
+    cpu_targets,
+    equilibrium_bytes,
+)
+from balloonist.units import MIB, PAGE_SIZE_BYTES
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+
+#: Share of the host no guest is allotted: room for the moments when one balloon is
+#: still deflating while another has not yet inflated (the host's SOFT threshold is
+#: 4 %, so this keeps a partitioned host out of the reclamation states).
+DEFAULT_MARGIN_FRACTION: Final = 0.02
+#: Headroom over the working set: sampling misses pages touched less often than once a
+#: window, and a guest's page cache needs some slack to avoid refaults. While memory
+#: is contended the headroom shrinks: a guest it leaves short will stall, and its
+#: stall claims the memory back (step 1), where headroom given to every guest would
+#: starve the one that stalls.
+HEADROOM_FRACTION: Final = 0.10
+HEADROOM_BYTES: Final = 8 * MIB
+CONTENDED_HEADROOM_FRACTION: Final = 0.02
+CONTENDED_HEADROOM_BYTES: Final = 4 * MIB
+#: A guest stalled on memory for this share of its time is short of memory. At the
+#: simulator's costs a miss costs ~120 references, so this is ~0.05 % of references
+#: missing: a guest this far past its working set's edge gains from more memory.
+STALL_THRESHOLD: Final = 0.05
+#: A guest still stalling this much keeps what it may hold now, whatever its sampled
+#: working set says: sampling misses a skewed working set's rarely touched tail, and
+#: shrinking such a guest would only make it stall and grow again.
+STALL_KEEP_THRESHOLD: Final = 0.01
+#: Where a guest reports faults but no stall time: what one major fault is taken to
+#: cost (a 4 KiB read from swap on an SSD, and the write that made room for it).
+FAULT_STALL_S: Final = 100e-6
+#: A stalled guest asks for this much more than it may hold now, more the more it
+#: stalls: small steps for a guest at its working set's edge, big ones for a guest
+#: that thrashes (its working set may be far beyond what it holds).
+GROW_MIN_FRACTION: Final = 0.10
+GROW_MAX_FRACTION: Final = 0.50
+#: Register changes smaller than this are not made: a balloon move costs the guest
+#: work, and chasing the working set's sampling noise would move it every period.
+DEAD_BAND_FRACTION: Final = 0.02  # of the guest's memory
+DEAD_BAND_BYTES: Final = 4 * MIB
+
+
+@dataclass(frozen=True)
+class _Guests:
+    """The snapshot's guests as arrays, in order (bytes unless named otherwise)."""
+
+    memory: I64
+    held: I64  # machine memory backing the guest now
+    balloon: I64  # pages the balloon holds now
+    register: I64  # what the register holds now
+    mins: I64
+    maxes: I64
+    shares: F64
+    driver: npt.NDArray[np.bool_]  # has a balloon driver
+    ballooned: npt.NDArray[np.bool_]  # has one, and it follows its register
+
+    @classmethod
+    def of(cls, guests: Sequence[GuestView]) -> _Guests:
+        def ints(values: list[int]) -> I64:
+            return np.array(values, dtype=np.int64)
+
+        return cls(
+            memory=ints([g.spec.memory_bytes for g in guests]),
+            held=ints([g.sample.allocated_bytes for g in guests]),
+            balloon=ints([g.sample.balloon_bytes for g in guests]),
+            register=ints([g.sample.balloon_target_bytes for g in guests]),
+            mins=ints([g.spec.min_bytes for g in guests]),
+            maxes=ints([g.spec.limit_bytes for g in guests]),
+            shares=np.array([float(g.spec.shares) for g in guests], dtype=np.float64),
+            driver=np.array([g.spec.balloon for g in guests], dtype=np.bool_),
+            ballooned=np.array(
+                [g.spec.balloon and g.sample.cooperative for g in guests], dtype=np.bool_
+            ),
+        )
+
+    @property
+    def allowance(self) -> I64:
+        """What each guest may use now: its memory less what its balloon holds."""
+        out: I64 = self.memory - self.balloon
+        return out
+
+
+def stall_fraction(view: GuestView) -> float:
+    """How much of its time the guest stalled on memory lately (0 when unknown)."""
+    pressure = view.pressure
+    if pressure is None:
+        return 0.0
+    if pressure.stall_fraction is not None:
+        return pressure.stall_fraction
+    return min(1.0, pressure.major_faults_per_s * FAULT_STALL_S)
+
+
+def demand_bytes(guests: Sequence[GuestView]) -> I64:
+    """Each guest's demand (see the module docstring, step 1), before min and max."""
+    stalls = [stall_fraction(g) for g in guests]
+    contended = any(s >= STALL_THRESHOLD for s in stalls)
+    out = np.zeros(len(guests), dtype=np.int64)
+    for i, (g, stall) in enumerate(zip(guests, stalls, strict=True)):
+        if contended:
+            working = g.working_set_bytes
+            if g.recent_working_set_bytes is not None:
+                working = g.recent_working_set_bytes
+            demand = int(working * (1.0 + CONTENDED_HEADROOM_FRACTION)) + CONTENDED_HEADROOM_BYTES
+        else:
+            demand = int(g.working_set_bytes * (1.0 + HEADROOM_FRACTION)) + HEADROOM_BYTES
+        allowance = g.spec.memory_bytes - g.sample.balloon_bytes
+        if stall >= STALL_THRESHOLD:
+            grow = min(GROW_MAX_FRACTION, max(GROW_MIN_FRACTION, stall))
+            demand = max(demand, int(allowance * (1.0 + grow)))
+        elif stall >= STALL_KEEP_THRESHOLD:
+            demand = max(demand, allowance)
+        out[i] = min(demand, g.spec.memory_bytes)
+    return out
+
+
+def water_fill(shares: F64, floors: I64, caps: I64, available_bytes: int) -> I64:
+    """Give each guest ``floors`` and then more, up to ``caps``, at a common level of
+    memory per share, until ``available_bytes`` is handed out (whole pages)."""
+    caps = np.maximum(caps, floors)
+    return equilibrium_bytes(
+        shares,
+        np.zeros(len(shares), dtype=np.float64),
+        floors,
+        caps,
+        available_bytes=available_bytes,
+        tax_rate=0.0,
+    )
+
+
+def allocations_bytes(guests: _Guests, demand: I64, available_bytes: int) -> I64:
+    """Step 2 of the module docstring: demand by shares, then what guests hold, then
+    the rest by shares."""
+    wanted = np.clip(demand, guests.mins, guests.maxes)
+    met = water_fill(guests.shares, guests.mins, wanted, available_bytes)
+    if int(met.sum()) + PAGE_SIZE_BYTES >= available_bytes:
+        return met
+    holding = np.clip(guests.held, met, guests.maxes)
+    kept = water_fill(guests.shares, met, holding, available_bytes)
+    return water_fill(guests.shares, kept, guests.maxes, available_bytes)
+
+
+def registers_bytes(guests: _Guests, allocations: I64, host_free_bytes: int, margin: int) -> I64:
+    """Step 3: the balloon register of each guest for its allocation."""
+    allowance = guests.allowance
+    registers = guests.memory - allocations
+    # A growing guest deflates only into memory free now (less the margin), shared
+    # among the growing guests in proportion to what each still lacks.
+    lacking = np.where(guests.ballooned, np.maximum(allocations - allowance, 0), 0)
+    total = int(lacking.sum())
+    room = max(0, host_free_bytes - margin)
+    if total > room:
+        granted = (lacking * (room / total)).astype(np.int64) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
+        registers = np.where(lacking > 0, guests.memory - (allowance + granted), registers)
+    dead_band = np.maximum((guests.memory * DEAD_BAND_FRACTION).astype(np.int64), DEAD_BAND_BYTES)
+    keep = np.abs(registers - guests.register) < dead_band
+    # Never keep a register that lets a guest above its limit.
+    keep &= guests.register >= guests.memory - guests.maxes
+    registers = np.where(keep, guests.register, registers)
+    out: I64 = np.where(guests.driver, np.clip(registers, 0, guests.memory), 0)
+    return out
+
+
+class DemandPolicy:
+    """Demand met by shares, idle memory reclaimed first, the host partitioned by
+    balloons (see the module docstring)."""
+
+    def __init__(
+        self,
+        tax_rate: float = DEFAULT_TAX_RATE,
+        margin_fraction: float = DEFAULT_MARGIN_FRACTION,
+    ) -> None:
+        if not 0.0 <= margin_fraction < 1.0:
+            raise ValueError(f"margin fraction must be in [0, 1), got {margin_fraction}")
+        # The tax applies to processors (cpu_targets); memory is taxed fully (above).
+        self.tax_rate = tax_rate
+        self.margin_fraction = margin_fraction
+
+    @property
+    def name(self) -> str:
+        return "demand"
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        check_reservations(snapshot)
+        views = snapshot.guests
+        if not views:
+            return Decision(())
+        host = snapshot.host
+        guests = _Guests.of(views)
+        margin = int(host.memory_bytes * self.margin_fraction)
+        available = host.memory_bytes - margin
+        allocations = allocations_bytes(guests, demand_bytes(views), available)
+        registers = registers_bytes(guests, allocations, host.free_bytes, margin)
+        mechanisms = self._mechanisms(host.state, guests)
+        # While the host may page, it pages only the guests a balloon cannot serve:
+        # a cooperating guest's target is raised to what its balloon allows it now.
+        caps = allocations
+        if mechanisms.host_paging:
+            caps = np.where(guests.ballooned, np.maximum(allocations, guests.allowance), caps)
+        cpus = cpu_targets(snapshot, self.tax_rate)
+        targets = tuple(
+            GuestTarget(g.name, int(cap), int(register), cpus.get(g.name))
+            for g, cap, register in zip(views, caps.tolist(), registers.tolist(), strict=True)
+        )
+        return Decision(targets, mechanisms)
+
+    @staticmethod
+    def _mechanisms(state: HostState, guests: _Guests) -> Mechanisms:
+        uncooperative = not bool(guests.ballooned.all())
+        return Mechanisms(
+            balloon=True,
+            host_paging=uncooperative and state.rank >= HostState.HARD.rank,
+            block_over_target=state is HostState.LOW,
+        )
