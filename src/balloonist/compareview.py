@@ -71,8 +71,9 @@ def compare_table(summaries: Mapping[str, Summary], *, baseline: str, baseline_n
             f"{name} ({baseline_note})" if name == baseline else name,
             format_rate(_throughput(s)),
             _ratio(_throughput(s), _throughput(base)),
-            f"{_faults(s):,}",
-            f"{int(agg['double_paging_events']):,}",
+            # Counts at a glance like the rates; the verdict gives the exact ones.
+            format_rate(_faults(s)),
+            format_rate(int(agg["double_paging_events"])),
             *(format_rate(s["guests"][g]["throughput_refs_per_s"]) for g in guest_names),
         )
     return table
@@ -96,8 +97,8 @@ def verdict(summaries: Mapping[str, Summary], *, baseline: str, baseline_note: s
 
     return (
         f"{label(winner)} won: {_ratio(best, _throughput(summaries[other]))} the throughput "
-        f"of {label(other)}, with {_faults(summaries[winner]):,} guest major faults "
-        f"to its {_faults(summaries[other]):,}."
+        f"of {label(other)}, with {format_rate(_faults(summaries[winner]))} guest major "
+        f"faults to its {format_rate(_faults(summaries[other]))}."
     )
 
 
