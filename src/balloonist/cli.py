@@ -50,8 +50,9 @@ DEMO_PACE_S: Final = 0.1
 MAX_PACE_S: Final = 10.0
 AGENT_PYZ_DEFAULT: Final = Path("balloonist-agent.pyz")
 DEMO_COMPARE_NAME: Final = "compare.json"
-#: Policies the demo compares its run with: what the tools people know do (MoM,
-#: Proxmox's auto-ballooning, no ballooning at all); the scenario's own is added too.
+#: Policies the demo compares its run with: what the tools people know do (oVirt's
+#: MoM, Proxmox's auto-ballooning) and a fixed share per guest; the scenario's own
+#: policy joins them when --policy chose another.
 DEMO_PEERS: Final = ("mom", "proxmox", "static")
 
 ProgressCallback = Callable[[Progress], None]
