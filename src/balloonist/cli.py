@@ -10,6 +10,7 @@ written whole or not at all: ``agent-pyz`` builds next to its output and renames
 
 The simulator is reached through one seam, the :class:`Runner` passed to :func:`main`;
 by default it is ``balloonist.sim.runner.run_scenario``, imported when first needed.
+The demo's comparison hands it to worker processes, so it must pickle.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -176,6 +177,9 @@ _reports: SimpleQueue[PolicyProgress] | None = None
 def _init_worker(reports: SimpleQueue[PolicyProgress] | None) -> None:
     global _reports  # noqa: PLW0603 - a worker's one piece of state, set at its start
     _reports = reports
+    # Ctrl-C reaches the whole process group: it ends a worker quietly (no traceback
+    # of its own), and the parent, interrupted too, reports it once.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _run_in_worker(runner: Runner, scenario: Scenario, name: str) -> SimResult:
