@@ -7,6 +7,7 @@ tests prove what the CLI does with input and results, not what the engine comput
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -14,6 +15,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,6 +73,10 @@ class FakeRunner:
 
     fail_with: Exception | None = None
     calls: list[tuple[str, str | None]] = field(default_factory=list)
+    #: Policy name -> factor on every guest's references, so policies can differ.
+    refs_scale: dict[str, float] = field(default_factory=dict)
+    #: Fail only the run of this policy (with ``fail_with``).
+    fail_for: str | None = None
 
     def __call__(
         self,
@@ -80,8 +86,9 @@ class FakeRunner:
         progress: Callable[[Progress], None] | None = None,
     ) -> SimResult:
         self.calls.append((scenario.name, policy_name))
-        if self.fail_with is not None:
+        if self.fail_with is not None and self.fail_for in (None, policy_name):
             raise self.fail_with
+        scale = self.refs_scale.get(policy_name or scenario.policy_name, 1.0)
         n = scenario.periods
         ramp = np.linspace(0.2, 0.8, n)
         guests = tuple(
@@ -93,7 +100,7 @@ class FakeRunner:
                 balloon_bytes=((1 - ramp) * g.spec.memory_bytes / 4).astype(np.int64),
                 balloon_target_bytes=np.full(n, g.spec.memory_bytes // 4, dtype=np.int64),
                 working_set_bytes=np.full(n, 100 * MIB, dtype=np.int64),
-                refs=np.full(n, 1000 * (i + 1), dtype=np.int64),
+                refs=np.full(n, round(1000 * (i + 1) * scale), dtype=np.int64),
                 major_faults=np.ones(n, dtype=np.int64),
                 guest_swap_outs=np.zeros(n, dtype=np.int64),
                 host_swap_ins=np.zeros(n, dtype=np.int64),
@@ -425,9 +432,72 @@ def test_demo_live_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     runner = FakeRunner()
     argv = ["demo", "--out", str(tmp_path), "--pace", "0", "--policy", "static"]
     assert cli.main(argv, runner=runner) == 0
+    # The live run is made here; the comparison's runs in worker processes.
     assert runner.calls == [("demo", "static")]
     assert "busy" in stdout.getvalue()
     assert "\x1b[" in stdout.getvalue()  # drawn as a live terminal view
+    assert "120/120" in stdout.getvalue()  # the comparison's bars, full at the end
+    # --policy's run is the baseline; the scenario's default joins the peers.
+    assert list(_compare_json(tmp_path)) == ["static", "shares", "mom", "proxmox"]
+    assert "static (--policy)" in stdout.getvalue()
+
+
+def _compare_json(out: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    return loaded
+
+
+def test_demo_compares_the_default_with_its_peers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runner = FakeRunner(refs_scale={"mom": 1.5, "static": 0.5})
+    result = run_cli(capsys, "demo", "--no-live", "--out", str(tmp_path), runner=runner)
+    assert result.code == 0, result.err
+    compared = _compare_json(tmp_path)
+    assert list(compared) == ["shares", "mom", "proxmox", "static"]  # the default first
+    for name, summary in compared.items():
+        assert summary["policy"] == name  # each peer ran under its own name
+    assert compared["mom"]["aggregate"]["throughput_refs_per_s"] == 9000.0
+    assert "[100%] comparing: mom 120/120, proxmox 120/120, static 120/120" in result.out
+    rows = {line.split("│")[1].strip(): line for line in result.out.splitlines() if "│" in line}
+    assert "1.50x" in rows["mom"]
+    assert "0.50x" in rows["static"]
+    assert "1.00x" in rows["shares (default)"]
+    assert "mom won: 1.50x the throughput of shares (default)" in result.out
+    assert f"comparison written to {tmp_path / 'compare.json'}" in result.out
+
+
+def test_demo_default_is_the_scenarios_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demo = dataclasses.replace(load_scenario_or_demo(None), policy_name="proxmox")
+    monkeypatch.setattr(cli, "load_scenario_or_demo", lambda path: demo)
+    runner = FakeRunner(refs_scale={"proxmox": 2.0})
+    result = run_cli(capsys, "demo", "--no-live", "--out", str(tmp_path), runner=runner)
+    assert result.code == 0, result.err
+    assert list(_compare_json(tmp_path)) == ["proxmox", "mom", "static"]
+    assert "proxmox (default) won: 2.00x the throughput of mom" in result.out
+
+
+def test_demo_no_compare_runs_the_default_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "demo", "--no-live", "--no-compare", "--out", str(tmp_path))
+    assert result.code == 0, result.err
+    assert (tmp_path / "demo.png").exists()
+    assert not (tmp_path / "compare.json").exists()
+    assert "comparing" not in result.out
+
+
+def test_demo_comparison_failure_is_one_line_and_writes_no_compare_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runner = FakeRunner(fail_with=SimulationError("guest 'busy' maps too much"), fail_for="mom")
+    result = run_cli(capsys, "demo", "--no-live", "--out", str(tmp_path), runner=runner)
+    assert result.code == 1
+    assert result.err == "balloonist: error: guest 'busy' maps too much\n"
+    assert not (tmp_path / "compare.json").exists()
+    assert list(tmp_path.glob(".compare.json*")) == []
 
 
 def test_demo_scenario_is_valid_and_overcommitted() -> None:

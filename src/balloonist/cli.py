@@ -10,6 +10,7 @@ written whole or not at all: ``agent-pyz`` builds next to its output and renames
 
 The simulator is reached through one seam, the :class:`Runner` passed to :func:`main`;
 by default it is ``balloonist.sim.runner.run_scenario``, imported when first needed.
+The demo's comparison hands it to worker processes, so it must pickle.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Final, Protocol, TextIO
+from typing import Final, TextIO
 
 from rich.console import Console
 
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.live import LiveView, ProgressLines, summary_table
+from balloonist.sim.compare import PolicyProgress, Runner, run_policies
 from balloonist.sim.result import Progress, SimResult
 from balloonist.sim.scenario import POLICY_NAMES, Scenario, load_scenario_or_demo
 
@@ -48,20 +50,13 @@ DEMO_PLOT_NAME: Final = "demo.png"
 DEMO_PACE_S: Final = 0.1
 MAX_PACE_S: Final = 10.0
 AGENT_PYZ_DEFAULT: Final = Path("balloonist-agent.pyz")
+DEMO_COMPARE_NAME: Final = "compare.json"
+#: Policies the demo compares its run with: what the tools people know do (oVirt's
+#: MoM, Proxmox's auto-ballooning) and a fixed share per guest; the scenario's own
+#: policy joins them when --policy chose another.
+DEMO_PEERS: Final = ("mom", "proxmox", "static")
 
 ProgressCallback = Callable[[Progress], None]
-
-
-class Runner(Protocol):
-    """The simulator as the CLI sees it (``balloonist.sim.runner.run_scenario``)."""
-
-    def __call__(
-        self,
-        scenario: Scenario,
-        *,
-        policy_name: str | None = None,
-        progress: ProgressCallback | None = None,
-    ) -> SimResult: ...
 
 
 def _default_runner() -> Runner:
@@ -144,15 +139,22 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="run the built-in demo scenario and watch it live",
         description="Run the built-in demo scenario (an overcommitted host with three "
-        "guests), show it live, then print a summary and write a plot.",
+        "guests), show it live, then print a summary and write a plot; then run it under "
+        "other policies in parallel and compare them side by side.",
     )
     demo.add_argument("--no-live", action="store_true", help="plain progress lines")
+    demo.add_argument(
+        "--no-compare",
+        action="store_true",
+        help=f"skip the comparison with other policies ({', '.join(DEMO_PEERS)}) "
+        "after the live run",
+    )
     demo.add_argument(
         "--out",
         type=Path,
         default=DEMO_OUT_DEFAULT,
         metavar="DIR",
-        help=f"where to write the plot (default: ./{DEMO_OUT_DEFAULT})",
+        help=f"where to write the plot and the comparison (default: ./{DEMO_OUT_DEFAULT})",
     )
     demo.add_argument("--policy", metavar="NAME", help=_policy_help())
     demo.add_argument(
@@ -256,7 +258,43 @@ def _cmd_demo(args: argparse.Namespace, io: _Io) -> int:
     report.plot_overview(result, plot)
     # Plain print: a path must not be wrapped or read as rich markup.
     print(f"plot written to {plot}", file=io.stdout, flush=True)
+    if not args.no_compare:
+        _demo_compare(scenario, result, io, console, out=out, live=live)
     return EXIT_OK
+
+
+def _demo_compare(
+    scenario: Scenario, result: SimResult, io: _Io, console: Console, *, out: Path, live: bool
+) -> None:
+    """Run the demo's peers in parallel; print them beside ``result``; write compare.json."""
+    from balloonist.atomicfile import write_atomic
+    from balloonist.compareview import CompareBars, CompareLines, compare_table, verdict
+
+    default = scenario.policy_name
+    peers = [name for name in (default, *DEMO_PEERS) if name != result.policy]
+    peers = list(dict.fromkeys(peers))  # the default may be a peer too
+    jobs = min(len(peers), os.cpu_count() or 1)
+    print(
+        f"comparing with {', '.join(peers)} ({jobs} processes at once)",
+        file=io.stdout,
+        flush=True,
+    )
+    view: AbstractContextManager[Callable[[PolicyProgress], None]]
+    if live:
+        view = CompareBars(console, peers, periods=scenario.periods)
+    else:
+        view = nullcontext(CompareLines(io.stdout, peers, periods=scenario.periods))
+    with view as progress:
+        results = run_policies(scenario, peers, jobs=jobs, progress=progress, runner=io.runner())
+
+    summaries = {result.policy: result.summary()}
+    summaries.update((name, r.summary()) for name, r in results.items())
+    note = "default" if result.policy == default else "--policy"
+    console.print(compare_table(summaries, baseline=result.policy, baseline_note=note))
+    print(verdict(summaries, baseline=result.policy, baseline_note=note), file=io.stdout)
+    path = out / DEMO_COMPARE_NAME
+    write_atomic(path, json.dumps(summaries, indent=2) + "\n")
+    print(f"comparison written to {path}", file=io.stdout, flush=True)
 
 
 def _cmd_simulate(args: argparse.Namespace, io: _Io) -> int:

@@ -7,7 +7,8 @@
      ├── BackendError           the hypervisor backend failed
      │    ├── TransientBackendError   worth retrying (disconnect, timeout)
      │    └── FatalBackendError       not worth retrying (no balloon device, refused)
-     └── SimulationError        the simulator found one of its invariants broken (a bug)
+     ├── SimulationError        the simulator found one of its invariants broken (a bug)
+     └── WorkerError            a process running a simulation died without an error of its own
 
 Library code raises these and never exits; only the CLI turns them into exit codes.
 """
@@ -53,3 +54,12 @@ class FatalBackendError(BackendError):
 
 class SimulationError(BalloonistError):
     """The simulator caught one of its own invariants broken: a bug, never user error."""
+
+
+class WorkerError(BalloonistError):
+    """A worker process running ``policy`` died (killed, out of memory) mid-run."""
+
+    def __init__(self, message: str, *, policy: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.policy = policy

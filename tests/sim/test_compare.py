@@ -1,0 +1,165 @@
+"""run_policies: the same results whichever process ran a policy; progress; failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from balloonist.errors import SimulationError, WorkerError
+from balloonist.model import HostState
+from balloonist.sim.compare import REPORTS_PER_RUN, PolicyProgress, run_policies
+from balloonist.sim.result import GuestProgress, Progress, SimResult
+from balloonist.sim.scenario import Scenario, scenario_from_dict
+
+# Overcommitted (two 192MiB guests on 256MiB) with shared processors, so the policies
+# disagree and both the memory and the CPU parts of the simulator draw random numbers.
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "host": {"memory": "256MiB", "swap": "512MiB", "cpus": 2},
+    "sim": {"duration_s": 8, "seed": 7},
+    "costs": {"reference_s": 1e-4},
+    "guests": [
+        {
+            "name": "zipf",
+            "memory": "192MiB",
+            "workload": {"kind": "zipf", "working_set": "160MiB", "skew": 0.8},
+            "cpus": 2,
+            "cpu_workload": {"kind": "parallel", "threads": 2, "work_per_round_cpu_s": 0.005},
+        },
+        {
+            "name": "scan",
+            "memory": "192MiB",
+            "workload": {"kind": "scan", "working_set": "120MiB"},
+            "cpus": 2,
+        },
+    ],
+}
+POLICIES = ("shares", "static", "mom")
+
+
+def _tiny() -> Scenario:
+    return scenario_from_dict(TINY, where="tiny", default_name="tiny")
+
+
+def _assert_same(a: SimResult, b: SimResult) -> None:
+    assert a.summary() == b.summary()
+    for field in dataclasses.fields(SimResult):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, np.ndarray):
+            assert np.array_equal(x, y), field.name
+    for ga, gb in zip(a.guests + a.cpus, b.guests + b.cpus, strict=True):
+        for field in dataclasses.fields(ga):
+            x, y = getattr(ga, field.name), getattr(gb, field.name)
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, field.name
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two processors for two workers")
+def test_parallel_runs_equal_serial_runs_with_the_real_simulator() -> None:
+    scenario = _tiny()
+    serial = run_policies(scenario, POLICIES, jobs=1)
+    parallel = run_policies(scenario, POLICIES, jobs=len(POLICIES))
+    assert list(serial) == list(parallel) == list(POLICIES)
+    for name in POLICIES:
+        assert parallel[name].policy == name
+        _assert_same(serial[name], parallel[name])
+    # The policies did differ, so equal results mean each ran the policy it was given.
+    throughputs = {r.summary()["aggregate"]["throughput_refs_per_s"] for r in serial.values()}
+    assert len(throughputs) == len(POLICIES)
+
+
+# ---------------------------------------------------------------------------------------
+# With a stand-in runner: module-level classes, so they pickle into the workers
+
+
+def _empty_result(scenario: Scenario, policy: str) -> SimResult:
+    n = scenario.periods
+    zeros = np.zeros(n, dtype=np.int64)
+    return SimResult(
+        scenario=scenario.name,
+        policy=policy,
+        seed=scenario.seed,
+        duration_s=scenario.duration_s,
+        period_s=scenario.period_s,
+        host_memory_bytes=scenario.host_memory_bytes,
+        time_s=np.arange(1, n + 1, dtype=np.float64),
+        host_free_bytes=zeros,
+        host_swap_used_bytes=zeros,
+        host_state=zeros,
+        guests=(),
+    )
+
+
+@dataclass
+class CountingRunner:
+    """Reports every period; fails for ``fail_for`` (raising, or killing its process)."""
+
+    fail_for: str | None = None
+    die: bool = False
+
+    def __call__(
+        self,
+        scenario: Scenario,
+        *,
+        policy_name: str | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> SimResult:
+        if policy_name == self.fail_for:
+            if self.die:
+                os._exit(3)  # as the kernel's OOM killer would leave it: no exception
+            raise SimulationError(f"broken invariant under {policy_name}")
+        for k in range(scenario.periods):
+            if progress is not None:
+                progress(_progress(k + 1, scenario.periods))
+        return _empty_result(scenario, policy_name or scenario.policy_name)
+
+
+def _progress(period: int, periods: int) -> Progress:
+    guest = GuestProgress("g", 1, 1, 1, 0, 1, 0.0, 0)
+    return Progress(period, periods, float(period), 1, 1, HostState.HIGH, (guest,))
+
+
+def _long(periods: int) -> Scenario:
+    return dataclasses.replace(_tiny(), duration_s=float(periods))
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_progress_reaches_the_end_of_every_run_in_at_most_a_hundred_reports(jobs: int) -> None:
+    scenario = _long(1000)
+    assert scenario.periods == 1000
+    reports: list[PolicyProgress] = []
+    results = run_policies(
+        scenario, POLICIES, jobs=jobs, progress=reports.append, runner=CountingRunner()
+    )
+    assert [r.policy for r in results.values()] == list(POLICIES)
+    for name in POLICIES:
+        mine = [r.period for r in reports if r.policy == name]
+        assert mine == sorted(mine)
+        assert mine[-1] == 1000
+        assert len(mine) <= REPORTS_PER_RUN + 1
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_runs_error_is_raised_to_the_caller(jobs: int) -> None:
+    runner = CountingRunner(fail_for="static")
+    with pytest.raises(SimulationError, match="broken invariant under static"):
+        run_policies(_tiny(), POLICIES, jobs=jobs, runner=runner)
+
+
+def test_a_worker_that_dies_is_an_error_naming_its_policy() -> None:
+    runner = CountingRunner(fail_for="mom", die=True)
+    with pytest.raises(WorkerError, match="policy 'mom'") as caught:
+        run_policies(_tiny(), ("mom", "static"), jobs=2, runner=runner)
+    assert caught.value.policy == "mom"
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="jobs"):
+        run_policies(_tiny(), POLICIES, jobs=0, runner=CountingRunner())
+    with pytest.raises(ValueError, match="distinct"):
+        run_policies(_tiny(), ("mom", "mom"), jobs=2, runner=CountingRunner())
