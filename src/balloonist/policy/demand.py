@@ -20,8 +20,10 @@ they once used. This policy starts from demand instead:
    what is left by their shares. So shares decide who wins when every guest needs
    more, a guest never gets less than the smaller of its demand and the level its
    shares give it, and idle memory (held but not demanded) is the first to go: the
-   idle tax at its strongest. Memory nobody demands is left with the guests that
-   hold it, then spread by shares, so nothing is reclaimed that nobody needs.
+   idle tax at its strongest. Memory left over goes first to guests that stall (by
+   shares, up to their limits: their demand is a step, and they may need more), then
+   stays with the guests that hold it, then is spread by shares, so nothing is
+   reclaimed that nobody needs.
    Reservations (``min``) and limits (``max``) bound every step.
 3. **Balloon registers** partition the host: a guest may use at most
    ``memory - register`` and the allocations add up to the host less a small margin,
@@ -188,16 +190,23 @@ def water_fill(shares: F64, floors: I64, caps: I64, available_bytes: int) -> I64
     )
 
 
-def allocations_bytes(guests: _Guests, demand: I64, available_bytes: int) -> I64:
-    """Step 2 of the module docstring: demand by shares, then what guests hold, then
-    the rest by shares."""
+def allocations_bytes(
+    guests: _Guests, demand: I64, short: npt.NDArray[np.bool_], available_bytes: int
+) -> I64:
+    """Step 2 of the module docstring: demand by shares; then, for guests ``short`` of
+    memory (stalled), whatever more they may take, by shares; then what guests hold;
+    then the rest by shares."""
     wanted = np.clip(demand, guests.mins, guests.maxes)
     met = water_fill(guests.shares, guests.mins, wanted, available_bytes)
-    if int(met.sum()) + PAGE_SIZE_BYTES >= available_bytes:
-        return met
-    holding = np.clip(guests.held, met, guests.maxes)
-    kept = water_fill(guests.shares, met, holding, available_bytes)
-    return water_fill(guests.shares, kept, guests.maxes, available_bytes)
+    for caps in (
+        np.where(short, guests.maxes, met),
+        np.clip(guests.held, met, guests.maxes),
+        guests.maxes,
+    ):
+        if int(met.sum()) + PAGE_SIZE_BYTES >= available_bytes:
+            break
+        met = water_fill(guests.shares, met, caps, available_bytes)
+    return met
 
 
 def registers_bytes(guests: _Guests, allocations: I64, host_free_bytes: int, margin: int) -> I64:
@@ -249,7 +258,8 @@ class DemandPolicy:
         guests = _Guests.of(views)
         margin = int(host.memory_bytes * self.margin_fraction)
         available = host.memory_bytes - margin
-        allocations = allocations_bytes(guests, demand_bytes(views), available)
+        short = np.array([stall_fraction(g) >= STALL_THRESHOLD for g in views], dtype=np.bool_)
+        allocations = allocations_bytes(guests, demand_bytes(views), short, available)
         registers = registers_bytes(guests, allocations, host.free_bytes, margin)
         mechanisms = self._mechanisms(host.state, guests)
         # While the host may page, it pages only the guests a balloon cannot serve:

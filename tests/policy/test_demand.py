@@ -1,0 +1,200 @@
+"""The demand policy: demand met, shares deciding contention, the host partitioned by
+balloons, and its invariants on random hosts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balloonist.model import GuestView, HostState, MemoryPressure, Snapshot
+from balloonist.policy.demand import (
+    DEAD_BAND_BYTES,
+    STALL_THRESHOLD,
+    DemandPolicy,
+    demand_bytes,
+    stall_fraction,
+    water_fill,
+)
+from balloonist.units import MIB, PAGE_SIZE_BYTES
+
+from .snapshots import allocations_mib, balloons_mib, guest, snapshot
+
+POLICY = DemandPolicy(margin_fraction=0.0)  # the whole host on offer: round numbers
+
+
+def stalled(view: GuestView, fraction: float = 0.5) -> GuestView:
+    return dataclasses.replace(view, pressure=MemoryPressure(1000.0, fraction))
+
+
+def calm(view: GuestView) -> GuestView:
+    return dataclasses.replace(view, pressure=MemoryPressure(0.0, 0.0))
+
+
+def test_demand_that_fits_is_met_and_the_rest_left_where_it_is_held() -> None:
+    a = calm(guest("a", memory_mib=600, working_set_mib=300, register_mib=100))
+    b = calm(guest("b", memory_mib=600, working_set_mib=200, register_mib=300))
+    d = POLICY.decide(snapshot(a, b, host_mib=1000, free_mib=200))
+    alloc = allocations_mib(d)
+    assert alloc[0] >= 300 * 1.1 and alloc[1] >= 200 * 1.1  # working set and headroom
+    # Nobody needs what they hold beyond it: a keeps its 500, b its 300.
+    assert alloc == [500, 300 + 200]  # what is left over goes by shares, up to max
+
+
+def test_a_stalled_guest_takes_what_an_idle_guest_no_longer_uses() -> None:
+    busy = stalled(guest("busy", memory_mib=1000, working_set_mib=500, register_mib=500))
+    idle = calm(guest("idle", memory_mib=1000, working_set_mib=0, register_mib=500))
+    d = POLICY.decide(snapshot(busy, idle, host_mib=1000, free_mib=0))
+    alloc = allocations_mib(d)
+    assert alloc[1] <= 10  # only the contended headroom is left to the idle guest
+    assert alloc[0] == 1000 - alloc[1]
+    # Its balloon inflates at once; busy's deflates only into memory free now (none).
+    assert balloons_mib(d) == [500, 1000 - alloc[1]]
+
+
+def test_shares_decide_when_every_guest_needs_more() -> None:
+    big = stalled(guest("big", memory_mib=1000, shares=3000, register_mib=500))
+    small = stalled(guest("small", memory_mib=1000, shares=1000, register_mib=500))
+    d = POLICY.decide(snapshot(big, small, host_mib=1000))
+    assert allocations_mib(d) == [750, 250]
+
+
+def test_a_growing_guest_deflates_only_into_free_memory() -> None:
+    grows = stalled(guest("grows", memory_mib=1000, working_set_mib=300, register_mib=700))
+    idle = calm(guest("idle", memory_mib=1000, register_mib=300))
+    d = POLICY.decide(snapshot(grows, idle, host_mib=1000, free_mib=100))
+    # It may reach 1000 - 10 (idle's headroom), but only 100 MiB are free now.
+    assert balloons_mib(d)[0] == 700 - 100
+
+
+def test_small_changes_leave_the_register_alone() -> None:
+    a = calm(guest("a", memory_mib=1000, working_set_mib=400, register_mib=500))
+    b = calm(guest("b", memory_mib=1000, working_set_mib=400, register_mib=500))
+    base = POLICY.decide(snapshot(a, b, host_mib=1000, free_mib=0))
+    assert balloons_mib(base) == [500, 500]
+    nudged = dataclasses.replace(
+        a,
+        sample=dataclasses.replace(
+            a.sample, balloon_target_bytes=(500 * MIB) - DEAD_BAND_BYTES // 2
+        ),
+    )
+    d = POLICY.decide(snapshot(nudged, b, host_mib=1000, free_mib=0))
+    assert d.targets[0].balloon_bytes == nudged.sample.balloon_target_bytes
+
+
+def test_stall_time_is_preferred_and_faults_stand_in_for_it() -> None:
+    g = guest("g")
+    assert stall_fraction(g) == 0.0  # no rates yet
+    assert stall_fraction(dataclasses.replace(g, pressure=MemoryPressure(10.0, 0.3))) == 0.3
+    faults_only = dataclasses.replace(g, pressure=MemoryPressure(1000.0, None))
+    assert 0.0 < stall_fraction(faults_only) < 1.0
+
+
+def test_while_memory_is_contended_others_are_judged_by_their_recent_working_set() -> None:
+    busy = stalled(guest("busy", working_set_mib=900))
+    quiet = dataclasses.replace(
+        calm(guest("quiet", working_set_mib=600)), recent_working_set_bytes=100 * MIB
+    )
+    assert demand_bytes([busy, quiet])[1] < 120 * MIB
+    assert demand_bytes([calm(busy), quiet])[1] > 600 * MIB  # nobody stalls: no hurry
+
+
+def test_only_guests_a_balloon_cannot_serve_are_host_paged() -> None:
+    coop = stalled(guest("coop", memory_mib=1000, register_mib=200))
+    rogue = calm(guest("rogue", memory_mib=1000, balloon=False, working_set_mib=100))
+    for state in HostState:
+        d = POLICY.decide(snapshot(coop, rogue, host_mib=1000, state=state))
+        paging = state.rank >= HostState.HARD.rank
+        assert d.mechanisms.host_paging is paging
+        assert d.targets[1].balloon_bytes == 0  # no driver: no register
+        if paging:  # the cooperating guest's cap never lies below what it may hold now
+            assert d.targets[0].allocation_bytes >= coop.spec.memory_bytes - 200 * MIB
+    all_coop = POLICY.decide(snapshot(coop, calm(guest("b")), host_mib=1000, state=HostState.LOW))
+    assert not all_coop.mechanisms.host_paging
+
+
+# -- invariants on random hosts ----------------------------------------------------------
+
+
+@st.composite
+def hosts(draw: st.DrawFn) -> tuple[Snapshot, DemandPolicy]:
+    n = draw(st.integers(1, 8))
+    views = []
+    for i in range(n):
+        memory = draw(st.integers(64, 4096))
+        limit = draw(st.integers(16, memory))
+        reservation = draw(st.integers(0, limit)) if draw(st.booleans()) else 0
+        register = draw(st.integers(0, memory))
+        view = guest(
+            f"g{i}",
+            memory_mib=memory,
+            working_set_mib=draw(st.integers(0, memory)),
+            shares=draw(st.integers(1, 8)) * 1000,
+            min_mib=reservation,
+            max_mib=limit,
+            balloon=draw(st.booleans()) or i == 0,
+            register_mib=register,
+        )
+        stall = draw(st.sampled_from([None, 0.0, 0.02, STALL_THRESHOLD, 0.9]))
+        if stall is not None:
+            view = dataclasses.replace(view, pressure=MemoryPressure(0.0, stall))
+        views.append(view)
+    reserved = sum(v.spec.min_bytes for v in views) // MIB
+    host = draw(st.integers(max(64, reserved), 16384))
+    state = draw(st.sampled_from(list(HostState)))
+    free = draw(st.integers(0, host))
+    margin = draw(st.sampled_from([0.0, 0.02, 0.1]))
+    return snapshot(*views, host_mib=host, free_mib=free, state=state), DemandPolicy(
+        margin_fraction=margin
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(hosts())
+def test_bounds_hold_and_the_host_is_never_promised_twice(
+    case: tuple[Snapshot, DemandPolicy],
+) -> None:
+    snap, policy = case
+    d = policy.decide(snap)
+    allocations = []
+    for view, target in zip(snap.guests, d.targets, strict=True):
+        spec = view.spec
+        register = target.balloon_bytes
+        if not spec.balloon:
+            assert register == 0
+            allocations.append(target.allocation_bytes)
+            continue
+        assert 0 <= register <= spec.memory_bytes
+        assert spec.memory_bytes - register <= spec.limit_bytes  # the limit holds always
+        if not d.mechanisms.host_paging:
+            assert spec.min_bytes <= target.allocation_bytes <= spec.limit_bytes
+        allocations.append(target.allocation_bytes)
+    reserved = sum(v.spec.min_bytes for v in snap.guests)
+    available = snap.host.memory_bytes - int(snap.host.memory_bytes * policy.margin_fraction)
+    if not d.mechanisms.host_paging and reserved <= available:
+        assert sum(allocations) <= available
+
+
+@settings(max_examples=300, deadline=None)
+@given(hosts())
+def test_no_guest_gets_less_than_its_demand_or_its_share(
+    case: tuple[Snapshot, DemandPolicy],
+) -> None:
+    snap, policy = case
+    d = policy.decide(snap)
+    if d.mechanisms.host_paging:
+        return  # caps of cooperating guests are raised then; the property is about targets
+    guests = snap.guests
+    shares = np.array([float(g.spec.shares) for g in guests])
+    mins = np.array([g.spec.min_bytes for g in guests], dtype=np.int64)
+    maxes = np.array([g.spec.limit_bytes for g in guests], dtype=np.int64)
+    available = snap.host.memory_bytes - int(snap.host.memory_bytes * policy.margin_fraction)
+    if int(mins.sum()) > available:
+        return
+    static = water_fill(shares, mins, maxes, available)
+    wanted = np.clip(demand_bytes(guests), mins, maxes)
+    slack = len(guests) * PAGE_SIZE_BYTES  # whole-page rounding
+    for g, target, want, share in zip(guests, d.targets, wanted, static, strict=True):
+        assert target.allocation_bytes >= min(int(want), int(share)) - slack, g.name
