@@ -68,8 +68,6 @@ def check_options(
     report: Path | None,
     ray: str | None,
 ) -> SuiteOptions:
-    from balloonist.report import check_report_dir
-
     if not 1 <= count <= MAX_COUNT:
         raise ConfigError(f"must be between 1 and {MAX_COUNT}, got {count}", where="--count")
     if not 0 <= seed < 2**63:
@@ -79,6 +77,8 @@ def check_options(
     if jobs_n < 1:
         raise ConfigError(f"must be at least 1, got {jobs_n}", where="--jobs")
     if report is not None:
+        from balloonist.report import check_report_dir  # matplotlib: only when needed
+
         check_report_dir(report)
     if ray is not None:
         from balloonist.suite.executors import ray_available
