@@ -190,6 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-live", action="store_true", help="plain progress lines")
     sim.set_defaults(command=_cmd_simulate)
 
+    _add_suite_parser(sub)
+
     pyz = sub.add_parser(
         "agent-pyz",
         help="build balloonist-agent.pyz, the in-guest balloon agent as one file",
@@ -210,6 +212,45 @@ def _parser() -> argparse.ArgumentParser:
     vmcli.add_commands(sub, _plain_command)
     apicli.add_commands(sub, _plain_command)
     return parser
+
+
+def _add_suite_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    suite = sub.add_parser(
+        "suite",
+        help="run every policy on many generated overcommitted hosts",
+        description="Generate overcommitted hosts from a seed, run each policy on every "
+        "one in parallel, and print how each policy does relative to the bound "
+        "(docs/suite.md).",
+    )
+    suite.add_argument(
+        "--count", type=int, default=200, metavar="N", help="scenarios (default: 200)"
+    )
+    suite.add_argument(
+        "--seed", type=int, default=1, metavar="S", help="generator seed (default: 1)"
+    )
+    suite.add_argument(
+        "--policies",
+        metavar="P,...",
+        help=f"comma-separated policies (default: all of {','.join(POLICY_NAMES)})",
+    )
+    suite.add_argument(
+        "--jobs", type=int, metavar="J", help="runs at once (default: the machine's CPUs)"
+    )
+    suite.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="write records.json, summary.json, scenarios/*.toml and suite.png into DIR "
+        "(must not exist, or be empty)",
+    )
+    suite.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on a Ray cluster at ADDRESS, or on a local Ray instance without one",
+    )
+    suite.set_defaults(command=_cmd_suite)
 
 
 def _plain_command(
@@ -332,6 +373,21 @@ def _cmd_simulate(args: argparse.Namespace, io: _Io) -> int:
     out.print(summary_table(result.summary()))
     if report_dir is not None:
         print(f"report written to {report_dir}", file=io.stdout, flush=True)
+    return EXIT_OK
+
+
+def _cmd_suite(args: argparse.Namespace, io: _Io) -> int:
+    from balloonist.suite import command
+
+    options = command.check_options(
+        count=args.count,
+        seed=args.seed,
+        policies=args.policies,
+        jobs=args.jobs,
+        report=args.report,
+        ray=args.ray,
+    )
+    command.run_suite_command(options, io.stdout)
     return EXIT_OK
 
 
