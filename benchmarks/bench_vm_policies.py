@@ -14,13 +14,20 @@ guests are booted afresh for every policy, with the same schedules and budget:
 
 Why these sizes: 3 x 512 MiB is 1536 MiB, 1.4x the budget. Before the phase change
 the guests need about 830 MiB (working sets plus ~45 MiB of kernel each), so the
-budget holds them all with 64 MiB available each (the daemon's floor); after it, the
-grower needs ~450 MiB, and the budget holds that only if the burst guest's idle
+budget could hold them all with 64 MiB available each (the daemon's floor); after it,
+the grower needs ~450 MiB, and the budget holds that only if the burst guest's idle
 memory is taken back. A policy that is slow to take it, or to give it, leaves the
 grower faulting its working set in against a full balloon: Linux then reclaims and
 deflates the balloon a page batch at a time (deflate-on-oom), which is what costs
 throughput. The guests have no swap, so major faults stay near zero; they are
 reported as the daemon reads them (virtio-balloon statistics).
+
+Nothing on this host enforces the budget but the policy: QEMU's memory is plain host
+memory, and the daemon's floor (``daemon/pacing.py``, rule 2) deflates any guest left
+with less than 64 MiB available, whatever the policy wished. A policy that keeps the
+guests over the budget therefore costs them nothing here, so each run also records
+the guests' total allocation (mean, peak) and the periods it spent over the budget:
+read the throughput next to them.
 
 Throughput is touchmem's own count: pages written per second (one byte into each
 4 KiB page of the working set, sweep after sweep), the mean of its once-a-second
