@@ -1,0 +1,311 @@
+"""The daemon's default policy against its peers on real guests whose workloads change
+phase: each guest's throughput, measured inside the guest, and its major faults.
+
+Three 512 MiB test guests (virtio-balloon, touchmem) share a 1100 MiB budget under the
+daemon, once per policy, back to back: the default policy (the daemon's config
+default, whatever it is when this runs), then ``mom``, ``proxmox`` and ``static``. The
+guests are booted afresh for every policy, with the same schedules and budget:
+
+- "grow": 100 MiB working set, stepping up to 400 MiB a third of the way in, and
+  staying there;
+- "burst": 380 MiB from the start, nothing from a quarter of the way in (touchmem
+  gives it back to the guest kernel and sleeps);
+- "steady": 200 MiB throughout.
+
+Why these sizes: 3 x 512 MiB is 1536 MiB, 1.4x the budget. Before the phase change
+the guests need about 830 MiB (working sets plus ~45 MiB of kernel each), so the
+budget could hold them all with 64 MiB available each (the daemon's floor); after it,
+the grower needs ~450 MiB, and the budget holds that only if the burst guest's idle
+memory is taken back. A policy that is slow to take it, or to give it, leaves the
+grower faulting its working set in against a full balloon: Linux then reclaims and
+deflates the balloon a page batch at a time (deflate-on-oom), which is what costs
+throughput. The guests have no swap, so major faults stay near zero; they are
+reported as the daemon reads them (virtio-balloon statistics).
+
+Nothing on this host enforces the budget but the policy: QEMU's memory is plain host
+memory, and the daemon's floor (``daemon/pacing.py``, rule 2) deflates any guest left
+with less than 64 MiB available, whatever the policy wished. A policy that keeps the
+guests over the budget therefore costs them nothing here, so each run also records
+the guests' total allocation (mean, peak) and the periods it spent over the budget:
+read the throughput next to them.
+
+Throughput is touchmem's own count: pages written per second (one byte into each
+4 KiB page of the working set, sweep after sweep), the mean of its once-a-second
+``BALLOONIST-WORK`` reports from t = 1 s to the end of the run, by touchmem's clock.
+Under TCG the guests compete for the host's processors, so throughput also moves with
+the host's load: the load average is recorded before and after each policy.
+
+``--quick``: 40 s per policy instead of 180 s, written to ``vm_policies_quick.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from statistics import fmean
+from typing import Any, Final
+
+from _common import write_result
+from _vm import ACCEL, assets, lines, state_dir, stop_all, wait_line
+from balloonist.daemon.config import DAEMON_POLICIES, DaemonConfig
+from balloonist.daemon.service import Daemon
+from balloonist.qemu import launcher
+from balloonist.units import MIB, parse_size_bytes
+
+GUEST_MIB: Final = 512
+#: 1536 MiB of guests over this budget: overcommitted 1.4x (see the docstring).
+BUDGET: Final = "1100MiB"
+#: The guests' floor for the policies: enough for the kernel and a quiet touchmem.
+MIN_MIB: Final = 128
+#: The default's peers, in the order they run after it.
+PEERS: Final = ("mom", "proxmox", "static")
+FULL_S: Final = 180.0
+QUICK_S: Final = 40.0
+#: Three guests booting at once under TCG on a busy 2-core host take 15-40 s.
+BOOT_TIMEOUT_S: Final = 180.0
+#: How long after the run's length the slowest guest's touchmem may take to report it.
+TAIL_TIMEOUT_S: Final = 60.0
+#: The daemon's period (its default).
+PERIOD_S: Final = 1.0
+
+_WORK_RE: Final = re.compile(r"BALLOONIST-WORK t=(\d+) ws_mib=(\d+) .*pages_per_s=(\d+)")
+#: The guest kernel's console line when it kills a process for memory.
+_OOM_RE: Final = re.compile(r"Out of memory|oom-kill")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One guest's touchmem schedule: (working set MiB, from this fraction of the run)."""
+
+    name: str
+    phases: tuple[tuple[int, float], ...]
+
+    def schedule(self, duration_s: float) -> str:
+        return ",".join(f"{ws}@{round(at * duration_s)}" for ws, at in self.phases)
+
+
+WORKLOADS: Final = (
+    Workload("grow", ((100, 0.0), (400, 1 / 3))),
+    Workload("burst", ((380, 0.0), (0, 1 / 4))),
+    Workload("steady", ((200, 0.0),)),
+)
+
+
+@dataclass
+class Trace:
+    """What the daemon saw, once a period: each guest's allocation and major faults."""
+
+    allocated_bytes: dict[str, list[int]] = field(default_factory=dict)
+    major_faults: dict[str, list[int]] = field(default_factory=dict)
+    totals_bytes: list[int] = field(default_factory=list)
+    #: Processors each guest's QEMU used while the daemon ran, on average (1.0: one).
+    cpu_share: dict[str, float] = field(default_factory=dict)
+
+
+def work_reports(record: launcher.VMRecord) -> list[tuple[int, int, int]]:
+    """(t_s, ws_mib, pages_per_s) of every BALLOONIST-WORK line so far."""
+    return [
+        (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        for line in lines(record)
+        if (m := _WORK_RE.search(line))
+    ]
+
+
+def _last_t_s(record: launcher.VMRecord) -> int:
+    reports = work_reports(record)
+    return reports[-1][0] if reports else -1
+
+
+def qemu_cpu_s(record: launcher.VMRecord) -> float:
+    """Processor time QEMU has used (user + system, all threads), from /proc."""
+    assert record.pid is not None  # we started it
+    with open(f"/proc/{record.pid}/stat", encoding="ascii") as fh:
+        # fields after the command name, which is in parentheses and may hold spaces
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def boot_guests(state: launcher.StateDir, duration_s: float) -> dict[str, launcher.VMRecord]:
+    """All three at once (QEMU detaches), then wait for each to be up."""
+    guest = assets()
+    records = {
+        w.name: launcher.start_vm(
+            state,
+            guest.start_request(
+                w.name,
+                GUEST_MIB * MIB,
+                work=w.schedule(duration_s),
+                accel=ACCEL,
+                min_bytes=MIN_MIB * MIB,
+            ),
+        )
+        for w in WORKLOADS
+    }
+    for record in records.values():
+        wait_line(record, "BALLOONIST-READY", BOOT_TIMEOUT_S)
+    return records
+
+
+def drive(daemon: Daemon, records: dict[str, launcher.VMRecord], duration_s: float) -> Trace:
+    """Step the daemon once a period until every touchmem has run ``duration_s``."""
+    trace = Trace()
+    begun = time.monotonic()
+    deadline = begun + duration_s + TAIL_TIMEOUT_S
+    cpu_begun = {name: qemu_cpu_s(r) for name, r in records.items()}
+    while min(_last_t_s(r) for r in records.values()) < duration_s:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"a guest's touchmem did not reach t={duration_s:.0f} s")
+        started = time.monotonic()
+        cycle = daemon.step()
+        if cycle is not None and len(cycle.snapshot.guests) == len(records):
+            for view in cycle.snapshot.guests:
+                name = view.spec.name
+                trace.allocated_bytes.setdefault(name, []).append(view.sample.allocated_bytes)
+                trace.major_faults.setdefault(name, []).append(view.sample.major_faults)
+            trace.totals_bytes.append(sum(v.sample.allocated_bytes for v in cycle.snapshot.guests))
+        daemon.idle(max(0.0, PERIOD_S - (time.monotonic() - started)))
+    wall_s = time.monotonic() - begun
+    for name, r in records.items():
+        trace.cpu_share[name] = (qemu_cpu_s(r) - cpu_begun[name]) / wall_s
+    return trace
+
+
+def guest_figures(
+    record: launcher.VMRecord, workload: Workload, trace: Trace, duration_s: float
+) -> dict[str, Any]:
+    reports = [r for r in work_reports(record) if 1 <= r[0] <= duration_s]
+    # Each phase from its own start to the next one's, by touchmem's clock.
+    bounds = [at * duration_s for _, at in workload.phases] + [duration_s + 1]
+    phases = {
+        f"{ws}MiB@{start:.0f}s": _mean([p for t, _, p in reports if start <= t < end])
+        for (ws, _), start, end in zip(workload.phases, bounds, bounds[1:], strict=False)
+    }
+    faults = trace.major_faults.get(record.name, [0])
+    throughput = _mean([p for _, _, p in reports])
+    share = trace.cpu_share[record.name]
+    return {
+        "throughput_pages_per_s": throughput,
+        # the same per processor-second QEMU got: less sensitive to the host's load
+        "qemu_cpu_share": round(share, 3),
+        "throughput_pages_per_qemu_cpu_s": round(throughput / share) if share > 0 else 0,
+        "throughput_by_phase_pages_per_s": phases,
+        "reports": len(reports),
+        "major_faults": faults[-1] - faults[0],
+        "mean_allocation_mib": round(fmean(trace.allocated_bytes.get(record.name, [0])) / MIB, 1),
+        "oom_kill_lines": sum(1 for line in lines(record) if _OOM_RE.search(line)),
+    }
+
+
+def run_policy(policy: str, duration_s: float) -> dict[str, Any]:
+    """Fresh guests, the daemon under ``policy`` for ``duration_s``, then stop them."""
+    load_before = os.getloadavg()[0]
+    state = state_dir()
+    try:
+        records = boot_guests(state, duration_s)
+        config = DaemonConfig.model_validate(
+            {"daemon": {"budget": BUDGET, "period_s": PERIOD_S}, "policy": {"name": policy}}
+        )
+        daemon = Daemon(config, state)
+        lead_s = {name: max(0, _last_t_s(r)) for name, r in records.items()}
+        try:
+            trace = drive(daemon, records, duration_s)
+        finally:
+            daemon.close()
+        guests = {w.name: guest_figures(records[w.name], w, trace, duration_s) for w in WORKLOADS}
+    finally:
+        stop_all(state)
+    budget_bytes = parse_size_bytes(BUDGET)
+    return {
+        "guests": guests,
+        "total_throughput_pages_per_s": round(
+            sum(g["throughput_pages_per_s"] for g in guests.values())
+        ),
+        "total_pages_per_qemu_cpu_s": round(
+            sum(g["throughput_pages_per_s"] for g in guests.values())
+            / sum(g["qemu_cpu_share"] for g in guests.values())
+        ),
+        "total_allocation_mib_mean": round(fmean(trace.totals_bytes) / MIB, 1),
+        "total_allocation_mib_peak": round(max(trace.totals_bytes) / MIB, 1),
+        "periods_over_budget": sum(1 for b in trace.totals_bytes if b > budget_bytes),
+        "periods": len(trace.totals_bytes),
+        "workload_s_before_daemon": lead_s,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def over_best_peer(
+    results: dict[str, dict[str, Any]], order: list[str], figure: str
+) -> tuple[str, float]:
+    """The best peer by ``figure`` (order[0] is the default), and default / best peer."""
+    best = max(order[1:], key=lambda p: float(results[p][figure]))
+    return best, float(results[order[0]][figure]) / float(results[best][figure])
+
+
+def _mean(values: list[int]) -> float:
+    return round(fmean(values)) if values else 0.0
+
+
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [f"{'policy':>8} " + " ".join(f"{w.name + ' pages/s':>16}" for w in WORKLOADS)]
+    rows[0] += f" {'total pages/s':>14} {'per cpu-s':>10} {'majflt':>7} {'alloc MiB (mean)':>18}"
+    for policy, r in results.items():
+        g = r["guests"]
+        row = f"{policy:>8} " + " ".join(
+            f"{g[w.name]['throughput_pages_per_s']:>16,.0f}" for w in WORKLOADS
+        )
+        faults = sum(g[w.name]["major_faults"] for w in WORKLOADS)
+        alloc = "/".join(f"{g[w.name]['mean_allocation_mib']:.0f}" for w in WORKLOADS)
+        rows.append(
+            f"{row} {r['total_throughput_pages_per_s']:>14,} "
+            f"{r['total_pages_per_qemu_cpu_s']:>10,} {faults:>7} {alloc:>18}"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_S:.0f} s per policy")
+    args = parser.parse_args()
+    duration_s = QUICK_S if args.quick else FULL_S
+    default = DaemonConfig().policy.name
+    order = [default, *(p for p in PEERS if p != default)]
+    assert all(p in DAEMON_POLICIES for p in order), order
+    results: dict[str, dict[str, Any]] = {}
+    for policy in order:
+        print(f"{policy}: booting 3 guests, {duration_s:.0f} s of workload ...", flush=True)
+        results[policy] = run_policy(policy, duration_s)
+        print(f"{policy}: {results[policy]}", flush=True)
+    best_peer, ratio = over_best_peer(results, order, "total_throughput_pages_per_s")
+    best_peer_cpu, ratio_cpu = over_best_peer(results, order, "total_pages_per_qemu_cpu_s")
+    print(_table(results))
+    print(f"default ({default}) / best peer ({best_peer}): {ratio:.3f} in pages/s")
+    print(f"default ({default}) / best peer ({best_peer_cpu}): {ratio_cpu:.3f} per QEMU cpu-s")
+    accel = launcher.resolve_accel(ACCEL, launcher.qemu_binary())
+    path = write_result(
+        "vm_policies_quick" if args.quick else "vm_policies",
+        {
+            "accel": accel,
+            "duration_s": duration_s,
+            "guest_mib": GUEST_MIB,
+            "min_mib": MIN_MIB,
+            "budget": BUDGET,
+            "schedules": {w.name: w.schedule(duration_s) for w in WORKLOADS},
+            "throughput_unit": "pages written per second by touchmem (4 KiB pages)",
+            "major_faults_source": "virtio-balloon statistics (stat-major-faults), run's delta",
+            "default_policy": default,
+            "order": order,
+            "policies": results,
+            "best_peer": best_peer,
+            "default_over_best_peer": round(ratio, 4),
+            "best_peer_per_qemu_cpu_s": best_peer_cpu,
+            "default_over_best_peer_per_qemu_cpu_s": round(ratio_cpu, 4),
+        },
+    )
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
