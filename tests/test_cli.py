@@ -26,6 +26,7 @@ from balloonist import cli, report
 from balloonist.errors import SimulationError
 from balloonist.live import LiveView, ProgressLines, format_rate, render_progress
 from balloonist.model import HostState
+from balloonist.policy import DEFAULT_POLICY
 from balloonist.sim.result import (
     HOST_STATE_CODES,
     GuestProgress,
@@ -438,7 +439,7 @@ def test_demo_live_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "\x1b[" in stdout.getvalue()  # drawn as a live terminal view
     assert "120/120" in stdout.getvalue()  # the comparison's bars, full at the end
     # --policy's run is the baseline; the scenario's default joins the peers.
-    assert list(_compare_json(tmp_path)) == ["static", "shares", "mom", "proxmox"]
+    assert list(_compare_json(tmp_path)) == ["static", DEFAULT_POLICY, "mom", "proxmox"]
     assert "static (--policy)" in stdout.getvalue()
 
 
@@ -454,7 +455,7 @@ def test_demo_compares_the_default_with_its_peers(
     result = run_cli(capsys, "demo", "--no-live", "--out", str(tmp_path), runner=runner)
     assert result.code == 0, result.err
     compared = _compare_json(tmp_path)
-    assert list(compared) == ["shares", "mom", "proxmox", "static"]  # the default first
+    assert list(compared) == [DEFAULT_POLICY, "mom", "proxmox", "static"]  # the default first
     for name, summary in compared.items():
         assert summary["policy"] == name  # each peer ran under its own name
     assert compared["mom"]["aggregate"]["throughput_refs_per_s"] == 9000.0
@@ -462,8 +463,8 @@ def test_demo_compares_the_default_with_its_peers(
     rows = {line.split("│")[1].strip(): line for line in result.out.splitlines() if "│" in line}
     assert "1.50x" in rows["mom"]
     assert "0.50x" in rows["static"]
-    assert "1.00x" in rows["shares (default)"]
-    assert "mom won: 1.50x the throughput of shares (default)" in result.out
+    assert "1.00x" in rows[f"{DEFAULT_POLICY} (default)"]
+    assert f"mom won: 1.50x the throughput of {DEFAULT_POLICY} (default)" in result.out
     assert f"comparison written to {tmp_path / 'compare.json'}" in result.out
 
 

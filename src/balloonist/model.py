@@ -219,6 +219,9 @@ class Mechanisms:
     balloon: bool = True  # write balloon targets (inflate/deflate)
     host_paging: bool = False  # page out guests above their allocation target
     block_over_target: bool = False  # stop guests above target from allocating
+    #: Host paging reaches guests with a balloon too; off, only guests without one,
+    #: whose memory no balloon can take (the others are left to their balloons).
+    host_paging_ballooned: bool = True
 
     @classmethod
     def for_state(cls, state: HostState) -> Mechanisms:

@@ -24,7 +24,8 @@ from balloonist.daemon.service import DaemonLoop
 from balloonist.daemon.sim_backend import SimBackend, sim_daemon
 from balloonist.daemon.statefile import STATE_FILE
 from balloonist.errors import ConfigError
-from balloonist.policy.shares import SharesPolicy
+from balloonist.policy import DEFAULT_POLICY
+from balloonist.policy.demand import DemandPolicy
 from balloonist.sim.scenario import Scenario, scenario_from_dict
 from balloonist.units import MIB, PAGE_SIZE_BYTES
 
@@ -124,7 +125,7 @@ def test_the_loop_publishes_a_status_every_period_at_the_speed_asked(tmp_path: P
     assert times == sorted(set(times))
     for s in seen:
         assert {g.name for g in s.guests} == set(GUESTS)
-        assert s.policy.name == "shares" and s.policy.tax_rate == 0.75
+        assert s.policy.name == DEFAULT_POLICY and s.policy.tax_rate == 0.75
         assert s.counters["cycles_skipped"] == 0
     # One simulated period per version.
     assert seen[-1].time_s - seen[0].time_s == seen[-1].version - seen[0].version
@@ -274,9 +275,9 @@ def test_a_tax_change_rebuilds_the_policy_at_the_next_period_and_survives_a_rest
     daemon.step()
     assert status(daemon).policy.tax_rate == 0.25
     policy = daemon.scheduler.policy
-    assert isinstance(policy, SharesPolicy) and policy.tax_rate == 0.25
+    assert isinstance(policy, DemandPolicy) and policy.tax_rate == 0.25
     assert state_file(tmp_path)["policy"] == {
-        "name": "shares",
+        "name": DEFAULT_POLICY,
         "tax_rate": 0.25,
         "changed_tax_rate": 0.25,
     }

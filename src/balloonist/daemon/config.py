@@ -10,7 +10,7 @@ processors = "2-7"         # host processors agent VMs' vCPUs share (the CPU bal
                            # default: none, processors are left alone
 
 [policy]
-name = "shares"            # shares, static, proxmox or mom
+name = "demand"            # demand, shares, static, proxmox or mom
 tax_rate = 0.75
 
 [vms.web]                  # per-VM overrides of what `vm start` recorded
@@ -34,10 +34,11 @@ from balloonist.config import Strict, check_policy_name, check_size, read_toml, 
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo
+from balloonist.policy import DEFAULT_POLICY
 from balloonist.qemu.launcher import VMRecord
 from balloonist.units import MIB, format_size, parse_size_bytes
 
-DAEMON_POLICIES = ("shares", "static", "proxmox", "mom")
+DAEMON_POLICIES = ("demand", "shares", "static", "proxmox", "mom")
 #: Host memory kept out of the VMs' budget by default: the host kernel, QEMU's own
 #: memory and page cache need room, and 10 % scales that with the host.
 MIN_RESERVE_BYTES = 512 * MIB
@@ -69,7 +70,7 @@ class DaemonTable(Strict):
 
 
 class PolicyTable(Strict):
-    name: str = "shares"
+    name: str = DEFAULT_POLICY
     tax_rate: float = Field(default=0.75, ge=0.0, lt=1.0)
 
     @field_validator("name")

@@ -7,9 +7,13 @@ averages) is kept by the scheduler's collect stage and handed in through the sna
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 from balloonist.model import Decision, Snapshot
+
+#: The policy used when none is named: the scenario's, the daemon's, the demo's
+#: (``balloonist.policy.demand``). Kept here, away from numpy, for light importers.
+DEFAULT_POLICY: Final = "demand"
 
 
 class Policy(Protocol):

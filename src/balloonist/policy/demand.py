@@ -35,9 +35,10 @@ they once used. This policy starts from demand instead:
 
 Guests without a balloon driver, or whose balloon stopped following its register,
 can only be held to their allocation by host paging, which this policy allows in the
-HARD and LOW host states, for them alone. Processors are shared as the shares policy
-shares them (:func:`balloonist.policy.shares.cpu_targets`). The maths, with worked
-numbers, is in ``docs/policy.md``.
+HARD and LOW host states, for them alone (``Mechanisms.host_paging_ballooned`` off).
+Processors are shared as the shares policy shares them
+(:func:`balloonist.policy.shares.cpu_targets`). The maths, with worked numbers, is in
+``docs/policy.md``.
 """
 
 from __future__ import annotations
@@ -209,7 +210,9 @@ def allocations_bytes(
     return met
 
 
-def registers_bytes(guests: _Guests, allocations: I64, host_free_bytes: int, margin: int) -> I64:
+def registers_bytes(
+    guests: _Guests, allocations: I64, host_free_bytes: int, margin: int, available_bytes: int
+) -> I64:
     """Step 3: the balloon register of each guest for its allocation."""
     allowance = guests.allowance
     registers = guests.memory - allocations
@@ -223,10 +226,15 @@ def registers_bytes(guests: _Guests, allocations: I64, host_free_bytes: int, mar
         registers = np.where(lacking > 0, guests.memory - (allowance + granted), registers)
     dead_band = np.maximum((guests.memory * DEAD_BAND_FRACTION).astype(np.int64), DEAD_BAND_BYTES)
     keep = np.abs(registers - guests.register) < dead_band
-    # Never keep a register that lets a guest above its limit.
-    keep &= guests.register >= guests.memory - guests.maxes
-    registers = np.where(keep, guests.register, registers)
-    out: I64 = np.where(guests.driver, np.clip(registers, 0, guests.memory), 0)
+    kept = np.where(keep, guests.register, registers)
+    # A register left alone must not break the partition: where it would, only the
+    # registers that keep a guest smaller than asked are left alone.
+    if int(np.where(guests.driver, guests.memory - kept, guests.held).sum()) > available_bytes:
+        kept = np.where(keep & (guests.register > registers), guests.register, registers)
+    # The reservation and the limit hold always, whatever the growth rule or the
+    # dead band kept.
+    kept = np.clip(kept, guests.memory - guests.maxes, guests.memory - guests.mins)
+    out: I64 = np.where(guests.driver, kept, 0)
     return out
 
 
@@ -260,17 +268,14 @@ class DemandPolicy:
         available = host.memory_bytes - margin
         short = np.array([stall_fraction(g) >= STALL_THRESHOLD for g in views], dtype=np.bool_)
         allocations = allocations_bytes(guests, demand_bytes(views), short, available)
-        registers = registers_bytes(guests, allocations, host.free_bytes, margin)
+        registers = registers_bytes(guests, allocations, host.free_bytes, margin, available)
         mechanisms = self._mechanisms(host.state, guests)
-        # While the host may page, it pages only the guests a balloon cannot serve:
-        # a cooperating guest's target is raised to what its balloon allows it now.
-        caps = allocations
-        if mechanisms.host_paging:
-            caps = np.where(guests.ballooned, np.maximum(allocations, guests.allowance), caps)
         cpus = cpu_targets(snapshot, self.tax_rate)
         targets = tuple(
-            GuestTarget(g.name, int(cap), int(register), cpus.get(g.name))
-            for g, cap, register in zip(views, caps.tolist(), registers.tolist(), strict=True)
+            GuestTarget(g.name, alloc, register, cpus.get(g.name))
+            for g, alloc, register in zip(
+                views, allocations.tolist(), registers.tolist(), strict=True
+            )
         )
         return Decision(targets, mechanisms)
 
@@ -281,4 +286,5 @@ class DemandPolicy:
             balloon=True,
             host_paging=uncooperative and state.rank >= HostState.HARD.rank,
             block_over_target=state is HostState.LOW,
+            host_paging_ballooned=False,
         )

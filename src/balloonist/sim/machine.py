@@ -529,7 +529,7 @@ class SimMachine:
         t = self._targets
         mapped = np.array([m.mapped_pages for m in self.guests], dtype=np.int64)
         target = t.allocation_pages
-        cap = np.minimum(target, self.limit_pages) if t.mechanisms.host_paging else self.limit_pages
+        cap = np.where(self._pageable(), np.minimum(target, self.limit_pages), self.limit_pages)
         deficit = np.clip(self.min_pages - mapped, 0, None)
         reserve = int(deficit.sum()) - deficit
         for i, m in enumerate(self.guests):
@@ -539,6 +539,15 @@ class SimMachine:
             lim[2] = reserve[i]
         blocked: npt.NDArray[np.bool_] = (mapped > target) & t.mechanisms.block_over_target
         return blocked
+
+    def _pageable(self) -> npt.NDArray[np.bool_]:
+        """Which guests the host may page this period (see ``Mechanisms``)."""
+        mech = self._targets.mechanisms
+        ballooned = np.array([m.spec.balloon and mech.balloon for m in self.guests], dtype=np.bool_)
+        pageable: npt.NDArray[np.bool_] = mech.host_paging & (
+            mech.host_paging_ballooned | ~ballooned
+        )
+        return pageable
 
     def _host_paging(self, slice_s: float) -> None:
         """Proactive host paging of guests above target, at the host swap's bandwidth.
@@ -550,9 +559,12 @@ class SimMachine:
         swap_out_s = float(self.costs[e.C_HOST_SWAP_OUT])
         budget = int(slice_s / swap_out_s) if swap_out_s > 0 else 1 << 30
         n = len(self.guests)
+        pageable = self._pageable()
         for j in range(n):
             i = (self._slice_start + j) % n
             m = self.guests[i]
+            if not pageable[i]:
+                continue
             excess = m.mapped_pages - int(self._targets.allocation_pages[i])
             if excess > 0 and budget > 0:
                 done = int(

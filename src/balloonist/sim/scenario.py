@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 from balloonist.config import Strict, check_policy_name, check_size, read_toml, validate
 from balloonist.errors import ConfigError
 from balloonist.model import CpuSpec, GuestSpec
+from balloonist.policy import DEFAULT_POLICY
 from balloonist.policy.workingset import EstimatorParams
 from balloonist.rate import RateLimits
 from balloonist.sim.cpu import (
@@ -71,7 +72,7 @@ class SimTable(Strict):
 
 
 class PolicyTable(Strict):
-    name: str = "shares"
+    name: str = DEFAULT_POLICY
     tax_rate: float = Field(default=0.75, ge=0.0, lt=1.0)
     ws_fast_halflife_s: float = Field(default=5.0, gt=0)
     ws_slow_halflife_s: float = Field(default=30.0, gt=0)
