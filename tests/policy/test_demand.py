@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from balloonist.model import GuestView, HostState, MemoryPressure, Snapshot
 from balloonist.policy.demand import (
-    DEAD_BAND_BYTES,
     STALL_THRESHOLD,
     DemandPolicy,
+    _Guests,
     demand_bytes,
+    registers_bytes,
     stall_fraction,
     water_fill,
 )
@@ -69,24 +70,22 @@ def test_a_growing_guest_deflates_only_into_free_memory() -> None:
     assert balloons_mib(d)[0] == 700 - 100
 
 
-def test_small_changes_leave_the_register_alone_unless_that_breaks_the_partition() -> None:
-    a = calm(guest("a", memory_mib=1000, working_set_mib=400, register_mib=500))
-    b = calm(guest("b", memory_mib=1000, working_set_mib=400, register_mib=500))
-    base = POLICY.decide(snapshot(a, b, host_mib=1000, free_mib=0))
-    assert balloons_mib(base) == [500, 500]
+def test_small_inflations_wait_unless_that_breaks_the_partition_and_deflations_go() -> None:
+    views = [guest(name, memory_mib=1000, register_mib=500) for name in ("a", "b")]
+    guests = _Guests.of(views)
 
-    def nudged(by_bytes: int) -> GuestView:
-        register = a.sample.balloon_target_bytes + by_bytes
-        return dataclasses.replace(
-            a, sample=dataclasses.replace(a.sample, balloon_target_bytes=register)
-        )
+    def registers(allocations_mib: list[int], available_mib: int) -> list[float]:
+        allocations = np.array(allocations_mib, dtype=np.int64) * MIB
+        out = registers_bytes(guests, allocations, 0, 0, available_mib * MIB)
+        return [r / MIB for r in out.tolist()]
 
-    smaller = nudged(DEAD_BAND_BYTES // 2)  # a holds a little less than asked: left alone
-    d = POLICY.decide(snapshot(smaller, b, host_mib=1000, free_mib=0))
-    assert d.targets[0].balloon_bytes == smaller.sample.balloon_target_bytes
-    larger = nudged(-DEAD_BAND_BYTES // 2)  # would promise the host twice: corrected
-    d = POLICY.decide(snapshot(larger, b, host_mib=1000, free_mib=0))
-    assert balloons_mib(d) == [500, 500]
+    assert registers([498, 500], 1000) == [500, 500]  # 2 MiB less: not worth a move
+    assert registers([498, 500], 999) == [502, 500]  # ...unless the host is promised twice
+    assert registers([480, 500], 1000) == [520, 500]  # beyond the dead band
+    assert registers([501, 499], 1000) == [500, 500]  # no free memory: a cannot grow yet
+    free = registers_bytes(guests, np.array([501, 499]) * MIB, 10 * MIB, 0, 1000 * MIB)
+    assert (free // MIB).tolist() == [499, 501]  # with room a grows at once, however little,
+    # and b must then make room, however little
 
 
 def test_stall_time_is_preferred_and_faults_stand_in_for_it() -> None:

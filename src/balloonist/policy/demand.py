@@ -30,8 +30,8 @@ they once used. This policy starts from demand instead:
    so a guest whose demand jumps pages inside itself (its own choice of victims),
    never the host behind its back. A growing guest's balloon deflates only into
    memory that is free now, so one guest cannot outrun the others' inflation and
-   push the host into paging. Small changes are not worth a balloon move
-   (dead band).
+   push the host into paging. Small inflations are not worth a balloon move
+   (dead band); deflations always go ahead.
 
 Guests without a balloon driver, or whose balloon stopped following its register,
 can only be held to their allocation by host paging, which this policy allows in the
@@ -98,8 +98,12 @@ FAULT_STALL_S: Final = 100e-6
 #: that thrashes (its working set may be far beyond what it holds).
 GROW_MIN_FRACTION: Final = 0.10
 GROW_MAX_FRACTION: Final = 0.50
-#: Register changes smaller than this are not made: a balloon move costs the guest
-#: work, and chasing the working set's sampling noise would move it every period.
+#: ...and at least this much, so a small guest squeezed to its kernel gets out quickly.
+GROW_MIN_BYTES: Final = 16 * MIB
+#: Inflations smaller than this are not made: taking pages costs the guest work (it
+#: may have to write them out), and chasing the working set's sampling noise would
+#: move the balloon every period. Deflations are always made: they cost nothing, and
+#: a guest asks for more only when it needs it.
 DEAD_BAND_FRACTION: Final = 0.02  # of the guest's memory
 DEAD_BAND_BYTES: Final = 4 * MIB
 
@@ -170,7 +174,7 @@ def demand_bytes(guests: Sequence[GuestView]) -> I64:
         allowance = g.spec.memory_bytes - g.sample.balloon_bytes
         if stall >= STALL_THRESHOLD:
             grow = min(GROW_MAX_FRACTION, max(GROW_MIN_FRACTION, stall))
-            demand = max(demand, int(allowance * (1.0 + grow)))
+            demand = max(demand, int(allowance * (1.0 + grow)), allowance + GROW_MIN_BYTES)
         elif stall >= STALL_KEEP_THRESHOLD:
             demand = max(demand, allowance)
         out[i] = min(demand, g.spec.memory_bytes)
@@ -225,12 +229,11 @@ def registers_bytes(
         granted = (lacking * (room / total)).astype(np.int64) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
         registers = np.where(lacking > 0, guests.memory - (allowance + granted), registers)
     dead_band = np.maximum((guests.memory * DEAD_BAND_FRACTION).astype(np.int64), DEAD_BAND_BYTES)
-    keep = np.abs(registers - guests.register) < dead_band
+    keep = (registers > guests.register) & (registers - guests.register < dead_band)
     kept = np.where(keep, guests.register, registers)
-    # A register left alone must not break the partition: where it would, only the
-    # registers that keep a guest smaller than asked are left alone.
+    # A register left alone must not break the partition.
     if int(np.where(guests.driver, guests.memory - kept, guests.held).sum()) > available_bytes:
-        kept = np.where(keep & (guests.register > registers), guests.register, registers)
+        kept = registers
     # The reservation and the limit hold always, whatever the growth rule or the
     # dead band kept.
     kept = np.clip(kept, guests.memory - guests.maxes, guests.memory - guests.mins)
