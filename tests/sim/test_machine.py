@@ -270,3 +270,21 @@ def test_invariants_hold_on_random_hosts(case: tuple[Scenario, FixedPolicy]) -> 
         machine.check_host()
         mapped = np.array([g.mapped_pages for g in machine.guests])
         assert mapped.sum() <= machine.host_pages
+
+
+@pytest.mark.parametrize("protect", [False, True], ids=["plain-host", "ballooned-protected"])
+def test_a_host_that_protects_ballooned_guests_never_swaps_them(protect: bool) -> None:
+    # One guest's working set appears at once, larger than the host: a plain host swaps
+    # its pages behind its back; one that never swaps a guest its balloon serves makes
+    # it wait for its balloon instead.
+    data = one_guest({"kind": "uniform", "working_set": "200MiB"})
+    data["host"] = {"memory": "128MiB", "swap": "512MiB"}
+    mechanisms = Mechanisms(balloon=True, host_paging_ballooned=not protect)
+    machine = run(scenario(data), FixedPolicy({"g": 100}, mechanisms), periods=10)
+    g = machine.guests[0]
+    if protect:
+        assert g.st[e.S_HOST_SWAP_OUT] == 0 and g.st[e.S_DOUBLE_PAGING] == 0
+        assert g.st[e.S_STALLS] > 0  # it waited for memory
+        assert g.mapped_pages <= 100 * MIB // 4096 + 1  # its balloon brought it to target
+    else:
+        assert g.st[e.S_HOST_SWAP_OUT] > 0

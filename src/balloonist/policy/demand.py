@@ -230,6 +230,8 @@ def registers_bytes(
         registers = np.where(lacking > 0, guests.memory - (allowance + granted), registers)
     dead_band = np.maximum((guests.memory * DEAD_BAND_FRACTION).astype(np.int64), DEAD_BAND_BYTES)
     keep = (registers > guests.register) & (registers - guests.register < dead_band)
+    if total > room:
+        keep[:] = False  # a guest waits for free memory: every inflation counts
     kept = np.where(keep, guests.register, registers)
     # A register left alone must not break the partition.
     if int(np.where(guests.driver, guests.memory - kept, guests.held).sum()) > available_bytes:

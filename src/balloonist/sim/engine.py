@@ -216,9 +216,11 @@ def _back_frame(f, st, p2v, pstate, rng, host, lim, costs):  # type: ignore[no-u
     """Make sure frame ``f`` has machine memory behind it; return the cost, or -1.0 if the
     host could neither grant a machine page nor page another out to make room.
 
-    ``lim`` = (cap, min, reserve): the guest may hold at most ``cap`` machine pages, and
-    may take from the host's free pool only beyond the ``reserve`` kept for other
-    guests still below their reservations, unless it is below its own ``min``.
+    ``lim`` = (cap, min, reserve, pageable): the guest may hold at most ``cap`` machine
+    pages, and may take from the host's free pool only beyond the ``reserve`` kept for
+    other guests still below their reservations, unless it is below its own ``min``.
+    With no page to grant, the host pages out one of the guest's own if ``pageable``;
+    otherwise the guest waits (a host that never swaps a guest its balloon serves).
     """
     state = pstate[f]
     if state == MAPPED:
@@ -228,7 +230,7 @@ def _back_frame(f, st, p2v, pstate, rng, host, lim, costs):  # type: ignore[no-u
     available = host[H_FREE] if mapped < lim[1] else host[H_FREE] - lim[2]
     if mapped >= lim[0] or available <= 0:
         # No machine page to grant: the host pages out one of this guest's own.
-        if not _host_page_out(st, p2v, pstate, rng, host, f):
+        if lim[3] == 0 or not _host_page_out(st, p2v, pstate, rng, host, f):
             return -1.0
         cost += costs[C_HOST_SWAP_OUT]
     if state == HOST_SWAPPED:

@@ -293,7 +293,7 @@ class SimMachine:
         if kernel_total > self.host_pages:
             raise SimulationError("the guests' kernels alone do not fit in host memory")
         self.host[e.H_FREE] = self.host_pages - kernel_total
-        self._lims = {id(m): np.zeros(3, dtype=np.int64) for m in self.guests}
+        self._lims = {id(m): np.zeros(4, dtype=np.int64) for m in self.guests}
         self.limit_pages = np.array(
             [bytes_to_pages(g.spec.limit_bytes) for g in self.guests], dtype=np.int64
         )
@@ -461,7 +461,7 @@ class SimMachine:
         return int(self.host[e.H_FREE])
 
     def limits_for(self, m: GuestMemory) -> I64:
-        """(cap, min, reserve) for one guest, as the compiled loop takes them."""
+        """(cap, min, reserve, pageable) for one guest, as the compiled loop takes them."""
         return self._lims[id(m)]
 
     def advance(self, period_s: float) -> None:
@@ -532,21 +532,26 @@ class SimMachine:
         cap = np.where(self._pageable(), np.minimum(target, self.limit_pages), self.limit_pages)
         deficit = np.clip(self.min_pages - mapped, 0, None)
         reserve = int(deficit.sum()) - deficit
+        swappable = self._pageable(emergency=True)
         for i, m in enumerate(self.guests):
             lim = self._lims[id(m)]
             lim[0] = cap[i]
             lim[1] = self.min_pages[i]
             lim[2] = reserve[i]
+            lim[3] = swappable[i]
         blocked: npt.NDArray[np.bool_] = (mapped > target) & t.mechanisms.block_over_target
         return blocked
 
-    def _pageable(self) -> npt.NDArray[np.bool_]:
-        """Which guests the host may page this period (see ``Mechanisms``)."""
+    def _pageable(self, *, emergency: bool = False) -> npt.NDArray[np.bool_]:
+        """Which guests the host may page this period (see ``Mechanisms``): to enforce
+        their targets, or, in an ``emergency`` (no free page for a guest that touches
+        one), to make room. A plain Linux host swaps anyone in an emergency; with
+        ``host_paging_ballooned`` off the host never swaps a guest its balloon serves,
+        which then waits for memory instead (a per-VM cgroup limit would do this)."""
         mech = self._targets.mechanisms
         ballooned = np.array([m.spec.balloon and mech.balloon for m in self.guests], dtype=np.bool_)
-        pageable: npt.NDArray[np.bool_] = mech.host_paging & (
-            mech.host_paging_ballooned | ~ballooned
-        )
+        allowed = (emergency or mech.host_paging) & (mech.host_paging_ballooned | ~ballooned)
+        pageable: npt.NDArray[np.bool_] = np.broadcast_to(allowed, ballooned.shape).copy()
         return pageable
 
     def _host_paging(self, slice_s: float) -> None:
