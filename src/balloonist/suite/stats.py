@@ -36,6 +36,8 @@ AT_LEAST_AS_GOOD: Final = 0.99
 #: The sharing check: no guest below this fraction of its throughput under the baseline.
 SHARING_BASELINE: Final = "static"
 SHARING_FLOOR: Final = 0.9
+#: A bound that completed less than one reference per second did no work: no ratio.
+MIN_BOUND_REFS_PER_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def _relative(
     ratios = {
         s: r.throughput_refs_per_s / bound[s].throughput_refs_per_s
         for s, r in mine.items()
-        if s in bound and bound[s].throughput_refs_per_s > 0
+        if s in bound and bound[s].throughput_refs_per_s >= MIN_BOUND_REFS_PER_S
     }
     if not ratios:
         return None
@@ -185,7 +187,7 @@ def ratios(records: Iterable[RunRecord], bound: str) -> dict[str, list[float]]:
     base = {
         r.scenario: r.throughput_refs_per_s
         for r in records
-        if r.policy == bound and r.throughput_refs_per_s > 0
+        if r.policy == bound and r.throughput_refs_per_s >= MIN_BOUND_REFS_PER_S
     }
     out: dict[str, list[float]] = {}
     for r in records:
