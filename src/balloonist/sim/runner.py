@@ -42,7 +42,7 @@ def build_policy(scenario: Scenario, name: str) -> Policy:
     if name not in POLICY_NAMES:
         raise ConfigError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
     if name == "oracle":
-        from balloonist.policy.oracle import OraclePolicy
+        from balloonist.sim.oracle import OraclePolicy
 
         return OraclePolicy(scenario.guests, scenario.costs)
     from balloonist.policy.registry import make_policy

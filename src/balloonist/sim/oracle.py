@@ -3,7 +3,7 @@
 Used as the upper bound in experiments. The oracle is handed the scenario's guests, so
 it knows each guest's workload plan, replacement algorithm and kernel size; at each
 decision it takes the workloads active at the snapshot's time, turns them into
-throughput curves with :mod:`balloonist.policy.mrc`, and picks the allocations that
+throughput curves with :mod:`balloonist.sim.mrc`, and picks the allocations that
 maximise the guests' summed throughput (references per simulated second) within the
 host's memory less a free target, by dynamic programming over a grid of sizes (a
 guest's grid steps up from its floor -- reservation, and never below its kernel -- and
@@ -38,7 +38,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from balloonist.errors import ConfigError
 from balloonist.model import Decision, GuestTarget, Mechanisms, Snapshot
-from balloonist.policy.mrc import miss_ratio_curve
+from balloonist.sim.mrc import miss_ratio_curve
 from balloonist.sim.scenario import Costs, Replacement, SimGuest
 from balloonist.sim.workload import Workload, WorkloadKind
 from balloonist.units import MIB, PAGE_SIZE_BYTES, bytes_to_pages, pages_to_bytes

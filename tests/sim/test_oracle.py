@@ -24,7 +24,7 @@ from balloonist.model import (
     Snapshot,
 )
 from balloonist.policy import Policy
-from balloonist.policy.oracle import OraclePolicy, best_choices, throughput_refs_per_s
+from balloonist.sim.oracle import OraclePolicy, best_choices, throughput_refs_per_s
 from balloonist.sim.scenario import Costs, Replacement, SimGuest
 from balloonist.sim.workload import Phase, Workload, WorkloadKind, WorkloadPlan
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
