@@ -13,8 +13,8 @@ ramp grows it; zipf ranks beyond it fold back onto it) and its replacement algor
   CLOCK is not LRU, and folded ranks follow no analytic curve.
 
 Every measured curve is cached per (workload, active size, replacement); while a
-zipf set ramps, active sizes are rounded up to a ladder 19 % apart and the curve
-measured there is scaled to the size in use (``_RAMP_LADDER_RATIO``).
+zipf set ramps, the curves of the two nearest sizes on a ladder 9 % apart are
+scaled to the size in use and blended (``_RAMP_LADDER_RATIO``).
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ _MIN_REFS: Final = 1 << 16
 _MAX_REFS: Final = 1 << 22
 #: CLOCK and FIFO need one pass per size, so each measures a quarter as many.
 _RING_REFS_DIVISOR: Final = 4
-#: While a zipf working set ramps, its active size changes every slice; it is measured
-#: on a ladder of sizes this far apart (the next one up) and scaled to the size in use,
+#: While a zipf working set ramps, its active size changes every slice. It is measured
+#: on a ladder of sizes this far apart, and a size between two rungs gets both rungs'
+#: curves, scaled to its size and blended by where it lies between them (in log size),
 #: so a ramp costs a few dozen measurements, not one per slice.
-_RAMP_LADDER_RATIO: Final = 2.0**0.25
+_RAMP_LADDER_RATIO: Final = 2.0**0.125
 #: Unrecorded references first, as a share of the recorded ones: the cache warms up.
 _WARM_FRACTION: Final = 0.25
 #: Sizes measured for CLOCK and FIFO, as fractions of the active set: log-spaced where
@@ -77,9 +78,11 @@ class CurveBook:
             return np.clip(1.0 - m / a, 0.0, 1.0)
         if kind is WorkloadKind.SCAN:
             return np.where(m >= a, 0.0, 1.0)
-        level = _ladder_level(workload.working_set_pages, active_pages)
-        sizes, miss = self._measure(workload, level, replacement)
-        return np.where(m >= a, 0.0, np.interp(m * (level / a), sizes, miss))
+        blended = np.zeros(m.shape)
+        for rung, weight in _rungs(workload.working_set_pages, active_pages):
+            sizes, miss = self._measure(workload, rung, replacement)
+            blended += weight * np.interp(m * (rung / a), sizes, miss)
+        return np.where(m >= a, 0.0, blended)
 
     def _measure(
         self, workload: Workload, active_pages: int, replacement: Replacement
@@ -92,13 +95,22 @@ class CurveBook:
         return cached
 
 
-def _ladder_level(working_set_pages: int, active_pages: int) -> int:
-    """The measured active size for ``active_pages``: itself once the ramp is done, else
-    the ladder's next size up (``working_set / ratio**k``)."""
+def _rungs(working_set_pages: int, active_pages: int) -> list[tuple[int, float]]:
+    """The measured active sizes standing in for ``active_pages``, with their weights:
+    itself once the ramp is done, else the ladder's rungs (``working_set / ratio**k``)
+    just below and just above it."""
     if active_pages >= working_set_pages:
-        return working_set_pages
-    k = math.floor(math.log(working_set_pages / active_pages) / math.log(_RAMP_LADDER_RATIO))
-    return max(active_pages, math.ceil(working_set_pages / _RAMP_LADDER_RATIO**k))
+        return [(working_set_pages, 1.0)]
+    log_ratio = math.log(_RAMP_LADDER_RATIO)
+    k = math.floor(math.log(working_set_pages / active_pages) / log_ratio)
+    above = working_set_pages / _RAMP_LADDER_RATIO**k
+    below = above / _RAMP_LADDER_RATIO
+    weight_above = 1.0 - math.log(above / active_pages) / log_ratio
+    above_pages = min(max(round(above), 1), working_set_pages)
+    below_pages = max(round(below), 1)
+    if weight_above >= 1.0 or below_pages == above_pages:
+        return [(above_pages, 1.0)]
+    return [(below_pages, 1.0 - weight_above), (above_pages, weight_above)]
 
 
 def measure_zipf(
