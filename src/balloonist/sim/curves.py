@@ -13,7 +13,7 @@ ramp grows it; zipf ranks beyond it fold back onto it) and its replacement algor
   CLOCK is not LRU, and folded ranks follow no analytic curve.
 
 Every measured curve is cached per (workload, active size, replacement); while a
-zipf set ramps, the curves of the two nearest sizes on a ladder 9 % apart are
+zipf set ramps, the curves of the two nearest sizes on a ladder 19 % apart are
 scaled to the size in use and blended (``_RAMP_LADDER_RATIO``).
 """
 
@@ -43,7 +43,9 @@ _RING_REFS_DIVISOR: Final = 4
 #: on a ladder of sizes this far apart, and a size between two rungs gets both rungs'
 #: curves, scaled to its size and blended by where it lies between them (in log size),
 #: so a ramp costs a few dozen measurements, not one per slice.
-_RAMP_LADDER_RATIO: Final = 2.0**0.125
+_RAMP_LADDER_RATIO: Final = 2.0**0.25
+#: A rung is passed in a few slices: it is measured with half the references.
+_RUNG_REFS_DIVISOR: Final = 2
 #: Unrecorded references first, as a share of the recorded ones: the cache warms up.
 _WARM_FRACTION: Final = 0.25
 #: Sizes measured for CLOCK and FIFO, as fractions of the active set: log-spaced where
@@ -120,6 +122,8 @@ def measure_zipf(
     prob, alias = zipf_alias(workload)
     args = (int(workload.kind), workload.working_set_pages, active_pages, prob, alias, _SEED)
     count = int(np.clip(_REFS_PER_PAGE * active_pages, _MIN_REFS, _MAX_REFS))
+    if active_pages < workload.working_set_pages:
+        count //= _RUNG_REFS_DIVISOR
     if replacement is Replacement.LRU:
         warm = int(count * _WARM_FRACTION)
         hist = cachesim.lru_distance_histogram(warm, count, *args)
