@@ -204,7 +204,7 @@ def double_paging(scenarios: Path) -> Experiment:
     )
 
 
-MIX_POLICIES: Final = ("shares", "oracle", "mom", "proxmox", "static", "host-swap")
+MIX_POLICIES: Final = ("shares", "oracle", "oracle-fair", "mom", "proxmox", "static", "host-swap")
 
 
 def overcommit_mix(scenarios: Path) -> Experiment:
@@ -237,7 +237,10 @@ def overcommit_mix(scenarios: Path) -> Experiment:
             "steady web server, a database that grows at 150 s, a batch job that runs from "
             "60 s to 150 s, a skewed cache, and a developer box that builds once and then "
             "sits idle. The peaks do not coincide, so a policy that follows demand can serve "
-            "everyone. The oracle knows every guest's miss-ratio curve and phase in advance. "
+            "everyone. The oracle is the upper bound (docs/oracle.md): it knows the whole schedule "
+            "and every guest's exact miss-ratio curve and moves memory instantly and for free; "
+            "`oracle-fair` is the same bound keeping every guest at 0.9x of its `static` "
+            "throughput. "
             "`host-swap` uses the same targets as `shares` and comes close here because the "
             "memory it takes behind the guests' backs is mostly idle and the guests never "
             "page themselves; the double-paging experiment shows the case where that fails."

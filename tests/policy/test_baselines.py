@@ -316,8 +316,9 @@ def test_registry_passes_the_tax_rate() -> None:
 
 
 def test_registry_refuses_oracle_and_unknown_names() -> None:
-    with pytest.raises(ConfigError, match="scenario"):
-        make_policy("oracle", tax_rate=0.75)
+    for bound in ("oracle", "oracle-fair"):
+        with pytest.raises(ConfigError, match=f"the {bound} policy needs the scenario"):
+            make_policy(bound, tax_rate=0.75)
     with pytest.raises(ConfigError, match="unknown policy 'nope'"):
         make_policy("nope", tax_rate=0.75)
 

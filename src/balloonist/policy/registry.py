@@ -1,7 +1,7 @@
 """Build a policy from its configured name: the one place names map to classes.
 
-``oracle`` is not built here: it needs the whole scenario (future workloads), which
-only the simulator has, so the simulator constructs it itself.
+``oracle`` and ``oracle-fair`` are not built here: they need the whole scenario (future
+workloads), which only the simulator has, so the simulator constructs them itself.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from balloonist.policy.shares import SharesPolicy
 
 #: Names ``make_policy`` builds, in the order the docs list them.
 POLICY_NAMES: Final = ("demand", "shares", "static", "host-swap", "proxmox", "mom")
+#: The bounds: built by the simulator (``sim/oracle.py``), which has the whole scenario.
+_SIMULATOR_ONLY: Final = ("oracle", "oracle-fair")
 
 
 def make_policy(name: str, *, tax_rate: float) -> Policy:
@@ -32,13 +34,13 @@ def make_policy(name: str, *, tax_rate: float) -> Policy:
         return ProxmoxPolicy()
     if name == "mom":
         return MomPolicy()
-    if name == "oracle":
+    if name in _SIMULATOR_ONLY:
         raise ConfigError(
-            "the oracle policy needs the scenario (it reads future workloads); "
+            f"the {name} policy needs the scenario (it reads future workloads); "
             "only the simulator can build it",
             where="policy.name",
         )
     raise ConfigError(
-        f"unknown policy {name!r} (choose from {', '.join((*POLICY_NAMES, 'oracle'))})",
+        f"unknown policy {name!r} (choose from {', '.join((*POLICY_NAMES, *_SIMULATOR_ONLY))})",
         where="policy.name",
     )

@@ -32,6 +32,7 @@ from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mech
 from balloonist.rate import AdaptiveRate, RateLimits
 from balloonist.sim import engine as e
 from balloonist.sim.cpu_balloon import SimCpus
+from balloonist.sim.instant import InstantMover, MoveModel
 from balloonist.sim.scenario import Scenario, SimGuest
 from balloonist.sim.workload import Workload, WorkloadKind
 from balloonist.units import PAGE_SIZE_BYTES, bytes_to_pages
@@ -260,9 +261,13 @@ class _Targets:
 
 
 class SimMachine:
-    """The simulated host. Implements the scheduler's ``Hypervisor`` port."""
+    """The simulated host. Implements the scheduler's ``Hypervisor`` port.
 
-    def __init__(self, scenario: Scenario) -> None:
+    ``moves`` is how balloons reach their targets: paced by each guest's balloon driver
+    (the default), or instantly and for free (``sim/instant.py``: the oracle's bound).
+    """
+
+    def __init__(self, scenario: Scenario, *, moves: MoveModel = MoveModel.PACED) -> None:
         self.scenario = scenario
         self.period_s = scenario.period_s
         self.time_s = 0.0
@@ -306,10 +311,11 @@ class SimMachine:
             BalloonDriver(
                 SimGuestKernel(m, self), SimBalloonChannel(m, self), AdaptiveRate(scenario.rate)
             )
-            if m.spec.balloon
+            if m.spec.balloon and moves is MoveModel.PACED
             else None
             for m in self.guests
         ]
+        self._mover = InstantMover(self.guests) if moves is MoveModel.INSTANT else None
         self._targets = _Targets(
             allocation_pages=self.limit_pages.copy(), mechanisms=Mechanisms(balloon=True)
         )
@@ -470,6 +476,10 @@ class SimMachine:
         for m in self.guests:
             m.set_phase(self.time_s)
         self._set_limits()
+        if self._mover is not None:
+            self._mover.step(
+                self._targets.allocation_pages, self.host, [self._lims[id(m)] for m in self.guests]
+            )
         for driver in self.drivers:
             if driver is not None:
                 driver.step()

@@ -14,6 +14,7 @@ from balloonist.errors import ConfigError
 from balloonist.policy import Policy
 from balloonist.scheduler import Scheduler
 from balloonist.sim import engine as e
+from balloonist.sim.instant import MoveModel
 from balloonist.sim.machine import SimMachine
 from balloonist.sim.result import (
     HOST_STATE_CODES,
@@ -23,7 +24,7 @@ from balloonist.sim.result import (
     Progress,
     SimResult,
 )
-from balloonist.sim.scenario import POLICY_NAMES, Scenario
+from balloonist.sim.scenario import ORACLE_NAMES, POLICY_NAMES, Scenario
 from balloonist.units import PAGE_SIZE_BYTES
 
 ProgressCallback = Callable[[Progress], None]
@@ -41,10 +42,16 @@ _COUNTERS = {
 def build_policy(scenario: Scenario, name: str) -> Policy:
     if name not in POLICY_NAMES:
         raise ConfigError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
-    if name == "oracle":
-        from balloonist.policy.oracle import OraclePolicy
+    if name in ORACLE_NAMES:
+        from balloonist.sim.oracle import OraclePolicy
 
-        return OraclePolicy(scenario.guests, scenario.costs)
+        return OraclePolicy(
+            scenario.guests,
+            scenario.costs,
+            period_s=scenario.period_s,
+            slices_per_period=scenario.slices_per_period,
+            fair=name == "oracle-fair",
+        )
     from balloonist.policy.registry import make_policy
 
     return make_policy(name, tax_rate=scenario.tax_rate)
@@ -60,7 +67,9 @@ def run_scenario(
     """Simulate ``scenario`` under a policy (the scenario's own unless overridden)."""
     policy_used = policy_name or scenario.policy_name
     policy = build_policy(scenario, policy_used)
-    machine = SimMachine(scenario)
+    # The oracle is a bound: its balloons move instantly and for free.
+    moves = MoveModel.INSTANT if policy_used in ORACLE_NAMES else MoveModel.PACED
+    machine = SimMachine(scenario, moves=moves)
     scheduler = Scheduler(machine, policy, period_s=scenario.period_s, estimator=scenario.estimator)
     periods = scenario.periods
     n = len(machine.guests)

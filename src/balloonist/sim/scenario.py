@@ -36,7 +36,9 @@ from balloonist.units import (
     parse_size_bytes,
 )
 
-POLICY_NAMES = ("demand", "shares", "static", "host-swap", "proxmox", "mom", "oracle")
+#: The bounds the simulator runs in its instant move mode (``sim/oracle.py``).
+ORACLE_NAMES = ("oracle", "oracle-fair")
+POLICY_NAMES = ("demand", "shares", "static", "host-swap", "proxmox", "mom", *ORACLE_NAMES)
 
 #: The built-in scenario (`balloonist demo`, `balloonist daemon --sim`), packaged.
 DEMO_RESOURCE = "demo.toml"

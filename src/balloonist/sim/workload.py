@@ -65,3 +65,27 @@ class WorkloadPlan:
             if phase.at_s <= time_s:
                 current = phase.workload
         return current
+
+    def active_pages_at(self, time_s: float) -> int:
+        """How much of the working set at ``time_s`` is in use (0 when idle).
+
+        A phase with ``ramp_s`` grows linearly from where the previous phase left off
+        (nothing, for the first phase or one elsewhere in memory) to its full size; the
+        simulator's guests grow the same way (``GuestMemory.active_pages``).
+        """
+        index = 0
+        for i, phase in enumerate(self.phases):
+            if phase.at_s <= time_s:
+                index = i
+        w = self.phases[index].workload
+        if w.kind is WorkloadKind.IDLE:
+            return 0
+        if w.ramp_s <= 0.0:
+            return w.working_set_pages
+        start_pages = 0
+        if index > 0:
+            before = self.phases[index - 1].workload
+            if before.offset_pages == w.offset_pages:
+                start_pages = min(before.working_set_pages, w.working_set_pages)
+        fraction = min(1.0, max(0.0, (time_s - self.phases[index].at_s) / w.ramp_s))
+        return max(1, start_pages + int((w.working_set_pages - start_pages) * fraction))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balloonist.policy.mrc import (
+from balloonist.sim.mrc import (
     miss_ratio_curve,
     scan_miss_ratio,
     uniform_miss_ratio,

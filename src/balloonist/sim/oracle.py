@@ -1,0 +1,333 @@
+"""The oracle: an upper bound on what any policy can get out of the simulated host.
+
+It knows the whole schedule -- every guest's workload plan, ramps included -- and each
+guest's exact miss-ratio curve for its own replacement algorithm
+(:mod:`balloonist.sim.curves`: analytic where that is exact, measured on the engine's
+reference stream where it is not). It runs in the simulator's instant move mode
+(``MoveModel.INSTANT``): each period's allocation is applied at once and for free,
+every guest has a balloon, and the whole host may be given out (no free target).
+
+Each period it picks the allocations that maximise the guests' summed modelled
+throughput over that period -- the mean over the period's slices, with the workload
+and active working-set size each slice runs with -- by dynamic programming over a
+grid of sizes (``host / GRID_STEPS`` apart), then tops up with what the grid's
+rounding left. A guest holding ``m`` resident workload pages makes
+``1 / (reference_s + miss(m) * (guest_swap_in_s + guest_swap_out_s))`` references
+per second in steady state: every miss swaps one page in and evicts one. Memory that
+would raise no guest's steady-state throughput is still given out (first to the
+guests already holding it): it spares evictions when a working set moves.
+
+``oracle-fair`` is the same with the sharing rule as a constraint: no guest's modelled
+throughput in any period falls below ``FAIR_FRACTION`` of what it would make with the
+``static`` policy's share-proportional allocation.
+
+``docs/oracle.md`` explains what this bounds and what it does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
+
+from balloonist.errors import ConfigError
+from balloonist.model import Decision, GuestTarget, Mechanisms, Snapshot
+from balloonist.policy.shares import equilibrium_bytes
+from balloonist.sim.curves import CurveBook
+from balloonist.sim.scenario import Costs, SimGuest
+from balloonist.sim.workload import Workload
+from balloonist.units import PAGE_SIZE_BYTES, pages_to_bytes
+
+__all__ = [
+    "FAIR_FRACTION",
+    "GRID_STEPS",
+    "OraclePolicy",
+    "best_choices",
+    "throughput_refs_per_s",
+]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+#: Grid steps across host memory: 4 MiB on a 2 GiB host, 96 MiB on a 48 GiB one; the
+#: top-up after the DP recovers what rounding to the grid loses at a working set's edge.
+GRID_STEPS: Final = 512
+#: The sharing rule: no guest below this share of its throughput under ``static``.
+FAIR_FRACTION: Final = 0.9
+#: Relative tolerance under which two totals count as equal; the DP then prefers the
+#: smaller allocation, so memory that buys nothing stays with whoever holds it.
+_TIE_TOLERANCE: Final = 1e-9
+
+#: One slice of a period, as a guest runs it: its workload and active working set.
+Slice = tuple[Workload, int]
+
+
+def throughput_refs_per_s(miss_ratio: npt.ArrayLike, costs: Costs) -> FloatArray:
+    """Steady-state references per second of a busy guest at ``miss_ratio``."""
+    fault_s = costs.guest_swap_in_s + costs.guest_swap_out_s
+    return 1.0 / (costs.reference_s + np.asarray(miss_ratio, dtype=np.float64) * fault_s)
+
+
+def best_choices(values: Sequence[FloatArray], capacity: int) -> tuple[tuple[int, ...], float]:
+    """Pick one option per item, option ``k`` costing ``k`` units, to maximise the total.
+
+    ``values[i][k]`` is item ``i``'s value with ``k`` units; any shape (non-concave,
+    non-monotone). Returns the chosen ``k`` per item (their sum at most ``capacity``)
+    and the total. Of near-equal totals the one with fewer units for the later items
+    wins. Cost ``O(capacity * sum_i len(values[i]))``, vectorised per item.
+    """
+    if capacity < 0:
+        raise ValueError(f"capacity must not be negative, got {capacity}")
+    # best[c]: the highest total of the items so far using at most c units.
+    best = np.zeros(capacity + 1)
+    picks: list[npt.NDArray[np.intp]] = []
+    for item in values:
+        if len(item) == 0:
+            raise ValueError("every item needs at least one option")
+        top_k = min(len(item) - 1, capacity)
+        padded = np.concatenate((np.full(top_k, -np.inf), best))
+        # total[c, k] = best[c - k] + item[k]; -inf where k > c
+        total = sliding_window_view(padded, top_k + 1)[:, ::-1] + item[: top_k + 1]
+        top = total.max(axis=1)
+        near = total >= (top - _TIE_TOLERANCE * np.maximum(np.abs(top), 1.0))[:, None]
+        pick = np.argmax(near, axis=1)
+        best = total[np.arange(capacity + 1), pick]
+        picks.append(pick)
+    chosen: list[int] = []
+    left = capacity
+    for pick in reversed(picks):
+        k = int(pick[left])
+        chosen.append(k)
+        left -= k
+    return tuple(reversed(chosen)), float(best[capacity])
+
+
+@dataclass(frozen=True, eq=False)
+class _Options:
+    """One guest's choices: allocation ``floor + extra_pages[k]`` costs ``k`` grid steps."""
+
+    floor_pages: int
+    extra_pages: IntArray
+    value: FloatArray
+
+
+class OraclePolicy:
+    """Allocations that maximise modelled total throughput, period by period."""
+
+    def __init__(
+        self,
+        guests: Sequence[SimGuest],
+        costs: Costs,
+        *,
+        period_s: float = 1.0,
+        slices_per_period: int = 1,
+        fair: bool = False,
+        grid_steps: int = GRID_STEPS,
+        curves: CurveBook | None = None,
+    ) -> None:
+        where = "policy oracle"
+        if grid_steps < 1 or slices_per_period < 1 or not period_s > 0.0:
+            raise ConfigError("grid steps, slices and period must be positive", where=where)
+        self._costs = costs
+        self._period_s = period_s
+        self._slices = slices_per_period
+        self._fair = fair
+        self._grid_steps = grid_steps
+        self._curves = curves if curves is not None else CurveBook()
+        self._guests: dict[str, SimGuest] = {}
+        for guest in guests:
+            if guest.name in self._guests:
+                raise ConfigError(f"duplicate guest name {guest.name!r}", where=where)
+            self._guests[guest.name] = guest
+        self._solved: dict[tuple[int, tuple[tuple[Slice, ...], ...]], tuple[int, ...]] = {}
+        self._options: dict[tuple[str, int, int, tuple[Slice, ...]], _Options] = {}
+        self._static: dict[int, tuple[int, ...]] = {}
+
+    @property
+    def name(self) -> str:
+        return "oracle-fair" if self._fair else "oracle"
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        for view in snapshot.guests:
+            if view.name not in self._guests:
+                raise ConfigError(
+                    f"snapshot has guest {view.name!r}, which the oracle was not given",
+                    where="policy oracle",
+                )
+        # Plan for every guest, even one missing from this snapshot: it still holds
+        # memory, and leaving it out would hand that memory to the others twice.
+        guests = tuple(self._guests.values())
+        host_pages = snapshot.host.memory_bytes // PAGE_SIZE_BYTES
+        times = [snapshot.time_s + k * self._period_s / self._slices for k in range(self._slices)]
+        slices = tuple(
+            tuple((g.plan.at(t), g.plan.active_pages_at(t)) for t in times) for g in guests
+        )
+        key = (host_pages, slices)
+        pages = self._solved.get(key)
+        if pages is None:
+            pages = self._solve(host_pages, guests, slices)
+            self._solved[key] = pages
+        held = {v.name: v.sample.allocated_bytes // PAGE_SIZE_BYTES for v in snapshot.guests}
+        pages = _hand_out_slack(pages, host_pages, guests, held)
+        present = set(held)
+        targets = tuple(
+            GuestTarget(g.name, pages_to_bytes(p), g.spec.memory_bytes - pages_to_bytes(p))
+            for g, p in zip(guests, pages, strict=True)
+            if g.name in present
+        )
+        return Decision(
+            targets, Mechanisms(balloon=True, host_paging=False, block_over_target=False)
+        )
+
+    def _solve(
+        self, host_pages: int, guests: Sequence[SimGuest], slices: Sequence[tuple[Slice, ...]]
+    ) -> tuple[int, ...]:
+        floors = [_floor_pages(g) for g in guests]
+        if sum(floors) > host_pages:
+            # Kernels do not all fit: only the reservations are floors.
+            floors = [min(_min_pages(g), _limit_pages(g)) for g in guests]
+            if sum(floors) > host_pages:
+                raise ConfigError(
+                    "the guests' reservations add up to more than host memory",
+                    where="policy oracle",
+                )
+        if self._fair:
+            static = self._static_pages(host_pages, guests)
+            floors = [
+                max(floor, self._fair_floor(g, s, floor, st))
+                for g, s, floor, st in zip(guests, slices, floors, static, strict=True)
+            ]
+        step = max(1, host_pages // self._grid_steps)
+        options = [
+            self._guest_options(g, s, floor, step)
+            for g, s, floor in zip(guests, slices, floors, strict=True)
+        ]
+        capacity = min(
+            (host_pages - sum(floors)) // step, sum(len(o.extra_pages) - 1 for o in options)
+        )
+        choices, _ = best_choices([o.value for o in options], max(capacity, 0))
+        pages = [
+            o.floor_pages + int(o.extra_pages[k]) for o, k in zip(options, choices, strict=True)
+        ]
+        return self._top_up(pages, host_pages, guests, slices)
+
+    def _value(self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray) -> FloatArray:
+        """Mean modelled throughput over the period's slices, holding ``pages``."""
+        resident = np.maximum(pages - guest.kernel_pages, 0)
+        total = np.zeros(resident.shape)
+        for workload, active in slices:
+            if active > 0:
+                miss = self._curves.miss_ratio(workload, active, guest.replacement, resident)
+                total += throughput_refs_per_s(miss, self._costs)
+        return total / len(slices)
+
+    def _top_pages(self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int) -> int:
+        """Memory past the largest active working set buys nothing: the grid stops there."""
+        demand = max(active for _, active in slices)
+        return max(floor_pages, min(_limit_pages(guest), guest.kernel_pages + demand))
+
+    def _guest_options(
+        self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int, step_pages: int
+    ) -> _Options:
+        key = (guest.name, floor_pages, step_pages, slices)
+        cached = self._options.get(key)
+        if cached is None:
+            span = self._top_pages(guest, slices, floor_pages) - floor_pages
+            steps = -(-span // step_pages)  # ceil: the last step may be partial
+            extra = np.minimum(np.arange(steps + 1, dtype=np.int64) * step_pages, span)
+            cached = _Options(floor_pages, extra, self._value(guest, slices, floor_pages + extra))
+            self._options[key] = cached
+        return cached
+
+    def _top_up(
+        self,
+        pages: list[int],
+        host_pages: int,
+        guests: Sequence[SimGuest],
+        slices: Sequence[tuple[Slice, ...]],
+    ) -> tuple[int, ...]:
+        """Spend what the grid's rounding left, where it raises throughput most."""
+        for _ in guests:
+            left = host_pages - sum(pages)
+            best_gain, best_i, best_pages = 0.0, -1, 0
+            for i, (g, s) in enumerate(zip(guests, slices, strict=True)):
+                more = min(self._top_pages(g, s, pages[i]), pages[i] + left)
+                if more > pages[i]:
+                    now, then = self._value(g, s, np.array([pages[i], more], dtype=np.int64))
+                    if then - now > best_gain * (1.0 + _TIE_TOLERANCE):
+                        best_gain, best_i, best_pages = float(then - now), i, more
+            if best_i < 0:
+                break
+            pages[best_i] = best_pages
+        return tuple(pages)
+
+    def _static_pages(self, host_pages: int, guests: Sequence[SimGuest]) -> tuple[int, ...]:
+        """The ``static`` policy's allocations: shares, no tax, no working sets."""
+        cached = self._static.get(host_pages)
+        if cached is None:
+            allocations = equilibrium_bytes(
+                np.array([g.spec.shares for g in guests], dtype=np.float64),
+                np.zeros(len(guests)),
+                np.array([g.spec.min_bytes for g in guests], dtype=np.int64),
+                np.array([g.spec.limit_bytes for g in guests], dtype=np.int64),
+                available_bytes=host_pages * PAGE_SIZE_BYTES,
+                tax_rate=0.0,
+            )
+            cached = tuple(int(a) // PAGE_SIZE_BYTES for a in allocations)
+            self._static[host_pages] = cached
+        return cached
+
+    def _fair_floor(
+        self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int, static_pages: int
+    ) -> int:
+        """The least allocation giving ``FAIR_FRACTION`` of the static one's throughput."""
+        goal = FAIR_FRACTION * float(self._value(guest, slices, np.array([static_pages]))[0])
+        low, high = floor_pages, max(floor_pages, static_pages)  # value rises with pages
+        while low < high:
+            mid = (low + high) // 2
+            if float(self._value(guest, slices, np.array([mid]))[0]) >= goal:
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+
+def _hand_out_slack(
+    pages: tuple[int, ...], host_pages: int, guests: Sequence[SimGuest], held: dict[str, int]
+) -> tuple[int, ...]:
+    """Give out the memory no guest's modelled throughput gains from.
+
+    It gains in transitions: a guest whose working set moves fills free frames instead
+    of evicting. So it goes first to the guests already holding it (nothing of theirs is
+    evicted for nothing), then evenly, each up to its limit; none is left unallocated.
+    """
+    out = list(pages)
+    left = host_pages - sum(out)
+    for i, g in enumerate(guests):
+        keep = min(held.get(g.name, 0), _limit_pages(g)) - out[i]
+        if keep > 0 and left > 0:
+            out[i] += min(keep, left)
+            left -= min(keep, left)
+    room = [max(_limit_pages(g) - p, 0) for g, p in zip(guests, out, strict=True)]
+    for rank, i in enumerate(sorted(range(len(out)), key=lambda j: room[j])):
+        give = min(room[i], left // (len(out) - rank))  # water-fill: the smallest room first
+        out[i] += give
+        left -= give
+    return tuple(out)
+
+
+def _min_pages(guest: SimGuest) -> int:
+    return -(-guest.spec.min_bytes // PAGE_SIZE_BYTES)  # a reservation rounds up
+
+
+def _limit_pages(guest: SimGuest) -> int:
+    return guest.spec.limit_bytes // PAGE_SIZE_BYTES  # a limit rounds down
+
+
+def _floor_pages(guest: SimGuest) -> int:
+    """The least a guest can hold: its reservation, and never less than its kernel."""
+    return min(max(_min_pages(guest), guest.kernel_pages), _limit_pages(guest))
