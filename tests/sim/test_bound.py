@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from balloonist.policy.registry import POLICY_NAMES as ONLINE_POLICIES
 from balloonist.sim.oracle import FAIR_FRACTION
 from balloonist.sim.result import SimResult
 from balloonist.sim.runner import run_scenario
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HOSTS = sorted((ROOT / "scenarios").glob("*.toml")) + sorted(
     (Path(__file__).parent / "bound_hosts").glob("*.toml")
 )
-POLICIES = ("shares", "static", "host-swap", "proxmox", "mom")
+POLICIES = ONLINE_POLICIES  # every policy that runs without the future, default included
 #: How far a policy may come out above the bound: the simulator's randomness.
 SLACK = 0.01
 
