@@ -300,13 +300,13 @@ def run_guest(  # type: ignore[no-untyped-def]
     ws_pages,
     ws_active,
     offset,
-    alias_prob,
-    alias_idx,
+    alias,
 ):
     """Run the workload for up to ``budget_s`` simulated seconds; return seconds used.
 
     ``ws_active`` <= ``ws_pages`` is how much of the working set is in use yet (a
-    working set that ramps up); zipf ranks beyond it fold back onto it.
+    working set that ramps up); zipf ranks beyond it fold back onto it. ``alias`` is
+    the zipf alias table, one (probability, alias rank) row per rank.
 
     ``lim`` is (cap, min, reserve) as for ``_back_frame``. The run
     ends early (returning at least the budget) when the guest stalls: it needs a
@@ -322,7 +322,7 @@ def run_guest(  # type: ignore[no-untyped-def]
             r = _rand_below(rng, ws_active)
         elif kind == ZIPF:
             i = _rand_below(rng, ws_pages)
-            r = i if _rand_unit(rng) < alias_prob[i] else alias_idx[i]
+            r = i if _rand_unit(rng) < alias[i, 0] else int(alias[i, 1])
             if r >= ws_active:
                 r = r % ws_active
         else:  # SCAN
