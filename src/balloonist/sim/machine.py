@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from balloonist.driver import BalloonDriver, PageRange, ranges_from_pages
+from balloonist.driver import BalloonDriver, PageRange
 from balloonist.errors import GuestProtocolError, SimulationError
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mechanisms
 from balloonist.rate import AdaptiveRate, RateLimits
@@ -45,9 +45,26 @@ RECLAIM_BUDGET_FRACTION = 0.25
 
 
 def _ranges_to_frames(ranges: Sequence[PageRange]) -> I64:
+    """Every frame of ``ranges``, in order (one numpy pass: a balloon holds many ranges)."""
     if not ranges:
         return np.empty(0, dtype=np.int64)
-    return np.concatenate([np.arange(r.start, r.end, dtype=np.int64) for r in ranges])
+    starts = np.fromiter((r.start for r in ranges), dtype=np.int64, count=len(ranges))
+    counts = np.fromiter((r.count for r in ranges), dtype=np.int64, count=len(ranges))
+    # frame k of the output is its range's start plus k less the frames before that range
+    before = np.cumsum(counts) - counts
+    frames: I64 = np.repeat(starts - before, counts) + np.arange(int(counts.sum()))
+    return frames
+
+
+def _ranges_of(frames: I64) -> list[PageRange]:
+    """``ranges_from_pages`` for a frame array: sorted, duplicates dropped, maximal runs."""
+    pages = np.unique(frames)
+    if pages.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))].tolist()
+    ends = pages[np.concatenate((breaks - 1, [pages.size - 1]))].tolist()
+    return [PageRange(start, end - start + 1) for start, end in zip(starts, ends, strict=True)]
 
 
 class GuestMemory:
@@ -216,7 +233,7 @@ class SimGuestKernel:
             m.refbit,
         )
         m.time_debt_s += spent
-        return ranges_from_pages(out[:got].tolist())
+        return _ranges_of(out[:got])
 
     def free_pages(self, ranges: Sequence[PageRange]) -> None:
         m = self._mem
