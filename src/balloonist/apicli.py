@@ -17,18 +17,22 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from balloonist.api.client import ApiClient
-from balloonist.api.models import GuestOut, StatusOut
 from balloonist.daemon.command import API_SOCKET
 from balloonist.errors import ConfigError
 from balloonist.units import format_size, parse_size_bytes
+
+if TYPE_CHECKING:
+    # The API client pulls in fastapi and pydantic models: imported only when a command
+    # talks to a daemon, so building the command line stays cheap for every command.
+    from balloonist.api.client import ApiClient
+    from balloonist.api.models import GuestOut, StatusOut
 
 #: The guest table's columns: heading and how to show a guest's value.
 _COLUMNS: Final = (
@@ -128,6 +132,8 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
 
 def connect(args: argparse.Namespace) -> ApiClient:
     """The client the connection options name; bad options: ConfigError."""
+    from balloonist.api.client import ApiClient
+
     if args.api_url is None:
         if args.api_token_file is not None:
             raise ConfigError(

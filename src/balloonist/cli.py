@@ -339,12 +339,13 @@ def _demo_compare(
 
 
 def _cmd_simulate(args: argparse.Namespace, io: _Io) -> int:
-    from balloonist import report
-
     scenario = load_scenario_or_demo(args.scenario)
     _check_policy(args.policy)
     report_dir: Path | None = args.report
     if report_dir is not None:
+        # matplotlib is slow to import: only a run that writes a report pays for it
+        from balloonist import report
+
         report.check_report_dir(report_dir)
     policy = args.policy or scenario.policy_name
     title = f"{scenario.name} (policy {policy})"
@@ -365,6 +366,8 @@ def _cmd_simulate(args: argparse.Namespace, io: _Io) -> int:
         result = io.runner()(scenario, policy_name=args.policy, progress=progress)
 
     if report_dir is not None:
+        from balloonist import report
+
         report.write_report(result, report_dir)
     if args.json:
         print(json.dumps(result.summary()), file=io.stdout, flush=True)

@@ -23,6 +23,8 @@ guest can write it out: a double-paging event.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
@@ -89,6 +91,13 @@ H_SWAP_FREE = 0  # host swap slots free
 H_FREE = 1  # machine pages backing no guest page
 N_HOST = 2
 
+# The fault-path helpers below are compiled without numba's reference counting
+# (_nrt=False): they allocate nothing, and otherwise every call increments and
+# decrements each array argument's count atomically on entry and exit, which cost
+# more than the helper's own work on every page fault.
+
+_NO_REFCOUNTS: dict[str, Any] = {"_nrt": False}  # numba's flag, missing from its stubs
+
 # Host-side random victim search: random probes first (cheap while most frames are
 # mapped), then a linear sweep so the search always terminates.
 _VICTIM_PROBES = 64
@@ -149,7 +158,7 @@ def _list_unlink(st, prev, nxt, f):  # type: ignore[no-untyped-def]
     nxt[f] = -1
 
 
-@njit(cache=True)
+@njit(cache=True, **_NO_REFCOUNTS)
 def _pick_guest_victim(st, p2v, prev, nxt, refbit, policy):  # type: ignore[no-untyped-def]
     """The guest OS's own replacement choice among resident workload frames, or -1."""
     if st[S_RESIDENT] == 0:
@@ -174,7 +183,7 @@ def _pick_guest_victim(st, p2v, prev, nxt, refbit, policy):  # type: ignore[no-u
     return st[S_TAIL]
 
 
-@njit(cache=True)
+@njit(cache=True, **_NO_REFCOUNTS)
 def _host_victim(st, p2v, pstate, rng, exclude):  # type: ignore[no-untyped-def]
     """A random machine-backed frame of this guest (the host knows nothing better)."""
     nframes = pstate.shape[0]
@@ -194,7 +203,7 @@ def _host_victim(st, p2v, pstate, rng, exclude):  # type: ignore[no-untyped-def]
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, **_NO_REFCOUNTS)
 def _host_page_out(st, p2v, pstate, rng, host, exclude):  # type: ignore[no-untyped-def]
     """Host pages out one random frame of the guest. Returns False if it cannot."""
     if host[H_SWAP_FREE] <= 0:
@@ -211,7 +220,7 @@ def _host_page_out(st, p2v, pstate, rng, host, exclude):  # type: ignore[no-unty
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, **_NO_REFCOUNTS)
 def _back_frame(f, st, p2v, pstate, rng, host, lim, costs):  # type: ignore[no-untyped-def]
     """Make sure frame ``f`` has machine memory behind it; return the cost, or -1.0 if the
     host could neither grant a machine page nor page another out to make room.
@@ -247,7 +256,7 @@ def _back_frame(f, st, p2v, pstate, rng, host, lim, costs):  # type: ignore[no-u
     return cost
 
 
-@njit(cache=True)
+@njit(cache=True, **_NO_REFCOUNTS)
 def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim, swap_pages, costs):  # type: ignore[no-untyped-def]
     """The guest swaps out the workload page in frame ``f``; return cost or -1.0."""
     v = p2v[f]
@@ -297,13 +306,13 @@ def run_guest(  # type: ignore[no-untyped-def]
     ws_pages,
     ws_active,
     offset,
-    alias_prob,
-    alias_idx,
+    alias,
 ):
     """Run the workload for up to ``budget_s`` simulated seconds; return seconds used.
 
     ``ws_active`` <= ``ws_pages`` is how much of the working set is in use yet (a
-    working set that ramps up); zipf ranks beyond it fold back onto it.
+    working set that ramps up); zipf ranks beyond it fold back onto it. ``alias`` is
+    the zipf alias table, one (probability, alias rank) row per rank.
 
     ``lim`` is (cap, min, reserve) as for ``_back_frame``. The run
     ends early (returning at least the budget) when the guest stalls: it needs a
@@ -319,7 +328,7 @@ def run_guest(  # type: ignore[no-untyped-def]
             r = _rand_below(rng, ws_active)
         elif kind == ZIPF:
             i = _rand_below(rng, ws_pages)
-            r = i if _rand_unit(rng) < alias_prob[i] else alias_idx[i]
+            r = i if _rand_unit(rng) < alias[i, 0] else int(alias[i, 1])
             if r >= ws_active:
                 r = r % ws_active
         else:  # SCAN

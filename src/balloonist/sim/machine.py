@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from balloonist.driver import BalloonDriver, PageRange, ranges_from_pages
+from balloonist.driver import BalloonDriver, PageRange
 from balloonist.errors import GuestProtocolError, SimulationError
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mechanisms
 from balloonist.rate import AdaptiveRate, RateLimits
@@ -46,9 +46,26 @@ RECLAIM_BUDGET_FRACTION = 0.25
 
 
 def _ranges_to_frames(ranges: Sequence[PageRange]) -> I64:
+    """Every frame of ``ranges``, in order (one numpy pass: a balloon holds many ranges)."""
     if not ranges:
         return np.empty(0, dtype=np.int64)
-    return np.concatenate([np.arange(r.start, r.end, dtype=np.int64) for r in ranges])
+    starts = np.fromiter((r.start for r in ranges), dtype=np.int64, count=len(ranges))
+    counts = np.fromiter((r.count for r in ranges), dtype=np.int64, count=len(ranges))
+    # frame k of the output is its range's start plus k less the frames before that range
+    before = np.cumsum(counts) - counts
+    frames: I64 = np.repeat(starts - before, counts) + np.arange(int(counts.sum()))
+    return frames
+
+
+def _ranges_of(frames: I64) -> list[PageRange]:
+    """``ranges_from_pages`` for a frame array: sorted, duplicates dropped, maximal runs."""
+    pages = np.unique(frames)
+    if pages.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))].tolist()
+    ends = pages[np.concatenate((breaks - 1, [pages.size - 1]))].tolist()
+    return [PageRange(start, end - start + 1) for start, end in zip(starts, ends, strict=True)]
 
 
 class GuestMemory:
@@ -89,7 +106,7 @@ class GuestMemory:
         self.time_debt_s = 0.0
         self.sample_picked = 0
         self.observed_pages: int | None = None  # set when a sampling window closes
-        self._tables: dict[int, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]] = {}
+        self._tables: dict[int, npt.NDArray[np.float64]] = {}
         self._phase = -1
         self.workload = guest.plan.phases[0].workload
 
@@ -115,11 +132,11 @@ class GuestMemory:
             self.workload = self.guest.plan.phases[index].workload
             self.st[e.S_SCAN_POS] = 0
 
-    def tables(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-        """Alias tables for the current zipf phase (empty arrays for other kinds)."""
+    def tables(self) -> npt.NDArray[np.float64]:
+        """The alias table for the current zipf phase (an empty one for other kinds)."""
         w = self.workload
         if w.kind is not WorkloadKind.ZIPF:
-            return _EMPTY_F, _EMPTY_I
+            return _EMPTY_TABLE
         cached = self._tables.get(self._phase)
         if cached is None:
             cached = zipf_alias(w)
@@ -146,7 +163,7 @@ class GuestMemory:
 
     def run(self, budget_s: float, lim: I64, host: I64, time_s: float) -> float:
         w = self.workload
-        prob, alias = self.tables()
+        alias = self.tables()
         used: float = e.run_guest(
             budget_s,
             lim,
@@ -169,23 +186,29 @@ class GuestMemory:
             w.working_set_pages,
             self.active_pages(time_s),
             w.offset_pages,
-            prob,
             alias,
         )
         return used
 
 
-_EMPTY_F = np.zeros(1, dtype=np.float64)
-_EMPTY_I = np.zeros(1, dtype=np.int64)
+_EMPTY_TABLE = np.zeros((1, 2), dtype=np.float64)
 
 
-def zipf_alias(w: Workload) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+def zipf_alias(w: Workload) -> npt.NDArray[np.float64]:
+    """The zipf working set's alias table: per rank, (probability, alias rank).
+
+    One row per rank so a draw reads one cache line, not one in each of two arrays;
+    an alias rank is a whole number below 2**53, exact as a float.
+    """
     ranks = np.arange(1, w.working_set_pages + 1, dtype=np.float64)
     weights = ranks**-w.skew
     prob = np.zeros(w.working_set_pages, dtype=np.float64)
     alias = np.zeros(w.working_set_pages, dtype=np.int64)
     e.build_alias(weights, prob, alias)
-    return prob, alias
+    table = np.empty((w.working_set_pages, 2), dtype=np.float64)
+    table[:, 0] = prob
+    table[:, 1] = alias
+    return table
 
 
 class SimGuestKernel:
@@ -219,7 +242,7 @@ class SimGuestKernel:
             m.refbit,
         )
         m.time_debt_s += spent
-        return ranges_from_pages(out[:got].tolist())
+        return _ranges_of(out[:got])
 
     def free_pages(self, ranges: Sequence[PageRange]) -> None:
         m = self._mem
