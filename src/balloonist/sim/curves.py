@@ -119,7 +119,9 @@ def measure_zipf(
     workload: Workload, active_pages: int, replacement: Replacement
 ) -> tuple[FloatArray, FloatArray]:
     """(sizes, miss ratios) of a zipf workload folded onto ``active_pages``, measured."""
-    prob, alias = zipf_alias(workload)
+    table = zipf_alias(workload)  # per rank: (probability, alias rank as a float)
+    prob = np.ascontiguousarray(table[:, 0])
+    alias = table[:, 1].astype(np.int64)
     args = (int(workload.kind), workload.working_set_pages, active_pages, prob, alias, _SEED)
     count = int(np.clip(_REFS_PER_PAGE * active_pages, _MIN_REFS, _MAX_REFS))
     if active_pages < workload.working_set_pages:
