@@ -135,37 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser(
-        "demo",
-        help="run the built-in demo scenario and watch it live",
-        description="Run the built-in demo scenario (an overcommitted host with three "
-        "guests), show it live, then print a summary and write a plot; then run it under "
-        "other policies in parallel and compare them side by side.",
-    )
-    demo.add_argument("--no-live", action="store_true", help="plain progress lines")
-    demo.add_argument(
-        "--no-compare",
-        action="store_true",
-        help=f"skip the comparison with other policies ({', '.join(DEMO_PEERS)}) "
-        "after the live run",
-    )
-    demo.add_argument(
-        "--out",
-        type=Path,
-        default=DEMO_OUT_DEFAULT,
-        metavar="DIR",
-        help=f"where to write the plot and the comparison (default: ./{DEMO_OUT_DEFAULT})",
-    )
-    demo.add_argument("--policy", metavar="NAME", help=_policy_help())
-    demo.add_argument(
-        "--pace",
-        type=float,
-        default=DEMO_PACE_S,
-        metavar="SECONDS",
-        help="least wall-clock time per simulated period in the live view "
-        f"(default: {DEMO_PACE_S}; 0 runs flat out)",
-    )
-    demo.set_defaults(command=_cmd_demo)
+    _add_demo_parser(sub)
 
     sim = sub.add_parser(
         "simulate",
@@ -212,6 +182,40 @@ def _parser() -> argparse.ArgumentParser:
     vmcli.add_commands(sub, _plain_command)
     apicli.add_commands(sub, _plain_command)
     return parser
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="run the built-in demo scenario and watch it live",
+        description="Run the built-in demo scenario (an overcommitted host with three "
+        "guests), show it live, then print a summary and write a plot; then run it under "
+        "other policies in parallel and compare them side by side.",
+    )
+    demo.add_argument("--no-live", action="store_true", help="plain progress lines")
+    demo.add_argument(
+        "--no-compare",
+        action="store_true",
+        help=f"skip the comparison with other policies ({', '.join(DEMO_PEERS)}) "
+        "after the live run",
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=DEMO_OUT_DEFAULT,
+        metavar="DIR",
+        help=f"where to write the plot and the comparison (default: ./{DEMO_OUT_DEFAULT})",
+    )
+    demo.add_argument("--policy", metavar="NAME", help=_policy_help())
+    demo.add_argument(
+        "--pace",
+        type=float,
+        default=DEMO_PACE_S,
+        metavar="SECONDS",
+        help="least wall-clock time per simulated period in the live view "
+        f"(default: {DEMO_PACE_S}; 0 runs flat out)",
+    )
+    demo.set_defaults(command=_cmd_demo)
 
 
 def _add_suite_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
