@@ -24,6 +24,7 @@ from typing import Any, Final
 from matplotlib.figure import Figure
 
 from balloonist.model import CpuSpec
+from balloonist.policy import DEFAULT_POLICY
 from balloonist.report import write_png_atomic
 from balloonist.sim.result import SimResult
 from balloonist.sim.runner import run_scenario
@@ -204,7 +205,16 @@ def double_paging(scenarios: Path) -> Experiment:
     )
 
 
-MIX_POLICIES: Final = ("shares", "oracle", "oracle-fair", "mom", "proxmox", "static", "host-swap")
+MIX_POLICIES: Final = (
+    DEFAULT_POLICY,
+    "shares",
+    "oracle",
+    "oracle-fair",
+    "mom",
+    "proxmox",
+    "static",
+    "host-swap",
+)
 
 
 def overcommit_mix(scenarios: Path) -> Experiment:
@@ -225,9 +235,10 @@ def overcommit_mix(scenarios: Path) -> Experiment:
                 f"{_total(run, 'double_paging'):,}",
             )
         )
-    shares = _throughput(runs["shares"])
+    default = _throughput(runs[DEFAULT_POLICY])
     figures = {f"{p}_refs_per_s": _throughput(r) for p, r in runs.items()}
-    figures["shares_of_oracle"] = shares / oracle
+    figures[f"{DEFAULT_POLICY}_of_oracle"] = default / oracle
+    figures["shares_of_oracle"] = _throughput(runs["shares"]) / oracle
     return Experiment(
         name="overcommit-mix",
         title="Overcommit mix: every policy against the oracle",
@@ -241,15 +252,16 @@ def overcommit_mix(scenarios: Path) -> Experiment:
             "and every guest's exact miss-ratio curve and moves memory instantly and for free; "
             "`oracle-fair` is the same bound keeping every guest at 0.9x of its `static` "
             "throughput. "
+            f"`{DEFAULT_POLICY}` is the default policy; `shares` is ESX's. "
             "`host-swap` uses the same targets as `shares` and comes close here because the "
             "memory it takes behind the guests' backs is mostly idle and the guests never "
             "page themselves; the double-paging experiment shows the case where that fails."
         ),
         figures=figures,
         checks=(
-            Check("shares / oracle", shares / oracle, ">=", 0.9),
+            Check(f"{DEFAULT_POLICY} (default) / oracle", default / oracle, ">=", 0.9),
             *(
-                Check(f"shares / {p}", shares / _throughput(runs[p]), ">", 1.0)
+                Check(f"{DEFAULT_POLICY} / {p}", default / _throughput(runs[p]), ">", 1.0)
                 for p in ("proxmox", "mom", "static")
             ),
         ),
