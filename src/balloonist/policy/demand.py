@@ -22,8 +22,10 @@ they once used. This policy starts from demand instead:
    shares give it, and idle memory (held but not demanded) is the first to go: the
    idle tax at its strongest. Memory left over goes first to guests that stall (by
    shares, up to their limits: their demand is a step, and they may need more), then
-   stays with the guests that hold it, then is spread by shares, so nothing is
-   reclaimed that nobody needs.
+   stays with the guests that hold it as far as their working set (with the slow
+   average's memory) says they used it, then is spread by shares: memory in use is
+   not reclaimed when nobody needs it, and memory a guest stopped using drifts back
+   to the others by shares as the slow average forgets it.
    Reservations (``min``) and limits (``max``) bound every step.
 3. **Balloon registers** partition the host: a guest may use at most
    ``memory - register`` and the allocations add up to the host less a small margin,
@@ -196,16 +198,20 @@ def water_fill(shares: F64, floors: I64, caps: I64, available_bytes: int) -> I64
 
 
 def allocations_bytes(
-    guests: _Guests, demand: I64, short: npt.NDArray[np.bool_], available_bytes: int
+    guests: _Guests,
+    demand: I64,
+    short: npt.NDArray[np.bool_],
+    used: I64,
+    available_bytes: int,
 ) -> I64:
     """Step 2 of the module docstring: demand by shares; then, for guests ``short`` of
-    memory (stalled), whatever more they may take, by shares; then what guests hold;
-    then the rest by shares."""
+    memory (stalled), whatever more they may take, by shares; then what guests hold,
+    as far as they used it lately (``used``); then the rest by shares."""
     wanted = np.clip(demand, guests.mins, guests.maxes)
     met = water_fill(guests.shares, guests.mins, wanted, available_bytes)
     for caps in (
         np.where(short, guests.maxes, met),
-        np.clip(guests.held, met, guests.maxes),
+        np.clip(np.minimum(guests.held, used), met, guests.maxes),
         guests.maxes,
     ):
         if int(met.sum()) + PAGE_SIZE_BYTES >= available_bytes:
@@ -272,7 +278,11 @@ class DemandPolicy:
         margin = int(host.memory_bytes * self.margin_fraction)
         available = host.memory_bytes - margin
         short = np.array([stall_fraction(g) >= STALL_THRESHOLD for g in views], dtype=np.bool_)
-        allocations = allocations_bytes(guests, demand_bytes(views), short, available)
+        used = np.array(
+            [int(g.working_set_bytes * (1.0 + HEADROOM_FRACTION)) + HEADROOM_BYTES for g in views],
+            dtype=np.int64,
+        )
+        allocations = allocations_bytes(guests, demand_bytes(views), short, used, available)
         registers = registers_bytes(guests, allocations, host.free_bytes, margin, available)
         mechanisms = self._mechanisms(host.state, guests)
         cpus = cpu_targets(snapshot, self.tax_rate)
