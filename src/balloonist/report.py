@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -120,8 +121,10 @@ def check_report_dir(directory: Path) -> None:
         raise ConfigError(f"{ancestor} is not a directory", where=f"report {directory}")
 
 
-def write_report(result: SimResult, directory: Path) -> list[Path]:
-    """Write every file in :data:`REPORT_FILES` into ``directory``, all or nothing."""
+@contextmanager
+def staged_report_dir(directory: Path) -> Iterator[Path]:
+    """A hidden directory beside ``directory`` to write a report into; renamed into
+    place when the block ends, removed if it raises: the report is all or nothing."""
     check_report_dir(directory)
     parent = directory.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -129,16 +132,7 @@ def write_report(result: SimResult, directory: Path) -> list[Path]:
     staging = parent / f".{directory.name}.tmp-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        writers: tuple[Callable[[SimResult, Path], None], ...] = (
-            write_summary_json,
-            write_timeseries_csv,
-            write_host_csv,
-            plot_memory,
-            plot_host,
-            plot_throughput,
-        )
-        for name, write in zip(REPORT_FILES, writers, strict=True):
-            write(result, staging / name)
+        yield staging
         try:
             # rename(2) replaces a missing or empty directory and fails on a non-empty one.
             os.replace(staging, directory)
@@ -149,6 +143,21 @@ def write_report(result: SimResult, directory: Path) -> list[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_report(result: SimResult, directory: Path) -> list[Path]:
+    """Write every file in :data:`REPORT_FILES` into ``directory``, all or nothing."""
+    writers: tuple[Callable[[SimResult, Path], None], ...] = (
+        write_summary_json,
+        write_timeseries_csv,
+        write_host_csv,
+        plot_memory,
+        plot_host,
+        plot_throughput,
+    )
+    with staged_report_dir(directory) as staging:
+        for name, write in zip(REPORT_FILES, writers, strict=True):
+            write(result, staging / name)
     return [directory / name for name in REPORT_FILES]
 
 

@@ -3,15 +3,12 @@
 ``records.json`` (every run), ``summary.json`` (the statistics), ``scenarios/*.toml``
 (each generated scenario, to rerun with ``balloonist simulate``) and ``suite.png``
 (relative throughput per policy). Everything goes into a hidden directory beside the
-target, renamed into place at the end, as ``balloonist.report.write_report`` does.
+target, renamed into place at the end (``balloonist.report.staged_report_dir``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -21,8 +18,7 @@ import tomli_w
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from balloonist.errors import ConfigError
-from balloonist.report import check_report_dir
+from balloonist.report import staged_report_dir
 from balloonist.suite.records import RunRecord, record_to_json
 from balloonist.suite.stats import BOUNDS, PolicyStats, ratios, summary_json
 
@@ -39,12 +35,7 @@ def write_suite_report(
     meta: dict[str, Any],
 ) -> None:
     """Write every file of :data:`SUITE_FILES` into ``directory`` (new or empty)."""
-    check_report_dir(directory)
-    parent = directory.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = parent / f".{directory.name}.tmp-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
+    with staged_report_dir(directory) as staging:
         records_json = {**meta, "records": [record_to_json(r) for r in records]}
         _write_json(staging / "records.json", records_json)
         _write_json(staging / "summary.json", {**meta, **summary_json(stats)})
@@ -54,16 +45,6 @@ def write_suite_report(
                 tomli_w.dumps(data).encode()
             )
         plot_suite(records, staging / "suite.png", title=str(meta.get("title", "suite")))
-        try:
-            # rename(2) replaces a missing or empty directory and fails on a non-empty one.
-            os.replace(staging, directory)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot move the report into place: {exc.strerror}", where=f"report {directory}"
-            ) from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
