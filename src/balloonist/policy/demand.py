@@ -160,19 +160,23 @@ def stall_fraction(view: GuestView) -> float:
     return min(1.0, pressure.major_faults_per_s * FAULT_STALL_S)
 
 
+def with_headroom(working_bytes: int, *, contended: bool) -> int:
+    """A working set plus the headroom for the host's state of contention."""
+    if contended:
+        return int(working_bytes * (1.0 + CONTENDED_HEADROOM_FRACTION)) + CONTENDED_HEADROOM_BYTES
+    return int(working_bytes * (1.0 + HEADROOM_FRACTION)) + HEADROOM_BYTES
+
+
 def demand_bytes(guests: Sequence[GuestView]) -> I64:
     """Each guest's demand (see the module docstring, step 1), before min and max."""
     stalls = [stall_fraction(g) for g in guests]
     contended = any(s >= STALL_THRESHOLD for s in stalls)
     out = np.zeros(len(guests), dtype=np.int64)
     for i, (g, stall) in enumerate(zip(guests, stalls, strict=True)):
-        if contended:
-            working = g.working_set_bytes
-            if g.recent_working_set_bytes is not None:
-                working = g.recent_working_set_bytes
-            demand = int(working * (1.0 + CONTENDED_HEADROOM_FRACTION)) + CONTENDED_HEADROOM_BYTES
-        else:
-            demand = int(g.working_set_bytes * (1.0 + HEADROOM_FRACTION)) + HEADROOM_BYTES
+        working = g.working_set_bytes
+        if contended and g.recent_working_set_bytes is not None:
+            working = g.recent_working_set_bytes
+        demand = with_headroom(working, contended=contended)
         allowance = g.spec.memory_bytes - g.sample.balloon_bytes
         if stall >= STALL_THRESHOLD:
             grow = min(GROW_MAX_FRACTION, max(GROW_MIN_FRACTION, stall))
@@ -279,8 +283,7 @@ class DemandPolicy:
         available = host.memory_bytes - margin
         short = np.array([stall_fraction(g) >= STALL_THRESHOLD for g in views], dtype=np.bool_)
         used = np.array(
-            [int(g.working_set_bytes * (1.0 + HEADROOM_FRACTION)) + HEADROOM_BYTES for g in views],
-            dtype=np.int64,
+            [with_headroom(g.working_set_bytes, contended=False) for g in views], dtype=np.int64
         )
         allocations = allocations_bytes(guests, demand_bytes(views), short, used, available)
         registers = registers_bytes(guests, allocations, host.free_bytes, margin, available)
