@@ -93,3 +93,46 @@ def test_paced_moves_take_periods_and_time() -> None:
 def test_the_runner_builds_both_bounds(name: str) -> None:
     policy = build_policy(_scenario(), name)
     assert policy.name == name
+
+
+def _jump(**guest: Any) -> Scenario:
+    """Guest b's working set jumps to pages it never used, and never comes back."""
+    workload = {
+        "kind": "phases",
+        "phases": [
+            {"at_s": 0.0, "workload": {"kind": "zipf", "working_set": "32MiB"}},
+            {
+                "at_s": 3.0,
+                "workload": {"kind": "uniform", "working_set": "40MiB", "offset": "32MiB"},
+            },
+        ],
+    }
+    return _scenario(workload=workload, **guest)
+
+
+@pytest.mark.parametrize("moves", [MoveModel.INSTANT, MoveModel.PACED])
+def test_the_bound_drops_what_the_plan_never_touches_again(moves: MoveModel) -> None:
+    sc = _jump()
+    machine = SimMachine(sc, moves=moves)
+    scheduler = Scheduler(machine, _Targets({"a": 60, "b": 60}), period_s=sc.period_s)
+    for _ in range(8):
+        scheduler.step()
+        machine.advance(sc.period_s)
+        for m in machine.guests:
+            check_guest(m)
+    b = machine.guests[1]
+    # 32 + 40 MiB of workload does not fit beside b's kernel in 60 MiB: a guest that
+    # keeps its old working set must write some of it out; the bound, which knows it
+    # is dead, frees it instead.
+    if moves is MoveModel.INSTANT:
+        assert int(b.st[e.S_GUEST_SWAP_OUT]) == 0
+        assert int(b.st[e.S_RESIDENT]) == 40 * MIB // PAGE_SIZE_BYTES
+    else:
+        assert int(b.st[e.S_GUEST_SWAP_OUT]) > 0
+
+
+def test_dead_ranges_are_what_no_later_phase_touches() -> None:
+    plan = _jump().guests[1].plan
+    pages = MIB // PAGE_SIZE_BYTES
+    assert plan.dead_ranges(0) == []
+    assert plan.dead_ranges(1) == [(0, 32 * pages)]

@@ -510,6 +510,30 @@ def balloon_free(frames, st, p2v, free):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
+def discard_pages(lo, hi, st, v2p, vswap, p2v, prev, nxt, policy, free):  # type: ignore[no-untyped-def]
+    """The guest drops virtual pages ``[lo, hi)`` as a process frees its memory: their
+    frames go on its free list (still backed by machine memory) and their swap slots
+    are released, with no I/O. Returns how many frames were freed."""
+    freed = 0
+    for v in range(lo, hi):
+        if vswap[v]:
+            vswap[v] = 0
+            st[S_SWAP_USED] -= 1
+        f = v2p[v]
+        if f < 0:
+            continue
+        if policy != CLOCK:
+            _list_unlink(st, prev, nxt, f)
+        v2p[v] = -1
+        p2v[f] = FREE
+        free[st[S_NFREE]] = f
+        st[S_NFREE] += 1
+        st[S_RESIDENT] -= 1
+        freed += 1
+    return freed
+
+
+@njit(cache=True)
 def host_page_out(count, st, p2v, pstate, rng, host):  # type: ignore[no-untyped-def]
     """Proactive host paging of up to ``count`` random frames; returns how many."""
     done = 0

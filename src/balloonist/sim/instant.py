@@ -7,6 +7,10 @@ the guest for the balloon's pages or the evictions it forces. The pages still go
 through the guest OS (its free list first, then its own replacement and swap) and the
 VMM, so every state invariant holds; what the guest later faults back in it pays for
 as usual.
+
+The oracle also knows each guest's whole plan, so when a phase begins the mover drops
+the pages no later phase will touch (``discard_dead``), as a process that frees its
+memory does: a bound should not pay to swap out memory that is never used again.
 """
 
 from __future__ import annotations
@@ -77,6 +81,20 @@ class InstantMover:
         for i, goal in enumerate(goals):
             if goal < self._held[i].size:
                 self._deflate(i, self._held[i].size - goal)
+
+    def discard_dead(self, i: int, phase_index: int) -> int:
+        """Guest ``i`` drops what its plan never touches again from phase
+        ``phase_index`` on; returns the frames freed."""
+        m = self._guests[i]
+        freed = 0
+        for start, end in m.guest.plan.dead_ranges(phase_index):
+            freed += int(
+                e.discard_pages(
+                    start, end, m.st, m.v2p, m.vswap, m.p2v, m.prev, m.nxt,
+                    int(m.guest.replacement), m.free,
+                )
+            )  # fmt: skip
+        return freed
 
     def _inflate(self, i: int, want: int, host: I64, lim: I64) -> None:
         m = self._guests[i]

@@ -111,6 +111,10 @@ class GuestMemory:
         self.workload = guest.plan.phases[0].workload
 
     @property
+    def phase_index(self) -> int:
+        return self._phase
+
+    @property
     def mapped_pages(self) -> int:
         return int(self.st[e.S_MAPPED])
 
@@ -122,7 +126,8 @@ class GuestMemory:
         st, c = self.st, self.costs
         return float(st[e.S_MAJOR] * c[e.C_SWAP_IN] + st[e.S_HOST_SWAP_IN] * c[e.C_HOST_SWAP_IN])
 
-    def set_phase(self, time_s: float) -> None:
+    def set_phase(self, time_s: float) -> bool:
+        """Enter the phase of the plan that runs at ``time_s``; True if it changed."""
         index = 0
         for i, phase in enumerate(self.guest.plan.phases):
             if phase.at_s <= time_s:
@@ -131,6 +136,8 @@ class GuestMemory:
             self._phase = index
             self.workload = self.guest.plan.phases[index].workload
             self.st[e.S_SCAN_POS] = 0
+            return True
+        return False
 
     def tables(self) -> npt.NDArray[np.float64]:
         """The alias table for the current zipf phase (an empty one for other kinds)."""
@@ -496,8 +503,7 @@ class SimMachine:
     def advance(self, period_s: float) -> None:
         """Run every guest for one period of simulated time."""
         self._sample_window()
-        for m in self.guests:
-            m.set_phase(self.time_s)
+        self._enter_phases(self.time_s)
         self._set_limits()
         if self._mover is not None:
             self._mover.step(
@@ -511,8 +517,7 @@ class SimMachine:
         n = len(self.guests)
         for k in range(slices):
             now = self.time_s + k * slice_s
-            for m in self.guests:
-                m.set_phase(now)
+            self._enter_phases(now)
             blocked = self._set_limits()
             self._host_paging(slice_s)
             # Rotate who runs first so no guest always gets first pick of free memory.
@@ -532,6 +537,11 @@ class SimMachine:
         self._periods_run += 1
         self._follow_limit_goals()
         self.check_host()
+
+    def _enter_phases(self, time_s: float) -> None:
+        for i, m in enumerate(self.guests):
+            if m.set_phase(time_s) and self._mover is not None:
+                self._mover.discard_dead(i, m.phase_index)
 
     def _sample_window(self) -> None:
         """Close the working-set sampling window if it is over, and open the next.

@@ -59,6 +59,24 @@ class WorkloadPlan:
         """Size of the guest's virtual page space the plan touches."""
         return max(p.workload.end_pages for p in self.phases)
 
+    def dead_ranges(self, index: int) -> list[tuple[int, int]]:
+        """The virtual pages no phase from ``index`` on references, as [start, end)
+        ranges: what the plan will never touch again once phase ``index`` begins."""
+        live = sorted(
+            (p.workload.offset_pages, p.workload.end_pages)
+            for p in self.phases[index:]
+            if p.workload.kind is not WorkloadKind.IDLE and p.workload.working_set_pages > 0
+        )
+        dead: list[tuple[int, int]] = []
+        at = 0
+        for start, end in live:
+            if start > at:
+                dead.append((at, start))
+            at = max(at, end)
+        if at < self.virtual_pages:
+            dead.append((at, self.virtual_pages))
+        return dead
+
     def at(self, time_s: float) -> Workload:
         current = self.phases[0].workload
         for phase in self.phases:
