@@ -55,6 +55,7 @@ class GuestPages(Protocol):
     free: I32
     rng: npt.NDArray[np.uint64]
     costs: npt.NDArray[np.float64]
+    balloon_swap_outs: int
 
 
 class InstantMover:
@@ -99,11 +100,13 @@ class InstantMover:
     def _inflate(self, i: int, want: int, host: I64, lim: I64) -> None:
         m = self._guests[i]
         out = np.empty(want, dtype=np.int64)
+        swap_outs_before = int(m.st[e.S_GUEST_SWAP_OUT])
         got, _spent_s = e.balloon_allocate(
             want, math.inf, out, m.st, m.v2p, m.vswap, m.p2v, m.pstate, m.prev, m.nxt,
             int(m.guest.replacement), m.rng, host, lim, m.guest.swap_pages, m.costs, m.free,
             m.refbit,
         )  # fmt: skip
+        m.balloon_swap_outs += int(m.st[e.S_GUEST_SWAP_OUT]) - swap_outs_before
         frames = out[:got]
         if e.vmm_reclaim(frames, m.st, m.p2v, m.pstate, host) < 0:
             raise SimulationError(f"{m.guest.name}: instant balloon pinned frames it lacks")

@@ -104,6 +104,7 @@ class GuestMemory:
         self.st[e.S_NFREE] = free.size
         self.register_pages = 0
         self.time_debt_s = 0.0
+        self.balloon_swap_outs = 0  # pages written out to serve balloon allocations
         self.sample_picked = 0
         self.observed_pages: int | None = None  # set when a sampling window closes
         self._tables: dict[int, npt.NDArray[np.float64]] = {}
@@ -120,11 +121,17 @@ class GuestMemory:
 
     def memory_stall_s(self) -> float:
         """Seconds this guest's workload has waited on memory so far, as PSI counts
-        them: pages read back from its swap or the host's. A first touch, served from
-        zeroed memory, is no stall; nor are the writes the balloon's own allocations
-        force, which the workload does not wait for."""
+        them: pages read back from its swap or the host's, and the pages its own
+        faults had to write out first (Linux counts direct reclaim as a memory stall).
+        A first touch, served from zeroed memory, is no stall; nor are the writes the
+        balloon's own allocations force, which the workload does not wait for."""
         st, c = self.st, self.costs
-        return float(st[e.S_MAJOR] * c[e.C_SWAP_IN] + st[e.S_HOST_SWAP_IN] * c[e.C_HOST_SWAP_IN])
+        reclaim = int(st[e.S_GUEST_SWAP_OUT]) - self.balloon_swap_outs
+        return float(
+            st[e.S_MAJOR] * c[e.C_SWAP_IN]
+            + st[e.S_HOST_SWAP_IN] * c[e.C_HOST_SWAP_IN]
+            + reclaim * c[e.C_SWAP_OUT]
+        )
 
     def set_phase(self, time_s: float) -> bool:
         """Enter the phase of the plan that runs at ``time_s``; True if it changed."""
@@ -228,6 +235,7 @@ class SimGuestKernel:
     def allocate_pages(self, count: int) -> list[PageRange]:
         m = self._mem
         out = np.empty(count, dtype=np.int64)
+        swap_outs_before = int(m.st[e.S_GUEST_SWAP_OUT])
         got, spent = e.balloon_allocate(
             count,
             RECLAIM_BUDGET_FRACTION * self._machine.period_s,
@@ -249,6 +257,7 @@ class SimGuestKernel:
             m.refbit,
         )
         m.time_debt_s += spent
+        m.balloon_swap_outs += int(m.st[e.S_GUEST_SWAP_OUT]) - swap_outs_before
         return _ranges_of(out[:got])
 
     def free_pages(self, ranges: Sequence[PageRange]) -> None:
