@@ -180,6 +180,10 @@ class MemoryPressure:
     #: Share of wall time its tasks stalled on memory (0..1), as PSI's "some" line
     #: reports it; None when the guest does not report stall time.
     stall_fraction: float | None = None
+    #: The same two over the last sample interval alone, unsmoothed: a guest that just
+    #: stopped stalling (it went idle, or got the memory it needed) shows here first.
+    major_faults_per_s_now: float | None = None
+    stall_fraction_now: float | None = None
 
 
 @dataclass(frozen=True)

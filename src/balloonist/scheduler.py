@@ -158,7 +158,12 @@ class Scheduler:
         self._pressure[sample.name] = state
         if previous is None:
             return None  # one sample gives no rate
-        return MemoryPressure(state.major_faults_per_s, state.stall_fraction)
+        return MemoryPressure(
+            state.major_faults_per_s,
+            state.stall_fraction,
+            state.major_faults_per_s_now,
+            state.stall_fraction_now,
+        )
 
     def _estimate(self, sample: GuestSample, now_s: float) -> tuple[int, int]:
         """The working-set estimate, and the fast average's part of it alone."""

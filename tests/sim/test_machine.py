@@ -190,7 +190,7 @@ def test_same_seed_same_run_and_another_seed_another_run() -> None:
         data = one_guest({"kind": "zipf", "working_set": "200MiB"})
         data["sim"]["seed"] = seed
         machine = run(scenario(data), FixedPolicy({"g": 120}), 6)
-        return [int(x) for x in machine.guests[0].st] + machine.guests[0].p2v.tolist()
+        return [int(x) for x in machine.guests[0].st] + [int(x) for x in machine.guests[0].p2v]
 
     assert fingerprint(3) == fingerprint(3)
     assert fingerprint(3) != fingerprint(4)

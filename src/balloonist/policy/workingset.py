@@ -99,6 +99,8 @@ class PressureState:
     memory_stall_s: float | None
     major_faults_per_s: float = 0.0
     stall_fraction: float | None = None
+    major_faults_per_s_now: float = 0.0  # over the last interval alone
+    stall_fraction_now: float | None = None
 
 
 def update_pressure(
@@ -113,8 +115,9 @@ def update_pressure(
     faults = max(0, major_faults - state.major_faults) / elapsed
     rate = state.major_faults_per_s + gain * (faults - state.major_faults_per_s)
     stall: float | None = None
+    now: float | None = None
     if memory_stall_s is not None and state.memory_stall_s is not None:
         now = min(1.0, max(0.0, memory_stall_s - state.memory_stall_s) / elapsed)
         before = state.stall_fraction if state.stall_fraction is not None else now
         stall = before + gain * (now - before)
-    return PressureState(time_s, major_faults, memory_stall_s, rate, stall)
+    return PressureState(time_s, major_faults, memory_stall_s, rate, stall, faults, now)

@@ -73,7 +73,8 @@ S_HOST_SWAP_OUT = 15
 S_DOUBLE_PAGING = 16
 S_HOST_ALLOC = 17
 S_STALLS = 18  # slices cut short: no machine page or no guest swap could be had
-N_SCALARS = 19
+S_STALLED_NS = 19  # the time those slices lost, waiting for memory (nanoseconds)
+N_SCALARS = 20
 
 # Indices into the cost array (seconds).
 C_REF = 0
@@ -283,6 +284,15 @@ def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim, sw
     return cost
 
 
+@njit(cache=True, inline="always")
+def _stalled(st, used, budget_s):  # type: ignore[no-untyped-def]
+    """End a slice the guest cannot go on with; what it lost counts as waiting."""
+    st[S_STALLS] += 1
+    if budget_s > used:
+        st[S_STALLED_NS] += int((budget_s - used) * 1e9)
+    return max(used, budget_s)
+
+
 @njit(cache=True)
 def run_guest(  # type: ignore[no-untyped-def]
     budget_s,
@@ -343,8 +353,7 @@ def run_guest(  # type: ignore[no-untyped-def]
             if pstate[f] != MAPPED:
                 c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
                 if c < 0.0:
-                    st[S_STALLS] += 1
-                    return max(used, budget_s)
+                    return _stalled(st, used, budget_s)
                 cost += c
             if policy == LRU:
                 if st[S_HEAD] != f:
@@ -360,8 +369,7 @@ def run_guest(  # type: ignore[no-untyped-def]
             else:
                 f = _pick_guest_victim(st, p2v, prev, nxt, refbit, policy)
                 if f < 0:
-                    st[S_STALLS] += 1
-                    return max(used, budget_s)
+                    return _stalled(st, used, budget_s)
                 c = _evict(
                     f,
                     st,
@@ -379,16 +387,14 @@ def run_guest(  # type: ignore[no-untyped-def]
                     costs,
                 )
                 if c < 0.0:
-                    st[S_STALLS] += 1
-                    return max(used, budget_s)
+                    return _stalled(st, used, budget_s)
                 cost += c
             c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
             if c < 0.0:
                 # give the frame back; the reference did not happen
                 free[st[S_NFREE]] = f
                 st[S_NFREE] += 1
-                st[S_STALLS] += 1
-                return max(used, budget_s)
+                return _stalled(st, used, budget_s)
             cost += c
             if vswap[v]:
                 vswap[v] = 0

@@ -78,14 +78,14 @@ class GuestMemory:
         vpages = max(1, guest.plan.virtual_pages)
         self.frames = frames
         self.v2p = np.full(vpages, -1, dtype=np.int32)
-        self.vswap = np.zeros(vpages, dtype=np.int8)
+        self.vswap = np.full(vpages, 0, dtype=np.int8)
         self.p2v = np.full(frames, e.FREE, dtype=np.int32)
-        self.pstate = np.zeros(frames, dtype=np.int8)
+        self.pstate = np.full(frames, 0, dtype=np.int8)
         self.prev = np.full(frames, -1, dtype=np.int32)
         self.nxt = np.full(frames, -1, dtype=np.int32)
-        self.refbit = np.zeros(frames, dtype=np.int8)
-        self.sampled = np.zeros(frames, dtype=np.int8)
-        self.free = np.zeros(frames, dtype=np.int32)
+        self.refbit = np.full(frames, 0, dtype=np.int8)
+        self.sampled = np.full(frames, 0, dtype=np.int8)
+        self.free = np.full(frames, 0, dtype=np.int32)
         self.st = np.zeros(e.N_SCALARS, dtype=np.int64)
         self.st[e.S_HEAD] = -1
         self.st[e.S_TAIL] = -1
@@ -121,16 +121,19 @@ class GuestMemory:
 
     def memory_stall_s(self) -> float:
         """Seconds this guest's workload has waited on memory so far, as PSI counts
-        them: pages read back from its swap or the host's, and the pages its own
-        faults had to write out first (Linux counts direct reclaim as a memory stall).
-        A first touch, served from zeroed memory, is no stall; nor are the writes the
-        balloon's own allocations force, which the workload does not wait for."""
+        them: pages read back from its swap or the host's, the pages its own faults
+        had to write out first (Linux counts direct reclaim as a memory stall), and
+        the time it could not run at all for want of a frame or a machine page (a
+        real guest would be thrashing or hung there). A first touch, served from
+        zeroed memory, is no stall; nor are the writes the balloon's own allocations
+        force, which the workload does not wait for."""
         st, c = self.st, self.costs
         reclaim = int(st[e.S_GUEST_SWAP_OUT]) - self.balloon_swap_outs
         return float(
             st[e.S_MAJOR] * c[e.C_SWAP_IN]
             + st[e.S_HOST_SWAP_IN] * c[e.C_HOST_SWAP_IN]
             + reclaim * c[e.C_SWAP_OUT]
+            + st[e.S_STALLED_NS] * 1e-9
         )
 
     def set_phase(self, time_s: float) -> bool:
