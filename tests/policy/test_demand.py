@@ -9,11 +9,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balloonist.model import GuestView, HostState, MemoryPressure, Snapshot
+from balloonist.model import Decision, GuestView, HostState, MemoryPressure, Snapshot
 from balloonist.policy.demand import (
     STALL_THRESHOLD,
     DemandPolicy,
     _Guests,
+    defer_squeezes,
     demand_bytes,
     registers_bytes,
     stall_fraction,
@@ -23,7 +24,16 @@ from balloonist.units import MIB, PAGE_SIZE_BYTES
 
 from .snapshots import allocations_mib, balloons_mib, guest, snapshot
 
-POLICY = DemandPolicy(margin_fraction=0.0)  # the whole host on offer: round numbers
+
+class _Fresh:
+    """A new policy for every decision: the policy keeps state across periods (load
+    control), and these tests each judge one period on its own."""
+
+    def decide(self, snap: Snapshot) -> Decision:
+        return DemandPolicy(margin_fraction=0.0).decide(snap)  # the whole host: round numbers
+
+
+POLICY = _Fresh()
 
 
 def stalled(view: GuestView, fraction: float = 0.5) -> GuestView:
@@ -199,3 +209,29 @@ def test_no_guest_gets_less_than_its_demand_or_its_share(
     slack = len(guests) * PAGE_SIZE_BYTES  # whole-page rounding
     for g, target, want, share in zip(guests, d.targets, wanted, static, strict=True):
         assert target.allocation_bytes >= min(int(want), int(share)) - slack, g.name
+
+
+def test_a_guest_that_stops_stalling_lets_go_at_once() -> None:
+    g = guest("g")
+    stopped = MemoryPressure(1000.0, 0.6, major_faults_per_s_now=0.0, stall_fraction_now=0.0)
+    assert stall_fraction(dataclasses.replace(g, pressure=stopped)) == 0.0
+    noisy = MemoryPressure(1000.0, 0.6, major_faults_per_s_now=900.0, stall_fraction_now=0.4)
+    assert stall_fraction(dataclasses.replace(g, pressure=noisy)) == 0.6  # not a stop
+    faults_stopped = MemoryPressure(1000.0, None, major_faults_per_s_now=0.0)
+    assert stall_fraction(dataclasses.replace(g, pressure=faults_stopped)) == 0.0
+
+
+def test_pages_in_use_are_taken_only_where_no_surplus_covers_them() -> None:
+    views = [
+        guest("holds", memory_mib=1000, register_mib=500),  # holds 500
+        guest("spare", memory_mib=1000, register_mib=900),  # holds 100
+        guest("grows", memory_mib=1000, register_mib=800),  # holds 200
+    ]
+    guests = _Guests.of(views)
+    allocations = np.array([300, 400, 300]) * MIB  # holds: -200; spare: +300
+    wanted = np.array([300, 150, 300]) * MIB  # spare wants 150: 250 of it is surplus
+    out = defer_squeezes(guests, allocations, wanted) // MIB
+    assert out.tolist() == [500, 200, 300]  # holds keeps all, paid from spare's surplus
+    assert int(out.sum()) == int(allocations.sum() // MIB)  # the partition holds
+    less = defer_squeezes(guests, allocations, np.array([300, 300, 300]) * MIB) // MIB
+    assert less.tolist() == [400, 300, 300]  # a surplus of 100 defers 100 of the 200

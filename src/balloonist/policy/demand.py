@@ -26,7 +26,10 @@ they once used. This policy starts from demand instead:
    average's memory) says they used it, then is spread by shares: memory in use is
    not reclaimed when nobody needs it, and memory a guest stopped using drifts back
    to the others by shares as the slow average forgets it.
-   Reservations (``min``) and limits (``max``) bound every step.
+   Reservations (``min``) and limits (``max``) bound every step. Pages a guest holds
+   are taken only where no other guest's surplus from the last pass covers them
+   (``defer_squeezes``). When two or more guests thrash at once they take turns
+   instead of all thrashing together (``policy/loadcontrol.py``).
 3. **Balloon registers** partition the host: a guest may use at most
    ``memory - register`` and the allocations add up to the host less a small margin,
    so a guest whose demand jumps pages inside itself (its own choice of victims),
@@ -60,6 +63,7 @@ from balloonist.model import (
     Mechanisms,
     Snapshot,
 )
+from balloonist.policy.loadcontrol import LoadControl
 from balloonist.policy.shares import (
     DEFAULT_TAX_RATE,
     check_reservations,
@@ -151,13 +155,21 @@ class _Guests:
 
 
 def stall_fraction(view: GuestView) -> float:
-    """How much of its time the guest stalled on memory lately (0 when unknown)."""
-    pressure = view.pressure
-    if pressure is None:
+    """How much of its time the guest stalled on memory lately (0 when unknown).
+
+    The smoothed figure, unless the last interval alone was less than half of it: a
+    guest that stops stalling (it went idle, or got what it needed) lets go of its
+    claim at once instead of while the average decays.
+    """
+    p = view.pressure
+    if p is None:
         return 0.0
-    if pressure.stall_fraction is not None:
-        return pressure.stall_fraction
-    return min(1.0, pressure.major_faults_per_s * FAULT_STALL_S)
+    if p.stall_fraction is not None:
+        smoothed, now = p.stall_fraction, p.stall_fraction_now
+    else:
+        smoothed = min(1.0, p.major_faults_per_s * FAULT_STALL_S)
+        now = None if p.major_faults_per_s_now is None else p.major_faults_per_s_now * FAULT_STALL_S
+    return smoothed if now is None else min(smoothed, 2.0 * now)
 
 
 def with_headroom(working_bytes: int, *, contended: bool) -> int:
@@ -225,7 +237,11 @@ def allocations_bytes(
 
 
 def registers_bytes(
-    guests: _Guests, allocations: I64, host_free_bytes: int, margin: int, available_bytes: int
+    guests: _Guests,
+    allocations: I64,
+    host_free_bytes: int,
+    margin: int,
+    available_bytes: int,
 ) -> I64:
     """Step 3: the balloon register of each guest for its allocation."""
     allowance = guests.allowance
@@ -253,6 +269,31 @@ def registers_bytes(
     return out
 
 
+def defer_squeezes(guests: _Guests, allocations: I64, wanted: I64) -> I64:
+    """Allocations that take from the guests' pages in use only what is needed now.
+
+    An allocation below what a guest holds means its balloon must take pages it uses:
+    the guest writes them out, and pays again if it needed them after all (a working
+    set's rarely touched tail is what sampling misses). Where other guests were handed
+    more than they hold or want (the last pass's spread of the rest by shares), that
+    surplus is taken back instead, as far as it goes: the guests above their
+    allocation keep what they hold until someone wants the memory. The allocations
+    still add up to no more than before, so the partition holds.
+    """
+    ballooned = guests.ballooned
+    held = np.minimum(guests.held, guests.maxes)  # never kept beyond the limit
+    squeeze = np.where(ballooned, np.maximum(held - allocations, 0), 0)
+    surplus = np.where(ballooned, np.maximum(allocations - np.maximum(guests.held, wanted), 0), 0)
+    total_squeeze, total_surplus = int(squeeze.sum()), int(surplus.sum())
+    deferred = min(total_squeeze, total_surplus)
+    if deferred <= 0:
+        return allocations
+    kept = squeeze * (deferred / total_squeeze) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
+    given = -(-surplus * (deferred / total_surplus) // PAGE_SIZE_BYTES) * PAGE_SIZE_BYTES
+    out: I64 = (allocations + kept.astype(np.int64) - given.astype(np.int64)).astype(np.int64)
+    return out
+
+
 class DemandPolicy:
     """Demand met by shares, idle memory reclaimed first, the host partitioned by
     balloons (see the module docstring)."""
@@ -267,6 +308,7 @@ class DemandPolicy:
         # The tax applies to processors (cpu_targets); memory is taxed fully (above).
         self.tax_rate = tax_rate
         self.margin_fraction = margin_fraction
+        self._load = LoadControl()
 
     @property
     def name(self) -> str:
@@ -285,7 +327,21 @@ class DemandPolicy:
         used = np.array(
             [with_headroom(g.working_set_bytes, contended=False) for g in views], dtype=np.int64
         )
-        allocations = allocations_bytes(guests, demand_bytes(views), short, used, available)
+        demand = demand_bytes(views)
+        turns = self._load.update(snapshot.time_s, views, stall_fraction)
+        if turns.holder is not None:
+            # Load control: the holder may grow to its limit; the others of the
+            # thrashing group fall back to their reservations and keep nothing.
+            names = [g.name for g in views]
+            held_back = np.array([n in turns.held_back for n in names], dtype=np.bool_)
+            holder = np.array([n == turns.holder for n in names], dtype=np.bool_)
+            demand = np.where(held_back, 0, np.where(holder, guests.memory, demand))
+            used = np.where(held_back, 0, used)
+            short = (short | holder) & ~held_back
+        allocations = allocations_bytes(guests, demand, short, used, available)
+        # A stalled guest wants all it is given: its demand was only a step.
+        wanted = np.where(short, guests.maxes, np.clip(demand, guests.mins, guests.maxes))
+        allocations = defer_squeezes(guests, allocations, wanted)
         registers = registers_bytes(guests, allocations, host.free_bytes, margin, available)
         mechanisms = self._mechanisms(host.state, guests)
         cpus = cpu_targets(snapshot, self.tax_rate)

@@ -1,0 +1,113 @@
+"""Load control: when several guests thrash at once, let them take turns.
+
+Denning's working-set principle: a host whose active working sets add up to more than
+its memory does least work by spreading memory so that every one of them thrashes.
+A thrashing guest's throughput is convex in its memory (each page it gains removes
+misses that cost a hundred references each), so the same memory given to one of them
+at a time does far more work than all of them at once. When two or more guests with
+a balloon have each stalled on memory for at least ``THRASH_STALL`` of the time for
+``THRASH_PERIODS`` periods in a row, one of them (the one with the least service so
+far per share) gets a *turn*: the others in turn are held at their reservations and
+it may grow as far as it needs. A turn lasts ``TURN_S`` seconds scaled by the guest's
+shares over the thrashing guests' mean, then passes on; turns stop when fewer than two
+guests thrash. Shares still decide: a guest's turns are longer in proportion.
+
+Pure: the state is the turn and each guest's counters; ``update`` takes the period's
+views and returns which guests are held back and which one has the turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from balloonist.model import GuestView
+
+__all__ = ["QUIET_STALL", "THRASH_PERIODS", "THRASH_STALL", "TURN_S", "LoadControl", "Turns"]
+
+#: A guest stalled this share of its time does less than half the work it could.
+THRASH_STALL: Final = 0.5
+#: ...for this many periods in a row: not a working set that is moving in.
+THRASH_PERIODS: Final = 5
+#: A guest stalled less than this is quiet: idle, or fitting where it is.
+QUIET_STALL: Final = 0.05
+#: A turn at mean shares: long enough that moving a working set in and out (a few
+#: seconds per 100 MiB at swap speeds) is a small part of it.
+TURN_S: Final = 30.0
+
+
+@dataclass(frozen=True)
+class Turns:
+    """This period's decision: who has the turn, and who is held back."""
+
+    holder: str | None = None
+    held_back: frozenset[str] = frozenset()
+
+
+@dataclass
+class LoadControl:
+    """Whose turn it is among thrashing guests (see the module docstring).
+
+    The group: guests that thrashed ``THRASH_PERIODS`` periods in a row join it; one
+    that is not the holder leaves once it has been quiet (stalled less than
+    ``QUIET_STALL``) as long, being idle or fitting even where it is held. Everyone in
+    the group but the holder is held back, so a guest whose turn ended does not take
+    its memory back from the next holder by shares. Turns stop when the group has
+    fewer than two guests.
+    """
+
+    turn_s: float = TURN_S
+    _group: set[str] = field(default_factory=set)
+    _holder: str | None = None
+    _started_s: float = 0.0
+    _hot: dict[str, int] = field(default_factory=dict)  # periods thrashing in a row
+    _quiet: dict[str, int] = field(default_factory=dict)  # periods quiet in a row
+    _service_s: dict[str, float] = field(default_factory=dict)  # turn time per guest
+    _last_s: float | None = None
+
+    def update(
+        self, time_s: float, views: Sequence[GuestView], stall: Callable[[GuestView], float]
+    ) -> Turns:
+        elapsed = 0.0 if self._last_s is None else max(0.0, time_s - self._last_s)
+        self._last_s = time_s
+        present = {v.name: v for v in views}
+        self._count(views, stall)
+        if self._holder is not None:
+            self._service_s[self._holder] = self._service_s.get(self._holder, 0.0) + elapsed
+            if self._holder not in present or self._expired(time_s, present):
+                self._holder = None  # the turn is over: the holder rejoins the others
+        self._group = {
+            n
+            for n in self._group | {n for n, k in self._hot.items() if k >= THRASH_PERIODS}
+            if n in present and (n == self._holder or self._quiet.get(n, 0) < THRASH_PERIODS)
+        }
+        if len(self._group) < 2:
+            self._holder = None
+            return Turns()
+        if self._holder is None:
+            others = [present[n] for n in self._group]
+            self._holder = min(others, key=self._priority).name
+            self._started_s = time_s
+        return Turns(self._holder, frozenset(self._group - {self._holder}))
+
+    def _count(self, views: Sequence[GuestView], stall: Callable[[GuestView], float]) -> None:
+        for v in views:
+            s = stall(v) if v.spec.balloon and v.sample.cooperative else 0.0
+            self._hot[v.name] = self._hot.get(v.name, 0) + 1 if s >= THRASH_STALL else 0
+            self._quiet[v.name] = self._quiet.get(v.name, 0) + 1 if s < QUIET_STALL else 0
+        names = {v.name for v in views}
+        for table in (self._hot, self._quiet):
+            for name in [n for n in table if n not in names]:
+                del table[name]
+
+    def _priority(self, view: GuestView) -> tuple[float, str]:
+        return (self._service_s.get(view.name, 0.0) / max(view.spec.shares, 1), view.name)
+
+    def _expired(self, time_s: float, present: dict[str, GuestView]) -> bool:
+        if self._holder is None:
+            return True
+        group = [present[n] for n in self._group if n in present]
+        mean_shares = sum(v.spec.shares for v in group) / len(group)
+        length_s = self.turn_s * present[self._holder].spec.shares / max(mean_shares, 1e-9)
+        return time_s - self._started_s >= length_s

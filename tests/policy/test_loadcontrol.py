@@ -1,0 +1,72 @@
+"""Load control: thrashing guests take turns, by shares, and only while two or more
+thrash."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from balloonist.model import GuestView, MemoryPressure
+from balloonist.policy.demand import DemandPolicy, stall_fraction
+from balloonist.policy.loadcontrol import THRASH_PERIODS, TURN_S, LoadControl, Turns
+
+from .snapshots import allocations_mib, guest, snapshot
+
+
+def _stalling(view: GuestView, fraction: float) -> GuestView:
+    return dataclasses.replace(view, pressure=MemoryPressure(1000.0, fraction))
+
+
+def _run(control: LoadControl, views: list[GuestView], start_s: float, periods: int) -> Turns:
+    turns = Turns()
+    for k in range(periods):
+        turns = control.update(start_s + k, views, stall_fraction)
+    return turns
+
+
+def test_turns_start_only_once_two_guests_have_thrashed_for_a_while() -> None:
+    control = LoadControl()
+    a, b = (_stalling(guest(n), 0.9) for n in "ab")
+    calm = _stalling(guest("c"), 0.0)
+    assert _run(control, [a, b, calm], 0.0, THRASH_PERIODS - 1) == Turns()
+    turns = _run(control, [a, b, calm], THRASH_PERIODS - 1, 1)
+    assert turns == Turns("a", frozenset({"b"}))  # the calm guest is left alone
+
+
+def test_one_thrashing_guest_alone_gets_no_turns() -> None:
+    control = LoadControl()
+    views = [_stalling(guest("a"), 0.9), _stalling(guest("b"), 0.2)]
+    assert _run(control, views, 0.0, 3 * THRASH_PERIODS) == Turns()
+
+
+def test_turns_pass_on_by_shares_and_stop_when_the_others_go_quiet() -> None:
+    control = LoadControl()
+    big = _stalling(guest("big", shares=3000), 0.9)
+    small = _stalling(guest("small", shares=1000), 0.9)
+    first = _run(control, [big, small], 0.0, THRASH_PERIODS)
+    assert first.holder == "big"  # ties on service go by name
+    started_s = THRASH_PERIODS - 1
+    # big holds 1.5x the mean turn (its shares over the group's mean), then small
+    length_s = TURN_S * 3000 / 2000
+    assert _run(control, [big, small], started_s + 1, int(length_s) - 1).holder == "big"
+    assert _run(control, [big, small], started_s + length_s, 1).holder == "small"
+    # small goes idle during its turn (a holder that fits looks the same: it keeps its
+    # turn); when the turn ends, small is quiet, leaves the group, and turns stop
+    idle = _stalling(guest("small", shares=1000), 0.0)
+    small_s = TURN_S * 1000 / 2000
+    during = _run(control, [big, idle], started_s + length_s + 1, int(small_s) - 1)
+    assert during.holder == "small"
+    after = _run(control, [big, idle], started_s + length_s + small_s, 1)
+    assert after == Turns()
+
+
+def test_the_holder_grows_while_the_others_fall_back_to_their_reservations() -> None:
+    policy = DemandPolicy(margin_fraction=0.0)
+    views = [
+        _stalling(guest(n, memory_mib=1000, working_set_mib=500, register_mib=500, min_mib=50), 0.9)
+        for n in "ab"
+    ]
+    for k in range(THRASH_PERIODS):
+        decision = policy.decide(snapshot(*views, host_mib=1000, time_s=float(k)))
+    a, b = allocations_mib(decision)
+    assert b == 50  # held back to its reservation
+    assert a == 950  # the holder may take the rest
