@@ -24,7 +24,6 @@ from typing import Any, Final
 from matplotlib.figure import Figure
 
 from balloonist.model import CpuSpec
-from balloonist.policy import DEFAULT_POLICY
 from balloonist.report import write_png_atomic
 from balloonist.sim.result import SimResult
 from balloonist.sim.runner import run_scenario
@@ -205,71 +204,6 @@ def double_paging(scenarios: Path) -> Experiment:
     )
 
 
-MIX_POLICIES: Final = (
-    DEFAULT_POLICY,
-    "shares",
-    "oracle",
-    "oracle-fair",
-    "mom",
-    "proxmox",
-    "static",
-    "host-swap",
-)
-
-
-def overcommit_mix(scenarios: Path) -> Experiment:
-    sc = load_scenario(scenarios / "overcommit-mix.toml")
-    runs = {p: run_scenario(sc, policy_name=p) for p in MIX_POLICIES}
-    oracle = _throughput(runs["oracle"])
-    rows: list[tuple[str, ...]] = [
-        ("policy", "refs/s", "of oracle", "guest major faults", "host swap-outs", "double paging")
-    ]
-    for name, run in runs.items():
-        rows.append(
-            (
-                name,
-                f"{_throughput(run):,.0f}",
-                f"{_throughput(run) / oracle:.1%}",
-                f"{_total(run, 'major_faults'):,}",
-                f"{_total(run, 'host_swap_outs'):,}",
-                f"{_total(run, 'double_paging'):,}",
-            )
-        )
-    default = _throughput(runs[DEFAULT_POLICY])
-    figures = {f"{p}_refs_per_s": _throughput(r) for p, r in runs.items()}
-    figures[f"{DEFAULT_POLICY}_of_oracle"] = default / oracle
-    figures["shares_of_oracle"] = _throughput(runs["shares"]) / oracle
-    return Experiment(
-        name="overcommit-mix",
-        title="Overcommit mix: every policy against the oracle",
-        scenario="overcommit-mix.toml",
-        summary=(
-            "Five 1 GiB guests on a 2 GiB host (2.5x overcommitted on configured memory): a "
-            "steady web server, a database that grows at 150 s, a batch job that runs from "
-            "60 s to 150 s, a skewed cache, and a developer box that builds once and then "
-            "sits idle. The peaks do not coincide, so a policy that follows demand can serve "
-            "everyone. The oracle is the upper bound (docs/oracle.md): it knows the whole schedule "
-            "and every guest's exact miss-ratio curve and moves memory instantly and for free; "
-            "`oracle-fair` is the same bound keeping every guest at 0.9x of its `static` "
-            "throughput. "
-            f"`{DEFAULT_POLICY}` is the default policy; `shares` is ESX's. "
-            "`host-swap` uses the same targets as `shares` and comes close here because the "
-            "memory it takes behind the guests' backs is mostly idle and the guests never "
-            "page themselves; the double-paging experiment shows the case where that fails."
-        ),
-        figures=figures,
-        checks=(
-            Check(f"{DEFAULT_POLICY} (default) / oracle", default / oracle, ">=", 0.9),
-            *(
-                Check(f"{DEFAULT_POLICY} / {p}", default / _throughput(runs[p]), ">", 1.0)
-                for p in ("proxmox", "mom", "static")
-            ),
-        ),
-        runs=runs,
-        table=tuple(rows),
-    )
-
-
 def _without_cpu_balloons(sc: Scenario) -> Scenario:
     """``sc`` with ``cpu_balloon = false`` for every guest: the host time-slices."""
 
@@ -371,7 +305,6 @@ EXPERIMENTS: Final[dict[str, Callable[[Path], Experiment]]] = {
     "fidelity": fidelity,
     "idle-tax": idle_tax,
     "double-paging": double_paging,
-    "overcommit-mix": overcommit_mix,
     "cpu-balloon": cpu_balloon,
 }
 
