@@ -331,7 +331,8 @@ class DemandPolicy:
         turns = self._load.update(snapshot.time_s, views, stall_fraction)
         if turns.holder is not None:
             # Load control: the holder may grow to its limit; the others of the
-            # thrashing group fall back to their reservations and keep nothing.
+            # thrashing group fall back to their reservations, keeping only what no
+            # other guest wants (defer_squeezes, below).
             names = [g.name for g in views]
             held_back = np.array([n in turns.held_back for n in names], dtype=np.bool_)
             holder = np.array([n == turns.holder for n in names], dtype=np.bool_)

@@ -78,14 +78,14 @@ class GuestMemory:
         vpages = max(1, guest.plan.virtual_pages)
         self.frames = frames
         self.v2p = np.full(vpages, -1, dtype=np.int32)
-        self.vswap = np.full(vpages, 0, dtype=np.int8)
+        self.vswap = np.zeros(vpages, dtype=np.int8)
         self.p2v = np.full(frames, e.FREE, dtype=np.int32)
-        self.pstate = np.full(frames, 0, dtype=np.int8)
+        self.pstate = np.zeros(frames, dtype=np.int8)
         self.prev = np.full(frames, -1, dtype=np.int32)
         self.nxt = np.full(frames, -1, dtype=np.int32)
-        self.refbit = np.full(frames, 0, dtype=np.int8)
-        self.sampled = np.full(frames, 0, dtype=np.int8)
-        self.free = np.full(frames, 0, dtype=np.int32)
+        self.refbit = np.zeros(frames, dtype=np.int8)
+        self.sampled = np.zeros(frames, dtype=np.int8)
+        self.free = np.zeros(frames, dtype=np.int32)
         self.st = np.zeros(e.N_SCALARS, dtype=np.int64)
         self.st[e.S_HEAD] = -1
         self.st[e.S_TAIL] = -1
