@@ -290,7 +290,7 @@ def defer_squeezes(guests: _Guests, allocations: I64, wanted: I64) -> I64:
         return allocations
     kept = squeeze * (deferred / total_squeeze) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
     given = -(-surplus * (deferred / total_surplus) // PAGE_SIZE_BYTES) * PAGE_SIZE_BYTES
-    out: I64 = (allocations + kept.astype(np.int64) - given.astype(np.int64)).astype(np.int64)
+    out: I64 = allocations + kept.astype(np.int64) - given.astype(np.int64)
     return out
 
 

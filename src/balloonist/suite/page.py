@@ -8,7 +8,6 @@ run, so ``tests/suite/test_slice.py`` can check that the code still gives them),
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -19,9 +18,9 @@ from typing import Any
 from balloonist.report import staged_report_dir
 from balloonist.suite.generator import GeneratorParams
 from balloonist.suite.goals import BeatenBound, Goal
-from balloonist.suite.records import RunRecord, record_to_json
-from balloonist.suite.report import plot_suite
-from balloonist.suite.stats import PolicyStats, summary_json
+from balloonist.suite.records import RunRecord
+from balloonist.suite.report import plot_suite, write_results
+from balloonist.suite.stats import PolicyStats
 
 __all__ = ["PAGE_FILES", "suite_markdown", "write_suite_page"]
 
@@ -44,9 +43,7 @@ def write_suite_page(
     fresh = directory.parent / f".{directory.name}.new"
     shutil.rmtree(fresh, ignore_errors=True)  # left by a run that was killed
     with staged_report_dir(fresh) as staging:
-        records_json = {**plain, "records": [record_to_json(r) for r in records]}
-        _write_json(staging / "records.json", records_json)
-        _write_json(staging / "summary.json", {**plain, **summary_json(stats)})
+        write_results(staging, records, stats, plain)
         title = f"suite: {meta['count']} scenarios, seed {meta['seed']}"
         plot_suite(records, staging / "suite.png", title=title)
         text = suite_markdown(stats, goals, beaten, params, plain)
@@ -58,10 +55,6 @@ def write_suite_page(
         os.replace(directory, old)
     os.replace(fresh, directory)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _fraction(value: float | None) -> str:

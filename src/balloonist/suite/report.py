@@ -22,7 +22,7 @@ from balloonist.report import staged_report_dir
 from balloonist.suite.records import RunRecord, record_to_json
 from balloonist.suite.stats import BOUNDS, PolicyStats, ratios, summary_json
 
-__all__ = ["SUITE_FILES", "plot_suite", "write_suite_report"]
+__all__ = ["SUITE_FILES", "plot_suite", "write_results", "write_suite_report"]
 
 SUITE_FILES: Final = ("records.json", "summary.json", "scenarios", "suite.png")
 
@@ -36,15 +36,27 @@ def write_suite_report(
 ) -> None:
     """Write every file of :data:`SUITE_FILES` into ``directory`` (new or empty)."""
     with staged_report_dir(directory) as staging:
-        records_json = {**meta, "records": [record_to_json(r) for r in records]}
-        _write_json(staging / "records.json", records_json)
-        _write_json(staging / "summary.json", {**meta, **summary_json(stats)})
+        write_results(staging, records, stats, meta)
         (staging / "scenarios").mkdir()
         for data in scenarios:
             (staging / "scenarios" / f"{data['name']}.toml").write_bytes(
                 tomli_w.dumps(data).encode()
             )
         plot_suite(records, staging / "suite.png", title=str(meta.get("title", "suite")))
+
+
+def write_results(
+    directory: Path,
+    records: Sequence[RunRecord],
+    stats: Sequence[PolicyStats],
+    meta: dict[str, Any],
+) -> None:
+    """``records.json`` (every run) and ``summary.json`` (the statistics), each
+    starting with ``meta``: the two files the report and the suite's page share."""
+    _write_json(
+        directory / "records.json", {**meta, "records": [record_to_json(r) for r in records]}
+    )
+    _write_json(directory / "summary.json", {**meta, **summary_json(stats)})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
