@@ -453,6 +453,49 @@ def test_the_port_sets_the_cpu_target_and_keeps_the_guests_report(tmp_path: Path
     asyncio.run(scenario())
 
 
+@dataclass
+class SlowControl(FakeControl):
+    """A QMP whose ``stop`` and ``cont`` take a while, as on a loaded host."""
+
+    paused: bool = False
+    in_punch: asyncio.Event | None = None
+
+    @contextlib.asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        await asyncio.sleep(0.05)
+        self.paused = True
+        assert self.in_punch is not None
+        self.in_punch.set()
+        try:
+            yield
+        finally:
+            await asyncio.sleep(0.2)  # cont
+            self.paused = False
+
+
+def test_closing_the_port_during_a_punch_still_resumes_the_guest(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        guest = FakeGuest(tmp_path / "g.sock")
+        server = await guest.serve()
+        control = SlowControl(in_punch=asyncio.Event())
+        port = AgentPort(
+            "g", guest.path, FakeRam(), 64 * MIB, clock=time.monotonic, control=control
+        )
+        try:
+            await port.connect()
+            await guest.connected.wait()
+            await guest.send(hello(), locked(1, (0, 256)))
+            assert control.in_punch is not None
+            await asyncio.wait_for(control.in_punch.wait(), 5.0)
+            assert control.paused
+        finally:
+            await port.close()  # cancels the reader between stop and cont
+            server.close()
+        assert not control.paused
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("reserved", "why"),
     [

@@ -63,6 +63,9 @@ MESSAGE_BURST: Final = 500
 CUT_OFF_S: Final = 60.0
 #: An agent that has said nothing (no stats) for this long is taken for gone.
 SILENCE_TIMEOUT_S: Final = 5.0
+#: How long closing the port waits for a punch in flight to resume the guest, and for
+#: the socket to flush; a guest that stopped reading must not hold the daemon up.
+CLOSE_TIMEOUT_S: Final = 10.0
 #: The only page size this host understands (x86-64 base pages).
 AGENT_PAGE_SIZE_BYTES: Final = PAGE_SIZE_BYTES
 
@@ -388,6 +391,7 @@ class AgentPort:
         self.session = AgentSession(name, ram, memory_bytes // PAGE_SIZE_BYTES, vcpus=vcpus)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._punch_task: asyncio.Task[list[wire.HostMessage]] | None = None
         self._target_pages: int | None = None
         self._cpu_target: int | None = None
 
@@ -415,10 +419,20 @@ class AgentPort:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
             self._reader_task = None
+        if self._punch_task is not None:
+            # A punch pauses the guest: let it resume the guest before QMP goes away.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._punch_task, CLOSE_TIMEOUT_S)
+            self._punch_task = None
         if self._writer is not None:
             self._writer.close()
-            with contextlib.suppress(OSError):
-                await self._writer.wait_closed()
+            try:
+                await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                # unread data would keep the socket open forever
+                self._writer.transport.abort()
+            except OSError:
+                pass
             self._writer = None
         if self._control is not None:
             await self._control.close()
@@ -440,8 +454,13 @@ class AgentPort:
             try:
                 message = self.session.decode(line, now)
                 if isinstance(message, wire.Locked) and self._control is not None:
-                    async with self._control.frozen():
-                        replies = self.session.handle(message, now)
+                    # Shielded: cancelling the reader (close) must not leave the guest
+                    # paused between QMP stop and cont.
+                    self._punch_task = asyncio.get_running_loop().create_task(
+                        self._frozen_handle(self._control, message, now)
+                    )
+                    replies = await asyncio.shield(self._punch_task)
+                    self._punch_task = None
                 else:
                     replies = self.session.handle(message, now)
                 if isinstance(message, wire.Hello):
@@ -454,6 +473,12 @@ class AgentPort:
                 self._violated(exc)
                 return
             await self._send(replies)
+
+    async def _frozen_handle(
+        self, control: GuestControl, message: wire.Locked, now: float
+    ) -> list[wire.HostMessage]:
+        async with control.frozen():
+            return self.session.handle(message, now)
 
     def _violated(self, exc: GuestProtocolError) -> None:
         self.session.violated(exc, self._clock())
