@@ -53,6 +53,28 @@ def test_measured_scan_is_a_cliff_at_the_working_set_under_every_replacement() -
         assert _ring_miss(policy, WorkloadKind.SCAN, ws, 1000) == 0.0
 
 
+def test_the_hosts_random_victims_keep_part_of_a_scan_as_the_fixed_point_says() -> None:
+    # Random eviction on a cyclic scan of N pages in m frames: a page survives the
+    # N * miss evictions between its references with probability exp(-N * miss / m),
+    # so the miss ratio solves 1 - miss = exp(-miss * N / m). LRU keeps nothing.
+    ws = 4000
+    book = CurveBook()
+    scan = Workload(WorkloadKind.SCAN, ws)
+    for fraction in (0.5, 0.75, 0.95):
+        low, high = 0.0, 1.0
+        for _ in range(60):  # bisect the fixed point
+            mid = (low + high) / 2
+            if 1.0 - mid > np.exp(-mid / fraction):
+                low = mid
+            else:
+                high = mid
+        measured = float(book.host_miss_ratio(scan, ws, np.array([fraction * ws]))[0])
+        assert measured == pytest.approx(low, abs=0.02)
+        assert float(book.miss_ratio(scan, ws, Replacement.LRU, np.array([fraction * ws]))[0]) == 1
+    uniform = Workload(WorkloadKind.UNIFORM, ws)
+    assert book.host_miss_ratio(uniform, ws, np.array([1000, 3000])) == pytest.approx([0.75, 0.25])
+
+
 def test_measured_zipf_lru_agrees_with_che_where_che_is_good() -> None:
     # Che's approximation is known to be within a few per cent for LRU under IRM.
     sizes, miss = measure_zipf(Workload(WorkloadKind.ZIPF, 4000, skew=0.9), 4000, Replacement.LRU)

@@ -340,6 +340,22 @@ def test_limit_caps_a_guest_that_wants_more() -> None:
     assert decision.by_name()["a"].allocation_bytes == 200 * MIB
 
 
+def test_a_scan_above_its_limit_is_left_to_the_hosts_paging_where_there_is_host_swap() -> None:
+    # Ballooned to its limit, LRU misses every page of the scan; the host's random
+    # victims keep part of it. Only where the host has swap can it page at all.
+    scan = _guest("s", Workload(WorkloadKind.SCAN, _pages(300)), max_bytes=256 * MIB)
+    fits = _guest("f", Workload(WorkloadKind.UNIFORM, _pages(100)))
+    guests = [scan, fits]
+    ballooned = _oracle(guests).decide(_snapshot(guests, 2 * GIB))
+    assert not ballooned.mechanisms.host_paging
+    assert ballooned.by_name()["s"].balloon_bytes == (512 - 256) * MIB
+    decision = _oracle(guests, host_swap_pages=_pages(1024)).decide(_snapshot(guests, 2 * GIB))
+    assert decision.mechanisms.host_paging
+    s, f = decision.by_name()["s"], decision.by_name()["f"]
+    assert (s.allocation_bytes, s.balloon_bytes) == (256 * MIB, 0)
+    assert f.balloon_bytes == 512 * MIB - f.allocation_bytes  # it fits: ballooned as ever
+
+
 def test_only_reservations_are_floors_when_the_kernels_do_not_fit() -> None:
     guests = [
         _guest("a", Workload(WorkloadKind.IDLE), memory_bytes=64 * MIB, min_bytes=20 * MIB),

@@ -13,6 +13,9 @@ misses once the cache is warm:
   holding workload pages form a fixed ring (free, ballooned and kernel frames are
   skipped by the hand), a faulting page takes its victim's frame, CLOCK sets its bit on
   arrival and on every hit, and FIFO's oldest arrival is the ring's next slot.
+* **RANDOM**: one pass per size, each miss evicting a slot drawn at random: what the
+  host does when it pages a guest it knows nothing about. Its draws come from a
+  generator of their own, so the reference stream is the one the others see.
 
 Costs are ignored: only which references miss.
 """
@@ -28,6 +31,10 @@ from balloonist.sim import engine as e
 LRU = e.LRU
 CLOCK = e.CLOCK
 FIFO = e.FIFO
+#: Not a guest's algorithm: the host's random victims (``engine._host_victim``).
+RANDOM = 3
+#: Seeds the eviction draws of RANDOM, apart from the reference stream's.
+_VICTIM_SEED = 0x9E3779B97F4A7C15
 
 
 @njit(cache=True)
@@ -100,11 +107,13 @@ def lru_distance_histogram(  # type: ignore[no-untyped-def]
 def ring_misses(  # type: ignore[no-untyped-def]
     policy, size, warm, count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed
 ):
-    """Misses of ``count`` references (after ``warm``) with ``size`` frames, CLOCK or FIFO."""
+    """Misses of ``count`` references (after ``warm``) with ``size`` frames, CLOCK, FIFO
+    or RANDOM."""
     slot_page = np.full(size, -1, dtype=np.int32)
     page_slot = np.full(ws_active, -1, dtype=np.int32)
     refbit = np.zeros(size, dtype=np.int8)
     rng = np.array([np.uint64(seed)], dtype=np.uint64)
+    victims = np.array([np.uint64(seed ^ _VICTIM_SEED) | np.uint64(1)], dtype=np.uint64)
     pos = np.zeros(1, dtype=np.int64)
     # Start full with the most popular ranks (scan: the first pages), as a long run
     # would have it, so no reference is a cold miss.
@@ -122,12 +131,15 @@ def ring_misses(  # type: ignore[no-untyped-def]
             continue
         if t >= warm:
             misses += 1
-        if policy == CLOCK:
-            while refbit[hand]:
-                refbit[hand] = 0
-                hand = hand + 1 if hand + 1 < size else 0
-        f = hand
-        hand = hand + 1 if hand + 1 < size else 0
+        if policy == RANDOM:
+            f = e._rand_below(victims, size)
+        else:
+            if policy == CLOCK:
+                while refbit[hand]:
+                    refbit[hand] = 0
+                    hand = hand + 1 if hand + 1 < size else 0
+            f = hand
+            hand = hand + 1 if hand + 1 < size else 0
         page_slot[slot_page[f]] = -1
         slot_page[f] = r
         page_slot[r] = f

@@ -12,6 +12,10 @@ ramp grows it; zipf ranks beyond it fold back onto it) and its replacement algor
   and interpolated in between -- because Che's approximation is only approximate,
   CLOCK is not LRU, and folded ranks follow no analytic curve.
 
+The host's own paging has a curve too (:meth:`CurveBook.host_miss_ratio`): it evicts
+frames at random, which on a scan keeps part of the set where a guest's own LRU, CLOCK
+or FIFO keeps none. It is measured the same way (a pass per size) for zipf and scan.
+
 Every measured curve is cached per (workload, active size, replacement); while a
 zipf set ramps, the curves of the two nearest sizes on a ladder 19 % apart are
 scaled to the size in use and blended (``_RAMP_LADDER_RATIO``).
@@ -61,7 +65,8 @@ class CurveBook:
     """Miss ratios of workloads at given resident sizes, computed once per workload."""
 
     def __init__(self) -> None:
-        self._measured: dict[tuple[Workload, int, Replacement], tuple[FloatArray, FloatArray]] = {}
+        # keyed by the cache simulator's policy code: a Replacement, or cachesim.RANDOM
+        self._measured: dict[tuple[Workload, int, int], tuple[FloatArray, FloatArray]] = {}
 
     def miss_ratio(
         self,
@@ -80,19 +85,38 @@ class CurveBook:
             return np.clip(1.0 - m / a, 0.0, 1.0)
         if kind is WorkloadKind.SCAN:
             return np.where(m >= a, 0.0, 1.0)
+        return self._blended(workload, active_pages, int(replacement), m)
+
+    def host_miss_ratio(
+        self, workload: Workload, active_pages: int, resident_pages: npt.ArrayLike
+    ) -> FloatArray:
+        """Steady-state miss ratio when the host holds ``resident_pages`` of the guest's
+        working set and pages the rest out at random (the guest itself holds it all)."""
+        m = np.asarray(resident_pages, dtype=np.float64)
+        kind = workload.kind
+        if kind is WorkloadKind.IDLE or active_pages <= 0:
+            return np.zeros(m.shape)
+        if kind is WorkloadKind.UNIFORM:
+            return np.clip(1.0 - m / float(active_pages), 0.0, 1.0)
+        return self._blended(workload, active_pages, cachesim.RANDOM, m)
+
+    def _blended(
+        self, workload: Workload, active_pages: int, policy: int, m: FloatArray
+    ) -> FloatArray:
+        a = float(active_pages)
         blended = np.zeros(m.shape)
         for rung, weight in _rungs(workload.working_set_pages, active_pages):
-            sizes, miss = self._measure(workload, rung, replacement)
+            sizes, miss = self._measure(workload, rung, policy)
             blended += weight * np.interp(m * (rung / a), sizes, miss)
         return np.where(m >= a, 0.0, blended)
 
     def _measure(
-        self, workload: Workload, active_pages: int, replacement: Replacement
+        self, workload: Workload, active_pages: int, policy: int
     ) -> tuple[FloatArray, FloatArray]:
-        key = (workload, active_pages, replacement)
+        key = (workload, active_pages, policy)
         cached = self._measured.get(key)
         if cached is None:
-            cached = measure_zipf(workload, active_pages, replacement)
+            cached = measure_curve(workload, active_pages, policy)
             self._measured[key] = cached
         return cached
 
@@ -119,14 +143,25 @@ def measure_zipf(
     workload: Workload, active_pages: int, replacement: Replacement
 ) -> tuple[FloatArray, FloatArray]:
     """(sizes, miss ratios) of a zipf workload folded onto ``active_pages``, measured."""
-    table = zipf_alias(workload)  # per rank: (probability, alias rank as a float)
-    prob = np.ascontiguousarray(table[:, 0])
-    alias = table[:, 1].astype(np.int64)
+    return measure_curve(workload, active_pages, int(replacement))
+
+
+def measure_curve(
+    workload: Workload, active_pages: int, policy: int
+) -> tuple[FloatArray, FloatArray]:
+    """(sizes, miss ratios) of a zipf or scan workload on ``active_pages``, measured
+    under ``policy`` (a Replacement, or ``cachesim.RANDOM`` for the host's paging)."""
+    if workload.kind is WorkloadKind.ZIPF:
+        table = zipf_alias(workload)  # per rank: (probability, alias rank as a float)
+        prob = np.ascontiguousarray(table[:, 0])
+        alias = table[:, 1].astype(np.int64)
+    else:  # a scan draws nothing from the tables
+        prob, alias = np.zeros(1), np.zeros(1, dtype=np.int64)
     args = (int(workload.kind), workload.working_set_pages, active_pages, prob, alias, _SEED)
     count = int(np.clip(_REFS_PER_PAGE * active_pages, _MIN_REFS, _MAX_REFS))
     if active_pages < workload.working_set_pages:
         count //= _RUNG_REFS_DIVISOR
-    if replacement is Replacement.LRU:
+    if policy == int(Replacement.LRU):
         warm = int(count * _WARM_FRACTION)
         hist = cachesim.lru_distance_histogram(warm, count, *args)
         # hit with m pages: distance below m; so miss(m) = 1 - sum(hist[:m]) / count
@@ -137,7 +172,6 @@ def measure_zipf(
     warm = int(count * _WARM_FRACTION)
     grid = np.unique(np.clip(np.round(_RING_GRID * active_pages), 1, active_pages)).astype(int)
     miss = [1.0] + [
-        cachesim.ring_misses(int(replacement), int(size), warm, count, *args) / count
-        for size in grid
+        cachesim.ring_misses(policy, int(size), warm, count, *args) / count for size in grid
     ]
     return np.concatenate(([0.0], grid.astype(np.float64))), np.array(miss)

@@ -68,13 +68,13 @@ class InstantMover:
     def balloon_pages(self, index: int) -> int:
         return int(self._held[index].size)
 
-    def step(self, allocation_pages: I64, host: I64, limits: Sequence[I64]) -> None:
-        """Balloons to ``memory - allocation`` (never into the kernel): inflations first,
-        so the memory they free is there before any guest's balloon gives frames back.
+    def step(self, balloon_pages: I64, host: I64, limits: Sequence[I64]) -> None:
+        """Balloons to their targets (never into the kernel): inflations first, so the
+        memory they free is there before any guest's balloon gives frames back.
         """
         goals = [
-            min(max(m.frames - int(a), 0), m.frames - m.guest.kernel_pages)
-            for m, a in zip(self._guests, allocation_pages, strict=True)
+            min(max(int(b), 0), m.frames - m.guest.kernel_pages)
+            for m, b in zip(self._guests, balloon_pages, strict=True)
         ]
         for i, goal in enumerate(goals):
             if goal > self._held[i].size:

@@ -300,6 +300,8 @@ class SimBalloonChannel:
 class _Targets:
     allocation_pages: I64
     mechanisms: Mechanisms
+    #: What the instant mover balloons each guest to (every guest, driver or not).
+    balloon_pages: I64
 
 
 class SimMachine:
@@ -359,7 +361,10 @@ class SimMachine:
         ]
         self._mover = InstantMover(self.guests) if moves is MoveModel.INSTANT else None
         self._targets = _Targets(
-            allocation_pages=self.limit_pages.copy(), mechanisms=Mechanisms(balloon=True)
+            allocation_pages=self.limit_pages.copy(),
+            mechanisms=Mechanisms(balloon=True),
+            balloon_pages=np.array([m.frames for m in self.guests], dtype=np.int64)
+            - self.limit_pages,
         )
         self._slice_start = 0
         self._periods_run = 0
@@ -488,18 +493,19 @@ class SimMachine:
 
     def apply(self, decision: Decision) -> None:
         by_name = decision.by_name()
-        alloc = np.empty(len(self.guests), dtype=np.int64)
+        alloc = self._targets.allocation_pages.copy()
+        balloons = self._targets.balloon_pages.copy()
         for i, m in enumerate(self.guests):
             target = by_name.get(m.spec.name)
             if target is None:
-                alloc[i] = self._targets.allocation_pages[i]
                 continue
             alloc[i] = bytes_to_pages(target.allocation_bytes)
+            balloons[i] = bytes_to_pages(target.balloon_bytes)
             if decision.mechanisms.balloon and m.spec.balloon:
                 balloon_pages = bytes_to_pages(target.balloon_bytes)
                 # The register can never ask for the frames the guest kernel holds.
                 m.register_pages = min(balloon_pages, m.frames - m.guest.kernel_pages)
-        self._targets = _Targets(alloc, decision.mechanisms)
+        self._targets = _Targets(alloc, decision.mechanisms, balloons)
         if self.cpus is not None:
             self.cpus.apply(by_name)
 
@@ -519,7 +525,7 @@ class SimMachine:
         self._set_limits()
         if self._mover is not None:
             self._mover.step(
-                self._targets.allocation_pages, self.host, [self._lims[id(m)] for m in self.guests]
+                self._targets.balloon_pages, self.host, [self._lims[id(m)] for m in self.guests]
             )
         for driver in self.drivers:
             if driver is not None:

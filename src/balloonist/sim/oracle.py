@@ -17,6 +17,15 @@ per second in steady state: every miss swaps one page in and evicts one. Memory 
 would raise no guest's steady-state throughput is still given out (first to the
 guests already holding it): it spares evictions when a working set moves.
 
+A guest whose whole working set fits in its own memory may instead be left without a
+balloon and capped by the host, which pages it at random
+(``CurveBook.host_miss_ratio``, at the host's swap costs). Under a ``max`` below the
+working set that can be worth more than a balloon: random victims keep part of a scan
+where the guest's own algorithm keeps none, and they take the kernel's pages too,
+which the workload never faults back, so the whole allocation ends up holding the
+workload. A bound must be able to do whatever a policy such as ``host-swap`` does, so
+each period the oracle takes, per guest and size, whichever way models higher.
+
 ``oracle-fair`` is the same with the sharing rule as a constraint: no guest's modelled
 throughput in any period falls below ``FAIR_FRACTION`` of what it would make with the
 ``static`` policy's share-proportional allocation.
@@ -66,9 +75,15 @@ _TIE_TOLERANCE: Final = 1e-9
 Slice = tuple[Workload, int]
 
 
-def throughput_refs_per_s(miss_ratio: npt.ArrayLike, costs: Costs) -> FloatArray:
-    """Steady-state references per second of a busy guest at ``miss_ratio``."""
-    fault_s = costs.guest_swap_in_s + costs.guest_swap_out_s
+def throughput_refs_per_s(
+    miss_ratio: npt.ArrayLike, costs: Costs, *, host_paged: bool = False
+) -> FloatArray:
+    """Steady-state references per second of a busy guest at ``miss_ratio``: each miss
+    reads a page back and writes a victim out, from the guest's swap or the host's."""
+    if host_paged:
+        fault_s = costs.host_swap_in_s + costs.host_swap_out_s
+    else:
+        fault_s = costs.guest_swap_in_s + costs.guest_swap_out_s
     return 1.0 / (costs.reference_s + np.asarray(miss_ratio, dtype=np.float64) * fault_s)
 
 
@@ -128,7 +143,9 @@ class OraclePolicy:
         fair: bool = False,
         grid_steps: int = GRID_STEPS,
         curves: CurveBook | None = None,
+        host_swap_pages: int = 0,
     ) -> None:
+        """``host_swap_pages`` is the host's swap: without any, no guest is host-paged."""
         where = "policy oracle"
         if grid_steps < 1 or slices_per_period < 1 or not period_s > 0.0:
             raise ConfigError("grid steps, slices and period must be positive", where=where)
@@ -138,6 +155,7 @@ class OraclePolicy:
         self._fair = fair
         self._grid_steps = grid_steps
         self._curves = curves if curves is not None else CurveBook()
+        self._host_swap = host_swap_pages > 0
         self._guests: dict[str, SimGuest] = {}
         for guest in guests:
             if guest.name in self._guests:
@@ -173,14 +191,19 @@ class OraclePolicy:
             self._solved[key] = pages
         held = {v.name: v.sample.allocated_bytes // PAGE_SIZE_BYTES for v in snapshot.guests}
         pages = _hand_out_slack(pages, host_pages, guests, held)
+        paged = [self._host_paged(g, s, p) for g, s, p in zip(guests, slices, pages, strict=True)]
         present = set(held)
         targets = tuple(
-            GuestTarget(g.name, pages_to_bytes(p), g.spec.memory_bytes - pages_to_bytes(p))
-            for g, p in zip(guests, pages, strict=True)
+            GuestTarget(
+                g.name,
+                pages_to_bytes(p),
+                0 if by_host else g.spec.memory_bytes - pages_to_bytes(p),
+            )
+            for g, p, by_host in zip(guests, pages, paged, strict=True)
             if g.name in present
         )
         return Decision(
-            targets, Mechanisms(balloon=True, host_paging=False, block_over_target=False)
+            targets, Mechanisms(balloon=True, host_paging=any(paged), block_over_target=False)
         )
 
     def _solve(
@@ -216,13 +239,42 @@ class OraclePolicy:
         return self._top_up(pages, host_pages, guests, slices)
 
     def _value(self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray) -> FloatArray:
-        """Mean modelled throughput over the period's slices, holding ``pages``."""
-        resident = np.maximum(pages - guest.kernel_pages, 0)
+        """Mean modelled throughput over the period's slices, holding ``pages``, the
+        better way: ballooned, or host-paged where the guest may be."""
+        ballooned = self._mode_value(guest, slices, pages, host_paged=False)
+        if not self._may_host_page(guest, slices):
+            return ballooned
+        return np.maximum(ballooned, self._mode_value(guest, slices, pages, host_paged=True))
+
+    def _host_paged(self, guest: SimGuest, slices: tuple[Slice, ...], pages: int) -> bool:
+        """Whether ``pages`` serve the guest better host-paged than ballooned."""
+        if not self._may_host_page(guest, slices):
+            return False
+        at = np.array([pages], dtype=np.int64)
+        ballooned = float(self._mode_value(guest, slices, at, host_paged=False)[0])
+        paged = float(self._mode_value(guest, slices, at, host_paged=True)[0])
+        return paged > ballooned * (1.0 + _TIE_TOLERANCE)
+
+    def _may_host_page(self, guest: SimGuest, slices: tuple[Slice, ...]) -> bool:
+        """The host has swap, and the guest's own memory holds its whole working set
+        (else it would page too, and the model of one layer of paging would not hold)."""
+        demand = max(active for _, active in slices)
+        return self._host_swap and demand > 0 and guest.memory_pages - guest.kernel_pages >= demand
+
+    def _mode_value(
+        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, *, host_paged: bool
+    ) -> FloatArray:
+        # The host's random victims take the kernel's pages too, and the workload never
+        # faults them back: in the steady state the whole allocation holds the workload.
+        resident = pages if host_paged else np.maximum(pages - guest.kernel_pages, 0)
         total = np.zeros(resident.shape)
         for workload, active in slices:
             if active > 0:
-                miss = self._curves.miss_ratio(workload, active, guest.replacement, resident)
-                total += throughput_refs_per_s(miss, self._costs)
+                if host_paged:
+                    miss = self._curves.host_miss_ratio(workload, active, resident)
+                else:
+                    miss = self._curves.miss_ratio(workload, active, guest.replacement, resident)
+                total += throughput_refs_per_s(miss, self._costs, host_paged=host_paged)
         return total / len(slices)
 
     def _top_pages(self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int) -> int:
@@ -284,8 +336,12 @@ class OraclePolicy:
     def _fair_floor(
         self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int, static_pages: int
     ) -> int:
-        """The least allocation giving ``FAIR_FRACTION`` of the static one's throughput."""
-        goal = FAIR_FRACTION * float(self._value(guest, slices, np.array([static_pages]))[0])
+        """The least allocation giving ``FAIR_FRACTION`` of the static one's throughput
+        (``static`` balloons: its guests are never host-paged)."""
+        at_static = np.array([static_pages])
+        goal = FAIR_FRACTION * float(
+            self._mode_value(guest, slices, at_static, host_paged=False)[0]
+        )
         low, high = floor_pages, max(floor_pages, static_pages)  # value rises with pages
         while low < high:
             mid = (low + high) // 2

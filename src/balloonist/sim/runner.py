@@ -51,6 +51,7 @@ def build_policy(scenario: Scenario, name: str) -> Policy:
             period_s=scenario.period_s,
             slices_per_period=scenario.slices_per_period,
             fair=name == "oracle-fair",
+            host_swap_pages=scenario.host_swap_bytes // PAGE_SIZE_BYTES,
         )
     from balloonist.policy.registry import make_policy
 
