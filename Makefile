@@ -12,7 +12,13 @@ AGENT_PYZ ?= build/balloonist-agent.pyz
 .PHONY: demo demo-vm test lint typecheck unit bench bench-vm experiments clean test-deps guest-assets \
 	agent-pyz
 
+# Debian's python3 makes virtual environments only with python3-venv: as root, install
+# it; otherwise say so in one line.
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	  else echo "make: $(PYTHON) cannot make a virtual environment: install python3-venv (as root: apt-get install python3-venv)" >&2; exit 1; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -37,13 +43,15 @@ typecheck: $(STAMP)
 unit: $(STAMP) guest-assets
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/pytest
 
-# The real-VM tests need QEMU and a Debian kernel (apt package lists for
-# `apt-get download`); the dashboard tests need Chromium. As root, install what is
-# missing; otherwise say what to install. Under CI a failure here fails the run;
-# elsewhere those tests then skip.
-TEST_DEBS := qemu-system-x86_64:qemu-system-x86 chromium:chromium
+# The real-VM tests need QEMU, a Debian kernel (apt package lists for `apt-get
+# download`) and gcc with a static libc (the guest's workload is linked -static); the
+# dashboard tests need Chromium. As root, install what is missing; otherwise say what
+# to install. Under CI a failure here fails the run; elsewhere those tests then skip.
+TEST_DEBS := qemu-system-x86_64:qemu-system-x86 chromium:chromium gcc:gcc
+STATIC_LIBC := /usr/lib/x86_64-linux-gnu/libc.a
 test-deps:
-	@missing=$$(for dep in $(TEST_DEBS); do command -v $${dep%%:*} >/dev/null || printf ' %s' $${dep#*:}; done); \
+	@missing=$$(for dep in $(TEST_DEBS); do command -v $${dep%%:*} >/dev/null || printf ' %s' $${dep#*:}; done; \
+	  [ -e $(STATIC_LIBC) ] || printf ' %s' libc6-dev); \
 	if [ -z "$$missing" ] && [ -n "$$(ls /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && { [ -z "$$missing" ] || \
