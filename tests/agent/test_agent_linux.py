@@ -3,9 +3,7 @@ told is exactly what the process has pinned, every page filled with its mark."""
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +14,7 @@ from balloonist.agent.main import Agent, AgentConfig, Link
 
 from .fakes import FakeClock, FakeHost, FakePressure, Ports, pages_of
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or os.geteuid() != 0, reason="needs Linux and root (pagemap PFNs)"
-)
+pytestmark = pytest.mark.root(reason="needs Linux and root (pagemap PFNs)")
 
 TARGET_PAGES = (6 << 20) // PAGE_SIZE_BYTES
 

@@ -3,8 +3,6 @@ finding the port without udev."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,9 +79,7 @@ def test_no_port_is_a_backend_error_naming_the_port(tmp_path: Path) -> None:
         find_port(tmp_path / "dev", tmp_path / "sys")
 
 
-@pytest.mark.skipif(
-    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv"
-)
+@pytest.mark.root(reason="needs root (to drop CAP_SYS_ADMIN with setpriv)")
 def test_without_cap_sys_admin_the_agent_stops_at_start_with_one_line() -> None:
     agent = [sys.executable, "-m", "balloonist.agent", "--no-tune", "--port", "/nonexistent"]
     result = subprocess.run(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-import os
 import re
 import shutil
 import subprocess
@@ -30,9 +29,7 @@ from balloonist.agent.linux import (
 )
 from balloonist.driver import PageRange, count_pages
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or os.geteuid() != 0, reason="needs Linux and root (pagemap PFNs)"
-)
+pytestmark = pytest.mark.root(reason="needs Linux and root (pagemap PFNs)")
 
 TOKEN = "0123456789abcdef"
 TOKEN_BYTES = bytes.fromhex(TOKEN)

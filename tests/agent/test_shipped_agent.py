@@ -25,9 +25,7 @@ from balloonist.agent.pyz import build_pyz
 from .fakes import pages_of
 from .interpreters import python_3_9
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or os.geteuid() != 0, reason="needs Linux and root (pagemap PFNs)"
-)
+pytestmark = pytest.mark.root(reason="needs Linux and root (pagemap PFNs)")
 
 TARGET_PAGES = 1024  # 4 MiB
 #: Generous: the agent steps every 50 ms here, and starting Python takes well under 1 s.
