@@ -9,15 +9,9 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from balloonist.daemon.control import (
-    GuestChange,
-    GuestCpuStatus,
-    GuestStatus,
-    HostStatus,
-    PolicyStatus,
-    Status,
-)
+from balloonist.daemon.control import GuestChange
 from balloonist.daemon.history import History, HistoryPoint
+from balloonist.daemon.status import GuestCpuStatus, GuestStatus, HostStatus, PolicyStatus, Status
 from balloonist.errors import ConfigError
 from balloonist.units import GIB, MIB, format_size
 

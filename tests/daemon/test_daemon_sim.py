@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from balloonist.daemon.control import GuestChange, Status
+from balloonist.daemon.control import GuestChange
 from balloonist.daemon.service import DaemonLoop
 from balloonist.daemon.sim_backend import SimBackend, sim_daemon
 from balloonist.daemon.statefile import STATE_FILE
+from balloonist.daemon.status import Status
 from balloonist.errors import ConfigError
 from balloonist.policy import DEFAULT_POLICY
 from balloonist.policy.demand import DemandPolicy

@@ -70,7 +70,8 @@ from balloonist.api.models import (
     StatusOut,
 )
 from balloonist.config import format_loc
-from balloonist.daemon.control import Controller, GuestChange, Status
+from balloonist.daemon.control import Controller, GuestChange
+from balloonist.daemon.status import Status
 from balloonist.errors import ConfigError
 
 #: How often an event stream looks for a new status: well under any sensible period

@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from balloonist.daemon.control import GuestCpuStatus, GuestStatus, Status
+from balloonist.daemon.status import GuestCpuStatus, GuestStatus, Status
 from balloonist.model import HostState
 
 PREFIX = "balloonist"

@@ -1,6 +1,6 @@
 """The API's wire format: pydantic models for every request and response body, so the
 OpenAPI description is complete, and their conversion from the daemon's
-:class:`~balloonist.daemon.control.Status`.
+:class:`~balloonist.daemon.status.Status`.
 
 Sizes go out as integers in bytes, named ``*_bytes``. They come in as strings with a
 unit (``"512MiB"``, ``"2GiB"``), exactly as in ``host.toml``: a bare number is refused
@@ -17,14 +17,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from balloonist.config import check_size
-from balloonist.daemon.control import (
-    GuestCpuStatus,
-    GuestStatus,
-    HostStatus,
-    PolicyStatus,
-    Status,
-)
 from balloonist.daemon.history import GUEST_SERIES, HistoryPoint
+from balloonist.daemon.status import GuestCpuStatus, GuestStatus, HostStatus, PolicyStatus, Status
 from balloonist.units import parse_size_bytes
 
 #: Largest shares value accepted: far beyond any useful ratio between guests, and

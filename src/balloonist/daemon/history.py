@@ -1,5 +1,5 @@
 """The last minutes of a running daemon, for charts: a bounded ring of compact points,
-one per published :class:`~balloonist.daemon.control.Status`.
+one per published :class:`~balloonist.daemon.status.Status`.
 
 A Status holds everything about a period; a chart needs a few sizes per guest. Keeping
 Status objects for ten minutes of 200 guests would cost about a hundred MiB, so a
@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from balloonist.daemon.control import Status
+from balloonist.daemon.status import Status
 
 #: Points kept: ten minutes at the default 1 s period, "the last minutes" an operator
 #: looks back on; older points fall off.

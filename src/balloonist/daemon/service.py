@@ -10,7 +10,7 @@ One loop (:class:`DaemonLoop`) serves both. A period:
 2. lets the backend pick up guests added or removed;
 3. collects, decides and acts (:class:`~balloonist.scheduler.Scheduler`), and lets the
    backend settle (the simulator runs its guests for the period);
-4. publishes a :class:`~balloonist.daemon.control.Status` (a frozen snapshot, swapped in
+4. publishes a :class:`~balloonist.daemon.status.Status` (a frozen snapshot, swapped in
    by reference: servers in other threads read :meth:`DaemonLoop.status`), and keeps
    its charted figures for the last minutes (:meth:`DaemonLoop.history`);
 5. writes ``daemon-state.json`` if anything changed (:mod:`balloonist.daemon.statefile`).
@@ -61,12 +61,7 @@ from balloonist.daemon.config import (
     load_config,
     with_overrides,
 )
-from balloonist.daemon.control import (
-    GuestChange,
-    PolicyStatus,
-    Status,
-    status_from_cycle,
-)
+from balloonist.daemon.control import GuestChange
 from balloonist.daemon.history import History, HistoryPoint
 from balloonist.daemon.qemu_backend import QemuBackend
 from balloonist.daemon.qemu_hv import QemuHypervisor, VmPort
@@ -81,6 +76,7 @@ from balloonist.daemon.statefile import (
     load_state,
     save_state,
 )
+from balloonist.daemon.status import PolicyStatus, Status, status_from_cycle
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo, read_meminfo
 from balloonist.model import GuestSpec
