@@ -472,7 +472,7 @@ def test_demo_default_is_the_scenarios_policy(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     demo = dataclasses.replace(load_scenario_or_demo(None), policy_name="proxmox")
-    monkeypatch.setattr(cli, "load_scenario_or_demo", lambda path: demo)
+    monkeypatch.setattr("balloonist.sim.scenario.load_scenario_or_demo", lambda path: demo)
     runner = FakeRunner(refs_scale={"proxmox": 2.0})
     result = run_cli(capsys, "demo", "--no-live", "--out", str(tmp_path), runner=runner)
     assert result.code == 0, result.err

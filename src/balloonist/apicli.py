@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from balloonist.daemon.command import API_SOCKET
+from balloonist.daemoncli import API_SOCKET
 from balloonist.errors import ConfigError
 from balloonist.units import format_size, parse_size_bytes
 

@@ -25,15 +25,19 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 from rich.console import Console
 
 from balloonist.errors import BalloonistError, ConfigError
-from balloonist.live import LiveView, ProgressLines, summary_table
-from balloonist.sim.compare import PolicyProgress, Runner, run_policies
-from balloonist.sim.result import Progress, SimResult
-from balloonist.sim.scenario import POLICY_NAMES, Scenario, load_scenario_or_demo
+from balloonist.sim.names import POLICY_NAMES
+
+if TYPE_CHECKING:
+    # The simulator is imported where a command needs it: numba compiles on import,
+    # and `balloonist status` or `vm list` should not wait for it (nor numpy).
+    from balloonist.sim.compare import PolicyProgress, Runner
+    from balloonist.sim.result import Progress, SimResult
+    from balloonist.sim.scenario import Scenario
 
 __all__ = ["Runner", "main"]
 
@@ -56,7 +60,7 @@ DEMO_COMPARE_NAME: Final = "compare.json"
 #: policy joins them when --policy chose another.
 DEMO_PEERS: Final = ("mom", "proxmox", "static")
 
-ProgressCallback = Callable[[Progress], None]
+ProgressCallback = Callable[["Progress"], None]
 
 
 def _default_runner() -> Runner:
@@ -281,6 +285,8 @@ def _check_policy(name: str | None) -> None:
 
 def _cmd_demo(args: argparse.Namespace, io: _Io) -> int:
     from balloonist import report  # matplotlib is slow to import; only pay when needed
+    from balloonist.live import summary_table
+    from balloonist.sim.scenario import load_scenario_or_demo
 
     _check_policy(args.policy)
     pace_s: float = args.pace
@@ -314,6 +320,7 @@ def _demo_compare(
     """Run the demo's peers in parallel; print them beside ``result``; write compare.json."""
     from balloonist.atomicfile import write_atomic
     from balloonist.compareview import CompareBars, CompareLines, compare_table, verdict
+    from balloonist.sim.compare import run_policies
 
     default = scenario.policy_name
     peers = [name for name in (default, *DEMO_PEERS) if name != result.policy]
@@ -343,6 +350,9 @@ def _demo_compare(
 
 
 def _cmd_simulate(args: argparse.Namespace, io: _Io) -> int:
+    from balloonist.live import summary_table
+    from balloonist.sim.scenario import load_scenario_or_demo
+
     scenario = load_scenario_or_demo(args.scenario)
     _check_policy(args.policy)
     report_dir: Path | None = args.report
@@ -428,6 +438,8 @@ def _cmd_agent_pyz(args: argparse.Namespace, io: _Io) -> int:
 def _progress_view(
     console: Console, stream: TextIO, *, live: bool, title: str, pace_s: float
 ) -> Iterator[ProgressCallback | None]:
+    from balloonist.live import LiveView, ProgressLines
+
     if live:
         with LiveView(console, title=title, min_period_wall_s=pace_s) as view:
             yield view

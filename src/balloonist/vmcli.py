@@ -28,7 +28,7 @@ def add_commands(sub: Any, run: Any) -> None:
     assets.add_argument("--cache", type=Path, default=None, metavar="DIR")
     assets.set_defaults(command=run(_cmd_assets))
 
-    from balloonist.daemon import command as daemon_command
+    from balloonist import daemoncli as daemon_command
 
     daemon = sub.add_parser(
         "daemon",

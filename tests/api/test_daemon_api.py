@@ -92,7 +92,7 @@ def test_bad_api_options_are_one_line_exit_2(
 
 def test_a_token_file_that_is_not_there_is_made_for_the_daemon(tmp_path: Path) -> None:
     from balloonist import cli
-    from balloonist.daemon.command import daemon_request
+    from balloonist.daemoncli import daemon_request
 
     args = cli._parser().parse_args(
         ["daemon", "--sim", "--api-tcp", "0", "--api-token-file", str(tmp_path / "token")]

@@ -15,8 +15,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from balloonist.sim.names import POLICY_NAMES
 from balloonist.sim.runner import run_scenario
-from balloonist.sim.scenario import POLICY_NAMES, Scenario, scenario_from_dict
+from balloonist.sim.scenario import Scenario, scenario_from_dict
 from balloonist.units import MIB
 
 

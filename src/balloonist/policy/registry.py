@@ -12,10 +12,11 @@ from balloonist.errors import ConfigError
 from balloonist.policy import Policy
 from balloonist.policy.baselines import HostSwapPolicy, MomPolicy, ProxmoxPolicy, StaticPolicy
 from balloonist.policy.demand import DemandPolicy
+from balloonist.policy.names import ONLINE_POLICY_NAMES
 from balloonist.policy.shares import SharesPolicy
 
 #: Names ``make_policy`` builds, in the order the docs list them.
-POLICY_NAMES: Final = ("demand", "shares", "static", "host-swap", "proxmox", "mom")
+POLICY_NAMES: Final = ONLINE_POLICY_NAMES
 #: The bounds: built by the simulator (``sim/oracle.py``), which has the whole scenario.
 _SIMULATOR_ONLY: Final = ("oracle", "oracle-fair")
 

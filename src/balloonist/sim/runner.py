@@ -16,6 +16,7 @@ from balloonist.scheduler import Scheduler
 from balloonist.sim import engine as e
 from balloonist.sim.instant import MoveModel
 from balloonist.sim.machine import SimMachine
+from balloonist.sim.names import ORACLE_NAMES, POLICY_NAMES
 from balloonist.sim.result import (
     HOST_STATE_CODES,
     CpuSeries,
@@ -24,7 +25,7 @@ from balloonist.sim.result import (
     Progress,
     SimResult,
 )
-from balloonist.sim.scenario import ORACLE_NAMES, POLICY_NAMES, Scenario
+from balloonist.sim.scenario import Scenario
 from balloonist.units import PAGE_SIZE_BYTES
 
 ProgressCallback = Callable[[Progress], None]

@@ -27,6 +27,7 @@ from balloonist.sim.cpu import (
     CpuCosts,
     CpuWorkload,
 )
+from balloonist.sim.names import POLICY_NAMES
 from balloonist.sim.workload import Phase, Workload, WorkloadKind, WorkloadPlan
 from balloonist.units import (
     MIB,
@@ -35,10 +36,6 @@ from balloonist.units import (
     format_size,
     parse_size_bytes,
 )
-
-#: The bounds the simulator runs in its instant move mode (``sim/oracle.py``).
-ORACLE_NAMES = ("oracle", "oracle-fair")
-POLICY_NAMES = ("demand", "shares", "static", "host-swap", "proxmox", "mom", *ORACLE_NAMES)
 
 #: The built-in scenario (`balloonist demo`, `balloonist daemon --sim`), packaged.
 DEMO_RESOURCE = "demo.toml"

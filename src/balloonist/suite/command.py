@@ -15,7 +15,7 @@ from typing import Final, TextIO
 from rich.console import Console
 
 from balloonist.errors import ConfigError
-from balloonist.sim.scenario import POLICY_NAMES
+from balloonist.sim.names import POLICY_NAMES
 from balloonist.suite.generator import GeneratorParams, generate_one
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""``balloonist daemon``: its arguments, checking them, building the daemon, running it.
+"""``balloonist daemon``: its arguments, checking them, building the daemon, running it
+beside its API server (so it sits above both packages, with the other commands).
 
 The command in three steps, so servers can be started beside the loop::
 
