@@ -1,30 +1,45 @@
 """Files written whole or not at all, and still there after a crash.
 
-``write_atomic`` writes a temporary file in the same directory, fsyncs it, renames it
-over the target and fsyncs the directory: a reader (or a process restarted after a
-crash, SIGKILL or power loss) sees the old content or the new, never a mix, and once
-the call returns the new content is on disk.
+``staged`` hands out a new file in the same directory, and when the body is done
+fsyncs it, renames it over the target and fsyncs the directory: a reader (or a process
+restarted after a crash, SIGKILL or power loss) sees the old content or the new, never
+a mix, and once the block ends the new content is on disk. ``write_atomic`` is that for
+a text. Every file balloonist writes whole goes through here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+@contextlib.contextmanager
+def staged(path: Path, *, mode: int = 0o600) -> Iterator[Path]:
+    """A new, empty file beside ``path`` (``mode`` less the umask) for the body to
+    write by name, as zipapp and matplotlib do; it replaces ``path`` when the body
+    returns and is removed if the body raises."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))  # never reuse a file
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, text: str, *, mode: int = 0o600) -> None:
+    with staged(path, mode=mode) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def remove_leftovers(path: Path) -> list[Path]:
@@ -48,4 +63,4 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["fsync_dir", "remove_leftovers", "write_atomic"]
+__all__ = ["fsync_dir", "remove_leftovers", "staged", "write_atomic"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -410,6 +409,7 @@ def _cmd_suite(args: argparse.Namespace, io: _Io) -> int:
 
 def _cmd_agent_pyz(args: argparse.Namespace, io: _Io) -> int:
     from balloonist.agent.pyz import build_pyz
+    from balloonist.atomicfile import staged
     from balloonist.units import format_size
 
     out: Path = args.output
@@ -419,16 +419,10 @@ def _cmd_agent_pyz(args: argparse.Namespace, io: _Io) -> int:
     if not out.parent.is_dir():
         raise ConfigError(f"no directory {out.parent}", where=where)
     # Built under a hidden name in the same directory and renamed, so the output is a
-    # whole archive or absent, never half of one. O_EXCL: never reuse someone's file;
-    # mode 0o777 less the umask, as any new file (zipapp adds the owner's x bit).
-    staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o777))
-    try:
+    # whole archive or absent, never half of one; mode 0o777 less the umask, as any
+    # new executable.
+    with staged(out, mode=0o777) as staging:
         build_pyz(staging)
-        os.replace(staging, out)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
     size = format_size(out.stat().st_size)
     print(f"agent written to {out} ({size})", file=io.stdout, flush=True)
     return EXIT_OK

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from matplotlib.figure import Figure
 
+from balloonist.atomicfile import write_atomic
 from balloonist.model import CpuSpec
 from balloonist.report import write_png_atomic
 from balloonist.sim.result import SimResult
@@ -333,11 +334,9 @@ def write_page(exp: Experiment, out: Path) -> list[Path]:
     plot = out / f"{exp.name}.png"
     _plot(exp, plot)
     data = out / f"{exp.name}.json"
-    tmp = data.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(figures_json(exp), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(data)
+    write_atomic(data, json.dumps(figures_json(exp), indent=2) + "\n", mode=0o666)
     page = out / f"{exp.name}.md"
-    page.write_text(_markdown(exp), encoding="utf-8")
+    write_atomic(page, _markdown(exp), mode=0o666)
     return [page, plot, data]
 
 

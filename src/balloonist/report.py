@@ -29,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from balloonist.atomicfile import staged
 from balloonist.errors import ConfigError
 from balloonist.model import HostState
 from balloonist.sim.result import HOST_STATE_CODES, FloatArray, GuestSeries, SimResult
@@ -270,12 +271,8 @@ def plot_overview(result: SimResult, path: Path) -> None:
 def write_png_atomic(fig: Figure, path: Path) -> None:
     """Save next to ``path`` and rename, so a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
+    with staged(path, mode=0o666) as staging:
         _save(fig, staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def _draw_guest_memory(ax: Axes, time_s: FloatArray, guest: GuestSeries) -> None:

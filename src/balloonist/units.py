@@ -103,8 +103,3 @@ def pages_to_bytes(pages: int) -> int:
     if pages < 0:
         raise SizeError(f"negative page count {pages}")
     return pages * PAGE_SIZE_BYTES
-
-
-def bytes_to_mib(size_bytes: int | float) -> float:
-    """For display and plots only; never feed the result back into accounting."""
-    return size_bytes / MIB
