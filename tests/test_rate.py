@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balloonist.rate import AdaptiveRate, RateLimits
+from balloonist.rate import AdaptiveRate, RateLimits, TokenBucket
 
 SMALL = RateLimits(min_pages=10, max_pages=100, increase_pages=30, divisor=2.0)
 
@@ -99,3 +99,21 @@ def test_rate_follows_aimd_within_bounds(lim: RateLimits, outcomes: list[bool]) 
         assert lim.min_pages <= rate.rate_pages <= lim.max_pages
     assert rate.successes == sum(outcomes)
     assert rate.failures == len(outcomes) - sum(outcomes)
+
+
+def test_a_token_bucket_refuses_when_empty_and_refills_at_its_rate() -> None:
+    bucket = TokenBucket(rate_per_s=2.0, burst=3, now_s=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.take(0.25)  # half a token
+    assert bucket.take(0.5)
+    assert bucket.take(100.0) and bucket.tokens == 2.0  # never above the burst
+    bucket.refill(50.0)  # a clock that steps back adds nothing
+    assert bucket.tokens == 2.0
+
+
+def test_spending_a_token_bucket_may_take_it_below_zero() -> None:
+    bucket = TokenBucket(rate_per_s=1.0, burst=1, now_s=0.0)
+    bucket.spend()
+    bucket.spend()
+    assert bucket.tokens == -1.0
+    assert not bucket.take(1.5)  # 0.5 after refilling

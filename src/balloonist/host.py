@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from balloonist.agent.pressure import meminfo_bytes
 from balloonist.errors import BackendError
-from balloonist.units import KIB
 
 MEMINFO = Path("/proc/meminfo")
 
@@ -20,21 +20,14 @@ class HostMemInfo:
 
 
 def parse_meminfo(text: str) -> HostMemInfo:
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        fields = rest.split()
-        if fields and fields[0].isdigit():
-            values[key.strip()] = int(fields[0]) * (KIB if fields[1:] == ["kB"] else 1)
-    try:
-        return HostMemInfo(
-            total_bytes=values["MemTotal"],
-            available_bytes=values["MemAvailable"],
-            swap_total_bytes=values.get("SwapTotal", 0),
-            swap_free_bytes=values.get("SwapFree", 0),
-        )
-    except KeyError as exc:
-        raise BackendError(f"/proc/meminfo has no {exc.args[0]}") from None
+    """The host's figures; raises FatalBackendError without MemTotal or MemAvailable."""
+    values = meminfo_bytes(text, ("MemTotal", "MemAvailable"), ("SwapTotal", "SwapFree"))
+    return HostMemInfo(
+        total_bytes=values["MemTotal"],
+        available_bytes=values["MemAvailable"],
+        swap_total_bytes=values["SwapTotal"],
+        swap_free_bytes=values["SwapFree"],
+    )
 
 
 def read_meminfo(path: Path = MEMINFO) -> HostMemInfo:

@@ -74,3 +74,39 @@ class AdaptiveRate:
 
     def reset(self) -> None:
         self._rate_pages = self.limits.min_pages
+
+
+class TokenBucket:
+    """``rate_per_s`` tokens a second, at most ``burst`` saved up; full at the start.
+
+    One protocol limit, two sides: the host refuses a message the bucket has no token
+    for (:meth:`take`); the agent counts what it sent (:meth:`spend`, which may go
+    below zero) and sends page reports only while it has tokens left (:attr:`tokens`).
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, now_s: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at_s = now_s
+
+    @property
+    def tokens(self) -> float:
+        return self._tokens
+
+    def refill(self, now_s: float) -> None:
+        elapsed_s = max(0.0, now_s - self._at_s)  # a clock that steps back adds nothing
+        self._tokens = min(float(self.burst), self._tokens + elapsed_s * self.rate_per_s)
+        self._at_s = now_s
+
+    def take(self, now_s: float) -> bool:
+        """One token if there is one (after refilling to ``now_s``)."""
+        self.refill(now_s)
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def spend(self) -> None:
+        """One token, whether or not there is one: what was sent is sent."""
+        self._tokens -= 1.0

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from balloonist.agent import main as agent_main
 from balloonist.agent import protocol as proto
 from balloonist.agent.cpus import CpuBalloon, CpuHotplug
 from balloonist.agent.main import MIB, Agent, AgentConfig, Link
@@ -131,8 +130,8 @@ def test_host_session_and_guest_agree_through_a_daemon_restart_and_pressure(
     # The daemon restarts: a new connection, a session that knows nothing. A budget of a
     # message or two a step from now on, so adopting the old balloon takes many steps
     # and pressure can give back pages the new session has not heard of yet.
-    monkeypatch.setattr(agent_main, "MESSAGE_BURST", 6)
-    monkeypatch.setattr(agent_main, "MESSAGES_PER_S", 2.0)
+    monkeypatch.setattr(agent.message_budget, "burst", 6)
+    monkeypatch.setattr(agent.message_budget, "rate_per_s", 2.0)
     host.wire.close()
     step()
     assert link() is Link.DOWN

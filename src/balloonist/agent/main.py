@@ -89,7 +89,7 @@ from balloonist.agent.port import LineStream, PortClosedError, open_port
 from balloonist.agent.pressure import PressureSample, PressureSource
 from balloonist.driver import BalloonDriver, GuestKernel, PageRange, StepResult, count_pages
 from balloonist.errors import BackendError, BalloonistError, ConfigError
-from balloonist.rate import AdaptiveRate, RateLimits
+from balloonist.rate import AdaptiveRate, RateLimits, TokenBucket
 
 log = logging.getLogger("balloonist.agent")
 
@@ -243,8 +243,8 @@ class Agent:
         self._retry_at = now
         self._welcome_deadline = 0.0
         self._next_stats_at = 0.0
-        self._messages = float(MESSAGE_BURST)
-        self._messages_at = now
+        #: What the host's limit on messages leaves this agent (see the module doc).
+        self.message_budget = TokenBucket(MESSAGES_PER_S, MESSAGE_BURST, now)
         self._quiet_until: dict[str, float] = {}
         self._last_down_reason = ""
         self._closing = False
@@ -444,19 +444,17 @@ class Agent:
         return seq
 
     def _refill(self, now: float) -> None:
-        elapsed_s = max(0.0, now - self._messages_at)
-        self._messages = min(float(MESSAGE_BURST), self._messages + elapsed_s * MESSAGES_PER_S)
-        self._messages_at = now
+        self.message_budget.refill(now)
 
     def _report_budget_ranges(self) -> int:
         """How many ranges page reports may still carry this step."""
-        messages = max(0, int(self._messages) - MESSAGE_RESERVE)
+        messages = max(0, int(self.message_budget.tokens) - MESSAGE_RESERVE)
         return messages * proto.MAX_RANGES_PER_MESSAGE
 
     def _send(self, message: proto.GuestMessage) -> None:
         if self._stream is not None:
             self._stream.send(proto.encode(message))
-            self._messages -= 1
+            self.message_budget.spend()
             self.counters["sent"] += 1
 
     def _flush(self, now: float) -> None:

@@ -61,22 +61,33 @@ def _number(text: str) -> int | None:
     return int(text)
 
 
-def parse_meminfo(text: str) -> tuple[int, int]:
-    """``(MemTotal, MemAvailable)`` in bytes. Raises FatalBackendError if either is missing."""
+def meminfo_bytes(
+    text: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """The named ``/proc/meminfo`` fields in bytes, an optional one 0 where missing;
+    the guest's and the host's both are read here. Raises FatalBackendError for a
+    required field missing or a named field that is not a bounded number."""
+    wanted = (*required, *optional)
     values: dict[str, int] = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
-        if key not in ("MemTotal", "MemAvailable"):
+        if key not in wanted:
             continue
         fields = rest.split()
         number = _number(fields[0]) if fields else None
         if number is None or fields[1:] not in ([], ["kB"]):
             raise FatalBackendError(f"meminfo: cannot read {line.strip()[:80]!r}")
         values[key] = number * 1024 if fields[1:] == ["kB"] else number
-    missing = [k for k in ("MemTotal", "MemAvailable") if k not in values]
+    missing = [k for k in required if k not in values]
     if missing:
         # MemAvailable exists since Linux 3.14; without it the guard has nothing to go on.
         raise FatalBackendError(f"meminfo: no {', '.join(missing)} (Linux 3.14 or later needed)")
+    return {key: values.get(key, 0) for key in wanted}
+
+
+def parse_meminfo(text: str) -> tuple[int, int]:
+    """``(MemTotal, MemAvailable)`` in bytes. Raises FatalBackendError if either is missing."""
+    values = meminfo_bytes(text, ("MemTotal", "MemAvailable"))
     return values["MemTotal"], values["MemAvailable"]
 
 

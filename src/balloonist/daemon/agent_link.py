@@ -51,6 +51,7 @@ from balloonist.errors import (
     TransientBackendError,
 )
 from balloonist.qemu.qmp import GuestStats
+from balloonist.rate import TokenBucket
 from balloonist.units import PAGE_SIZE_BYTES
 
 log = logging.getLogger("balloonist.agent")
@@ -99,22 +100,6 @@ class CpuReport:
     online_vcpus: tuple[int, ...]
     reserved_vcpus: tuple[int, ...]
     received_s: float
-
-
-class _TokenBucket:
-    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self._tokens = float(burst)
-        self._at = now
-
-    def take(self, now: float) -> bool:
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate_per_s)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 class _HeldPages:
@@ -178,7 +163,7 @@ class AgentSession:
     _held: _HeldPages = field(default_factory=_HeldPages)
     _last_seq: int = -1
     _out_seq: int = 0
-    _bucket: _TokenBucket | None = None
+    _bucket: TokenBucket | None = None
     _cpu_asked: bool = False  # a cpu_target went out in this session
 
     # -- queries ------------------------------------------------------------------
@@ -213,7 +198,7 @@ class AgentSession:
     def decode(self, line: bytes, now_s: float) -> wire.GuestMessage:
         """Check one line's rate, shape and sequence number; raise GuestProtocolError."""
         if self._bucket is None:
-            self._bucket = _TokenBucket(MESSAGE_RATE_PER_S, MESSAGE_BURST, now_s)
+            self._bucket = TokenBucket(MESSAGE_RATE_PER_S, MESSAGE_BURST, now_s)
         if not self._bucket.take(now_s):
             raise GuestProtocolError(f"more than {MESSAGE_RATE_PER_S:.0f} messages/s")
         message = wire.decode_guest_message(line)
