@@ -7,25 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.waiting import wait_until
+
 #: The subprocess imports numpy, numba and FastAPI and compiles nothing new (the sim's
 #: kernels are cached by earlier tests or by the first period); a loaded 2-core CI host
 #: has taken up to about 10 s for that. 60 s leaves room without hiding a hang.
 DEADLINE_S = 60.0
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {DEADLINE_S:.0f} s: {what}")
-        time.sleep(0.1)
 
 
 def test_the_sim_daemon_serves_its_api_and_applies_a_change(tmp_path: Path) -> None:
@@ -49,7 +41,7 @@ def test_the_sim_daemon_serves_its_api_and_applies_a_change(tmp_path: Path) -> N
             except httpx.TransportError:
                 return False
 
-        until(answers, "the API answers with a status")
+        wait_until(answers, DEADLINE_S, "the API answers with a status")
         assert os.stat(sock).st_mode & 0o777 == 0o600
         guests = {g["name"]: g for g in client.get("/v1/guests").json()["guests"]}
         assert set(guests) == {"busy", "idle", "phased"}
@@ -57,8 +49,9 @@ def test_the_sim_daemon_serves_its_api_and_applies_a_change(tmp_path: Path) -> N
         bad = client.patch("/v1/guests/idle", json={"min": "1GiB", "max": "512MiB"})
         assert bad.status_code == 422
         assert client.patch("/v1/guests/idle", json={"shares": 3000}).status_code == 202
-        until(
+        wait_until(
             lambda: client.get("/v1/guests/idle").json()["shares"] == 3000,
+            DEADLINE_S,
             "the change to take effect at a next period",
         )
         metrics = client.get("/metrics").text

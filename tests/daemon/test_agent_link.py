@@ -37,7 +37,10 @@ from balloonist.errors import (
 from balloonist.host import HostMemInfo
 from balloonist.qemu.launcher import StateDir, VMRecord
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
+from tests.waiting import until
 
+#: Everything here happens on one machine in milliseconds; this only bounds a hang.
+DEADLINE_S = 5.0
 TOKEN = "00112233aabbccdd"
 RAM_PAGES = 64 * MIB // PAGE_SIZE_BYTES
 
@@ -246,14 +249,6 @@ class FakeGuest:
         await self.writer.drain()
 
 
-async def until(condition: object, timeout_s: float = 5.0) -> None:
-    async def poll() -> None:
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout_s)
-
-
 @contextlib.asynccontextmanager
 async def guest_and_port(tmp_path: Path, name: str) -> AsyncIterator[tuple[FakeGuest, AgentPort]]:
     guest = FakeGuest(tmp_path / f"{name}.sock")
@@ -272,13 +267,25 @@ def test_the_port_follows_the_target_and_reports_verified_sizes(tmp_path: Path) 
     async def scenario() -> None:
         async with guest_and_port(tmp_path, "g") as (guest, port):
             await port.set_target(48 * MIB)  # before hello: sent once the agent registers
-            await until(lambda: guest.received == [wire.Reset(1)])
+            await until(
+                lambda: guest.received == [wire.Reset(1)],
+                DEADLINE_S,
+                "guest.received == [wire.Reset(1)]",
+            )
             await guest.send(hello())
-            await until(lambda: any(isinstance(m, wire.Target) for m in guest.received))
+            await until(
+                lambda: any(isinstance(m, wire.Target) for m in guest.received),
+                DEADLINE_S,
+                "any(isinstance(m, wire.Target) for m in guest.received)",
+            )
             target = next(m for m in guest.received if isinstance(m, wire.Target))
             assert target.balloon_pages == 16 * MIB // PAGE_SIZE_BYTES
             await guest.send(locked(1, (0, target.balloon_pages)))
-            await until(lambda: isinstance(guest.received[-1], wire.Ack))
+            await until(
+                lambda: isinstance(guest.received[-1], wire.Ack),
+                DEADLINE_S,
+                "isinstance(guest.received[-1], wire.Ack)",
+            )
             assert await port.actual_bytes() == 48 * MIB
 
     asyncio.run(scenario())
@@ -298,7 +305,11 @@ def test_a_hostile_guest_is_cut_off_and_the_other_keeps_being_served(tmp_path: P
                 await bad_port.actual_bytes()
             with pytest.raises(TransientBackendError, match="cut off"):
                 await bad_port.connect()
-            await until(lambda: good_port.session.held_pages() == 256)
+            await until(
+                lambda: good_port.session.held_pages() == 256,
+                DEADLINE_S,
+                "good_port.session.held_pages() == 256",
+            )
             assert await good_port.actual_bytes() == 64 * MIB - 256 * PAGE_SIZE_BYTES
 
     asyncio.run(scenario())
@@ -432,18 +443,30 @@ def test_the_port_sets_the_cpu_target_and_keeps_the_guests_report(tmp_path: Path
             await port.set_cpu_target(1)  # before hello: sent with the welcome
             assert await port.vcpu_count() == 2 and control.asked == 1  # asked once, kept
             await guest.send(hello())
-            await until(lambda: any(isinstance(m, wire.CpuTarget) for m in guest.received))
+            await until(
+                lambda: any(isinstance(m, wire.CpuTarget) for m in guest.received),
+                DEADLINE_S,
+                "any(isinstance(m, wire.CpuTarget) for m in guest.received)",
+            )
             assert [type(m) for m in guest.received] == [wire.Reset, wire.Welcome, wire.CpuTarget]
             assert guest.received[-1] == wire.CpuTarget(guest.received[-1].seq, 1)
             assert port.cpu_report is None
             await guest.send(cpus(1, (0,), (1,)))
-            await until(lambda: port.cpu_report is not None)
+            await until(
+                lambda: port.cpu_report is not None, DEADLINE_S, "port.cpu_report is not None"
+            )
             assert port.cpu_report is not None
             assert (port.cpu_report.online_vcpus, port.cpu_report.reserved_vcpus) == ((0,), (1,))
             await port.set_cpu_target(0)  # registered: sent at once
-            await until(lambda: guest.received[-1] == wire.CpuTarget(guest.received[-1].seq, 0))
+            await until(
+                lambda: guest.received[-1] == wire.CpuTarget(guest.received[-1].seq, 0),
+                DEADLINE_S,
+                "guest.received[-1] == wire.CpuTarget(guest.received[-1].seq, 0)",
+            )
             await guest.send(wire.encode(wire.Error(2, "cpu-failed", "cpu1: busy")))
-            await until(lambda: port.cpu_error is not None)
+            await until(
+                lambda: port.cpu_error is not None, DEADLINE_S, "port.cpu_error is not None"
+            )
             assert port.cpu_error is not None and port.cpu_error.message == "cpu1: busy"
             assert not port.session.violations
         finally:
@@ -511,7 +534,7 @@ def test_the_port_refuses_a_cpu_target_that_leaves_no_vcpu(
         async with guest_and_port(tmp_path, "g") as (guest, port):
             port.session.vcpus = 2
             await guest.send(hello())
-            await until(lambda: port.session.registered)
+            await until(lambda: port.session.registered, DEADLINE_S)
             with pytest.raises(ConfigError) as refused:
                 await port.set_cpu_target(reserved)
             assert str(refused.value).startswith(why) and "\n" not in str(refused.value)

@@ -29,6 +29,7 @@ from balloonist.policy import DEFAULT_POLICY
 from balloonist.policy.demand import DemandPolicy
 from balloonist.sim.scenario import Scenario, scenario_from_dict
 from balloonist.units import MIB, PAGE_SIZE_BYTES
+from tests.waiting import wait_until
 
 #: Three 256 MiB guests on a 512 MiB host: overcommitted, so balloons move. References
 #: are made expensive so a simulated second costs little wall time.
@@ -77,15 +78,6 @@ def small() -> Scenario:
     return scenario_from_dict(tomllib.loads(SMALL), where="small", default_name="small")
 
 
-def wait_for(condition: Callable[[], bool], deadline_s: float = DEADLINE_S) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def status(daemon: DaemonLoop) -> Status:
     s = daemon.status()
     assert s is not None
@@ -115,7 +107,7 @@ def test_the_loop_publishes_a_status_every_period_at_the_speed_asked(tmp_path: P
 
     loop.start()
     try:
-        assert wait_for(six_periods)
+        wait_until(six_periods, DEADLINE_S, "six periods")
     finally:
         stop.set()
         loop.join(timeout=DEADLINE_S)
@@ -159,7 +151,7 @@ def test_run_waits_a_period_over_speed_between_periods(tmp_path: Path) -> None:
     started = time.monotonic()
     loop.start()
     try:
-        assert wait_for(lambda: status(daemon).version >= 7)
+        wait_until(lambda: status(daemon).version >= 7, DEADLINE_S, "seven periods")
         elapsed = time.monotonic() - started
     finally:
         stop.set()
@@ -293,9 +285,13 @@ def test_changes_from_another_thread_land_between_periods(tmp_path: Path) -> Non
     loop = threading.Thread(target=daemon.run, args=(stop,))
     loop.start()
     try:
-        assert wait_for(lambda: daemon.status() is not None)
+        wait_until(lambda: daemon.status() is not None, DEADLINE_S, "a first status")
         daemon.change_guest("idle", GuestChange(min_bytes=64 * MIB, shares=500))
-        assert wait_for(lambda: specs(status(daemon))["idle"] == (64 * MIB, MEMORY, 500))
+        wait_until(
+            lambda: specs(status(daemon))["idle"] == (64 * MIB, MEMORY, 500),
+            DEADLINE_S,
+            "the change applied",
+        )
     finally:
         stop.set()
         loop.join(timeout=DEADLINE_S)
@@ -341,7 +337,7 @@ def test_a_daemon_killed_with_sigkill_resumes_its_specs_and_targets(tmp_path: Pa
                 g["estimate"] is not None for g in saved["guests"].values()
             )
 
-        assert wait_for(well_under_way), log_path.read_text()
+        wait_until(well_under_way, DEADLINE_S, log_path.read_text)
         assert proc.poll() is None, log_path.read_text()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=DEADLINE_S)
@@ -491,9 +487,11 @@ def test_daemon_sim_runs_the_demo_by_default_and_sigterm_stops_it_cleanly(
             env=env,
         )
     try:
-        assert wait_for(
-            lambda: (state_dir / STATE_FILE).exists() and state_file(state_dir)["periods"] >= 2
-        ), log_path.read_text()
+        wait_until(
+            lambda: (state_dir / STATE_FILE).exists() and state_file(state_dir)["periods"] >= 2,
+            DEADLINE_S,
+            log_path.read_text,
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=DEADLINE_S) == 0, log_path.read_text()
     finally:

@@ -6,13 +6,12 @@ never a skip: CI must prove the real-VM path works.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -186,17 +185,6 @@ def command(control: Path, verb: str) -> None:
     """Tell ``guest_agent_supervisor.py`` in the guest to do ``verb`` (in order)."""
     n = len(list(control.iterdir())) + 1
     (control / f"{n}-{verb}").touch()
-
-
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Wait for ``condition`` while the event loop runs (the agent port reads); return
-    the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
-        await asyncio.sleep(0.1)
-    return time.monotonic() - start
 
 
 @asynccontextmanager

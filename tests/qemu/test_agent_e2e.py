@@ -30,6 +30,7 @@ from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S, AgentPort
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets
 from balloonist.units import MIB
+from tests.waiting import until
 
 from .conftest import (
     BOOT_TIMEOUT_S,
@@ -38,7 +39,6 @@ from .conftest import (
     command,
     meminfo_kib,
     serial_lines,
-    until,
     wait_for_line,
 )
 

@@ -65,6 +65,7 @@ from balloonist.errors import ConfigError
 from balloonist.qemu import launcher
 from balloonist.qemu.affinity import narrow_vcpu_affinity, set_vcpu_affinity, vcpu_affinity
 from balloonist.qemu.assets import GuestAssets
+from tests.waiting import until
 
 from .conftest import (
     BOOT_TIMEOUT_S,
@@ -72,7 +73,6 @@ from .conftest import (
     boot_supervised,
     command,
     serial_lines,
-    until,
 )
 
 pytestmark = pytest.mark.vm
