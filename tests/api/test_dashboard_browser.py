@@ -25,7 +25,7 @@ from balloonist.daemon.service import DaemonLoop
 from balloonist.daemon.sim_backend import sim_daemon
 from balloonist.sim.scenario import Scenario, scenario_from_dict
 from balloonist.units import MIB
-from tests.daemon.test_daemon_sim import GUESTS, SMALL
+from tests.daemon.small_host import GUESTS, SMALL
 
 pytestmark = pytest.mark.browser
 

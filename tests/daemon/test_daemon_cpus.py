@@ -22,7 +22,7 @@ from balloonist.daemon.qemu_hv import CpuBalloonPort
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.qemu.launcher import StateDir
 from balloonist.units import GIB
-from tests.daemon.test_daemon_fake import HOST, FakeVm, record
+from tests.daemon.fakes import HOST, FakeVm, record
 
 #: Host processors the VMs share: this machine has (at least) two.
 PROCESSORS = frozenset({0, 1})

@@ -3,111 +3,18 @@ gentle, config errors are one line. No QEMU."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from balloonist.daemon.pacing import HOST_RATE_LIMITS
 from balloonist.daemon.qemu_hv import demand_bytes
-from balloonist.daemon.service import Daemon, DaemonConfig, load_config
-from balloonist.errors import ConfigError, FatalBackendError, TransientBackendError
+from balloonist.daemon.service import load_config
+from balloonist.errors import ConfigError
 from balloonist.host import HostMemInfo, parse_meminfo
-from balloonist.qemu.launcher import StateDir, VMRecord
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
-
-HOST = HostMemInfo(8 * GIB, 6 * GIB, 0, 0)
-
-
-@dataclass
-class FakeVm:
-    """A guest whose balloon follows its target at ``speed`` bytes per read."""
-
-    memory: int
-    actual: int
-    used: int = 100 * MIB
-    speed: int = 1 << 40
-    fail_next: int = 0
-    fatal: bool = False
-    target: int | None = None
-    connects: int = 0
-    targets: list[int] = field(default_factory=list)
-
-    async def connect(self) -> None:
-        self.connects += 1
-        if self.fail_next:
-            self.fail_next -= 1
-            raise TransientBackendError("socket not there")
-
-    async def close(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-    cooperative = True
-
-    async def set_target(self, guest_bytes: int) -> None:
-        self.target = guest_bytes
-        self.targets.append(guest_bytes)
-
-    async def actual_bytes(self) -> int:
-        if self.fatal:
-            raise FatalBackendError("fake: the VM has no balloon device")
-        if self.target is not None:
-            delta = self.target - self.actual
-            self.actual += max(-self.speed, min(self.speed, delta))
-        return self.actual
-
-    async def enable_stats(self, interval_s: int) -> None:
-        pass
-
-    async def guest_stats(self) -> GuestStats:
-        return GuestStats(
-            last_update_s=1,
-            total_bytes=self.memory,
-            available_bytes=max(0, self.actual - self.used),
-            major_faults=0,
-        )
-
-
-def record(
-    name: str, memory: int = 2 * GIB, lo: int = 256 * MIB, hi: int | None = None
-) -> VMRecord:
-    return VMRecord(
-        name=name,
-        memory_bytes=memory,
-        min_bytes=lo,
-        max_bytes=hi or memory,
-        shares=1000,
-        qmp_socket=f"/nonexistent/{name}.sock",
-        serial_log=None,
-        pid=None,
-        accel=None,
-        started_by_us=False,
-    )
-
-
-def make(
-    tmp_path: Path,
-    vms: dict[str, FakeVm],
-    budget: str = "3GiB",
-    host: HostMemInfo = HOST,
-    period_s: float = 1.0,
-) -> Daemon:
-    state = StateDir(tmp_path)
-    for name, vm in vms.items():
-        state.save(record(name, vm.memory))
-    config = DaemonConfig.model_validate({"daemon": {"budget": budget, "period_s": period_s}})
-    t = iter(range(10**6))
-    return Daemon(
-        config,
-        state,
-        clock=lambda: float(next(t)),
-        meminfo=lambda: host,
-        connector=lambda r: vms[r.name],
-    )
+from tests.daemon.fakes import HOST, FakeVm, make
 
 
 def test_memory_moves_to_the_guest_that_uses_it_and_targets_stay_in_bounds(

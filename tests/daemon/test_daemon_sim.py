@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,55 +26,12 @@ from balloonist.daemon.status import Status
 from balloonist.errors import ConfigError
 from balloonist.policy import DEFAULT_POLICY
 from balloonist.policy.demand import DemandPolicy
-from balloonist.sim.scenario import Scenario, scenario_from_dict
 from balloonist.units import MIB, PAGE_SIZE_BYTES
+from tests.daemon.small_host import GUESTS, MEMORY, SMALL, small
 from tests.waiting import wait_until
 
-#: Three 256 MiB guests on a 512 MiB host: overcommitted, so balloons move. References
-#: are made expensive so a simulated second costs little wall time.
-SMALL = """\
-name = "small"
-
-[host]
-memory = "512MiB"
-swap = "1GiB"
-
-[sim]
-duration_s = 60.0
-period_s = 1.0
-
-[costs]
-reference_s = 2e-5
-
-[[guests]]
-name = "busy"
-memory = "256MiB"
-workload = { kind = "zipf", working_set = "200MiB", skew = 0.8 }
-
-[[guests]]
-name = "idle"
-memory = "256MiB"
-
-[guests.workload]
-kind = "phases"
-phases = [
-    { at_s = 0.0, workload = { kind = "scan", working_set = "150MiB" } },
-    { at_s = 5.0, workload = { kind = "idle" } },
-]
-
-[[guests]]
-name = "small"
-memory = "256MiB"
-workload = { kind = "uniform", working_set = "60MiB" }
-"""
-GUESTS = ("busy", "idle", "small")
-MEMORY = 256 * MIB
 #: Generous deadlines for a shared 2-core machine; every wait polls a condition.
 DEADLINE_S = 60.0
-
-
-def small() -> Scenario:
-    return scenario_from_dict(tomllib.loads(SMALL), where="small", default_name="small")
 
 
 def status(daemon: DaemonLoop) -> Status:

@@ -18,7 +18,7 @@ from balloonist.daemon.statefile import STATE_FILE
 from balloonist.errors import ConfigError
 from balloonist.qemu.launcher import StateDir
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
-from tests.daemon.test_daemon_fake import HOST, FakeVm, make
+from tests.daemon.fakes import HOST, FakeVm, make
 
 FIRST_STEP_BYTES = HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES
 
