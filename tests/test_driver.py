@@ -17,25 +17,7 @@ from balloonist.driver import (
     ranges_from_pages,
 )
 from balloonist.rate import AdaptiveRate, RateLimits
-
-
-class FakeKernel:
-    """Hands out frames from a pool; ``limit`` caps how many one call can get."""
-
-    def __init__(self, frames: int, limit: int | None = None) -> None:
-        self.free = list(range(frames - 1, -1, -1))
-        self.limit = limit
-        self.calls: list[int] = []
-
-    def allocate_pages(self, count: int) -> list[PageRange]:
-        self.calls.append(count)
-        n = min(count, len(self.free), self.limit if self.limit is not None else count)
-        taken = [self.free.pop() for _ in range(n)]
-        return ranges_from_pages(taken)
-
-    def free_pages(self, ranges: Sequence[PageRange]) -> None:
-        for r in ranges:
-            self.free.extend(range(r.start, r.end))
+from tests.fakes import FakeKernel
 
 
 class FakeChannel:

@@ -15,9 +15,9 @@ from typing import Any
 from balloonist.agent import protocol as proto
 from balloonist.agent.cpus import CpuHotplug
 from balloonist.agent.pressure import PressureSample
-from balloonist.driver import PageRange, ranges_from_pages
 from balloonist.errors import TransientBackendError
 from balloonist.units import GIB
+from tests.fakes import FakeKernel as SharedFakeKernel
 
 PAGE = 4096
 
@@ -30,28 +30,11 @@ class FakeClock:
         return self.now_s
 
 
-class FakeKernel:
-    """Frames from a pool; ``limit`` caps one allocation; frees are logged in ``events``."""
+class FakeKernel(SharedFakeKernel):
+    """The agent tests' kernel: frame 0 is never handed out, as in a real guest."""
 
     def __init__(self, events: list[str], frames: int = 1 << 20) -> None:
-        self.free = list(range(frames, 0, -1))  # frame 0 is never handed out
-        self.held: set[int] = set()
-        self.limit: int | None = None
-        self.events = events
-
-    def allocate_pages(self, count: int) -> list[PageRange]:
-        n = min(count, len(self.free), self.limit if self.limit is not None else count)
-        taken = [self.free.pop() for _ in range(n)]
-        self.held |= set(taken)
-        return ranges_from_pages(taken)
-
-    def free_pages(self, ranges: Sequence[PageRange]) -> None:
-        for r in ranges:
-            pages = set(range(r.start, r.end))
-            assert pages <= self.held, "freed a page the kernel never gave out"
-            self.held -= pages
-            self.free.extend(pages)
-            self.events.append(f"freed {r.start}+{r.count}")
+        super().__init__(frames, first_frame=1, events=events)
 
 
 class FakePressure:

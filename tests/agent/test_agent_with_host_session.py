@@ -6,7 +6,6 @@ same for the CPU balloon: the host's report follows the guest's vCPUs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ from balloonist.agent import protocol as proto
 from balloonist.agent.cpus import CpuBalloon, CpuHotplug
 from balloonist.agent.main import MIB, Agent, AgentConfig, Link
 from balloonist.daemon.agent_link import AgentSession
-from balloonist.driver import PageRange, count_pages
-from balloonist.errors import GuestProtocolError
 from balloonist.rate import AdaptiveRate, RateLimits
+from tests.fakes import FakeRam
 
 from .fakes import PAGE, FakeClock, FakeHost, FakeKernel, FakePressure, FakeSysfs, Ports
 
@@ -27,35 +25,12 @@ MEMORY_PAGES = 1 << 22
 MAX_STEPS = 400
 
 
-class FakeRam:
-    """The guest's RAM file as far as the session needs it: punches always succeed."""
-
-    def __init__(self) -> None:
-        self.punched_pages = 0
-
-    def check(self, ranges: Sequence[PageRange]) -> None:
-        for r in ranges:
-            if r.end > MEMORY_PAGES:
-                raise GuestProtocolError(f"range {r} beyond RAM")
-
-    def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
-        assert token == bytes.fromhex(TOKEN)
-        self.punched_pages += count_pages(ranges)
-        return count_pages(ranges)
-
-    def hole_pages(self, ranges: Sequence[PageRange]) -> int:
-        return count_pages(ranges)
-
-    def close(self) -> None:
-        pass
-
-
 class SessionHost:
     """One daemon connection: the real session logic behind a socketpair."""
 
     def __init__(self, events: list[str], clock: FakeClock) -> None:
         self.wire = FakeHost(events, reset=False)
-        self.session = AgentSession("guest", FakeRam(), MEMORY_PAGES)
+        self.session = AgentSession("guest", FakeRam(MEMORY_PAGES, TOKEN), MEMORY_PAGES)
         self.clock = clock
         self.target_pages: int | None = None
         self.cpu_target: int | None = None

@@ -37,38 +37,13 @@ from balloonist.errors import (
 from balloonist.host import HostMemInfo
 from balloonist.qemu.launcher import StateDir, VMRecord
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
+from tests.fakes import FakeRam
 from tests.waiting import until
 
 #: Everything here happens on one machine in milliseconds; this only bounds a hang.
 DEADLINE_S = 5.0
 TOKEN = "00112233aabbccdd"
 RAM_PAGES = 64 * MIB // PAGE_SIZE_BYTES
-
-
-@dataclass
-class FakeRam:
-    """Guest RAM of RAM_PAGES pages; pages in ``reused`` no longer carry the token."""
-
-    pages: int = RAM_PAGES
-    holes: set[int] = field(default_factory=set)
-    reused: set[int] = field(default_factory=set)
-
-    def check(self, ranges: Sequence[PageRange]) -> None:
-        for r in ranges:
-            if r.end > self.pages:
-                raise GuestProtocolError(f"pages {r.start}+{r.count} are not guest RAM")
-
-    def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
-        assert token == bytes.fromhex(TOKEN)
-        freed = [p for r in ranges for p in range(r.start, r.end) if p not in self.reused]
-        self.holes.update(freed)
-        return len(freed)
-
-    def hole_pages(self, ranges: Sequence[PageRange]) -> int:
-        return sum(1 for r in ranges for p in range(r.start, r.end) if p in self.holes)
-
-    def close(self) -> None:
-        pass
 
 
 def hello(seq: int = 0) -> bytes:
@@ -95,7 +70,7 @@ def feed(session: AgentSession, *lines: bytes, now: float = 0.0) -> list[wire.Ho
 
 
 def test_a_session_registers_locks_and_unlocks_and_the_size_is_what_the_file_shows() -> None:
-    ram = FakeRam(reused={15})
+    ram = FakeRam(RAM_PAGES, TOKEN, reused={15})
     session = AgentSession("g", ram, RAM_PAGES)
     replies = feed(session, hello(), locked(1, (10, 6), (100, 4)))
     assert isinstance(replies[0], wire.Welcome)
@@ -123,19 +98,19 @@ def test_a_session_registers_locks_and_unlocks_and_the_size_is_what_the_file_sho
     ],
 )
 def test_violations_are_refused(lines: list[bytes], why: str) -> None:
-    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES)
     with pytest.raises(GuestProtocolError, match=why):
         feed(session, *lines)
 
 
 def test_a_balloon_larger_than_the_guest_is_refused() -> None:
-    session = AgentSession("g", FakeRam(pages=1 << 30), RAM_PAGES)
+    session = AgentSession("g", FakeRam(1 << 30, TOKEN), RAM_PAGES)
     with pytest.raises(GuestProtocolError, match="larger than the guest"):
         feed(session, hello(), locked(1, (0, RAM_PAGES)), locked(2, (RAM_PAGES, 1)))
 
 
 def test_a_flood_is_a_violation_and_a_violation_cuts_the_guest_off() -> None:
-    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES)
     feed(session, hello(), locked(1, (0, 8)))
     with pytest.raises(GuestProtocolError, match="messages/s") as caught:
         for seq in range(2, MESSAGE_BURST + 10):  # all at the same instant
@@ -146,13 +121,13 @@ def test_a_flood_is_a_violation_and_a_violation_cuts_the_guest_off() -> None:
 
 
 def test_a_new_hello_forgets_the_old_balloon() -> None:
-    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES)
     feed(session, hello(), locked(1, (0, 8)), hello(0))
     assert session.registered and session.held_pages() == 0
 
 
 def test_after_a_reset_only_hello_counts_and_the_agent_can_report_its_balloon_again() -> None:
-    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES)
     feed(session, hello(), locked(1, (0, 8)))
     session.reset()  # the host reconnected
     assert feed(session, locked(2, (8, 8)), unlocked(3, (0, 8))) == []  # in flight: dropped
@@ -162,7 +137,7 @@ def test_after_a_reset_only_hello_counts_and_the_agent_can_report_its_balloon_ag
 
 
 def test_an_agent_is_alive_only_while_it_keeps_talking() -> None:
-    session = AgentSession("g", FakeRam(), RAM_PAGES)
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES)
     assert not session.alive(0.0)
     feed(session, hello(), now=10.0)
     assert session.alive(10.0 + SILENCE_TIMEOUT_S)
@@ -173,7 +148,7 @@ def test_an_agent_is_alive_only_while_it_keeps_talking() -> None:
 
 
 def test_a_cpu_report_is_kept_once_the_host_has_asked_for_one() -> None:
-    session = AgentSession("g", FakeRam(), RAM_PAGES, vcpus=4)
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES, vcpus=4)
     feed(session, hello(), now=7.0)
     assert session.cpu_target(2) == wire.CpuTarget(2, 2)
     feed(session, cpus(1, (0, 1), (2, 3)), now=7.0)
@@ -198,7 +173,7 @@ def test_a_cpu_report_is_kept_once_the_host_has_asked_for_one() -> None:
     ],
 )
 def test_cpu_reports_outside_the_protocol_are_violations(lines: list[object], why: str) -> None:
-    session = AgentSession("g", FakeRam(), RAM_PAGES, vcpus=4)
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES, vcpus=4)
     with pytest.raises(GuestProtocolError, match=why):
         for line in lines:
             if line == "ask":
@@ -209,7 +184,7 @@ def test_cpu_reports_outside_the_protocol_are_violations(lines: list[object], wh
 
 
 def test_a_reset_forgets_that_the_host_asked() -> None:
-    session = AgentSession("g", FakeRam(), RAM_PAGES, vcpus=4)
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES, vcpus=4)
     feed(session, hello())
     session.cpu_target(1)
     session.reset()
@@ -253,7 +228,9 @@ class FakeGuest:
 async def guest_and_port(tmp_path: Path, name: str) -> AsyncIterator[tuple[FakeGuest, AgentPort]]:
     guest = FakeGuest(tmp_path / f"{name}.sock")
     server = await guest.serve()
-    port = AgentPort(name, guest.path, FakeRam(), 64 * MIB, clock=asyncio.get_running_loop().time)
+    port = AgentPort(
+        name, guest.path, FakeRam(RAM_PAGES, TOKEN), 64 * MIB, clock=asyncio.get_running_loop().time
+    )
     try:
         await port.connect()
         await guest.connected.wait()
@@ -357,7 +334,11 @@ def daemon_over(tmp_path: Path, names: Sequence[str]) -> tuple[Daemon, dict[str,
     for name in names:
         state.save(VMRecord(name, 64 * MIB, 0, 64 * MIB, 1000, "/none", None, None, None, False))
         ports[name] = AgentPort(
-            name, tmp_path / f"{name}.sock", FakeRam(), 64 * MIB, clock=time.monotonic
+            name,
+            tmp_path / f"{name}.sock",
+            FakeRam(RAM_PAGES, TOKEN),
+            64 * MIB,
+            clock=time.monotonic,
         )
     config = DaemonConfig.model_validate({"daemon": {"budget": "96MiB"}})
     daemon = Daemon(
@@ -435,7 +416,12 @@ def test_the_port_sets_the_cpu_target_and_keeps_the_guests_report(tmp_path: Path
         server = await guest.serve()
         control = FakeControl()
         port = AgentPort(
-            "g", guest.path, FakeRam(), 64 * MIB, clock=time.monotonic, control=control
+            "g",
+            guest.path,
+            FakeRam(RAM_PAGES, TOKEN),
+            64 * MIB,
+            clock=time.monotonic,
+            control=control,
         )
         try:
             await port.connect()
@@ -502,7 +488,12 @@ def test_closing_the_port_during_a_punch_still_resumes_the_guest(tmp_path: Path)
         server = await guest.serve()
         control = SlowControl(in_punch=asyncio.Event())
         port = AgentPort(
-            "g", guest.path, FakeRam(), 64 * MIB, clock=time.monotonic, control=control
+            "g",
+            guest.path,
+            FakeRam(RAM_PAGES, TOKEN),
+            64 * MIB,
+            clock=time.monotonic,
+            control=control,
         )
         try:
             await port.connect()
@@ -559,7 +550,7 @@ def test_a_vcpu_count_given_to_the_port_needs_no_qmp(tmp_path: Path) -> None:
         port = AgentPort(
             "g",
             tmp_path / "none.sock",
-            FakeRam(),
+            FakeRam(RAM_PAGES, TOKEN),
             64 * MIB,
             clock=time.monotonic,
             control=control,
