@@ -17,14 +17,14 @@ per second in steady state: every miss swaps one page in and evicts one. Memory 
 would raise no guest's steady-state throughput is still given out (first to the
 guests already holding it): it spares evictions when a working set moves.
 
-A guest whose whole working set fits in its own memory may instead be left without a
-balloon and capped by the host, which pages it at random
-(``CurveBook.host_miss_ratio``, at the host's swap costs). Under a ``max`` below the
-working set that can be worth more than a balloon: random victims keep part of a scan
-where the guest's own algorithm keeps none, and they take the kernel's pages too,
-which the workload never faults back, so the whole allocation ends up holding the
-workload. A bound must be able to do whatever a policy such as ``host-swap`` does, so
-each period the oracle takes, per guest and size, whichever way models higher.
+A guest whose ``max`` keeps it from ever holding its working set ballooned, but whose
+own memory holds it, may instead be left without a balloon and capped by the host,
+which pages it at random (``CurveBook.host_miss_ratio``, at the host's swap costs).
+That can be worth more than a balloon: random victims keep part of a scan where the
+guest's own algorithm keeps none, and they take the kernel's pages too, which the
+workload never faults back, so the whole allocation ends up holding the workload. A
+bound must be able to do whatever a policy such as ``host-swap`` does, so each period
+the oracle takes, for such a guest and size, whichever way models higher.
 
 ``oracle-fair`` is the same with the sharing rule as a constraint: no guest's modelled
 throughput in any period falls below ``FAIR_FRACTION`` of what it would make with the
@@ -256,10 +256,19 @@ class OraclePolicy:
         return paged > ballooned * (1.0 + _TIE_TOLERANCE)
 
     def _may_host_page(self, guest: SimGuest, slices: tuple[Slice, ...]) -> bool:
-        """The host has swap, and the guest's own memory holds its whole working set
-        (else it would page too, and the model of one layer of paging would not hold)."""
+        """The guest's limit keeps it, ballooned, from ever holding its working set, its
+        own memory holds the set (else it would page too, and one layer of paging is
+        all the model knows), and the host has swap. Elsewhere a balloon serves a guest
+        at least as well once it has its set, and switching ways costs what the steady
+        state does not see: the host's random victims take a while to find the
+        kernel's pages, and a balloon inflated again evicts."""
         demand = max(active for _, active in slices)
-        return self._host_swap and demand > 0 and guest.memory_pages - guest.kernel_pages >= demand
+        return (
+            self._host_swap
+            and demand > 0
+            and _limit_pages(guest) < guest.kernel_pages + demand
+            and guest.memory_pages - guest.kernel_pages >= demand
+        )
 
     def _mode_value(
         self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, *, host_paged: bool
