@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from balloonist.driver import PageRange, ranges_from_pages
-from balloonist.errors import GuestProtocolError
+from balloonist.errors import GuestProtocolError, Violation
 
 
 class FakeKernel:
@@ -58,7 +58,9 @@ class FakeRam:
     def check(self, ranges: Sequence[PageRange]) -> None:
         for r in ranges:
             if r.end > self.pages:
-                raise GuestProtocolError(f"pages {r.start}+{r.count} are not guest RAM")
+                raise GuestProtocolError(
+                    f"pages {r.start}+{r.count} are not guest RAM", violation=Violation.BAD_PAGES
+                )
 
     def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
         assert token == bytes.fromhex(self.token)

@@ -15,18 +15,24 @@ Library code raises these and never exits; only the CLI turns them into exit cod
 
 from __future__ import annotations
 
+import enum
+
 
 class BalloonistError(Exception):
     """Base of every error balloonist raises on purpose."""
 
 
 class ConfigError(BalloonistError):
-    """Bad user input. ``where`` names the file and key, so the CLI can print one line."""
+    """Bad user input. ``where`` names the file and key, so the CLI can print one line;
+    ``field``, where there is one, is the setting the rule is about, as a
+    ``GuestChange`` spells it (``min_bytes``, ``cpu_max``, ``tax_rate``...), for code
+    that must point at it (the API's 422) without reading the message."""
 
-    def __init__(self, message: str, *, where: str = "") -> None:
+    def __init__(self, message: str, *, where: str = "", field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.where = where
+        self.field = field
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
@@ -36,8 +42,25 @@ class SizeError(ConfigError):
     """A size that is not a number with a unit, or is out of range."""
 
 
+class Violation(enum.Enum):
+    """How a guest broke the protocol: each is a counter of its own."""
+
+    MALFORMED = "malformed"  # not a message: bad JSON, fields or types, a line too long
+    FLOOD = "flood"  # more messages a second than the protocol allows
+    OUT_OF_ORDER = "out_of_order"  # a sequence number not above the last
+    UNSUPPORTED = "unsupported"  # a protocol version or page size the host does not speak
+    BAD_PAGES = "bad_pages"  # pages that are not guest RAM, or not (or already) ballooned
+    TOO_LARGE = "too_large"  # a balloon larger than the guest
+    UNASKED = "unasked"  # a report the host did not ask for, or of vCPUs it does not have
+
+
 class GuestProtocolError(BalloonistError):
-    """A guest reported something impossible or hostile; it is refused, never trusted."""
+    """A guest reported something impossible or hostile; it is refused, never trusted.
+    ``violation`` says which rule it broke."""
+
+    def __init__(self, message: str, *, violation: Violation = Violation.MALFORMED) -> None:
+        super().__init__(message)
+        self.violation = violation
 
 
 class BackendError(BalloonistError):

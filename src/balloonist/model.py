@@ -43,21 +43,30 @@ class CpuSpec:
 
     def check(self, where: str) -> None:
         if self.vcpus < 1:
-            raise ConfigError(f"cpus must be at least 1, got {self.vcpus}", where=where)
+            raise ConfigError(
+                f"cpus must be at least 1, got {self.vcpus}", where=where, field="cpus"
+            )
         if self.shares <= 0:
-            raise ConfigError(f"cpu_shares must be positive, got {self.shares}", where=where)
+            raise ConfigError(
+                f"cpu_shares must be positive, got {self.shares}", where=where, field="cpu_shares"
+            )
         if self.min_cpus < 1:
             raise ConfigError(
                 f"cpu_min must be at least 1 (one vCPU always stays online), got {self.min_cpus}",
                 where=where,
+                field="cpu_min",
             )
         if self.limit_cpus > self.vcpus:
             raise ConfigError(
-                f"cpu_max {self.limit_cpus} is above its {self.vcpus} vCPUs", where=where
+                f"cpu_max {self.limit_cpus} is above its {self.vcpus} vCPUs",
+                where=where,
+                field="cpu_max",
             )
         if self.min_cpus > self.limit_cpus:
             raise ConfigError(
-                f"cpu_min {self.min_cpus} is above cpu_max {self.limit_cpus}", where=where
+                f"cpu_min {self.min_cpus} is above cpu_max {self.limit_cpus}",
+                where=where,
+                field="cpu_min",
             )
 
     @property
@@ -85,21 +94,25 @@ class GuestSpec:
         if self.cpu is not None:
             self.cpu.check(where)
         if self.memory_bytes <= 0:
-            raise ConfigError("memory must be positive", where=where)
+            raise ConfigError("memory must be positive", where=where, field="memory_bytes")
         if self.shares <= 0:
-            raise ConfigError(f"shares must be positive, got {self.shares}", where=where)
+            raise ConfigError(
+                f"shares must be positive, got {self.shares}", where=where, field="shares"
+            )
         if self.min_bytes < 0:
-            raise ConfigError("min must not be negative", where=where)
+            raise ConfigError("min must not be negative", where=where, field="min_bytes")
         if self.limit_bytes > self.memory_bytes:
             raise ConfigError(
                 f"max {format_size(self.limit_bytes)} is above memory "
                 f"{format_size(self.memory_bytes)}",
                 where=where,
+                field="max_bytes",
             )
         if self.min_bytes > self.limit_bytes:
             raise ConfigError(
                 f"min {format_size(self.min_bytes)} is above max {format_size(self.limit_bytes)}",
                 where=where,
+                field="min_bytes",
             )
 
     @property

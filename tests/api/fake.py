@@ -121,38 +121,47 @@ class FakeController:
             status = self._status
             guest = status.guest(name) if status is not None else None
             if guest is None:
-                raise ConfigError(f"unknown guest {name!r}")
+                raise ConfigError(f"unknown guest {name!r}", field="name")
             guest = self._pending(guest)
             where = f"guest {name!r}"
             lo = change.min_bytes if change.min_bytes is not None else guest.min_bytes
             hi = change.max_bytes if change.max_bytes is not None else guest.max_bytes
             if change.shares is not None and change.shares < 1:
-                raise ConfigError(f"shares must be positive, got {change.shares}", where=where)
+                raise ConfigError(
+                    f"shares must be positive, got {change.shares}", where=where, field="shares"
+                )
             if hi > guest.memory_bytes:
                 raise ConfigError(
                     f"max {format_size(hi)} is above memory {format_size(guest.memory_bytes)}",
                     where=where,
+                    field="max_bytes",
                 )
             if lo > hi:
                 raise ConfigError(
-                    f"min {format_size(lo)} is above max {format_size(hi)}", where=where
+                    f"min {format_size(lo)} is above max {format_size(hi)}",
+                    where=where,
+                    field="min_bytes",
                 )
             cpu_given = [
                 f for f in ("cpu_min", "cpu_max", "cpu_shares") if getattr(change, f) is not None
             ]
             if cpu_given and guest.cpu is None:
-                raise ConfigError("the guest's processors are not shared", where=cpu_given[0])
+                raise ConfigError(
+                    "the guest's processors are not shared", where=cpu_given[0], field=cpu_given[0]
+                )
             if guest.cpu is not None:
                 cpu_lo = change.cpu_min if change.cpu_min is not None else guest.cpu.min_cpus
                 cpu_hi = change.cpu_max if change.cpu_max is not None else guest.cpu.max_cpus
                 if cpu_lo > cpu_hi:
-                    raise ConfigError(f"cpu_min {cpu_lo} is above cpu_max {cpu_hi}", where=where)
+                    raise ConfigError(
+                        f"cpu_min {cpu_lo} is above cpu_max {cpu_hi}", where=where, field="cpu_min"
+                    )
             self.guest_changes.append((name, change))
 
     def change_policy(self, *, tax_rate: float) -> None:
         with self._lock:
             if not 0.0 <= tax_rate < 1.0:
-                raise ConfigError(f"tax_rate must be in [0, 1), got {tax_rate}")
+                raise ConfigError(f"tax_rate must be in [0, 1), got {tax_rate}", field="tax_rate")
             self.policy_changes.append(tax_rate)
 
     def _pending(self, guest: GuestStatus) -> GuestStatus:

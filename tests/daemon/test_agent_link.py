@@ -33,6 +33,7 @@ from balloonist.errors import (
     FatalBackendError,
     GuestProtocolError,
     TransientBackendError,
+    Violation,
 )
 from balloonist.host import HostMemInfo
 from balloonist.qemu.launcher import StateDir, VMRecord
@@ -84,23 +85,40 @@ def test_a_session_registers_locks_and_unlocks_and_the_size_is_what_the_file_sho
 
 
 @pytest.mark.parametrize(
-    ("lines", "why"),
+    ("lines", "why", "violation"),
     [
-        ([hello(), locked(1, (0, 1)), locked(1, (5, 1))], "seq"),
-        ([hello(), locked(1, (0, 4)), locked(2, (3, 1))], "already in the balloon"),
-        ([hello(), unlocked(1, (0, 1))], "not in the balloon"),
-        ([hello(), locked(1, (0, 4)), unlocked(2, (2, 4))], "not in the balloon"),
-        ([hello(), locked(1, (RAM_PAGES - 1, 2))], "not guest RAM"),
-        ([hello(), locked(1, (0, RAM_PAGES)), locked(2, (RAM_PAGES + 1, 1))], "not guest RAM"),
-        ([wire.encode(wire.Hello(0, 2, "x", 4096, TOKEN))], "version"),
-        ([wire.encode(wire.Hello(0, 1, "x", 65536, TOKEN))], "page size"),
-        ([hello(), b'{"type":"locked","seq":1}\n'], "missing ranges"),
+        ([hello(), locked(1, (0, 1)), locked(1, (5, 1))], "seq", Violation.OUT_OF_ORDER),
+        (
+            [hello(), locked(1, (0, 4)), locked(2, (3, 1))],
+            "already in the balloon",
+            Violation.BAD_PAGES,
+        ),
+        ([hello(), unlocked(1, (0, 1))], "not in the balloon", Violation.BAD_PAGES),
+        (
+            [hello(), locked(1, (0, 4)), unlocked(2, (2, 4))],
+            "not in the balloon",
+            Violation.BAD_PAGES,
+        ),
+        ([hello(), locked(1, (RAM_PAGES - 1, 2))], "not guest RAM", Violation.BAD_PAGES),
+        (
+            [hello(), locked(1, (0, RAM_PAGES)), locked(2, (RAM_PAGES + 1, 1))],
+            "not guest RAM",
+            Violation.BAD_PAGES,
+        ),
+        ([wire.encode(wire.Hello(0, 2, "x", 4096, TOKEN))], "version", Violation.UNSUPPORTED),
+        (
+            [wire.encode(wire.Hello(0, 1, "x", 65536, TOKEN))],
+            "page size",
+            Violation.UNSUPPORTED,
+        ),
+        ([hello(), b'{"type":"locked","seq":1}\n'], "missing ranges", Violation.MALFORMED),
     ],
 )
-def test_violations_are_refused(lines: list[bytes], why: str) -> None:
+def test_violations_are_refused(lines: list[bytes], why: str, violation: Violation) -> None:
     session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES)
-    with pytest.raises(GuestProtocolError, match=why):
+    with pytest.raises(GuestProtocolError, match=why) as caught:
         feed(session, *lines)
+    assert caught.value.violation is violation  # a counter of its own, not a parsed message
 
 
 def test_a_balloon_larger_than_the_guest_is_refused() -> None:
@@ -116,6 +134,7 @@ def test_a_flood_is_a_violation_and_a_violation_cuts_the_guest_off() -> None:
         for seq in range(2, MESSAGE_BURST + 10):  # all at the same instant
             feed(session, wire.encode(wire.Error(seq, "pressure", "x")))
     session.violated(caught.value, now_s=0.0)
+    assert session.violations == {Violation.FLOOD: 1}
     assert session.violations and not session.registered and session.held_pages() == 0
     assert session.cut_off(CUT_OFF_S - 1) and not session.cut_off(CUT_OFF_S + 1)
 

@@ -234,14 +234,15 @@ def _field_errors(exc: RequestValidationError) -> list[FieldError]:
     return out
 
 
+#: A ``GuestChange`` field (as a ConfigError's ``field`` names it) -> the API's name.
+_API_FIELD: Final = {"min_bytes": "min", "max_bytes": "max"}
+
+
 def _config_field(exc: ConfigError, candidates: Sequence[str]) -> str:
-    """The field a ConfigError from the controller is about: the key its ``where``
-    ends with, else the word its message starts with ("min 1GiB is above max ..."),
-    else the only field the request set."""
-    for text in (exc.where.rsplit(".", 1)[-1].rsplit(" ", 1)[-1], exc.message.split(" ", 1)[0]):
-        word = text.strip(" :'\"")
-        if word in candidates:
-            return word
+    """The request field a ConfigError from the controller is about: the one it names,
+    if the request set it, else the only field the request set."""
+    if exc.field is not None and (named := _API_FIELD.get(exc.field, exc.field)) in candidates:
+        return named
     return candidates[0] if len(candidates) == 1 else "body"
 
 

@@ -49,6 +49,7 @@ from balloonist.errors import (
     FatalBackendError,
     GuestProtocolError,
     TransientBackendError,
+    Violation,
 )
 from balloonist.qemu.qmp import GuestStats
 from balloonist.rate import TokenBucket
@@ -121,14 +122,19 @@ class _HeldPages:
         if (i > 0 and self._ends[i - 1] > r.start) or (
             i < len(self._starts) and self._starts[i] < r.end
         ):
-            raise GuestProtocolError(f"pages {r.start}+{r.count} are already in the balloon")
+            raise GuestProtocolError(
+                f"pages {r.start}+{r.count} are already in the balloon",
+                violation=Violation.BAD_PAGES,
+            )
         self._starts.insert(i, r.start)
         self._ends.insert(i, r.end)
 
     def remove(self, r: PageRange) -> None:
         i = bisect.bisect_right(self._starts, r.start) - 1
         if i < 0 or self._ends[i] < r.end:
-            raise GuestProtocolError(f"pages {r.start}+{r.count} are not in the balloon")
+            raise GuestProtocolError(
+                f"pages {r.start}+{r.count} are not in the balloon", violation=Violation.BAD_PAGES
+            )
         start, end = self._starts[i], self._ends[i]
         del self._starts[i], self._ends[i]
         for s, e in ((r.end, end), (start, r.start)):  # the parts that stay, kept sorted
@@ -157,7 +163,7 @@ class AgentSession:
     cpu_error: wire.Error | None = None
     last_heard_s: float | None = None
     freed_pages_reported: int = 0  # by punches; the verified figure comes from the file
-    violations: Counter[str] = field(default_factory=Counter)
+    violations: Counter[Violation] = field(default_factory=Counter)
     dropped_before_hello: int = 0
     cut_off_until_s: float = -math.inf
     _held: _HeldPages = field(default_factory=_HeldPages)
@@ -200,12 +206,16 @@ class AgentSession:
         if self._bucket is None:
             self._bucket = TokenBucket(MESSAGE_RATE_PER_S, MESSAGE_BURST, now_s)
         if not self._bucket.take(now_s):
-            raise GuestProtocolError(f"more than {MESSAGE_RATE_PER_S:.0f} messages/s")
+            raise GuestProtocolError(
+                f"more than {MESSAGE_RATE_PER_S:.0f} messages/s", violation=Violation.FLOOD
+            )
         message = wire.decode_guest_message(line)
         if isinstance(message, wire.Hello):
             self._last_seq = -1  # a new session numbers from anything
         if message.seq <= self._last_seq:
-            raise GuestProtocolError(f"seq {message.seq} after {self._last_seq}")
+            raise GuestProtocolError(
+                f"seq {message.seq} after {self._last_seq}", violation=Violation.OUT_OF_ORDER
+            )
         self._last_seq = message.seq
         return message
 
@@ -240,10 +250,15 @@ class AgentSession:
 
     def _cpus(self, message: wire.Cpus, now_s: float) -> None:
         if not self._cpu_asked:
-            raise GuestProtocolError("a cpus report the host did not ask for")
+            raise GuestProtocolError(
+                "a cpus report the host did not ask for", violation=Violation.UNASKED
+            )
         named = len(message.online) + len(message.reserved)
         if self.vcpus is not None and named > self.vcpus:
-            raise GuestProtocolError(f"a cpus report of {named} vCPUs, the guest has {self.vcpus}")
+            raise GuestProtocolError(
+                f"a cpus report of {named} vCPUs, the guest has {self.vcpus}",
+                violation=Violation.UNASKED,
+            )
         report = CpuReport(message.online, message.reserved, now_s)
         if self.cpu_report is None or (report.online_vcpus, report.reserved_vcpus) != (
             self.cpu_report.online_vcpus,
@@ -259,8 +274,7 @@ class AgentSession:
 
     def violated(self, exc: GuestProtocolError, now_s: float) -> None:
         """Count a violation and cut the guest off; the balloon's pages are forgotten."""
-        reason = str(exc).split(":")[0][:60]
-        self.violations[reason] += 1
+        self.violations[exc.violation] += 1
         self.cut_off_until_s = now_s + CUT_OFF_S
         self.token = None
         self._held.clear()
@@ -296,9 +310,13 @@ class AgentSession:
 
     def _hello(self, hello: wire.Hello) -> list[wire.HostMessage]:
         if hello.version != wire.VERSION:
-            raise GuestProtocolError(f"protocol version {hello.version}, host speaks 1")
+            raise GuestProtocolError(
+                f"protocol version {hello.version}, host speaks 1", violation=Violation.UNSUPPORTED
+            )
         if hello.page_size != AGENT_PAGE_SIZE_BYTES:
-            raise GuestProtocolError(f"page size {hello.page_size}, host uses 4096")
+            raise GuestProtocolError(
+                f"page size {hello.page_size}, host uses 4096", violation=Violation.UNSUPPORTED
+            )
         # A new session starts with an empty balloon: a restarted agent's old pages went
         # back to the guest, which may be using them now; a running agent answering
         # our reset reports what it still holds right after this.
@@ -313,7 +331,9 @@ class AgentSession:
         ranges = list(ranges)
         self.ram.check(ranges)
         if self._held.pages + count_pages(ranges) > self.memory_pages:
-            raise GuestProtocolError("the balloon would be larger than the guest")
+            raise GuestProtocolError(
+                "the balloon would be larger than the guest", violation=Violation.TOO_LARGE
+            )
         for r in ranges:
             self._held.add(r)
         assert self.token is not None  # decode() refuses reports before hello

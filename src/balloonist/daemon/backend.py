@@ -141,26 +141,31 @@ def changed_spec(spec: GuestSpec, change: GuestChange) -> GuestSpec:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"must be a size in bytes, got {value!r}", where=field)
+            raise ConfigError(f"must be a size in bytes, got {value!r}", where=field, field=field)
         if value % PAGE_SIZE_BYTES:
-            raise ConfigError(f"{value} is not a whole number of 4KiB pages", where=field)
+            raise ConfigError(
+                f"{value} is not a whole number of 4KiB pages", where=field, field=field
+            )
     if change.shares is not None and (
         isinstance(change.shares, bool) or not isinstance(change.shares, int) or change.shares < 1
     ):
-        raise ConfigError(f"must be at least 1, got {change.shares!r}", where="shares")
+        raise ConfigError(
+            f"must be at least 1, got {change.shares!r}", where="shares", field="shares"
+        )
     lo = spec.min_bytes if change.min_bytes is None else change.min_bytes
     hi = spec.limit_bytes if change.max_bytes is None else change.max_bytes
     if hi > spec.memory_bytes:
         raise ConfigError(
             f"max {format_size(hi)} is above the guest's memory {format_size(spec.memory_bytes)}",
             where="max_bytes",
+            field="max_bytes",
         )
     if hi < PAGE_SIZE_BYTES:
-        raise ConfigError("max must be at least one page", where="max_bytes")
+        raise ConfigError("max must be at least one page", where="max_bytes", field="max_bytes")
     if lo > hi:
+        named = "min_bytes" if change.min_bytes is not None else "max_bytes"
         raise ConfigError(
-            f"min {format_size(lo)} is above max {format_size(hi)}",
-            where="min_bytes" if change.min_bytes is not None else "max_bytes",
+            f"min {format_size(lo)} is above max {format_size(hi)}", where=named, field=named
         )
     shares = spec.shares if change.shares is None else change.shares
     return replace(spec, min_bytes=lo, max_bytes=hi, shares=shares, cpu=_changed_cpu(spec, change))
@@ -180,10 +185,12 @@ def _changed_cpu(spec: GuestSpec, change: GuestChange) -> CpuSpec | None:
         return spec.cpu
     field = next(iter(given))
     if spec.cpu is None:
-        raise ConfigError("the guest's processors are not shared", where=field)
+        raise ConfigError("the guest's processors are not shared", where=field, field=field)
     for name, value in given.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"must be a whole number of at least 1, got {value!r}", where=name)
+            raise ConfigError(
+                f"must be a whole number of at least 1, got {value!r}", where=name, field=name
+            )
     cpu = replace(
         spec.cpu,
         min_cpus=given.get("cpu_min", spec.cpu.min_cpus),
@@ -193,9 +200,9 @@ def _changed_cpu(spec: GuestSpec, change: GuestChange) -> CpuSpec | None:
     try:
         cpu.check(f"guest {spec.name!r}")
     except ConfigError as exc:
-        # Name the field the rule is about ("cpu_min 3 is above cpu_max 2": cpu_min).
-        named = next((f for f in given if exc.message.startswith(f)), field)
-        raise ConfigError(exc.message, where=named) from None
+        # Name the field the rule is about, if the change set it; else the one it set.
+        named = exc.field if exc.field in given else field
+        raise ConfigError(exc.message, where=named, field=named) from None
     return cpu
 
 

@@ -169,7 +169,7 @@ class DaemonLoop:
         with self._lock:
             spec = self._specs.get(name)
             if spec is None:
-                raise ConfigError(f"unknown guest {name!r}", where="name")
+                raise ConfigError(f"unknown guest {name!r}", where="name", field="name")
             merged = merge_changes(self._pending.get(name), change)
             updated = changed_spec(spec, merged)
             reserved = updated.min_bytes + sum(
@@ -180,6 +180,7 @@ class DaemonLoop:
                     f"the guests' reservations would add up to {format_size(reserved)}, more "
                     f"than the {format_size(self._capacity_bytes)} they share",
                     where="min_bytes",
+                    field="min_bytes",
                 )
             self._pending[name] = merged
 
@@ -189,7 +190,11 @@ class DaemonLoop:
             or not isinstance(tax_rate, int | float)
             or not 0.0 <= tax_rate < 1.0
         ):
-            raise ConfigError(f"must be at least 0 and below 1, got {tax_rate!r}", where="tax_rate")
+            raise ConfigError(
+                f"must be at least 0 and below 1, got {tax_rate!r}",
+                where="tax_rate",
+                field="tax_rate",
+            )
         with self._lock:
             self._pending_tax = float(tax_rate)
 

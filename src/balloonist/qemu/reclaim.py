@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Final
 
 from balloonist.driver import PageRange
-from balloonist.errors import FatalBackendError, GuestProtocolError
+from balloonist.errors import FatalBackendError, GuestProtocolError, Violation
 
 PAGE_BYTES: Final = 4096
 #: QEMU's default ``max-ram-below-4g`` for pc: 3.5 GiB. RAM of this size or more is split.
@@ -101,14 +101,17 @@ class RamLayout:
         pages from there.
         """
         if pages.start < 0 or pages.count <= 0:
-            raise GuestProtocolError(f"bad page range {pages.start}+{pages.count}")
+            raise GuestProtocolError(
+                f"bad page range {pages.start}+{pages.count}", violation=Violation.BAD_PAGES
+            )
         if pages.end <= self.low_pages:
             return pages.start * PAGE_BYTES
         high_end = HIGH_BASE_PFN + self.high_pages
         if pages.start >= HIGH_BASE_PFN and pages.end <= high_end:
             return self.low_bytes + (pages.start - HIGH_BASE_PFN) * PAGE_BYTES
         raise GuestProtocolError(
-            f"pages {pages.start:#x}+{pages.count} are not guest RAM ({self.describe()})"
+            f"pages {pages.start:#x}+{pages.count} are not guest RAM ({self.describe()})",
+            violation=Violation.BAD_PAGES,
         )
 
     def describe(self) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from balloonist.driver import BalloonDriver, PageRange
-from balloonist.errors import GuestProtocolError, SimulationError
+from balloonist.errors import GuestProtocolError, SimulationError, Violation
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mechanisms
 from balloonist.rate import AdaptiveRate, RateLimits
 from balloonist.sim import engine as e
@@ -285,7 +285,10 @@ class SimBalloonChannel:
         freed = e.vmm_reclaim(_ranges_to_frames(ranges), m.st, m.p2v, m.pstate, self._machine.host)
         if freed < 0:
             # The VMM checks every frame against its own map: a report is never trusted.
-            raise GuestProtocolError(f"{m.spec.name}: balloon reported frames it does not hold")
+            raise GuestProtocolError(
+                f"{m.spec.name}: balloon reported frames it does not hold",
+                violation=Violation.BAD_PAGES,
+            )
 
     def report_unlocked(self, ranges: Sequence[PageRange]) -> None:
         m = self._mem
@@ -293,7 +296,10 @@ class SimBalloonChannel:
         if frames.size and (
             frames.min() < 0 or frames.max() >= m.frames or np.any(m.p2v[frames] != e.BALLOON)
         ):
-            raise GuestProtocolError(f"{m.spec.name}: balloon released frames it did not hold")
+            raise GuestProtocolError(
+                f"{m.spec.name}: balloon released frames it did not hold",
+                violation=Violation.BAD_PAGES,
+            )
 
 
 @dataclass
