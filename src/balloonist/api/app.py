@@ -267,22 +267,11 @@ def create_app(
     """
     if token is not None:
         check_token(token)  # here, not when the middleware is first built, at a request
-    stopping = shutdown if shutdown is not None else threading.Event()
-    views = _Views(controller)
-    registry = make_registry(controller.status)
-
     errors: dict[int | str, dict[str, Any]] = {
         503: {"model": ErrorOut, "description": NO_STATUS_DETAIL},
     }
     if token is not None:
         errors[401] = {"model": ErrorOut, "description": AUTH_DETAIL}
-    invalid: dict[int | str, dict[str, Any]] = {
-        400: {"model": ErrorOut, "description": "The body could not be read as JSON text."},
-        422: {"model": ErrorOut, "description": "A field broke a rule; nothing changed."},
-    }
-    unknown: dict[int | str, dict[str, Any]] = {
-        404: {"model": ErrorOut, "description": "No such guest."}
-    }
     # The scheme is declared for the OpenAPI description only (auto_error=False);
     # BearerAuth enforces it on every path, /openapi.json included.
     security = [Security(HTTPBearer(auto_error=False))] if token is not None else []
@@ -298,6 +287,28 @@ def create_app(
     )
     if token is not None:
         app.add_middleware(BearerAuth, token=token)
+    views = _Views(controller)
+    # The order routes are added in is the OpenAPI description's order.
+    _add_error_handlers(app)
+    _add_reads(app, views)
+    _add_guest_change(app, controller, views)
+    _add_history_and_policy(app, controller, views)
+    _add_streams(app, views, shutdown if shutdown is not None else threading.Event(), controller)
+    add_dashboard(app)
+    return app
+
+
+_INVALID: Final[dict[int | str, dict[str, Any]]] = {
+    400: {"model": ErrorOut, "description": "The body could not be read as JSON text."},
+    422: {"model": ErrorOut, "description": "A field broke a rule; nothing changed."},
+}
+_UNKNOWN: Final[dict[int | str, dict[str, Any]]] = {
+    404: {"model": ErrorOut, "description": "No such guest."}
+}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as an ErrorOut body: ours, FastAPI's validation, Starlette's HTTP."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -318,6 +329,10 @@ def create_app(
             headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
         return _error_response(exc.status_code, ErrorOut(detail=str(exc.detail)), headers)
 
+
+def _add_reads(app: FastAPI, views: _Views) -> None:
+    """The status, the host and the guests, as the newest period left them."""
+
     @app.get("/v1/status", response_model=StatusOut, tags=["status"])
     async def get_status() -> Response:
         """The whole newest status: host, guests, policy, daemon counters."""
@@ -333,7 +348,7 @@ def create_app(
         """Every guest: spec, target, actual, working-set estimate, counters."""
         return _json(views.require().guests_json)
 
-    @app.get("/v1/guests/{name}", response_model=GuestOut, tags=["guests"], responses=unknown)
+    @app.get("/v1/guests/{name}", response_model=GuestOut, tags=["guests"], responses=_UNKNOWN)
     async def get_guest(name: GuestName) -> Response:
         """One guest."""
         guest = views.require().guest(name)
@@ -341,12 +356,16 @@ def create_app(
             raise ApiError(404, f"no guest named {name!r}")
         return _json(guest)
 
+
+def _add_guest_change(app: FastAPI, controller: Controller, views: _Views) -> None:
+    """PATCH a guest: checked now, applied at the next period."""
+
     @app.patch(
         "/v1/guests/{name}",
         response_model=GuestChangeOut,
         status_code=202,
         tags=["guests"],
-        responses={**unknown, **invalid},
+        responses={**_UNKNOWN, **_INVALID},
     )
     def patch_guest(name: GuestName, patch: GuestPatch) -> Response:
         """Change a guest's min, max or shares, or for a guest whose processors are
@@ -383,6 +402,10 @@ def create_app(
         )
         return _json(accepted, 202)
 
+
+def _add_history_and_policy(app: FastAPI, controller: Controller, views: _Views) -> None:
+    """The last minutes for charts; the policy, and changing it."""
+
     @app.get(
         "/v1/history",
         response_model=HistoryOut,
@@ -406,7 +429,7 @@ def create_app(
         response_model=PolicyChangeOut,
         status_code=202,
         tags=["policy"],
-        responses=invalid,
+        responses=_INVALID,
     )
     def patch_policy(patch: PolicyPatch) -> Response:
         """Change the policy's parameters; applied at the start of the next period."""
@@ -416,6 +439,13 @@ def create_app(
         except ConfigError as exc:
             raise _config_error(exc, ["tax_rate"]) from None
         return _json(PolicyChangeOut(tax_rate=patch.tax_rate), 202)
+
+
+def _add_streams(
+    app: FastAPI, views: _Views, stopping: threading.Event, controller: Controller
+) -> None:
+    """Server-sent status events and the Prometheus metrics."""
+    registry = make_registry(controller.status)
 
     @app.get(
         "/v1/events",
@@ -460,9 +490,6 @@ def create_app(
         """Prometheus metrics, read from the newest status at scrape time."""
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encode(registry), media_type=content_type)
-
-    add_dashboard(app)
-    return app
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
