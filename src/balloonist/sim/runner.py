@@ -6,13 +6,15 @@ This is the one place where the simulator's parts are put together.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
+import numpy.typing as npt
 
 from balloonist.errors import ConfigError
+from balloonist.model import GuestTarget, GuestView, HostState
 from balloonist.policy import Policy
-from balloonist.scheduler import Scheduler
+from balloonist.scheduler import Cycle, Scheduler
 from balloonist.sim import engine as e
 from balloonist.sim.instant import MoveModel
 from balloonist.sim.machine import SimMachine
@@ -73,20 +75,8 @@ def run_scenario(
     moves = MoveModel.INSTANT if policy_used in ORACLE_NAMES else MoveModel.PACED
     machine = SimMachine(scenario, moves=moves)
     scheduler = Scheduler(machine, policy, period_s=scenario.period_s, estimator=scenario.estimator)
-    periods = scenario.periods
-    n = len(machine.guests)
-    series = {key: np.zeros((n, periods), dtype=np.int64) for key in _SERIES_KEYS}
-    host_free = np.zeros(periods, dtype=np.int64)
-    host_swap = np.zeros(periods, dtype=np.int64)
-    host_state = np.zeros(periods, dtype=np.int64)
-    times = np.zeros(periods, dtype=np.float64)
-    last = np.array([[m.st[idx] for idx in _COUNTERS.values()] for m in machine.guests])
-    cpus = machine.cpus
-    n_cpu = 0 if cpus is None else len(cpus.names)
-    cpu_ints = {key: np.zeros((n_cpu, periods), dtype=np.int64) for key in _CPU_INT_KEYS}
-    cpu_floats = {key: np.zeros((n_cpu, periods), dtype=np.float64) for key in _CPU_FLOAT_KEYS}
-
-    for k in range(periods):
+    record = _Recorder(scenario, machine)
+    for k in range(scenario.periods):
         cycle = scheduler.step()
         machine.advance(scenario.period_s)
         if check_every_period:
@@ -94,11 +84,42 @@ def run_scenario(
 
             for m in machine.guests:
                 check_guest(m)
+        record.period(k, cycle, scheduler.host_state)
+        if progress is not None:
+            progress(record.progress(k, scheduler.host_state))
+    return record.result(policy_used)
+
+
+class _Recorder:
+    """The run's time series, filled in period by period from the machine's state."""
+
+    def __init__(self, scenario: Scenario, machine: SimMachine) -> None:
+        self._scenario = scenario
+        self._machine = machine
+        periods, n = scenario.periods, len(machine.guests)
+        self._series = {key: np.zeros((n, periods), dtype=np.int64) for key in _SERIES_KEYS}
+        self._host_free = np.zeros(periods, dtype=np.int64)
+        self._host_swap = np.zeros(periods, dtype=np.int64)
+        self._host_state = np.zeros(periods, dtype=np.int64)
+        self._times = np.zeros(periods, dtype=np.float64)
+        self._last = self._counters()
+        n_cpu = 0 if machine.cpus is None else len(machine.cpus.names)
+        self._cpu_ints = {k: np.zeros((n_cpu, periods), dtype=np.int64) for k in _CPU_INT_KEYS}
+        self._cpu_floats = {
+            k: np.zeros((n_cpu, periods), dtype=np.float64) for k in _CPU_FLOAT_KEYS
+        }
+
+    def _counters(self) -> npt.NDArray[np.int64]:
+        return np.array([[m.st[idx] for idx in _COUNTERS.values()] for m in self._machine.guests])
+
+    def period(self, k: int, cycle: Cycle, host_state: HostState) -> None:
+        """Record period ``k``, just run, as ``cycle`` decided it."""
+        machine = self._machine
         targets = cycle.decision.by_name()
         views = {v.name: v for v in cycle.snapshot.guests}
-        now = np.array([[m.st[idx] for idx in _COUNTERS.values()] for m in machine.guests])
-        delta = now - last
-        last = now
+        now = self._counters()
+        delta, self._last = now - self._last, now
+        series = self._series
         for i, m in enumerate(machine.guests):
             t = targets.get(m.spec.name)
             series["allocation_bytes"][i, k] = m.mapped_pages * PAGE_SIZE_BYTES
@@ -111,87 +132,99 @@ def run_scenario(
             series["balloon_rate_pages"][i, k] = driver.rate.rate_pages if driver else 0
             for j, key in enumerate(_COUNTERS):
                 series[key][i, k] = delta[i, j]
-        if cpus is not None and cpus.last is not None:
-            ran = cpus.last
-            for j, name in enumerate(cpus.names):
-                t = targets.get(name)
-                view = views.get(name)
-                cpu_ints["online_vcpus"][j, k] = cpus.host.online(j)
-                cpu_ints["target_cpus"][j, k] = (
-                    t.cpu.allocation_cpus if t is not None and t.cpu is not None else 0
-                )
-                cpu_ints["balloon_target_vcpus"][j, k] = cpus.registers[j]
-                demand = view.cpu_demand_vcpus if view is not None else None
-                cpu_floats["demand_vcpus"][j, k] = demand if demand is not None else 0.0
-                cpu_floats["useful_cpu_s"][j, k] = ran.useful_cpu_s[j]
-                cpu_floats["ran_cpu_s"][j, k] = ran.ran_cpu_s[j]
-                cpu_floats["spin_cpu_s"][j, k] = ran.spin_cpu_s[j]
-                cpu_floats["switch_lost_cpu_s"][j, k] = ran.switch_lost_cpu_s[j]
-        times[k] = machine.time_s
-        host_free[k] = machine.free_pages() * PAGE_SIZE_BYTES
-        host_swap[k] = (
+        self._cpu_period(k, targets, views)
+        self._times[k] = machine.time_s
+        self._host_free[k] = machine.free_pages() * PAGE_SIZE_BYTES
+        self._host_swap[k] = (
             machine.host_swap_pages - int(machine.host[e.H_SWAP_FREE])
         ) * PAGE_SIZE_BYTES
-        host_state[k] = HOST_STATE_CODES.index(scheduler.host_state)
-        if progress is not None:
-            progress(
-                Progress(
-                    period=k + 1,
-                    periods=periods,
-                    time_s=machine.time_s,
-                    host_memory_bytes=machine.host_pages * PAGE_SIZE_BYTES,
-                    host_free_bytes=int(host_free[k]),
-                    host_state=scheduler.host_state,
-                    guests=tuple(
-                        GuestProgress(
-                            name=m.spec.name,
-                            memory_bytes=m.spec.memory_bytes,
-                            allocation_bytes=int(series["allocation_bytes"][i, k]),
-                            target_bytes=int(series["target_bytes"][i, k]),
-                            balloon_bytes=int(series["balloon_bytes"][i, k]),
-                            working_set_bytes=int(series["working_set_bytes"][i, k]),
-                            refs_per_s=float(series["refs"][i, k]) / scenario.period_s,
-                            major_faults=int(m.st[e.S_MAJOR]),
-                        )
-                        for i, m in enumerate(machine.guests)
-                    ),
-                )
-            )
+        self._host_state[k] = HOST_STATE_CODES.index(host_state)
 
-    guests = tuple(
-        GuestSeries(
-            name=m.spec.name,
-            memory_bytes=m.spec.memory_bytes,
-            **{key: series[key][i].copy() for key in _SERIES_KEYS},
-        )
-        for i, m in enumerate(machine.guests)
-    )
-    cpu_series: tuple[CpuSeries, ...] = ()
-    if cpus is not None:
-        cpu_series = tuple(
-            CpuSeries(
-                name=name,
-                vcpus=cpus.host.guests[j].vcpus,
-                **{key: cpu_ints[key][j].copy() for key in _CPU_INT_KEYS},
-                **{key: cpu_floats[key][j].copy() for key in _CPU_FLOAT_KEYS},
+    def _cpu_period(
+        self, k: int, targets: Mapping[str, GuestTarget], views: Mapping[str, GuestView]
+    ) -> None:
+        cpus = self._machine.cpus
+        if cpus is None or cpus.last is None:
+            return
+        ran = cpus.last
+        ints, floats = self._cpu_ints, self._cpu_floats
+        for j, name in enumerate(cpus.names):
+            t = targets.get(name)
+            view = views.get(name)
+            ints["online_vcpus"][j, k] = cpus.host.online(j)
+            ints["target_cpus"][j, k] = (
+                t.cpu.allocation_cpus if t is not None and t.cpu is not None else 0
             )
-            for j, name in enumerate(cpus.names)
+            ints["balloon_target_vcpus"][j, k] = cpus.registers[j]
+            demand = view.cpu_demand_vcpus if view is not None else None
+            floats["demand_vcpus"][j, k] = demand if demand is not None else 0.0
+            floats["useful_cpu_s"][j, k] = ran.useful_cpu_s[j]
+            floats["ran_cpu_s"][j, k] = ran.ran_cpu_s[j]
+            floats["spin_cpu_s"][j, k] = ran.spin_cpu_s[j]
+            floats["switch_lost_cpu_s"][j, k] = ran.switch_lost_cpu_s[j]
+
+    def progress(self, k: int, host_state: HostState) -> Progress:
+        """Where the run is after period ``k``, for a live view."""
+        machine, series = self._machine, self._series
+        return Progress(
+            period=k + 1,
+            periods=self._scenario.periods,
+            time_s=machine.time_s,
+            host_memory_bytes=machine.host_pages * PAGE_SIZE_BYTES,
+            host_free_bytes=int(self._host_free[k]),
+            host_state=host_state,
+            guests=tuple(
+                GuestProgress(
+                    name=m.spec.name,
+                    memory_bytes=m.spec.memory_bytes,
+                    allocation_bytes=int(series["allocation_bytes"][i, k]),
+                    target_bytes=int(series["target_bytes"][i, k]),
+                    balloon_bytes=int(series["balloon_bytes"][i, k]),
+                    working_set_bytes=int(series["working_set_bytes"][i, k]),
+                    refs_per_s=float(series["refs"][i, k]) / self._scenario.period_s,
+                    major_faults=int(m.st[e.S_MAJOR]),
+                )
+                for i, m in enumerate(machine.guests)
+            ),
         )
-    return SimResult(
-        scenario=scenario.name,
-        policy=policy_used,
-        seed=scenario.seed,
-        duration_s=periods * scenario.period_s,
-        period_s=scenario.period_s,
-        host_memory_bytes=machine.host_pages * PAGE_SIZE_BYTES,
-        time_s=times,
-        host_free_bytes=host_free,
-        host_swap_used_bytes=host_swap,
-        host_state=host_state,
-        guests=guests,
-        host_cpus=scenario.host_cpus,
-        cpus=cpu_series,
-    )
+
+    def result(self, policy: str) -> SimResult:
+        machine, scenario = self._machine, self._scenario
+        guests = tuple(
+            GuestSeries(
+                name=m.spec.name,
+                memory_bytes=m.spec.memory_bytes,
+                **{key: self._series[key][i].copy() for key in _SERIES_KEYS},
+            )
+            for i, m in enumerate(machine.guests)
+        )
+        cpu_series: tuple[CpuSeries, ...] = ()
+        if machine.cpus is not None:
+            cpus = machine.cpus
+            cpu_series = tuple(
+                CpuSeries(
+                    name=name,
+                    vcpus=cpus.host.guests[j].vcpus,
+                    **{key: self._cpu_ints[key][j].copy() for key in _CPU_INT_KEYS},
+                    **{key: self._cpu_floats[key][j].copy() for key in _CPU_FLOAT_KEYS},
+                )
+                for j, name in enumerate(cpus.names)
+            )
+        return SimResult(
+            scenario=scenario.name,
+            policy=policy,
+            seed=scenario.seed,
+            duration_s=scenario.periods * scenario.period_s,
+            period_s=scenario.period_s,
+            host_memory_bytes=machine.host_pages * PAGE_SIZE_BYTES,
+            time_s=self._times,
+            host_free_bytes=self._host_free,
+            host_swap_used_bytes=self._host_swap,
+            host_state=self._host_state,
+            guests=guests,
+            host_cpus=scenario.host_cpus,
+            cpus=cpu_series,
+        )
 
 
 #: CpuSeries' per-period series, whole numbers and not.
