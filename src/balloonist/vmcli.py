@@ -53,6 +53,11 @@ def add_commands(sub: Any, run: Any) -> None:
     vdemo.add_argument("--duration", type=float, default=90.0, metavar="SECONDS")
     vdemo.set_defaults(command=run(_cmd_demo_vm))
 
+    _add_vm_commands(sub, run)
+
+
+def _add_vm_commands(sub: Any, run: Any) -> None:
+    """``balloonist vm start|attach|list|stop``."""
     vm = sub.add_parser("vm", help="start, adopt, list and stop QEMU guests")
     vm.add_argument(
         "--state-dir",
@@ -63,6 +68,23 @@ def add_commands(sub: Any, run: Any) -> None:
     )
     vsub = vm.add_subparsers(title="vm commands", required=True, metavar="COMMAND")
 
+    _add_vm_start(vsub, run)
+
+    attach = vsub.add_parser("attach", help="adopt a QEMU started elsewhere, by its QMP socket")
+    attach.add_argument("name")
+    attach.add_argument("--qmp", type=Path, required=True, metavar="SOCKET")
+    _policy_args(attach)
+    attach.set_defaults(command=run(_cmd_attach))
+
+    listing = vsub.add_parser("list", help="the recorded VMs")
+    listing.set_defaults(command=run(_cmd_list))
+
+    stop = vsub.add_parser("stop", help="stop a VM we started, or forget an adopted one")
+    stop.add_argument("name")
+    stop.set_defaults(command=run(_cmd_stop))
+
+
+def _add_vm_start(vsub: Any, run: Any) -> None:
     start = vsub.add_parser("start", help="start a detached guest with a balloon")
     start.add_argument("name")
     start.add_argument("--memory", required=True, metavar="SIZE")
@@ -99,19 +121,6 @@ def add_commands(sub: Any, run: Any) -> None:
         help="test guest only: WS_MIB@T_S,... for its touchmem workload",
     )
     start.set_defaults(command=run(_cmd_start))
-
-    attach = vsub.add_parser("attach", help="adopt a QEMU started elsewhere, by its QMP socket")
-    attach.add_argument("name")
-    attach.add_argument("--qmp", type=Path, required=True, metavar="SOCKET")
-    _policy_args(attach)
-    attach.set_defaults(command=run(_cmd_attach))
-
-    listing = vsub.add_parser("list", help="the recorded VMs")
-    listing.set_defaults(command=run(_cmd_list))
-
-    stop = vsub.add_parser("stop", help="stop a VM we started, or forget an adopted one")
-    stop.add_argument("name")
-    stop.set_defaults(command=run(_cmd_stop))
 
 
 def _policy_args(p: argparse.ArgumentParser) -> None:
