@@ -291,54 +291,7 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
         if g.name in names:
             raise ConfigError(f"duplicate guest name {g.name!r}", where=f"{gwhere}.name")
         names.add(g.name)
-        memory = _pages_exact(g.memory, f"{gwhere}.memory")
-        if memory < 16 * MIB:
-            raise ConfigError("guest memory must be at least 16MiB", where=f"{gwhere}.memory")
-        min_b = _pages_exact(g.min, f"{gwhere}.min")
-        max_b = _pages_exact(g.max, f"{gwhere}.max") if g.max is not None else memory
-        if max_b > memory:
-            raise ConfigError(
-                f"max {format_size(max_b)} is above memory {format_size(memory)}",
-                where=f"{gwhere}.max",
-            )
-        if min_b > max_b:
-            raise ConfigError(
-                f"min {format_size(min_b)} is above max {format_size(max_b)}",
-                where=f"{gwhere}.min",
-            )
-        kernel = _pages_exact(g.kernel, f"{gwhere}.kernel")
-        if kernel >= memory // 2:
-            raise ConfigError(
-                "kernel must be under half the guest memory", where=f"{gwhere}.kernel"
-            )
-        swap = _pages_exact(g.swap, f"{gwhere}.swap") if g.swap is not None else 2 * memory
-        plan = _plan(g.workload, f"{gwhere}.workload")
-        if plan.virtual_pages * 4096 > memory - kernel + swap:
-            raise ConfigError(
-                f"the workload touches {format_size(plan.virtual_pages * 4096)}, more than the "
-                f"guest's memory less kernel plus swap ({format_size(memory - kernel + swap)})",
-                where=f"{gwhere}.workload",
-            )
-        cpu, cpu_workload = _cpu(g, raw.host.cpus, gwhere)
-        spec = GuestSpec(
-            name=g.name,
-            memory_bytes=memory,
-            min_bytes=min_b,
-            max_bytes=max_b,
-            shares=g.shares,
-            balloon=g.balloon,
-            cpu=cpu,
-        )
-        guests.append(
-            SimGuest(
-                spec=spec,
-                replacement=Replacement[g.replacement.upper()],
-                kernel_pages=bytes_to_pages(kernel),
-                swap_pages=bytes_to_pages(swap),
-                plan=plan,
-                cpu_workload=cpu_workload,
-            )
-        )
+        guests.append(_guest(g, raw.host.cpus, gwhere))
     reserved = sum(g.spec.min_bytes for g in guests)
     if reserved > host_memory:
         raise ConfigError(
@@ -402,6 +355,54 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
         guests=tuple(guests),
         host_cpus=raw.host.cpus,
         cpu_costs=cpu_costs,
+    )
+
+
+def _guest(g: GuestTable, host_cpus: int | None, gwhere: str) -> SimGuest:
+    """One guest's table, checked; ``gwhere`` names it in errors."""
+    memory = _pages_exact(g.memory, f"{gwhere}.memory")
+    if memory < 16 * MIB:
+        raise ConfigError("guest memory must be at least 16MiB", where=f"{gwhere}.memory")
+    min_b = _pages_exact(g.min, f"{gwhere}.min")
+    max_b = _pages_exact(g.max, f"{gwhere}.max") if g.max is not None else memory
+    if max_b > memory:
+        raise ConfigError(
+            f"max {format_size(max_b)} is above memory {format_size(memory)}",
+            where=f"{gwhere}.max",
+        )
+    if min_b > max_b:
+        raise ConfigError(
+            f"min {format_size(min_b)} is above max {format_size(max_b)}",
+            where=f"{gwhere}.min",
+        )
+    kernel = _pages_exact(g.kernel, f"{gwhere}.kernel")
+    if kernel >= memory // 2:
+        raise ConfigError("kernel must be under half the guest memory", where=f"{gwhere}.kernel")
+    swap = _pages_exact(g.swap, f"{gwhere}.swap") if g.swap is not None else 2 * memory
+    plan = _plan(g.workload, f"{gwhere}.workload")
+    if plan.virtual_pages * 4096 > memory - kernel + swap:
+        raise ConfigError(
+            f"the workload touches {format_size(plan.virtual_pages * 4096)}, more than the "
+            f"guest's memory less kernel plus swap ({format_size(memory - kernel + swap)})",
+            where=f"{gwhere}.workload",
+        )
+    cpu, cpu_workload = _cpu(g, host_cpus, gwhere)
+    spec = GuestSpec(
+        name=g.name,
+        memory_bytes=memory,
+        min_bytes=min_b,
+        max_bytes=max_b,
+        shares=g.shares,
+        balloon=g.balloon,
+        cpu=cpu,
+    )
+    return SimGuest(
+        spec=spec,
+        replacement=Replacement[g.replacement.upper()],
+        kernel_pages=bytes_to_pages(kernel),
+        swap_pages=bytes_to_pages(swap),
+        plan=plan,
+        cpu_workload=cpu_workload,
     )
 
 
