@@ -57,7 +57,7 @@ from pathlib import Path
 
 import pytest
 
-from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S
+from balloonist.daemon.agent_link import SILENCE_TIMEOUT_S, AgentPort
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.processors import threads_cpu_s
 from balloonist.daemon.service import Daemon, DaemonConfig
@@ -200,80 +200,9 @@ def test_reserving_a_vcpu_moves_the_work_in_the_guest_and_frees_a_host_processor
             assert len(host_cpus) >= 2, "the host must have two processors to free one"
             grant = frozenset({min(host_cpus)})
 
-            def reserved() -> tuple[int, ...] | None:
-                report = port.cpu_report
-                return None if report is None else report.reserved_vcpus
-
-            # -- inflate: the guest first, then the host takes the processor back -------
-            mark = serial.mark()
-            asked_s = time.monotonic()
-            await port.set_cpu_target(1)
-            await until(lambda: reserved() == (1,), CPU_CHANGE_TIMEOUT_S, "vCPU 1 reserved")
-            timings["reserve: agent's report, s"] = time.monotonic() - asked_s
-            assert port.cpu_report is not None and port.cpu_report.online_vcpus == (0,)
-            await until(
-                lambda: any(w.online == "0" for w in serial.since(mark)),
-                CPU_CHANGE_TIMEOUT_S,
-                "online=0 in the guest",
-            )
-            timings["reserve: a worker line shows it, s"] = time.monotonic() - asked_s
-            assert narrow_vcpu_affinity(pid, threads, grant) == {i: grant for i in threads}
-            assert vcpu_affinity(pid, threads) == {i: grant for i in threads}
-            assert os.sched_getaffinity(pid) == qemu_before  # only the vCPU threads moved
-
-            offline_cpu_s = thread_cpu_s(pid, threads[1])
-            offline_at_s = time.monotonic()
-            timings["work on 1 vCPU and 1 host processor, counts/s"] = await progress(
-                serial, online="0", cpus={0}
-            )
-            share = (thread_cpu_s(pid, threads[1]) - offline_cpu_s) / (
-                time.monotonic() - offline_at_s
-            )
-            timings["offline vCPU's thread, share of a host processor"] = share
-            assert share <= OFFLINE_VCPU_MAX_SHARE
-
-            # -- refusals: by the host, and by the guest ---------------------------------
-            with pytest.raises(ConfigError, match="at least one must stay online") as refused:
-                await port.set_cpu_target(VCPUS)
-            assert str(refused.value).startswith(f"{record.name}: cannot reserve 2 of its 2")
-            mark = serial.mark()
-            port.session.vcpus = VCPUS + 1  # a host wrong about the VM: the guest says no
-            await port.set_cpu_target(VCPUS)
-            timings["the guest's refusal, s"] = await until(
-                lambda: port.cpu_error is not None, CPU_CHANGE_TIMEOUT_S, "the guest's refusal"
-            )
-            port.session.vcpus = VCPUS
-            assert port.cpu_error is not None and port.cpu_error.code == "cpu-refused"
-            assert "would leave none online" in port.cpu_error.message
-            assert reserved() == (1,)  # nothing moved, as the guest's workers see too
-            await until(lambda: bool(serial.since(mark)), WORK_TIMEOUT_S, "a work line")
-            assert {w.online for w in serial.since(mark)} == {"0"}
-
-            # -- deflate: the host gives the processor back first, then the guest -------
-            assert set_vcpu_affinity(pid, threads, before) == before
-            mark = serial.mark()
-            asked_s = time.monotonic()
-            await port.set_cpu_target(0)
-            await until(lambda: reserved() == (), CPU_CHANGE_TIMEOUT_S, "vCPU 1 back")
-            timings["deflate: agent's report, s"] = time.monotonic() - asked_s
-            assert port.cpu_report is not None and list(port.cpu_report.online_vcpus) == [0, 1]
-            await until(
-                lambda: any(w.online == "0-1" for w in serial.since(mark)),
-                CPU_CHANGE_TIMEOUT_S,
-                "online=0-1 in the guest",
-            )
-            timings["deflate: a worker line shows it, s"] = time.monotonic() - asked_s
-            # The guest's scheduler uses the vCPU again: a worker runs on it.
-            await until(
-                lambda: any(w.cpu == 1 and w.online == "0-1" for w in serial.since(mark)),
-                WORK_TIMEOUT_S,
-                "a worker on cpu 1",
-            )
-            timings["deflate: a worker line from vCPU 1, s"] = time.monotonic() - asked_s
-            assert vcpu_affinity(pid, threads) == before
-            timings["work on 2 vCPUs again, counts/s"] = await progress(
-                serial, online="0-1", cpus={0, 1}
-            )
+            await _inflate(port, serial, pid, threads, grant, qemu_before, timings)
+            await _refuse(port, serial, record.name, timings)
+            await _deflate(port, serial, pid, threads, before, timings)
             assert not port.session.violations
 
     try:
@@ -285,6 +214,99 @@ def test_reserving_a_vcpu_moves_the_work_in_the_guest_and_frees_a_host_processor
                 if value < 100
                 else f"cpu balloon: {what}: {value:,.0f}"
             )
+
+
+def _reserved(port: AgentPort) -> tuple[int, ...] | None:
+    report = port.cpu_report
+    return None if report is None else report.reserved_vcpus
+
+
+async def _inflate(
+    port: AgentPort,
+    serial: Serial,
+    pid: int,
+    threads: dict[int, int],
+    grant: frozenset[int],
+    qemu_before: set[int],
+    timings: dict[str, float],
+) -> None:
+    """The guest takes vCPU 1 offline first, then the host takes its processor back."""
+    mark = serial.mark()
+    asked_s = time.monotonic()
+    await port.set_cpu_target(1)
+    await until(lambda: _reserved(port) == (1,), CPU_CHANGE_TIMEOUT_S, "vCPU 1 reserved")
+    timings["reserve: agent's report, s"] = time.monotonic() - asked_s
+    assert port.cpu_report is not None and port.cpu_report.online_vcpus == (0,)
+    await until(
+        lambda: any(w.online == "0" for w in serial.since(mark)),
+        CPU_CHANGE_TIMEOUT_S,
+        "online=0 in the guest",
+    )
+    timings["reserve: a worker line shows it, s"] = time.monotonic() - asked_s
+    assert narrow_vcpu_affinity(pid, threads, grant) == {i: grant for i in threads}
+    assert vcpu_affinity(pid, threads) == {i: grant for i in threads}
+    assert os.sched_getaffinity(pid) == qemu_before  # only the vCPU threads moved
+
+    offline_cpu_s = thread_cpu_s(pid, threads[1])
+    offline_at_s = time.monotonic()
+    timings["work on 1 vCPU and 1 host processor, counts/s"] = await progress(
+        serial, online="0", cpus={0}
+    )
+    share = (thread_cpu_s(pid, threads[1]) - offline_cpu_s) / (time.monotonic() - offline_at_s)
+    timings["offline vCPU's thread, share of a host processor"] = share
+    assert share <= OFFLINE_VCPU_MAX_SHARE
+
+
+async def _refuse(port: AgentPort, serial: Serial, name: str, timings: dict[str, float]) -> None:
+    """Refusals: by the host, and by the guest; nothing moves."""
+    with pytest.raises(ConfigError, match="at least one must stay online") as refused:
+        await port.set_cpu_target(VCPUS)
+    assert str(refused.value).startswith(f"{name}: cannot reserve 2 of its 2")
+    mark = serial.mark()
+    port.session.vcpus = VCPUS + 1  # a host wrong about the VM: the guest says no
+    await port.set_cpu_target(VCPUS)
+    timings["the guest's refusal, s"] = await until(
+        lambda: port.cpu_error is not None, CPU_CHANGE_TIMEOUT_S, "the guest's refusal"
+    )
+    port.session.vcpus = VCPUS
+    assert port.cpu_error is not None and port.cpu_error.code == "cpu-refused"
+    assert "would leave none online" in port.cpu_error.message
+    assert _reserved(port) == (1,)  # nothing moved, as the guest's workers see too
+    await until(lambda: bool(serial.since(mark)), WORK_TIMEOUT_S, "a work line")
+    assert {w.online for w in serial.since(mark)} == {"0"}
+
+
+async def _deflate(
+    port: AgentPort,
+    serial: Serial,
+    pid: int,
+    threads: dict[int, int],
+    before: dict[int, frozenset[int]],
+    timings: dict[str, float],
+) -> None:
+    """The host gives the processor back first, then the guest brings vCPU 1 online."""
+    assert set_vcpu_affinity(pid, threads, before) == before
+    mark = serial.mark()
+    asked_s = time.monotonic()
+    await port.set_cpu_target(0)
+    await until(lambda: _reserved(port) == (), CPU_CHANGE_TIMEOUT_S, "vCPU 1 back")
+    timings["deflate: agent's report, s"] = time.monotonic() - asked_s
+    assert port.cpu_report is not None and list(port.cpu_report.online_vcpus) == [0, 1]
+    await until(
+        lambda: any(w.online == "0-1" for w in serial.since(mark)),
+        CPU_CHANGE_TIMEOUT_S,
+        "online=0-1 in the guest",
+    )
+    timings["deflate: a worker line shows it, s"] = time.monotonic() - asked_s
+    # The guest's scheduler uses the vCPU again: a worker runs on it.
+    await until(
+        lambda: any(w.cpu == 1 and w.online == "0-1" for w in serial.since(mark)),
+        WORK_TIMEOUT_S,
+        "a worker on cpu 1",
+    )
+    timings["deflate: a worker line from vCPU 1, s"] = time.monotonic() - asked_s
+    assert vcpu_affinity(pid, threads) == before
+    timings["work on 2 vCPUs again, counts/s"] = await progress(serial, online="0-1", cpus={0, 1})
 
 
 def test_a_killed_agents_vcpu_stays_offline_is_adopted_and_sigterm_gives_it_back(

@@ -506,7 +506,7 @@ def _entitlements(busy, shares, pcpus, ent):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _parallel_own_vcpus(  # type: ignore[no-untyped-def]
+def _parallel_own_vcpus(  # type: ignore[no-untyped-def]  # noqa: PLR0912 (a numba kernel: one flat loop)
     quantum_s, round_cpu_s, work_left, running, start_s, done_cpu_s
 ):
     """One quantum of a parallel job whose threads each have their own vCPU.
@@ -557,7 +557,7 @@ def _parallel_own_vcpus(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _run_quanta(  # type: ignore[no-untyped-def]
+def _run_quanta(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numba kernel: one flat loop)
     quanta,
     quantum_s,
     switch_cost_s,

@@ -294,7 +294,7 @@ def _stalled(st, used, budget_s):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def run_guest(  # type: ignore[no-untyped-def]
+def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numba kernel: one flat loop)
     budget_s,
     lim,
     st,

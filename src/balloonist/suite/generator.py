@@ -285,39 +285,66 @@ def _active(
     return w
 
 
-def _draw_phases(
-    rng: np.random.Generator, p: GeneratorParams, g: _Guest
-) -> list[tuple[float, dict[str, Any]]]:
-    idle: dict[str, Any] = {"kind": "idle"}
+Phases = list[tuple[float, dict[str, Any]]]
+
+
+def _draw_phases(rng: np.random.Generator, p: GeneratorParams, g: _Guest) -> Phases:
     cut = float(rng.uniform(0.25, 0.6))  # where a two-phase shape changes
-    match g.shape:
-        case "steady":
-            return [(0.0, _active(rng, p, _ws_mib(rng, p, g)))]
-        case "idle":
-            return [(0.0, idle)]
-        case "growth" | "shrink":
-            small, large = sorted((_ws_mib(rng, p, g, 0.3), _ws_mib(rng, p, g, 1.5)))
-            first, second = (small, large) if g.shape == "growth" else (large, small)
-            a = _active(rng, p, first)
-            b = {**_active(rng, p, second), "kind": a["kind"], "skew": a.get("skew", 1.0)}
-            return [(0.0, a), (cut, b)]
-        case "drift":
-            ws = _ws_mib(rng, p, g)
-            steps = int(rng.integers(2, 5))
-            # How far the hot set moves; the last offset stays within the guest's swap.
-            step_mib = max(1, min(round(ws * rng.uniform(0.2, 1.0)), 2 * g.memory_mib // steps))
-            base = _active(rng, p, ws)
-            return [(k / steps, {**base, "offset": f"{k * step_mib}MiB"}) for k in range(steps)]
-        case "burst":
-            return [(0.0, _active(rng, p, _ws_mib(rng, p, g))), (cut, idle)]
-        case "periodic":
-            cycles = int(rng.integers(2, 5))
-            busy = _active(rng, p, _ws_mib(rng, p, g), ramp=False)
-            return [(k / (2 * cycles), busy if k % 2 == 0 else idle) for k in range(2 * cycles)]
-        case _:  # jump: a large new working set at once, faster than a balloon can move
-            small = _ws_mib(rng, p, g, 0.3)
-            large = _ws_mib(rng, p, g, 2.0)
-            return [(0.0, _active(rng, p, small)), (cut, _active(rng, p, large, small, False))]
+    return _SHAPES.get(g.shape, _jump)(rng, p, g, cut)
+
+
+def _steady(rng: np.random.Generator, p: GeneratorParams, g: _Guest, cut: float) -> Phases:
+    return [(0.0, _active(rng, p, _ws_mib(rng, p, g)))]
+
+
+def _idle(rng: np.random.Generator, p: GeneratorParams, g: _Guest, cut: float) -> Phases:
+    return [(0.0, {"kind": "idle"})]
+
+
+def _resize(rng: np.random.Generator, p: GeneratorParams, g: _Guest, cut: float) -> Phases:
+    """Growth or shrink: one working set, then another of the same kind."""
+    small, large = sorted((_ws_mib(rng, p, g, 0.3), _ws_mib(rng, p, g, 1.5)))
+    first, second = (small, large) if g.shape == "growth" else (large, small)
+    a = _active(rng, p, first)
+    b = {**_active(rng, p, second), "kind": a["kind"], "skew": a.get("skew", 1.0)}
+    return [(0.0, a), (cut, b)]
+
+
+def _drift(rng: np.random.Generator, p: GeneratorParams, g: _Guest, cut: float) -> Phases:
+    ws = _ws_mib(rng, p, g)
+    steps = int(rng.integers(2, 5))
+    # How far the hot set moves; the last offset stays within the guest's swap.
+    step_mib = max(1, min(round(ws * rng.uniform(0.2, 1.0)), 2 * g.memory_mib // steps))
+    base = _active(rng, p, ws)
+    return [(k / steps, {**base, "offset": f"{k * step_mib}MiB"}) for k in range(steps)]
+
+
+def _burst(rng: np.random.Generator, p: GeneratorParams, g: _Guest, cut: float) -> Phases:
+    return [(0.0, _active(rng, p, _ws_mib(rng, p, g))), (cut, {"kind": "idle"})]
+
+
+def _periodic(rng: np.random.Generator, p: GeneratorParams, g: _Guest, cut: float) -> Phases:
+    cycles = int(rng.integers(2, 5))
+    busy, idle = _active(rng, p, _ws_mib(rng, p, g), ramp=False), {"kind": "idle"}
+    return [(k / (2 * cycles), busy if k % 2 == 0 else idle) for k in range(2 * cycles)]
+
+
+def _jump(rng: np.random.Generator, p: GeneratorParams, g: _Guest, cut: float) -> Phases:
+    """A large new working set at once, faster than a balloon can move."""
+    small = _ws_mib(rng, p, g, 0.3)
+    large = _ws_mib(rng, p, g, 2.0)
+    return [(0.0, _active(rng, p, small)), (cut, _active(rng, p, large, small, False))]
+
+
+_SHAPES: Final = {
+    "steady": _steady,
+    "idle": _idle,
+    "growth": _resize,
+    "shrink": _resize,
+    "drift": _drift,
+    "burst": _burst,
+    "periodic": _periodic,
+}
 
 
 def _active_fraction(g: _Guest) -> float:
