@@ -129,51 +129,71 @@ def equilibrium_units(
     if int(min_units.sum()) >= available:
         return min_units.copy()
 
-    s = shares.astype(np.float64)
-    a = active_units.astype(np.float64)
-    lo_b = min_units.astype(np.float64)
-    hi_b = max_units.astype(np.float64)
-    taxed_offset = (k - 1.0) * a
-    target = float(available)
+    supply = _Supply(
+        s=shares.astype(np.float64),
+        a=active_units.astype(np.float64),
+        lo_b=min_units.astype(np.float64),
+        hi_b=max_units.astype(np.float64),
+        k=k,
+    )
+    exact, _ = supply.at(supply.solve(float(available)))
+    return _whole_units(exact, min_units, max_units, available, rounding_offset)
 
-    def evaluate(x: float) -> tuple[F64, npt.NDArray[np.int8]]:
-        sx = s * x
-        raw = np.where(sx <= a, sx, (sx + taxed_offset) / k)
-        inside = np.where(sx <= a, _UNTAXED, _TAXED)
-        regime = np.where(raw <= lo_b, _AT_MIN, np.where(raw >= hi_b, _AT_MAX, inside))
-        return np.clip(raw, lo_b, hi_b), regime.astype(np.int8)
 
-    # P(x) <= S*x always, so x = 0 puts everyone at min; P(x) >= S*x/k always, so at
-    # x = max(k * max / S) everyone is at max. The answer lies between.
-    lo, hi = 0.0, float(np.max(k * hi_b / s))
-    _, regime_lo = evaluate(lo)
-    _, regime_hi = evaluate(hi)
-    for _ in range(_MAX_BISECTION_STEPS):
-        if np.array_equal(regime_lo, regime_hi):
-            break
-        mid = 0.5 * (lo + hi)
-        if mid <= lo or mid >= hi:
-            break  # float resolution reached
-        units, regime = evaluate(mid)
-        if float(units.sum()) <= target:
-            lo, regime_lo = mid, regime
-        else:
-            hi, regime_hi = mid, regime
+class _Supply:
+    """Each guest's units at ``x`` units per share (see :func:`equilibrium_units`)."""
 
-    x = lo
-    if np.array_equal(regime_lo, regime_hi):
+    def __init__(self, *, s: F64, a: F64, lo_b: F64, hi_b: F64, k: float) -> None:
+        self.s, self.a, self.lo_b, self.hi_b, self.k = s, a, lo_b, hi_b, k
+        self.taxed_offset = (k - 1.0) * a
+
+    def at(self, x: float) -> tuple[F64, npt.NDArray[np.int8]]:
+        """The units, and each guest's regime (at min, untaxed, taxed, at max)."""
+        sx = self.s * x
+        raw = np.where(sx <= self.a, sx, (sx + self.taxed_offset) / self.k)
+        inside = np.where(sx <= self.a, _UNTAXED, _TAXED)
+        regime = np.where(raw <= self.lo_b, _AT_MIN, np.where(raw >= self.hi_b, _AT_MAX, inside))
+        return np.clip(raw, self.lo_b, self.hi_b), regime.astype(np.int8)
+
+    def solve(self, target: float) -> float:
+        """The ``x`` whose units add up to ``target``: bisection until every guest keeps
+        one regime across the bracket, then exactly (the sum is linear there)."""
+        s, k, lo_b, hi_b = self.s, self.k, self.lo_b, self.hi_b
+        # P(x) <= S*x always, so x = 0 puts everyone at min; P(x) >= S*x/k always, so
+        # at x = max(k * max / S) everyone is at max. The answer lies between.
+        lo, hi = 0.0, float(np.max(k * hi_b / s))
+        _, regime_lo = self.at(lo)
+        _, regime_hi = self.at(hi)
+        for _ in range(_MAX_BISECTION_STEPS):
+            if np.array_equal(regime_lo, regime_hi):
+                break
+            mid = 0.5 * (lo + hi)
+            if mid <= lo or mid >= hi:
+                break  # float resolution reached
+            units, regime = self.at(mid)
+            if float(units.sum()) <= target:
+                lo, regime_lo = mid, regime
+            else:
+                hi, regime_hi = mid, regime
+        if not np.array_equal(regime_lo, regime_hi):
+            return lo
         # One regime per guest across [lo, hi]: sum(P) = fixed + slope * x, exactly.
         untaxed = regime_lo == _UNTAXED
         taxed = regime_lo == _TAXED
         fixed = float(
             lo_b[regime_lo == _AT_MIN].sum()
             + hi_b[regime_lo == _AT_MAX].sum()
-            + (taxed_offset[taxed] / k).sum()
+            + (self.taxed_offset[taxed] / k).sum()
         )
         slope = float(s[untaxed].sum() + (s[taxed] / k).sum())
-        if slope > 0.0:
-            x = min(hi, max(lo, (target - fixed) / slope))
-    exact, _ = evaluate(x)
+        return min(hi, max(lo, (target - fixed) / slope)) if slope > 0.0 else lo
+
+
+def _whole_units(
+    exact: F64, min_units: I64, max_units: I64, available: int, rounding_offset: float
+) -> I64:
+    """``exact`` in whole units: floors, then what they left over by systematic rounding
+    (see :func:`equilibrium_units`), never outside ``[min, max]``."""
     whole = np.clip(np.floor(exact).astype(np.int64), min_units, max_units)
     left = available - int(whole.sum())
     fractions = np.clip(exact - whole, 0.0, 1.0)
