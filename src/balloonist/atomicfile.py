@@ -4,7 +4,8 @@
 fsyncs it, renames it over the target and fsyncs the directory: a reader (or a process
 restarted after a crash, SIGKILL or power loss) sees the old content or the new, never
 a mix, and once the block ends the new content is on disk. ``write_atomic`` is that for
-a text. Every file balloonist writes whole goes through here.
+a text. Files balloonist writes whole go through here; whole directories (a report, the
+suite's page) are staged and renamed where they are written.
 """
 
 from __future__ import annotations

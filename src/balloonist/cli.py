@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from balloonist.sim.result import Progress, SimResult
     from balloonist.sim.scenario import Scenario
 
-__all__ = ["Runner", "main"]
+__all__ = ["main"]
 
 PROG: Final = "balloonist"
 EXIT_OK: Final = 0
