@@ -25,6 +25,7 @@ from balloonist.daemon.agent_link import (
     AgentPort,
     AgentSession,
     CpuReport,
+    GuestControl,
 )
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.driver import PageRange
@@ -244,11 +245,18 @@ class FakeGuest:
 
 
 @contextlib.asynccontextmanager
-async def guest_and_port(tmp_path: Path, name: str) -> AsyncIterator[tuple[FakeGuest, AgentPort]]:
+async def guest_and_port(
+    tmp_path: Path, name: str, control: GuestControl | None = None
+) -> AsyncIterator[tuple[FakeGuest, AgentPort]]:
     guest = FakeGuest(tmp_path / f"{name}.sock")
     server = await guest.serve()
     port = AgentPort(
-        name, guest.path, FakeRam(RAM_PAGES, TOKEN), 64 * MIB, clock=asyncio.get_running_loop().time
+        name,
+        guest.path,
+        FakeRam(RAM_PAGES, TOKEN),
+        64 * MIB,
+        clock=asyncio.get_running_loop().time,
+        control=control,
     )
     try:
         await port.connect()
@@ -503,27 +511,13 @@ class SlowControl(FakeControl):
 
 def test_closing_the_port_during_a_punch_still_resumes_the_guest(tmp_path: Path) -> None:
     async def scenario() -> None:
-        guest = FakeGuest(tmp_path / "g.sock")
-        server = await guest.serve()
         control = SlowControl(in_punch=asyncio.Event())
-        port = AgentPort(
-            "g",
-            guest.path,
-            FakeRam(RAM_PAGES, TOKEN),
-            64 * MIB,
-            clock=time.monotonic,
-            control=control,
-        )
-        try:
-            await port.connect()
-            await guest.connected.wait()
+        assert control.in_punch is not None
+        # leaving the block closes the port, which cancels the reader between stop and cont
+        async with guest_and_port(tmp_path, "g", control) as (guest, _port):
             await guest.send(hello(), locked(1, (0, 256)))
-            assert control.in_punch is not None
             await asyncio.wait_for(control.in_punch.wait(), 5.0)
             assert control.paused
-        finally:
-            await port.close()  # cancels the reader between stop and cont
-            server.close()
         assert not control.paused
 
     asyncio.run(scenario())
