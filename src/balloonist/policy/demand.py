@@ -269,7 +269,7 @@ def registers_bytes(
     return out
 
 
-def defer_squeezes(guests: _Guests, allocations: I64, wanted: I64) -> I64:
+def defer_squeezes(guests: _Guests, allocations: I64, wanted: I64, used: I64) -> I64:
     """Allocations that take from the guests' pages in use only what is needed now.
 
     An allocation below what a guest holds means its balloon must take pages it uses:
@@ -279,9 +279,14 @@ def defer_squeezes(guests: _Guests, allocations: I64, wanted: I64) -> I64:
     surplus is taken back instead, as far as it goes: the guests above their
     allocation keep what they hold until someone wants the memory. The allocations
     still add up to no more than before, so the partition holds.
+
+    Only pages *in use* are spared: what a guest holds, as far as its working set
+    says it used it lately (``used``). A QEMU guest "holds" all it may use (its
+    balloon's actual size), however little of it the guest touches; sparing all of
+    that would let a guest that grew once keep its peak for ever.
     """
     ballooned = guests.ballooned
-    held = np.minimum(guests.held, guests.maxes)  # never kept beyond the limit
+    held = np.minimum(np.minimum(guests.held, used), guests.maxes)  # never beyond the limit
     squeeze = np.where(ballooned, np.maximum(held - allocations, 0), 0)
     surplus = np.where(ballooned, np.maximum(allocations - np.maximum(guests.held, wanted), 0), 0)
     total_squeeze, total_surplus = int(squeeze.sum()), int(surplus.sum())
@@ -327,6 +332,7 @@ class DemandPolicy:
         used = np.array(
             [with_headroom(g.working_set_bytes, contended=False) for g in views], dtype=np.int64
         )
+        in_use = used  # what defer_squeezes spares, for held-back guests too
         demand = demand_bytes(views)
         turns = self._load.update(snapshot.time_s, views, stall_fraction)
         if turns.holder is not None:
@@ -342,7 +348,7 @@ class DemandPolicy:
         allocations = allocations_bytes(guests, demand, short, used, available)
         # A stalled guest wants all it is given: its demand was only a step.
         wanted = np.where(short, guests.maxes, np.clip(demand, guests.mins, guests.maxes))
-        allocations = defer_squeezes(guests, allocations, wanted)
+        allocations = defer_squeezes(guests, allocations, wanted, in_use)
         registers = registers_bytes(guests, allocations, host.free_bytes, margin, available)
         mechanisms = self._mechanisms(host.state, guests)
         cpus = cpu_targets(snapshot, self.tax_rate)
