@@ -13,7 +13,9 @@ import pytest
 
 from balloonist.agent import protocol as proto
 from balloonist.agent.cpus import CpuBalloon, CpuHotplug
-from balloonist.agent.main import CPU_MAX_PER_STEP, Agent, AgentConfig, Link
+from balloonist.agent.cpuside import CPU_MAX_PER_STEP
+from balloonist.agent.hostlink import Link
+from balloonist.agent.main import Agent, AgentConfig
 from balloonist.rate import AdaptiveRate, RateLimits
 
 from .fakes import (
@@ -83,8 +85,8 @@ class Rig:
         raise AssertionError(f"not reached in {MAX_STEPS} steps")
 
     def held(self) -> tuple[int, ...]:
-        assert self.agent.cpus is not None
-        return self.agent.cpus.held
+        assert self.agent.cpu.balloon is not None
+        return self.agent.cpu.balloon.held
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from balloonist.agent import protocol as proto
+from balloonist.agent.hostlink import Link
 from balloonist.agent.linux import PAGE_SIZE_BYTES, LinuxKernel, page_mark
-from balloonist.agent.main import Agent, AgentConfig, Link
+from balloonist.agent.main import Agent, AgentConfig
 
 from .fakes import FakeClock, FakeHost, FakePressure, Ports, pages_of
 

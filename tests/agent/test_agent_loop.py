@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from balloonist.agent import protocol as proto
-from balloonist.agent.main import MESSAGE_BURST, MIB, Agent, AgentConfig, Link
+from balloonist.agent.hostlink import MESSAGE_BURST, Link
+from balloonist.agent.main import MIB, Agent, AgentConfig
 from balloonist.driver import PageRange
 from balloonist.rate import AdaptiveRate, RateLimits
 

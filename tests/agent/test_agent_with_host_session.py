@@ -12,7 +12,8 @@ import pytest
 
 from balloonist.agent import protocol as proto
 from balloonist.agent.cpus import CpuBalloon, CpuHotplug
-from balloonist.agent.main import MIB, Agent, AgentConfig, Link
+from balloonist.agent.hostlink import Link
+from balloonist.agent.main import MIB, Agent, AgentConfig
 from balloonist.daemon.agent_link import AgentSession
 from balloonist.rate import AdaptiveRate, RateLimits
 from tests.fakes import FakeRam

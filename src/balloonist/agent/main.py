@@ -5,7 +5,10 @@ The agent runs the shared :class:`~balloonist.driver.BalloonDriver` with
 virtio-serial port (``docs/agent-protocol.md``), as its ``BalloonChannel``.
 :class:`Agent` is the loop, written so tests drive it one step at a time
 (``run_once``) with a fake port, kernel, pressure and clock; :func:`main` is the
-command line around it.
+command line around it. The link and what goes out on it are
+:class:`~balloonist.agent.hostlink.HostLink`'s, the CPU balloon is
+:class:`~balloonist.agent.cpuside.CpuSide`'s, and the pressure guard is
+:class:`~balloonist.agent.guard.PressureGuard`'s; the agent keeps the memory balloon.
 
 The link to the host has three states; each change is logged once:
 
@@ -61,7 +64,6 @@ page (reporting both while UP) and exits 0. Stdlib only, Python 3.9.
 from __future__ import annotations
 
 import argparse
-import enum
 import logging
 import mmap
 import secrets
@@ -77,15 +79,13 @@ from typing import Callable
 
 import balloonist
 from balloonist.agent import protocol as proto
+from balloonist.agent.adoption import Adoption
 from balloonist.agent.cpus import STATE_PATH as CPU_STATE_PATH
-from balloonist.agent.cpus import (
-    CpuBalloon,
-    CpuHotplug,
-    CpuTargetError,
-    CpuView,
-    format_cpu_list,
-)
-from balloonist.agent.port import LineStream, PortClosedError, open_port
+from balloonist.agent.cpus import CpuBalloon, CpuHotplug
+from balloonist.agent.cpuside import CpuSide
+from balloonist.agent.guard import PressureGuard
+from balloonist.agent.hostlink import HostLink, Link, LinkSettings, Quiet
+from balloonist.agent.port import open_port
 from balloonist.agent.pressure import PressureSample, PressureSource
 from balloonist.driver import BalloonDriver, GuestKernel, PageRange, StepResult, count_pages
 from balloonist.errors import BackendError, BalloonistError, ConfigError
@@ -102,30 +102,14 @@ MIB = 1 << 20
 #: cache need on a large one.
 FLOOR_MIN_BYTES = 64 * MIB
 FLOOR_FRACTION = 0.05
-#: Half the host's limits (100 messages/s on average, bursts of 500): a margin for
-#: clock differences and for the host's own accounting.
-MESSAGES_PER_S = 50.0
-MESSAGE_BURST = 250
-#: Messages a step keeps back from page reports for stats and errors.
-MESSAGE_RESERVE = 4
 #: How long shutdown waits for the final ``unlocked`` reports to leave.
 SHUTDOWN_FLUSH_S = 2.0
 #: The host takes an agent silent (no stats) for 5 s as gone.
 MAX_STATS_S = 4.0
-#: At most this many vCPUs go offline or come back in one step: each hotplug write took
-#: 30-110 ms in a TCG guest here (less under KVM), so a step stays well under a second
-#: and the stats heartbeat (the host waits 5 s) keeps going.
-CPU_MAX_PER_STEP = 8
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-
-class Link(enum.Enum):
-    DOWN = "down"
-    HELLO_SENT = "hello-sent"
-    UP = "up"
 
 
 def rate_limits_for(config: AgentConfig) -> RateLimits:
@@ -186,17 +170,6 @@ class _HostChannel:
         self._agent._report_unlocked(ranges)
 
 
-def _merge(ranges: list[PageRange]) -> list[PageRange]:
-    """Sorted, with touching ranges joined (fewer ranges, fewer messages)."""
-    merged: list[PageRange] = []
-    for r in sorted(ranges, key=lambda r: r.start):
-        if merged and merged[-1].end == r.start:
-            merged[-1] = PageRange(merged[-1].start, merged[-1].count + r.count)
-        else:
-            merged.append(r)
-    return merged
-
-
 class Agent:
     """The agent loop; see the module docstring. ``run_once`` is one step.
 
@@ -218,65 +191,83 @@ class Agent:
         """``cpus`` is the CPU balloon; without one every CPU target is refused."""
         self.config = config or AgentConfig()
         self.token = token
-        self._open_port = open_port
         self._pressure = pressure
         self._clock = clock
         rate = rate or AdaptiveRate(rate_limits_for(self.config))
         self.driver = BalloonDriver(kernel, _HostChannel(self), rate)
-        self.link = Link.DOWN
         self.host_target_pages = 0
         #: What the driver sees this step: the host's target after the guard and budget.
         self.driver_target_pages = 0
-        self.guarded = False
+        self.guard = PressureGuard(
+            self.config.floor_for, self.config.psi_limit_percent, self.config.page_size_bytes
+        )
         self.last_sample: PressureSample | None = None
         #: Diagnostics: disconnects, resets, bad_lines, unexpected, sent (messages),
         #: freed_pages (as the host acked them), unreported_pages (given back with no
-        #: session), unadopted_pages (given back before a new session heard of them).
+        #: session), unadopted_pages (given back before a new session heard of them),
+        #: cpu_refused, cpu_failures, cpus_taken_back.
         self.counters: Counter[str] = Counter()
-        self._stream: LineStream | None = None
-        self._seq = 0  # never restarts: increasing across sessions is increasing within
-        self._hellos_unanswered = 0
-        #: The bottom this many pages of the driver's stack are held but unknown to the
-        #: host (adopted from before the session); they are reported from the top down.
-        self._unreported_pages = 0
+        self._quiet = Quiet(self.config.error_interval_s)
         now = clock()
-        self._retry_at = now
-        self._welcome_deadline = 0.0
+        self.host = HostLink(
+            open_port,
+            LinkSettings(
+                token,
+                self.config.page_size_bytes,
+                self.config.welcome_timeout_s,
+                self.config.retry_s,
+            ),
+            quiet=self._quiet,
+            counters=self.counters,
+            on_session_up=self._session_up,
+            on_message=self._handle,
+            holding=lambda: f"holding the balloon at {self.driver.size_pages} pages",
+            now=now,
+        )
+        self.cpu = CpuSide(
+            cpus,
+            self.host,
+            quiet=self._quiet,
+            counters=self.counters,
+            unclaimed_s=self.config.cpu_unclaimed_s,
+            check_s=self.config.stats_s,
+        )
+        self.adoption = Adoption()  # what the balloon held before the session
         self._next_stats_at = 0.0
-        #: What the host's limit on messages leaves this agent (see the module doc).
-        self.message_budget = TokenBucket(MESSAGES_PER_S, MESSAGE_BURST, now)
-        self._quiet_until: dict[str, float] = {}
-        self._last_down_reason = ""
         self._closing = False
-        self.cpus = cpus
-        #: The CPU balloon register; None until a host sets it in this session.
-        self.host_cpu_target: int | None = None
-        self._cpu_rate: AdaptiveRate | None = None
-        self._cpu_unclaimed_since: float | None = None
-        self._cpu_report_due = False
-        self._cpu_changed = False
-        self._last_cpu_view: CpuView | None = None
-        self._next_cpu_check_at = 0.0
+
+    @property
+    def link(self) -> Link:
+        return self.host.state
+
+    @property
+    def message_budget(self) -> TokenBucket:
+        """What the host's limit on messages leaves this agent (see the module doc)."""
+        return self.host.budget
+
+    @property
+    def guarded(self) -> bool:
+        return self.guard.on
 
     # -- the step ----------------------------------------------------------------------
 
     def run_once(self) -> StepResult:
         now = self._clock()
-        self._refill(now)
-        self._service_link(now)
+        self.host.service(now)
         sample = self._read_pressure(now)
         self.driver_target_pages = self._limited_target(sample, now)
         self._adopt_old_pages()
         result = self.driver.step()
         if result.failed:
-            self._send_error(
+            self.host.send_error(
                 "alloc-failed", f"got {result.moved_pages} of {result.requested_pages} pages", now
             )
-        self._step_cpus(now)
-        if self.link is Link.UP and now >= self._next_stats_at and self.last_sample is not None:
+        if not self._closing:
+            self.cpu.step(now)
+        if self.host.up and now >= self._next_stats_at and self.last_sample is not None:
             self._send_stats(self.last_sample)
             self._next_stats_at = now + self.config.stats_s
-        self._flush(now)
+        self.host.flush(now)
         return result
 
     def run(self, should_stop: Callable[[], bool], sleep: Callable[[float], None]) -> None:
@@ -297,262 +288,80 @@ class Agent:
         writes to those pages; and it never sees more than its rate limit allows.
         """
         now = self._clock()
-        self._refill(now)
+        self.host.budget.refill(now)
         self._closing = True
-        self._release_all_cpus(now)
+        self.cpu.release_all(now)
         self.driver.release_all()
-        if self._stream is not None:
-            try:
-                self._stream.drain(SHUTDOWN_FLUSH_S)
-            except PortClosedError as exc:
-                log.warning("at shutdown: %s", exc)
-            self._stream.close()
-            self._stream = None
-        self.link = Link.DOWN
+        self.host.close(SHUTDOWN_FLUSH_S)
 
     def report_fatal(self, code: str, message: str) -> None:
         """Tell the host why the agent stops (best effort; it may not be listening)."""
         now = self._clock()
-        self._quiet_until.pop(code, None)
-        self._send_error(code, message, now)
-        self._flush(now)
+        self._quiet.forget(code)
+        self.host.send_error(code, message, now)
+        self.host.flush(now)
 
-    # -- the link ----------------------------------------------------------------------
-
-    def _service_link(self, now: float) -> None:
-        if self.link is Link.DOWN and now >= self._retry_at:
-            self._connect(now)
-        if self._stream is None:
-            return
-        try:
-            lines = self._stream.read_lines()
-        except PortClosedError as exc:
-            self._disconnect(now, str(exc))
-            return
-        overlong = self._stream.take_overlong_lines()
-        if overlong:
-            self.counters["bad_lines"] += overlong
-            if self._due("bad-line", now):
-                log.warning("dropped %d overlong line(s) from the host", overlong)
-        for line in lines:
-            try:
-                message = proto.decode_host_message(line)
-            except proto.ProtocolError as exc:
-                self.counters["bad_lines"] += 1
-                if self._due("bad-line", now):
-                    log.warning("dropped a bad line from the host: %s", exc)
-                continue
-            self._handle(message, now)
-            if self._stream is None:
-                return
-        if self.link is Link.HELLO_SENT and now >= self._welcome_deadline:
-            self._disconnect(now, f"no welcome within {self.config.welcome_timeout_s:g} s")
-
-    def _connect(self, now: float) -> None:
-        try:
-            fd = self._open_port()
-        except (OSError, BalloonistError) as exc:
-            self._retry_at = now + self.config.retry_s
-            self._note_down(f"cannot open the port: {exc}")
-            return
-        self._stream = LineStream(fd)
-        # Say hello at once: a daemon that connected long ago sent its reset to whoever
-        # had the port then. A daemon connecting now sends a reset too; that gets
-        # another hello, and the session starts when the last hello is answered.
-        self._hello(now)
-
-    def _hello(self, now: float) -> None:
-        self.link = Link.HELLO_SENT
-        self._hellos_unanswered += 1
-        self._welcome_deadline = now + self.config.welcome_timeout_s
-        self._send(
-            proto.Hello(
-                seq=self._next_seq(),
-                version=proto.VERSION,
-                agent=AGENT_NAME,
-                page_size=self.config.page_size_bytes,
-                token=self.token,
-            )
-        )
+    # -- what the host says ------------------------------------------------------------
 
     def _handle(self, message: proto.HostMessage, now: float) -> None:
-        if isinstance(message, proto.Reset):
-            # The host knows nothing of us (it connected, or restarted): a new session.
-            self.counters["resets"] += 1
-            self._hello(now)
-        elif isinstance(message, proto.Welcome):
-            if self._hellos_unanswered == 0:
-                self.counters["unexpected"] += 1
-                return
-            if message.version != proto.VERSION:
-                self._disconnect(
-                    now, f"the host speaks protocol {message.version}, not {proto.VERSION}"
-                )
-                return
-            self._hellos_unanswered -= 1
-            if self._hellos_unanswered == 0:
-                self._session_up(now)
-        elif isinstance(message, proto.Target):
-            if self.link is not Link.UP:
-                self.counters["unexpected"] += 1
-                return
+        if isinstance(message, proto.Target):
             if message.balloon_pages != self.host_target_pages:
                 log.debug("target %d pages", message.balloon_pages)
             self.host_target_pages = message.balloon_pages
         elif isinstance(message, proto.CpuTarget):
-            if self.link is not Link.UP:
-                self.counters["unexpected"] += 1
-                return
-            self._set_cpu_target(message.reserved_vcpus, now)
-        else:
+            self.cpu.set_target(message.reserved_vcpus, now)
+        elif isinstance(message, proto.Ack):
             self.counters["freed_pages"] += message.freed_pages
 
     def _session_up(self, now: float) -> None:
         # The host forgot any earlier balloon at hello; adopt ours into the session, and
         # hold it where it is until the host says otherwise.
-        self.link = Link.UP
-        self._unreported_pages = self.driver.size_pages
+        self.adoption.begin(self.driver.size_pages)
         self.host_target_pages = self.driver.size_pages
-        # The CPU balloon is the host's to claim again (see the module docstring).
-        self.host_cpu_target = None
-        self._last_cpu_view = None
+        self.cpu.session_started()  # the host's to claim again (see the module docstring)
         self._next_stats_at = now
-        self._last_down_reason = ""
         log.info("session up (adopting a balloon of %d pages)", self.driver.size_pages)
 
-    def _disconnect(self, now: float, reason: str) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-        self.link = Link.DOWN
-        self._hellos_unanswered = 0
-        self._retry_at = now + self.config.retry_s
-        self.counters["disconnects"] += 1
-        self._note_down(f"{reason}; holding the balloon at {self.driver.size_pages} pages")
-
-    def _note_down(self, reason: str) -> None:
-        # One line per new reason; a host that stays away is not worth a line per retry.
-        if reason != self._last_down_reason:
-            log.info("link down: %s (retrying every %g s)", reason, self.config.retry_s)
-            self._last_down_reason = reason
-
-    # -- sending -----------------------------------------------------------------------
-
-    def _next_seq(self) -> int:
-        seq = self._seq
-        self._seq += 1
-        return seq
-
-    def _refill(self, now: float) -> None:
-        self.message_budget.refill(now)
-
-    def _report_budget_ranges(self) -> int:
-        """How many ranges page reports may still carry this step."""
-        messages = max(0, int(self.message_budget.tokens) - MESSAGE_RESERVE)
-        return messages * proto.MAX_RANGES_PER_MESSAGE
-
-    def _send(self, message: proto.GuestMessage) -> None:
-        if self._stream is not None:
-            self._stream.send(proto.encode(message))
-            self.message_budget.spend()
-            self.counters["sent"] += 1
-
-    def _flush(self, now: float) -> None:
-        if self._stream is not None:
-            try:
-                self._stream.flush()
-            except PortClosedError as exc:
-                self._disconnect(now, str(exc))
-
-    def _send_ranges(
-        self, kind: type[proto.Locked] | type[proto.Unlocked], ranges: list[PageRange]
-    ) -> None:
-        for part in proto.split_ranges(ranges):
-            self._send(kind(seq=self._next_seq(), ranges=part))
+    # -- page reports ------------------------------------------------------------------
 
     def _report_locked(self, ranges: Sequence[PageRange]) -> None:
-        if self.link is Link.UP:  # the guarded target never grows the balloon otherwise
-            self._send_ranges(proto.Locked, list(ranges))
+        if self.host.up:  # the guarded target never grows the balloon otherwise
+            self.host.send_ranges(proto.Locked, ranges)
 
     def _report_unlocked(self, ranges: Sequence[PageRange]) -> None:
-        if self.link is not Link.UP:
+        if not self.host.up:
             self.counters["unreported_pages"] += count_pages(ranges)
             return
         known = self._known_part(ranges)
         if self._closing:
-            budget = self._report_budget_ranges()
+            budget = self.host.report_budget_ranges()
             self.counters["unreported_pages"] += count_pages(known[budget:])
             known = known[:budget]
         if known:
-            self._send_ranges(proto.Unlocked, known)
+            self.host.send_ranges(proto.Unlocked, known)
             # The driver frees the pages right after this returns: get the report out
             # first where the port allows (the protocol's rule 3). If it must wait, the
             # full-page mark still keeps the host from freeing a page the guest has
             # reused and written.
-            self._flush(self._clock())
+            self.host.flush(self._clock())
 
     def _known_part(self, released: Sequence[PageRange]) -> list[PageRange]:
-        """The part of pages just popped off the driver's stack that the host knows.
-
-        The driver pops from the top (newest first) and, splitting a range, releases
-        its upper frames; its size is already the size after the pop. Stack positions
-        below ``_unreported_pages`` were never reported to this host.
-        """
-        unreported = self._unreported_pages
-        top = self.driver.size_pages + count_pages(released)
-        known: list[PageRange] = []
-        for r in released:
-            bottom = top - r.count
-            if top > unreported:
-                skip = max(0, unreported - bottom)  # the lowest ``skip`` frames: unknown
-                known.append(PageRange(r.start + skip, r.count - skip))
-            else:
-                self.counters["unadopted_pages"] += r.count
-            top = bottom
-        self._unreported_pages = min(unreported, self.driver.size_pages)
+        """The part of pages just popped off the driver's stack that the host knows."""
+        known, unknown_pages = self.adoption.known_part(released, self.driver.size_pages)
+        self.counters["unadopted_pages"] += unknown_pages
         return known
 
     def _adopt_old_pages(self) -> None:
-        """Report, as locked, held pages the session does not know yet, within budget.
-
-        They are the bottom ``_unreported_pages`` of the driver's stack; reporting them
-        from the top down means deflation, which pops the top, meets known pages first.
-        """
-        budget = self._report_budget_ranges()
-        if self.link is not Link.UP or not self._unreported_pages or not budget:
-            return
-        below: list[tuple[int, PageRange]] = []  # (stack position, range) under the mark
-        position = 0
-        for r in self.driver.held:
-            if position >= self._unreported_pages:
-                break
-            below.append((position, r))
-            position += r.count
-        adopted: list[PageRange] = []
-        for position, r in reversed(below):
-            if len(adopted) == budget:
-                break
-            count = min(r.count, self._unreported_pages - position)
-            adopted.append(PageRange(r.start, count))
-            self._unreported_pages = position
-        self._send_ranges(proto.Locked, _merge(adopted))
-
-    def _due(self, key: str, now: float) -> bool:
-        """True at most once per ``error_interval_s`` for each key."""
-        if now < self._quiet_until.get(key, float("-inf")):
-            return False
-        self._quiet_until[key] = now + self.config.error_interval_s
-        return True
-
-    def _send_error(self, code: str, message: str, now: float) -> None:
-        if self.link is Link.UP and self._due(code, now):
-            text = "".join(c if c.isprintable() else "?" for c in message)
-            self._send(proto.Error(seq=self._next_seq(), code=code, message=text[:200]))
+        """Report, as locked, held pages the session does not know yet, within budget."""
+        if self.host.up:
+            batch = self.adoption.next_batch(self.driver.held, self.host.report_budget_ranges())
+            if batch:
+                self.host.send_ranges(proto.Locked, batch)
 
     def _send_stats(self, sample: PressureSample) -> None:
-        self._send(
+        self.host.send(
             proto.Stats(
-                seq=self._next_seq(),
+                seq=self.host.next_seq(),
                 balloon_pages=self.driver.size_pages,
                 rate_pages=self.driver.rate.rate_pages,
                 mem_total_bytes=min(sample.mem_total_bytes, _MAX_BYTES),
@@ -565,184 +374,13 @@ class Agent:
             )
         )
 
-    # -- the CPU balloon -----------------------------------------------------------------
-
-    @property
-    def cpus_claimed(self) -> bool:
-        """A host has set the CPU target in this session: it hears about the CPU balloon."""
-        return self.link is Link.UP and self.host_cpu_target is not None
-
-    def _set_cpu_target(self, target: int, now: float) -> None:
-        """The host's ``cpu_target``: accept it, or refuse it and keep the vCPUs as they are."""
-        held = len(self.cpus.held) if self.cpus is not None else 0
-        previous = self.host_cpu_target
-        self.host_cpu_target = held  # claimed from now on; stays here if refused
-        self._cpu_report_due = True
-        try:
-            if self.cpus is None:
-                raise CpuTargetError("this agent has no CPU balloon")
-            self.cpus.check_target(target)
-            if max(self.cpus.hotplug.possible(), default=0) >= proto.MAX_VCPUS:
-                raise CpuTargetError(f"vCPU numbers reach {proto.MAX_VCPUS} or more")
-        except CpuTargetError as exc:
-            self.counters["cpu_refused"] += 1
-            log.info("CPU target %d refused: %s", target, exc)
-            # Every refusal answers a host's request; one per distinct target per interval
-            # keeps a host that repeats itself from running through the message budget.
-            if self._due(f"cpu-refused:{target}", now):
-                text = f"cpu_target {target} refused: {exc}"[: proto.MAX_TEXT_CHARS]
-                self._send(proto.Error(seq=self._next_seq(), code="cpu-refused", message=text))
-            return
-        except BackendError as exc:
-            self._cpu_failed(f"cannot read the guest's vCPUs: {exc}", now)
-            return
-        if target != previous:
-            log.info("CPU target %d vCPUs (holding %d)", target, held)
-        self.host_cpu_target = target
-
-    def _cpu_rate_for(self, balloon: CpuBalloon) -> AdaptiveRate:
-        if self._cpu_rate is None:
-            vcpus = len(balloon.hotplug.possible())
-            # The shared AIMD controller is unit-free; here its "pages" count vCPUs: one
-            # to start, one more after every step that took all it asked for, halved
-            # after one that did not, never above what one step may do.
-            self._cpu_rate = AdaptiveRate(
-                RateLimits(
-                    min_pages=1,
-                    max_pages=max(1, min(vcpus, CPU_MAX_PER_STEP)),
-                    increase_pages=1,
-                    divisor=RateLimits().divisor,
-                )
-            )
-        return self._cpu_rate
-
-    def _step_cpus(self, now: float) -> None:
-        """Move the CPU balloon one bounded step towards its goal; report what changed."""
-        balloon = self.cpus
-        if balloon is None or self._closing:
-            return
-        claimed = self.cpus_claimed
-        if claimed:
-            self._cpu_unclaimed_since = None
-            unclaimed_s = 0.0
-        else:
-            if self._cpu_unclaimed_since is None:
-                self._cpu_unclaimed_since = now
-            unclaimed_s = now - self._cpu_unclaimed_since
-        if not claimed and not balloon.held:
-            return  # nothing held, nobody to tell
-        try:
-            taken_back = balloon.forget_taken_back() if now >= self._next_cpu_check_at else []
-            if taken_back:
-                self.counters["cpus_taken_back"] += len(taken_back)
-                self._cpu_changed = True
-                log.info("vCPU(s) %s came back online without the balloon", taken_back)
-            held = len(balloon.held)
-            if claimed:
-                assert self.host_cpu_target is not None
-                goal = self.host_cpu_target
-            elif unclaimed_s >= self.config.cpu_unclaimed_s:
-                goal = 0
-                log.info(
-                    "giving back %d vCPU(s): no host has set a CPU target for %g s",
-                    held,
-                    self.config.cpu_unclaimed_s,
-                )
-            else:
-                goal = held
-            if goal > held:
-                self._inflate_cpus(balloon, goal - held, now)
-            elif goal < held:
-                released = balloon.release(min(held - goal, CPU_MAX_PER_STEP))
-                self._cpu_changed = True
-                log.info("vCPU(s) %s back online (%d held)", released, len(balloon.held))
-        except BackendError as exc:
-            self._cpu_changed = True  # perhaps part of it happened
-            self._cpu_failed(str(exc), now)
-        self._report_cpus(now)
-
-    def _inflate_cpus(self, balloon: CpuBalloon, missing: int, now: float) -> None:
-        rate = self._cpu_rate_for(balloon)
-        wanted = min(missing, rate.rate_pages, CPU_MAX_PER_STEP)
-        before = len(balloon.held)
-        try:
-            taken = balloon.reserve(wanted)
-        except BackendError:
-            rate.on_failure()
-            raise
-        finally:
-            if len(balloon.held) != before:
-                self._cpu_changed = True
-                log.info(
-                    "vCPU(s) %s offline (%d held)", list(balloon.held[before:]), len(balloon.held)
-                )
-        rate.record(requested=wanted, obtained=len(taken))
-        if len(taken) < wanted:
-            self._cpu_failed(f"only {len(taken)} of {wanted} vCPU(s) could go offline", now)
-
-    def _cpu_failed(self, message: str, now: float) -> None:
-        self.counters["cpu_failures"] += 1
-        if self._due("cpu-failed-log", now):
-            log.warning("CPU balloon: %s", message)
-        if self.cpus_claimed:
-            self._send_error("cpu-failed", message, now)
-
-    def _report_cpus(self, now: float) -> None:
-        """A ``cpus`` report when the host claims the balloon and something is new."""
-        if not self.cpus_claimed or self.cpus is None:
-            return
-        if not (self._cpu_report_due or self._cpu_changed or now >= self._next_cpu_check_at):
-            return
-        # Someone else may bring vCPUs up or down too: look again now and then.
-        self._next_cpu_check_at = now + self.config.stats_s
-        try:
-            view = self.cpus.view()
-        except BackendError as exc:
-            self._cpu_failed(f"cannot read the guest's vCPUs: {exc}", now)
-            return
-        if view == self._last_cpu_view and not self._cpu_report_due:
-            self._cpu_changed = False
-            return
-        if any(cpu >= proto.MAX_VCPUS for cpu in (*view.online, *view.reserved)):
-            self._cpu_failed(f"vCPU numbers reach {proto.MAX_VCPUS}: not reported", now)
-            return
-        self._send(proto.Cpus(seq=self._next_seq(), online=view.online, reserved=view.reserved))
-        if view != self._last_cpu_view:
-            log.info(
-                "vCPUs online %s, reserved %s",
-                format_cpu_list(view.online),
-                format_cpu_list(view.reserved),
-            )
-        self._last_cpu_view = view
-        self._cpu_report_due = self._cpu_changed = False
-
-    def _release_all_cpus(self, now: float) -> None:
-        """At shutdown: every reserved vCPU back online (reported if claimed); never raises."""
-        balloon = self.cpus
-        if balloon is None or not balloon.held:
-            return
-        try:
-            for _ in range(len(balloon.held)):  # each pass releases at least one or raises
-                if not balloon.held:
-                    break
-                balloon.release(CPU_MAX_PER_STEP)
-        except BackendError as exc:
-            log.warning("at shutdown, vCPU(s) %s stay offline: %s", list(balloon.held), exc)
-        else:
-            log.info("every reserved vCPU is back online")
-        self._cpu_changed = True
-        try:
-            self._report_cpus(now)
-        except BalloonistError as exc:  # the report is a courtesy; the vCPUs matter
-            log.warning("at shutdown: %s", exc)
-
     # -- the target the driver sees ------------------------------------------------------
 
     def _read_pressure(self, now: float) -> PressureSample | None:
         try:
             sample = self._pressure.read()
         except BackendError as exc:
-            if self._due("pressure-read", now):
+            if self._quiet.due("pressure-read", now):
                 log.warning("%s; the balloon will not grow until it can be read", exc)
             return None
         self.last_sample = sample
@@ -752,9 +390,9 @@ class Agent:
         """The host's target, lowered by the pressure guard, paced by the message budget."""
         size = self.driver.size_pages
         # Without a session, hold: the host may have freed the memory behind the balloon.
-        target = self.host_target_pages if self.link is Link.UP else size
+        target = self.host_target_pages if self.host.up else size
         target = min(target, self._guard_limit(sample, now))
-        budget = self._report_budget_ranges()
+        budget = self.host.report_budget_ranges()
         if target > size:  # at worst each new page is its own range
             return min(target, size + budget)
         if target < size:  # the newest ranges go first; at least one message's worth
@@ -767,26 +405,14 @@ class Agent:
         size = self.driver.size_pages
         if sample is None:
             return size  # blind: never grow
-        floor = self.config.floor_for(sample.mem_total_bytes)
-        # Floor division rounds a shortfall up to whole pages.
-        headroom_pages = (sample.mem_available_bytes - floor) // self.config.page_size_bytes
-        limit = max(0, size + headroom_pages)
-        psi_high = sample.psi_some_avg10 > self.config.psi_limit_percent
-        if psi_high:
-            limit = min(limit, size)
-        guarded = sample.mem_available_bytes < floor or psi_high
-        if guarded:
+        verdict = self.guard.judge(sample, size)
+        if verdict.on:
             self.driver.rate.on_failure()
-        if guarded != self.guarded:
-            what = (
-                f"MemAvailable {sample.mem_available_bytes // MIB} MiB (floor {floor // MIB}),"
-                f" PSI some {sample.psi_some_avg10:.1f} % (limit {self.config.psi_limit_percent:g})"
-            )
-            log.info("pressure guard %s: %s", "on" if guarded else "off", what)
-            if guarded:
-                self._send_error("pressure", f"guard on: {what}", now)
-            self.guarded = guarded
-        return limit
+        if verdict.changed:
+            log.info("pressure guard %s: %s", "on" if verdict.on else "off", verdict.what)
+            if verdict.on:
+                self.host.send_error("pressure", f"guard on: {verdict.what}", now)
+        return verdict.limit_pages
 
 
 _MAX_BYTES = proto.MAX_PFN * 4096
