@@ -230,24 +230,23 @@ def test_pages_in_use_are_taken_only_where_no_surplus_covers_them() -> None:
     guests = _Guests.of(views)
     allocations = np.array([300, 400, 300]) * MIB  # holds: -200; spare: +300
     wanted = np.array([300, 150, 300]) * MIB  # spare wants 150: 250 of it is surplus
-    in_use = np.array([1000, 1000, 1000]) * MIB  # each used all it holds
-    out = defer_squeezes(guests, allocations, wanted, in_use) // MIB
+    out = defer_squeezes(guests, allocations, wanted) // MIB
     assert out.tolist() == [500, 200, 300]  # holds keeps all, paid from spare's surplus
     assert int(out.sum()) == int(allocations.sum() // MIB)  # the partition holds
-    less = defer_squeezes(guests, allocations, np.array([300, 300, 300]) * MIB, in_use) // MIB
+    less = defer_squeezes(guests, allocations, np.array([300, 300, 300]) * MIB) // MIB
     assert less.tolist() == [400, 300, 300]  # a surplus of 100 defers 100 of the 200
-    # Pages held but not used lately are not spared: holds used 350 of its 500.
-    lately = np.array([350, 1000, 1000]) * MIB
-    part = defer_squeezes(guests, allocations, wanted, lately) // MIB
+    # Pages the guest reports free are not spared: holds has 150 of its 500 free.
+    views[0] = guest("holds", memory_mib=1000, register_mib=500, free_mib=150)
+    part = defer_squeezes(_Guests.of(views), allocations, wanted) // MIB
     assert part.tolist() == [350, 350, 300]
 
 
 def test_a_guest_that_grew_once_gives_its_peak_back_when_nobody_wants_it() -> None:
     # Two QEMU guests: "held" is what each may use (memory less balloon), whatever it
-    # touches. busy grew to 500 and went back to a small working set; idle holds 300
-    # and uses little. Nobody wants the memory, so it goes back by shares: busy must
-    # not keep its peak just because idle does not need the rest.
-    busy = calm(guest("busy", memory_mib=512, working_set_mib=50, register_mib=12))
-    idle = calm(guest("idle", memory_mib=512, working_set_mib=20, register_mib=212))
+    # touches. busy grew to 500 and freed most of it again; idle holds 300 and uses
+    # little. Nobody wants the memory, so it goes back by shares: busy must not keep
+    # its peak just because idle does not need the rest.
+    busy = calm(guest("busy", memory_mib=512, working_set_mib=50, register_mib=12, free_mib=420))
+    idle = calm(guest("idle", memory_mib=512, working_set_mib=20, register_mib=212, free_mib=250))
     d = POLICY.decide(snapshot(busy, idle, host_mib=800, free_mib=0))
     assert allocations_mib(d) == [400, 400]

@@ -120,6 +120,10 @@ class _Guests:
 
     memory: I64
     held: I64  # machine memory backing the guest now
+    #: What it holds less what it reports free. A QEMU guest "holds" all its balloon
+    #: leaves it, however little of that it uses: a guest that grew once and freed
+    #: its memory again must not keep its peak as if it used it.
+    in_use: I64
     balloon: I64  # pages the balloon holds now
     register: I64  # what the register holds now
     mins: I64
@@ -136,6 +140,7 @@ class _Guests:
         return cls(
             memory=ints([g.spec.memory_bytes for g in guests]),
             held=ints([g.sample.allocated_bytes for g in guests]),
+            in_use=ints([_in_use_bytes(g) for g in guests]),
             balloon=ints([g.sample.balloon_bytes for g in guests]),
             register=ints([g.sample.balloon_target_bytes for g in guests]),
             mins=ints([g.spec.min_bytes for g in guests]),
@@ -152,6 +157,15 @@ class _Guests:
         """What each guest may use now: its memory less what its balloon holds."""
         out: I64 = self.memory - self.balloon
         return out
+
+
+def _in_use_bytes(view: GuestView) -> int:
+    """What the guest holds, less the memory it reports free (when it does)."""
+    s = view.sample
+    if s.free_bytes is None:
+        return s.allocated_bytes
+    allowance = view.spec.memory_bytes - s.balloon_bytes
+    return max(0, min(s.allocated_bytes, allowance - s.free_bytes))
 
 
 def stall_fraction(view: GuestView) -> float:
@@ -269,7 +283,7 @@ def registers_bytes(
     return out
 
 
-def defer_squeezes(guests: _Guests, allocations: I64, wanted: I64, used: I64) -> I64:
+def defer_squeezes(guests: _Guests, allocations: I64, wanted: I64) -> I64:
     """Allocations that take from the guests' pages in use only what is needed now.
 
     An allocation below what a guest holds means its balloon must take pages it uses:
@@ -280,13 +294,11 @@ def defer_squeezes(guests: _Guests, allocations: I64, wanted: I64, used: I64) ->
     allocation keep what they hold until someone wants the memory. The allocations
     still add up to no more than before, so the partition holds.
 
-    Only pages *in use* are spared: what a guest holds, as far as its working set
-    says it used it lately (``used``). A QEMU guest "holds" all it may use (its
-    balloon's actual size), however little of it the guest touches; sparing all of
-    that would let a guest that grew once keep its peak for ever.
+    Only pages *in use* are spared (``_Guests.in_use``): pages the guest reports free
+    cost nothing to take.
     """
     ballooned = guests.ballooned
-    held = np.minimum(np.minimum(guests.held, used), guests.maxes)  # never beyond the limit
+    held = np.minimum(guests.in_use, guests.maxes)  # never kept beyond the limit
     squeeze = np.where(ballooned, np.maximum(held - allocations, 0), 0)
     surplus = np.where(ballooned, np.maximum(allocations - np.maximum(guests.held, wanted), 0), 0)
     total_squeeze, total_surplus = int(squeeze.sum()), int(surplus.sum())
@@ -332,7 +344,6 @@ class DemandPolicy:
         used = np.array(
             [with_headroom(g.working_set_bytes, contended=False) for g in views], dtype=np.int64
         )
-        in_use = used  # what defer_squeezes spares, for held-back guests too
         demand = demand_bytes(views)
         turns = self._load.update(snapshot.time_s, views, stall_fraction)
         if turns.holder is not None:
@@ -348,7 +359,7 @@ class DemandPolicy:
         allocations = allocations_bytes(guests, demand, short, used, available)
         # A stalled guest wants all it is given: its demand was only a step.
         wanted = np.where(short, guests.maxes, np.clip(demand, guests.mins, guests.maxes))
-        allocations = defer_squeezes(guests, allocations, wanted, in_use)
+        allocations = defer_squeezes(guests, allocations, wanted)
         registers = registers_bytes(guests, allocations, host.free_bytes, margin, available)
         mechanisms = self._mechanisms(host.state, guests)
         cpus = cpu_targets(snapshot, self.tax_rate)
