@@ -27,8 +27,8 @@ from pathlib import Path
 from _common import write_result
 from _vm import ACCEL, assets, lines, state_dir, stop_all, wait_line
 from balloonist.agent.pyz import build_pyz
-from balloonist.daemon.qemu_hv import VmPort
 from balloonist.daemon.service import Daemon, DaemonConfig
+from balloonist.daemon.vm_ports import VmPort
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import default_cache_dir, host_python
 from balloonist.qemu.qmp import BalloonQMP
@@ -115,7 +115,8 @@ def _run(mode: str) -> dict[str, object]:
             while time.monotonic() < down_at + DOWN_WINDOW_S:
                 step()
             ws_down, alloc_down = trace[-1][1], trace[-1][2]
-            port = type(daemon.hv.port("busy")).__name__
+            seen = daemon.hv.view("busy")
+            port = type(seen.port if seen is not None else None).__name__
         finally:
             daemon.hv.close()
 

@@ -8,6 +8,7 @@
      │    ├── TransientBackendError   worth retrying (disconnect, timeout)
      │    └── FatalBackendError       not worth retrying (no balloon device, refused)
      ├── SimulationError        the simulator found one of its invariants broken (a bug)
+     ├── StateError             a lifecycle asked to make a move it does not allow (a bug)
      └── WorkerError            a process running a simulation died without an error of its own
 
 Library code raises these and never exits; only the CLI turns them into exit codes.
@@ -77,6 +78,17 @@ class FatalBackendError(BackendError):
 
 class SimulationError(BalloonistError):
     """The simulator caught one of its own invariants broken: a bug, never user error."""
+
+
+class StateError(BalloonistError):
+    """Something was asked to move between two states its lifecycle does not connect:
+    a bug in the caller, never a guest's or a user's doing."""
+
+    def __init__(self, what: str, state: enum.Enum, to: enum.Enum) -> None:
+        super().__init__(f"{what}: no move from {state.name} to {to.name}")
+        self.what = what
+        self.state = state
+        self.to = to
 
 
 class WorkerError(BalloonistError):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from balloonist.daemon.service import Daemon, DaemonConfig
+from balloonist.daemon.vm_ports import CpuBalloonPort
 from balloonist.errors import FatalBackendError, TransientBackendError
 from balloonist.host import HostMemInfo
 from balloonist.qemu.launcher import StateDir, VMRecord
@@ -43,6 +44,11 @@ class FakeVm:
         pass
 
     cooperative = True
+    rejected_messages = 0
+
+    @property
+    def cpu_balloon(self) -> CpuBalloonPort | None:
+        return None
 
     async def set_target(self, guest_bytes: int) -> None:
         self.target = guest_bytes

@@ -1,15 +1,16 @@
-"""The daemon driving real VMs' processors, over fake agent ports whose "vCPU threads"
-are real threads of this test process: the CPU balloon targets follow the policy, the
-threads' affinity follows the grants, in the order that never squeezes online vCPUs,
-and their demand comes from the threads' CPU time. No QEMU (tests/qemu/test_cpu_vm.py
-drives the same pieces in a real guest)."""
+"""The daemon driving real VMs' processors, over fake agent ports and a fake host side
+of their vCPU threads (their CPU time and affinity): the CPU balloon targets follow the
+policy, the threads' affinity follows the grants, in the order that never squeezes
+online vCPUs, and their demand comes from the threads' CPU time. No QEMU
+(tests/qemu/test_cpu_vm.py drives the same pieces in a real guest); the real host side
+is checked against this process's own threads at the end."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,47 +19,44 @@ import pytest
 from balloonist.daemon.agent_link import CpuReport
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.processors import grants
-from balloonist.daemon.qemu_hv import CpuBalloonPort
 from balloonist.daemon.service import Daemon, DaemonConfig
+from balloonist.daemon.vm_ports import CpuBalloonPort, ProcVcpuHost
 from balloonist.qemu.launcher import StateDir
 from balloonist.units import GIB
 from tests.daemon.fakes import HOST, FakeVm, record
 
-#: Host processors the VMs share: this machine has (at least) two.
+#: Host processors the VMs share.
 PROCESSORS = frozenset({0, 1})
+#: Seconds between periods on the fake clock.
+PERIOD_S = 1.0
 
 
-class Threads:
-    """Two threads standing in for a VM's vCPU threads; ``busy`` ones spin."""
+@dataclass
+class FakeHost:
+    """The host side of the fake VMs' vCPU threads: ``busy`` threads run all the time,
+    the others never; affinities are remembered, not set."""
 
-    def __init__(self, *, busy: bool) -> None:
-        self._stop = threading.Event()
-        self.ids: list[int] = []
-        started = threading.Barrier(3)
+    now_s: float = 0.0
+    busy: set[int] = field(default_factory=set)
+    affinity: dict[int, frozenset[int]] = field(default_factory=dict)
 
-        def run() -> None:
-            self.ids.append(threading.get_native_id())
-            started.wait()
-            while not self._stop.is_set():
-                if not busy:
-                    self._stop.wait(0.05)
+    def clock(self) -> float:
+        return self.now_s
 
-        self._threads = [threading.Thread(target=run, daemon=True) for _ in range(2)]
-        for t in self._threads:
-            t.start()
-        started.wait()
+    def cpu_s(self, pid: int, threads: Mapping[int, int]) -> float:
+        return sum(self.now_s for tid in set(threads.values()) if tid in self.busy)
 
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+    def narrow(self, pid: int, threads: Mapping[int, int], processors: frozenset[int]) -> None:
+        for tid in threads.values():
+            self.affinity[tid] = processors
 
 
 @dataclass
 class FakeAgentVm(FakeVm):
     """A memory FakeVm with a CPU balloon: its agent obeys a target at once."""
 
-    threads: Threads | None = None
+    host: FakeHost | None = None
+    threads: tuple[int, ...] = ()
     vcpus: int = 2
     cpu_targets: list[int] = field(default_factory=list)
     #: The threads' affinity when each target arrived (to check the order of moves).
@@ -66,35 +64,39 @@ class FakeAgentVm(FakeVm):
     report: CpuReport | None = None
 
     @property
+    def cpu_balloon(self) -> FakeAgentVm:
+        return self
+
+    @property
     def cpu_report(self) -> CpuReport | None:
         return self.report
 
     async def set_cpu_target(self, reserved_vcpus: int) -> None:
-        assert self.threads is not None
+        assert self.host is not None
         self.cpu_targets.append(reserved_vcpus)
-        self.affinity_at_target.append(frozenset(os.sched_getaffinity(self.threads.ids[0])))
+        self.affinity_at_target.append(self.host.affinity.get(self.threads[0], PROCESSORS))
         online = tuple(range(self.vcpus - reserved_vcpus))
         reserved = tuple(range(self.vcpus - reserved_vcpus, self.vcpus))
-        self.report = CpuReport(online, reserved, time.monotonic())
+        self.report = CpuReport(online, reserved, self.host.now_s)
 
     async def vcpu_threads(self) -> dict[int, int]:
-        assert self.threads is not None
-        return dict(enumerate(self.threads.ids))
+        return dict(enumerate(self.threads))
 
 
 @pytest.fixture
-def vms() -> Iterator[dict[str, FakeAgentVm]]:
-    made = {
-        "busy": FakeAgentVm(2 * GIB, 2 * GIB, threads=Threads(busy=True)),
-        "idle": FakeAgentVm(2 * GIB, 2 * GIB, threads=Threads(busy=False)),
+def host() -> FakeHost:
+    return FakeHost(busy={101, 102})
+
+
+@pytest.fixture
+def vms(host: FakeHost) -> dict[str, FakeAgentVm]:
+    return {
+        "busy": FakeAgentVm(2 * GIB, 2 * GIB, host=host, threads=(101, 102)),
+        "idle": FakeAgentVm(2 * GIB, 2 * GIB, host=host, threads=(201, 202)),
     }
-    yield made
-    for vm in made.values():
-        assert vm.threads is not None
-        vm.threads.stop()
 
 
-def daemon_for(tmp_path: Path, vms: dict[str, FakeAgentVm]) -> Daemon:
+def daemon_for(tmp_path: Path, vms: dict[str, FakeAgentVm], host: FakeHost) -> Daemon:
     state = StateDir(tmp_path)
     for name, vm in vms.items():
         agent_vm = replace(
@@ -109,15 +111,15 @@ def daemon_for(tmp_path: Path, vms: dict[str, FakeAgentVm]) -> Daemon:
     return Daemon(
         config,
         state,
-        clock=time.monotonic,
+        clock=host.clock,
         meminfo=lambda: HOST,
         connector=lambda r: vms[r.name],
+        vcpu_host=host,
     )
 
 
-def affinity(vm: FakeAgentVm) -> set[frozenset[int]]:
-    assert vm.threads is not None
-    return {frozenset(os.sched_getaffinity(tid)) for tid in vm.threads.ids}
+def affinity(vm: FakeAgentVm, host: FakeHost) -> set[frozenset[int]]:
+    return {host.affinity.get(tid, PROCESSORS) for tid in vm.threads}
 
 
 def test_the_fake_is_a_cpu_balloon_port() -> None:
@@ -125,19 +127,20 @@ def test_the_fake_is_a_cpu_balloon_port() -> None:
 
 
 def test_each_vm_gets_its_own_processor_and_gives_it_back_in_order(
-    tmp_path: Path, vms: dict[str, FakeAgentVm]
+    tmp_path: Path, vms: dict[str, FakeAgentVm], host: FakeHost
 ) -> None:
-    daemon = daemon_for(tmp_path, vms)
+    daemon = daemon_for(tmp_path, vms, host)
     try:
         for _ in range(3):
             daemon.step()
-            time.sleep(0.2)  # let the threads run, so the next sample measures them
+            host.now_s += PERIOD_S  # busy's threads run the whole period, idle's never
+        daemon.step()
         status = daemon.status()
         assert status is not None and status.host.cpus == 2
         busy, idle = status.guest("busy"), status.guest("idle")
         assert busy is not None and busy.cpu is not None and idle is not None
         assert idle.cpu is not None
-        # demand from the threads' CPU time: busy spins, idle sleeps
+        # demand from the threads' CPU time: busy's run, idle's do not
         assert busy.cpu.demand_vcpus > 0.5 and idle.cpu.demand_vcpus < 0.2
         # two processors, a reservation of one each: one processor, one vCPU each
         assert (busy.cpu.allocation_target_cpus, idle.cpu.allocation_target_cpus) == (1, 1)
@@ -146,8 +149,8 @@ def test_each_vm_gets_its_own_processor_and_gives_it_back_in_order(
         # the threads were narrowed only after the guests had taken a vCPU offline,
         # and each VM has a processor of its own
         assert vms["busy"].affinity_at_target[0] == PROCESSORS
-        assert affinity(vms["busy"]) == {frozenset({0})}
-        assert affinity(vms["idle"]) == {frozenset({1})}
+        assert affinity(vms["busy"], host) == {frozenset({0})}
+        assert affinity(vms["idle"], host) == {frozenset({1})}
 
         # busy reserves both processors: the reservations no longer fit, so both VMs
         # may use both and the host time-slices; busy's threads are widened first
@@ -155,9 +158,41 @@ def test_each_vm_gets_its_own_processor_and_gives_it_back_in_order(
         daemon.step()
         assert vms["busy"].cpu_targets[-1] == 0
         assert vms["busy"].affinity_at_target[-1] == PROCESSORS  # room before the vCPU
-        assert affinity(vms["busy"]) == {PROCESSORS} == affinity(vms["idle"])
+        assert affinity(vms["busy"], host) == {PROCESSORS} == affinity(vms["idle"], host)
     finally:
         daemon.hv.close()
+
+
+def test_the_real_vcpu_host_reads_and_narrows_this_process_s_threads() -> None:
+    stop = threading.Event()
+    ids: list[int] = []
+    started = threading.Event()
+
+    def spin() -> None:
+        ids.append(threading.get_native_id())
+        started.set()
+        while not stop.is_set():
+            pass
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    started.wait()
+    real, pid, threads = ProcVcpuHost(), os.getpid(), {0: ids[0]}
+    every = frozenset(os.sched_getaffinity(ids[0]))
+    try:
+        first = real.cpu_s(pid, threads)
+        deadline = time.monotonic() + 30
+        while real.cpu_s(pid, threads) < first + 0.05:  # the spinning thread's time grows
+            assert time.monotonic() < deadline, "the thread's CPU time never grew"
+            stop.wait(0.01)
+        one = frozenset({min(every)})
+        real.narrow(pid, threads, one)
+        assert frozenset(os.sched_getaffinity(ids[0])) == one
+        real.narrow(pid, threads, every)
+        assert frozenset(os.sched_getaffinity(ids[0])) == every
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_grants_are_disjoint_blocks_in_name_order_or_everything() -> None:
@@ -172,7 +207,7 @@ def test_grants_are_disjoint_blocks_in_name_order_or_everything() -> None:
 
 
 def test_without_processors_the_daemon_leaves_them_alone(
-    tmp_path: Path, vms: dict[str, FakeAgentVm]
+    tmp_path: Path, vms: dict[str, FakeAgentVm], host: FakeHost
 ) -> None:
     state = StateDir(tmp_path)
     for name in vms:
@@ -180,9 +215,10 @@ def test_without_processors_the_daemon_leaves_them_alone(
     daemon = Daemon(
         DaemonConfig.model_validate({"daemon": {"budget": "4GiB"}}),
         state,
-        clock=time.monotonic,
+        clock=host.clock,
         meminfo=lambda: HOST,
         connector=lambda r: vms[r.name],
+        vcpu_host=host,
     )
     try:
         daemon.step()

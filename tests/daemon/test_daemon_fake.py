@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from balloonist.daemon.pacing import HOST_RATE_LIMITS
-from balloonist.daemon.qemu_hv import demand_bytes
 from balloonist.daemon.service import load_config
+from balloonist.daemon.vm_figures import demand_bytes
+from balloonist.daemon.vm_life import VmLife
 from balloonist.errors import ConfigError
 from balloonist.host import HostMemInfo, parse_meminfo
 from balloonist.qemu.qmp import GuestStats
@@ -71,11 +72,23 @@ def test_transient_failure_reconnects_and_fatal_leaves_the_others_managed(
         "fine": FakeVm(2 * GIB, 2 * GIB),
     }
     daemon = make(tmp_path, vms, budget="4GiB")
-    for _ in range(10):
+
+    def lives() -> dict[str, VmLife]:
+        return {name: view.life for name in vms if (view := daemon.hv.view(name)) is not None}
+
+    assert set(lives().values()) == {VmLife.NEW}
+    daemon.step()
+    assert lives() == {
+        "flaky": VmLife.RECONNECTING,
+        "broken": VmLife.BROKEN,
+        "fine": VmLife.SAMPLED,
+    }
+    for _ in range(9):
         daemon.step()
     assert vms["flaky"].connects == 3 and vms["flaky"].targets  # reconnected, then managed
     assert not vms["broken"].targets
     assert vms["fine"].targets
+    assert lives() == {"flaky": VmLife.SAMPLED, "broken": VmLife.BROKEN, "fine": VmLife.SAMPLED}
 
 
 def test_a_vm_removed_from_the_state_dir_is_dropped(tmp_path: Path) -> None:

@@ -387,7 +387,8 @@ def test_the_daemon_shares_the_host_s_processors_by_policy(
         return None if guest is None or guest.cpu is None else guest.cpu.online_vcpus
 
     def threads_on() -> set[frozenset[int]]:
-        threads = daemon.hv.vcpu_threads("dcpu")
+        view = daemon.hv.view("dcpu")
+        threads = view.vcpu_threads if view is not None else None
         return set() if threads is None else set(vcpu_affinity(pid, threads).values())
 
     def work_goes_on(*, online: str, cpus: set[int]) -> None:

@@ -68,9 +68,11 @@ def test_agent_and_virtio_balloon_guests_are_managed_side_by_side(
             )
             daemon.idle(max(0.0, 1.0 - (time.monotonic() - started)))
         assert took, {name: daemon.hv.actual_bytes(name) for name in ("agent", "plain")}
-        port = daemon.hv.port("agent")
+        seen, plain = daemon.hv.view("agent"), daemon.hv.view("plain")
+        assert seen is not None and plain is not None
+        port = seen.port
         assert isinstance(port, AgentPort) and port.cooperative
-        assert not isinstance(daemon.hv.port("plain"), AgentPort)
+        assert not isinstance(plain.port, AgentPort)
         # what the daemon counts as taken from the agent VM is what the host has back
         assert port.session.verified_freed_pages() * 4096 >= TAKE_BYTES
         assert sent and all(MIN_BYTES <= b <= MEMORY_MIB * MIB for _, b in sent)

@@ -6,7 +6,7 @@ says what to answer. :class:`AgentPort` does the I/O: it reads the virtio-serial
 socket QEMU exposes, frees the memory behind reported pages in the guest's RAM file
 (with the vCPUs paused, so no page can change between its check and its hole), and
 offers the daemon the same port as a virtio-balloon VM (:class:`~balloonist.daemon.
-qemu_hv.VmPort`), so both kinds of guest run under one policy.
+vm_ports.VmPort`), so both kinds of guest run under one policy.
 
 Everything the guest says is hostile until checked: line length and message shape
 (:mod:`balloonist.agent.protocol`), page ranges against the guest's RAM and against
@@ -588,6 +588,14 @@ class AgentPort:
     @property
     def cooperative(self) -> bool:
         return self.session.alive(self._clock())
+
+    @property
+    def rejected_messages(self) -> int:
+        return sum(self.session.violations.values())
+
+    @property
+    def cpu_balloon(self) -> AgentPort:
+        return self
 
 
 __all__ = [

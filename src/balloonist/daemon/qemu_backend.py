@@ -20,7 +20,8 @@ from balloonist.daemon.backend import BackendKind, GuestState, ResumePoint, merg
 from balloonist.daemon.config import DaemonConfig, budget_bytes, with_overrides
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.pacing import Bounds
-from balloonist.daemon.qemu_hv import QemuHypervisor, VmPort
+from balloonist.daemon.qemu_hv import QemuHypervisor
+from balloonist.daemon.vm_ports import VcpuHost, VmPort
 from balloonist.errors import BalloonistError
 from balloonist.host import HostMemInfo
 from balloonist.model import GuestSpec
@@ -51,6 +52,7 @@ class QemuBackend:
         clock: Callable[[], float],
         meminfo: Callable[[], HostMemInfo],
         connector: Callable[[VMRecord], VmPort] | None = None,
+        vcpu_host: VcpuHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
     ) -> None:
         self.config = config
@@ -68,6 +70,7 @@ class QemuBackend:
             on_target=on_target,
             period_s=config.daemon.period_s,
             processors=config.daemon.processor_ids,
+            vcpu_host=vcpu_host,
         )
 
     def _records(self) -> list[VMRecord]:
@@ -148,14 +151,14 @@ class QemuBackend:
     def guest_states(self) -> dict[str, GuestState]:
         states = {}
         for record in self.hv.records():
-            actual = self.hv.actual_bytes(record.name)
-            if actual is None:
-                continue  # not sampled yet
-            sent = self.hv.sent_targets(record.name)
+            view = self.hv.view(record.name)
+            if view is None or view.actual_bytes is None:
+                continue  # not sampled this period
+            sent = view.last_sent_bytes
             states[record.name] = GuestState(
-                allocated_bytes=actual,
-                balloon_bytes=record.memory_bytes - actual,
-                balloon_target_bytes=record.memory_bytes - sent[-1] if sent else None,
+                allocated_bytes=view.actual_bytes,
+                balloon_bytes=record.memory_bytes - view.actual_bytes,
+                balloon_target_bytes=None if sent is None else record.memory_bytes - sent,
             )
         return states
 

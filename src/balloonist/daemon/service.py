@@ -64,7 +64,7 @@ from balloonist.daemon.config import (
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.history import History, HistoryPoint
 from balloonist.daemon.qemu_backend import QemuBackend
-from balloonist.daemon.qemu_hv import QemuHypervisor, VmPort
+from balloonist.daemon.qemu_hv import QemuHypervisor
 from balloonist.daemon.statefile import (
     FORMAT,
     STATE_FILE,
@@ -77,6 +77,7 @@ from balloonist.daemon.statefile import (
     save_state,
 )
 from balloonist.daemon.status import PolicyStatus, Status, status_from_cycle
+from balloonist.daemon.vm_ports import VcpuHost, VmPort
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo, read_meminfo
 from balloonist.model import GuestSpec
@@ -478,13 +479,20 @@ class Daemon(DaemonLoop):
         clock: Callable[[], float] = time.monotonic,
         meminfo: Callable[[], HostMemInfo] = read_meminfo,
         connector: Callable[[VMRecord], VmPort] | None = None,
+        vcpu_host: VcpuHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
         policy: Policy | None = None,
     ) -> None:
         self.config = config
         self.state = state
         backend = QemuBackend(
-            config, state, clock=clock, meminfo=meminfo, connector=connector, on_target=on_target
+            config,
+            state,
+            clock=clock,
+            meminfo=meminfo,
+            connector=connector,
+            vcpu_host=vcpu_host,
+            on_target=on_target,
         )
         self.hv: QemuHypervisor = backend.hv
         state.root.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,14 @@ class BalloonQMP:
         return True
 
     @property
+    def rejected_messages(self) -> int:
+        return 0  # QMP's answers are parsed strictly, but no guest talks on it
+
+    @property
+    def cpu_balloon(self) -> None:
+        return None  # virtio-balloon has no CPU balloon
+
+    @property
     def connected(self) -> bool:
         return self._client.runstate.name == "RUNNING"
 

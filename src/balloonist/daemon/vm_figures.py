@@ -1,0 +1,99 @@
+"""What the policy sees of real VMs: pure functions of what the adapter knows.
+
+**Demand from guest statistics.** A real guest gives no page-access samples, so its
+working-set observation is built from what virtio-balloon reports:
+
+    used      = min(total, actual) - available
+    pressure  = (major faults + swap-ins since the last period) x page size
+    shortfall = available floor - available, if positive
+    observed  = used + pressure + shortfall, within [0, memory]
+
+``min(total, actual)``: with ``deflate-on-oom`` Linux keeps ballooned pages in its
+total and takes them out of "available", without it the total shrinks; either way the
+minimum is what the guest has to work with. Pages the guest had to read back in were
+needed and not resident, so they count as demand beyond what it uses now. A guest
+below its available floor is about to reclaim hard, or, without swap, to OOM-kill:
+what it lacks of the floor is demand too. Without these two terms a guest could never
+look bigger than what it already holds.
+
+**Host memory** for the policy is the budget, or less when the host is short for
+reasons of its own: never more than what the guests hold (their balloons' actual
+sizes) plus the host's ``MemAvailable``. Free memory is that minus what they hold.
+A VM that could not be sampled this period still holds its last known size. When the
+guests' minimums and the sizes uncooperative guests are held at add up to more than
+that, the memory is in use regardless: the policy is given that much, so it holds
+everyone at their minimum instead of refusing to decide (logged once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from balloonist.host import HostMemInfo
+from balloonist.model import HostReading
+from balloonist.qemu.qmp import GuestStats
+from balloonist.units import PAGE_SIZE_BYTES
+
+
+def demand_bytes(
+    actual_bytes: int,
+    memory_bytes: int,
+    stats: GuestStats | None,
+    new_faults: int,
+    floor_bytes: int = 0,
+) -> int | None:
+    """The working-set observation from guest statistics (see the module docstring)."""
+    if stats is None or stats.total_bytes is None or stats.available_bytes is None:
+        return None
+    used = max(0, min(stats.total_bytes, actual_bytes) - stats.available_bytes)
+    pressure = max(0, new_faults) * PAGE_SIZE_BYTES
+    shortfall = max(0, floor_bytes - stats.available_bytes)
+    return min(memory_bytes, used + pressure + shortfall)
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """The memory the VMs may share, as the policy gets it."""
+
+    shareable_bytes: int  # the budget, or what they hold plus what the host has left
+    held_bytes: int  # what the VMs hold now
+    reserved_bytes: int  # their minimums, uncooperative ones at the size they are held
+
+    @property
+    def over_reserved(self) -> bool:
+        """The minimums do not fit: the memory is in use anyway, everyone at theirs."""
+        return self.reserved_bytes > self.shareable_bytes
+
+    @property
+    def memory_bytes(self) -> int:
+        return max(self.shareable_bytes, self.reserved_bytes)
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.memory_bytes - self.held_bytes)
+
+    def reading(self, time_s: float, info: HostMemInfo, cpus: int | None) -> HostReading:
+        """The scheduler's reading of the host: this memory, the host's swap."""
+        return HostReading(
+            time_s=time_s,
+            memory_bytes=self.memory_bytes,
+            free_bytes=self.free_bytes,
+            swap_bytes=info.swap_total_bytes,
+            swap_used_bytes=info.swap_total_bytes - info.swap_free_bytes,
+            cpus=cpus,
+        )
+
+
+def host_memory(
+    budget_bytes: int, info: HostMemInfo, held_bytes: int, reserved_bytes: int
+) -> HostMemory:
+    """The memory the VMs share (see the module docstring). ``held_bytes``: what they
+    hold; ``reserved_bytes``: their minimums as the policy gets them."""
+    # The budget is what the VMs may hold; the host may still run short of it for
+    # reasons of its own (other processes, pinned cache), and then the VMs share
+    # only what they hold plus what the host has available.
+    shareable = min(budget_bytes, held_bytes + info.available_bytes)
+    return HostMemory(shareable, held_bytes, reserved_bytes)
+
+
+__all__ = ["HostMemory", "demand_bytes", "host_memory"]

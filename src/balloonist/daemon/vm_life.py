@@ -1,0 +1,248 @@
+"""One managed VM's life in the QEMU adapter, and what the adapter keeps of it.
+
+A VM's life is one state, moved only along the arrows below; any other move is a bug
+and raises :class:`~balloonist.errors.StateError` (as ``qemu.qmp``'s ``Runstate``)::
+
+    NEW           -> CONNECTED     connected
+                  -> RECONNECTING  connecting failed
+    CONNECTED     -> SAMPLED       read this period
+                  -> RECONNECTING  a request failed
+    SAMPLED       -> CONNECTED     the next period begins
+                  -> RECONNECTING  a request failed
+    RECONNECTING  -> CONNECTED     connected again
+                  -> RECONNECTING  failed again
+    any but GONE  -> BROKEN        an answer that will not change (no balloon device)
+    any           -> GONE          no longer recorded, or its QEMU exited
+
+``SAMPLED`` means this period's figures are current and a target may be sent;
+``RECONNECTING`` is asked again next period; ``BROKEN`` (no balloon device, an answer
+that will not change) is left alone, held where it was last seen.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from balloonist.daemon.backend import AGENT_REJECTED, FATAL_ERRORS, STALLS, TRANSIENT_ERRORS
+from balloonist.daemon.pacing import Bounds, GuestPacer
+from balloonist.daemon.processors import VmProcessors
+from balloonist.daemon.vm_figures import demand_bytes
+from balloonist.daemon.vm_ports import VmPort
+from balloonist.errors import StateError
+from balloonist.model import CpuSample, GuestSample, GuestSpec
+from balloonist.qemu.launcher import VMRecord
+from balloonist.qemu.qmp import GuestStats
+from balloonist.units import PAGE_SIZE_BYTES, format_size
+
+log = logging.getLogger("balloonist.daemon")
+
+#: Targets remembered per VM (for inspection and tests); older ones are dropped.
+SENT_HISTORY: Final = 10_000
+
+
+class VmLife(enum.Enum):
+    NEW = "new"
+    CONNECTED = "connected"
+    SAMPLED = "sampled"
+    RECONNECTING = "reconnecting"
+    BROKEN = "broken"
+    GONE = "gone"
+
+
+_MOVES: Final[dict[VmLife, frozenset[VmLife]]] = {
+    VmLife.NEW: frozenset({VmLife.CONNECTED, VmLife.RECONNECTING}),
+    VmLife.CONNECTED: frozenset({VmLife.SAMPLED, VmLife.RECONNECTING}),
+    VmLife.SAMPLED: frozenset({VmLife.CONNECTED, VmLife.RECONNECTING}),
+    VmLife.RECONNECTING: frozenset({VmLife.CONNECTED, VmLife.RECONNECTING}),
+    VmLife.BROKEN: frozenset(),
+    VmLife.GONE: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class VmFailures:
+    """One VM's failures, cumulative, each a counter of its own."""
+
+    transient_errors: int = 0  # a request failed and is retried (reconnecting)
+    fatal_errors: int = 0  # a request failed for good: the VM is left alone
+    stalls: int = 0  # its balloon stopped following its target
+    agent_rejected: int = 0  # messages its agent sent that were refused
+
+    def __add__(self, other: VmFailures) -> VmFailures:
+        return VmFailures(
+            self.transient_errors + other.transient_errors,
+            self.fatal_errors + other.fatal_errors,
+            self.stalls + other.stalls,
+            self.agent_rejected + other.agent_rejected,
+        )
+
+    def as_counters(self) -> dict[str, int]:
+        """By the names the daemon's status and metrics use (``daemon/backend.py``)."""
+        return {
+            TRANSIENT_ERRORS: self.transient_errors,
+            FATAL_ERRORS: self.fatal_errors,
+            STALLS: self.stalls,
+            AGENT_REJECTED: self.agent_rejected,
+        }
+
+
+@dataclass(frozen=True)
+class VmView:
+    """One managed VM as the adapter sees it now (for status, tools and tests)."""
+
+    name: str
+    life: VmLife
+    actual_bytes: int | None  # its size, if it was sampled this period
+    last_sent_bytes: int | None  # the last target sent to it
+    sent_count: int  # targets sent (of the last SENT_HISTORY)
+    vcpu_threads: dict[int, int] | None  # once the daemon drives its processors
+    port: VmPort | None  # once it was first asked
+
+
+@dataclass
+class ManagedVm:
+    """What the adapter keeps of one VM between periods."""
+
+    record: VMRecord
+    port: VmPort | None = None
+    pacer: GuestPacer | None = None  # made at its first sample
+    actual_bytes: int = 0  # its size at the last sample
+    stats: GuestStats | None = None
+    faults: int | None = None  # major faults + swap-ins at the last sample
+    observed_bytes: int | None = None
+    cpu: VmProcessors | None = None  # its processors, when the daemon shares them
+    sent: deque[int] = field(default_factory=lambda: deque(maxlen=SENT_HISTORY))
+    transient_errors: int = 0
+    fatal_errors: int = 0
+    stalls: int = 0
+    _life: VmLife = VmLife.NEW
+
+    @property
+    def life(self) -> VmLife:
+        return self._life
+
+    def move_to(self, to: VmLife) -> None:
+        """Move along one of the module docstring's arrows; anything else is a bug."""
+        allowed = to is VmLife.GONE or (to is VmLife.BROKEN and self._life is not VmLife.GONE)
+        if not allowed and to not in _MOVES[self._life]:
+            raise StateError(f"VM {self.record.name}", self._life, to)
+        self._life = to
+
+    @property
+    def connected(self) -> bool:
+        """Its port's connection is open."""
+        return self._life in (VmLife.CONNECTED, VmLife.SAMPLED)
+
+    @property
+    def sampled(self) -> bool:
+        """This period's figures are current."""
+        return self._life is VmLife.SAMPLED
+
+    def observe(
+        self, actual_bytes: int, stats: GuestStats, bounds: Bounds, stall_timeout_s: float
+    ) -> None:
+        """Fold in this period's reading: its size, its statistics, its demand."""
+        faults_now = (stats.major_faults or 0) + (stats.swap_in_pages or 0)
+        new_faults = 0 if self.faults is None else faults_now - self.faults
+        self.faults = faults_now
+        self.actual_bytes = actual_bytes
+        self.stats = stats
+        memory = self.record.memory_bytes
+        floor = bounds.available_floor_bytes
+        self.observed_bytes = demand_bytes(actual_bytes, memory, stats, new_faults, floor)
+        if self.pacer is None:
+            self.pacer = GuestPacer.starting_at(actual_bytes, bounds, stall_timeout_s)
+
+    def next_target_bytes(self, wanted_bytes: int, now_s: float) -> int | None:
+        """The next paced step toward what the policy wants; None if it was sent already."""
+        assert self.pacer is not None  # by observe()
+        name = self.record.name
+        available = self.stats.available_bytes if self.stats else None
+        was_cooperative = self.pacer.cooperative
+        next_bytes = self.pacer.step(wanted_bytes, self.actual_bytes, available, now_s)
+        if was_cooperative and not self.pacer.cooperative:
+            self.stalls += 1
+            log.warning("%s: balloon stalled; uncooperative", name)
+        log.debug(
+            "%s: actual %s, observed %s, policy %s, sending %s",
+            name,
+            format_size(self.actual_bytes),
+            format_size(self.observed_bytes or 0),
+            format_size(wanted_bytes),
+            format_size(next_bytes),
+        )
+        return None if self.sent and self.sent[-1] == next_bytes else next_bytes
+
+    @property
+    def cooperative(self) -> bool:
+        """Whether the policy may move it: sampled now, its port and its pacer agreeing."""
+        if self.pacer is None:
+            return True  # never sampled: not in the policy's view yet
+        reachable = self.sampled and self.port is not None and self.port.cooperative
+        return reachable and self.pacer.cooperative
+
+    @property
+    def held_bytes(self) -> int:
+        """The machine memory it holds: its last known size, all of it if never sampled
+        (a VM that cannot be asked must not look like free memory)."""
+        return self.actual_bytes if self.pacer is not None else self.record.memory_bytes
+
+    def held_spec(self, spec: GuestSpec) -> GuestSpec:
+        """Its spec for the policy: as configured, or held where it is if uncooperative
+        (do not count on memory it will not give)."""
+        if self.cooperative:
+            return spec
+        held = max(spec.min_bytes, min(self.actual_bytes, spec.limit_bytes))
+        return replace(spec, min_bytes=held, max_bytes=held)
+
+    def fresh_sample(self, period_s: float, cpu: CpuSample | None) -> GuestSample:
+        """Its sample from this period's reading (:meth:`observe`)."""
+        r, pacer, stats = self.record, self.pacer, self.stats
+        assert pacer is not None and stats is not None  # by observe()
+        return GuestSample(
+            name=r.name,
+            allocated_bytes=self.actual_bytes,
+            balloon_bytes=r.memory_bytes - self.actual_bytes,
+            balloon_target_bytes=r.memory_bytes - pacer.commanded_bytes,
+            active_bytes_observed=self.observed_bytes,
+            free_bytes=stats.free_bytes,
+            major_faults=stats.major_faults or 0,
+            cooperative=self.cooperative,
+            inflate_rate_bytes_per_s=pacer.rate.rate_pages * PAGE_SIZE_BYTES / period_s,
+            cpu=cpu,
+        )
+
+    def stale_sample(self) -> GuestSample:
+        """Known from earlier periods but not asked now: as it was last, uncooperative."""
+        r = self.record
+        return GuestSample(
+            name=r.name,
+            allocated_bytes=self.actual_bytes,
+            balloon_bytes=r.memory_bytes - self.actual_bytes,
+            balloon_target_bytes=r.memory_bytes - self.actual_bytes,
+            active_bytes_observed=None,
+            cooperative=False,
+        )
+
+    def view(self) -> VmView:
+        threads = self.cpu.threads if self.cpu is not None else None
+        return VmView(
+            name=self.record.name,
+            life=self._life,
+            actual_bytes=self.actual_bytes if self.sampled else None,
+            last_sent_bytes=self.sent[-1] if self.sent else None,
+            sent_count=len(self.sent),
+            vcpu_threads=None if threads is None else dict(threads),
+            port=self.port,
+        )
+
+    def failures(self) -> VmFailures:
+        rejected = self.port.rejected_messages if self.port is not None else 0
+        return VmFailures(self.transient_errors, self.fatal_errors, self.stalls, rejected)
+
+
+__all__ = ["SENT_HISTORY", "ManagedVm", "VmFailures", "VmLife", "VmView"]

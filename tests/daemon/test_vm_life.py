@@ -1,0 +1,73 @@
+"""A managed VM's life moves only along the arrows drawn in ``daemon/vm_life.py``."""
+
+from __future__ import annotations
+
+import pytest
+
+from balloonist.daemon.vm_life import ManagedVm, VmFailures, VmLife
+from balloonist.errors import StateError
+from tests.daemon.fakes import record
+
+L = VmLife
+
+
+def vm_at(*path: VmLife) -> ManagedVm:
+    vm = ManagedVm(record("g"))
+    for life in path:
+        vm.move_to(life)
+    return vm
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        (L.CONNECTED, L.SAMPLED, L.CONNECTED, L.SAMPLED),  # period after period
+        (L.RECONNECTING, L.RECONNECTING, L.CONNECTED),  # the socket comes back
+        (L.CONNECTED, L.SAMPLED, L.RECONNECTING, L.CONNECTED),  # a send failed
+        (L.CONNECTED, L.BROKEN, L.GONE),  # no balloon device, then removed
+        (L.GONE,),  # removed before it was asked
+    ],
+)
+def test_the_allowed_moves(path: tuple[VmLife, ...]) -> None:
+    assert vm_at(*path).life is path[-1]
+
+
+@pytest.mark.parametrize(
+    ("path", "to"),
+    [
+        ((), L.SAMPLED),  # figures from a VM never connected
+        ((L.RECONNECTING,), L.SAMPLED),  # figures without reconnecting first
+        ((L.CONNECTED, L.BROKEN), L.CONNECTED),  # a broken VM is left alone
+        ((L.GONE,), L.CONNECTED),  # nothing comes back from GONE
+        ((L.GONE,), L.BROKEN),
+    ],
+)
+def test_any_other_move_is_a_bug_and_says_which(path: tuple[VmLife, ...], to: VmLife) -> None:
+    vm = vm_at(*path)
+    before = vm.life
+    with pytest.raises(StateError) as caught:
+        vm.move_to(to)
+    assert (caught.value.state, caught.value.to) == (before, to)
+    assert vm.life is before  # a refused move changes nothing
+
+
+def test_only_a_vm_sampled_this_period_counts_as_sampled_and_connected() -> None:
+    assert [(vm.sampled, vm.connected) for vm in (vm_at(), vm_at(L.CONNECTED))] == [
+        (False, False),
+        (False, True),
+    ]
+    assert (vm_at(L.CONNECTED, L.SAMPLED).sampled, vm_at(L.RECONNECTING).connected) == (
+        True,
+        False,
+    )
+
+
+def test_failures_add_up_field_by_field() -> None:
+    total = VmFailures(1, 2, 3, 4) + VmFailures(10, 20, 30, 40)
+    assert total == VmFailures(11, 22, 33, 44)
+    assert total.as_counters() == {
+        "backend_errors_transient": 11,
+        "backend_errors_fatal": 22,
+        "stalls": 33,
+        "agent_rejected": 44,
+    }
