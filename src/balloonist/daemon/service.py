@@ -34,26 +34,22 @@ A corrupt file is logged, set aside and never overwritten; the daemon then start
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Final
 
 from balloonist.daemon.backend import (
-    CYCLES_SKIPPED,
-    UNCOOPERATIVE,
     Backend,
     GuestState,
     ResumePoint,
     changed_spec,
     merge_changes,
 )
+from balloonist.daemon.board import StatusBoard
+from balloonist.daemon.changes import ChangeQueue
 from balloonist.daemon.config import (
     DAEMON_POLICIES,
     DaemonConfig,
@@ -62,25 +58,22 @@ from balloonist.daemon.config import (
     with_overrides,
 )
 from balloonist.daemon.control import GuestChange
-from balloonist.daemon.history import History, HistoryPoint
+from balloonist.daemon.history import HistoryPoint
 from balloonist.daemon.qemu_backend import QemuBackend
 from balloonist.daemon.qemu_hv import QemuHypervisor
 from balloonist.daemon.statefile import (
     FORMAT,
     STATE_FILE,
-    SavedChange,
-    SavedEstimate,
-    SavedGuest,
     SavedPolicy,
     SavedState,
     load_state,
     save_state,
+    saved_guest,
 )
-from balloonist.daemon.status import PolicyStatus, Status, status_from_cycle
+from balloonist.daemon.status import PolicyStatus, Status
 from balloonist.daemon.vm_ports import VcpuHost, VmPort
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo, read_meminfo
-from balloonist.model import GuestSpec
 from balloonist.policy import Policy
 from balloonist.policy.registry import make_policy
 from balloonist.policy.workingset import EstimateState, EstimatorParams
@@ -89,12 +82,6 @@ from balloonist.scheduler import Cycle, Scheduler
 from balloonist.units import format_size
 
 log = logging.getLogger("balloonist.daemon")
-
-#: A period's summary is logged at most this often (wall seconds): enough to watch a
-#: daemon work, not a line per period at a period of a second or less.
-LOG_EVERY_S: Final = 5.0
-#: Guests named in that summary; the rest are counted.
-LOG_GUESTS: Final = 6
 
 
 class DaemonLoop:
@@ -138,21 +125,11 @@ class DaemonLoop:
             period_s=backend.period_s,
             estimator=estimator,
         )
-        self._lock = threading.Lock()  # guards what the Controller methods touch
-        self._specs: dict[str, GuestSpec] = {}
-        self._capacity_bytes = 0
-        self._pending: dict[str, GuestChange] = {}
-        self._pending_tax: float | None = None
-        self._status: Status | None = None
-        self._history = History()
-        self._version = 0
+        self._queue = ChangeQueue()  # operators' changes, from any thread
+        self._board = StatusBoard()
         self._live: dict[str, GuestChange] = {}  # live changes in effect (persisted)
         self._periods = saved.periods if saved is not None else 0
-        self._skipped = 0
-        self._uncooperative: Counter[str] = Counter()
-        self._was_cooperative: dict[str, bool] = {}
         self._saved = saved
-        self._logged_at = -math.inf
         self._closed = False
         self._refresh_specs()
         if saved is not None:
@@ -161,48 +138,16 @@ class DaemonLoop:
     # -- the Controller ---------------------------------------------------------------
 
     def status(self) -> Status | None:
-        return self._status
+        return self._board.status()
 
     def history(self, since_version: int = 0) -> Sequence[HistoryPoint]:
-        return self._history.since(since_version)
+        return self._board.history(since_version)
 
     def change_guest(self, name: str, change: GuestChange) -> None:
-        with self._lock:
-            spec = self._specs.get(name)
-            if spec is None:
-                raise ConfigError(f"unknown guest {name!r}", where="name", field="name")
-            merged = merge_changes(self._pending.get(name), change)
-            updated = changed_spec(spec, merged)
-            reserved = updated.min_bytes + sum(
-                self._pending_spec(other).min_bytes for other in self._specs if other != name
-            )
-            if updated.min_bytes > spec.min_bytes and reserved > self._capacity_bytes:
-                raise ConfigError(
-                    f"the guests' reservations would add up to {format_size(reserved)}, more "
-                    f"than the {format_size(self._capacity_bytes)} they share",
-                    where="min_bytes",
-                    field="min_bytes",
-                )
-            self._pending[name] = merged
+        self._queue.guest(name, change)
 
     def change_policy(self, *, tax_rate: float) -> None:
-        if (
-            isinstance(tax_rate, bool)
-            or not isinstance(tax_rate, int | float)
-            or not 0.0 <= tax_rate < 1.0
-        ):
-            raise ConfigError(
-                f"must be at least 0 and below 1, got {tax_rate!r}",
-                where="tax_rate",
-                field="tax_rate",
-            )
-        with self._lock:
-            self._pending_tax = float(tax_rate)
-
-    def _pending_spec(self, name: str) -> GuestSpec:
-        change = self._pending.get(name)
-        spec = self._specs[name]
-        return spec if change is None else changed_spec(spec, change)
+        self._queue.tax_rate(tax_rate)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -217,14 +162,14 @@ class DaemonLoop:
             cycle = self.scheduler.step()
         except BalloonistError as exc:
             log.error("cycle skipped: %s", exc)
-            self._skipped += 1
+            self._board.skipped += 1
             cycle = None
         self.backend.settle()
         self._periods += 1
-        self._count_uncooperative(cycle)
-        self._publish(cycle)
+        backend = self.backend
+        self._board.publish(cycle, self._policy, backend.counters(), backend.guest_counters())
         self._save()
-        self._log_period()
+        self._board.log_period(self._periods)
         return cycle
 
     def idle(self, seconds: float, stop: Callable[[], bool] = lambda: False) -> None:
@@ -256,23 +201,15 @@ class DaemonLoop:
 
     def _refresh_specs(self) -> None:
         specs = {s.name: s for s in self.backend.configured_specs()}
-        capacity = self.backend.capacity_bytes()
         for gone in set(self._live) - set(specs):
             del self._live[gone]
-        with self._lock:
-            self._specs = specs
-            self._capacity_bytes = capacity
-            for gone in set(self._pending) - set(specs):
-                log.warning("%s: no longer managed; its queued change is dropped", gone)
-                del self._pending[gone]
+        self._queue.update(specs, self.backend.capacity_bytes())
 
     def _take_changes(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            tax, self._pending_tax = self._pending_tax, None
-        for name, change in pending.items():
+        taken = self._queue.take()
+        for name, change in taken.guests.items():
             self._apply_change(name, change, why="live change")
-        if tax is not None:
+        if (tax := taken.tax_rate) is not None:
             self.scheduler.policy = self._make_policy(tax)
             self._policy = replace(self._policy, tax_rate=tax)
             self._live_tax = tax
@@ -303,99 +240,21 @@ class DaemonLoop:
         )
         return True
 
-    def _count_uncooperative(self, cycle: Cycle | None) -> None:
-        if cycle is None:
-            return
-        for view in cycle.snapshot.guests:
-            cooperative = view.sample.cooperative
-            if not cooperative and self._was_cooperative.get(view.name, True):
-                self._uncooperative[view.name] += 1
-            self._was_cooperative[view.name] = cooperative
-
-    def _counters(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        totals = {
-            CYCLES_SKIPPED: self._skipped,
-            UNCOOPERATIVE: sum(self._uncooperative.values()),
-            **self.backend.counters(),
-        }
-        per_guest = {
-            name: {UNCOOPERATIVE: self._uncooperative[name], **counters}
-            for name, counters in self.backend.guest_counters().items()
-        }
-        return totals, per_guest
-
-    def _publish(self, cycle: Cycle | None) -> None:
-        counters, guest_counters = self._counters()
-        if cycle is not None:
-            status = status_from_cycle(
-                cycle,
-                version=self._version + 1,
-                policy=self._policy,
-                counters=counters,
-                guest_counters=guest_counters,
-            )
-        elif self._status is not None:
-            status = replace(
-                self._status, version=self._version + 1, policy=self._policy, counters=counters
-            )
-        else:
-            return  # nothing seen yet
-        self._version += 1
-        self._status = status  # one reference swap: readers see the old or the new
-        self._history.record(status)
-
-    def _log_period(self) -> None:
-        now = time.monotonic()
-        status = self._status
-        if status is None or now - self._logged_at < LOG_EVERY_S:
-            return
-        self._logged_at = now
-        guests = ", ".join(
-            f"{g.name} {format_size(g.allocated_bytes)} "
-            f"(target {format_size(g.allocation_target_bytes)})"
-            for g in status.guests[:LOG_GUESTS]
-        )
-        more = len(status.guests) - LOG_GUESTS
-        log.info(
-            "period %d, t=%.0fs: host %s, free %s; %s%s",
-            self._periods,
-            status.time_s,
-            status.host.state,
-            format_size(status.host.free_bytes),
-            guests or "no guests",
-            f", +{more} more" if more > 0 else "",
-        )
-
     # -- the state file -------------------------------------------------------------------
 
     def saved_state(self) -> SavedState:
         """What the state file records now."""
         states = self.backend.guest_states()
         estimates = self.scheduler.estimates() if self.backend.resumes_estimates else {}
-        guests = {}
-        for spec in self.backend.configured_specs():
-            state = states.get(spec.name)
-            live = self._live.get(spec.name) or GuestChange()
-            estimate = estimates.get(spec.name)
-            guests[spec.name] = SavedGuest(
-                memory_bytes=spec.memory_bytes,
-                min_bytes=spec.min_bytes,
-                max_bytes=spec.limit_bytes,
-                shares=spec.shares,
-                changed=SavedChange.model_validate(dataclasses.asdict(live)),
-                allocated_bytes=state.allocated_bytes if state else None,
-                balloon_bytes=state.balloon_bytes if state else None,
-                balloon_target_bytes=state.balloon_target_bytes if state else None,
-                estimate=(
-                    SavedEstimate(
-                        fast_bytes=estimate[0].fast_bytes,
-                        slow_bytes=estimate[0].slow_bytes,
-                        observed_at_s=estimate[1],
-                    )
-                    if estimate is not None
-                    else None
-                ),
+        guests = {
+            spec.name: saved_guest(
+                spec,
+                states.get(spec.name),
+                self._live.get(spec.name) or GuestChange(),
+                estimates.get(spec.name),
             )
+            for spec in self.backend.configured_specs()
+        }
         return SavedState(
             format=FORMAT,
             backend=self.backend.kind,

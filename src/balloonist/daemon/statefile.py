@@ -18,6 +18,7 @@ described in :mod:`balloonist.daemon.service`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -28,7 +29,11 @@ from pydantic import Field, ValidationError
 
 from balloonist.atomicfile import fsync_dir, remove_leftovers, write_atomic
 from balloonist.config import Strict, format_loc
+from balloonist.daemon.backend import GuestState
+from balloonist.daemon.control import GuestChange
 from balloonist.errors import BalloonistError
+from balloonist.model import GuestSpec
+from balloonist.policy.workingset import EstimateState
 
 log = logging.getLogger("balloonist.daemon")
 
@@ -63,6 +68,35 @@ class SavedGuest(Strict):
     balloon_bytes: int | None = Field(default=None, ge=0)
     balloon_target_bytes: int | None = Field(default=None, ge=0)
     estimate: SavedEstimate | None = None
+
+
+def saved_guest(
+    spec: GuestSpec,
+    state: GuestState | None,
+    live: GuestChange,
+    estimate: tuple[EstimateState, float] | None,
+) -> SavedGuest:
+    """What the state file records of one guest: its spec, the live changes in effect,
+    where it was, and (simulator) its working-set averages and when they were taken."""
+    return SavedGuest(
+        memory_bytes=spec.memory_bytes,
+        min_bytes=spec.min_bytes,
+        max_bytes=spec.limit_bytes,
+        shares=spec.shares,
+        changed=SavedChange.model_validate(dataclasses.asdict(live)),
+        allocated_bytes=state.allocated_bytes if state else None,
+        balloon_bytes=state.balloon_bytes if state else None,
+        balloon_target_bytes=state.balloon_target_bytes if state else None,
+        estimate=(
+            SavedEstimate(
+                fast_bytes=estimate[0].fast_bytes,
+                slow_bytes=estimate[0].slow_bytes,
+                observed_at_s=estimate[1],
+            )
+            if estimate is not None
+            else None
+        ),
+    )
 
 
 class SavedPolicy(Strict):
@@ -165,5 +199,6 @@ __all__ = [
     "SavedState",
     "load_state",
     "save_state",
+    "saved_guest",
     "set_aside",
 ]
