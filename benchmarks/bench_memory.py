@@ -12,7 +12,7 @@ import resource
 import time
 
 from _common import write_result
-from balloonist.sim.machine import GuestMemory
+from balloonist.sim.guest_memory import GuestMemory
 from balloonist.sim.runner import run_scenario
 from balloonist.sim.scenario import Scenario, scenario_from_dict
 

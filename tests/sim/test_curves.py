@@ -12,8 +12,9 @@ from balloonist.scheduler import Scheduler
 from balloonist.sim import cachesim
 from balloonist.sim import engine as e
 from balloonist.sim.curves import CurveBook, measure_zipf
+from balloonist.sim.guest_memory import GuestMemory
 from balloonist.sim.instant import MoveModel
-from balloonist.sim.machine import GuestMemory, SimMachine
+from balloonist.sim.machine import SimMachine
 from balloonist.sim.mrc import zipf_miss_ratio
 from balloonist.sim.oracle import throughput_refs_per_s
 from balloonist.sim.scenario import Replacement, scenario_from_dict

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from balloonist.driver import PageRange, ranges_from_pages
-from balloonist.sim.machine import _ranges_of, _ranges_to_frames, zipf_alias
+from balloonist.sim.guest_memory import zipf_alias
+from balloonist.sim.machine import _ranges_of, _ranges_to_frames
 from balloonist.sim.workload import Workload, WorkloadKind
 
 frame_lists = st.lists(st.integers(min_value=0, max_value=300), max_size=200)

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from balloonist.sim import cachesim
-from balloonist.sim.machine import zipf_alias
+from balloonist.sim.guest_memory import zipf_alias
 from balloonist.sim.scenario import Replacement
 from balloonist.sim.workload import Workload, WorkloadKind
 

@@ -40,7 +40,7 @@ class MoveModel(enum.Enum):
 
 
 class GuestPages(Protocol):
-    """What the mover touches of a simulated guest (``machine.GuestMemory``)."""
+    """What the mover touches of a simulated guest (``guest_memory.GuestMemory``)."""
 
     guest: SimGuest
     frames: int

@@ -6,7 +6,7 @@ import numpy as np
 
 from balloonist.errors import SimulationError
 from balloonist.sim import engine as e
-from balloonist.sim.machine import GuestMemory
+from balloonist.sim.guest_memory import GuestMemory
 
 
 def check_guest(m: GuestMemory) -> None:

@@ -21,7 +21,6 @@ within the period changes nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -32,12 +31,11 @@ from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mech
 from balloonist.rate import AdaptiveRate, RateLimits
 from balloonist.sim import engine as e
 from balloonist.sim.cpu_balloon import SimCpus
+from balloonist.sim.guest_memory import I64, GuestMemory, cost_table
+from balloonist.sim.host_control import HostControl, Targets
 from balloonist.sim.instant import InstantMover, MoveModel
-from balloonist.sim.scenario import Scenario, SimGuest
-from balloonist.sim.workload import Workload, WorkloadKind
+from balloonist.sim.scenario import Scenario
 from balloonist.units import PAGE_SIZE_BYTES, bytes_to_pages
-
-I64 = npt.NDArray[np.int64]
 
 #: A balloon allocation may spend at most this share of a driver period making the
 #: guest swap before the guest OS reports failure (Linux's balloon allocates with
@@ -66,166 +64,6 @@ def _ranges_of(frames: I64) -> list[PageRange]:
     starts = pages[np.concatenate(([0], breaks))].tolist()
     ends = pages[np.concatenate((breaks - 1, [pages.size - 1]))].tolist()
     return [PageRange(start, end - start + 1) for start, end in zip(starts, ends, strict=True)]
-
-
-class GuestMemory:
-    """All per-page state of one simulated guest, plus its workload tables."""
-
-    def __init__(self, guest: SimGuest, index: int, seed: int, costs: npt.NDArray[np.float64]):
-        self.guest = guest
-        self.spec = guest.spec
-        frames = guest.memory_pages
-        vpages = max(1, guest.plan.virtual_pages)
-        self.frames = frames
-        self.v2p = np.full(vpages, -1, dtype=np.int32)
-        self.vswap = np.zeros(vpages, dtype=np.int8)
-        self.p2v = np.full(frames, e.FREE, dtype=np.int32)
-        self.pstate = np.zeros(frames, dtype=np.int8)
-        self.prev = np.full(frames, -1, dtype=np.int32)
-        self.nxt = np.full(frames, -1, dtype=np.int32)
-        self.refbit = np.zeros(frames, dtype=np.int8)
-        self.sampled = np.zeros(frames, dtype=np.int8)
-        self.free = np.zeros(frames, dtype=np.int32)
-        self.st = np.zeros(e.N_SCALARS, dtype=np.int64)
-        self.st[e.S_HEAD] = -1
-        self.st[e.S_TAIL] = -1
-        # Seeded per guest so one guest's stream never depends on another's.
-        mixed = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) % 2**64
-        self.rng = np.array([mixed or 1], dtype=np.uint64)
-        self.costs = costs
-        # The kernel boots into the lowest frames and keeps them; the rest are free,
-        # handed out lowest first, and not yet backed by machine memory.
-        kernel = guest.kernel_pages
-        self.p2v[:kernel] = e.KERNEL
-        self.pstate[:kernel] = e.MAPPED
-        self.st[e.S_MAPPED] = kernel
-        free = np.arange(frames - 1, kernel - 1, -1, dtype=np.int32)
-        self.free[: free.size] = free
-        self.st[e.S_NFREE] = free.size
-        self.register_pages = 0
-        self.time_debt_s = 0.0
-        self.balloon_swap_outs = 0  # pages written out to serve balloon allocations
-        self.sample_picked = 0
-        self.observed_pages: int | None = None  # set when a sampling window closes
-        self._tables: dict[int, npt.NDArray[np.float64]] = {}
-        self._phase = -1
-        self.workload = guest.plan.phases[0].workload
-
-    @property
-    def phase_index(self) -> int:
-        return self._phase
-
-    @property
-    def mapped_pages(self) -> int:
-        return int(self.st[e.S_MAPPED])
-
-    def memory_stall_s(self) -> float:
-        """Seconds this guest's workload has waited on memory so far, as PSI counts
-        them: pages read back from its swap or the host's, the pages its own faults
-        had to write out first (Linux counts direct reclaim as a memory stall), and
-        the time it could not run at all for want of a frame or a machine page (a
-        real guest would be thrashing or hung there). A first touch, served from
-        zeroed memory, is no stall; nor are the writes the balloon's own allocations
-        force, which the workload does not wait for."""
-        st, c = self.st, self.costs
-        reclaim = int(st[e.S_GUEST_SWAP_OUT]) - self.balloon_swap_outs
-        return float(
-            st[e.S_MAJOR] * c[e.C_SWAP_IN]
-            + st[e.S_HOST_SWAP_IN] * c[e.C_HOST_SWAP_IN]
-            + reclaim * c[e.C_SWAP_OUT]
-            + st[e.S_STALLED_NS] * 1e-9
-        )
-
-    def set_phase(self, time_s: float) -> bool:
-        """Enter the phase of the plan that runs at ``time_s``; True if it changed."""
-        index = 0
-        for i, phase in enumerate(self.guest.plan.phases):
-            if phase.at_s <= time_s:
-                index = i
-        if index != self._phase:
-            self._phase = index
-            self.workload = self.guest.plan.phases[index].workload
-            self.st[e.S_SCAN_POS] = 0
-            return True
-        return False
-
-    def tables(self) -> npt.NDArray[np.float64]:
-        """The alias table for the current zipf phase (an empty one for other kinds)."""
-        w = self.workload
-        if w.kind is not WorkloadKind.ZIPF:
-            return _EMPTY_TABLE
-        cached = self._tables.get(self._phase)
-        if cached is None:
-            cached = zipf_alias(w)
-            self._tables[self._phase] = cached
-        return cached
-
-    def active_pages(self, time_s: float) -> int:
-        """How much of the current working set is in use at ``time_s``.
-
-        A phase with ``ramp_s`` grows linearly from where the previous phase left off
-        (nothing, for the first phase or one elsewhere in memory) to its full size.
-        """
-        w = self.workload
-        if w.ramp_s <= 0.0:
-            return w.working_set_pages
-        phases = self.guest.plan.phases
-        start_pages = 0
-        if self._phase > 0:
-            before = phases[self._phase - 1].workload
-            if before.offset_pages == w.offset_pages:
-                start_pages = min(before.working_set_pages, w.working_set_pages)
-        fraction = min(1.0, max(0.0, (time_s - phases[self._phase].at_s) / w.ramp_s))
-        return max(1, start_pages + int((w.working_set_pages - start_pages) * fraction))
-
-    def run(self, budget_s: float, lim: I64, host: I64, time_s: float) -> float:
-        w = self.workload
-        alias = self.tables()
-        used: float = e.run_guest(
-            budget_s,
-            lim,
-            self.st,
-            self.v2p,
-            self.vswap,
-            self.p2v,
-            self.pstate,
-            self.prev,
-            self.nxt,
-            self.refbit,
-            self.sampled,
-            self.free,
-            self.rng,
-            host,
-            self.costs,
-            int(self.guest.replacement),
-            self.guest.swap_pages,
-            int(w.kind),
-            w.working_set_pages,
-            self.active_pages(time_s),
-            w.offset_pages,
-            alias,
-        )
-        return used
-
-
-_EMPTY_TABLE = np.zeros((1, 2), dtype=np.float64)
-
-
-def zipf_alias(w: Workload) -> npt.NDArray[np.float64]:
-    """The zipf working set's alias table: per rank, (probability, alias rank).
-
-    One row per rank so a draw reads one cache line, not one in each of two arrays;
-    an alias rank is a whole number below 2**53, exact as a float.
-    """
-    ranks = np.arange(1, w.working_set_pages + 1, dtype=np.float64)
-    weights = ranks**-w.skew
-    prob = np.zeros(w.working_set_pages, dtype=np.float64)
-    alias = np.zeros(w.working_set_pages, dtype=np.int64)
-    e.build_alias(weights, prob, alias)
-    table = np.empty((w.working_set_pages, 2), dtype=np.float64)
-    table[:, 0] = prob
-    table[:, 1] = alias
-    return table
 
 
 class SimGuestKernel:
@@ -302,14 +140,6 @@ class SimBalloonChannel:
             )
 
 
-@dataclass
-class _Targets:
-    allocation_pages: I64
-    mechanisms: Mechanisms
-    #: What the instant mover balloons each guest to (every guest, driver or not).
-    balloon_pages: I64
-
-
 class SimMachine:
     """The simulated host. Implements the scheduler's ``Hypervisor`` port.
 
@@ -327,20 +157,7 @@ class SimMachine:
         self.host_swap_pages = scenario.host_swap_bytes // PAGE_SIZE_BYTES
         self.host = np.zeros(e.N_HOST, dtype=np.int64)
         self.host[e.H_SWAP_FREE] = self.host_swap_pages
-        c = scenario.costs
-        self.costs = np.array(
-            [
-                c.reference_s,
-                c.guest_minor_fault_s,
-                c.guest_swap_in_s,
-                c.guest_swap_out_s,
-                c.host_alloc_s,
-                c.host_swap_in_s,
-                c.host_swap_out_s,
-                c.balloon_page_s,
-            ],
-            dtype=np.float64,
-        )
+        self.costs = cost_table(scenario.costs)
         self.guests = [
             GuestMemory(g, i, scenario.seed, self.costs) for i, g in enumerate(scenario.guests)
         ]
@@ -348,7 +165,7 @@ class SimMachine:
         if kernel_total > self.host_pages:
             raise SimulationError("the guests' kernels alone do not fit in host memory")
         self.host[e.H_FREE] = self.host_pages - kernel_total
-        self._lims = {id(m): np.zeros(4, dtype=np.int64) for m in self.guests}
+        self._control = HostControl(self.guests, self.host, self.costs)
         self.limit_pages = np.array(
             [bytes_to_pages(g.spec.limit_bytes) for g in self.guests], dtype=np.int64
         )
@@ -366,7 +183,7 @@ class SimMachine:
             for m in self.guests
         ]
         self._mover = InstantMover(self.guests) if moves is MoveModel.INSTANT else None
-        self._targets = _Targets(
+        self._targets = Targets(
             allocation_pages=self.limit_pages.copy(),
             mechanisms=Mechanisms(balloon=True),
             balloon_pages=np.array([m.frames for m in self.guests], dtype=np.int64)
@@ -470,31 +287,9 @@ class SimMachine:
         # A driver steps once a period: its rate is in pages per period.
         per_period = PAGE_SIZE_BYTES / self.period_s
         for m, driver in zip(self.guests, self.drivers, strict=True):
-            observed = None
-            if m.observed_pages is not None:
-                observed = m.observed_pages * PAGE_SIZE_BYTES
-                m.observed_pages = None
-            so_far = None
-            if m.sample_picked:
-                touched = int(e.count_touched(m.sampled))
-                so_far = round(touched / m.sample_picked * m.mapped_pages) * PAGE_SIZE_BYTES
-            out.append(
-                GuestSample(
-                    name=m.spec.name,
-                    allocated_bytes=m.mapped_pages * PAGE_SIZE_BYTES,
-                    balloon_bytes=int(m.st[e.S_BALLOON]) * PAGE_SIZE_BYTES,
-                    balloon_target_bytes=m.register_pages * PAGE_SIZE_BYTES,
-                    active_bytes_observed=observed,
-                    active_bytes_so_far=so_far,
-                    free_bytes=int(m.st[e.S_NFREE]) * PAGE_SIZE_BYTES,
-                    major_faults=int(m.st[e.S_MAJOR]),
-                    memory_stall_s=m.memory_stall_s(),
-                    inflate_rate_bytes_per_s=(
-                        None if driver is None else driver.rate.rate_pages * per_period
-                    ),
-                    cpu=None if self.cpus is None else self.cpus.sample(m.spec.name),
-                )
-            )
+            rate = None if driver is None else driver.rate.rate_pages * per_period
+            cpu = None if self.cpus is None else self.cpus.sample(m.spec.name)
+            out.append(m.sample(rate, cpu))
         return out
 
     def apply(self, decision: Decision) -> None:
@@ -511,7 +306,7 @@ class SimMachine:
                 balloon_pages = bytes_to_pages(target.balloon_bytes)
                 # The register can never ask for the frames the guest kernel holds.
                 m.register_pages = min(balloon_pages, m.frames - m.guest.kernel_pages)
-        self._targets = _Targets(alloc, decision.mechanisms, balloons)
+        self._targets = Targets(alloc, decision.mechanisms, balloons)
         if self.cpus is not None:
             self.cpus.apply(by_name)
 
@@ -522,7 +317,7 @@ class SimMachine:
 
     def limits_for(self, m: GuestMemory) -> I64:
         """(cap, min, reserve, pageable) for one guest, as the compiled loop takes them."""
-        return self._lims[id(m)]
+        return self._control.limits(m.index)
 
     def advance(self, period_s: float) -> None:
         """Run every guest for one period of simulated time."""
@@ -530,9 +325,7 @@ class SimMachine:
         self._enter_phases(self.time_s)
         self._set_limits()
         if self._mover is not None:
-            self._mover.step(
-                self._targets.balloon_pages, self.host, [self._lims[id(m)] for m in self.guests]
-            )
+            self._mover.step(self._targets.balloon_pages, self.host, self._control.all_limits)
         for driver in self.drivers:
             if driver is not None:
                 driver.step()
@@ -543,7 +336,7 @@ class SimMachine:
             now = self.time_s + k * slice_s
             self._enter_phases(now)
             blocked = self._set_limits()
-            self._host_paging(slice_s)
+            self._control.page_out(self._targets, slice_s, self._slice_start)
             # Rotate who runs first so no guest always gets first pick of free memory.
             self._slice_start = (self._slice_start + 1) % max(1, n)
             for j in range(n):
@@ -553,7 +346,7 @@ class SimMachine:
                 if blocked[i] or budget <= 0.0:
                     m.time_debt_s = max(0.0, m.time_debt_s - slice_s)
                     continue
-                used = m.run(budget, self._lims[id(m)], self.host, now)
+                used = m.run(budget, self._control.limits(i), self.host, now)
                 m.time_debt_s = max(0.0, used - budget)
         if self.cpus is not None:
             self.cpus.advance(self.time_s, period_s)
@@ -577,72 +370,11 @@ class SimMachine:
         every = self.scenario.ws_sample_periods
         if self._periods_run % every:
             return
-        n = self.scenario.ws_sample_pages
         for m in self.guests:
-            if m.sample_picked:
-                touched = int(e.count_touched(m.sampled))
-                m.observed_pages = round(touched / m.sample_picked * m.mapped_pages)
-            m.sample_picked = int(e.mark_samples(n, m.st, m.pstate, m.p2v, m.sampled, m.rng))
+            m.next_sample_window(self.scenario.ws_sample_pages)
 
     def _set_limits(self) -> npt.NDArray[np.bool_]:
-        """Per guest: the most machine pages it may hold, its min, and the free pages
-        kept back for the other guests still below their reservations.
-
-        Free machine memory is one pool that guests draw from as they touch pages; the
-        host enforces a guest's allocation target as its cap only while it is allowed
-        to page (HARD and LOW states, or a policy with no balloon), and blocks guests
-        above target in LOW. Returns which guests are blocked this slice.
-        """
-        t = self._targets
-        mapped = np.array([m.mapped_pages for m in self.guests], dtype=np.int64)
-        target = t.allocation_pages
-        cap = np.where(self._pageable(), np.minimum(target, self.limit_pages), self.limit_pages)
-        deficit = np.clip(self.min_pages - mapped, 0, None)
-        reserve = int(deficit.sum()) - deficit
-        swappable = self._pageable(emergency=True)
-        for i, m in enumerate(self.guests):
-            lim = self._lims[id(m)]
-            lim[0] = cap[i]
-            lim[1] = self.min_pages[i]
-            lim[2] = reserve[i]
-            lim[3] = swappable[i]
-        blocked: npt.NDArray[np.bool_] = (mapped > target) & t.mechanisms.block_over_target
-        return blocked
-
-    def _pageable(self, *, emergency: bool = False) -> npt.NDArray[np.bool_]:
-        """Which guests the host may page this period (see ``Mechanisms``): to enforce
-        their targets, or, in an ``emergency`` (no free page for a guest that touches
-        one), to make room. A plain Linux host swaps anyone in an emergency; with
-        ``host_paging_ballooned`` off the host never swaps a guest its balloon serves,
-        which then waits for memory instead (a per-VM cgroup limit would do this)."""
-        mech = self._targets.mechanisms
-        ballooned = np.array([m.spec.balloon and mech.balloon for m in self.guests], dtype=np.bool_)
-        allowed = (emergency or mech.host_paging) & (mech.host_paging_ballooned | ~ballooned)
-        pageable: npt.NDArray[np.bool_] = np.broadcast_to(allowed, ballooned.shape).copy()
-        return pageable
-
-    def _host_paging(self, slice_s: float) -> None:
-        """Proactive host paging of guests above target, at the host swap's bandwidth.
-
-        The bandwidth is shared in rotating order, so no guest is always paged first.
-        """
-        if not self._targets.mechanisms.host_paging:
-            return
-        swap_out_s = float(self.costs[e.C_HOST_SWAP_OUT])
-        budget = int(slice_s / swap_out_s) if swap_out_s > 0 else 1 << 30
-        n = len(self.guests)
-        pageable = self._pageable()
-        for j in range(n):
-            i = (self._slice_start + j) % n
-            m = self.guests[i]
-            if not pageable[i]:
-                continue
-            excess = m.mapped_pages - int(self._targets.allocation_pages[i])
-            if excess > 0 and budget > 0:
-                done = int(
-                    e.host_page_out(min(excess, budget), m.st, m.p2v, m.pstate, m.rng, self.host)
-                )
-                budget -= done
+        return self._control.set_limits(self._targets, self.limit_pages, self.min_pages)
 
     def check_host(self) -> None:
         """Host-level invariants; cheap enough to run every period."""
