@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.history import History, HistoryPoint
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, HostStatus, PolicyStatus, Status
 from balloonist.errors import ConfigError
@@ -43,7 +44,7 @@ def make_guest(name: str, **overrides: object) -> GuestStatus:
             balloon_target_vcpus=1,
             demand_vcpus=2.5,
         ),
-        "counters": {"stalls": 1},
+        "counters": {FailureCounter.STALLS: 1},
     }
     fields.update(overrides)
     return GuestStatus(**fields)  # type: ignore[arg-type]
@@ -63,7 +64,7 @@ def make_status(version: int = 1, guests: tuple[GuestStatus, ...] | None = None)
                 free_bytes=None,
                 inflate_rate_bytes_per_s=None,
                 cpu=None,
-                counters={"stalls": 3, "qmp_errors": 2},
+                counters={FailureCounter.STALLS: 3, FailureCounter.TRANSIENT_ERRORS: 2},
             ),
         )
     return Status(
@@ -80,7 +81,12 @@ def make_status(version: int = 1, guests: tuple[GuestStatus, ...] | None = None)
         ),
         guests=guests,
         policy=PolicyStatus(name="shares", tax_rate=0.75),
-        counters={"qmp_errors": 4, "stalls": 2, "uncooperative": 1, "agent_rejected": 0},
+        counters={
+            FailureCounter.TRANSIENT_ERRORS: 4,
+            FailureCounter.STALLS: 2,
+            FailureCounter.UNCOOPERATIVE: 1,
+            FailureCounter.AGENT_REJECTED: 0,
+        },
     )
 
 

@@ -36,7 +36,7 @@ def test_status_is_the_whole_snapshot(client: TestClient) -> None:
     assert body["host"]["state"] == "soft"
     assert [g["name"] for g in body["guests"]] == ["web", "db"]
     assert body["policy"] == {"name": "shares", "tax_rate": 0.75}
-    assert body["counters"]["qmp_errors"] == 4
+    assert body["counters"]["backend_errors_transient"] == 4
 
 
 def test_host(client: TestClient) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from balloonist.api import create_app
+from balloonist.daemon.counters import FailureCounter
 from balloonist.units import GIB, MIB
 from tests.api.fake import FakeController, make_guest, make_status
 
@@ -71,13 +74,13 @@ def test_guest_series() -> None:
 
 def test_failure_counters() -> None:
     samples = scrape(FakeController(make_status()))
-    assert samples[("balloonist_qmp_errors_total", ())] == 4
+    assert samples[("balloonist_backend_errors_transient_total", ())] == 4
     assert samples[("balloonist_stalls_total", ())] == 2
     assert samples[("balloonist_uncooperative_total", ())] == 1
     assert samples[("balloonist_agent_rejected_total", ())] == 0
     assert samples[("balloonist_guest_stalls_total", (("guest", "web"),))] == 1
     assert samples[("balloonist_guest_stalls_total", (("guest", "db"),))] == 3
-    assert samples[("balloonist_guest_qmp_errors_total", (("guest", "db"),))] == 2
+    assert samples[("balloonist_guest_backend_errors_transient_total", (("guest", "db"),))] == 2
 
 
 def test_before_the_first_period_only_the_version() -> None:
@@ -85,11 +88,15 @@ def test_before_the_first_period_only_the_version() -> None:
     assert samples == {("balloonist_status_version", ()): 0}
 
 
-def test_odd_counter_names_still_make_a_valid_scrape() -> None:
-    status = make_status(guests=(make_guest("a-b", counters={"weird.name": 1}),))
-    fake = FakeController(status)
-    samples = scrape(fake)
-    assert samples[("balloonist_guest_weird_name_total", (("guest", "a-b"),))] == 1
+def test_every_failure_counter_is_a_valid_metric_with_its_meaning_as_help() -> None:
+    every = dict.fromkeys(FailureCounter, 1)
+    status = replace(make_status(guests=(make_guest("a-b", counters=every),)), counters=every)
+    text = TestClient(create_app(FakeController(status), token=None)).get("/metrics").text
+    samples = scrape(FakeController(status))
+    for counter in FailureCounter:
+        assert samples[(f"balloonist_{counter}_total", ())] == 1
+        assert samples[(f"balloonist_guest_{counter}_total", (("guest", "a-b"),))] == 1
+        assert f"# HELP balloonist_{counter}_total {counter.meaning}" in text
 
 
 def test_each_app_has_its_own_registry() -> None:
@@ -103,5 +110,5 @@ def test_openmetrics_when_asked() -> None:
     client = TestClient(create_app(FakeController(make_status()), token=None))
     response = client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
     assert response.headers["content-type"].startswith("application/openmetrics-text")
-    assert "balloonist_qmp_errors_total 4.0" in response.text
+    assert "balloonist_backend_errors_transient_total 4.0" in response.text
     assert response.text.endswith("# EOF\n")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.service import DaemonLoop
 from balloonist.daemon.sim_backend import SimBackend, sim_daemon
 from balloonist.daemon.statefile import STATE_FILE
@@ -75,7 +76,7 @@ def test_the_loop_publishes_a_status_every_period_at_the_speed_asked(tmp_path: P
     for s in seen:
         assert {g.name for g in s.guests} == set(GUESTS)
         assert s.policy.name == DEFAULT_POLICY and s.policy.tax_rate == 0.75
-        assert s.counters["cycles_skipped"] == 0
+        assert s.counters[FailureCounter.CYCLES_SKIPPED] == 0
     # One simulated period per version.
     assert seen[-1].time_s - seen[0].time_s == seen[-1].version - seen[0].version
     assert state_file(tmp_path)["periods"] >= seen[-1].version

@@ -12,6 +12,7 @@ import pytest
 
 from balloonist.atomicfile import write_atomic
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.pacing import HOST_RATE_LIMITS
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.daemon.statefile import STATE_FILE
@@ -49,11 +50,11 @@ def test_every_period_publishes_a_status_with_failure_counters(tmp_path: Path) -
         versions.append(status.version)
     assert versions == [1, 2, 3, 4, 5]
     assert status is not None
-    assert status.counters["backend_errors_transient"] == 2
-    assert status.counters["backend_errors_fatal"] == 1
-    assert status.counters["cycles_skipped"] == 0
+    assert status.counters[FailureCounter.TRANSIENT_ERRORS] == 2
+    assert status.counters[FailureCounter.FATAL_ERRORS] == 1
+    assert status.counters[FailureCounter.CYCLES_SKIPPED] == 0
     flaky = status.guest("flaky")
-    assert flaky is not None and flaky.counters["backend_errors_transient"] == 2
+    assert flaky is not None and flaky.counters[FailureCounter.TRANSIENT_ERRORS] == 2
     assert {g.name for g in status.guests} == {"flaky", "fine"}  # broken: never sampled
 
 
@@ -148,9 +149,9 @@ def test_a_balloon_that_stalls_is_counted_once_as_a_stall_and_as_uncooperative(
         daemon.step()
     status = daemon.status()
     assert status is not None
-    assert status.counters["stalls"] == 1
-    assert status.counters["uncooperative"] == 1
-    assert status.counters["cycles_skipped"] == 0
+    assert status.counters[FailureCounter.STALLS] == 1
+    assert status.counters[FailureCounter.UNCOOPERATIVE] == 1
+    assert status.counters[FailureCounter.CYCLES_SKIPPED] == 0
     stuck = status.guest("stuck")
     assert stuck is not None and not stuck.cooperative
     assert stuck.counters == {
@@ -176,5 +177,5 @@ def test_a_held_guest_that_leaves_no_room_holds_the_others_at_their_minimum(
     assert status is not None
     stuck = status.guest("stuck")
     assert stuck is not None and not stuck.cooperative
-    assert status.counters["cycles_skipped"] == 0
+    assert status.counters[FailureCounter.CYCLES_SKIPPED] == 0
     assert vms["fine"].actual == 256 * MIB  # its minimum

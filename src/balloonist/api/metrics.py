@@ -68,6 +68,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, Status
 from balloonist.model import HostState
 
@@ -189,9 +190,7 @@ def _daemon_metrics(status: Status) -> Iterable[Metric]:
     tax.add_metric([status.policy.name], status.policy.tax_rate)
     yield tax
     for name in sorted(status.counters):
-        yield CounterMetricFamily(
-            metric_name(name), f"Daemon failure counter {name!r}.", value=status.counters[name]
-        )
+        yield CounterMetricFamily(metric_name(name), name.meaning, value=status.counters[name])
 
 
 def _guest_metrics(guests: Iterable[GuestStatus]) -> Iterable[Metric]:
@@ -229,14 +228,12 @@ def _guest_metrics(guests: Iterable[GuestStatus]) -> Iterable[Metric]:
                 family.add_metric([name], cpu_value(cpu))
             yield family
     # One family per counter name, with a sample for each guest that has it.
-    by_name: dict[str, dict[str, int]] = {}
+    by_name: dict[FailureCounter, dict[str, int]] = {}
     for guest in guests:
         for name, count in guest.counters.items():
             by_name.setdefault(name, {})[guest.name] = count
     for name in sorted(by_name):
-        counter = CounterMetricFamily(
-            metric_name("guest", name), f"Guest failure counter {name!r}.", labels=["guest"]
-        )
+        counter = CounterMetricFamily(metric_name("guest", name), name.meaning, labels=["guest"])
         for guest_name, count in by_name[name].items():
             counter.add_metric([guest_name], count)
         yield counter

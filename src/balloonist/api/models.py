@@ -126,7 +126,7 @@ class GuestOut(_Out):
             cooperative=guest.cooperative,
             inflate_rate_bytes_per_s=guest.inflate_rate_bytes_per_s,
             cpu=None if guest.cpu is None else GuestCpuOut.of(guest.cpu),
-            counters=dict(guest.counters),
+            counters={str(k): v for k, v in guest.counters.items()},
         )
 
 
@@ -163,7 +163,7 @@ class StatusOut(_Out):
             host=host_out(status.host),
             guests=[GuestOut.of(g) for g in status.guests],
             policy=policy_out(status.policy),
-            counters=dict(status.counters),
+            counters={str(k): v for k, v in status.counters.items()},
         )
 
     def host_view(self) -> HostOut:

@@ -17,24 +17,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Final, Literal, Protocol
+from typing import Literal, Protocol
 
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.counters import Counts
 from balloonist.errors import ConfigError
 from balloonist.model import CpuSpec, GuestSpec
 from balloonist.scheduler import Hypervisor
 from balloonist.units import PAGE_SIZE_BYTES, format_size
 
 BackendKind = Literal["qemu", "sim"]
-
-#: Counter names (Status.counters and GuestStatus.counters). Cumulative since start.
-CYCLES_SKIPPED: Final = "cycles_skipped"  # a period whose cycle failed (daemon only)
-UNCOOPERATIVE: Final = "uncooperative"  # a guest turned uncooperative (any cause)
-TRANSIENT_ERRORS: Final = "backend_errors_transient"  # QMP/agent: retried next period
-FATAL_ERRORS: Final = "backend_errors_fatal"  # QMP/agent: the VM is left alone
-STALLS: Final = "stalls"  # the pacer found a balloon that stopped moving
-AGENT_REJECTED: Final = "agent_rejected"  # agent messages refused (protocol violations)
-BALLOON_FAILURES: Final = "balloon_alloc_failures"  # simulated driver: short allocations
 
 
 @dataclass(frozen=True)
@@ -118,11 +110,11 @@ class Backend(Protocol):
         """Before the first period: continue from a saved state (see the state file)."""
         ...
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> Counts:
         """Failure counters of the whole backend, cumulative."""
         ...
 
-    def guest_counters(self) -> dict[str, dict[str, int]]: ...
+    def guest_counters(self) -> dict[str, Counts]: ...
 
 
 def merge_changes(first: GuestChange | None, then: GuestChange) -> GuestChange:

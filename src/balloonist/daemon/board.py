@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Final
 
-from balloonist.daemon.backend import CYCLES_SKIPPED, UNCOOPERATIVE
+from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.history import History, HistoryPoint
 from balloonist.daemon.status import PolicyStatus, Status, status_from_cycle
 from balloonist.scheduler import Cycle
@@ -53,20 +53,20 @@ class StatusBoard:
         self,
         cycle: Cycle | None,
         policy: PolicyStatus,
-        counters: Mapping[str, int],
-        guest_counters: Mapping[str, Mapping[str, int]],
+        counters: Mapping[FailureCounter, int],
+        guest_counters: Mapping[str, Mapping[FailureCounter, int]],
     ) -> None:
         """The period's status, with the backend's failure counters and the board's."""
         if cycle is not None:
             self._count_uncooperative(cycle)
-        totals = {
-            CYCLES_SKIPPED: self.skipped,
-            UNCOOPERATIVE: sum(self._uncooperative.values()),
+        totals: Counts = {
+            FailureCounter.CYCLES_SKIPPED: self.skipped,
+            FailureCounter.UNCOOPERATIVE: sum(self._uncooperative.values()),
             **counters,
         }
         if cycle is not None:
-            per_guest = {
-                name: {UNCOOPERATIVE: self._uncooperative[name], **each}
+            per_guest: dict[str, Counts] = {
+                name: {FailureCounter.UNCOOPERATIVE: self._uncooperative[name], **each}
                 for name, each in guest_counters.items()
             }
             status = status_from_cycle(

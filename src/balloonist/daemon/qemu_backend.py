@@ -19,6 +19,7 @@ from dataclasses import replace
 from balloonist.daemon.backend import BackendKind, GuestState, ResumePoint, merge_changes
 from balloonist.daemon.config import DaemonConfig, budget_bytes, with_overrides
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.counters import Counts
 from balloonist.daemon.pacing import Bounds
 from balloonist.daemon.qemu_hv import QemuHypervisor
 from balloonist.daemon.vm_ports import VcpuHost, VmPort
@@ -167,10 +168,10 @@ class QemuBackend:
         # one where it is. The saved targets are there for people and tools.
         pass
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> Counts:
         return self.hv.counters()
 
-    def guest_counters(self) -> dict[str, dict[str, int]]:
+    def guest_counters(self) -> dict[str, Counts]:
         return self.hv.guest_counters()
 
 

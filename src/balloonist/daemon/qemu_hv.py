@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from balloonist.daemon.agent_link import AgentPort
+from balloonist.daemon.counters import Counts
 from balloonist.daemon.cpu_sharing import ProcessorSharing
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds
 from balloonist.daemon.vm_figures import host_memory
@@ -178,11 +179,11 @@ class QemuHypervisor:
         vm = self._vms.get(name)
         return vm.view() if vm is not None else None
 
-    def guest_counters(self) -> dict[str, dict[str, int]]:
+    def guest_counters(self) -> dict[str, Counts]:
         """Failure counters per managed VM, cumulative (see ``daemon/backend.py``)."""
         return {name: vm.failures().as_counters() for name, vm in self._vms.items()}
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> Counts:
         """Failure counters of every VM ever managed, summed."""
         return sum((vm.failures() for vm in self._vms.values()), self._retired).as_counters()
 

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Final
 
 from balloonist.daemon.backend import (
-    BALLOON_FAILURES,
     BackendKind,
     GuestState,
     ResumePoint,
     changed_spec,
 )
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.service import DaemonLoop
 from balloonist.daemon.statefile import STATE_FILE
 from balloonist.errors import ConfigError
@@ -190,12 +190,13 @@ class SimBackend:
             )
         self._held = held
 
-    def counters(self) -> dict[str, int]:
-        return {BALLOON_FAILURES: sum(c[BALLOON_FAILURES] for c in self.guest_counters().values())}
+    def counters(self) -> Counts:
+        failures = FailureCounter.BALLOON_FAILURES
+        return {failures: sum(c[failures] for c in self.guest_counters().values())}
 
-    def guest_counters(self) -> dict[str, dict[str, int]]:
+    def guest_counters(self) -> dict[str, Counts]:
         return {
-            m.spec.name: {BALLOON_FAILURES: driver.rate.failures if driver else 0}
+            m.spec.name: {FailureCounter.BALLOON_FAILURES: driver.rate.failures if driver else 0}
             for m, driver in zip(self.machine.guests, self.machine.drivers, strict=True)
         }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from balloonist.daemon.counters import FailureCounter
 from balloonist.model import CpuTarget, GuestView
 from balloonist.scheduler import Cycle
 
@@ -58,8 +59,8 @@ class GuestStatus:
     #: How fast the balloon's adaptive rate controller lets it inflate now; None if unknown.
     inflate_rate_bytes_per_s: float | None = None
     cpu: GuestCpuStatus | None = None
-    #: Failure counters of this guest (see Status.counters for the names).
-    counters: Mapping[str, int] = field(default_factory=dict)
+    #: Failure counters of this guest (daemon/counters.py).
+    counters: Mapping[FailureCounter, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,9 @@ class Status:
     host: HostStatus
     guests: tuple[GuestStatus, ...]
     policy: PolicyStatus
-    #: Failure counters of the whole daemon, cumulative (names in daemon/backend.py):
-    #: cycles_skipped, uncooperative; QEMU: backend_errors_transient,
-    #: backend_errors_fatal, stalls, agent_rejected; simulator: balloon_alloc_failures.
-    counters: Mapping[str, int] = field(default_factory=dict)
+    #: Failure counters of the whole daemon, cumulative (daemon/counters.py): skipped
+    #: cycles and uncooperative guests, then what the backend counts.
+    counters: Mapping[FailureCounter, int] = field(default_factory=dict)
 
     def guest(self, name: str) -> GuestStatus | None:
         return next((g for g in self.guests if g.name == name), None)
@@ -92,8 +92,8 @@ def status_from_cycle(
     *,
     version: int,
     policy: PolicyStatus,
-    counters: Mapping[str, int] | None = None,
-    guest_counters: Mapping[str, Mapping[str, int]] | None = None,
+    counters: Mapping[FailureCounter, int] | None = None,
+    guest_counters: Mapping[str, Mapping[FailureCounter, int]] | None = None,
 ) -> Status:
     snapshot = cycle.snapshot
     targets = cycle.decision.by_name()

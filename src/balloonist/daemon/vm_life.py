@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from balloonist.daemon.backend import AGENT_REJECTED, FATAL_ERRORS, STALLS, TRANSIENT_ERRORS
+from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.pacing import Bounds, GuestPacer
 from balloonist.daemon.processors import VmProcessors
 from balloonist.daemon.vm_figures import demand_bytes
@@ -80,13 +80,13 @@ class VmFailures:
             self.agent_rejected + other.agent_rejected,
         )
 
-    def as_counters(self) -> dict[str, int]:
+    def as_counters(self) -> Counts:
         """By the names the daemon's status and metrics use (``daemon/backend.py``)."""
         return {
-            TRANSIENT_ERRORS: self.transient_errors,
-            FATAL_ERRORS: self.fatal_errors,
-            STALLS: self.stalls,
-            AGENT_REJECTED: self.agent_rejected,
+            FailureCounter.TRANSIENT_ERRORS: self.transient_errors,
+            FailureCounter.FATAL_ERRORS: self.fatal_errors,
+            FailureCounter.STALLS: self.stalls,
+            FailureCounter.AGENT_REJECTED: self.agent_rejected,
         }
 
 
