@@ -305,7 +305,7 @@ def test_history_is_one_column_per_figure(client: TestClient, fake: FakeControll
     # processors: web's are shared, db's are not
     assert body["host_cpus"] == [8, 8, 8]
     assert body["guests"]["web"]["online_vcpus"][:2] == [2, 2]
-    assert body["guests"]["web"]["cpu_allocation_target"][:2] == [3, 3]
+    assert body["guests"]["web"]["allocation_target_cpus"][:2] == [3, 3]
     assert body["guests"]["db"]["online_vcpus"] == [None, None, None]
 
 

@@ -59,8 +59,8 @@ def test_guest_series() -> None:
     assert web("inflate_rate_bytes_per_second") == 48 * MIB
     assert samples[("balloonist_host_cpus", ())] == 8
     assert (web("vcpus"), web("online_vcpus"), web("cpu_balloon_vcpus")) == (4, 2, 2)
-    assert (web("cpu_allocation_target"), web("cpu_balloon_target_vcpus")) == (3, 1)
-    assert (web("cpu_demand_vcpus"), web("cpu_min"), web("cpu_max"), web("cpu_shares")) == (
+    assert (web("allocation_target_cpus"), web("cpu_balloon_target_vcpus")) == (3, 1)
+    assert (web("cpu_demand_vcpus"), web("min_cpus"), web("max_cpus"), web("cpu_shares")) == (
         2.5,
         1,
         4,

@@ -44,7 +44,10 @@ def test_the_cpu_balloons_follow_the_policy_and_fit_the_host() -> None:
     a, b = result.cpu("a"), result.cpu("b")
     # settled: online as granted, 1 and 3 processors by shares 1:3, all of the host
     assert (int(a.online_vcpus[-1]), int(b.online_vcpus[-1])) == (1, 3)
-    assert list(a.target_cpus[-5:]) == [1] * 5 and list(b.target_cpus[-5:]) == [3] * 5
+    assert (
+        list(a.allocation_target_cpus[-5:]) == [1] * 5
+        and list(b.allocation_target_cpus[-5:]) == [3] * 5
+    )
     # the balloon moves one more vCPU per period than the last (1, then 2): a's three
     # reserved vCPUs take two periods
     assert list(a.online_vcpus[:3]) == [3, 1, 1]

@@ -43,8 +43,8 @@ balloonist_guest_cooperative             gauge  guest    1 cooperative, 0 uncoop
 balloonist_guest_vcpus, _online_vcpus,   gauge  guest    processors, for guests whose
 _cpu_balloon_vcpus,                                      processors are shared: vCPUs,
 _cpu_balloon_target_vcpus,                               online, held by the CPU balloon,
-_cpu_allocation_target, _cpu_demand_vcpus,               its target, the policy's grant
-_cpu_min, _cpu_max, _cpu_shares                          and demand estimate, the spec
+_allocation_target_cpus, _cpu_demand_vcpus,              its target, the policy's grant
+_min_cpus, _max_cpus, _cpu_shares                        and demand estimate, the spec
 balloonist_<counter>_total               counter         each daemon failure counter of
                                                          ``Status.counters``
                                                          (cycles_skipped, uncooperative,
@@ -56,8 +56,7 @@ balloonist_guest_<counter>_total         counter guest   each per-guest failure 
                                                          ``GuestStatus.counters``
 ======================================== ====== ======== ==================================
 
-Counter names come from the daemon; characters Prometheus does not allow in a name
-become ``_``.
+Counter names are ``FailureCounter``'s (``daemon/counters.py``), their meanings the help.
 """
 
 from __future__ import annotations
@@ -101,11 +100,11 @@ _GUEST_GAUGES: tuple[tuple[str, str, Callable[[GuestStatus], float]], ...] = (
 #: ``balloonist_guest_``, help, value).
 _GUEST_CPU_GAUGES: tuple[tuple[str, str, Callable[[GuestCpuStatus], float]], ...] = (
     ("vcpus", "The guest's vCPUs.", lambda c: c.vcpus),
-    ("cpu_min", "Processor reservation (cpu_min).", lambda c: c.min_cpus),
-    ("cpu_max", "Processor limit (cpu_max).", lambda c: c.max_cpus),
+    ("min_cpus", "Processor reservation (cpu_min).", lambda c: c.min_cpus),
+    ("max_cpus", "Processor limit (cpu_max).", lambda c: c.max_cpus),
     ("cpu_shares", "Processor shares.", lambda c: c.shares),
     (
-        "cpu_allocation_target",
+        "allocation_target_cpus",
         "Processors the policy wants the guest to have.",
         lambda c: c.allocation_target_cpus,
     ),

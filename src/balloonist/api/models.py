@@ -204,7 +204,7 @@ class GuestSeriesOut(_Out):
     online_vcpus: list[NonNegative | None] = Field(
         description="vCPUs online; null where its processors are not shared."
     )
-    cpu_allocation_target: list[NonNegative | None] = Field(
+    allocation_target_cpus: list[NonNegative | None] = Field(
         description="Processors the policy wanted it to have."
     )
 

@@ -42,7 +42,7 @@ class HistoryPoint:
     working_set_bytes: tuple[int, ...]
     #: Processors, None for a guest whose processors are not shared.
     online_vcpus: tuple[int | None, ...]
-    cpu_allocation_target: tuple[int | None, ...]
+    allocation_target_cpus: tuple[int | None, ...]
 
 
 #: The per-guest series a point carries, as named in GuestStatus and the API.
@@ -53,7 +53,7 @@ GUEST_SERIES: Final = (
     "balloon_target_bytes",
     "working_set_bytes",
     "online_vcpus",
-    "cpu_allocation_target",
+    "allocation_target_cpus",
 )
 
 
@@ -77,7 +77,7 @@ def point_of(status: Status, names: tuple[str, ...] | None = None) -> HistoryPoi
         balloon_target_bytes=tuple(g.balloon_target_bytes for g in guests),
         working_set_bytes=tuple(g.working_set_bytes for g in guests),
         online_vcpus=tuple(None if g.cpu is None else g.cpu.online_vcpus for g in guests),
-        cpu_allocation_target=tuple(
+        allocation_target_cpus=tuple(
             None if g.cpu is None else g.cpu.allocation_target_cpus for g in guests
         ),
     )

@@ -51,7 +51,7 @@ class CpuSeries:
     name: str
     vcpus: int
     online_vcpus: IntArray  # at the end of the period
-    target_cpus: IntArray  # processors the policy wanted it to have
+    allocation_target_cpus: IntArray  # processors the policy wanted it to have
     balloon_target_vcpus: IntArray  # the CPU balloon register
     demand_vcpus: FloatArray  # the scheduler's estimate
     useful_cpu_s: FloatArray  # processor time spent on its tasks' own work

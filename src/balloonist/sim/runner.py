@@ -152,7 +152,7 @@ class _Recorder:
             t = targets.get(name)
             view = views.get(name)
             ints["online_vcpus"][j, k] = cpus.host.online(j)
-            ints["target_cpus"][j, k] = (
+            ints["allocation_target_cpus"][j, k] = (
                 t.cpu.allocation_cpus if t is not None and t.cpu is not None else 0
             )
             ints["balloon_target_vcpus"][j, k] = cpus.registers[j]
@@ -228,7 +228,7 @@ class _Recorder:
 
 
 #: CpuSeries' per-period series, whole numbers and not.
-_CPU_INT_KEYS = ("online_vcpus", "target_cpus", "balloon_target_vcpus")
+_CPU_INT_KEYS = ("online_vcpus", "allocation_target_cpus", "balloon_target_vcpus")
 _CPU_FLOAT_KEYS = ("demand_vcpus", "useful_cpu_s", "ran_cpu_s", "spin_cpu_s", "switch_lost_cpu_s")
 
 #: Every per-period series of a guest, in GuestSeries' order.

@@ -32,7 +32,7 @@ const GUEST_SERIES = [
     pick: (g) => (g.cpu ? g.cpu.online_vcpus : null),
   },
   {
-    key: "cpu_allocation_target",
+    key: "allocation_target_cpus",
     label: "CPU target",
     color: "#9467bd",
     dash: "dash",
