@@ -44,7 +44,7 @@ class FakeChannel:
         self.events.append("unlocked")
 
 
-LIMITS = RateLimits(min_pages=10, max_pages=100, increase_pages=20, divisor=2.0)
+LIMITS = RateLimits(min_units=10, max_units=100, increase_units=20, divisor=2.0)
 
 
 def test_inflation_is_paced_by_the_rate_and_grows_on_success() -> None:
@@ -62,13 +62,13 @@ def test_allocation_failure_divides_the_rate_and_retries_next_step() -> None:
     driver = BalloonDriver(kernel, channel, AdaptiveRate(LIMITS))
     for _ in range(4):
         driver.step()
-    assert driver.rate.rate_pages == 90
+    assert driver.rate.step_units == 90
     kernel.limit = 5  # the guest OS can only give 5 pages now
     result = driver.step()
     assert result.failed and result.moved_pages == 5
-    assert driver.rate.rate_pages == 45
+    assert driver.rate.step_units == 45
     driver.step()
-    assert driver.rate.rate_pages == 22
+    assert driver.rate.step_units == 22
     kernel.limit = None
     result = driver.step()
     assert not result.failed and result.moved_pages == 22
@@ -78,15 +78,15 @@ def test_rate_never_leaves_its_bounds() -> None:
     rate = AdaptiveRate(LIMITS)
     for _ in range(50):
         rate.on_success()
-    assert rate.rate_pages == LIMITS.max_pages
+    assert rate.step_units == LIMITS.max_units
     for _ in range(50):
         rate.on_failure()
-    assert rate.rate_pages == LIMITS.min_pages
+    assert rate.step_units == LIMITS.min_units
 
 
 def test_deflate_tells_the_host_before_freeing_and_returns_newest_first() -> None:
     kernel, channel = FakeKernel(100), FakeChannel(target=30)
-    driver = BalloonDriver(kernel, channel, AdaptiveRate(RateLimits(min_pages=30, max_pages=30)))
+    driver = BalloonDriver(kernel, channel, AdaptiveRate(RateLimits(min_units=30, max_units=30)))
     driver.step()
     channel.target = 10
     result = driver.step()
@@ -103,7 +103,7 @@ def test_idle_when_at_target() -> None:
 
 def test_release_all_returns_every_page() -> None:
     kernel, channel = FakeKernel(100), FakeChannel(target=50)
-    driver = BalloonDriver(kernel, channel, AdaptiveRate(RateLimits(min_pages=50, max_pages=50)))
+    driver = BalloonDriver(kernel, channel, AdaptiveRate(RateLimits(min_units=50, max_units=50)))
     driver.step()
     driver.release_all()
     assert driver.size_pages == 0 and not channel.locked and len(kernel.free) == 100

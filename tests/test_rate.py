@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from balloonist.rate import AdaptiveRate, RateLimits, TokenBucket
 
-SMALL = RateLimits(min_pages=10, max_pages=100, increase_pages=30, divisor=2.0)
+SMALL = RateLimits(min_units=10, max_units=100, increase_units=30, divisor=2.0)
 
 
 def rates_after(rate: AdaptiveRate, outcomes: str) -> list[int]:
@@ -16,13 +16,13 @@ def rates_after(rate: AdaptiveRate, outcomes: str) -> list[int]:
     out = []
     for outcome in outcomes:
         rate.on_success() if outcome == "s" else rate.on_failure()
-        out.append(rate.rate_pages)
+        out.append(rate.step_units)
     return out
 
 
 def test_starts_at_min() -> None:
-    assert AdaptiveRate(SMALL).rate_pages == 10
-    assert AdaptiveRate().rate_pages == RateLimits().min_pages
+    assert AdaptiveRate(SMALL).step_units == 10
+    assert AdaptiveRate().step_units == RateLimits().min_units
 
 
 def test_grows_additively_and_clamps_at_max() -> None:
@@ -40,34 +40,34 @@ def test_recovers_additively_after_a_cut() -> None:
 def test_record_classifies_steps() -> None:
     rate = AdaptiveRate(SMALL)
     rate.record(requested=10, obtained=10)
-    assert (rate.rate_pages, rate.successes, rate.failures) == (40, 1, 0)
+    assert (rate.step_units, rate.successes, rate.failures) == (40, 1, 0)
     rate.record(requested=40, obtained=39)  # short by one page: a failure
-    assert (rate.rate_pages, rate.successes, rate.failures) == (20, 1, 1)
+    assert (rate.step_units, rate.successes, rate.failures) == (20, 1, 1)
     rate.record(requested=0, obtained=0)  # nothing attempted: no news
-    assert (rate.rate_pages, rate.successes, rate.failures) == (20, 1, 1)
+    assert (rate.step_units, rate.successes, rate.failures) == (20, 1, 1)
 
 
 def test_reset_returns_to_min_and_keeps_counters() -> None:
     rate = AdaptiveRate(SMALL)
     rates_after(rate, "sss")
     rate.reset()
-    assert rate.rate_pages == 10
+    assert rate.step_units == 10
     assert rate.successes == 3
 
 
 def test_default_limits_are_valid_and_ordered() -> None:
     limits = RateLimits()
-    assert 1 <= limits.min_pages <= limits.max_pages
-    assert limits.increase_pages > 0
+    assert 1 <= limits.min_units <= limits.max_units
+    assert limits.increase_units > 0
     assert limits.divisor > 1.0
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"min_pages": 0}, "at least one page"),
-        ({"min_pages": 10, "max_pages": 5}, "below min"),
-        ({"increase_pages": -1}, "increase"),
+        ({"min_units": 0}, "at least one unit"),
+        ({"min_units": 10, "max_units": 5}, "below min"),
+        ({"increase_units": -1}, "increase"),
         ({"divisor": 1.0}, "divisor"),
     ],
 )
@@ -89,14 +89,14 @@ limits = st.builds(
 def test_rate_follows_aimd_within_bounds(lim: RateLimits, outcomes: list[bool]) -> None:
     rate = AdaptiveRate(lim)
     for success in outcomes:
-        before = rate.rate_pages
+        before = rate.step_units
         if success:
             rate.on_success()
-            assert rate.rate_pages == min(lim.max_pages, before + lim.increase_pages)
+            assert rate.step_units == min(lim.max_units, before + lim.increase_units)
         else:
             rate.on_failure()
-            assert rate.rate_pages == max(lim.min_pages, int(before / lim.divisor))
-        assert lim.min_pages <= rate.rate_pages <= lim.max_pages
+            assert rate.step_units == max(lim.min_units, int(before / lim.divisor))
+        assert lim.min_units <= rate.step_units <= lim.max_units
     assert rate.successes == sum(outcomes)
     assert rate.failures == len(outcomes) - sum(outcomes)
 

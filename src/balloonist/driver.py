@@ -132,7 +132,7 @@ class BalloonDriver:
         return StepResult(Action.IDLE, target, self._size_pages, 0, 0)
 
     def _inflate(self, target: int) -> StepResult:
-        wanted = min(target - self._size_pages, self.rate.rate_pages)
+        wanted = min(target - self._size_pages, self.rate.step_units)
         obtained = self._kernel.allocate_pages(wanted)
         got = count_pages(obtained)
         if got > wanted:  # a kernel port bug; never hold more than asked for

@@ -2,9 +2,10 @@
 
 Start at ``min``; every step that got all it asked for adds ``increase``; a step that
 failed divides the rate by ``divisor``; the rate always stays in ``[min, max]``.
-The rate is in pages per step. The same controller paces the in-guest driver (the
-preferred place, since the guest sees its own allocation failures first) and the host,
-when a guest's driver cannot pace itself.
+The rate is in *units* per step, whatever the balloon moves: pages for a memory
+balloon, vCPUs for a CPU balloon. The same controller paces the in-guest driver (the
+preferred place, since the guest sees its own allocation failures first), the host,
+when a guest's driver cannot pace itself, and both ends of the CPU balloon.
 
 Stdlib only: this module also runs inside guests.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RateLimits:
-    """Bounds and steps, all in pages per step.
+    """Bounds and steps, all in units per step (pages for memory, vCPUs for processors).
 
     The defaults assume a 1 s step and 4 KiB pages: 4 MiB/s to start, +16 MiB/s per
     success, halved on failure, at most 1 GiB/s. The patent's prototype ran at about
@@ -25,18 +26,18 @@ class RateLimits:
     inflates at over 1 GB/s on KVM.
     """
 
-    min_pages: int = 1024
-    max_pages: int = 262144
-    increase_pages: int = 4096
+    min_units: int = 1024
+    max_units: int = 262144
+    increase_units: int = 4096
     divisor: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.min_pages < 1:
-            raise ValueError(f"rate min must be at least one page, got {self.min_pages}")
-        if self.max_pages < self.min_pages:
-            raise ValueError(f"rate max {self.max_pages} is below min {self.min_pages}")
-        if self.increase_pages < 0:
-            raise ValueError(f"rate increase must not be negative, got {self.increase_pages}")
+        if self.min_units < 1:
+            raise ValueError(f"rate min must be at least one unit, got {self.min_units}")
+        if self.max_units < self.min_units:
+            raise ValueError(f"rate max {self.max_units} is below min {self.min_units}")
+        if self.increase_units < 0:
+            raise ValueError(f"rate increase must not be negative, got {self.increase_units}")
         if self.divisor <= 1.0:
             raise ValueError(f"rate divisor must be above 1, got {self.divisor}")
 
@@ -46,22 +47,22 @@ class AdaptiveRate:
 
     def __init__(self, limits: RateLimits | None = None) -> None:
         self.limits = limits or RateLimits()
-        self._rate_pages = self.limits.min_pages
+        self._step_units = self.limits.min_units
         self.successes = 0
         self.failures = 0
 
     @property
-    def rate_pages(self) -> int:
-        """How many pages the next step may move."""
-        return self._rate_pages
+    def step_units(self) -> int:
+        """How many units the next step may move."""
+        return self._step_units
 
     def on_success(self) -> None:
         self.successes += 1
-        self._rate_pages = min(self.limits.max_pages, self._rate_pages + self.limits.increase_pages)
+        self._step_units = min(self.limits.max_units, self._step_units + self.limits.increase_units)
 
     def on_failure(self) -> None:
         self.failures += 1
-        self._rate_pages = max(self.limits.min_pages, int(self._rate_pages / self.limits.divisor))
+        self._step_units = max(self.limits.min_units, int(self._step_units / self.limits.divisor))
 
     def record(self, *, requested: int, obtained: int) -> None:
         """Account for one step: success only if it got everything it asked for."""
@@ -73,7 +74,7 @@ class AdaptiveRate:
             self.on_failure()
 
     def reset(self) -> None:
-        self._rate_pages = self.limits.min_pages
+        self._step_units = self.limits.min_units
 
 
 class TokenBucket:

@@ -55,7 +55,7 @@ class Rig:
             self.clock,
             TOKEN,
             CONFIG,
-            rate=AdaptiveRate(RateLimits(min_pages=64, max_pages=1024, increase_pages=128)),
+            rate=AdaptiveRate(RateLimits(min_units=64, max_units=1024, increase_units=128)),
             cpus=CpuBalloon(self.hotplug),
         )
 

@@ -20,7 +20,7 @@ from balloonist.rate import AdaptiveRate, RateLimits
 from .fakes import PAGE, FakeClock, FakeHost, FakeKernel, FakePressure, Ports, pages_of
 
 TOKEN = "00112233aabbccdd"
-LIMITS = RateLimits(min_pages=64, max_pages=1024, increase_pages=128, divisor=2.0)
+LIMITS = RateLimits(min_units=64, max_units=1024, increase_units=128, divisor=2.0)
 #: Steps of 0.25 s add up exactly in binary floating point, so "every 1 s" is exact.
 CONFIG = AgentConfig(step_s=0.25, stats_s=1.0, floor_bytes=256 * MIB, page_size_bytes=PAGE)
 #: Enough steps for any inflation in these tests to finish; a loop that needs more fails.
@@ -155,14 +155,14 @@ def test_deflation_reports_unlocked_before_the_kernel_frees(rig: Rig) -> None:
 def test_floor_guard_gives_back_the_shortfall_and_cuts_the_rate(rig: Rig) -> None:
     host = rig.session(target_pages=1000)
     host.receive()
-    rate_before = rig.agent.driver.rate.rate_pages
-    assert rate_before > LIMITS.min_pages
+    rate_before = rig.agent.driver.rate.step_units
+    assert rate_before > LIMITS.min_units
     short_bytes = 100 * PAGE + 1  # rounds up to 101 pages
     rig.pressure.set(mem_available_bytes=256 * MIB - short_bytes)
     rig.step()
     assert rig.agent.driver.size_pages == 1000 - 101
     assert rig.agent.guarded
-    assert rig.agent.driver.rate.rate_pages == rate_before // 2
+    assert rig.agent.driver.rate.step_units == rate_before // 2
     messages = host.receive()
     assert [m.code for m in messages if isinstance(m, proto.Error)] == ["pressure"]
     assert len(pages_of(messages, proto.Unlocked)) == 101
@@ -192,7 +192,7 @@ def test_psi_above_the_limit_holds_the_balloon(rig: Rig) -> None:
     for _ in range(10):
         rig.step()
     assert rig.agent.driver.size_pages == 200
-    assert rig.agent.driver.rate.rate_pages == LIMITS.min_pages
+    assert rig.agent.driver.rate.step_units == LIMITS.min_units
     rig.pressure.set(psi_some_avg10=3.0)
     rig.run_until(lambda: rig.agent.driver.size_pages == 1000)
 
@@ -325,7 +325,7 @@ def test_reports_stay_within_the_message_budget(rig: Rig) -> None:
     """Every page its own range (a fragmented guest): the agent paces itself so the host's
     limit (100 messages/s, bursts of 500) is never reached; here it keeps to its own."""
     rig.kernel.free = list(range(2_000_000, 0, -2))  # no two frames touch
-    rig.agent.driver.rate = AdaptiveRate(RateLimits(min_pages=100_000, max_pages=100_000))
+    rig.agent.driver.rate = AdaptiveRate(RateLimits(min_units=100_000, max_units=100_000))
     host = rig.session()
     host.receive()
     host.send(proto.Target(seq=4, balloon_pages=200_000))
@@ -352,7 +352,7 @@ def test_closing_a_fragmented_balloon_stays_within_the_burst(rig: Rig) -> None:
     """A shutdown must not flood the host (it would cut the guest off): what does not fit
     the budget goes back to the guest unreported."""
     rig.kernel.free = list(range(2_000_000, 0, -2))  # no two frames touch
-    rig.agent.driver.rate = AdaptiveRate(RateLimits(min_pages=100_000, max_pages=100_000))
+    rig.agent.driver.rate = AdaptiveRate(RateLimits(min_units=100_000, max_units=100_000))
     host = rig.session()
     host.send(proto.Target(seq=4, balloon_pages=200_000))
     rig.run_until(lambda: rig.agent.driver.size_pages > 150_000)

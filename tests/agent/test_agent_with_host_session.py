@@ -77,7 +77,7 @@ def test_host_session_and_guest_agree_through_a_daemon_restart_and_pressure(
         clock,
         TOKEN,
         CONFIG,
-        rate=AdaptiveRate(RateLimits(min_pages=1024, max_pages=4096, increase_pages=1024)),
+        rate=AdaptiveRate(RateLimits(min_units=1024, max_units=4096, increase_units=1024)),
     )
     host = SessionHost(events, clock)
     ports.queue.append(host.wire)

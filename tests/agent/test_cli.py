@@ -46,11 +46,11 @@ def test_rate_flags_set_the_per_step_limits() -> None:
 
     # the defaults are the shared controller's, per second, scaled to the 0.2 s step
     default, base = rate_limits_for(AgentConfig()), RateLimits()
-    assert (default.min_pages, default.increase_pages, default.max_pages) == tuple(
-        round(p * 0.2) for p in (base.min_pages, base.increase_pages, base.max_pages)
+    assert (default.min_units, default.increase_units, default.max_units) == tuple(
+        round(p * 0.2) for p in (base.min_units, base.increase_units, base.max_units)
     )
     fast = rate_limits_for(AgentConfig(step_s=0.5, rate_start_mib_s=100, rate_max_mib_s=200))
-    assert (fast.min_pages, fast.max_pages) == (100 * 256 // 2, 200 * 256 // 2)
+    assert (fast.min_units, fast.max_units) == (100 * 256 // 2, 200 * 256 // 2)
 
 
 def test_unknown_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,7 +41,7 @@ def test_a_restart_starts_from_where_the_guests_are(tmp_path: Path) -> None:
     before = {name: vm.actual for name, vm in vms.items()}
     daemon = make(tmp_path, vms, budget="1GiB")
     daemon.step()
-    first_step = HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES
+    first_step = HOST_RATE_LIMITS.min_units * PAGE_SIZE_BYTES
     assert any(vm.targets for vm in vms.values())  # it did act
     for name, vm in vms.items():
         if vm.targets:
@@ -142,6 +142,6 @@ def test_the_status_shows_the_host_side_pacing_rate_per_second(tmp_path: Path) -
     status = daemon.status()
     assert status is not None
     rates = {g.name: g.inflate_rate_bytes_per_s for g in status.guests}
-    floor_per_s = HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES / 0.5
+    floor_per_s = HOST_RATE_LIMITS.min_units * PAGE_SIZE_BYTES / 0.5
     assert rates["slow"] == floor_per_s
     assert rates["quick"] is not None and rates["quick"] > floor_per_s

@@ -327,7 +327,7 @@ def test_a_daemon_killed_with_sigkill_resumes_its_specs_and_targets(tmp_path: Pa
         assert g.balloon_target_bytes == was["balloon_target_bytes"]
     # One period later each balloon has moved at most one step of the driver's rate
     # controller, which (like any restarted driver's) starts at its minimum.
-    step_bytes = small().rate.min_pages * PAGE_SIZE_BYTES
+    step_bytes = small().rate.min_units * PAGE_SIZE_BYTES
     for name, balloon in balloons(restarted).items():
         moved = abs(balloon - saved["guests"][name]["balloon_bytes"])
         assert moved <= step_bytes, (name, moved)

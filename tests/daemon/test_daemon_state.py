@@ -21,7 +21,7 @@ from balloonist.qemu.launcher import StateDir
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
 from tests.daemon.fakes import HOST, FakeVm, make
 
-FIRST_STEP_BYTES = HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES
+FIRST_STEP_BYTES = HOST_RATE_LIMITS.min_units * PAGE_SIZE_BYTES
 
 
 def restart(tmp_path: Path, vms: dict[str, FakeVm], config: dict[str, object]) -> Daemon:

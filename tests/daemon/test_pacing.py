@@ -11,8 +11,8 @@ from balloonist.daemon.pacing import HOST_RATE_LIMITS, Bounds, GuestPacer, safe_
 from balloonist.units import MIB, PAGE_SIZE_BYTES
 
 BOUNDS = Bounds(min_bytes=128 * MIB, max_bytes=1024 * MIB, available_floor_bytes=64 * MIB)
-STEP0 = HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES
-GROW = HOST_RATE_LIMITS.increase_pages * PAGE_SIZE_BYTES
+STEP0 = HOST_RATE_LIMITS.min_units * PAGE_SIZE_BYTES
+GROW = HOST_RATE_LIMITS.increase_units * PAGE_SIZE_BYTES
 
 
 def test_first_target_is_where_the_guest_is() -> None:
@@ -37,11 +37,11 @@ def test_a_guest_that_falls_behind_gets_smaller_steps_then_is_uncooperative() ->
     actual = 1024 * MIB
     for t in range(3):  # keeps up, the rate grows
         actual = pacer.step(256 * MIB, actual, None, float(t))
-    grown = pacer.rate.rate_pages
+    grown = pacer.rate.step_units
     stuck = actual
     for t in range(3, 12):  # the balloon stops moving
         pacer.step(256 * MIB, stuck, None, float(t))
-    assert pacer.rate.rate_pages < grown
+    assert pacer.rate.step_units < grown
     assert not pacer.cooperative
     # not counted on: held where it is, and it stays uncooperative
     for t in range(12, 14):
@@ -49,7 +49,7 @@ def test_a_guest_that_falls_behind_gets_smaller_steps_then_is_uncooperative() ->
         assert not pacer.cooperative
     # one stall timeout later it is probed with the smallest step; reaching it counts
     probe = pacer.step(256 * MIB, stuck, None, 20.0)
-    assert stuck - probe == HOST_RATE_LIMITS.min_pages * PAGE_SIZE_BYTES
+    assert stuck - probe == HOST_RATE_LIMITS.min_units * PAGE_SIZE_BYTES
     pacer.step(256 * MIB, probe, None, 21.0)
     assert pacer.cooperative
 

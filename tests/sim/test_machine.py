@@ -103,7 +103,7 @@ def test_a_sample_carries_the_driver_rate_per_second_and_none_without_a_balloon(
     driver = machine.drivers[0]
     assert driver is not None and driver.rate.successes > 0  # it has grown from the start
     rates = {s.name: s.inflate_rate_bytes_per_s for s in machine.sample_guests()}
-    assert rates["g"] == driver.rate.rate_pages * 4096 / 0.5
+    assert rates["g"] == driver.rate.step_units * 4096 / 0.5
     assert rates["fixed"] is None
 
 

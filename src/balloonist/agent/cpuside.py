@@ -154,9 +154,9 @@ class CpuSide:
             # after one that did not, never above what one step may do.
             self._rate = AdaptiveRate(
                 RateLimits(
-                    min_pages=1,
-                    max_pages=max(1, min(vcpus, CPU_MAX_PER_STEP)),
-                    increase_pages=1,
+                    min_units=1,
+                    max_units=max(1, min(vcpus, CPU_MAX_PER_STEP)),
+                    increase_units=1,
                     divisor=RateLimits().divisor,
                 )
             )
@@ -164,7 +164,7 @@ class CpuSide:
 
     def _inflate(self, balloon: CpuBalloon, missing: int, now: float) -> None:
         rate = self._rate_for(balloon)
-        wanted = min(missing, rate.rate_pages, CPU_MAX_PER_STEP)
+        wanted = min(missing, rate.step_units, CPU_MAX_PER_STEP)
         before = len(balloon.held)
         try:
             taken = balloon.reserve(wanted)

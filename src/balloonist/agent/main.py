@@ -117,9 +117,9 @@ def rate_limits_for(config: AgentConfig) -> RateLimits:
     per_step = config.step_s * MIB / config.page_size_bytes
     start = max(1, round(config.rate_start_mib_s * per_step))
     return RateLimits(
-        min_pages=start,
-        max_pages=max(start, round(config.rate_max_mib_s * per_step)),
-        increase_pages=round(config.rate_increase_mib_s * per_step),
+        min_units=start,
+        max_units=max(start, round(config.rate_max_mib_s * per_step)),
+        increase_units=round(config.rate_increase_mib_s * per_step),
         divisor=RateLimits().divisor,
     )
 
@@ -363,7 +363,7 @@ class Agent:
             proto.Stats(
                 seq=self.host.next_seq(),
                 balloon_pages=self.driver.size_pages,
-                rate_pages=self.driver.rate.rate_pages,
+                rate_pages=self.driver.rate.step_units,
                 mem_total_bytes=min(sample.mem_total_bytes, _MAX_BYTES),
                 mem_available_bytes=min(sample.mem_available_bytes, _MAX_BYTES),
                 psi_some_avg10=sample.psi_some_avg10,

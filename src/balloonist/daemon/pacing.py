@@ -40,9 +40,9 @@ DEFAULT_AVAILABLE_FLOOR_BYTES: Final = 64 * MIB
 #: reached step, halve on a missed one, at most 1 GiB. Under TCG a guest inflates
 #: about 256 MiB/s; under KVM several GiB/s.
 HOST_RATE_LIMITS: Final = RateLimits(
-    min_pages=16 * MIB // PAGE_SIZE_BYTES,
-    max_pages=1024 * MIB // PAGE_SIZE_BYTES,
-    increase_pages=32 * MIB // PAGE_SIZE_BYTES,
+    min_units=16 * MIB // PAGE_SIZE_BYTES,
+    max_units=1024 * MIB // PAGE_SIZE_BYTES,
+    increase_units=32 * MIB // PAGE_SIZE_BYTES,
     divisor=2.0,
 )
 
@@ -100,13 +100,13 @@ class GuestPacer:
             # Deflating, or holding: no pacing, no reason to wait.
             self.commanded_bytes = goal
             return goal
-        step_bytes = self.rate.rate_pages * PAGE_SIZE_BYTES
+        step_bytes = self.rate.step_units * PAGE_SIZE_BYTES
         if not self.cooperative:
             # Do not count on it: hold it where it is, and once per stall timeout probe
             # with the smallest step to find out whether it works again.
             if now_s - self._probed_at_s >= self.stall_timeout_s:
                 self._probed_at_s = now_s
-                step_bytes = self.rate.limits.min_pages * PAGE_SIZE_BYTES
+                step_bytes = self.rate.limits.min_units * PAGE_SIZE_BYTES
             else:
                 step_bytes = 0
         self.commanded_bytes = max(goal, actual_bytes - step_bytes)

@@ -212,7 +212,7 @@ class ManagedVm:
             free_bytes=stats.free_bytes,
             major_faults=stats.major_faults or 0,
             cooperative=self.cooperative,
-            inflate_rate_bytes_per_s=pacer.rate.rate_pages * PAGE_SIZE_BYTES / period_s,
+            inflate_rate_bytes_per_s=pacer.rate.step_units * PAGE_SIZE_BYTES / period_s,
             cpu=cpu,
         )
 

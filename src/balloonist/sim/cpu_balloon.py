@@ -85,9 +85,9 @@ class SimCpus:
         for j, g in enumerate(sharing):
             assert g.spec.cpu is not None
             limits = RateLimits(
-                min_pages=CPU_RATE_START_VCPUS,
-                max_pages=g.spec.cpu.vcpus,
-                increase_pages=CPU_RATE_INCREASE_VCPUS,
+                min_units=CPU_RATE_START_VCPUS,
+                max_units=g.spec.cpu.vcpus,
+                increase_units=CPU_RATE_INCREASE_VCPUS,
             )
             self.drivers.append(
                 BalloonDriver(

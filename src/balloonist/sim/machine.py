@@ -287,7 +287,7 @@ class SimMachine:
         # A driver steps once a period: its rate is in pages per period.
         per_period = PAGE_SIZE_BYTES / self.period_s
         for m, driver in zip(self.guests, self.drivers, strict=True):
-            rate = None if driver is None else driver.rate.rate_pages * per_period
+            rate = None if driver is None else driver.rate.step_units * per_period
             cpu = None if self.cpus is None else self.cpus.sample(m.spec.name)
             out.append(m.sample(rate, cpu))
         return out

@@ -129,7 +129,7 @@ class _Recorder:
             view = views.get(m.spec.name)
             series["working_set_bytes"][i, k] = view.working_set_bytes if view else 0
             driver = machine.drivers[i]
-            series["balloon_rate_pages"][i, k] = driver.rate.rate_pages if driver else 0
+            series["balloon_rate_pages"][i, k] = driver.rate.step_units if driver else 0
             for j, key in enumerate(_COUNTERS):
                 series[key][i, k] = delta[i, j]
         self._cpu_period(k, targets, views)

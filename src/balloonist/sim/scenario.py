@@ -305,9 +305,9 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
         raise ConfigError(str(exc), where=f"{where}: policy") from None
     try:
         rate = RateLimits(
-            min_pages=max(1, bytes_to_pages_floor(parse_size_bytes(raw.rate.min))),
-            max_pages=bytes_to_pages_floor(parse_size_bytes(raw.rate.max)),
-            increase_pages=bytes_to_pages_floor(parse_size_bytes(raw.rate.increase)),
+            min_units=max(1, bytes_to_pages_floor(parse_size_bytes(raw.rate.min))),
+            max_units=bytes_to_pages_floor(parse_size_bytes(raw.rate.max)),
+            increase_units=bytes_to_pages_floor(parse_size_bytes(raw.rate.increase)),
             divisor=raw.rate.divisor,
         )
     except ValueError as exc:
