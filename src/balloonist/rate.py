@@ -65,7 +65,8 @@ class AdaptiveRate:
         self._step_units = max(self.limits.min_units, int(self._step_units / self.limits.divisor))
 
     def record(self, *, requested: int, obtained: int) -> None:
-        """Account for one step: success only if it got everything it asked for."""
+        """Account for one step: success only if it got everything it asked for. The
+        two counts need only share a unit (the host's pacer gives bytes)."""
         if requested <= 0:
             return  # nothing was attempted; the rate says nothing new
         if obtained >= requested:

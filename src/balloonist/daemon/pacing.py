@@ -121,6 +121,7 @@ class GuestPacer:
             return
         reached = actual_bytes - self.commanded_bytes <= REACHED_TOLERANCE_BYTES
         assert last is not None  # asked > 0 needs a previous reading
+        # In bytes: record only compares what was obtained with what was asked.
         self.rate.record(requested=asked, obtained=asked if reached else last - actual_bytes)
         if reached:
             self.cooperative = True
