@@ -10,10 +10,12 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from balloonist.agent import protocol as proto
 from balloonist.agent.cpus import CpuHotplug
+from balloonist.agent.hostlink import Link
+from balloonist.agent.main import Agent
 from balloonist.agent.pressure import PressureSample
 from balloonist.errors import TransientBackendError
 from balloonist.units import GIB
@@ -28,6 +30,30 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now_s
+
+
+class Stepping:
+    """What a test rig around an :class:`Agent` does with time: one step of the agent's
+    loop, then the fake clock moves on by the agent's step."""
+
+    agent: Agent
+    clock: FakeClock
+    #: Enough steps for any change a rig's tests make; a loop that needs more fails.
+    max_steps: ClassVar[int] = 100
+
+    def link(self) -> Link:  # a call, so mypy does not narrow it across steps
+        return self.agent.link
+
+    def step(self) -> None:
+        self.agent.run_once()
+        self.clock.now_s += self.agent.config.step_s
+
+    def run_until(self, condition: Callable[[], bool]) -> None:
+        for _ in range(self.max_steps):
+            if condition():
+                return
+            self.step()
+        raise AssertionError(f"not reached in {self.max_steps} steps")
 
 
 class FakeKernel(SharedFakeKernel):

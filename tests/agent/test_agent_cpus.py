@@ -5,7 +5,6 @@ lost link, and a kernel that refuses a write."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,18 +26,17 @@ from .fakes import (
     FakeSysfs,
     FlakyHotplug,
     Ports,
+    Stepping,
 )
 
 TOKEN = "00112233aabbccdd"
 MIB = 1 << 20
 #: Steps of 0.25 s add up exactly in binary floating point.
 CONFIG = AgentConfig(step_s=0.25, stats_s=1.0, floor_bytes=256 * MIB, page_size_bytes=PAGE)
-#: Enough steps for any change in these tests; a loop that needs more fails.
-MAX_STEPS = 100
 
 
 @dataclass
-class Rig:
+class Rig(Stepping):
     root: Path
     vcpus: int = 4
     events: list[str] = field(default_factory=list)
@@ -59,13 +57,6 @@ class Rig:
             cpus=CpuBalloon(self.hotplug),
         )
 
-    def link(self) -> Link:  # a call, so mypy does not narrow it across steps
-        return self.agent.link
-
-    def step(self) -> None:
-        self.agent.run_once()
-        self.clock.now_s += CONFIG.step_s
-
     def session(self) -> FakeHost:
         host = FakeHost(self.events)
         self.ports.queue.append(host)
@@ -76,13 +67,6 @@ class Rig:
         assert self.link() is Link.UP
         host.receive()
         return host
-
-    def run_until(self, condition: Callable[[], bool]) -> None:
-        for _ in range(MAX_STEPS):
-            if condition():
-                return
-            self.step()
-        raise AssertionError(f"not reached in {MAX_STEPS} steps")
 
     def held(self) -> tuple[int, ...]:
         assert self.agent.cpu.balloon is not None

@@ -6,8 +6,9 @@ session, shutdown."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 
@@ -17,7 +18,16 @@ from balloonist.agent.main import MIB, Agent, AgentConfig
 from balloonist.driver import PageRange
 from balloonist.rate import AdaptiveRate, RateLimits
 
-from .fakes import PAGE, FakeClock, FakeHost, FakeKernel, FakePressure, Ports, pages_of
+from .fakes import (
+    PAGE,
+    FakeClock,
+    FakeHost,
+    FakeKernel,
+    FakePressure,
+    Ports,
+    Stepping,
+    pages_of,
+)
 
 TOKEN = "00112233aabbccdd"
 LIMITS = RateLimits(min_units=64, max_units=1024, increase_units=128, divisor=2.0)
@@ -28,7 +38,9 @@ MAX_STEPS = 200
 
 
 @dataclass
-class Rig:
+class Rig(Stepping):
+    max_steps: ClassVar[int] = MAX_STEPS
+
     events: list[str] = field(default_factory=list)
     clock: FakeClock = field(default_factory=FakeClock)
     ports: Ports = field(default_factory=Ports)
@@ -46,17 +58,10 @@ class Rig:
             rate=AdaptiveRate(LIMITS),
         )
 
-    def link(self) -> Link:  # a call, so mypy does not narrow it across steps
-        return self.agent.link
-
     def host(self, *, reset: bool = True) -> FakeHost:
         host = FakeHost(self.events, reset=reset)
         self.ports.queue.append(host)
         return host
-
-    def step(self) -> None:
-        self.agent.run_once()
-        self.clock.now_s += CONFIG.step_s
 
     def session(self, target_pages: int = 0) -> FakeHost:
         """Connect a new host, welcome both hellos, set a target, run until it is reached."""
@@ -73,13 +78,6 @@ class Rig:
         assert self.link() is Link.UP
         self.run_until(lambda: self.agent.driver.size_pages == target_pages)
         return host
-
-    def run_until(self, condition: Callable[[], bool]) -> None:
-        for _ in range(MAX_STEPS):
-            if condition():
-                return
-            self.step()
-        raise AssertionError(f"not reached in {MAX_STEPS} steps")
 
 
 @pytest.fixture

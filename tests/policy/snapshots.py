@@ -1,6 +1,9 @@
-"""Hand-built snapshots for policy tests: guests whose balloon has reached its register."""
+"""Snapshots for policy tests: hand-built ones (guests whose balloon has reached its
+register) and drawn ones for the property tests."""
 
 from __future__ import annotations
+
+from hypothesis import strategies as st
 
 from balloonist.model import (
     Decision,
@@ -11,7 +14,7 @@ from balloonist.model import (
     HostState,
     Snapshot,
 )
-from balloonist.units import MIB
+from balloonist.units import MIB, PAGE_SIZE_BYTES
 
 
 def guest(
@@ -74,3 +77,54 @@ def allocations_mib(decision: Decision) -> list[float]:
 
 def balloons_mib(decision: Decision) -> list[float]:
     return [t.balloon_bytes / MIB for t in decision.targets]
+
+
+@st.composite
+def drawn_snapshots(
+    draw: st.DrawFn, *, max_pages: int = 4096, settled: bool = True, timed: bool = False
+) -> Snapshot:
+    """1-8 guests of up to ``max_pages`` with any min, max, shares and register, on a
+    host with room for their minimums. ``settled``: each balloon has reached its
+    register; otherwise it may be anywhere, and the guest may report free memory.
+    ``timed``: any period length and time, else time 0 of 1 s periods."""
+    n = draw(st.integers(1, 8))
+    views: list[GuestView] = []
+    for i in range(n):
+        memory = draw(st.integers(1, max_pages))
+        limit = draw(st.integers(1, memory))
+        minimum = draw(st.integers(0, limit))
+        spec = GuestSpec(
+            name=f"g{i}",
+            memory_bytes=memory * PAGE_SIZE_BYTES,
+            min_bytes=minimum * PAGE_SIZE_BYTES,
+            max_bytes=limit * PAGE_SIZE_BYTES,
+            shares=draw(st.integers(1, 1_000_000)),
+            balloon=draw(st.booleans()),
+        )
+        register = draw(st.integers(0, memory)) * PAGE_SIZE_BYTES
+        if settled:
+            sample = GuestSample(spec.name, spec.memory_bytes - register, register, register)
+        else:
+            pages = st.integers(0, memory).map(lambda p: p * PAGE_SIZE_BYTES)
+            actual = draw(st.one_of(st.just(register), pages))
+            free = draw(st.none() | st.integers(0, memory * PAGE_SIZE_BYTES))
+            sample = GuestSample(
+                spec.name, spec.memory_bytes - actual, actual, register, free_bytes=free
+            )
+        working = draw(st.integers(0, 2 * memory * PAGE_SIZE_BYTES))
+        views.append(GuestView(spec, sample, working))
+    reserved = sum(v.spec.min_bytes for v in views) // PAGE_SIZE_BYTES
+    host_pages = max(1, reserved + draw(st.integers(0, 8 * max_pages)))
+    period_s, time_s = 1.0, 0.0
+    if timed:
+        period_s = draw(st.sampled_from([0.5, 1.0, 2.0, 5.0, 15.0]))
+        time_s = draw(st.integers(0, 100)) * period_s
+    host = HostSample(
+        time_s=time_s,
+        memory_bytes=host_pages * PAGE_SIZE_BYTES,
+        free_bytes=draw(st.integers(0, host_pages)) * PAGE_SIZE_BYTES,
+        swap_bytes=0,
+        swap_used_bytes=0,
+        state=draw(st.sampled_from(list(HostState))),
+    )
+    return Snapshot(time_s, period_s, host, tuple(views))

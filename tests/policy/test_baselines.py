@@ -9,10 +9,6 @@ from hypothesis import strategies as st
 
 from balloonist.errors import ConfigError
 from balloonist.model import (
-    GuestSample,
-    GuestSpec,
-    GuestView,
-    HostSample,
     HostState,
     Mechanisms,
     Snapshot,
@@ -28,6 +24,7 @@ from balloonist.policy.baselines import (
 from balloonist.policy.registry import POLICY_NAMES, make_policy
 from balloonist.policy.shares import SharesPolicy
 from balloonist.units import MIB, PAGE_SIZE_BYTES
+from tests.policy.snapshots import drawn_snapshots
 
 from .snapshots import allocations_mib, balloons_mib, guest, snapshot
 
@@ -326,43 +323,8 @@ def test_registry_refuses_oracle_and_unknown_names() -> None:
 # -- invariants of every policy ------------------------------------------------------------
 
 
-@st.composite
-def snapshots(draw: st.DrawFn) -> Snapshot:
-    n = draw(st.integers(1, 8))
-    views: list[GuestView] = []
-    for i in range(n):
-        memory = draw(st.integers(1, 65536))  # pages, up to 256 MiB
-        limit = draw(st.integers(1, memory))
-        minimum = draw(st.integers(0, limit))
-        spec = GuestSpec(
-            name=f"g{i}",
-            memory_bytes=memory * PAGE_SIZE_BYTES,
-            min_bytes=minimum * PAGE_SIZE_BYTES,
-            max_bytes=limit * PAGE_SIZE_BYTES,
-            shares=draw(st.integers(1, 1_000_000)),
-            balloon=draw(st.booleans()),
-        )
-        register = draw(st.integers(0, memory)) * PAGE_SIZE_BYTES
-        actual = draw(st.one_of(st.just(register), st.integers(0, memory).map(lambda p: p * 4096)))
-        free = draw(st.none() | st.integers(0, memory * PAGE_SIZE_BYTES))
-        sample = GuestSample(
-            spec.name, spec.memory_bytes - actual, actual, register, free_bytes=free
-        )
-        working = draw(st.integers(0, 2 * memory * PAGE_SIZE_BYTES))
-        views.append(GuestView(spec, sample, working))
-    reserved = sum(v.spec.min_bytes for v in views) // PAGE_SIZE_BYTES
-    host_pages = max(1, reserved + draw(st.integers(0, 8 * 65536)))
-    period_s = draw(st.sampled_from([0.5, 1.0, 2.0, 5.0, 15.0]))
-    time_s = draw(st.integers(0, 100)) * period_s
-    host = HostSample(
-        time_s=time_s,
-        memory_bytes=host_pages * PAGE_SIZE_BYTES,
-        free_bytes=draw(st.integers(0, host_pages)) * PAGE_SIZE_BYTES,
-        swap_bytes=0,
-        swap_used_bytes=0,
-        state=draw(st.sampled_from(list(HostState))),
-    )
-    return Snapshot(time_s, period_s, host, tuple(views))
+def snapshots() -> st.SearchStrategy[Snapshot]:
+    return drawn_snapshots(max_pages=65536, settled=False, timed=True)
 
 
 ALL_POLICIES = [*POLICY_NAMES]

@@ -11,10 +11,8 @@ from hypothesis import strategies as st
 
 from balloonist.errors import ConfigError
 from balloonist.model import (
-    GuestSample,
     GuestSpec,
     GuestView,
-    HostSample,
     HostState,
     Mechanisms,
     Snapshot,
@@ -26,6 +24,7 @@ from balloonist.policy.shares import (
     shares_per_page,
 )
 from balloonist.units import MIB, PAGE_SIZE_BYTES
+from tests.policy.snapshots import drawn_snapshots
 
 from .snapshots import allocations_mib, balloons_mib, guest, snapshot
 
@@ -235,38 +234,8 @@ def test_ten_thousand_guests() -> None:
 # -- properties ----------------------------------------------------------------------------
 
 
-@st.composite
-def snapshots(draw: st.DrawFn) -> Snapshot:
-    n = draw(st.integers(1, 8))
-    views: list[GuestView] = []
-    for i in range(n):
-        memory = draw(st.integers(1, 4096))  # pages
-        limit = draw(st.integers(1, memory))
-        minimum = draw(st.integers(0, limit))
-        spec = GuestSpec(
-            name=f"g{i}",
-            memory_bytes=memory * PAGE_SIZE_BYTES,
-            min_bytes=minimum * PAGE_SIZE_BYTES,
-            max_bytes=limit * PAGE_SIZE_BYTES,
-            shares=draw(st.integers(1, 1_000_000)),
-            balloon=draw(st.booleans()),
-        )
-        register = draw(st.integers(0, memory)) * PAGE_SIZE_BYTES
-        sample = GuestSample(spec.name, spec.memory_bytes - register, register, register)
-        working = draw(st.integers(0, 2 * memory * PAGE_SIZE_BYTES))
-        views.append(GuestView(spec, sample, working))
-    reserved = sum(v.spec.min_bytes for v in views) // PAGE_SIZE_BYTES
-    host_pages = reserved + draw(st.integers(0, 8 * 4096))
-    host_pages = max(host_pages, 1)
-    host = HostSample(
-        time_s=0.0,
-        memory_bytes=host_pages * PAGE_SIZE_BYTES,
-        free_bytes=draw(st.integers(0, host_pages)) * PAGE_SIZE_BYTES,
-        swap_bytes=0,
-        swap_used_bytes=0,
-        state=draw(st.sampled_from(list(HostState))),
-    )
-    return Snapshot(0.0, 1.0, host, tuple(views))
+def snapshots() -> st.SearchStrategy[Snapshot]:
+    return drawn_snapshots()
 
 
 tax_rates = st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9])
