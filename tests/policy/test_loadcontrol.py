@@ -19,7 +19,7 @@ def _stalling(view: GuestView, fraction: float) -> GuestView:
 def _run(control: LoadControl, views: list[GuestView], start_s: float, periods: int) -> Turns:
     turns = Turns()
     for k in range(periods):
-        turns = control.update(start_s + k, views, stall_fraction)
+        turns = control.update(start_s + k, views, [stall_fraction(v) for v in views])
     return turns
 
 

@@ -193,23 +193,45 @@ def with_headroom(working_bytes: int, *, contended: bool) -> int:
     return int(working_bytes * (1.0 + HEADROOM_FRACTION)) + HEADROOM_BYTES
 
 
-def demand_bytes(guests: Sequence[GuestView]) -> I64:
-    """Each guest's demand (see the module docstring, step 1), before min and max."""
-    stalls = [stall_fraction(g) for g in guests]
-    contended = any(s >= STALL_THRESHOLD for s in stalls)
-    out = np.zeros(len(guests), dtype=np.int64)
-    for i, (g, stall) in enumerate(zip(guests, stalls, strict=True)):
-        working = g.working_set_bytes
-        if contended and g.recent_working_set_bytes is not None:
-            working = g.recent_working_set_bytes
-        demand = with_headroom(working, contended=contended)
-        allowance = g.spec.memory_bytes - g.sample.balloon_bytes
-        if stall >= STALL_THRESHOLD:
-            grow = min(GROW_MAX_FRACTION, max(GROW_MIN_FRACTION, stall))
-            demand = max(demand, int(allowance * (1.0 + grow)), allowance + GROW_MIN_BYTES)
-        elif stall >= STALL_KEEP_THRESHOLD:
-            demand = max(demand, allowance)
-        out[i] = min(demand, g.spec.memory_bytes)
+def headroom_bytes(working_bytes: I64, *, contended: bool) -> I64:
+    """:func:`with_headroom` for every guest at once (the same arithmetic)."""
+    fraction, extra = (
+        (CONTENDED_HEADROOM_FRACTION, CONTENDED_HEADROOM_BYTES)
+        if contended
+        else (HEADROOM_FRACTION, HEADROOM_BYTES)
+    )
+    out: I64 = (working_bytes * (1.0 + fraction)).astype(np.int64) + extra
+    return out
+
+
+def demand_bytes(guests: Sequence[GuestView], stalls: F64 | None = None) -> I64:
+    """Each guest's demand (see the module docstring, step 1), before min and max.
+    ``stalls``: each guest's :func:`stall_fraction`, if the caller has them."""
+    if stalls is None:
+        stalls = np.array([stall_fraction(g) for g in guests], dtype=np.float64)
+    contended = bool((stalls >= STALL_THRESHOLD).any())
+    working = np.array(
+        [
+            g.recent_working_set_bytes
+            if contended and g.recent_working_set_bytes is not None
+            else g.working_set_bytes
+            for g in guests
+        ],
+        dtype=np.int64,
+    )
+    memory = np.array([g.spec.memory_bytes for g in guests], dtype=np.int64)
+    allowance = memory - np.array([g.sample.balloon_bytes for g in guests], dtype=np.int64)
+    demand = headroom_bytes(working, contended=contended)
+    grow = np.minimum(GROW_MAX_FRACTION, np.maximum(GROW_MIN_FRACTION, stalls))
+    grown = np.maximum(
+        np.maximum(demand, (allowance * (1.0 + grow)).astype(np.int64)),
+        allowance + GROW_MIN_BYTES,
+    )
+    kept = np.maximum(demand, allowance)
+    demand = np.where(
+        stalls >= STALL_THRESHOLD, grown, np.where(stalls >= STALL_KEEP_THRESHOLD, kept, demand)
+    )
+    out: I64 = np.minimum(demand, memory)
     return out
 
 
@@ -340,17 +362,17 @@ class DemandPolicy:
         guests = _Guests.of(views)
         margin = int(host.memory_bytes * self.margin_fraction)
         available = host.memory_bytes - margin
-        short = np.array([stall_fraction(g) >= STALL_THRESHOLD for g in views], dtype=np.bool_)
-        used = np.array(
-            [with_headroom(g.working_set_bytes, contended=False) for g in views], dtype=np.int64
-        )
-        demand = demand_bytes(views)
-        turns = self._load.update(snapshot.time_s, views, stall_fraction)
+        names = [g.name for g in views]
+        stalls = np.array([stall_fraction(g) for g in views], dtype=np.float64)
+        short = stalls >= STALL_THRESHOLD
+        working = np.array([g.working_set_bytes for g in views], dtype=np.int64)
+        used = headroom_bytes(working, contended=False)
+        demand = demand_bytes(views, stalls)
+        turns = self._load.update(snapshot.time_s, views, stalls.tolist())
         if turns.holder is not None:
             # Load control: the holder may grow to its limit; the others of the
             # thrashing group fall back to their reservations, keeping only what no
             # other guest wants (defer_squeezes, below).
-            names = [g.name for g in views]
             held_back = np.array([n in turns.held_back for n in names], dtype=np.bool_)
             holder = np.array([n == turns.holder for n in names], dtype=np.bool_)
             demand = np.where(held_back, 0, np.where(holder, guests.memory, demand))
@@ -364,9 +386,9 @@ class DemandPolicy:
         mechanisms = self._mechanisms(host.state, guests)
         cpus = cpu_targets(snapshot, self.tax_rate)
         targets = tuple(
-            GuestTarget(g.name, alloc, register, cpus.get(g.name))
-            for g, alloc, register in zip(
-                views, allocations.tolist(), registers.tolist(), strict=True
+            GuestTarget(name, alloc, register, cpus.get(name))
+            for name, alloc, register in zip(
+                names, allocations.tolist(), registers.tolist(), strict=True
             )
         )
         return Decision(targets, mechanisms)

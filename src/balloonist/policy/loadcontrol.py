@@ -18,7 +18,7 @@ views and returns which guests are held back and which one has the turn.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -66,13 +66,12 @@ class LoadControl:
     _service_s: dict[str, float] = field(default_factory=dict)  # turn time per guest
     _last_s: float | None = None
 
-    def update(
-        self, time_s: float, views: Sequence[GuestView], stall: Callable[[GuestView], float]
-    ) -> Turns:
+    def update(self, time_s: float, views: Sequence[GuestView], stalls: Sequence[float]) -> Turns:
+        """The turns after this period; ``stalls`` is each guest's stall fraction."""
         elapsed = 0.0 if self._last_s is None else max(0.0, time_s - self._last_s)
         self._last_s = time_s
         present = {v.name: v for v in views}
-        self._count(views, stall)
+        self._count(views, stalls)
         if self._holder is not None:
             self._service_s[self._holder] = self._service_s.get(self._holder, 0.0) + elapsed
             if self._holder not in present or self._expired(time_s, present):
@@ -91,12 +90,13 @@ class LoadControl:
             self._started_s = time_s
         return Turns(self._holder, frozenset(self._group - {self._holder}))
 
-    def _count(self, views: Sequence[GuestView], stall: Callable[[GuestView], float]) -> None:
-        for v in views:
-            s = stall(v) if v.spec.balloon and v.sample.cooperative else 0.0
-            self._hot[v.name] = self._hot.get(v.name, 0) + 1 if s >= THRASH_STALL else 0
-            self._quiet[v.name] = self._quiet.get(v.name, 0) + 1 if s < QUIET_STALL else 0
-        names = {v.name for v in views}
+    def _count(self, views: Sequence[GuestView], stalls: Sequence[float]) -> None:
+        hot, quiet = self._hot, self._quiet
+        for v, stall in zip(views, stalls, strict=True):
+            name, s = v.spec.name, stall if v.spec.balloon and v.sample.cooperative else 0.0
+            hot[name] = hot.get(name, 0) + 1 if s >= THRASH_STALL else 0
+            quiet[name] = quiet.get(name, 0) + 1 if s < QUIET_STALL else 0
+        names = {v.spec.name for v in views}
         for table in (self._hot, self._quiet):
             for name in [n for n in table if n not in names]:
                 del table[name]
