@@ -9,7 +9,7 @@ import pytest
 
 from balloonist.daemon.pacing import HOST_RATE_LIMITS
 from balloonist.daemon.service import load_config
-from balloonist.daemon.vm_figures import demand_bytes
+from balloonist.daemon.vm_figures import observed_demand_bytes
 from balloonist.daemon.vm_life import VmLife
 from balloonist.errors import ConfigError
 from balloonist.host import HostMemInfo, parse_meminfo
@@ -103,8 +103,8 @@ def test_a_vm_removed_from_the_state_dir_is_dropped(tmp_path: Path) -> None:
 def test_demand_counts_used_memory_and_pages_read_back() -> None:
     stats = GuestStats(1, total_bytes=2 * GIB, available_bytes=1 * GIB)
     # deflate-on-oom: total stays 2 GiB, the guest has 1.5 GiB; 0.5 GiB in use + 10 pages
-    assert demand_bytes(1536 * MIB, 2 * GIB, stats, new_faults=10) == 512 * MIB + 40960
-    assert demand_bytes(1536 * MIB, 2 * GIB, GuestStats(1), 0) is None
+    assert observed_demand_bytes(1536 * MIB, 2 * GIB, stats, new_faults=10) == 512 * MIB + 40960
+    assert observed_demand_bytes(1536 * MIB, 2 * GIB, GuestStats(1), 0) is None
 
 
 def test_meminfo_is_parsed_in_bytes() -> None:

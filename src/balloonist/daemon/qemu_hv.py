@@ -180,7 +180,7 @@ class QemuHypervisor:
         return vm.view() if vm is not None else None
 
     def guest_counters(self) -> dict[str, Counts]:
-        """Failure counters per managed VM, cumulative (see ``daemon/backend.py``)."""
+        """Failure counters per managed VM, cumulative (see ``daemon/counters.py``)."""
         return {name: vm.failures().as_counters() for name, vm in self._vms.items()}
 
     def counters(self) -> Counts:

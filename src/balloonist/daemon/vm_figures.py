@@ -35,7 +35,7 @@ from balloonist.qemu.qmp import GuestStats
 from balloonist.units import PAGE_SIZE_BYTES
 
 
-def demand_bytes(
+def observed_demand_bytes(
     actual_bytes: int,
     memory_bytes: int,
     stats: GuestStats | None,
@@ -96,4 +96,4 @@ def host_memory(
     return HostMemory(shareable, held_bytes, reserved_bytes)
 
 
-__all__ = ["HostMemory", "demand_bytes", "host_memory"]
+__all__ = ["HostMemory", "host_memory", "observed_demand_bytes"]

@@ -30,7 +30,7 @@ from typing import Final
 from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.pacing import Bounds, GuestPacer
 from balloonist.daemon.processors import VmProcessors
-from balloonist.daemon.vm_figures import demand_bytes
+from balloonist.daemon.vm_figures import observed_demand_bytes
 from balloonist.daemon.vm_ports import VmPort
 from balloonist.errors import StateError
 from balloonist.model import CpuSample, GuestSample, GuestSpec
@@ -81,7 +81,7 @@ class VmFailures:
         )
 
     def as_counters(self) -> Counts:
-        """By the names the daemon's status and metrics use (``daemon/backend.py``)."""
+        """As the daemon's status and metrics count them (``daemon/counters.py``)."""
         return {
             FailureCounter.TRANSIENT_ERRORS: self.transient_errors,
             FailureCounter.FATAL_ERRORS: self.fatal_errors,
@@ -153,7 +153,7 @@ class ManagedVm:
         self.stats = stats
         memory = self.record.memory_bytes
         floor = bounds.available_floor_bytes
-        self.observed_bytes = demand_bytes(actual_bytes, memory, stats, new_faults, floor)
+        self.observed_bytes = observed_demand_bytes(actual_bytes, memory, stats, new_faults, floor)
         if self.pacer is None:
             self.pacer = GuestPacer.starting_at(actual_bytes, bounds, stall_timeout_s)
 
