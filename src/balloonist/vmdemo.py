@@ -81,7 +81,8 @@ def run_vm_demo(
                 daemon.step()
                 trace.time_s.append(now)
                 for name, record in records.items():
-                    held = daemon.hv.actual_bytes(name) or 0
+                    seen = daemon.hv.view(name)
+                    held = (seen.actual_bytes if seen is not None else None) or 0
                     trace.actual.setdefault(name, []).append(held / MIB)
                     trace.rate.setdefault(name, []).append(_work_rate(record))
                 _show(view, console, trace, live)

@@ -3,15 +3,18 @@ gentle, config errors are one line. No QEMU."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.pacing import HOST_RATE_LIMITS
 from balloonist.daemon.service import load_config
 from balloonist.daemon.vm_figures import observed_demand_bytes
 from balloonist.daemon.vm_life import VmLife
-from balloonist.errors import ConfigError
+from balloonist.errors import ConfigError, TransientBackendError
 from balloonist.host import HostMemInfo, parse_meminfo
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
@@ -145,3 +148,44 @@ def test_the_status_shows_the_host_side_pacing_rate_per_second(tmp_path: Path) -
     floor_per_s = HOST_RATE_LIMITS.min_units * PAGE_SIZE_BYTES / 0.5
     assert rates["slow"] == floor_per_s
     assert rates["quick"] is not None and rates["quick"] > floor_per_s
+
+
+#: Turns of the event loop a slow port's close takes: more than one period runs it for.
+CLOSE_TURNS = 20
+
+
+@dataclass
+class SlowClosingVm(FakeVm):
+    """A port whose close takes a few turns of the event loop, as a real one does, and
+    whose requests fail while it is closed."""
+
+    open: bool = False
+
+    async def connect(self) -> None:
+        await asyncio.sleep(0)
+        await super().connect()
+        self.open = True
+
+    async def close(self) -> None:
+        for _ in range(CLOSE_TURNS):
+            await asyncio.sleep(0)
+        self.open = False
+
+    async def actual_bytes(self) -> int:
+        if not self.open:
+            raise TransientBackendError("fake: connection lost")
+        return await super().actual_bytes()
+
+
+def test_a_close_still_under_way_never_closes_the_next_connection(tmp_path: Path) -> None:
+    # The first connect fails; its port's close starts and is still under way when the
+    # next period connects again (no idle time between the periods).
+    vm = SlowClosingVm(2 * GIB, 2 * GIB, fail_next=1)
+    daemon = make(tmp_path, {"a": vm}, budget="4GiB")
+    for _ in range(6):
+        daemon.step()
+    view = daemon.hv.view("a")
+    assert view is not None and view.life is VmLife.SAMPLED
+    assert vm.connects == 2  # one failure, then one connection that stays up
+    status = daemon.status()
+    assert status is not None and status.counters[FailureCounter.TRANSIENT_ERRORS] == 1

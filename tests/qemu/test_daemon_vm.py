@@ -46,7 +46,8 @@ RETURN_DEADLINE_S = 360.0
 
 
 def _actual(daemon: Daemon, name: str) -> int:
-    return daemon.hv.actual_bytes(name) or 0
+    view = daemon.hv.view(name)
+    return (view.actual_bytes if view is not None else None) or 0
 
 
 def sent_count(daemon: Daemon, name: str) -> int:

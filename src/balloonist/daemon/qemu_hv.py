@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from balloonist.daemon.agent_link import AgentPort
@@ -61,6 +61,11 @@ def vm_port(record: VMRecord, clock: Callable[[], float]) -> VmPort:
         clock=clock,
         control=qmp,
     )
+
+
+async def _closes_ended(vms: Iterable[ManagedVm]) -> None:
+    for vm in vms:
+        await vm.closed()
 
 
 class QemuHypervisor:
@@ -137,6 +142,8 @@ class QemuHypervisor:
         self._loop.run_until_complete(idle())
 
     def close(self) -> None:
+        # Closes under way finish first, or the loop would drop them half done.
+        self._loop.run_until_complete(_closes_ended(self._vms.values()))
         for vm in self._vms.values():
             self._release(vm)
         self._loop.close()
@@ -154,11 +161,13 @@ class QemuHypervisor:
             vm.port.release()
         vm.move_to(VmLife.GONE)
 
-    def _close_later(self, port: VmPort) -> None:
+    def _close_later(self, port: VmPort) -> asyncio.Task[None] | None:
+        """Close the port now if the loop is idle; else start closing it and return the
+        task, which must end before the port connects again (see ``_sample``)."""
         if self._loop.is_running():
-            self._loop.create_task(port.close())
-        else:
-            self._loop.run_until_complete(port.close())
+            return self._loop.create_task(port.close())
+        self._loop.run_until_complete(port.close())
+        return None
 
     # -- inspection -----------------------------------------------------------------------
 
@@ -168,11 +177,6 @@ class QemuHypervisor:
     def records(self) -> list[VMRecord]:
         """The managed VMs' records, as the policy is configured with them."""
         return [vm.record for vm in self._vms.values()]
-
-    def actual_bytes(self, name: str) -> int | None:
-        """The VM's size if it is managed and was sampled this period, else None."""
-        view = self.view(name)
-        return view.actual_bytes if view is not None else None
 
     def view(self, name: str) -> VmView | None:
         """The VM as the adapter sees it now, or None if it is not managed."""
@@ -249,6 +253,7 @@ class QemuHypervisor:
         if vm.port is None:
             vm.port = self._connector(vm.record)
         if not vm.connected:
+            await vm.closed()  # a close still under way would close the new connection
             await vm.port.connect()
             await vm.port.enable_stats(STATS_INTERVAL_S)
             vm.move_to(VmLife.CONNECTED)
@@ -279,7 +284,7 @@ class QemuHypervisor:
     def _disconnect(self, vm: ManagedVm, to: VmLife) -> None:
         """Close its port (a half-open one too: closing is idempotent) and move on."""
         if vm.port is not None:
-            self._close_later(vm.port)
+            vm.closing = self._close_later(vm.port)
         vm.move_to(to)
 
     async def _apply(self, decision: Decision) -> None:

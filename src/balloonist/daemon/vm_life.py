@@ -21,6 +21,7 @@ that will not change) is left alone, held where it was last seen.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections import deque
@@ -119,6 +120,7 @@ class ManagedVm:
     transient_errors: int = 0
     fatal_errors: int = 0
     stalls: int = 0
+    closing: asyncio.Task[None] | None = None  # its port's close, while under way
     _life: VmLife = VmLife.NEW
 
     @property
@@ -131,6 +133,12 @@ class ManagedVm:
         if not allowed and to not in _MOVES[self._life]:
             raise StateError(f"VM {self.record.name}", self._life, to)
         self._life = to
+
+    async def closed(self) -> None:
+        """Wait until a close of its port that is under way has ended."""
+        if self.closing is not None:
+            closing, self.closing = self.closing, None
+            await asyncio.gather(closing, return_exceptions=True)
 
     @property
     def connected(self) -> bool:
