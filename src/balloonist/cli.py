@@ -180,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     pyz.set_defaults(command=_cmd_agent_pyz)
 
+    _add_doctor_parser(sub)
+
     from balloonist import apicli, vmcli
 
     vmcli.add_commands(sub, _plain_command)
@@ -258,6 +260,30 @@ def _add_suite_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="run on a Ray cluster at ADDRESS, or on a local Ray instance without one",
     )
     suite.set_defaults(command=_cmd_suite)
+
+
+def _add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="check what this host offers balloonist, one line each",
+        description="Check KVM, QEMU and its balloon features, libvirt, the memory "
+        "cgroup, KSM, PSI and /dev/shm; exit 1 if any check finds a problem. Starts no "
+        "guest and changes nothing.",
+    )
+    doctor.add_argument(
+        "--libvirt-uri",
+        default=None,
+        metavar="URI",
+        help="the libvirt connection to try, read-only (default: qemu:///system)",
+    )
+    doctor.set_defaults(command=_plain_command(_cmd_doctor))
+
+
+def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from balloonist import doctor
+
+    uri = args.libvirt_uri or doctor.DEFAULT_LIBVIRT_URI
+    return doctor.render(doctor.diagnose(doctor.SystemProbe(), libvirt_uri=uri), out)
 
 
 def _plain_command(
