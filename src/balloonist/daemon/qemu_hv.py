@@ -313,7 +313,7 @@ class QemuHypervisor:
             if isinstance(result, BaseException):
                 self._failed(vm, result)
                 continue
-            vm.sent.append(sent)
+            vm.sent(sent)
             if self._on_target is not None:
                 self._on_target(vm.record.name, sent)
         if self._cpus is not None:

@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Final
 
 from balloonist.daemon.counters import Counts, FailureCounter
@@ -40,9 +39,6 @@ from balloonist.qemu.qmp import GuestStats
 from balloonist.units import PAGE_SIZE_BYTES, format_size
 
 log = logging.getLogger("balloonist.daemon")
-
-#: Targets remembered per VM (for inspection and tests); older ones are dropped.
-SENT_HISTORY: Final = 10_000
 
 
 class VmLife(enum.Enum):
@@ -99,7 +95,7 @@ class VmView:
     life: VmLife
     actual_bytes: int | None  # its size, if it was sampled this period
     last_sent_bytes: int | None  # the last target sent to it
-    sent_count: int  # targets sent (of the last SENT_HISTORY)
+    sent_count: int  # targets sent since it was first managed
     vcpu_threads: dict[int, int] | None  # once the daemon drives its processors
     port: VmPort | None  # once it was first asked
 
@@ -116,7 +112,8 @@ class ManagedVm:
     faults: int | None = None  # major faults + swap-ins at the last sample
     observed_bytes: int | None = None
     cpu: VmProcessors | None = None  # its processors, when the daemon shares them
-    sent: deque[int] = field(default_factory=lambda: deque(maxlen=SENT_HISTORY))
+    last_sent_bytes: int | None = None  # the last target sent to it
+    sent_count: int = 0
     transient_errors: int = 0
     fatal_errors: int = 0
     stalls: int = 0
@@ -183,7 +180,7 @@ class ManagedVm:
             format_size(wanted_bytes),
             format_size(next_bytes),
         )
-        return None if self.sent and self.sent[-1] == next_bytes else next_bytes
+        return None if self.last_sent_bytes == next_bytes else next_bytes
 
     @property
     def cooperative(self) -> bool:
@@ -236,14 +233,19 @@ class ManagedVm:
             cooperative=False,
         )
 
+    def sent(self, target_bytes: int) -> None:
+        """A target reached its port."""
+        self.last_sent_bytes = target_bytes
+        self.sent_count += 1
+
     def view(self) -> VmView:
         threads = self.cpu.threads if self.cpu is not None else None
         return VmView(
             name=self.record.name,
             life=self._life,
             actual_bytes=self.actual_bytes if self.sampled else None,
-            last_sent_bytes=self.sent[-1] if self.sent else None,
-            sent_count=len(self.sent),
+            last_sent_bytes=self.last_sent_bytes,
+            sent_count=self.sent_count,
             vcpu_threads=None if threads is None else dict(threads),
             port=self.port,
         )
@@ -253,4 +255,4 @@ class ManagedVm:
         return VmFailures(self.transient_errors, self.fatal_errors, self.stalls, rejected)
 
 
-__all__ = ["SENT_HISTORY", "ManagedVm", "VmFailures", "VmLife", "VmView"]
+__all__ = ["ManagedVm", "VmFailures", "VmLife", "VmView"]

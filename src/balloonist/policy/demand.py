@@ -186,15 +186,8 @@ def stall_fraction(view: GuestView) -> float:
     return smoothed if now is None else min(smoothed, 2.0 * now)
 
 
-def with_headroom(working_bytes: int, *, contended: bool) -> int:
-    """A working set plus the headroom for the host's state of contention."""
-    if contended:
-        return int(working_bytes * (1.0 + CONTENDED_HEADROOM_FRACTION)) + CONTENDED_HEADROOM_BYTES
-    return int(working_bytes * (1.0 + HEADROOM_FRACTION)) + HEADROOM_BYTES
-
-
 def headroom_bytes(working_bytes: I64, *, contended: bool) -> I64:
-    """:func:`with_headroom` for every guest at once (the same arithmetic)."""
+    """Each working set plus the headroom for the host's state of contention."""
     fraction, extra = (
         (CONTENDED_HEADROOM_FRACTION, CONTENDED_HEADROOM_BYTES)
         if contended
