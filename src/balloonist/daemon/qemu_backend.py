@@ -1,9 +1,11 @@
-"""The daemon's backend over real QEMU guests: the VMs recorded in a state directory.
+"""The daemon's backend over real QEMU guests, whatever they come from.
 
-Each period the records are read again (``vm start``/``vm stop`` while the daemon
-runs are picked up), with the host configuration's ``[vms.NAME]`` overrides and then
-the live changes operators made on top. A live change is also written into the VM's
-``vm.json`` (atomically), so ``vm list`` shows it and it survives the daemon.
+The VMs and their settings come from a :class:`~balloonist.daemon.vm_source.VmSource`:
+a state directory (``vm start``/``vm attach``) or a libvirt connection. Each period
+the source is read again (VMs started or stopped while the daemon runs are picked
+up), and the live changes operators made are laid on top. A live change is also kept
+where the VM's settings live (``vm.json``, or the libvirt domain's metadata), so it
+survives the daemon.
 
 Guests run on their own, so there is nothing to settle after a period, and nothing
 to restore on a restart: the pacer starts every guest's target where the guest is
@@ -14,41 +16,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 from balloonist.daemon.backend import BackendKind, GuestState, ResumePoint, merge_changes
-from balloonist.daemon.config import DaemonConfig, budget_bytes, with_overrides
+from balloonist.daemon.config import DaemonConfig, budget_bytes
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.counters import Counts
 from balloonist.daemon.pacing import Bounds
 from balloonist.daemon.qemu_hv import QemuHypervisor
 from balloonist.daemon.vm_ports import VcpuHost, VmPort
-from balloonist.errors import BalloonistError
+from balloonist.daemon.vm_source import VmSource, with_change
 from balloonist.host import HostMemInfo
 from balloonist.model import GuestSpec
-from balloonist.qemu.launcher import StateDir, VMRecord
+from balloonist.qemu.launcher import VMRecord
 from balloonist.units import parse_size_bytes
 
 log = logging.getLogger("balloonist.daemon")
-
-
-def with_change(record: VMRecord, change: GuestChange) -> VMRecord:
-    return replace(
-        record,
-        min_bytes=record.min_bytes if change.min_bytes is None else change.min_bytes,
-        max_bytes=record.max_bytes if change.max_bytes is None else change.max_bytes,
-        shares=record.shares if change.shares is None else change.shares,
-        cpu_min=record.cpu_min if change.cpu_min is None else change.cpu_min,
-        cpu_max=record.cpu_max if change.cpu_max is None else change.cpu_max,
-        cpu_shares=record.cpu_shares if change.cpu_shares is None else change.cpu_shares,
-    )
 
 
 class QemuBackend:
     def __init__(
         self,
         config: DaemonConfig,
-        state: StateDir,
+        source: VmSource,
         *,
         clock: Callable[[], float],
         meminfo: Callable[[], HostMemInfo],
@@ -57,7 +46,7 @@ class QemuBackend:
         on_target: Callable[[str, int], None] | None = None,
     ) -> None:
         self.config = config
-        self.state = state
+        self.source = source
         self._live: dict[str, GuestChange] = {}
         floor = parse_size_bytes(config.daemon.available_floor)
         self.hv = QemuHypervisor(
@@ -65,7 +54,7 @@ class QemuBackend:
             budget_bytes=budget_bytes(config, meminfo()),
             meminfo=meminfo,
             clock=clock,
-            connector=connector,
+            connector=connector or (lambda record: source.port(record, clock)),
             bounds_for=lambda r: Bounds(r.min_bytes, r.max_bytes, floor),
             stall_timeout_s=config.daemon.stall_timeout_s,
             on_target=on_target,
@@ -75,25 +64,20 @@ class QemuBackend:
         )
 
     def _records(self) -> list[VMRecord]:
-        names = self.state.names()
-        for gone in set(self._live) - set(names):
+        records = self.source.records()
+        names = {r.name for r in records}
+        for gone in set(self._live) - names:
             del self._live[gone]  # a VM stopped and started again starts from its record
-        records = []
-        for name in names:
-            try:
-                record = with_overrides(self.state.load(name), self.config)
-            except BalloonistError as exc:
-                log.error("%s: %s; skipped", name, exc)
-                continue
-            change = self._live.get(name)
-            records.append(record if change is None else with_change(record, change))
-        return records
+        return [
+            r if (change := self._live.get(r.name)) is None else with_change(r, change)
+            for r in records
+        ]
 
     # -- Backend --------------------------------------------------------------------------
 
     @property
     def kind(self) -> BackendKind:
-        return "qemu"
+        return self.source.kind
 
     @property
     def hypervisor(self) -> QemuHypervisor:
@@ -124,6 +108,7 @@ class QemuBackend:
 
     def close(self) -> None:
         self.hv.close()
+        self.source.close()
 
     def configured_specs(self) -> list[GuestSpec]:
         return [self.hv.configured_spec(r) for r in self.hv.records()]
@@ -132,17 +117,9 @@ class QemuBackend:
         return self.hv.budget_bytes
 
     def apply_change(self, name: str, change: GuestChange) -> None:
-        """Record the change in ``vm.json`` and manage the VM with it from now on."""
-        raw = self.state.load(name)
-        updated = with_change(raw, change)
-        if updated.min_bytes > updated.max_bytes:
-            # The change was checked against the VM as managed, with host.toml's
-            # overrides; record both bounds as managed now, so vm.json stays consistent.
-            managed = next((r for r in self.hv.records() if r.name == name), raw)
-            after = with_change(managed, change)
-            updated = replace(updated, min_bytes=after.min_bytes, max_bytes=after.max_bytes)
-        if updated != raw:
-            self.state.save(updated)
+        """Keep the change where the VM's settings live and manage the VM with it."""
+        managed = next((r for r in self.hv.records() if r.name == name), None)
+        self.source.save_change(name, change, managed)
         self._live[name] = merge_changes(self._live.get(name), change)
         self.hv.update_records(self._records())
 
@@ -175,4 +152,4 @@ class QemuBackend:
         return self.hv.guest_counters()
 
 
-__all__ = ["QemuBackend", "with_change"]
+__all__ = ["QemuBackend"]

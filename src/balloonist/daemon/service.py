@@ -72,6 +72,7 @@ from balloonist.daemon.statefile import (
 )
 from balloonist.daemon.status import PolicyStatus, Status
 from balloonist.daemon.vm_ports import VcpuHost, VmPort
+from balloonist.daemon.vm_source import StateDirVms, VmSource
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo, read_meminfo
 from balloonist.policy import Policy
@@ -325,7 +326,8 @@ class DaemonLoop:
 
 
 class Daemon(DaemonLoop):
-    """The daemon over the QEMU VMs recorded in a state directory.
+    """The daemon over real QEMU VMs: those recorded in a state directory, or those
+    ``source`` gives (libvirt domains).
 
     Its state file is ``daemon-state.json`` in the state directory's root.
     """
@@ -341,12 +343,13 @@ class Daemon(DaemonLoop):
         vcpu_host: VcpuHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
         policy: Policy | None = None,
+        source: VmSource | None = None,
     ) -> None:
         self.config = config
         self.state = state
         backend = QemuBackend(
             config,
-            state,
+            source or StateDirVms(state, config),
             clock=clock,
             meminfo=meminfo,
             connector=connector,
