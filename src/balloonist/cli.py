@@ -281,8 +281,9 @@ def _add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     from balloonist import doctor
+    from balloonist.libvirt.connection import DEFAULT_URI
 
-    uri = args.libvirt_uri or doctor.DEFAULT_LIBVIRT_URI
+    uri = args.libvirt_uri or DEFAULT_URI
     return doctor.render(doctor.diagnose(doctor.SystemProbe(), libvirt_uri=uri), out)
 
 

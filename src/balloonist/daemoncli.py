@@ -56,6 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the built-in demo scenario)",
     )
     parser.add_argument(
+        "--libvirt",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URI",
+        help="manage libvirt domains instead of the recorded VMs (default URI: host.toml's "
+        "[daemon] uri, else qemu:///system; docs/libvirt.md)",
+    )
+    parser.add_argument(
         "--speed",
         type=float,
         default=None,
@@ -94,6 +103,7 @@ class DaemonRequest:
     config: DaemonConfig | None = None  # QEMU
     scenario: Scenario | None = None  # --sim
     speed: float = 1.0
+    libvirt_uri: str | None = None  # the libvirt backend, over this connection
     api: bool = True
     api_socket: Path | None = None  # None: api.sock in the state directory
     api_tcp: tuple[str, int] | None = None
@@ -109,7 +119,15 @@ class DaemonRequest:
         from balloonist.qemu.launcher import StateDir, default_state_dir
 
         assert self.config is not None  # daemon_request gives one of the two
-        return Daemon(self.config, StateDir(self.state_dir or default_state_dir()))
+        state = StateDir(self.state_dir or default_state_dir())
+        if self.libvirt_uri is None:
+            return Daemon(self.config, state)
+        from balloonist.libvirt.connection import Libvirt
+        from balloonist.libvirt.source import LibvirtVms
+
+        libvirt = Libvirt(self.libvirt_uri)
+        libvirt.open()  # an unreachable URI: one line, exit 2, before anything runs
+        return Daemon(self.config, state, source=LibvirtVms(libvirt, self.config))
 
 
 def daemon_request(args: argparse.Namespace) -> DaemonRequest:
@@ -142,7 +160,16 @@ def _backend_request(args: argparse.Namespace) -> DaemonRequest:
             raise ConfigError("is for --sim only", where="--speed")
         from balloonist.daemon.config import load_config
 
-        return DaemonRequest(state_dir=args.state_dir, config=load_config(args.config))
+        config = load_config(args.config)
+        uri = None
+        if args.libvirt is not None or config.daemon.backend == "libvirt":
+            from balloonist.libvirt.connection import DEFAULT_URI, import_libvirt
+
+            import_libvirt()  # without libvirt-python: one line saying what to install
+            uri = args.libvirt or config.daemon.uri or DEFAULT_URI
+        return DaemonRequest(state_dir=args.state_dir, config=config, libvirt_uri=uri)
+    if args.libvirt is not None:
+        raise ConfigError("a simulated host has no libvirt domains; drop one", where="--libvirt")
     if args.config is not None:
         raise ConfigError(
             "a simulated host is configured by its scenario; drop --config", where="--config"

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TextIO
 
+from balloonist.libvirt.connection import DEFAULT_URI
 from balloonist.units import format_size
 
 #: The QEMU the daemon starts guests with (``qemu/launcher.py``).
@@ -35,7 +36,6 @@ QEMU: Final = "qemu-system-x86_64"
 MIN_QEMU: Final = (5, 1)
 #: Seconds a probe command may take.
 COMMAND_TIMEOUT_S: Final = 10.0
-DEFAULT_LIBVIRT_URI: Final = "qemu:///system"
 
 
 class Verdict(enum.Enum):
@@ -177,7 +177,7 @@ def check_shm(probe: HostProbe) -> Finding:
     return Finding("shm", Verdict.OK, f"/dev/shm has {format_size(free)} free for agent VMs' RAM")
 
 
-def diagnose(probe: HostProbe, *, libvirt_uri: str = DEFAULT_LIBVIRT_URI) -> list[Finding]:
+def diagnose(probe: HostProbe, *, libvirt_uri: str = DEFAULT_URI) -> list[Finding]:
     """Every check, in the order the command prints them."""
     checks: list[Callable[[HostProbe], Finding]] = [
         check_kvm,
@@ -253,7 +253,7 @@ class SystemProbe:
         return importlib.util.find_spec(module) is not None
 
     def libvirt_version(self, uri: str) -> str:
-        import libvirt  # type: ignore[import-not-found]  # optional: checked by imports()
+        import libvirt  # optional: checked by imports()
 
         try:
             conn = libvirt.openReadOnly(uri)

@@ -55,6 +55,10 @@ def add_commands(sub: Any, run: Any) -> None:
 
     _add_vm_commands(sub, run)
 
+    from balloonist import libvirtcli
+
+    libvirtcli.add_commands(sub, run)
+
 
 def _add_vm_commands(sub: Any, run: Any) -> None:
     """``balloonist vm start|attach|list|stop``."""

@@ -26,7 +26,7 @@ from balloonist.model import CpuSpec, GuestSpec
 from balloonist.scheduler import Hypervisor
 from balloonist.units import PAGE_SIZE_BYTES, format_size
 
-BackendKind = Literal["qemu", "sim"]
+BackendKind = Literal["qemu", "libvirt", "sim"]
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,18 @@ available_floor = "64MiB"  # never leave a guest less available memory than this
 stall_timeout_s = 30.0     # a balloon that does not move for this long is uncooperative
 processors = "2-7"         # host processors agent VMs' vCPUs share (the CPU balloon);
                            # default: none, processors are left alone
+backend = "qemu"           # qemu: the VMs `vm start`/`vm attach` recorded; libvirt:
+                           # libvirt domains (docs/libvirt.md); --libvirt says so too
+uri = "qemu:///system"     # the libvirt connection
+manage_all_domains = false # libvirt: manage every domain with a balloon, not only
+                           # those opted in (`balloonist libvirt manage NAME`)
 
 [policy]
 name = "demand"            # demand, shares, static, proxmox or mom
 tax_rate = 0.75
 
-[vms.web]                  # per-VM overrides of what `vm start` recorded
+[vms.web]                  # per-VM overrides of what `vm start` recorded; for a
+                           # libvirt domain, what its own metadata does not set
 min = "256MiB"
 max = "1GiB"
 shares = 2000
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -52,6 +59,9 @@ class DaemonTable(Strict):
     available_floor: str = "64MiB"
     stall_timeout_s: float = Field(default=DEFAULT_STALL_TIMEOUT_S, gt=0)
     processors: str | None = None
+    backend: Literal["qemu", "libvirt"] = "qemu"
+    uri: str | None = Field(default=None, min_length=1)  # None: qemu:///system
+    manage_all_domains: bool = False
 
     _sizes = field_validator("budget", "reserve", "available_floor")(
         classmethod(lambda cls, v: check_size(v))

@@ -107,7 +107,7 @@ class SavedPolicy(Strict):
 
 class SavedState(Strict):
     format: Literal[1]
-    backend: Literal["qemu", "sim"]
+    backend: Literal["qemu", "libvirt", "sim"]
     scenario: str | None = None  # the simulator's scenario name
     periods: int = Field(ge=0)  # periods run, across restarts
     time_s: float | None = None  # the backend's own clock (the simulator's)

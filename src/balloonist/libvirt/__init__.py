@@ -1,0 +1,1 @@
+"""libvirt domains under balloonist: the connection, the XML, the port, the source."""

@@ -1,0 +1,116 @@
+"""One libvirt domain's balloon, as the daemon drives it: a ``VmPort`` adapter.
+
+It asks libvirt, never QEMU behind libvirt's back: ``memoryStats()`` for the balloon's
+size and the guest's statistics, ``setMemoryStatsPeriod`` for how often the guest
+reports them, and ``setMemoryFlags(..., VIR_DOMAIN_AFFECT_LIVE)`` to move the balloon
+(the domain's persistent ``<currentMemory>`` is left as the administrator set it).
+libvirt's calls block, so each runs in a worker thread.
+
+libvirt reports the statistics in KiB under its own names; they are mapped onto the
+same :class:`~balloonist.qemu.qmp.GuestStats` the QMP path gives, so the daemon reads
+both the same way. The guest's figures are untrusted: anything negative or absurd is
+dropped, as on the QMP path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
+
+from balloonist.errors import FatalBackendError
+from balloonist.libvirt.connection import Libvirt
+from balloonist.qemu.qmp import GuestStats
+from balloonist.units import KIB, PAGE_SIZE_BYTES
+
+T = TypeVar("T")
+
+#: A statistic above this is nonsense from the guest (the QMP path's bound too).
+_MAX_STAT: Final = 2**62
+
+#: libvirt's memoryStats() keys (KiB unless said) -> GuestStats fields, and the factor
+#: to our unit. libvirt's names are its own: "available" is the guest's total memory,
+#: "usable" is what Linux calls MemAvailable, "unused" is MemFree.
+_STATS: Final[Mapping[str, tuple[str, float]]] = {
+    "available": ("total_bytes", KIB),
+    "usable": ("available_bytes", KIB),
+    "unused": ("free_bytes", KIB),
+    "disk_caches": ("disk_caches_bytes", KIB),
+    "major_fault": ("major_faults", 1),
+    "minor_fault": ("minor_faults", 1),
+    "swap_in": ("swap_in_pages", KIB / PAGE_SIZE_BYTES),
+    "swap_out": ("swap_out_pages", KIB / PAGE_SIZE_BYTES),
+}
+
+
+def guest_stats_from(raw: Mapping[str, Any]) -> GuestStats:
+    """libvirt's ``memoryStats()`` as :class:`GuestStats`; bad figures become None."""
+    values: dict[str, int | None] = {}
+    for key, (field, factor) in _STATS.items():
+        value = raw.get(key)
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_STAT
+        values[field] = int(value * factor) if ok and value is not None else None
+    update = raw.get("last_update")
+    last = update if isinstance(update, int) and 0 <= update <= _MAX_STAT else 0
+    return GuestStats(last_update_s=last, **values)
+
+
+class DomainBalloon:
+    """The balloon of the domain called ``name``, through libvirt."""
+
+    def __init__(self, libvirt: Libvirt, name: str) -> None:
+        self.libvirt = libvirt
+        self.name = name
+        self._lib = libvirt.lib
+
+    async def _on_domain(self, what: Callable[[Any], T]) -> T:
+        return await asyncio.to_thread(self.libvirt.domain_call, self.name, what)
+
+    async def connect(self) -> None:
+        """Check the domain runs and has a balloon libvirt can read."""
+        await self.actual_bytes()
+
+    async def close(self) -> None:
+        """The connection is the source's, shared by every domain: nothing to close."""
+
+    def release(self) -> None:
+        """Nothing is held beyond the shared connection."""
+
+    @property
+    def cooperative(self) -> bool:
+        # As for QMP: the guest kernel's driver cannot die apart from the guest; whether
+        # it keeps up is the pacer's to judge.
+        return True
+
+    @property
+    def rejected_messages(self) -> int:
+        return 0  # no guest talks to us here
+
+    @property
+    def cpu_balloon(self) -> None:
+        return None
+
+    async def set_target(self, guest_bytes: int) -> None:
+        """Ask the guest to keep ``guest_bytes`` (libvirt rounds to KiB)."""
+        if guest_bytes <= 0:
+            raise ValueError(f"balloon target must be positive, got {guest_bytes}")
+        live = self._lib.VIR_DOMAIN_AFFECT_LIVE
+        await self._on_domain(lambda d: d.setMemoryFlags(guest_bytes // KIB, live))
+
+    async def actual_bytes(self) -> int:
+        raw = await self._on_domain(lambda d: d.memoryStats())
+        actual = raw.get("actual") if isinstance(raw, dict) else None
+        if not isinstance(actual, int) or actual <= 0:
+            raise FatalBackendError(f"{self.name}: libvirt reports no balloon size")
+        return actual * KIB
+
+    async def enable_stats(self, interval_s: int) -> None:
+        live = self._lib.VIR_DOMAIN_AFFECT_LIVE
+        await self._on_domain(lambda d: d.setMemoryStatsPeriod(interval_s, live))
+
+    async def guest_stats(self) -> GuestStats:
+        raw = await self._on_domain(lambda d: d.memoryStats())
+        return guest_stats_from(raw if isinstance(raw, dict) else {})
+
+
+__all__ = ["DomainBalloon", "guest_stats_from"]

@@ -1,0 +1,172 @@
+"""libvirt domains as the daemon's VMs: the libvirt adapter of ``VmSource``.
+
+Each period the running domains are listed again, so a domain started, stopped,
+crashed or migrated away is picked up or dropped within a period. A domain is managed
+when it opted in (``balloonist libvirt manage NAME`` sets ``managed="yes"`` in its
+metadata) or when host.toml says ``manage_all_domains``, and only if it has a virtio
+balloon. Its settings come from its metadata first, then host.toml's ``[vms.NAME]``,
+then the defaults (no minimum, its whole memory as maximum, 1000 shares).
+
+While libvirtd cannot be reached (restarting), the domains listed last stay managed:
+they still run, and their ports fail and reconnect on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from balloonist.daemon.config import DaemonConfig, with_overrides
+from balloonist.daemon.control import GuestChange
+from balloonist.daemon.vm_ports import VmPort
+from balloonist.daemon.vm_source import SourceKind
+from balloonist.errors import ConfigError
+from balloonist.libvirt.connection import Libvirt, LibvirtError
+from balloonist.libvirt.domain_xml import DomainFacts, DomainSettings, parse_domain
+from balloonist.libvirt.metadata import write_settings
+from balloonist.libvirt.port import DomainBalloon
+from balloonist.qemu.launcher import VMRecord
+
+log = logging.getLogger("balloonist.daemon")
+
+
+@dataclass(frozen=True)
+class DomainListing:
+    """One running domain and whether balloonist manages it; ``reason`` if not."""
+
+    facts: DomainFacts
+    managed: bool
+    reason: str = ""
+
+
+def listing(facts: DomainFacts, manage_all: bool) -> DomainListing:
+    """Whether a domain is managed, and why not (pure)."""
+    if not facts.balloon_usable:
+        model = facts.balloon_model
+        what = "no <memballoon>" if model is None else f"<memballoon model='{model}'>"
+        return DomainListing(facts, False, f"no usable balloon ({what})")
+    if not (facts.settings.managed or manage_all):
+        return DomainListing(facts, False, f"not opted in (balloonist libvirt manage {facts.name})")
+    return DomainListing(facts, True)
+
+
+def domain_record(facts: DomainFacts, config: DaemonConfig) -> VMRecord:
+    """The domain as the daemon manages it: host.toml's ``[vms.NAME]`` under the
+    domain's own metadata. ConfigError if the settings do not fit the domain."""
+    base = VMRecord(
+        name=facts.name,
+        memory_bytes=facts.memory_bytes,
+        min_bytes=0,
+        max_bytes=facts.memory_bytes,
+        shares=1000,
+        qmp_socket="",  # libvirt holds the monitor; the port asks libvirt
+        serial_log=None,
+        pid=None,
+        accel=None,
+        started_by_us=False,
+    )
+    s = facts.settings
+    record = with_overrides(base, config)
+    record = replace(
+        record,
+        min_bytes=record.min_bytes if s.min_bytes is None else s.min_bytes,
+        max_bytes=record.max_bytes if s.max_bytes is None else s.max_bytes,
+        shares=record.shares if s.shares is None else s.shares,
+    )
+    if not record.min_bytes <= record.max_bytes <= record.memory_bytes:
+        raise ConfigError(
+            f"min {record.min_bytes} / max {record.max_bytes} bytes do not fit the "
+            f"domain's {record.memory_bytes}",
+            where=f"{facts.name}: metadata",
+        )
+    return record
+
+
+class LibvirtVms:
+    """The running libvirt domains balloonist manages."""
+
+    def __init__(self, libvirt: Libvirt, config: DaemonConfig) -> None:
+        self.libvirt = libvirt
+        self.config = config
+        self._last: list[VMRecord] = []
+        self._unreachable = False
+        self._skipped: dict[str, str] = {}  # name -> why, logged once
+
+    @property
+    def kind(self) -> SourceKind:
+        return "libvirt"
+
+    def domains(self) -> list[DomainListing]:
+        """Every running domain, managed or not (LibvirtError if libvirt cannot say)."""
+        flags = self.libvirt.lib.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        xmls = self.libvirt.call(lambda conn: [d.XMLDesc(0) for d in conn.listAllDomains(flags)])
+        manage_all = self.config.daemon.manage_all_domains
+        out = []
+        for xml in xmls:
+            try:
+                out.append(listing(parse_domain(xml), manage_all))
+            except ConfigError as exc:
+                self._skip(exc.where or "a domain", str(exc))
+        return sorted(out, key=lambda d: d.facts.name)
+
+    def records(self) -> list[VMRecord]:
+        try:
+            found = self.domains()
+        except LibvirtError as exc:
+            if not self._unreachable:
+                log.warning("libvirt at %s: %s; keeping the domains known", self.libvirt.uri, exc)
+            self._unreachable = True
+            return list(self._last)
+        if self._unreachable:
+            log.info("libvirt at %s answers again", self.libvirt.uri)
+            self._unreachable = False
+        records = []
+        for d in found:
+            if not d.managed:
+                self._skip(d.facts.name, d.reason)
+                continue
+            try:
+                records.append(domain_record(d.facts, self.config))
+            except ConfigError as exc:
+                self._skip(d.facts.name, str(exc))
+                continue
+            self._skipped.pop(d.facts.name, None)
+        self._last = records
+        return records
+
+    def _skip(self, name: str, why: str) -> None:
+        if self._skipped.get(name) != why:
+            log.info("%s: not managed: %s", name, why)
+            self._skipped[name] = why
+
+    def save_change(self, name: str, change: GuestChange, managed: VMRecord | None) -> None:
+        """Write the change into the domain's metadata, live and persistent."""
+        write_settings(
+            self.libvirt,
+            name,
+            lambda s: _changed(
+                s, min_bytes=change.min_bytes, max_bytes=change.max_bytes, shares=change.shares
+            ),
+        )
+
+    def port(self, record: VMRecord, clock: Callable[[], float]) -> VmPort:
+        return DomainBalloon(self.libvirt, record.name)
+
+    def close(self) -> None:
+        self.libvirt.close()
+
+
+def _changed(
+    settings: DomainSettings, min_bytes: int | None, max_bytes: int | None, shares: int | None
+) -> DomainSettings:
+    """The settings with each field the change gives replaced."""
+    return DomainSettings(
+        managed=settings.managed,
+        min_bytes=settings.min_bytes if min_bytes is None else min_bytes,
+        max_bytes=settings.max_bytes if max_bytes is None else max_bytes,
+        shares=settings.shares if shares is None else shares,
+    )
+
+
+__all__ = ["DomainListing", "LibvirtVms", "domain_record", "listing"]

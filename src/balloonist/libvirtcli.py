@@ -1,0 +1,165 @@
+"""``balloonist libvirt list|manage|unmanage``: choose the libvirt domains balloonist manages.
+
+``manage`` opts a domain in and writes its settings into the domain's own XML
+metadata (live and persistent), so ``virsh dumpxml`` shows them and they travel with
+the domain; a running daemon picks the domain up within a period. Bad input (an
+unreachable URI, an unknown domain, a size without a unit, min above max) is a
+:class:`ConfigError`: one line, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+
+from balloonist.errors import ConfigError
+from balloonist.units import format_size, parse_size_bytes
+
+if TYPE_CHECKING:  # libvirt-python is optional: imported when a command runs
+    from balloonist.libvirt.connection import Libvirt
+    from balloonist.libvirt.domain_xml import DomainSettings
+
+T = TypeVar("T")
+
+URI_HELP = "libvirt connection (default: qemu:///system)"
+
+
+def add_commands(sub: Any, run: Any) -> None:
+    """Register ``balloonist libvirt ...``; ``run`` wraps a handler."""
+    lv = sub.add_parser("libvirt", help="choose which libvirt domains balloonist manages")
+    lv.add_argument("--uri", default=None, metavar="URI", help=URI_HELP)
+    lsub = lv.add_subparsers(title="libvirt commands", required=True, metavar="COMMAND")
+
+    listing = lsub.add_parser("list", help="running domains: managed or not, and why")
+    listing.set_defaults(command=run(_cmd_list))
+
+    manage = lsub.add_parser("manage", help="opt a domain in, with its settings")
+    manage.add_argument("name")
+    manage.add_argument("--min", metavar="SIZE", help="reservation (default 0)")
+    manage.add_argument("--max", metavar="SIZE", help="limit (default: the domain's memory)")
+    manage.add_argument("--shares", type=int, default=None, metavar="N", help="default 1000")
+    manage.set_defaults(command=run(_cmd_manage))
+
+    unmanage = lsub.add_parser("unmanage", help="opt a domain out (its settings are kept)")
+    unmanage.add_argument("name")
+    unmanage.set_defaults(command=run(_cmd_unmanage))
+
+
+def _connect(args: argparse.Namespace) -> Libvirt:
+    from balloonist.libvirt.connection import DEFAULT_URI, Libvirt
+
+    libvirt = Libvirt(args.uri or DEFAULT_URI)
+    libvirt.open()
+    return libvirt
+
+
+def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
+    from balloonist.daemon.config import DaemonConfig
+    from balloonist.libvirt.source import LibvirtVms
+
+    libvirt = _connect(args)
+    try:
+        domains = LibvirtVms(libvirt, DaemonConfig()).domains()
+    finally:
+        libvirt.close()
+    print(f"{'NAME':<20} {'MEMORY':>10} {'MIN':>10} {'MAX':>10} {'SHARES':>6}  STATE", file=out)
+    for d in domains:
+        s = d.facts.settings
+
+        def size(value: int | None) -> str:
+            return "-" if value is None else format_size(value)
+
+        state = "managed" if d.managed else f"unmanaged: {d.reason}"
+        print(
+            f"{d.facts.name:<20} {format_size(d.facts.memory_bytes):>10} "
+            f"{size(s.min_bytes):>10} {size(s.max_bytes):>10} "
+            f"{'-' if s.shares is None else s.shares:>6}  {state}",
+            file=out,
+        )
+    return 0
+
+
+def _size(value: str | None, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size_bytes(value)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, where=flag) from None
+
+
+def _cmd_manage(args: argparse.Namespace, out: TextIO) -> int:
+    min_bytes, max_bytes = _size(args.min, "--min"), _size(args.max, "--max")
+    if args.shares is not None and args.shares < 1:
+        raise ConfigError("must be at least 1", where="--shares")
+    libvirt = _connect(args)
+    try:
+        memory = _defined_memory_bytes(libvirt, args.name)
+
+        def update(current: DomainSettings) -> DomainSettings:
+            from balloonist.libvirt.domain_xml import DomainSettings
+
+            new = DomainSettings(
+                managed=True,
+                min_bytes=current.min_bytes if min_bytes is None else min_bytes,
+                max_bytes=current.max_bytes if max_bytes is None else max_bytes,
+                shares=current.shares if args.shares is None else args.shares,
+            )
+            low = new.min_bytes or 0
+            high = memory if new.max_bytes is None else new.max_bytes
+            if not low <= high <= memory:
+                raise ConfigError(
+                    f"min {format_size(low)} / max {format_size(high)} do not fit the "
+                    f"domain's {format_size(memory)}",
+                    where=args.name,
+                )
+            return new
+
+        from balloonist.libvirt.metadata import write_settings
+
+        _domain_errors(lambda: write_settings(libvirt, args.name, update), args.name)
+    finally:
+        libvirt.close()
+    print(f"{args.name}: managed", file=out)
+    return 0
+
+
+def _cmd_unmanage(args: argparse.Namespace, out: TextIO) -> int:
+    from dataclasses import replace
+
+    from balloonist.libvirt.metadata import write_settings
+
+    libvirt = _connect(args)
+    try:
+        _domain_errors(
+            lambda: write_settings(libvirt, args.name, lambda s: replace(s, managed=False)),
+            args.name,
+        )
+    finally:
+        libvirt.close()
+    print(f"{args.name}: not managed", file=out)
+    return 0
+
+
+def _defined_memory_bytes(libvirt: Libvirt, name: str) -> int:
+    from balloonist.libvirt.domain_xml import parse_domain
+
+    flags = libvirt.lib.VIR_DOMAIN_XML_INACTIVE
+    xml: str = _domain_errors(lambda: libvirt.domain_call(name, lambda d: d.XMLDesc(flags)), name)
+    return parse_domain(xml).memory_bytes
+
+
+def _domain_errors(call: Callable[[], T], name: str) -> T:
+    """``call()``, with "no such domain" as bad input rather than a failure."""
+    from balloonist.libvirt.connection import LibvirtError
+
+    try:
+        return call()
+    except LibvirtError as exc:
+        if exc.no_domain:
+            raise ConfigError("no such domain", where=name) from None
+        raise
+
+
+__all__ = ["add_commands"]

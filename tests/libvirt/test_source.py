@@ -1,0 +1,205 @@
+"""libvirt domains as the daemon's VMs, over a fake of the libvirt module: which are
+managed and with what settings, the balloon port, the connection riding over a
+libvirtd restart, and the whole daemon on top."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+
+from balloonist.daemon.config import DaemonConfig
+from balloonist.daemon.control import GuestChange
+from balloonist.daemon.service import Daemon
+from balloonist.errors import ConfigError
+from balloonist.host import HostMemInfo
+from balloonist.libvirt.connection import LibvirtError
+from balloonist.libvirt.domain_xml import DomainSettings
+from balloonist.libvirt.metadata import read_settings, write_settings
+from balloonist.libvirt.port import DomainBalloon, guest_stats_from
+from balloonist.libvirt.source import LibvirtVms
+from balloonist.qemu.launcher import StateDir
+from balloonist.units import GIB, KIB, MIB
+
+from .fakes import VIR_DOMAIN_AFFECT_CONFIG, VIR_DOMAIN_AFFECT_LIVE, FakeDomain, fake_libvirt
+
+GIB_KIB = GIB // KIB
+
+
+def opted_in(name: str, memory_kib: int = GIB_KIB, **settings: int) -> FakeDomain:
+    xml = DomainSettings(managed=True, **settings).to_xml()
+    return FakeDomain(
+        name,
+        memory_kib,
+        metadata_xml={VIR_DOMAIN_AFFECT_LIVE: xml, VIR_DOMAIN_AFFECT_CONFIG: xml},
+    )
+
+
+def config(**daemon: object) -> DaemonConfig:
+    return DaemonConfig.model_validate({"daemon": daemon})
+
+
+def test_only_opted_in_domains_with_a_balloon_are_managed() -> None:
+    libvirt, _ = fake_libvirt(
+        opted_in("web"),
+        FakeDomain("plain", GIB_KIB),
+        FakeDomain("nb", GIB_KIB, balloon="none"),
+        FakeDomain("off", GIB_KIB, active=False),
+    )
+    vms = LibvirtVms(libvirt, config())
+    assert [r.name for r in vms.records()] == ["web"]
+    reasons = {d.facts.name: d.reason for d in vms.domains() if not d.managed}
+    assert reasons == {
+        "nb": "no usable balloon (<memballoon model='none'>)",
+        "plain": "not opted in (balloonist libvirt manage plain)",
+    }
+    # every domain with a balloon, when the host says so
+    everything = LibvirtVms(libvirt, config(manage_all_domains=True))
+    assert [r.name for r in everything.records()] == ["plain", "web"]
+
+
+def test_settings_come_from_the_metadata_then_host_toml_then_the_defaults() -> None:
+    libvirt, _ = fake_libvirt(opted_in("web", min_bytes=256 * MIB), opted_in("db"))
+    host = DaemonConfig.model_validate(
+        {"vms": {"web": {"min": "128MiB", "max": "768MiB"}, "db": {"shares": 3000}}}
+    )
+    records = {r.name: r for r in LibvirtVms(libvirt, host).records()}
+    web, db = records["web"], records["db"]
+    assert (web.memory_bytes, web.min_bytes, web.max_bytes, web.shares) == (
+        GIB,
+        256 * MIB,  # the domain's own metadata wins
+        768 * MIB,  # host.toml fills what the metadata does not set
+        1000,
+    )
+    assert (db.min_bytes, db.max_bytes, db.shares) == (0, GIB, 3000)
+
+
+def test_a_domain_whose_settings_do_not_fit_is_left_out_not_an_error() -> None:
+    libvirt, _ = fake_libvirt(opted_in("big", max_bytes=2 * GIB), opted_in("ok"))
+    assert [r.name for r in LibvirtVms(libvirt, config()).records()] == ["ok"]
+
+
+def test_while_libvirtd_is_away_the_domains_known_stay_managed() -> None:
+    libvirt, lib = fake_libvirt(opted_in("web"))
+    vms = LibvirtVms(libvirt, config())
+    assert [r.name for r in vms.records()] == ["web"]
+    lib.restart()
+    lib.reachable = False
+    assert [r.name for r in vms.records()] == ["web"]
+    lib.reachable = True
+    lib.domains["db"] = opted_in("db")
+    assert [r.name for r in vms.records()] == ["db", "web"]
+    assert libvirt.reconnects == 1
+
+
+def test_the_port_moves_the_balloon_live_and_reads_libvirts_statistics() -> None:
+    libvirt, lib = fake_libvirt(opted_in("web"))
+    port = DomainBalloon(libvirt, "web")
+
+    async def run() -> None:
+        await port.connect()
+        await port.enable_stats(1)
+        await port.set_target(600 * MIB)
+        assert await port.actual_bytes() == 600 * MIB
+        stats = await port.guest_stats()
+        assert stats.available_bytes == 400 * MIB
+        assert stats.major_faults == 7
+        assert stats.swap_in_pages == 2
+        assert stats.last_update_s == 1234
+
+    asyncio.run(run())
+    assert lib.domains["web"].targets_kib == [600 * 1024]
+    assert lib.domains["web"].stats_period_s == 1
+
+
+def test_a_domain_gone_from_under_the_port_is_a_transient_failure() -> None:
+    libvirt, lib = fake_libvirt(opted_in("web"))
+    port = DomainBalloon(libvirt, "web")
+    del lib.domains["web"]
+    with pytest.raises(LibvirtError) as caught:
+        asyncio.run(port.actual_bytes())
+    assert caught.value.no_domain and caught.value.domain == "web"
+
+
+def test_guest_statistics_that_make_no_sense_are_dropped() -> None:
+    stats = guest_stats_from({"usable": -5, "unused": "lots", "major_fault": True, "actual": 1})
+    assert (stats.available_bytes, stats.free_bytes, stats.major_faults) == (None, None, None)
+    assert stats.last_update_s == 0
+
+
+def test_a_change_is_written_live_and_persistent_and_keeps_the_rest() -> None:
+    libvirt, lib = fake_libvirt(opted_in("web", shares=2000))
+    vms = LibvirtVms(libvirt, config())
+    vms.save_change("web", GuestChange(min_bytes=300 * MIB), None)
+    web = lib.domains["web"]
+    assert web.metadata_xml[VIR_DOMAIN_AFFECT_LIVE] == web.metadata_xml[VIR_DOMAIN_AFFECT_CONFIG]
+    assert read_settings(libvirt, "web") == DomainSettings(True, 300 * MIB, None, 2000)
+
+
+def test_a_transient_domain_gets_its_settings_live_only() -> None:
+    libvirt, lib = fake_libvirt(FakeDomain("tmp", GIB_KIB, persistent=False))
+    write_settings(libvirt, "tmp", lambda s: DomainSettings(managed=True))
+    assert list(lib.domains["tmp"].metadata_xml) == [VIR_DOMAIN_AFFECT_LIVE]
+    assert read_settings(libvirt, "tmp").managed
+
+
+def test_bad_metadata_is_a_config_error_naming_the_domain() -> None:
+    libvirt, lib = fake_libvirt(opted_in("web"))
+    lib.domains["web"].metadata_xml[VIR_DOMAIN_AFFECT_CONFIG] = "<settings shares='x'/>"
+    with pytest.raises(ConfigError, match="web: metadata shares"):
+        read_settings(libvirt, "web")
+
+
+def test_the_daemon_shares_memory_among_domains_and_a_destroyed_one_is_dropped(
+    tmp_path: Path,
+) -> None:
+    libvirt, lib = fake_libvirt(
+        opted_in("a", 2 * GIB_KIB, min_bytes=512 * MIB), opted_in("b", 2 * GIB_KIB)
+    )
+    host = HostMemInfo(8 * GIB, 6 * GIB, 0, 0)
+    cfg = config(budget="2GiB")
+    ticks = itertools.count()
+    daemon = Daemon(
+        cfg,
+        StateDir(tmp_path),
+        clock=lambda: float(next(ticks)),
+        meminfo=lambda: host,
+        source=LibvirtVms(libvirt, cfg),
+    )
+    try:
+        for _ in range(40):
+            daemon.step()
+        a, b = lib.domains["a"], lib.domains["b"]
+        assert a.targets_kib and b.targets_kib
+        assert all(t * KIB >= 512 * MIB for t in a.targets_kib)  # never below its min
+        assert (a.actual_kib or 0) + (b.actual_kib or 0) <= 2 * GIB_KIB + 64 * 1024
+        assert daemon.backend.kind == "libvirt"
+        b.active = False  # virsh destroy b
+        daemon.step()
+        daemon.step()
+        assert daemon.hv.managed() == ["a"]
+        daemon.step()
+    finally:
+        daemon.hv.close()
+
+
+def test_without_libvirt_python_the_daemon_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from balloonist.cli import main
+
+    monkeypatch.setitem(sys.modules, "libvirt", None)  # import libvirt: ImportError
+    assert main(["daemon", "--libvirt", "--state-dir", str(tmp_path), "--no-api"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "pip install 'balloonist[libvirt]'" in err
+
+
+def test_a_simulated_host_has_no_libvirt(tmp_path: Path) -> None:
+    from balloonist.cli import main
+
+    assert main(["daemon", "--sim", "--libvirt", "--state-dir", str(tmp_path)]) == 2
