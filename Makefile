@@ -10,7 +10,7 @@ GUEST_ASSETS := .cache/guest
 AGENT_PYZ ?= build/balloonist-agent.pyz
 
 .PHONY: demo demo-vm test lint typecheck unit bench bench-vm experiments clean test-deps guest-assets \
-	agent-pyz
+	agent-pyz libvirt-deps
 
 # Debian's python3 makes virtual environments only with python3-venv: as root, install
 # it; otherwise say so in one line.
@@ -40,7 +40,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) guest-assets
+unit: $(STAMP) guest-assets libvirt-deps
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/pytest
 
 # The real-VM tests need QEMU, a Debian kernel (apt package lists for `apt-get
@@ -58,6 +58,23 @@ test-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }; \
 	else echo "make: the real-VM and dashboard tests need$${missing:+$$missing and} apt package lists (run as root)" >&2; \
 	  [ -z "$$CI" ]; fi
+
+# The libvirt tests run a libvirtd of their own (tests/libvirt/conftest.py): as root,
+# install libvirt's daemon, its QEMU driver, virsh and the headers pip builds
+# libvirt-python against, then the balloonist[libvirt] extra. Without root, say what
+# is missing; those tests then skip (under CI they fail).
+LIBVIRT_DEBS := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
+LIBVIRT_STAMP := $(VENV)/.libvirt-stamp
+LIBVIRT_QEMU_DRIVER := /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so
+libvirt-deps: $(LIBVIRT_STAMP)
+$(LIBVIRT_STAMP): $(STAMP) test-deps
+	@set -e; if { command -v libvirtd && command -v virsh && pkg-config --exists libvirt \
+	    && [ -e $(LIBVIRT_QEMU_DRIVER) ]; } >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(LIBVIRT_DEBS) >/dev/null; \
+	else echo "make: the libvirt tests need$(foreach d,$(LIBVIRT_DEBS), $(d)) (run as root)" >&2; \
+	  [ -z "$$CI" ] || exit 1; exit 0; fi; \
+	$(BIN)/pip install --quiet -e '.[libvirt]' && touch $(LIBVIRT_STAMP)
 
 guest-assets: $(STAMP) test-deps
 	$(BIN)/balloonist guest-assets --cache $(GUEST_ASSETS) || [ -z "$$CI" ]

@@ -1,4 +1,4 @@
-"""Shared pytest set-up: tests that need root.
+"""Shared pytest set-up: tests that need root; the test guests' assets.
 
 A test marked ``root`` skips when run as another user, with the reason; under ``CI``
 it fails instead, as the QEMU and browser tests do: CI must prove the root-only paths
@@ -8,9 +8,16 @@ it fails instead, as the QEMU and browser tests do: CI must prove the root-only 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
+
+from balloonist.qemu import launcher
+from balloonist.qemu.assets import GuestAssets, cached_assets, default_cache_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -21,3 +28,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}, and CI must run it as root")
     pytest.skip(reason)
+
+
+def missing(what: str) -> None:
+    """Skip a test whose set-up is missing; under ``CI``, fail it: CI must prove the
+    real-VM paths work."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing, and CI must run the real-VM tests")
+    pytest.skip(f"{what} is missing (run 'make test' to set it up)")
+
+
+@pytest.fixture(scope="session")
+def guest_assets() -> GuestAssets:
+    """The test guest's kernel and initramfs (``balloonist guest-assets``)."""
+    if shutil.which(launcher.QEMU_BINARY) is None:
+        missing(launcher.QEMU_BINARY)
+    for cache in (
+        Path(os.environ["BALLOONIST_GUEST_ASSETS"])
+        if os.environ.get("BALLOONIST_GUEST_ASSETS")
+        else None,
+        ROOT / ".cache" / "guest",
+        default_cache_dir(),
+    ):
+        if cache is not None and (found := cached_assets(cache)) is not None:
+            return found
+    missing("the guest assets (balloonist guest-assets)")
+    raise AssertionError("unreachable")

@@ -21,13 +21,7 @@ import pytest
 from balloonist.daemon.agent_link import AgentPort
 from balloonist.daemon.qemu_hv import vm_port
 from balloonist.qemu import launcher
-from balloonist.qemu.assets import (
-    GUEST_OWN_DIRS,
-    GuestAssets,
-    cached_assets,
-    default_cache_dir,
-    host_python,
-)
+from balloonist.qemu.assets import GUEST_OWN_DIRS, GuestAssets, default_cache_dir, host_python
 from balloonist.units import MIB
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,29 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 #: A guest under TCG prints BALLOONIST-READY about 7 s after QEMU starts on this kind
 #: of machine; allow for a loaded CI host.
 BOOT_TIMEOUT_S = 90.0
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing, and CI must run the real-VM tests")
-    pytest.skip(f"{what} is missing (run 'make test' to set it up)")
-
-
-@pytest.fixture(scope="session")
-def guest_assets() -> GuestAssets:
-    if shutil.which(launcher.QEMU_BINARY) is None:
-        _missing(launcher.QEMU_BINARY)
-    for cache in (
-        Path(os.environ["BALLOONIST_GUEST_ASSETS"])
-        if os.environ.get("BALLOONIST_GUEST_ASSETS")
-        else None,
-        ROOT / ".cache" / "guest",
-        default_cache_dir(),
-    ):
-        if cache is not None and (found := cached_assets(cache)) is not None:
-            return found
-    _missing("the guest assets (balloonist guest-assets)")
-    raise AssertionError("unreachable")
 
 
 def _shared_dir() -> Path:

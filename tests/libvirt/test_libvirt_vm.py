@@ -1,0 +1,222 @@
+"""The daemon over libvirt domains, against a real libvirtd, with test guests under TCG
+(``vm``).
+
+Thresholds, as in ``tests/qemu/test_daemon_vm.py`` (the same guests and policy):
+- MOVE_BYTES: 64 MiB moved from idle to busy, well above the pacing's 4 MiB noise.
+- MOVE_DEADLINE_S: the QMP path moves that in about 15 s under TCG; 90 s.
+- JUMP_BYTES: after libvirtd restarts, a settled guest's balloon stays within this of
+  where it was; the rate's smallest step is 16 MiB, so 32 MiB is two of them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from balloonist.cli import main
+from balloonist.daemon.config import DaemonConfig
+from balloonist.daemon.control import GuestChange
+from balloonist.daemon.service import Daemon
+from balloonist.libvirt.connection import Libvirt
+from balloonist.libvirt.domain_xml import DomainSettings, parse_domain
+from balloonist.libvirt.source import LibvirtVms
+from balloonist.qemu.launcher import StateDir
+from balloonist.units import MIB
+
+from .conftest import URI, DomainFactory, Libvirtd, virsh
+
+pytestmark = pytest.mark.vm
+
+MOVE_BYTES = 64 * MIB
+MOVE_DEADLINE_S = 90.0
+MIN_BYTES = 128 * MIB
+JUMP_BYTES = 32 * MIB
+
+
+def actual_bytes(name: str) -> int:
+    stats = dict(line.split() for line in virsh("dommemstat", name).splitlines() if line.strip())
+    return int(stats["actual"]) * 1024
+
+
+def libvirt_daemon(state: Path, budget: str, sent: list[tuple[str, int]]) -> Daemon:
+    config = DaemonConfig.model_validate({"daemon": {"budget": budget}})
+    return Daemon(
+        config,
+        StateDir(state),
+        source=LibvirtVms(Libvirt(URI), config),
+        on_target=lambda name, b: sent.append((name, b)),
+    )
+
+
+def stepper(daemon: Daemon) -> Callable[[Callable[[], bool] | None, float], bool]:
+    """Run the daemon's periods (1 s each) until ``condition`` holds or time is up."""
+
+    def run_until(condition: Callable[[], bool] | None, deadline_s: float) -> bool:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            started = time.monotonic()
+            daemon.step()
+            if condition is not None and condition():
+                return True
+            daemon.idle(max(0.0, 1.0 - (time.monotonic() - started)))
+        return False
+
+    return run_until
+
+
+def manage(name: str, *flags: str) -> None:
+    assert main(["libvirt", "--uri", URI, "manage", name, *flags]) == 0
+
+
+def test_memory_moves_between_domains_and_the_daemon_rides_out_what_libvirt_does(
+    domains: DomainFactory, libvirtd: Libvirtd, tmp_path: Path
+) -> None:
+    busy = domains.define("busy", work="50@0,380@40", start=False)
+    idle = domains.define("idle", work="20@0", start=False)
+    bystander = domains.define("by", memory_mib=256, start=False)
+    for domain in (busy, idle, bystander):
+        domains.start(domain)
+    manage(busy.name, "--min", "128MiB")
+    manage(idle.name, "--min", "128MiB")
+    sent: list[tuple[str, int]] = []
+    daemon = libvirt_daemon(tmp_path, "800MiB", sent)
+    run_until = stepper(daemon)
+    try:
+        # Only the opted-in domains; the budget is shared, both get ballooned down.
+        assert run_until(lambda: actual_bytes(busy.name) < 480 * MIB, 30)
+        assert daemon.hv.managed() == sorted([busy.name, idle.name])
+        run_until(None, 3)
+        busy0, idle0 = actual_bytes(busy.name), actual_bytes(idle.name)
+        moved = run_until(
+            lambda: (
+                actual_bytes(busy.name) >= busy0 + MOVE_BYTES
+                and actual_bytes(idle.name) <= idle0 - MOVE_BYTES
+            ),
+            MOVE_DEADLINE_S,
+        )
+        assert moved, (busy0, idle0, actual_bytes(busy.name), actual_bytes(idle.name))
+        assert sent and all(MIN_BYTES <= b <= 512 * MIB for _, b in sent)
+        assert actual_bytes(bystander.name) == 256 * MIB  # never touched
+
+        # A domain started after the daemon is picked up within a period.
+        late = domains.define(
+            "late", memory_mib=256, settings=DomainSettings(managed=True), start=False
+        )
+        virsh("start", late.name)
+        assert run_until(lambda: late.name in daemon.hv.managed(), 2)
+
+        # libvirtd restarts under the daemon: it reconnects and carries on, no jumps.
+        run_until(None, 5)
+        before = {n: actual_bytes(n) for n in (busy.name, idle.name)}
+        count = len(sent)
+        libvirtd.restart()
+        assert run_until(lambda: len(sent) > count or _all_sampled(daemon), 30)
+        run_until(None, 3)
+        for name, was in before.items():
+            assert abs(actual_bytes(name) - was) <= JUMP_BYTES, (name, was, actual_bytes(name))
+
+        # A domain destroyed mid-inflate is dropped; the others stay managed.
+        daemon.change_guest(idle.name, GuestChange(max_bytes=MIN_BYTES))
+        daemon.step()
+        virsh("destroy", idle.name)
+        assert run_until(lambda: idle.name not in daemon.hv.managed(), 10)
+        served = daemon.hv.view(busy.name)
+        assert served is not None
+        before_count = served.sent_count
+        run_until(None, 2)
+        assert busy.name in daemon.hv.managed()
+        view = daemon.hv.view(busy.name)
+        assert view is not None and view.sent_count >= before_count
+    finally:
+        daemon.close()
+
+
+def _all_sampled(daemon: Daemon) -> bool:
+    return all(
+        (view := daemon.hv.view(name)) is not None and view.actual_bytes is not None
+        for name in daemon.hv.managed()
+    )
+
+
+def test_a_setting_changed_live_lands_in_the_domains_xml_and_outlives_the_daemon(
+    domains: DomainFactory, tmp_path: Path
+) -> None:
+    web = domains.define("web", settings=DomainSettings(managed=True, shares=2000))
+    sent: list[tuple[str, int]] = []
+    daemon = libvirt_daemon(tmp_path, "2GiB", sent)
+    try:
+        daemon.step()
+        daemon.change_guest(web.name, GuestChange(min_bytes=300 * MIB))
+        daemon.step()
+    finally:
+        daemon.close()
+    for flags in ((), ("--inactive",)):  # live and persistent
+        settings = parse_domain(virsh("dumpxml", web.name, *flags)).settings
+        assert settings == DomainSettings(True, 300 * MIB, None, 2000), flags
+    again = libvirt_daemon(tmp_path / "fresh", "2GiB", sent)  # no state file to restore from
+    try:
+        again.step()
+        (spec,) = again.backend.configured_specs()
+        assert (spec.min_bytes, spec.shares) == (300 * MIB, 2000)
+    finally:
+        again.close()
+
+
+def test_list_shows_each_domain_managed_or_why_not(
+    domains: DomainFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = domains.define("plain", memory_mib=256)
+    nb = domains.define("nb", memory_mib=256, balloon="none")
+    manage(plain.name, "--max", "200MiB")
+    capsys.readouterr()
+    assert main(["libvirt", "--uri", URI, "list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[plain.name].endswith("managed") and "200MiB" in rows[plain.name]
+    assert "unmanaged: no usable balloon (<memballoon model='none'>)" in rows[nb.name]
+    assert main(["libvirt", "--uri", URI, "unmanage", plain.name]) == 0
+    xml = virsh("dumpxml", "--inactive", plain.name)
+    assert parse_domain(xml).settings == DomainSettings(False, None, 200 * MIB, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["--uri", "qemu+unix:///system?socket=/nonexistent", "list"], "cannot connect"),
+        (["manage", "no-such-domain"], "no-such-domain: no such domain"),
+        (["manage", "no-such-domain", "--min", "128"], "--min: size '128' has no unit"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    libvirtd: Libvirtd, argv: list[str], what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = argv if argv[0] == "--uri" else ["--uri", URI, *argv]
+    assert main(["libvirt", *full]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and what in err, err
+
+
+def test_the_daemon_refuses_an_unreachable_libvirt(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "balloonist",
+            "daemon",
+            "--libvirt",
+            "qemu+unix:///system?socket=/nonexistent",
+            "--state-dir",
+            str(tmp_path),
+            "--no-api",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "cannot connect" in done.stderr
