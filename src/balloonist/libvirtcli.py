@@ -45,6 +45,21 @@ def add_commands(sub: Any, run: Any) -> None:
     unmanage.add_argument("name")
     unmanage.set_defaults(command=run(_cmd_unmanage))
 
+    prepare = lsub.add_parser(
+        "prepare",
+        help="show (with --apply, make) the XML changes a domain needs",
+        description="A virtio balloon that deflates before the guest runs out, reports "
+        "free pages and statistics; with --agent, the agent's channel and shared RAM. "
+        "--apply defines the new XML; a running domain gets it at its next boot.",
+    )
+    prepare.add_argument("name")
+    prepare.add_argument("--agent", action="store_true", help="for the in-guest agent")
+    prepare.add_argument(
+        "--cpus", action="store_true", help="for the CPU balloon (through the agent: implies it)"
+    )
+    prepare.add_argument("--apply", action="store_true", help="define the new XML")
+    prepare.set_defaults(command=run(_cmd_prepare))
+
 
 def _connect(args: argparse.Namespace) -> Libvirt:
     from balloonist.libvirt.connection import DEFAULT_URI, Libvirt
@@ -139,6 +154,33 @@ def _cmd_unmanage(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         libvirt.close()
     print(f"{args.name}: not managed", file=out)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace, out: TextIO) -> int:
+    from balloonist.libvirt.prepare import prepare
+
+    libvirt = _connect(args)
+    try:
+        flags = libvirt.lib.VIR_DOMAIN_XML_INACTIVE
+        name = args.name
+        xml: str = _domain_errors(
+            lambda: libvirt.domain_call(name, lambda d: d.XMLDesc(flags)), name
+        )
+        prepared = prepare(xml, agent=args.agent or args.cpus)
+        for change in prepared.changes:
+            print(f"{name}: {change}", file=out)
+        if not prepared.changes:
+            print(f"{name}: has what balloonist needs", file=out)
+        elif not args.apply:
+            print(f"{name}: run again with --apply to define it", file=out)
+        else:
+            running = libvirt.domain_call(name, lambda d: bool(d.isActive()))
+            libvirt.call(lambda conn: conn.defineXML(prepared.xml), domain=name)
+            later = "; it takes effect when the domain next boots" if running else ""
+            print(f"{name}: defined{later}", file=out)
+    finally:
+        libvirt.close()
     return 0
 
 

@@ -3,8 +3,9 @@
 When a libvirtd already answers on ``qemu:///system`` it is used and left running.
 Otherwise (as root) one is started by hand, as on a host without systemd: the
 ``libvirt-qemu`` system user the QEMU driver wants must exist, a ``qemu.conf`` runs
-QEMU as root with its output to files (there is no virtlogd), and ``/var/log/libvirt``
-must exist. What the fixture created, it removes; the libvirtd it started, it stops.
+QEMU as root with its output to files (there is no virtlogd) and guest RAM files on a
+tmpfs (the agent needs it), and ``/var/log/libvirt`` must exist. What the fixture
+created, it removes; the libvirtd it started, it stops.
 Missing libvirt is a skip, and under ``CI`` a failure (make test installs it).
 """
 
@@ -22,14 +23,17 @@ from pathlib import Path
 import pytest
 
 from balloonist.libvirt.domain_xml import DomainSettings
-from balloonist.qemu.assets import GuestAssets
+from balloonist.qemu.assets import GuestAssets, host_root_cmdline
+from balloonist.qemu.launcher import HOST_ROOT_TAG
 
 from ..conftest import missing
-from ..qemu.conftest import BOOT_TIMEOUT_S
+from ..qemu.conftest import BOOT_TIMEOUT_S, agent_pyz  # noqa: F401 (a fixture, shared)
 from ..waiting import wait_until
 
 URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+#: Agent domains' RAM files must be on a tmpfs (docs/libvirt.md).
+RAM_DIR = Path("/dev/shm/balloonist-test-libvirt")
 #: libvirtd answers about 1 s after it starts here; a loaded CI host gets 60.
 START_TIMEOUT_S = 60.0
 
@@ -94,9 +98,12 @@ def libvirtd() -> Iterator[Libvirtd]:
     )
     if not QEMU_CONF.exists():
         QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
-        QEMU_CONF.write_text('user = "root"\ngroup = "root"\nstdio_handler = "file"\n')
+        QEMU_CONF.write_text(
+            'user = "root"\ngroup = "root"\nstdio_handler = "file"\n'
+            f'memory_backing_dir = "{RAM_DIR}"\n'
+        )
         daemon.created.append(QEMU_CONF)
-    for directory in (Path("/var/log/libvirt"), Path("/var/lib/libvirt/qemu")):
+    for directory in (Path("/var/log/libvirt"), Path("/var/lib/libvirt/qemu"), RAM_DIR):
         if not directory.exists():
             directory.mkdir(parents=True)
             daemon.created.append(directory)
@@ -139,6 +146,7 @@ def domain_xml(
     work: str,
     balloon: str = "virtio",
     settings: DomainSettings | None = None,
+    run: tuple[str, ...] = (),
 ) -> str:
     """The test guest as a libvirt domain: TCG (nested KVM hangs here), direct kernel
     boot, the serial console to a file, a balloon reporting statistics every second."""
@@ -152,6 +160,13 @@ def domain_xml(
     # As 'vm start' does (deflate-on-oom): a guest about to OOM takes memory back first.
     autodeflate = " autodeflate='on'" if balloon == "virtio" else ""
     cmdline = f"console=ttyS0 panic=-1 quiet balloonist.work={work} balloonist.grow=0"
+    share = ""
+    if run:  # the host's / as the guest's root, read-only over 9p, and a program to run
+        cmdline += " " + host_root_cmdline(run)
+        share = (
+            "<filesystem type='mount' accessmode='passthrough' multidevs='remap'>"
+            f"<source dir='/'/><target dir='{HOST_ROOT_TAG}'/><readonly/></filesystem>"
+        )
     return f"""<domain type='qemu'>
   <name>{name}</name>{metadata}
   <memory unit='MiB'>{memory_mib}</memory>
@@ -163,7 +178,7 @@ def domain_xml(
   <devices>
     <controller type='usb' model='none'/>
     <serial type='file'><source path='{serial_log}'/></serial>
-    <memballoon model='{balloon}'{autodeflate}>{stats}</memballoon>
+    <memballoon model='{balloon}'{autodeflate}>{stats}</memballoon>{share}
   </devices>
 </domain>"""
 
@@ -198,6 +213,7 @@ class DomainFactory:
         balloon: str = "virtio",
         settings: DomainSettings | None = None,
         start: bool = True,
+        run: tuple[str, ...] = (),
     ) -> TestDomain:
         name = f"{self.prefix}-{short}"
         log = self.directory / f"{name}.serial"
@@ -211,6 +227,7 @@ class DomainFactory:
                 work=work,
                 balloon=balloon,
                 settings=settings,
+                run=run,
             )
         )
         virsh("define", str(xml))

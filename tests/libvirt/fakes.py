@@ -44,6 +44,7 @@ class FakeDomain:
     targets_kib: list[int] = field(default_factory=list)
     stats_period_s: int | None = None
     usable_kib: int = 400 * 1024
+    extra_devices: str = ""
 
     def __post_init__(self) -> None:
         if self.actual_kib is None:
@@ -65,7 +66,8 @@ class FakeDomain:
         return (
             f"<domain type='kvm'><name>{self.name}</name><metadata>{meta}</metadata>"
             f"<memory unit='KiB'>{self.memory_kib}</memory>"
-            f"<devices><memballoon model='{self.balloon}'/></devices></domain>"
+            f"<devices><memballoon model='{self.balloon}'/>{self.extra_devices}</devices>"
+            "</domain>"
         )
 
     def isActive(self) -> int:  # noqa: N802

@@ -6,6 +6,10 @@ Thresholds, as in ``tests/qemu/test_daemon_vm.py`` (the same guests and policy):
 - MOVE_DEADLINE_S: the QMP path moves that in about 15 s under TCG; 90 s.
 - JUMP_BYTES: after libvirtd restarts, a settled guest's balloon stays within this of
   where it was; the rate's smallest step is 16 MiB, so 32 MiB is two of them.
+- TAKE_BYTES / AGENT_DEADLINE_S: 64 MiB of holes in the agent domain's RAM file, of
+  the ~130 MiB a 256 MiB budget takes from a 384 MiB guest; as for the agent VMs
+  ``vm start`` makes (``tests/qemu/test_daemon_agent_vm.py``), 120 s. By hand it took
+  about 15 s.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ from pathlib import Path
 import pytest
 
 from balloonist.cli import main
+from balloonist.daemon.agent_link import AgentPort
 from balloonist.daemon.config import DaemonConfig
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.service import Daemon
 from balloonist.libvirt.connection import Libvirt
 from balloonist.libvirt.domain_xml import DomainSettings, parse_domain
 from balloonist.libvirt.source import LibvirtVms
+from balloonist.qemu.assets import host_python
 from balloonist.qemu.launcher import StateDir
 from balloonist.units import MIB
 
+from ..waiting import wait_until
 from .conftest import URI, DomainFactory, Libvirtd, virsh
 
 pytestmark = pytest.mark.vm
@@ -36,6 +43,8 @@ MOVE_BYTES = 64 * MIB
 MOVE_DEADLINE_S = 90.0
 MIN_BYTES = 128 * MIB
 JUMP_BYTES = 32 * MIB
+TAKE_BYTES = 64 * MIB
+AGENT_DEADLINE_S = 120.0
 
 
 def actual_bytes(name: str) -> int:
@@ -220,3 +229,45 @@ def test_the_daemon_refuses_an_unreachable_libvirt(libvirtd: Libvirtd, tmp_path:
     )
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "cannot connect" in done.stderr
+
+
+def test_an_agent_domain_prepared_by_balloonist_is_ballooned_by_its_agent(
+    domains: DomainFactory, agent_pyz: Path, tmp_path: Path
+) -> None:
+    """The agent frees pages inside the guest and the host punches them out of the RAM
+    file libvirt backs the guest with: the pages it reported are holes in that file.
+
+    (Not the file's allocated total: with free page reporting on, the guest's free
+    memory is already back with the host, and a balloon page the guest never touched
+    was a hole before it too.)"""
+    agent = domains.define(
+        "agent", memory_mib=384, start=False, run=(host_python(), str(agent_pyz))
+    )
+    assert main(["libvirt", "--uri", URI, "prepare", agent.name, "--agent", "--apply"]) == 0
+    manage(agent.name, "--min", "128MiB")
+    domains.start(agent)
+    wait_until(
+        lambda: any("balloonist-agent: " in line for line in agent.lines()),
+        60,
+        "the agent to start in the guest",
+    )
+    sent: list[tuple[str, int]] = []
+    daemon = libvirt_daemon(tmp_path, "256MiB", sent)
+    run_until = stepper(daemon)
+    try:
+        assert run_until(lambda: daemon.hv.view(agent.name) is not None, 5)
+        (record,) = daemon.hv.records()
+        assert record.ram_file is not None and record.agent_socket is not None
+
+        def freed_bytes() -> int:
+            view = daemon.hv.view(agent.name)
+            assert view is not None and isinstance(view.port, AgentPort)
+            return view.port.session.verified_freed_pages() * 4096
+
+        assert run_until(lambda: freed_bytes() >= TAKE_BYTES, AGENT_DEADLINE_S), freed_bytes()
+        view = daemon.hv.view(agent.name)
+        assert view is not None and isinstance(view.port, AgentPort) and view.port.cooperative
+        assert view.actual_bytes is not None and view.actual_bytes <= 384 * MIB - TAKE_BYTES
+        assert sent and all(MIN_BYTES <= b <= 384 * MIB for _, b in sent)
+    finally:
+        daemon.close()

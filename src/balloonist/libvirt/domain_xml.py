@@ -76,6 +76,7 @@ class DomainFacts:
 
     name: str
     memory_bytes: int  # <memory>: what the guest boots with, the balloon's ceiling
+    vcpus: int  # <vcpu>: the most it may have online
     balloon_model: str | None  # <memballoon model=...>; None without the element
     stats_period_s: int | None  # <memballoon><stats period=...>
     agent_socket: str | None  # host end of the agent's channel, if it has one
@@ -101,9 +102,11 @@ def parse_domain(xml: str) -> DomainFacts:
     balloon = root.find("devices/memballoon")
     stats = balloon.find("stats") if balloon is not None else None
     period = stats.get("period") if stats is not None else None
+    vcpus = (root.findtext("vcpu") or "1").strip()
     return DomainFacts(
         name=name,
         memory_bytes=_size_bytes(memory, where=f"{name}: <memory>"),
+        vcpus=_int(vcpus, f"{name}: <vcpu>"),
         balloon_model=balloon.get("model") if balloon is not None else None,
         stats_period_s=_int(period, f"{name}: <stats period>") if period is not None else None,
         agent_socket=_agent_socket(root),

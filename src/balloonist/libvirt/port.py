@@ -15,11 +15,13 @@ dropped, as on the QMP path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, TypeVar
 
 from balloonist.errors import FatalBackendError
 from balloonist.libvirt.connection import Libvirt
+from balloonist.libvirt.process import vcpu_threads
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import KIB, PAGE_SIZE_BYTES
 
@@ -113,4 +115,37 @@ class DomainBalloon:
         return guest_stats_from(raw if isinstance(raw, dict) else {})
 
 
-__all__ = ["DomainBalloon", "guest_stats_from"]
+class DomainControl:
+    """An agent domain's ``GuestControl``: libvirt pauses it around a punch, and its
+    QEMU process (``pid``) says which threads run its ``vcpus``."""
+
+    def __init__(self, libvirt: Libvirt, name: str, pid: int, vcpus: int) -> None:
+        self.libvirt = libvirt
+        self.name = name
+        self.pid = pid
+        self.vcpus = vcpus
+
+    async def connect(self) -> None:
+        """The connection is the source's: nothing to open."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    @contextlib.asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        """The guest paused (``virDomainSuspend``) for the body, resumed after."""
+        call = self.libvirt.domain_call
+        await asyncio.to_thread(call, self.name, lambda d: d.suspend())
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(call, self.name, lambda d: d.resume())
+
+    async def vcpu_threads(self) -> dict[int, int]:
+        threads = vcpu_threads(self.pid, self.vcpus)
+        if not threads:
+            raise FatalBackendError(f"{self.name}: no vCPU threads in QEMU process {self.pid}")
+        return threads
+
+
+__all__ = ["DomainBalloon", "DomainControl", "guest_stats_from"]
