@@ -43,10 +43,12 @@ class FakeHost:
     def clock(self) -> float:
         return self.now_s
 
-    def cpu_s(self, pid: int, threads: Mapping[int, int]) -> float:
+    def cpu_s(self, name: str, pid: int, threads: Mapping[int, int]) -> float:
         return sum(self.now_s for tid in set(threads.values()) if tid in self.busy)
 
-    def narrow(self, pid: int, threads: Mapping[int, int], processors: frozenset[int]) -> None:
+    def narrow(
+        self, name: str, pid: int, threads: Mapping[int, int], processors: frozenset[int]
+    ) -> None:
         for tid in threads.values():
             self.affinity[tid] = processors
 
@@ -180,15 +182,15 @@ def test_the_real_vcpu_host_reads_and_narrows_this_process_s_threads() -> None:
     real, pid, threads = ProcVcpuHost(), os.getpid(), {0: ids[0]}
     every = frozenset(os.sched_getaffinity(ids[0]))
     try:
-        first = real.cpu_s(pid, threads)
+        first = real.cpu_s("me", pid, threads)
         deadline = time.monotonic() + 30
-        while real.cpu_s(pid, threads) < first + 0.05:  # the spinning thread's time grows
+        while real.cpu_s("me", pid, threads) < first + 0.05:  # the spinning thread's time grows
             assert time.monotonic() < deadline, "the thread's CPU time never grew"
             stop.wait(0.01)
         one = frozenset({min(every)})
-        real.narrow(pid, threads, one)
+        real.narrow("me", pid, threads, one)
         assert frozenset(os.sched_getaffinity(ids[0])) == one
-        real.narrow(pid, threads, every)
+        real.narrow("me", pid, threads, every)
         assert frozenset(os.sched_getaffinity(ids[0])) == every
     finally:
         stop.set()

@@ -45,6 +45,17 @@ class FakeDomain:
     stats_period_s: int | None = None
     usable_kib: int = 400 * 1024
     extra_devices: str = ""
+    pins: dict[int, tuple[bool, ...]] = field(default_factory=dict)  # vCPU -> cpumap
+    host_cpus: int = 4
+
+    def connect(self) -> FakeConnection:
+        return FakeConnection(FakeLibvirtModule(), host_cpus=self.host_cpus)
+
+    def pinVcpuFlags(self, vcpu: int, cpumap: tuple[bool, ...], flags: int) -> int:  # noqa: N802
+        self._running()
+        assert flags == VIR_DOMAIN_AFFECT_LIVE
+        self.pins[vcpu] = cpumap
+        return 0
 
     def __post_init__(self) -> None:
         if self.actual_kib is None:
@@ -115,9 +126,13 @@ class FakeDomain:
 
 
 class FakeConnection:
-    def __init__(self, lib: FakeLibvirtModule) -> None:
+    def __init__(self, lib: FakeLibvirtModule, host_cpus: int = 4) -> None:
         self.lib = lib
         self.alive = True
+        self.host_cpus = host_cpus
+
+    def getInfo(self) -> list[object]:  # noqa: N802
+        return ["x86_64", 8192, self.host_cpus, 2000, 1, 1, self.host_cpus, 1]
 
     def _check(self) -> None:
         if not self.alive:

@@ -29,6 +29,7 @@ from balloonist.daemon.control import GuestChange
 from balloonist.daemon.service import Daemon
 from balloonist.libvirt.connection import Libvirt
 from balloonist.libvirt.domain_xml import DomainSettings, parse_domain
+from balloonist.libvirt.process import domain_pid, vcpu_threads
 from balloonist.libvirt.source import LibvirtVms
 from balloonist.qemu.assets import host_python
 from balloonist.qemu.launcher import StateDir
@@ -190,6 +191,26 @@ def test_list_shows_each_domain_managed_or_why_not(
     assert main(["libvirt", "--uri", URI, "unmanage", plain.name]) == 0
     xml = virsh("dumpxml", "--inactive", plain.name)
     assert parse_domain(xml).settings == DomainSettings(False, None, 200 * MIB, None)
+
+
+def test_the_cpu_balloon_pins_a_domains_vcpus_where_virsh_shows_it(
+    domains: DomainFactory,
+) -> None:
+    web = domains.define("pin", memory_mib=256)
+    libvirt = Libvirt(URI)
+    try:
+        host = LibvirtVms(libvirt, DaemonConfig()).vcpu_host()
+        pid = domain_pid(web.name)
+        assert pid is not None
+        threads = vcpu_threads(pid, 1)
+        assert list(threads) == [0]
+        assert host.cpu_s(web.name, pid, threads) > 0  # it booted
+        host.narrow(web.name, pid, threads, frozenset({0}))
+        assert virsh("vcpupin", web.name).split()[-1] == "0"
+        host.narrow(web.name, pid, threads, frozenset({0, 1}))
+        assert virsh("vcpupin", web.name).split()[-1] == "0-1"
+    finally:
+        libvirt.close()
 
 
 @pytest.mark.parametrize(

@@ -203,3 +203,11 @@ def test_a_simulated_host_has_no_libvirt(tmp_path: Path) -> None:
     from balloonist.cli import main
 
     assert main(["daemon", "--sim", "--libvirt", "--state-dir", str(tmp_path)]) == 2
+
+
+def test_the_cpu_balloon_pins_vcpus_through_libvirt() -> None:
+    libvirt, lib = fake_libvirt(opted_in("web"))
+    host = LibvirtVms(libvirt, config()).vcpu_host()
+    host.narrow("web", 1, {0: 11, 1: 12}, frozenset({1, 2}))
+    web = lib.domains["web"]
+    assert web.pins == {0: (False, True, True, False), 1: (False, True, True, False)}

@@ -50,7 +50,7 @@ class ProcessorSharing:
             cpu = vm.cpu = VmProcessors(vcpus=spec.vcpus)
         if cpu.threads is None:
             cpu.threads = await balloon.vcpu_threads()
-        cpu.observe(self._host.cpu_s(r.pid, cpu.threads), self._clock())
+        cpu.observe(self._host.cpu_s(r.name, r.pid, cpu.threads), self._clock())
         reserved = _reserved(balloon)
         return CpuSample(
             online_vcpus=spec.vcpus - reserved,
@@ -103,7 +103,7 @@ class ProcessorSharing:
         assert cpu.threads is not None and pid is not None  # by sample()
         if mask == cpu.affinity:
             return
-        self._host.narrow(pid, cpu.threads, mask)
+        self._host.narrow(vm.record.name, pid, cpu.threads, mask)
         cpu.affinity = mask
         log.info("%s: vCPU threads on host processors %s", vm.record.name, format_cpu_list(mask))
 

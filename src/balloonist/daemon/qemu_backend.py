@@ -60,7 +60,7 @@ class QemuBackend:
             on_target=on_target,
             period_s=config.daemon.period_s,
             processors=config.daemon.processor_ids,
-            vcpu_host=vcpu_host,
+            vcpu_host=vcpu_host or source.vcpu_host(),
         )
 
     def _records(self) -> list[VMRecord]:

@@ -73,24 +73,30 @@ class VmPort(Protocol):
 
 
 class VcpuHost(Protocol):
-    """The host's side of a VM's vCPU threads (``threads``: cpu-index -> thread id)."""
+    """The host's side of a VM's vCPU threads: VM ``name``, its QEMU ``pid``, and
+    ``threads``, cpu-index -> thread id."""
 
-    def cpu_s(self, pid: int, threads: Mapping[int, int]) -> float:
+    def cpu_s(self, name: str, pid: int, threads: Mapping[int, int]) -> float:
         """CPU seconds the threads have used, all together, since they started."""
         ...
 
-    def narrow(self, pid: int, threads: Mapping[int, int], processors: frozenset[int]) -> None:
+    def narrow(
+        self, name: str, pid: int, threads: Mapping[int, int], processors: frozenset[int]
+    ) -> None:
         """Let the threads run only on ``processors``."""
         ...
 
 
 class ProcVcpuHost:
-    """The real :class:`VcpuHost`: ``/proc/PID/task/TID/stat`` and ``sched_setaffinity``."""
+    """The real :class:`VcpuHost` for VMs balloonist started: ``/proc/PID/task/TID/stat``
+    and ``sched_setaffinity`` (libvirt domains are pinned through libvirt instead)."""
 
-    def cpu_s(self, pid: int, threads: Mapping[int, int]) -> float:
+    def cpu_s(self, name: str, pid: int, threads: Mapping[int, int]) -> float:
         return threads_cpu_s(pid, threads)
 
-    def narrow(self, pid: int, threads: Mapping[int, int], processors: frozenset[int]) -> None:
+    def narrow(
+        self, name: str, pid: int, threads: Mapping[int, int], processors: frozenset[int]
+    ) -> None:
         narrow_vcpu_affinity(pid, threads, processors)
 
 

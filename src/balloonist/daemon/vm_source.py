@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 from balloonist.daemon.config import DaemonConfig, with_overrides
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.qemu_hv import vm_port
-from balloonist.daemon.vm_ports import VmPort
+from balloonist.daemon.vm_ports import ProcVcpuHost, VcpuHost, VmPort
 from balloonist.errors import BalloonistError
 from balloonist.qemu.launcher import StateDir, VMRecord
 
@@ -61,6 +61,10 @@ class VmSource(Protocol):
 
     def port(self, record: VMRecord, clock: Callable[[], float]) -> VmPort: ...
 
+    def vcpu_host(self) -> VcpuHost:
+        """The host's side of the VMs' vCPU threads, for the CPU balloon."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -98,6 +102,9 @@ class StateDirVms:
 
     def port(self, record: VMRecord, clock: Callable[[], float]) -> VmPort:
         return vm_port(record, clock)
+
+    def vcpu_host(self) -> VcpuHost:
+        return ProcVcpuHost()
 
     def close(self) -> None:
         pass

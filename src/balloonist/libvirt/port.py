@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, TypeVar
 
+from balloonist.daemon.processors import threads_cpu_s
 from balloonist.errors import FatalBackendError
 from balloonist.libvirt.connection import Libvirt
 from balloonist.libvirt.process import vcpu_threads
@@ -148,4 +149,29 @@ class DomainControl:
         return threads
 
 
-__all__ = ["DomainBalloon", "DomainControl", "guest_stats_from"]
+class LibvirtVcpuHost:
+    """The host's side of agent domains' vCPUs: CPU time from the threads' own
+    accounting (``/proc``), processors pinned through libvirt (``pinVcpuFlags``), never
+    behind libvirt's back, so ``virsh vcpupin`` shows what the CPU balloon did."""
+
+    def __init__(self, libvirt: Libvirt) -> None:
+        self.libvirt = libvirt
+
+    def cpu_s(self, name: str, pid: int, threads: Mapping[int, int]) -> float:
+        return threads_cpu_s(pid, threads)
+
+    def narrow(
+        self, name: str, pid: int, threads: Mapping[int, int], processors: frozenset[int]
+    ) -> None:
+        live = self.libvirt.lib.VIR_DOMAIN_AFFECT_LIVE
+
+        def pin(dom: Any) -> None:
+            host_cpus = dom.connect().getInfo()[2]
+            cpumap = tuple(cpu in processors for cpu in range(host_cpus))
+            for index in sorted(threads):
+                dom.pinVcpuFlags(index, cpumap, live)
+
+        self.libvirt.domain_call(name, pin)
+
+
+__all__ = ["DomainBalloon", "DomainControl", "LibvirtVcpuHost", "guest_stats_from"]

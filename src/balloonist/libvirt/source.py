@@ -26,13 +26,13 @@ from pathlib import Path
 from balloonist.daemon.agent_link import AgentPort
 from balloonist.daemon.config import DaemonConfig, with_overrides
 from balloonist.daemon.control import GuestChange
-from balloonist.daemon.vm_ports import VmPort
+from balloonist.daemon.vm_ports import VcpuHost, VmPort
 from balloonist.daemon.vm_source import SourceKind
 from balloonist.errors import ConfigError
 from balloonist.libvirt.connection import Libvirt, LibvirtError
 from balloonist.libvirt.domain_xml import DomainFacts, DomainSettings, parse_domain
 from balloonist.libvirt.metadata import write_settings
-from balloonist.libvirt.port import DomainBalloon, DomainControl
+from balloonist.libvirt.port import DomainBalloon, DomainControl, LibvirtVcpuHost
 from balloonist.libvirt.process import (
     MEMORY_FILESYSTEMS,
     PROC,
@@ -233,6 +233,9 @@ class LibvirtVms:
             control=DomainControl(self.libvirt, record.name, record.pid, vcpus),
             vcpus=vcpus,
         )
+
+    def vcpu_host(self) -> VcpuHost:
+        return LibvirtVcpuHost(self.libvirt)
 
     def close(self) -> None:
         self.libvirt.close()
