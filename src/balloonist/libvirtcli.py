@@ -39,6 +39,9 @@ def add_commands(sub: Any, run: Any) -> None:
     manage.add_argument("--min", metavar="SIZE", help="reservation (default 0)")
     manage.add_argument("--max", metavar="SIZE", help="limit (default: the domain's memory)")
     manage.add_argument("--shares", type=int, default=None, metavar="N", help="default 1000")
+    manage.add_argument("--cpu-min", type=int, default=None, metavar="N", help="default 1")
+    manage.add_argument("--cpu-max", type=int, default=None, metavar="N", help="default: its vCPUs")
+    manage.add_argument("--cpu-shares", type=int, default=None, metavar="N", help="default 1000")
     manage.set_defaults(command=run(_cmd_manage))
 
     unmanage = lsub.add_parser("unmanage", help="opt a domain out (its settings are kept)")
@@ -106,8 +109,16 @@ def _size(value: str | None, flag: str) -> int | None:
 
 def _cmd_manage(args: argparse.Namespace, out: TextIO) -> int:
     min_bytes, max_bytes = _size(args.min, "--min"), _size(args.max, "--max")
-    if args.shares is not None and args.shares < 1:
-        raise ConfigError("must be at least 1", where="--shares")
+    for flag, value in (
+        ("--shares", args.shares),
+        ("--cpu-min", args.cpu_min),
+        ("--cpu-max", args.cpu_max),
+        ("--cpu-shares", args.cpu_shares),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError("must be at least 1", where=flag)
+    if args.cpu_min is not None and args.cpu_max is not None and args.cpu_min > args.cpu_max:
+        raise ConfigError("above --cpu-max", where="--cpu-min")
     libvirt = _connect(args)
     try:
         memory = _defined_memory_bytes(libvirt, args.name)
@@ -120,6 +131,9 @@ def _cmd_manage(args: argparse.Namespace, out: TextIO) -> int:
                 min_bytes=current.min_bytes if min_bytes is None else min_bytes,
                 max_bytes=current.max_bytes if max_bytes is None else max_bytes,
                 shares=current.shares if args.shares is None else args.shares,
+                cpu_min=current.cpu_min if args.cpu_min is None else args.cpu_min,
+                cpu_max=current.cpu_max if args.cpu_max is None else args.cpu_max,
+                cpu_shares=current.cpu_shares if args.cpu_shares is None else args.cpu_shares,
             )
             low = new.min_bytes or 0
             high = memory if new.max_bytes is None else new.max_bytes

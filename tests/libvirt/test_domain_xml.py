@@ -64,7 +64,9 @@ def test_a_domain_without_a_virtio_balloon_is_not_usable(balloon: str, model: st
 
 
 def test_settings_round_trip_through_the_metadata() -> None:
-    settings = DomainSettings(managed=True, min_bytes=256 * MIB, max_bytes=GIB, shares=2000)
+    settings = DomainSettings(
+        managed=True, min_bytes=256 * MIB, max_bytes=GIB, shares=2000, cpu_min=1, cpu_max=2
+    )
     # libvirt stores the element under our namespace
     stored = settings.to_xml().replace(
         "<settings", f"<balloonist:settings xmlns:balloonist='{NAMESPACE_URI}'", 1
@@ -107,6 +109,7 @@ def test_the_agent_channel_is_found() -> None:
         ("max_bytes='-1'", "web: metadata max_bytes", "whole number"),
         (f"min_bytes='{2**70}'", "web: metadata min_bytes", "whole number"),
         ("shares='0'", "web: metadata shares", "at least 1"),
+        ("cpu_max='0'", "web: metadata cpu_max", "at least 1"),
     ],
 )
 def test_bad_settings_name_the_domain_and_the_attribute(

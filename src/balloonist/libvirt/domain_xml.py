@@ -32,6 +32,9 @@ VIRTIO_BALLOONS = frozenset({"virtio", "virtio-transitional", "virtio-non-transi
 #: The largest value an attribute may hold (a guest of 16 EiB is not a guest).
 _MAX_VALUE = 2**62
 
+#: The settings' attributes besides ``managed``, in the order they are written.
+_FIELDS = ("min_bytes", "max_bytes", "shares", "cpu_min", "cpu_max", "cpu_shares")
+
 _UNIT_BYTES = {
     "b": 1,
     "bytes": 1,
@@ -58,12 +61,15 @@ class DomainSettings:
     min_bytes: int | None = None
     max_bytes: int | None = None
     shares: int | None = None
+    cpu_min: int | None = None  # processors, for agent domains when processors are shared
+    cpu_max: int | None = None
+    cpu_shares: int | None = None
 
     def to_xml(self) -> str:
         """The metadata element, as ``virDomainSetMetadata`` takes it (no namespace:
         libvirt adds it)."""
         element = ET.Element("settings", managed="yes" if self.managed else "no")
-        for field in ("min_bytes", "max_bytes", "shares"):
+        for field in _FIELDS:
             value = getattr(self, field)
             if value is not None:
                 element.set(field, str(value))
@@ -130,11 +136,12 @@ def _settings(element: ET.Element | None, name: str) -> DomainSettings:
     if managed not in ("yes", "no"):
         raise ConfigError(f"managed must be yes or no, not {managed!r}", where=f"{name}: metadata")
     values = {}
-    for field in ("min_bytes", "max_bytes", "shares"):
+    for field in _FIELDS:
         raw = element.get(field)
         values[field] = None if raw is None else _int(raw, f"{name}: metadata {field}")
-    if values["shares"] == 0:
-        raise ConfigError("must be at least 1", where=f"{name}: metadata shares")
+    for field in ("shares", "cpu_min", "cpu_max", "cpu_shares"):
+        if values[field] == 0:
+            raise ConfigError("must be at least 1", where=f"{name}: metadata {field}")
     return DomainSettings(managed=managed == "yes", **values)
 
 

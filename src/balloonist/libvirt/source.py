@@ -99,6 +99,9 @@ def domain_record(
         min_bytes=record.min_bytes if s.min_bytes is None else s.min_bytes,
         max_bytes=record.max_bytes if s.max_bytes is None else s.max_bytes,
         shares=record.shares if s.shares is None else s.shares,
+        cpu_min=record.cpu_min if s.cpu_min is None else s.cpu_min,
+        cpu_max=record.cpu_max if s.cpu_max is None else s.cpu_max,
+        cpu_shares=record.cpu_shares if s.cpu_shares is None else s.cpu_shares,
     )
     if not record.min_bytes <= record.max_bytes <= record.memory_bytes:
         raise ConfigError(
@@ -106,6 +109,14 @@ def domain_record(
             f"domain's {record.memory_bytes}",
             where=f"{facts.name}: metadata",
         )
+    if record.cpus is not None:  # an agent domain: its CPU balloon's settings too
+        cpu_max = record.cpus if record.cpu_max is None else record.cpu_max
+        if not record.cpu_min <= cpu_max <= record.cpus:
+            raise ConfigError(
+                f"cpu_min {record.cpu_min} / cpu_max {cpu_max} do not fit the domain's "
+                f"{record.cpus} vCPUs",
+                where=f"{facts.name}: metadata",
+            )
     return record
 
 
@@ -212,13 +223,7 @@ class LibvirtVms:
 
     def save_change(self, name: str, change: GuestChange, managed: VMRecord | None) -> None:
         """Write the change into the domain's metadata, live and persistent."""
-        write_settings(
-            self.libvirt,
-            name,
-            lambda s: _changed(
-                s, min_bytes=change.min_bytes, max_bytes=change.max_bytes, shares=change.shares
-            ),
-        )
+        write_settings(self.libvirt, name, lambda s: _changed(s, change))
 
     def port(self, record: VMRecord, clock: Callable[[], float]) -> VmPort:
         if record.agent_socket is None or record.ram_file is None or record.pid is None:
@@ -241,15 +246,20 @@ class LibvirtVms:
         self.libvirt.close()
 
 
-def _changed(
-    settings: DomainSettings, min_bytes: int | None, max_bytes: int | None, shares: int | None
-) -> DomainSettings:
+def _changed(settings: DomainSettings, change: GuestChange) -> DomainSettings:
     """The settings with each field the change gives replaced."""
+
+    def pick(new: int | None, old: int | None) -> int | None:
+        return old if new is None else new
+
     return DomainSettings(
         managed=settings.managed,
-        min_bytes=settings.min_bytes if min_bytes is None else min_bytes,
-        max_bytes=settings.max_bytes if max_bytes is None else max_bytes,
-        shares=settings.shares if shares is None else shares,
+        min_bytes=pick(change.min_bytes, settings.min_bytes),
+        max_bytes=pick(change.max_bytes, settings.max_bytes),
+        shares=pick(change.shares, settings.shares),
+        cpu_min=pick(change.cpu_min, settings.cpu_min),
+        cpu_max=pick(change.cpu_max, settings.cpu_max),
+        cpu_shares=pick(change.cpu_shares, settings.cpu_shares),
     )
 
 
