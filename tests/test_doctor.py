@@ -40,6 +40,8 @@ class FakeHost:
     shm_bytes: int | None = 4 << 30
     modules: set[str] = field(default_factory=set)
     libvirt: str | OSError = "9.0.0"
+    libvirt_refusal: str | None = None
+    kvm_runs: bool = True
 
     def read_text(self, path: str) -> str | None:
         return self.files.get(path)
@@ -63,6 +65,12 @@ class FakeHost:
         if isinstance(self.libvirt, OSError):
             raise self.libvirt
         return self.libvirt
+
+    def libvirt_writable(self, uri: str) -> str | None:
+        return self.libvirt_refusal
+
+    def kvm_boots(self) -> bool:
+        return self.kvm_runs
 
 
 def verdicts(host: FakeHost) -> dict[str, Verdict]:
@@ -116,6 +124,8 @@ def test_kvm_missing_or_closed_to_this_user_is_a_note() -> None:
     assert verdicts(FakeHost(paths=set(), writable=set()))["kvm"] is Verdict.NOTE
     closed = finding(FakeHost(writable=set()), "kvm")
     assert closed.verdict is Verdict.NOTE and "not open" in closed.detail
+    hangs = finding(FakeHost(kvm_runs=False), "kvm")
+    assert hangs.verdict is Verdict.NOTE and "did not run a boot sector" in hangs.detail
 
 
 def test_cgroup_versions() -> None:
@@ -137,8 +147,12 @@ def test_missing_ksm_psi_and_shm_are_notes() -> None:
 def test_libvirt_version_or_the_reason_it_cannot_connect() -> None:
     host = FakeHost(modules={"libvirt"})
     assert finding(host, "libvirt") == Finding(
-        "libvirt", Verdict.OK, "qemu:///system: libvirt 9.0.0 (read-only connection)"
+        "libvirt", Verdict.OK, "qemu:///system: libvirt 9.0.0, read-write"
     )
+    host.libvirt_refusal = "authentication unavailable: no polkit agent"
+    read_only = finding(host, "libvirt")
+    assert read_only.verdict is Verdict.NOTE
+    assert "read-only for this user (authentication unavailable" in read_only.detail
     host.libvirt = OSError("Failed to connect socket to '/run/libvirt/libvirt-sock'\nmore")
     refused = finding(host, "libvirt")
     assert refused.verdict is Verdict.NOTE

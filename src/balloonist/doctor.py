@@ -75,6 +75,16 @@ class HostProbe(Protocol):
         libvirt's message if it cannot connect."""
         ...
 
+    def libvirt_writable(self, uri: str) -> str | None:
+        """None if ``uri`` opens read-write (the daemon changes balloons and metadata),
+        else libvirt's reason."""
+        ...
+
+    def kvm_boots(self) -> bool:
+        """Whether QEMU under KVM runs a boot sector within a second (``vm start
+        --accel auto`` asks the same)."""
+        ...
+
 
 def check_kvm(probe: HostProbe) -> Finding:
     if not probe.exists("/dev/kvm"):
@@ -83,10 +93,18 @@ def check_kvm(probe: HostProbe) -> Finding:
         return Finding(
             "kvm", Verdict.NOTE, "/dev/kvm is not open to this user (root, or group kvm)"
         )
+    if not probe.kvm_boots():
+        return Finding(
+            "kvm",
+            Verdict.NOTE,
+            "/dev/kvm opens, but QEMU under KVM did not run a boot sector within 1 s: "
+            "guests get TCG (vm start --accel auto)",
+        )
     return Finding(
         "kvm",
         Verdict.OK,
-        "/dev/kvm opens read-write (not checked: that it boots a guest; nested KVM may hang)",
+        "QEMU under KVM runs a boot sector (a nested KVM may still hang booting Linux: "
+        "then vm start --accel tcg)",
     )
 
 
@@ -137,7 +155,15 @@ def check_libvirt(probe: HostProbe, uri: str) -> Finding:
         version = probe.libvirt_version(uri)
     except OSError as exc:
         return Finding("libvirt", Verdict.NOTE, f"{uri}: {_first_line(str(exc))}")
-    return Finding("libvirt", Verdict.OK, f"{uri}: libvirt {version} (read-only connection)")
+    refused = probe.libvirt_writable(uri)
+    if refused is not None:
+        return Finding(
+            "libvirt",
+            Verdict.NOTE,
+            f"{uri}: libvirt {version}, read-only for this user ({_first_line(refused)}): "
+            "daemon --libvirt needs root or group libvirt",
+        )
+    return Finding("libvirt", Verdict.OK, f"{uri}: libvirt {version}, read-write")
 
 
 def check_cgroup(probe: HostProbe) -> Finding:
@@ -253,8 +279,9 @@ class SystemProbe:
         return importlib.util.find_spec(module) is not None
 
     def libvirt_version(self, uri: str) -> str:
-        import libvirt  # optional: checked by imports()
+        from balloonist.libvirt.connection import import_libvirt
 
+        libvirt = import_libvirt()  # optional: checked by imports(); quiets libvirt's stderr
         try:
             conn = libvirt.openReadOnly(uri)
         except libvirt.libvirtError as exc:
@@ -264,6 +291,21 @@ class SystemProbe:
         finally:
             conn.close()
         return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+    def libvirt_writable(self, uri: str) -> str | None:
+        from balloonist.libvirt.connection import import_libvirt
+
+        libvirt = import_libvirt()
+        try:
+            libvirt.open(uri).close()
+        except libvirt.libvirtError as exc:
+            return str(exc)
+        return None
+
+    def kvm_boots(self) -> bool:
+        from balloonist.qemu.launcher import kvm_works
+
+        return shutil.which(QEMU) is not None and kvm_works(QEMU)
 
 
 __all__ = ["Finding", "HostProbe", "SystemProbe", "Verdict", "diagnose", "render"]
