@@ -125,7 +125,7 @@ class DaemonRequest:
         from balloonist.libvirt.connection import Libvirt
         from balloonist.libvirt.source import LibvirtVms
 
-        libvirt = Libvirt(self.libvirt_uri)
+        libvirt = Libvirt(self.libvirt_uri, events=True)
         libvirt.open()  # an unreachable URI: one line, exit 2, before anything runs
         return Daemon(self.config, state, source=LibvirtVms(libvirt, self.config))
 

@@ -4,6 +4,9 @@ libvirt's errors with their codes."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +21,15 @@ VIR_ERR_NO_DOMAIN = 42
 VIR_ERR_OPERATION_INVALID = 55
 VIR_ERR_SYSTEM_ERROR = 38
 VIR_ERR_NO_DOMAIN_METADATA = 80
+VIR_DOMAIN_EVENT_ID_LIFECYCLE = 0
+VIR_DOMAIN_EVENT_DEFINED = 0
+VIR_DOMAIN_EVENT_STARTED = 2
+VIR_DOMAIN_EVENT_STARTED_BOOTED = 0
+VIR_DOMAIN_EVENT_STARTED_MIGRATED = 1
+VIR_DOMAIN_EVENT_SUSPENDED = 3
+VIR_DOMAIN_EVENT_STOPPED = 5
+VIR_DOMAIN_EVENT_STOPPED_DESTROYED = 1
+VIR_DOMAIN_EVENT_STOPPED_CRASHED = 2
 
 
 class libvirtError(Exception):  # noqa: N801 (libvirt's own spelling)
@@ -34,7 +46,7 @@ class libvirtError(Exception):  # noqa: N801 (libvirt's own spelling)
 
 @dataclass
 class FakeDomain:
-    name: str
+    label: str  # its name (libvirt's virDomain has a name() method)
     memory_kib: int
     balloon: str = "virtio"
     active: bool = True
@@ -75,11 +87,14 @@ class FakeDomain:
                 "<settings", "<balloonist:settings xmlns:balloonist='urn:balloonist:domain:1'", 1
             )
         return (
-            f"<domain type='kvm'><name>{self.name}</name><metadata>{meta}</metadata>"
+            f"<domain type='kvm'><name>{self.label}</name><metadata>{meta}</metadata>"
             f"<memory unit='KiB'>{self.memory_kib}</memory>"
             f"<devices><memballoon model='{self.balloon}'/>{self.extra_devices}</devices>"
             "</domain>"
         )
+
+    def name(self) -> str:
+        return self.label
 
     def isActive(self) -> int:  # noqa: N802
         return int(self.active)
@@ -131,6 +146,16 @@ class FakeConnection:
         self.alive = True
         self.host_cpus = host_cpus
 
+    def domainEventRegisterAny(  # noqa: N802
+        self, dom: object, event_id: int, callback: Callable[..., None], opaque: object
+    ) -> int:
+        assert event_id == VIR_DOMAIN_EVENT_ID_LIFECYCLE
+        self.lib.lifecycle_callbacks.append(callback)
+        return len(self.lib.lifecycle_callbacks)
+
+    def setKeepAlive(self, interval: int, count: int) -> int:  # noqa: N802
+        return 0
+
     def getInfo(self) -> list[object]:  # noqa: N802
         return ["x86_64", 8192, self.host_cpus, 2000, 1, 1, self.host_cpus, 1]
 
@@ -164,9 +189,25 @@ class FakeLibvirtModule:
         for name, value in globals().items():
             if name.startswith("VIR_"):
                 setattr(self, name, value)
-        self.domains = {d.name: d for d in domains}
+        self.domains = {d.label: d for d in domains}
         self.connections: list[FakeConnection] = []
         self.reachable = True
+        self.lifecycle_callbacks: list[Callable[..., None]] = []
+        self.event_loop_runs = threading.Event()
+
+    def virEventRegisterDefaultImpl(self) -> int:  # noqa: N802
+        return 0
+
+    def virEventRunDefaultImpl(self) -> int:  # noqa: N802
+        self.event_loop_runs.set()
+        time.sleep(0.05)
+        return 0
+
+    def fire(self, name: str, event: int, detail: int) -> None:
+        """libvirt's event loop delivers a lifecycle event of domain ``name``."""
+        dom = self.domains.get(name) or FakeDomain(name, 1024)
+        for callback in self.lifecycle_callbacks:
+            callback(None, dom, event, detail, None)
 
     def open(self, uri: str) -> FakeConnection:
         if not self.reachable:
@@ -181,7 +222,7 @@ class FakeLibvirtModule:
             conn.alive = False
 
 
-def fake_libvirt(*domains: FakeDomain) -> tuple[Libvirt, FakeLibvirtModule]:
+def fake_libvirt(*domains: FakeDomain, events: bool = False) -> tuple[Libvirt, FakeLibvirtModule]:
     lib = FakeLibvirtModule(*domains)
     module: Any = lib
-    return Libvirt("test:///fake", lib=module), lib
+    return Libvirt("test:///fake", lib=module, events=events), lib

@@ -14,6 +14,7 @@ Thresholds, as in ``tests/qemu/test_daemon_vm.py`` (the same guests and policy):
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -58,7 +59,7 @@ def libvirt_daemon(state: Path, budget: str, sent: list[tuple[str, int]]) -> Dae
     return Daemon(
         config,
         StateDir(state),
-        source=LibvirtVms(Libvirt(URI), config),
+        source=LibvirtVms(Libvirt(URI, events=True), config),
         on_target=lambda name, b: sent.append((name, b)),
     )
 
@@ -84,7 +85,7 @@ def manage(name: str, *flags: str) -> None:
 
 
 def test_memory_moves_between_domains_and_the_daemon_rides_out_what_libvirt_does(
-    domains: DomainFactory, libvirtd: Libvirtd, tmp_path: Path
+    domains: DomainFactory, libvirtd: Libvirtd, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     busy = domains.define("busy", work="50@0,380@40", start=False)
     idle = domains.define("idle", work="20@0", start=False)
@@ -133,8 +134,11 @@ def test_memory_moves_between_domains_and_the_daemon_rides_out_what_libvirt_does
         # A domain destroyed mid-inflate is dropped; the others stay managed.
         daemon.change_guest(idle.name, GuestChange(max_bytes=MIN_BYTES))
         daemon.step()
+        caplog.set_level(logging.INFO, logger="balloonist.daemon")
         virsh("destroy", idle.name)
         assert run_until(lambda: idle.name not in daemon.hv.managed(), 10)
+        # libvirt's event says why it went
+        assert run_until(lambda: f"{idle.name}: stopped: destroyed" in caplog.messages, 10)
         served = daemon.hv.view(busy.name)
         assert served is not None
         before_count = served.sent_count

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,24 @@ from balloonist.errors import ConfigError
 from balloonist.host import HostMemInfo
 from balloonist.libvirt.connection import LibvirtError
 from balloonist.libvirt.domain_xml import DomainSettings
+from balloonist.libvirt.events import MAX_PENDING, DomainEvents, lifecycle_words
 from balloonist.libvirt.metadata import read_settings, write_settings
 from balloonist.libvirt.port import DomainBalloon, guest_stats_from
 from balloonist.libvirt.source import LibvirtVms
 from balloonist.qemu.launcher import StateDir
 from balloonist.units import GIB, KIB, MIB
 
-from .fakes import VIR_DOMAIN_AFFECT_CONFIG, VIR_DOMAIN_AFFECT_LIVE, FakeDomain, fake_libvirt
+from .fakes import (
+    VIR_DOMAIN_AFFECT_CONFIG,
+    VIR_DOMAIN_AFFECT_LIVE,
+    VIR_DOMAIN_EVENT_DEFINED,
+    VIR_DOMAIN_EVENT_STARTED,
+    VIR_DOMAIN_EVENT_STOPPED,
+    VIR_DOMAIN_EVENT_STOPPED_CRASHED,
+    VIR_DOMAIN_EVENT_SUSPENDED,
+    FakeDomain,
+    fake_libvirt,
+)
 
 GIB_KIB = GIB // KIB
 
@@ -215,3 +227,33 @@ def test_the_cpu_balloon_pins_vcpus_through_libvirt() -> None:
     host.narrow("web", 1, {0: 11, 1: 12}, frozenset({1, 2}))
     web = lib.domains["web"]
     assert web.pins == {0: (False, True, True, False), 1: (False, True, True, False)}
+
+
+def test_lifecycle_events_in_words() -> None:
+    _, lib = fake_libvirt()
+    assert lifecycle_words(lib, VIR_DOMAIN_EVENT_STOPPED, 2) == "stopped: crashed"
+    assert lifecycle_words(lib, VIR_DOMAIN_EVENT_STARTED, 1) == "started: migrated in"
+    assert lifecycle_words(lib, VIR_DOMAIN_EVENT_STARTED, 0) == "started"
+    assert lifecycle_words(lib, VIR_DOMAIN_EVENT_DEFINED, 9) == "defined"
+    assert lifecycle_words(lib, VIR_DOMAIN_EVENT_SUSPENDED, 0) is None
+
+
+def test_the_source_logs_why_a_domain_came_or_went(caplog: pytest.LogCaptureFixture) -> None:
+    libvirt, lib = fake_libvirt(opted_in("web"), events=True)
+    vms = LibvirtVms(libvirt, config())
+    assert [r.name for r in vms.records()] == ["web"]  # opens the connection: subscribed
+    assert lib.event_loop_runs.wait(5)
+    lib.domains["web"].active = False
+    lib.fire("web", VIR_DOMAIN_EVENT_STOPPED, VIR_DOMAIN_EVENT_STOPPED_CRASHED)
+    with caplog.at_level(logging.INFO, logger="balloonist.daemon"):
+        assert vms.records() == []
+    assert "web: stopped: crashed" in caplog.messages
+
+
+def test_a_storm_of_events_is_bounded() -> None:
+    events = DomainEvents()
+    for i in range(MAX_PENDING + 10):
+        events.lifecycle(f"d{i}", "defined")
+    taken = events.take()
+    assert len(taken) == MAX_PENDING and events.dropped == 10
+    assert taken[-1] == (f"d{MAX_PENDING + 9}", "defined") and events.take() == []

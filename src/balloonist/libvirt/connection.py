@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from balloonist.errors import ConfigError, TransientBackendError
+from balloonist.libvirt.events import DomainEvents, lifecycle_words
 
 T = TypeVar("T")
 
@@ -58,10 +59,17 @@ class Libvirt:
     """A libvirt connection to ``uri``, reopened after it breaks. Thread-safe: ports
     call it from worker threads (libvirt's calls block)."""
 
-    def __init__(self, uri: str = DEFAULT_URI, *, lib: ModuleType | None = None) -> None:
-        """``lib``: the libvirt module (a fake in tests); imported when not given."""
+    def __init__(
+        self, uri: str = DEFAULT_URI, *, lib: ModuleType | None = None, events: bool = False
+    ) -> None:
+        """``lib``: the libvirt module (a fake in tests); imported when not given.
+        ``events``: follow domain lifecycle events (into :attr:`events`), on libvirt's
+        event loop in a thread of its own."""
         self.uri = uri
         self.lib: Any = lib if lib is not None else import_libvirt()
+        self.events = DomainEvents() if events else None
+        if events:
+            _run_event_loop(self.lib)
         self._conn: Any = None
         self._lock = threading.Lock()
         self._opened = 0
@@ -118,12 +126,53 @@ class Libvirt:
                     exc.get_error_message() or str(exc), code=exc.get_error_code()
                 ) from None
             self._opened += 1
+            if self.events is not None:
+                self._follow_events(self._conn)
             return self._conn
+
+    def _follow_events(self, conn: Any) -> None:
+        """Have libvirt report this connection's domain lifecycle events, and notice a
+        libvirtd that stopped answering (keepalive: 3 missed 5 s probes)."""
+        events, lib = self.events, self.lib
+        assert events is not None
+
+        def lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+            words = lifecycle_words(lib, event, detail)
+            if words is not None:
+                events.lifecycle(dom.name(), words)
+
+        try:
+            conn.domainEventRegisterAny(None, lib.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)
+            conn.setKeepAlive(5, 3)
+        except lib.libvirtError as exc:
+            raise LibvirtError(
+                f"cannot follow domain events: {exc.get_error_message() or exc}",
+                code=exc.get_error_code(),
+            ) from None
 
     def _drop(self, conn: Any) -> None:
         with self._lock:
             if self._conn is conn:
                 self._conn = None
+
+
+_EVENT_LOOP_LOCK = threading.Lock()
+
+
+def _run_event_loop(lib: Any) -> None:
+    """libvirt's default event loop, once per libvirt module, in a daemon thread.
+    libvirt wants it registered before the connections that use it are opened."""
+    with _EVENT_LOOP_LOCK:
+        if getattr(lib, "_balloonist_event_loop", False):
+            return
+        lib.virEventRegisterDefaultImpl()
+        lib._balloonist_event_loop = True
+
+    def run() -> None:
+        while True:
+            lib.virEventRunDefaultImpl()
+
+    threading.Thread(target=run, name="libvirt-events", daemon=True).start()
 
 
 def _alive(conn: Any) -> bool:

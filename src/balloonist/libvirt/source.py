@@ -159,6 +159,9 @@ class LibvirtVms:
         return sorted(out, key=lambda d: d.facts.name)
 
     def records(self) -> list[VMRecord]:
+        if self.libvirt.events is not None:
+            for name, words in self.libvirt.events.take():
+                log.info("%s: %s", name, words)
         try:
             found = self.domains()
         except LibvirtError as exc:
