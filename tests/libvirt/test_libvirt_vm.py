@@ -234,19 +234,19 @@ def test_bad_input_is_one_line_and_exit_2(
     assert len(err.splitlines()) == 1 and what in err, err
 
 
-def test_the_daemon_refuses_an_unreachable_libvirt(libvirtd: Libvirtd, tmp_path: Path) -> None:
+@pytest.mark.parametrize("by", ["flag", "host.toml"])
+def test_the_daemon_refuses_an_unreachable_libvirt(
+    libvirtd: Libvirtd, tmp_path: Path, by: str
+) -> None:
+    uri = "qemu+unix:///system?socket=/nonexistent"
+    if by == "flag":
+        how = ["--libvirt", uri]
+    else:
+        (tmp_path / "host.toml").write_text(f'[daemon]\nbackend = "libvirt"\nuri = "{uri}"\n')
+        how = ["--config", str(tmp_path / "host.toml")]
+    argv = [sys.executable, "-m", "balloonist", "daemon", *how, "--no-api"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "balloonist",
-            "daemon",
-            "--libvirt",
-            "qemu+unix:///system?socket=/nonexistent",
-            "--state-dir",
-            str(tmp_path),
-            "--no-api",
-        ],
+        [*argv, "--state-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
