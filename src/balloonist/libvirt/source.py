@@ -44,6 +44,7 @@ from balloonist.libvirt.process import (
 )
 from balloonist.qemu.launcher import VMRecord
 from balloonist.qemu.reclaim import GuestRam
+from balloonist.units import format_size
 
 log = logging.getLogger("balloonist.daemon")
 
@@ -105,8 +106,8 @@ def domain_record(
     )
     if not record.min_bytes <= record.max_bytes <= record.memory_bytes:
         raise ConfigError(
-            f"min {record.min_bytes} / max {record.max_bytes} bytes do not fit the "
-            f"domain's {record.memory_bytes}",
+            f"min {format_size(record.min_bytes)} / max {format_size(record.max_bytes)} do "
+            f"not fit the domain's {format_size(record.memory_bytes)}",
             where=f"{facts.name}: metadata",
         )
     if record.cpus is not None:  # an agent domain: its CPU balloon's settings too
