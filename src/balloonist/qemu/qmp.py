@@ -41,6 +41,7 @@ from qemu.qmp import (
 )
 
 from balloonist.errors import FatalBackendError, TransientBackendError
+from balloonist.units import PAGE_SIZE_BYTES
 
 #: Default QOM path of the balloon device QEMU creates for ``-device
 #: virtio-balloon-pci,id=balloon0`` (the id our launcher gives it).
@@ -64,6 +65,9 @@ _STAT_KEYS: Final = {
     "stat-swap-in": "swap_in_pages",
     "stat-swap-out": "swap_out_pages",
 }
+#: The virtio spec gives swap-in and swap-out in bytes (Linux's driver sends
+#: pages_to_bytes of its counters); faults are counts. Our fields count pages.
+_BYTES_TO_PAGES: Final = frozenset({"stat-swap-in", "stat-swap-out"})
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,10 @@ def parse_guest_stats(reply: Any) -> GuestStats:
     raw = reply.get("stats")
     stats = raw if isinstance(raw, dict) else {}
     values = {field: _bounded(stats.get(key)) for key, field in _STAT_KEYS.items()}
+    for key in _BYTES_TO_PAGES:
+        value = values[_STAT_KEYS[key]]
+        if value is not None:
+            values[_STAT_KEYS[key]] = value // PAGE_SIZE_BYTES
     return GuestStats(last_update_s=_bounded(reply.get("last-update")) or 0, **values)
 
 
