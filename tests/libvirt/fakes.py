@@ -58,6 +58,7 @@ class FakeDomain:
     usable_kib: int = 400 * 1024
     extra_devices: str = ""
     pins: dict[int, tuple[bool, ...]] = field(default_factory=dict)  # vCPU -> cpumap
+    stats_calls: int = 0
     host_cpus: int = 4
 
     def connect(self) -> FakeConnection:
@@ -117,6 +118,7 @@ class FakeDomain:
 
     def memoryStats(self) -> dict[str, int]:  # noqa: N802
         self._running()
+        self.stats_calls += 1
         return {
             "actual": self.actual_kib or 0,
             "available": self.actual_kib or 0,

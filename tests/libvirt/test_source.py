@@ -120,9 +120,12 @@ def test_the_port_moves_the_balloon_live_and_reads_libvirts_statistics() -> None
         assert stats.major_faults == 7
         assert stats.swap_in_pages == 2
         assert stats.last_update_s == 1234
+        await port.guest_stats()  # no reply left to share: asks again
 
     asyncio.run(run())
     assert lib.domains["web"].targets_kib == [600 * 1024]
+    # connect; actual_bytes and the guest_stats after it share one call; the last one
+    assert lib.domains["web"].stats_calls == 3
     assert lib.domains["web"].stats_period_s == 1
 
 

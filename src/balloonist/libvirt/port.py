@@ -65,6 +65,9 @@ class DomainBalloon:
         self.libvirt = libvirt
         self.name = name
         self._lib = libvirt.lib
+        # memoryStats() gives the balloon's size and the guest's statistics at once:
+        # the reply actual_bytes() fetched serves the guest_stats() call that follows.
+        self._unread: dict[str, Any] | None = None
 
     async def _on_domain(self, what: Callable[[Any], T]) -> T:
         return await asyncio.to_thread(self.libvirt.domain_call, self.name, what)
@@ -102,6 +105,7 @@ class DomainBalloon:
 
     async def actual_bytes(self) -> int:
         raw = await self._on_domain(lambda d: d.memoryStats())
+        self._unread = raw if isinstance(raw, dict) else None
         actual = raw.get("actual") if isinstance(raw, dict) else None
         if not isinstance(actual, int) or actual <= 0:
             raise FatalBackendError(f"{self.name}: libvirt reports no balloon size")
@@ -112,7 +116,9 @@ class DomainBalloon:
         await self._on_domain(lambda d: d.setMemoryStatsPeriod(interval_s, live))
 
     async def guest_stats(self) -> GuestStats:
-        raw = await self._on_domain(lambda d: d.memoryStats())
+        raw, self._unread = self._unread, None
+        if raw is None:
+            raw = await self._on_domain(lambda d: d.memoryStats())
         return guest_stats_from(raw if isinstance(raw, dict) else {})
 
 
