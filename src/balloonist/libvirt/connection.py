@@ -120,15 +120,22 @@ class Libvirt:
                 return self._conn
             self._conn = None
             try:
-                self._conn = self.lib.open(self.uri)
+                conn = self.lib.open(self.uri)
             except self.lib.libvirtError as exc:
                 raise LibvirtError(
                     exc.get_error_message() or str(exc), code=exc.get_error_code()
                 ) from None
-            self._opened += 1
             if self.events is not None:
-                self._follow_events(self._conn)
-            return self._conn
+                try:
+                    self._follow_events(conn)
+                except LibvirtError:
+                    # not half-followed: the next call opens and subscribes anew
+                    with contextlib.suppress(self.lib.libvirtError):
+                        conn.close()
+                    raise
+            self._conn = conn
+            self._opened += 1
+            return conn
 
     def _follow_events(self, conn: Any) -> None:
         """Have libvirt report this connection's domain lifecycle events, and notice a
