@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from balloonist.errors import ConfigError
-from balloonist.units import format_size, parse_size_bytes
+from balloonist.units import format_size, parse_size_option
 
 if TYPE_CHECKING:  # libvirt-python is optional: imported when a command runs
+    from balloonist.daemon.config import DaemonConfig
     from balloonist.libvirt.connection import Libvirt
     from balloonist.libvirt.domain_xml import DomainSettings
 
@@ -29,6 +31,13 @@ def add_commands(sub: Any, run: Any) -> None:
     """Register ``balloonist libvirt ...``; ``run`` wraps a handler."""
     lv = sub.add_parser("libvirt", help="choose which libvirt domains balloonist manages")
     lv.add_argument("--uri", default=None, metavar="URI", help=URI_HELP)
+    lv.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="host.toml: its [daemon] uri, and for list its manage_all_domains",
+    )
     lsub = lv.add_subparsers(title="libvirt commands", required=True, metavar="COMMAND")
 
     listing = lsub.add_parser("list", help="running domains: managed or not, and why")
@@ -64,21 +73,29 @@ def add_commands(sub: Any, run: Any) -> None:
     prepare.set_defaults(command=run(_cmd_prepare))
 
 
+def _config(args: argparse.Namespace) -> DaemonConfig:
+    from balloonist.daemon.config import load_config
+
+    return load_config(args.config)
+
+
 def _connect(args: argparse.Namespace) -> Libvirt:
+    """The connection: --uri, else host.toml's [daemon] uri (with --config), else
+    qemu:///system. An unreachable URI is a ConfigError."""
     from balloonist.libvirt.connection import DEFAULT_URI, Libvirt
 
-    libvirt = Libvirt(args.uri or DEFAULT_URI)
+    libvirt = Libvirt(args.uri or _config(args).daemon.uri or DEFAULT_URI)
     libvirt.open()
     return libvirt
 
 
 def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
-    from balloonist.daemon.config import DaemonConfig
     from balloonist.libvirt.source import LibvirtVms
 
+    config = _config(args)
     libvirt = _connect(args)
     try:
-        domains = LibvirtVms(libvirt, DaemonConfig()).domains()
+        domains = LibvirtVms(libvirt, config).domains()
     finally:
         libvirt.close()
     print(f"{'NAME':<20} {'MEMORY':>10} {'MIN':>10} {'MAX':>10} {'SHARES':>6}  STATE", file=out)
@@ -98,17 +115,11 @@ def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _size(value: str | None, flag: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size_bytes(value)
-    except ConfigError as exc:
-        raise ConfigError(exc.message, where=flag) from None
-
-
 def _cmd_manage(args: argparse.Namespace, out: TextIO) -> int:
-    min_bytes, max_bytes = _size(args.min, "--min"), _size(args.max, "--max")
+    min_bytes, max_bytes = (
+        parse_size_option(args.min, "--min"),
+        parse_size_option(args.max, "--max"),
+    )
     for flag, value in (
         ("--shares", args.shares),
         ("--cpu-min", args.cpu_min),

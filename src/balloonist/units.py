@@ -68,6 +68,17 @@ def parse_size_bytes(text: str) -> int:
     return value
 
 
+def parse_size_option(text: str | None, flag: str) -> int | None:
+    """A command-line size option (``--min 512MiB``): None if not given; bad input is
+    a SizeError naming the flag."""
+    if text is None:
+        return None
+    try:
+        return parse_size_bytes(text)
+    except SizeError as exc:
+        raise SizeError(exc.message, where=flag) from None
+
+
 def format_size(size_bytes: int) -> str:
     """Render bytes for people: ``268435456 -> '256MiB'``, ``1610612736 -> '1.5GiB'``."""
     sign = "-" if size_bytes < 0 else ""

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from balloonist.errors import BackendError, ConfigError
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import default_cache_dir, ensure_guest_assets
-from balloonist.units import format_size, parse_size_bytes
+from balloonist.units import format_size, parse_size_option
 
 
 def add_commands(sub: Any, run: Any) -> None:
@@ -133,15 +133,6 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shares", type=int, default=1000)
 
 
-def _size(value: str | None, flag: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size_bytes(value)
-    except ConfigError as exc:
-        raise ConfigError(exc.message, where=flag) from None
-
-
 def _state(args: argparse.Namespace) -> launcher.StateDir:
     return launcher.StateDir(args.state_dir or launcher.default_state_dir())
 
@@ -154,7 +145,7 @@ def _cmd_assets(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_start(args: argparse.Namespace, out: TextIO) -> int:
-    memory = _size(args.memory, "--memory")
+    memory = parse_size_option(args.memory, "--memory")
     assert memory is not None  # required by argparse
     kernel, initrd, append = args.kernel, args.initrd, args.append
     if args.test_guest:
@@ -170,8 +161,8 @@ def _cmd_start(args: argparse.Namespace, out: TextIO) -> int:
     request = launcher.StartRequest(
         name=args.name,
         memory_bytes=memory,
-        min_bytes=_size(args.min, "--min") or 0,
-        max_bytes=_size(args.max, "--max"),
+        min_bytes=parse_size_option(args.min, "--min") or 0,
+        max_bytes=parse_size_option(args.max, "--max"),
         shares=args.shares,
         cpus=args.cpus,
         cpu_min=args.cpu_min,
@@ -213,8 +204,8 @@ def _cmd_attach(args: argparse.Namespace, out: TextIO) -> int:
         args.name,
         args.qmp,
         memory_bytes=memory,
-        min_bytes=_size(args.min, "--min") or 0,
-        max_bytes=_size(args.max, "--max"),
+        min_bytes=parse_size_option(args.min, "--min") or 0,
+        max_bytes=parse_size_option(args.max, "--max"),
         shares=args.shares,
     )
     print(f"adopted {record.name} ({format_size(record.memory_bytes)})", file=out)

@@ -182,7 +182,7 @@ def test_a_setting_changed_live_lands_in_the_domains_xml_and_outlives_the_daemon
 
 
 def test_list_shows_each_domain_managed_or_why_not(
-    domains: DomainFactory, capsys: pytest.CaptureFixture[str]
+    domains: DomainFactory, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     plain = domains.define("plain", memory_mib=256)
     nb = domains.define("nb", memory_mib=256, balloon="none")
@@ -195,6 +195,13 @@ def test_list_shows_each_domain_managed_or_why_not(
     assert main(["libvirt", "--uri", URI, "unmanage", plain.name]) == 0
     xml = virsh("dumpxml", "--inactive", plain.name)
     assert parse_domain(xml).settings == DomainSettings(False, None, 200 * MIB, None)
+    # as a daemon that manages every domain with a balloon would
+    host = tmp_path / "host.toml"
+    host.write_text(f'[daemon]\nuri = "{URI}"\nmanage_all_domains = true\n')
+    capsys.readouterr()
+    assert main(["libvirt", "--config", str(host), "list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[plain.name].endswith("managed") and "unmanaged" not in rows[plain.name]
 
 
 def test_the_cpu_balloon_pins_a_domains_vcpus_where_virsh_shows_it(

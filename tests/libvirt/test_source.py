@@ -260,3 +260,14 @@ def test_a_storm_of_events_is_bounded() -> None:
     taken = events.take()
     assert len(taken) == MAX_PENDING and events.dropped == 10
     assert taken[-1] == (f"d{MAX_PENDING + 9}", "defined") and events.take() == []
+
+
+def test_a_bad_host_toml_is_refused_before_libvirt_is_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from balloonist.cli import main
+
+    bad = tmp_path / "host.toml"
+    bad.write_text("[daemon]\nmanage_all_domains = 3\n")
+    assert main(["libvirt", "--config", str(bad), "list"]) == 2
+    assert "manage_all_domains" in capsys.readouterr().err
