@@ -137,21 +137,27 @@ def with_overrides(record: VMRecord, config: DaemonConfig) -> VMRecord:
         cpu_max=table.cpu_max or record.cpu_max,
         cpu_shares=table.cpu_shares or record.cpu_shares,
     )
-    if not updated.min_bytes <= updated.max_bytes <= updated.memory_bytes:
-        raise ConfigError(
-            f"min {format_size(updated.min_bytes)} / max {format_size(updated.max_bytes)} do "
-            f"not fit the VM's {format_size(updated.memory_bytes)}",
-            where=f"vms.{record.name}",
-        )
-    if updated.cpus is not None:
-        cpu_max = updated.cpus if updated.cpu_max is None else updated.cpu_max
-        if not updated.cpu_min <= cpu_max <= updated.cpus:
-            raise ConfigError(
-                f"cpu_min {updated.cpu_min} / cpu_max {cpu_max} do not fit the VM's "
-                f"{updated.cpus} vCPUs",
-                where=f"vms.{record.name}",
-            )
+    check_fits(updated, where=f"vms.{record.name}")
     return updated
+
+
+def check_fits(record: VMRecord, *, where: str) -> None:
+    """ConfigError unless min <= max <= memory, and for a VM with known vCPUs,
+    cpu_min <= cpu_max <= vCPUs; ``where`` names the settings' place."""
+    if not record.min_bytes <= record.max_bytes <= record.memory_bytes:
+        raise ConfigError(
+            f"min {format_size(record.min_bytes)} / max {format_size(record.max_bytes)} do "
+            f"not fit the VM's {format_size(record.memory_bytes)}",
+            where=where,
+        )
+    if record.cpus is not None:
+        cpu_max = record.cpus if record.cpu_max is None else record.cpu_max
+        if not record.cpu_min <= cpu_max <= record.cpus:
+            raise ConfigError(
+                f"cpu_min {record.cpu_min} / cpu_max {cpu_max} do not fit the VM's "
+                f"{record.cpus} vCPUs",
+                where=where,
+            )
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -172,6 +178,7 @@ __all__ = [
     "DAEMON_POLICIES",
     "DaemonConfig",
     "budget_bytes",
+    "check_fits",
     "load_config",
     "parse_cpu_list",
     "with_overrides",

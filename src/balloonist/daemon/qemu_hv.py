@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from balloonist.daemon.agent_link import AgentPort
+from balloonist.daemon.agent_link import AgentPort, GuestControl
 from balloonist.daemon.counters import Counts
 from balloonist.daemon.cpu_sharing import ProcessorSharing
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds
@@ -53,13 +53,24 @@ def vm_port(record: VMRecord, clock: Callable[[], float]) -> VmPort:
     qmp = BalloonQMP(Path(record.qmp_socket), name=record.name)
     if record.agent_socket is None or record.ram_file is None:
         return qmp
+    return agent_port(record, clock, qmp)
+
+
+def agent_port(
+    record: VMRecord, clock: Callable[[], float], control: GuestControl, *, vcpus: int | None = None
+) -> AgentPort:
+    """The port to an agent VM's agent: its socket, its RAM file, ``control`` to pause
+    it around a punch (QMP, or libvirt for a domain)."""
+    if record.agent_socket is None or record.ram_file is None:
+        raise ValueError(f"{record.name} is not an agent VM")
     return AgentPort(
         record.name,
         Path(record.agent_socket),
         GuestRam(Path(record.ram_file), record.memory_bytes),
         record.memory_bytes,
         clock=clock,
-        control=qmp,
+        control=control,
+        vcpus=vcpus,
     )
 
 
@@ -320,4 +331,4 @@ class QemuHypervisor:
             await self._cpus.apply(self._vms, wanted, self._failed)
 
 
-__all__ = ["QemuHypervisor", "vm_port"]
+__all__ = ["QemuHypervisor", "agent_port", "vm_port"]

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from balloonist.daemon.agent_link import AgentPort
-from balloonist.daemon.config import DaemonConfig, with_overrides
+from balloonist.daemon.backend import merge_changes
+from balloonist.daemon.config import DaemonConfig, check_fits, with_overrides
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.qemu_hv import agent_port
 from balloonist.daemon.vm_ports import VcpuHost, VmPort
-from balloonist.daemon.vm_source import SourceKind
+from balloonist.daemon.vm_source import SourceKind, with_change
 from balloonist.errors import ConfigError
 from balloonist.libvirt.connection import Libvirt, LibvirtError
 from balloonist.libvirt.domain_xml import DomainFacts, DomainSettings, parse_domain
@@ -43,8 +44,6 @@ from balloonist.libvirt.process import (
     shared_ram_file,
 )
 from balloonist.qemu.launcher import VMRecord
-from balloonist.qemu.reclaim import GuestRam
-from balloonist.units import format_size
 
 log = logging.getLogger("balloonist.daemon")
 
@@ -93,31 +92,8 @@ def domain_record(
         agent_socket=facts.agent_socket if agent else None,
         cpus=facts.vcpus if agent else None,
     )
-    s = facts.settings
-    record = with_overrides(base, config)
-    record = replace(
-        record,
-        min_bytes=record.min_bytes if s.min_bytes is None else s.min_bytes,
-        max_bytes=record.max_bytes if s.max_bytes is None else s.max_bytes,
-        shares=record.shares if s.shares is None else s.shares,
-        cpu_min=record.cpu_min if s.cpu_min is None else s.cpu_min,
-        cpu_max=record.cpu_max if s.cpu_max is None else s.cpu_max,
-        cpu_shares=record.cpu_shares if s.cpu_shares is None else s.cpu_shares,
-    )
-    if not record.min_bytes <= record.max_bytes <= record.memory_bytes:
-        raise ConfigError(
-            f"min {format_size(record.min_bytes)} / max {format_size(record.max_bytes)} do "
-            f"not fit the domain's {format_size(record.memory_bytes)}",
-            where=f"{facts.name}: metadata",
-        )
-    if record.cpus is not None:  # an agent domain: its CPU balloon's settings too
-        cpu_max = record.cpus if record.cpu_max is None else record.cpu_max
-        if not record.cpu_min <= cpu_max <= record.cpus:
-            raise ConfigError(
-                f"cpu_min {record.cpu_min} / cpu_max {cpu_max} do not fit the domain's "
-                f"{record.cpus} vCPUs",
-                where=f"{facts.name}: metadata",
-            )
+    record = with_change(with_overrides(base, config), as_change(facts.settings))
+    check_fits(record, where=f"{facts.name}: metadata")
     return record
 
 
@@ -233,15 +209,8 @@ class LibvirtVms:
         if record.agent_socket is None or record.ram_file is None or record.pid is None:
             return DomainBalloon(self.libvirt, record.name)
         vcpus = record.cpus or 1
-        return AgentPort(
-            record.name,
-            Path(record.agent_socket),
-            GuestRam(Path(record.ram_file), record.memory_bytes),
-            record.memory_bytes,
-            clock=clock,
-            control=DomainControl(self.libvirt, record.name, record.pid, vcpus),
-            vcpus=vcpus,
-        )
+        control = DomainControl(self.libvirt, record.name, record.pid, vcpus)
+        return agent_port(record, clock, control, vcpus=vcpus)
 
     def vcpu_host(self) -> VcpuHost:
         return LibvirtVcpuHost(self.libvirt)
@@ -250,21 +219,22 @@ class LibvirtVms:
         self.libvirt.close()
 
 
-def _changed(settings: DomainSettings, change: GuestChange) -> DomainSettings:
-    """The settings with each field the change gives replaced."""
-
-    def pick(new: int | None, old: int | None) -> int | None:
-        return old if new is None else new
-
-    return DomainSettings(
-        managed=settings.managed,
-        min_bytes=pick(change.min_bytes, settings.min_bytes),
-        max_bytes=pick(change.max_bytes, settings.max_bytes),
-        shares=pick(change.shares, settings.shares),
-        cpu_min=pick(change.cpu_min, settings.cpu_min),
-        cpu_max=pick(change.cpu_max, settings.cpu_max),
-        cpu_shares=pick(change.cpu_shares, settings.cpu_shares),
+def as_change(settings: DomainSettings) -> GuestChange:
+    """The settings a domain's metadata sets, as a change over the other layers."""
+    return GuestChange(
+        min_bytes=settings.min_bytes,
+        max_bytes=settings.max_bytes,
+        shares=settings.shares,
+        cpu_min=settings.cpu_min,
+        cpu_max=settings.cpu_max,
+        cpu_shares=settings.cpu_shares,
     )
 
 
-__all__ = ["DomainListing", "LibvirtVms", "domain_record", "listing"]
+def _changed(settings: DomainSettings, change: GuestChange) -> DomainSettings:
+    """The settings with each field the change gives replaced."""
+    merged = merge_changes(as_change(settings), change)
+    return DomainSettings(managed=settings.managed, **asdict(merged))
+
+
+__all__ = ["DomainListing", "LibvirtVms", "as_change", "domain_record", "listing"]
