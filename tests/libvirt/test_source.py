@@ -139,8 +139,11 @@ def test_a_domain_gone_from_under_the_port_is_a_transient_failure() -> None:
 
 
 def test_guest_statistics_that_make_no_sense_are_dropped() -> None:
-    stats = guest_stats_from({"usable": -5, "unused": "lots", "major_fault": True, "actual": 1})
+    stats = guest_stats_from(
+        {"usable": -5, "unused": "lots", "major_fault": True, "available": 2**45, "actual": 1}
+    )
     assert (stats.available_bytes, stats.free_bytes, stats.major_faults) == (None, None, None)
+    assert stats.total_bytes is None  # 2**45 KiB: beyond the largest figure a guest may give
     assert stats.last_update_s == 0
 
 

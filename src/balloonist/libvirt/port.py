@@ -23,13 +23,10 @@ from balloonist.daemon.processors import threads_cpu_s
 from balloonist.errors import FatalBackendError
 from balloonist.libvirt.connection import Libvirt
 from balloonist.libvirt.process import vcpu_threads
-from balloonist.qemu.qmp import GuestStats
+from balloonist.qemu.qmp import MAX_GUEST_FIGURE, GuestStats
 from balloonist.units import KIB, PAGE_SIZE_BYTES
 
 T = TypeVar("T")
-
-#: A statistic above this is nonsense from the guest (the QMP path's bound too).
-_MAX_STAT: Final = 2**62
 
 #: libvirt's memoryStats() keys (KiB unless said) -> GuestStats fields, and the factor
 #: to our unit. libvirt's names are its own: "available" is the guest's total memory,
@@ -51,10 +48,13 @@ def guest_stats_from(raw: Mapping[str, Any]) -> GuestStats:
     values: dict[str, int | None] = {}
     for key, (field, factor) in _STATS.items():
         value = raw.get(key)
-        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_STAT
-        values[field] = int(value * factor) if ok and value is not None else None
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        converted = int(value * factor) if ok and value is not None else -1
+        # the QMP path's bound, on the figure in our unit
+        values[field] = converted if 0 <= converted <= MAX_GUEST_FIGURE else None
     update = raw.get("last_update")
-    last = update if isinstance(update, int) and 0 <= update <= _MAX_STAT else 0
+    ok = isinstance(update, int) and not isinstance(update, bool)
+    last = update if ok and update is not None and 0 <= update <= MAX_GUEST_FIGURE else 0
     return GuestStats(last_update_s=last, **values)
 
 
