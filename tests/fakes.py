@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from balloonist.driver import PageRange, ranges_from_pages
+from balloonist.driver import UnitRange, ranges_from_units
 from balloonist.errors import GuestProtocolError, Violation
 
 
@@ -28,14 +28,14 @@ class FakeKernel:
         self.calls: list[int] = []
         self.events = events if events is not None else []
 
-    def allocate_pages(self, count: int) -> list[PageRange]:
+    def allocate_units(self, count: int) -> list[UnitRange]:
         self.calls.append(count)
         n = min(count, len(self.free), self.limit if self.limit is not None else count)
         taken = [self.free.pop() for _ in range(n)]
         self.held |= set(taken)
-        return ranges_from_pages(taken)
+        return ranges_from_units(taken)
 
-    def free_pages(self, ranges: Sequence[PageRange]) -> None:
+    def free_units(self, ranges: Sequence[UnitRange]) -> None:
         for r in ranges:
             pages = set(range(r.start, r.end))
             assert pages <= self.held, "freed a page the kernel never gave out"
@@ -55,20 +55,20 @@ class FakeRam:
     holes: set[int] = field(default_factory=set)
     reused: set[int] = field(default_factory=set)
 
-    def check(self, ranges: Sequence[PageRange]) -> None:
+    def check(self, ranges: Sequence[UnitRange]) -> None:
         for r in ranges:
             if r.end > self.pages:
                 raise GuestProtocolError(
                     f"pages {r.start}+{r.count} are not guest RAM", violation=Violation.BAD_PAGES
                 )
 
-    def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
+    def punch(self, ranges: Sequence[UnitRange], token: bytes) -> int:
         assert token == bytes.fromhex(self.token)
         freed = [p for r in ranges for p in range(r.start, r.end) if p not in self.reused]
         self.holes.update(freed)
         return len(freed)
 
-    def hole_pages(self, ranges: Sequence[PageRange]) -> int:
+    def hole_pages(self, ranges: Sequence[UnitRange]) -> int:
         return sum(1 for r in ranges for p in range(r.start, r.end) if p in self.holes)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balloonist.agent import protocol as wire
-from balloonist.driver import PageRange
+from balloonist.driver import UnitRange
 from balloonist.errors import GuestProtocolError
 
 seqs = st.integers(0, wire.MAX_SEQ)
@@ -25,13 +25,13 @@ text = st.text(
 
 
 @st.composite
-def disjoint_ranges(draw: st.DrawFn) -> tuple[PageRange, ...]:
+def disjoint_ranges(draw: st.DrawFn) -> tuple[UnitRange, ...]:
     starts = draw(st.lists(st.integers(0, 1 << 30), min_size=1, max_size=20, unique=True))
     starts.sort()
     out = []
     for i, start in enumerate(starts):
         room = (starts[i + 1] if i + 1 < len(starts) else start + 1000) - start
-        out.append(PageRange(start, draw(st.integers(1, room))))
+        out.append(UnitRange(start, draw(st.integers(1, room))))
     return tuple(draw(st.permutations(out)))
 
 
@@ -180,7 +180,7 @@ def test_hostile_lines_are_refused_with_the_reason(line: bytes, why: str) -> Non
 
 
 def test_a_big_report_is_split_into_messages_within_bounds() -> None:
-    ranges = [PageRange(2 * i, 1) for i in range(wire.MAX_RANGES_PER_MESSAGE * 2 + 1)]
+    ranges = [UnitRange(2 * i, 1) for i in range(wire.MAX_RANGES_PER_MESSAGE * 2 + 1)]
     chunks = wire.split_ranges(ranges)
     assert [len(c) for c in chunks] == [wire.MAX_RANGES_PER_MESSAGE] * 2 + [1]
     for chunk in chunks:

@@ -122,13 +122,21 @@ def test_set_sends_a_change_of_processors(
     server: ApiServer, sock: Path, fake: FakeController, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = run(
-        capsys, "set", "web", "--cpu-shares", "3000", "--cpu-max", "3", "--api-socket", str(sock)
+        capsys, "set", "web", "--cpu-shares", "3000", "--max-cpus", "3", "--api-socket", str(sock)
     )
     assert (code, err) == (0, "")
-    assert out == "web: cpu_max 3, cpu_shares 3000 accepted; applies at the next period\n"
-    assert fake.guest_changes == [("web", GuestChange(cpu_max=3, cpu_shares=3000))]
-    code, out, err = run(capsys, "set", "db", "--cpu-min", "2", "--api-socket", str(sock))
+    assert out == "web: max_cpus 3, cpu_shares 3000 accepted; applies at the next period\n"
+    assert fake.guest_changes == [("web", GuestChange(max_cpus=3, cpu_shares=3000))]
+    code, out, err = run(capsys, "set", "db", "--min-cpus", "2", "--api-socket", str(sock))
     assert code == 2 and "processors are not shared" in one_error_line(err)
+
+
+def test_set_takes_the_former_processor_flags(
+    server: ApiServer, sock: Path, fake: FakeController, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "set", "web", "--cpu-max", "3", "--api-socket", str(sock))
+    assert (code, err) == (0, "") and out.startswith("web: max_cpus 3 accepted")
+    assert fake.guest_changes == [("web", GuestChange(max_cpus=3))]
 
 
 @pytest.mark.parametrize(
@@ -137,7 +145,7 @@ def test_set_sends_a_change_of_processors(
         (["--max", "2"], "--max: size '2' has no unit"),
         (["--min", "lots"], "--min: 'lots' is not a size"),
         (["--shares", "0"], "--shares: must be 1 or more"),
-        (["--cpu-min", "0"], "--cpu-min: must be 1 or more"),
+        (["--min-cpus", "0"], "--min-cpus: must be 1 or more"),
         ([], "nothing to change"),
     ],
 )

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from balloonist.driver import (
     Action,
     BalloonDriver,
-    PageRange,
-    count_pages,
-    ranges_from_pages,
+    UnitRange,
+    count_units,
+    ranges_from_units,
 )
 from balloonist.rate import AdaptiveRate, RateLimits
 from tests.fakes import FakeKernel
@@ -26,17 +26,17 @@ class FakeChannel:
         self.locked: set[int] = set()
         self.events: list[str] = []
 
-    def read_target_pages(self) -> int:
+    def read_target_units(self) -> int:
         return self.target
 
-    def report_locked(self, ranges: Sequence[PageRange]) -> None:
+    def report_locked(self, ranges: Sequence[UnitRange]) -> None:
         for r in ranges:
             pages = set(range(r.start, r.end))
             assert not pages & self.locked, "a page was reported locked twice"
             self.locked |= pages
         self.events.append("locked")
 
-    def report_unlocked(self, ranges: Sequence[PageRange]) -> None:
+    def report_unlocked(self, ranges: Sequence[UnitRange]) -> None:
         for r in ranges:
             pages = set(range(r.start, r.end))
             assert pages <= self.locked, "unlocked a page that was never locked"
@@ -50,7 +50,7 @@ LIMITS = RateLimits(min_units=10, max_units=100, increase_units=20, divisor=2.0)
 def test_inflation_is_paced_by_the_rate_and_grows_on_success() -> None:
     kernel, channel = FakeKernel(1000), FakeChannel(target=500)
     driver = BalloonDriver(kernel, channel, AdaptiveRate(LIMITS))
-    sizes = [driver.step().size_pages for _ in range(5)]
+    sizes = [driver.step().size_units for _ in range(5)]
     # 10, then +30, +50, +70, +90: the rate grows by 20 after every full step
     assert sizes == [10, 40, 90, 160, 250]
     assert kernel.calls == [10, 30, 50, 70, 90]
@@ -65,13 +65,13 @@ def test_allocation_failure_divides_the_rate_and_retries_next_step() -> None:
     assert driver.rate.step_units == 90
     kernel.limit = 5  # the guest OS can only give 5 pages now
     result = driver.step()
-    assert result.failed and result.moved_pages == 5
+    assert result.failed and result.moved_units == 5
     assert driver.rate.step_units == 45
     driver.step()
     assert driver.rate.step_units == 22
     kernel.limit = None
     result = driver.step()
-    assert not result.failed and result.moved_pages == 22
+    assert not result.failed and result.moved_units == 22
 
 
 def test_rate_never_leaves_its_bounds() -> None:
@@ -90,9 +90,9 @@ def test_deflate_tells_the_host_before_freeing_and_returns_newest_first() -> Non
     driver.step()
     channel.target = 10
     result = driver.step()
-    assert result.action is Action.DEFLATE and result.size_pages == 10
+    assert result.action is Action.DEFLATE and result.size_units == 10
     assert channel.events == ["locked", "unlocked"]
-    assert driver.held == (PageRange(0, 10),)
+    assert driver.held == (UnitRange(0, 10),)
     assert channel.locked == set(range(10))
 
 
@@ -106,13 +106,13 @@ def test_release_all_returns_every_page() -> None:
     driver = BalloonDriver(kernel, channel, AdaptiveRate(RateLimits(min_units=50, max_units=50)))
     driver.step()
     driver.release_all()
-    assert driver.size_pages == 0 and not channel.locked and len(kernel.free) == 100
+    assert driver.size_units == 0 and not channel.locked and len(kernel.free) == 100
 
 
 def test_a_kernel_that_returns_too_much_is_a_bug() -> None:
     class Greedy(FakeKernel):
-        def allocate_pages(self, count: int) -> list[PageRange]:
-            return [PageRange(0, count + 1)]
+        def allocate_units(self, count: int) -> list[UnitRange]:
+            return [UnitRange(0, count + 1)]
 
     driver = BalloonDriver(Greedy(100), FakeChannel(target=50))
     with pytest.raises(RuntimeError):
@@ -121,10 +121,10 @@ def test_a_kernel_that_returns_too_much_is_a_bug() -> None:
 
 @given(st.lists(st.integers(0, 5000), max_size=300))
 def test_ranges_cover_exactly_the_pages(pages: list[int]) -> None:
-    ranges = ranges_from_pages(pages)
+    ranges = ranges_from_units(pages)
     covered = [p for r in ranges for p in range(r.start, r.end)]
     assert covered == sorted(set(pages))
-    assert count_pages(ranges) == len(set(pages))
+    assert count_units(ranges) == len(set(pages))
     # maximal runs: consecutive ranges never touch
     assert all(a.end < b.start for a, b in itertools.pairwise(ranges))
 
@@ -138,5 +138,5 @@ def test_any_sequence_of_targets_keeps_driver_and_host_in_agreement(targets: lis
         driver.step()
         held = {p for r in driver.held for p in range(r.start, r.end)}
         assert held == channel.locked
-        assert len(held) == driver.size_pages
+        assert len(held) == driver.size_units
         assert not held & set(kernel.free)

@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from balloonist.config import add_former_cpu_flags
 from balloonist.daemoncli import API_SOCKET
 from balloonist.errors import ConfigError
 from balloonist.units import format_size, parse_size_bytes
@@ -92,9 +93,10 @@ def add_commands(sub: Any, run: Any) -> None:
     change.add_argument("--max", metavar="SIZE", help="limit, with a unit (2GiB)")
     change.add_argument("--shares", type=int, metavar="N", help="shares, 1 or more")
     change.add_argument(
-        "--cpu-min", type=int, metavar="N", help="processor reservation (shared processors)"
+        "--min-cpus", type=int, metavar="N", help="processor reservation (shared processors)"
     )
-    change.add_argument("--cpu-max", type=int, metavar="N", help="processor limit")
+    change.add_argument("--max-cpus", type=int, metavar="N", help="processor limit")
+    add_former_cpu_flags(change)
     change.add_argument("--cpu-shares", type=int, metavar="N", help="processor shares")
     _connection_args(change)
     change.set_defaults(command=run(_cmd_set))
@@ -173,13 +175,13 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_set(args: argparse.Namespace, out: TextIO) -> int:
     numbers = {
         "--shares": args.shares,
-        "--cpu-min": args.cpu_min,
-        "--cpu-max": args.cpu_max,
+        "--min-cpus": args.min_cpus,
+        "--max-cpus": args.max_cpus,
         "--cpu-shares": args.cpu_shares,
     }
     if args.min is None and args.max is None and all(v is None for v in numbers.values()):
         raise ConfigError(
-            "nothing to change: give --min, --max, --shares, --cpu-min, --cpu-max or --cpu-shares"
+            "nothing to change: give --min, --max, --shares, --min-cpus, --max-cpus or --cpu-shares"
         )
     for flag, text in (("--min", args.min), ("--max", args.max)):
         if text is not None:
@@ -196,8 +198,8 @@ def _cmd_set(args: argparse.Namespace, out: TextIO) -> int:
             min=args.min.strip() if args.min is not None else None,
             max=args.max.strip() if args.max is not None else None,
             shares=args.shares,
-            cpu_min=args.cpu_min,
-            cpu_max=args.cpu_max,
+            min_cpus=args.min_cpus,
+            max_cpus=args.max_cpus,
             cpu_shares=args.cpu_shares,
         )
     parts = []
@@ -208,8 +210,8 @@ def _cmd_set(args: argparse.Namespace, out: TextIO) -> int:
     if accepted.shares is not None:
         parts.append(f"shares {accepted.shares}")
     for label, number in (
-        ("cpu_min", accepted.cpu_min),
-        ("cpu_max", accepted.cpu_max),
+        ("min_cpus", accepted.min_cpus),
+        ("max_cpus", accepted.max_cpus),
         ("cpu_shares", accepted.cpu_shares),
     ):
         if number is not None:

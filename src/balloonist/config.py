@@ -4,17 +4,33 @@ one-line ``ConfigError`` naming the file and key (scenarios, the daemon's host.t
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError
 
 from balloonist.errors import ConfigError, SizeError
 from balloonist.units import parse_size_bytes
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+#: Settings renamed to say what they count; a file or request written with the old
+#: name (``cpu_min``, ``cpu_max``) is still read.
+MIN_CPUS_NAMES: Final = AliasChoices("min_cpus", "cpu_min")
+MAX_CPUS_NAMES: Final = AliasChoices("max_cpus", "cpu_max")
+
+
+def add_former_cpu_flags(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--cpu-min``/``--cpu-max``, the old spellings of ``--min-cpus`` and
+    ``--max-cpus`` (which the parser must have), without listing them in the help."""
+    for old, dest in (("--cpu-min", "min_cpus"), ("--cpu-max", "max_cpus")):
+        parser.add_argument(
+            old, type=int, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
 
 
 class Strict(BaseModel):

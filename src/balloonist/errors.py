@@ -26,7 +26,7 @@ class BalloonistError(Exception):
 class ConfigError(BalloonistError):
     """Bad user input. ``where`` names the file and key, so the CLI can print one line;
     ``field``, where there is one, is the setting the rule is about, as a
-    ``GuestChange`` spells it (``min_bytes``, ``cpu_max``, ``tax_rate``...), for code
+    ``GuestChange`` spells it (``min_bytes``, ``max_cpus``, ``tax_rate``...), for code
     that must point at it (the API's 422) without reading the message."""
 
     def __init__(self, message: str, *, where: str = "", field: str | None = None) -> None:

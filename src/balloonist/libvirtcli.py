@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
+from balloonist.config import add_former_cpu_flags
 from balloonist.errors import ConfigError
 from balloonist.units import format_size, parse_size_option
 
@@ -48,8 +49,11 @@ def add_commands(sub: Any, run: Any) -> None:
     manage.add_argument("--min", metavar="SIZE", help="reservation (default 0)")
     manage.add_argument("--max", metavar="SIZE", help="limit (default: the domain's memory)")
     manage.add_argument("--shares", type=int, default=None, metavar="N", help="default 1000")
-    manage.add_argument("--cpu-min", type=int, default=None, metavar="N", help="default 1")
-    manage.add_argument("--cpu-max", type=int, default=None, metavar="N", help="default: its vCPUs")
+    manage.add_argument("--min-cpus", type=int, default=None, metavar="N", help="default 1")
+    manage.add_argument(
+        "--max-cpus", type=int, default=None, metavar="N", help="default: its vCPUs"
+    )
+    add_former_cpu_flags(manage)
     manage.add_argument("--cpu-shares", type=int, default=None, metavar="N", help="default 1000")
     manage.set_defaults(command=run(_cmd_manage))
 
@@ -122,14 +126,14 @@ def _cmd_manage(args: argparse.Namespace, out: TextIO) -> int:
     )
     for flag, value in (
         ("--shares", args.shares),
-        ("--cpu-min", args.cpu_min),
-        ("--cpu-max", args.cpu_max),
+        ("--min-cpus", args.min_cpus),
+        ("--max-cpus", args.max_cpus),
         ("--cpu-shares", args.cpu_shares),
     ):
         if value is not None and value < 1:
             raise ConfigError("must be at least 1", where=flag)
-    if args.cpu_min is not None and args.cpu_max is not None and args.cpu_min > args.cpu_max:
-        raise ConfigError("above --cpu-max", where="--cpu-min")
+    if args.min_cpus is not None and args.max_cpus is not None and args.min_cpus > args.max_cpus:
+        raise ConfigError("above --max-cpus", where="--min-cpus")
     libvirt = _connect(args)
     try:
         memory = _defined_memory_bytes(libvirt, args.name)
@@ -142,8 +146,8 @@ def _cmd_manage(args: argparse.Namespace, out: TextIO) -> int:
                 min_bytes=current.min_bytes if min_bytes is None else min_bytes,
                 max_bytes=current.max_bytes if max_bytes is None else max_bytes,
                 shares=current.shares if args.shares is None else args.shares,
-                cpu_min=current.cpu_min if args.cpu_min is None else args.cpu_min,
-                cpu_max=current.cpu_max if args.cpu_max is None else args.cpu_max,
+                min_cpus=current.min_cpus if args.min_cpus is None else args.min_cpus,
+                max_cpus=current.max_cpus if args.max_cpus is None else args.max_cpus,
                 cpu_shares=current.cpu_shares if args.cpu_shares is None else args.cpu_shares,
             )
             low = new.min_bytes or 0

@@ -52,21 +52,21 @@ class CpuSpec:
             )
         if self.min_cpus < 1:
             raise ConfigError(
-                f"cpu_min must be at least 1 (one vCPU always stays online), got {self.min_cpus}",
+                f"min_cpus must be at least 1 (one vCPU always stays online), got {self.min_cpus}",
                 where=where,
-                field="cpu_min",
+                field="min_cpus",
             )
         if self.limit_cpus > self.vcpus:
             raise ConfigError(
-                f"cpu_max {self.limit_cpus} is above its {self.vcpus} vCPUs",
+                f"max_cpus {self.limit_cpus} is above its {self.vcpus} vCPUs",
                 where=where,
-                field="cpu_max",
+                field="max_cpus",
             )
         if self.min_cpus > self.limit_cpus:
             raise ConfigError(
-                f"cpu_min {self.min_cpus} is above cpu_max {self.limit_cpus}",
+                f"min_cpus {self.min_cpus} is above max_cpus {self.limit_cpus}",
                 where=where,
-                field="cpu_min",
+                field="min_cpus",
             )
 
     @property

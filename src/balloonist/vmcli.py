@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any, TextIO
 
+from balloonist.config import add_former_cpu_flags
 from balloonist.errors import BackendError, ConfigError
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import default_cache_dir, ensure_guest_assets
@@ -95,13 +96,14 @@ def _add_vm_start(vsub: Any, run: Any) -> None:
     _policy_args(start)
     start.add_argument("--cpus", type=int, default=1)
     start.add_argument(
-        "--cpu-min",
+        "--min-cpus",
         type=int,
         default=1,
         metavar="N",
         help="processors always granted (agent VMs whose processors the daemon shares)",
     )
-    start.add_argument("--cpu-max", type=int, default=None, metavar="N", help="processor limit")
+    start.add_argument("--max-cpus", type=int, default=None, metavar="N", help="processor limit")
+    add_former_cpu_flags(start)
     start.add_argument("--cpu-shares", type=int, default=1000, metavar="N")
     start.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     start.add_argument("--kernel", type=Path)
@@ -165,8 +167,8 @@ def _cmd_start(args: argparse.Namespace, out: TextIO) -> int:
         max_bytes=parse_size_option(args.max, "--max"),
         shares=args.shares,
         cpus=args.cpus,
-        cpu_min=args.cpu_min,
-        cpu_max=args.cpu_max,
+        min_cpus=args.min_cpus,
+        max_cpus=args.max_cpus,
         cpu_shares=args.cpu_shares,
         accel=args.accel,
         kernel=kernel,

@@ -44,9 +44,9 @@ def test_agent_with_the_real_kernel_reports_what_it_pins() -> None:
         for _ in range(100):
             clock.now_s += config.step_s
             agent.run_once()
-            if agent.driver.size_pages == TARGET_PAGES:
+            if agent.driver.size_units == TARGET_PAGES:
                 break
-        assert agent.link is Link.UP and agent.driver.size_pages == TARGET_PAGES
+        assert agent.link is Link.UP and agent.driver.size_units == TARGET_PAGES
         locked = pages_of(host.receive(), proto.Locked)
         assert len(locked) == TARGET_PAGES
         assert locked_bytes() - before == TARGET_PAGES * PAGE_SIZE_BYTES

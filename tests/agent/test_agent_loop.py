@@ -15,7 +15,7 @@ import pytest
 from balloonist.agent import protocol as proto
 from balloonist.agent.hostlink import MESSAGE_BURST, Link
 from balloonist.agent.main import MIB, Agent, AgentConfig
-from balloonist.driver import PageRange
+from balloonist.driver import UnitRange
 from balloonist.rate import AdaptiveRate, RateLimits
 
 from .fakes import (
@@ -76,7 +76,7 @@ class Rig(Stepping):
             host.send(proto.Target(seq=3, balloon_pages=target_pages))
         self.step()
         assert self.link() is Link.UP
-        self.run_until(lambda: self.agent.driver.size_pages == target_pages)
+        self.run_until(lambda: self.agent.driver.size_units == target_pages)
         return host
 
 
@@ -100,7 +100,7 @@ def test_hello_carries_the_token_and_nothing_inflates_before_welcome(rig: Rig) -
     host.send(proto.Target(seq=0, balloon_pages=500))  # before welcome: not a session yet
     for _ in range(5):
         rig.step()
-    assert rig.agent.driver.size_pages == 0
+    assert rig.agent.driver.size_units == 0
     assert host.receive() == []
     assert rig.agent.counters["unexpected"] == 1
 
@@ -132,19 +132,19 @@ def test_deflation_reports_unlocked_before_the_kernel_frees(rig: Rig) -> None:
     host = rig.session(target_pages=600)
     host.receive()
     reported_when_freed: list[set[int]] = []
-    original = rig.kernel.free_pages
+    original = rig.kernel.free_units
 
-    def free_and_look(ranges: Sequence[PageRange]) -> None:
+    def free_and_look(ranges: Sequence[UnitRange]) -> None:
         # what the host has been sent at the moment the kernel frees
         host.receive()
         reported_when_freed.append(pages_of(host.received, proto.Unlocked))
         original(ranges)
 
-    rig.kernel.free_pages = free_and_look  # type: ignore[method-assign]
+    rig.kernel.free_units = free_and_look  # type: ignore[method-assign]
     before = set(rig.kernel.held)
     host.send(proto.Target(seq=4, balloon_pages=100))
     rig.step()
-    assert rig.agent.driver.size_pages == 100
+    assert rig.agent.driver.size_units == 100
     freed = before - rig.kernel.held
     assert len(freed) == 500
     assert reported_when_freed == [freed]
@@ -158,7 +158,7 @@ def test_floor_guard_gives_back_the_shortfall_and_cuts_the_rate(rig: Rig) -> Non
     short_bytes = 100 * PAGE + 1  # rounds up to 101 pages
     rig.pressure.set(mem_available_bytes=256 * MIB - short_bytes)
     rig.step()
-    assert rig.agent.driver.size_pages == 1000 - 101
+    assert rig.agent.driver.size_units == 1000 - 101
     assert rig.agent.guarded
     assert rig.agent.driver.rate.step_units == rate_before // 2
     messages = host.receive()
@@ -168,7 +168,7 @@ def test_floor_guard_gives_back_the_shortfall_and_cuts_the_rate(rig: Rig) -> Non
     rig.pressure.set(mem_available_bytes=256 * MIB)
     for _ in range(5):
         rig.step()
-    assert rig.agent.driver.size_pages == 1000 - 101
+    assert rig.agent.driver.size_units == 1000 - 101
     assert not rig.agent.guarded
 
 
@@ -179,7 +179,7 @@ def test_inflation_stops_at_the_floor(rig: Rig) -> None:
     host.send(proto.Target(seq=4, balloon_pages=1000))
     for _ in range(10):
         rig.step()
-    assert rig.agent.driver.size_pages == 70
+    assert rig.agent.driver.size_units == 70
     assert not rig.agent.guarded  # at the floor, not below it
 
 
@@ -189,10 +189,10 @@ def test_psi_above_the_limit_holds_the_balloon(rig: Rig) -> None:
     rig.pressure.set(psi_some_avg10=25.0)
     for _ in range(10):
         rig.step()
-    assert rig.agent.driver.size_pages == 200
+    assert rig.agent.driver.size_units == 200
     assert rig.agent.driver.rate.step_units == LIMITS.min_units
     rig.pressure.set(psi_some_avg10=3.0)
-    rig.run_until(lambda: rig.agent.driver.size_pages == 1000)
+    rig.run_until(lambda: rig.agent.driver.size_units == 1000)
 
 
 def test_unreadable_pressure_never_grows_the_balloon(rig: Rig) -> None:
@@ -201,7 +201,7 @@ def test_unreadable_pressure_never_grows_the_balloon(rig: Rig) -> None:
     rig.pressure.fail = True
     for _ in range(5):
         rig.step()
-    assert rig.agent.driver.size_pages == 100
+    assert rig.agent.driver.size_units == 100
 
 
 def test_bad_and_overlong_host_lines_are_dropped_and_the_loop_goes_on(rig: Rig) -> None:
@@ -214,7 +214,7 @@ def test_bad_and_overlong_host_lines_are_dropped_and_the_loop_goes_on(rig: Rig) 
     host.send_raw(b"y" * 100 + b"\n")
     host.send(proto.Target(seq=4, balloon_pages=64))
     rig.step()
-    assert rig.agent.driver.size_pages == 64
+    assert rig.agent.driver.size_units == 64
     assert rig.agent.counters["bad_lines"] == 3
     assert rig.link() is Link.UP
 
@@ -333,7 +333,7 @@ def test_reports_stay_within_the_message_budget(rig: Rig) -> None:
         sent.append(len(host.receive()))
     assert max(sent) <= MESSAGE_BURST
     assert sum(sent) <= MESSAGE_BURST + 50 * 10
-    assert rig.agent.driver.size_pages > 100_000  # and it still got somewhere
+    assert rig.agent.driver.size_units > 100_000  # and it still got somewhere
 
 
 def test_close_releases_everything_and_reports_it(rig: Rig) -> None:
@@ -353,8 +353,8 @@ def test_closing_a_fragmented_balloon_stays_within_the_burst(rig: Rig) -> None:
     rig.agent.driver.rate = AdaptiveRate(RateLimits(min_units=100_000, max_units=100_000))
     host = rig.session()
     host.send(proto.Target(seq=4, balloon_pages=200_000))
-    rig.run_until(lambda: rig.agent.driver.size_pages > 150_000)
-    held = rig.agent.driver.size_pages
+    rig.run_until(lambda: rig.agent.driver.size_units > 150_000)
+    held = rig.agent.driver.size_units
     rig.clock.now_s += 60  # the budget is full again
     sent_before = rig.agent.counters["sent"]
     rig.agent.close()

@@ -99,9 +99,9 @@ def test_host_session_and_guest_agree_through_a_daemon_restart_and_pressure(
         raise AssertionError("not reached")
 
     host.set_target(12_000)
-    run_until(lambda: agent.driver.size_pages == 12_000 and host.held() == kernel.held)
+    run_until(lambda: agent.driver.size_units == 12_000 and host.held() == kernel.held)
     host.set_target(9_000)
-    run_until(lambda: agent.driver.size_pages == 9_000 and host.held() == kernel.held)
+    run_until(lambda: agent.driver.size_units == 9_000 and host.held() == kernel.held)
 
     # The daemon restarts: a new connection, a session that knows nothing. A budget of a
     # message or two a step from now on, so adopting the old balloon takes many steps
@@ -129,7 +129,7 @@ def test_host_session_and_guest_agree_through_a_daemon_restart_and_pressure(
     # and the new daemon can steer it as usual
     pressure.available = None
     host.set_target(6_000)
-    run_until(lambda: agent.driver.size_pages == 6_000 and host.held() == kernel.held)
+    run_until(lambda: agent.driver.size_units == 6_000 and host.held() == kernel.held)
     # Shutdown reports what its budget (here a couple of messages) allows; the host
     # keeps the rest as held, and counts only what is still a hole.
     unreported_before = agent.counters["unreported_pages"]

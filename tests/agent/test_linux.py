@@ -27,7 +27,7 @@ from balloonist.agent.linux import (
     page_mark,
     prepare_host,
 )
-from balloonist.driver import PageRange, count_pages
+from balloonist.driver import UnitRange, count_units
 
 pytestmark = pytest.mark.root(reason="needs Linux and root (pagemap PFNs)")
 
@@ -50,7 +50,7 @@ def kernel() -> Iterator[LinuxKernel]:
     k.close()
 
 
-def frames_of(ranges: list[PageRange]) -> list[int]:
+def frames_of(ranges: list[UnitRange]) -> list[int]:
     return [pfn for r in ranges for pfn in range(r.start, r.end)]
 
 
@@ -58,7 +58,7 @@ def test_allocated_pages_are_pinned_marked_and_have_real_frame_numbers(
     kernel: LinuxKernel,
 ) -> None:
     before = locked_bytes()
-    ranges = kernel.allocate_pages(8 * MIB_PAGES)
+    ranges = kernel.allocate_units(8 * MIB_PAGES)
     frames = frames_of(ranges)
     assert len(frames) == len(set(frames)) == 8 * MIB_PAGES
     assert 0 not in frames
@@ -88,15 +88,15 @@ def test_marking_fills_the_given_pages_and_nothing_past_them() -> None:
 
 def test_freeing_a_sub_range_unlocks_exactly_those_pages(kernel: LinuxKernel) -> None:
     before = locked_bytes()
-    frames = frames_of(kernel.allocate_pages(4 * MIB_PAGES))
+    frames = frames_of(kernel.allocate_units(4 * MIB_PAGES))
     # free the middle half, cutting through whatever ranges the kernel gave
     middle = frames[MIB_PAGES : 3 * MIB_PAGES]
-    kernel.free_pages([PageRange(pfn, 1) for pfn in middle])
+    kernel.free_units([UnitRange(pfn, 1) for pfn in middle])
     assert locked_bytes() - before == 2 << 20
     assert kernel.held_pages == 2 * MIB_PAGES
     kept = frames[:MIB_PAGES] + frames[3 * MIB_PAGES :]
     assert all(kernel.read_page(pfn) == page_mark(TOKEN_BYTES, pfn) for pfn in kept)
-    kernel.free_pages([PageRange(pfn, 1) for pfn in kept])
+    kernel.free_units([UnitRange(pfn, 1) for pfn in kept])
     assert locked_bytes() == before
     assert kernel.mappings == 0
 
@@ -104,10 +104,10 @@ def test_freeing_a_sub_range_unlocks_exactly_those_pages(kernel: LinuxKernel) ->
 def test_a_large_request_is_split_into_chunks_and_unmapped_when_all_freed(
     kernel: LinuxKernel,
 ) -> None:
-    ranges = kernel.allocate_pages(CHUNK_PAGES + 10)
-    assert count_pages(ranges) == CHUNK_PAGES + 10
+    ranges = kernel.allocate_units(CHUNK_PAGES + 10)
+    assert count_units(ranges) == CHUNK_PAGES + 10
     assert kernel.mappings == 2
-    kernel.free_pages(ranges)
+    kernel.free_units(ranges)
     assert kernel.mappings == 0 and kernel.held_pages == 0
 
 
@@ -131,11 +131,11 @@ def test_freeing_leaves_the_marks_in_place() -> None:
     spy = MarkCheckingLock()
     kernel = LinuxKernel(TOKEN, memory_lock=spy)
     try:
-        frames = frames_of(kernel.allocate_pages(MIB_PAGES))
+        frames = frames_of(kernel.allocate_units(MIB_PAGES))
         marks = [page_mark(TOKEN_BYTES, pfn) for pfn in frames]
         spy.pages_at_munlock.clear()
-        kernel.free_pages([PageRange(pfn, 1) for pfn in frames[::2]])
-        kernel.free_pages([PageRange(pfn, 1) for pfn in frames[1::2]])
+        kernel.free_units([UnitRange(pfn, 1) for pfn in frames[::2]])
+        kernel.free_units([UnitRange(pfn, 1) for pfn in frames[1::2]])
         assert sorted(spy.pages_at_munlock) == sorted(marks)
         assert locked_bytes() == before and kernel.mappings == 0 and kernel.held_pages == 0
     finally:
@@ -160,16 +160,16 @@ def test_out_of_memory_returns_the_pages_pinned_so_far_and_gives_back_the_rest()
     before = locked_bytes()
     kernel = LinuxKernel(TOKEN, memory_lock=FailingLock(budget_bytes=3 << 20))
     try:
-        ranges = kernel.allocate_pages(16 * MIB_PAGES)
+        ranges = kernel.allocate_units(16 * MIB_PAGES)
         # mlock goes in 2 MiB pieces: the first piece fits, the second does not
-        assert count_pages(ranges) == 2 * MIB_PAGES
+        assert count_units(ranges) == 2 * MIB_PAGES
         assert locked_bytes() - before == 2 << 20
         assert all(
             kernel.read_page(pfn) == page_mark(TOKEN_BYTES, pfn) for pfn in frames_of(ranges)
         )
-        assert kernel.allocate_pages(MIB_PAGES * 2) == []  # 1 MiB of budget left: too little
+        assert kernel.allocate_units(MIB_PAGES * 2) == []  # 1 MiB of budget left: too little
         assert locked_bytes() - before == 2 << 20
-        kernel.free_pages(ranges)
+        kernel.free_units(ranges)
         assert locked_bytes() == before
         assert kernel.mappings == 0
     finally:
@@ -184,7 +184,7 @@ def test_without_cap_sys_admin_frame_numbers_read_as_zero_and_fail_clearly() -> 
         "from balloonist.agent.linux import LinuxKernel, PagemapError\n"
         f"k = LinuxKernel({TOKEN!r})\n"
         "try:\n"
-        "    k.allocate_pages(256)\n"
+        "    k.allocate_units(256)\n"
         "except PagemapError as exc:\n"
         "    print('refused:', exc)\n"
         "status = open('/proc/self/status').read()\n"
@@ -202,11 +202,11 @@ def test_without_cap_sys_admin_frame_numbers_read_as_zero_and_fail_clearly() -> 
 
 
 def test_freeing_pages_it_does_not_hold_is_a_bug(kernel: LinuxKernel) -> None:
-    ranges = kernel.allocate_pages(4)
+    ranges = kernel.allocate_units(4)
     with pytest.raises(RuntimeError):
-        kernel.free_pages([PageRange(ranges[0].start, 1), PageRange(ranges[0].start, 1)])
+        kernel.free_units([UnitRange(ranges[0].start, 1), UnitRange(ranges[0].start, 1)])
     with pytest.raises(RuntimeError):
-        kernel.free_pages([PageRange(1, 1)])
+        kernel.free_units([UnitRange(1, 1)])
     assert kernel.held_pages == 4  # a refused free changes nothing
 
 
@@ -218,7 +218,7 @@ def test_the_token_must_be_16_lowercase_hex_digits() -> None:
 
 def test_close_releases_everything(kernel: LinuxKernel) -> None:
     before = locked_bytes()
-    kernel.allocate_pages(2 * MIB_PAGES)
+    kernel.allocate_units(2 * MIB_PAGES)
     kernel.close()
     assert locked_bytes() == before
 

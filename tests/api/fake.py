@@ -149,18 +149,20 @@ class FakeController:
                     field="min_bytes",
                 )
             cpu_given = [
-                f for f in ("cpu_min", "cpu_max", "cpu_shares") if getattr(change, f) is not None
+                f for f in ("min_cpus", "max_cpus", "cpu_shares") if getattr(change, f) is not None
             ]
             if cpu_given and guest.cpu is None:
                 raise ConfigError(
                     "the guest's processors are not shared", where=cpu_given[0], field=cpu_given[0]
                 )
             if guest.cpu is not None:
-                cpu_lo = change.cpu_min if change.cpu_min is not None else guest.cpu.min_cpus
-                cpu_hi = change.cpu_max if change.cpu_max is not None else guest.cpu.max_cpus
+                cpu_lo = change.min_cpus if change.min_cpus is not None else guest.cpu.min_cpus
+                cpu_hi = change.max_cpus if change.max_cpus is not None else guest.cpu.max_cpus
                 if cpu_lo > cpu_hi:
                     raise ConfigError(
-                        f"cpu_min {cpu_lo} is above cpu_max {cpu_hi}", where=where, field="cpu_min"
+                        f"min_cpus {cpu_lo} is above max_cpus {cpu_hi}",
+                        where=where,
+                        field="min_cpus",
                     )
             self.guest_changes.append((name, change))
 

@@ -85,19 +85,26 @@ def test_a_guest_s_processors_when_they_are_shared(client: TestClient) -> None:
 
 
 def test_patch_a_guest_s_processors(client: TestClient, fake: FakeController) -> None:
-    response = client.patch("/v1/guests/web", json={"cpu_shares": 3000, "cpu_min": 2})
+    response = client.patch("/v1/guests/web", json={"cpu_shares": 3000, "min_cpus": 2})
     assert response.status_code == 202
-    assert response.json()["cpu_shares"] == 3000 and response.json()["cpu_min"] == 2
-    assert fake.guest_changes == [("web", GuestChange(cpu_min=2, cpu_shares=3000))]
+    assert response.json()["cpu_shares"] == 3000 and response.json()["min_cpus"] == 2
+    assert fake.guest_changes == [("web", GuestChange(min_cpus=2, cpu_shares=3000))]
+
+
+def test_patch_reads_the_former_processor_names(client: TestClient, fake: FakeController) -> None:
+    response = client.patch("/v1/guests/web", json={"cpu_min": 2, "cpu_max": 3})
+    assert response.status_code == 202
+    assert (response.json()["min_cpus"], response.json()["max_cpus"]) == (2, 3)
+    assert fake.guest_changes == [("web", GuestChange(min_cpus=2, max_cpus=3))]
 
 
 @pytest.mark.parametrize(
     ("name", "body", "field", "rule"),
     [
         ("db", {"cpu_shares": 2000}, "cpu_shares", "processors are not shared"),
-        ("web", {"cpu_min": 3, "cpu_max": 2}, "cpu_min", "cpu_min 3 is above cpu_max 2"),
-        ("web", {"cpu_min": 0}, "cpu_min", "greater than or equal to 1"),
-        ("web", {"cpu_max": "2"}, "cpu_max", "valid integer"),
+        ("web", {"min_cpus": 3, "max_cpus": 2}, "min_cpus", "min_cpus 3 is above max_cpus 2"),
+        ("web", {"min_cpus": 0}, "min_cpus", "greater than or equal to 1"),
+        ("web", {"max_cpus": "2"}, "max_cpus", "valid integer"),
     ],
 )
 def test_a_bad_processor_change_is_422_and_changes_nothing(
@@ -150,8 +157,8 @@ def test_patch_guest_accepts_sizes_with_units(client: TestClient, fake: FakeCont
         "min_bytes": 512 * MIB,
         "max_bytes": 1536 * MIB,
         "shares": None,
-        "cpu_min": None,
-        "cpu_max": None,
+        "min_cpus": None,
+        "max_cpus": None,
         "cpu_shares": None,
     }
     assert fake.guest_changes == [("web", GuestChange(min_bytes=512 * MIB, max_bytes=1536 * MIB))]

@@ -28,7 +28,7 @@ from balloonist.daemon.agent_link import (
     GuestControl,
 )
 from balloonist.daemon.service import Daemon, DaemonConfig
-from balloonist.driver import PageRange
+from balloonist.driver import UnitRange
 from balloonist.errors import (
     ConfigError,
     FatalBackendError,
@@ -53,11 +53,11 @@ def hello(seq: int = 0) -> bytes:
 
 
 def locked(seq: int, *ranges: tuple[int, int]) -> bytes:
-    return wire.encode(wire.Locked(seq, tuple(PageRange(s, c) for s, c in ranges)))
+    return wire.encode(wire.Locked(seq, tuple(UnitRange(s, c) for s, c in ranges)))
 
 
 def unlocked(seq: int, *ranges: tuple[int, int]) -> bytes:
-    return wire.encode(wire.Unlocked(seq, tuple(PageRange(s, c) for s, c in ranges)))
+    return wire.encode(wire.Unlocked(seq, tuple(UnitRange(s, c) for s, c in ranges)))
 
 
 def cpus(seq: int, online: tuple[int, ...], reserved: tuple[int, ...]) -> bytes:
@@ -82,7 +82,7 @@ def test_a_session_registers_locks_and_unlocks_and_the_size_is_what_the_file_sho
     ram.holes.discard(100)  # the guest touched a freed page: the file has it again
     assert session.verified_freed_pages() == 8
     feed(session, unlocked(2, (12, 2)))
-    assert session.held_ranges() == [PageRange(10, 2), PageRange(14, 2), PageRange(100, 4)]
+    assert session.held_ranges() == [UnitRange(10, 2), UnitRange(14, 2), UnitRange(100, 4)]
 
 
 @pytest.mark.parametrize(
@@ -153,7 +153,7 @@ def test_after_a_reset_only_hello_counts_and_the_agent_can_report_its_balloon_ag
     assert feed(session, locked(2, (8, 8)), unlocked(3, (0, 8))) == []  # in flight: dropped
     assert session.dropped_before_hello == 2 and not session.violations
     feed(session, hello(4), locked(5, (0, 8)))  # the agent answers the reset
-    assert session.held_ranges() == [PageRange(0, 8)]
+    assert session.held_ranges() == [UnitRange(0, 8)]
 
 
 def test_an_agent_is_alive_only_while_it_keeps_talking() -> None:

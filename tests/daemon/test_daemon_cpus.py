@@ -156,7 +156,7 @@ def test_each_vm_gets_its_own_processor_and_gives_it_back_in_order(
 
         # busy reserves both processors: the reservations no longer fit, so both VMs
         # may use both and the host time-slices; busy's threads are widened first
-        daemon.change_guest("busy", GuestChange(cpu_min=2))
+        daemon.change_guest("busy", GuestChange(min_cpus=2))
         daemon.step()
         assert vms["busy"].cpu_targets[-1] == 0
         assert vms["busy"].affinity_at_target[-1] == PROCESSORS  # room before the vCPU

@@ -124,7 +124,7 @@ def test_meminfo_is_parsed_in_bytes() -> None:
         ("[vms.web]\nmin = 5\n", "vms.web.min"),
         ('[daemon]\nprocessors = "1-x"\n', "daemon.processors"),
         ('[daemon]\nprocessors = "3-1"\n', "daemon.processors"),
-        ("[vms.web]\ncpu_min = 0\n", "vms.web.cpu_min"),
+        ("[vms.web]\nmin_cpus = 0\n", "vms.web.min_cpus"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, where: str) -> None:
@@ -133,6 +133,13 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, where: str) -> None
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert where in str(err.value) and "host.toml" in str(err.value)
+
+
+def test_host_toml_reads_the_former_cpu_names(tmp_path: Path) -> None:
+    path = tmp_path / "host.toml"
+    path.write_text("[vms.web]\ncpu_min = 2\ncpu_max = 3\n")
+    table = load_config(path).vms["web"]
+    assert (table.min_cpus, table.max_cpus) == (2, 3)
 
 
 def test_the_status_shows_the_host_side_pacing_rate_per_second(tmp_path: Path) -> None:

@@ -196,8 +196,8 @@ def test_a_valid_change_takes_effect_at_the_next_period_and_is_recorded(
         "min_bytes": None,
         "max_bytes": 100 * MIB,
         "shares": 3000,
-        "cpu_min": None,
-        "cpu_max": None,
+        "min_cpus": None,
+        "max_cpus": None,
         "cpu_shares": None,
     }
     assert (saved["max_bytes"], saved["shares"]) == (100 * MIB, 3000)
@@ -468,11 +468,12 @@ def test_a_live_change_of_processors_applies_and_survives_a_restart(tmp_path: Pa
     daemon = sim_daemon(demo, state_dir=tmp_path, speed=1000.0)
     daemon.step()
     with pytest.raises(ConfigError) as caught:
-        daemon.change_guest("busy", GuestChange(cpu_min=5))
+        daemon.change_guest("busy", GuestChange(min_cpus=5))
     assert (
-        caught.value.where == "cpu_min" and caught.value.message == "cpu_min 5 is above cpu_max 4"
+        caught.value.where == "min_cpus"
+        and caught.value.message == "min_cpus 5 is above max_cpus 4"
     )
-    daemon.change_guest("busy", GuestChange(cpu_min=3, cpu_shares=4000))
+    daemon.change_guest("busy", GuestChange(min_cpus=3, cpu_shares=4000))
     daemon.step()
     busy = status(daemon).guest("busy")
     assert busy is not None and busy.cpu is not None

@@ -85,8 +85,8 @@ def test_a_live_change_goes_into_vm_json_and_the_state_file_and_survives_a_resta
         "min_bytes": None,
         "max_bytes": 1 * GIB,
         "shares": 3000,
-        "cpu_min": None,
-        "cpu_max": None,
+        "min_cpus": None,
+        "max_cpus": None,
         "cpu_shares": None,
     }
     assert saved["guests"]["a"]["balloon_target_bytes"] == 2 * GIB - vms["a"].targets[-1]

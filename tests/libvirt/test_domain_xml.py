@@ -65,7 +65,7 @@ def test_a_domain_without_a_virtio_balloon_is_not_usable(balloon: str, model: st
 
 def test_settings_round_trip_through_the_metadata() -> None:
     settings = DomainSettings(
-        managed=True, min_bytes=256 * MIB, max_bytes=GIB, shares=2000, cpu_min=1, cpu_max=2
+        managed=True, min_bytes=256 * MIB, max_bytes=GIB, shares=2000, min_cpus=1, max_cpus=2
     )
     # libvirt stores the element under our namespace
     stored = settings.to_xml().replace(
@@ -73,6 +73,14 @@ def test_settings_round_trip_through_the_metadata() -> None:
     )
     assert parse_domain(domain_xml(metadata=stored)).settings == settings
     assert parse_settings(settings.to_xml(), "web") == settings
+
+
+def test_metadata_with_the_former_cpu_names_is_read() -> None:
+    old = '<settings managed="yes" cpu_min="2" cpu_max="3" />'
+    assert parse_settings(old, "web") == DomainSettings(managed=True, min_cpus=2, max_cpus=3)
+    bad = '<settings managed="yes" cpu_min="0" />'
+    with pytest.raises(ConfigError, match="min_cpus"):
+        parse_settings(bad, "web")
 
 
 @given(
@@ -109,7 +117,7 @@ def test_the_agent_channel_is_found() -> None:
         ("max_bytes='-1'", "web: metadata max_bytes", "whole number"),
         (f"min_bytes='{2**70}'", "web: metadata min_bytes", "whole number"),
         ("shares='0'", "web: metadata shares", "at least 1"),
-        ("cpu_max='0'", "web: metadata cpu_max", "at least 1"),
+        ("max_cpus='0'", "web: metadata max_cpus", "at least 1"),
     ],
 )
 def test_bad_settings_name_the_domain_and_the_attribute(

@@ -150,14 +150,14 @@ def test_guest_statistics_that_make_no_sense_are_dropped() -> None:
 def test_a_change_is_written_live_and_persistent_and_keeps_the_rest() -> None:
     libvirt, lib = fake_libvirt(opted_in("web", shares=2000))
     vms = LibvirtVms(libvirt, config())
-    vms.save_change("web", GuestChange(min_bytes=300 * MIB, cpu_max=2), None)
+    vms.save_change("web", GuestChange(min_bytes=300 * MIB, max_cpus=2), None)
     web = lib.domains["web"]
     assert web.metadata_xml[VIR_DOMAIN_AFFECT_LIVE] == web.metadata_xml[VIR_DOMAIN_AFFECT_CONFIG]
     assert read_settings(libvirt, "web") == DomainSettings(
-        True, min_bytes=300 * MIB, shares=2000, cpu_max=2
+        True, min_bytes=300 * MIB, shares=2000, max_cpus=2
     )
     (record,) = vms.records()
-    assert (record.min_bytes, record.shares, record.cpu_max) == (300 * MIB, 2000, 2)
+    assert (record.min_bytes, record.shares, record.max_cpus) == (300 * MIB, 2000, 2)
 
 
 def test_a_transient_domain_gets_its_settings_live_only() -> None:

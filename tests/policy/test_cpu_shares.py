@@ -22,13 +22,13 @@ def cpu_guest(
     vcpus: int = 4,
     demand: float | None = None,
     shares: int = 1000,
-    cpu_min: int = 1,
-    cpu_max: int | None = None,
+    min_cpus: int = 1,
+    max_cpus: int | None = None,
     balloon: bool = True,
 ) -> GuestView:
     """A guest with all its vCPUs online, busy on ``demand`` of them (all, by default)."""
     view = guest(name)
-    cpu = CpuSpec(vcpus, min_cpus=cpu_min, max_cpus=cpu_max, shares=shares, balloon=balloon)
+    cpu = CpuSpec(vcpus, min_cpus=min_cpus, max_cpus=max_cpus, shares=shares, balloon=balloon)
     spec: GuestSpec = replace(view.spec, cpu=cpu)
     sample: GuestSample = replace(view.sample, cpu=CpuSample(vcpus, 0, 0, demand))
     busy = float(vcpus) if demand is None else demand
@@ -69,7 +69,7 @@ def test_idle_vcpus_are_taxed_and_go_to_the_busy_guest() -> None:
 
 def test_reservations_and_limits_hold() -> None:
     s = with_cpus(
-        snapshot(cpu_guest("small", cpu_min=3, demand=0.0), cpu_guest("capped", cpu_max=2)), 5
+        snapshot(cpu_guest("small", min_cpus=3, demand=0.0), cpu_guest("capped", max_cpus=2)), 5
     )
     # small is idle but reserved 3; capped is busy on 4 but limited to 2
     assert cpus_of(s) == {"small": (3, 1), "capped": (2, 2)}
@@ -100,9 +100,9 @@ def test_no_processors_shared_no_cpu_targets() -> None:
     ("spec", "message"),
     [
         (CpuSpec(0), "cpus must be at least 1"),
-        (CpuSpec(4, min_cpus=0), "cpu_min must be at least 1"),
-        (CpuSpec(4, max_cpus=5), "cpu_max 5 is above its 4 vCPUs"),
-        (CpuSpec(4, min_cpus=3, max_cpus=2), "cpu_min 3 is above cpu_max 2"),
+        (CpuSpec(4, min_cpus=0), "min_cpus must be at least 1"),
+        (CpuSpec(4, max_cpus=5), "max_cpus 5 is above its 4 vCPUs"),
+        (CpuSpec(4, min_cpus=3, max_cpus=2), "min_cpus 3 is above max_cpus 2"),
         (CpuSpec(4, shares=0), "cpu_shares must be positive"),
     ],
 )

@@ -79,6 +79,20 @@ def test_old_vm_records_load_and_new_ones_round_trip(tmp_path: Path) -> None:
     assert state.load("new") == agent and agent.agent
 
 
+def test_a_vm_record_with_the_former_cpu_names_loads(tmp_path: Path) -> None:
+    state = launcher.StateDir(tmp_path)
+    record = launcher.VMRecord(
+        name="cpu", memory_bytes=GIB, min_bytes=0, max_bytes=GIB, shares=1000,
+        qmp_socket="/q", serial_log=None, pid=None, accel=None, started_by_us=False,
+        cpus=4, min_cpus=2, max_cpus=3,
+    )  # fmt: skip
+    old = asdict(record)
+    old["cpu_min"], old["cpu_max"] = old.pop("min_cpus"), old.pop("max_cpus")
+    (tmp_path / "vms" / "cpu").mkdir(parents=True)
+    (tmp_path / "vms" / "cpu" / "vm.json").write_text(json.dumps(old))
+    assert state.load("cpu") == record
+
+
 def test_vm_list_shows_which_vms_have_an_agent(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from balloonist.agent.protocol import PORT_NAME
-from balloonist.driver import PageRange
+from balloonist.driver import UnitRange
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets, host_python
 from balloonist.qemu.reclaim import PAGE_BYTES, GuestRam
@@ -112,7 +112,7 @@ def test_the_host_frees_the_memory_behind_marked_pages(
         wait_for_line(record, "BALLOONIST-READY", BOOT_TIMEOUT_S)
         report = json.loads(_read_line(port, RUN_TIMEOUT_S))
         assert report["token"] == token.hex()
-        ranges = [PageRange(start, count) for start, count in report["ranges"]]
+        ranges = [UnitRange(start, count) for start, count in report["ranges"]]
         locked_pages = sum(r.count for r in ranges)
         assert locked_pages == LOCKED_MIB * MIB // PAGE_BYTES
         with GuestRam(Path(record.ram_file), record.memory_bytes) as ram:

@@ -362,8 +362,8 @@ def test_the_daemon_shares_the_host_s_processors_by_policy(
     state: launcher.StateDir, guest_assets: GuestAssets, agent_pyz: Path, control: Path
 ) -> None:
     """The daemon, with ``processors = "0-1"``, over the 2-vCPU agent VM: a live
-    ``cpu_max`` of 1 makes the policy grant one processor, the agent takes a vCPU
-    offline and the daemon narrows the vCPU threads to processor 0; ``cpu_max`` 2 gives
+    ``max_cpus`` of 1 makes the policy grant one processor, the agent takes a vCPU
+    offline and the daemon narrows the vCPU threads to processor 0; ``max_cpus`` 2 gives
     both back, the threads widened first."""
     record = boot_cpu_vm(state, guest_assets, "dcpu", agent_pyz, control)
     assert record.pid is not None
@@ -418,7 +418,7 @@ def test_the_daemon_shares_the_host_s_processors_by_policy(
         run_until(lambda: threads_on() == {frozenset({0, 1})}, CPU_CHANGE_TIMEOUT_S, "0-1")
 
         mark = serial.mark()
-        daemon.change_guest("dcpu", GuestChange(cpu_max=1))
+        daemon.change_guest("dcpu", GuestChange(max_cpus=1))
         run_until(
             lambda: online() == 1 and threads_on() == {frozenset({0})},
             CPU_CHANGE_TIMEOUT_S,
@@ -432,7 +432,7 @@ def test_the_daemon_shares_the_host_s_processors_by_policy(
         work_goes_on(online="0", cpus={0})
 
         mark = serial.mark()
-        daemon.change_guest("dcpu", GuestChange(cpu_max=2))
+        daemon.change_guest("dcpu", GuestChange(max_cpus=2))
         run_until(
             lambda: online() == VCPUS and threads_on() == {frozenset({0, 1})},
             CPU_CHANGE_TIMEOUT_S,

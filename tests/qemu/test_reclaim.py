@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from balloonist.agent import linux as agent_linux
-from balloonist.driver import PageRange, count_pages
+from balloonist.driver import UnitRange, count_units
 from balloonist.errors import FatalBackendError, GuestProtocolError
 from balloonist.qemu.reclaim import (
     HIGH_BASE_PFN,
@@ -67,13 +67,13 @@ def test_the_split_moves_to_3_gib_from_3_5_gib_of_ram() -> None:
 def test_ranges_may_not_cross_the_hole_or_leave_ram() -> None:
     layout = RamLayout.pc(4 * GIB)
     low_top = 3 * GIB // PAGE_BYTES
-    assert layout.range_offset_bytes(PageRange(low_top - 4, 4)) == 3 * GIB - 4 * PAGE_BYTES
+    assert layout.range_offset_bytes(UnitRange(low_top - 4, 4)) == 3 * GIB - 4 * PAGE_BYTES
     bad = [
-        PageRange(low_top - 1, 2),  # into the hole
-        PageRange(HIGH_BASE_PFN - 1, 2),  # out of it
-        PageRange(low_top - 1, HIGH_BASE_PFN - low_top + 2),  # across it
-        PageRange(HIGH_BASE_PFN + GIB // PAGE_BYTES - 1, 2),  # past the top
-        PageRange(0, 0),
+        UnitRange(low_top - 1, 2),  # into the hole
+        UnitRange(HIGH_BASE_PFN - 1, 2),  # out of it
+        UnitRange(low_top - 1, HIGH_BASE_PFN - low_top + 2),  # across it
+        UnitRange(HIGH_BASE_PFN + GIB // PAGE_BYTES - 1, 2),  # past the top
+        UnitRange(0, 0),
     ]
     for pages in bad:
         with pytest.raises(GuestProtocolError):
@@ -146,8 +146,8 @@ def test_marked_pages_are_punched_and_the_rest_survive(ram_file: Path) -> None:
         page[at] ^= 0xFF
         return bytes(page)
 
-    ranges = [PageRange(100, 42), PageRange(200, 20), PageRange(300, 2)]
-    asked = count_pages(ranges)
+    ranges = [UnitRange(100, 42), UnitRange(200, 20), UnitRange(300, 2)]
+    asked = count_units(ranges)
     marked = set(range(100, 140)) | set(range(200, 220)) | {300}
     unmarked = {  # among marked pages, each breaking a run
         140: b"\0" * 16,  # zeros: never the agent's
@@ -195,7 +195,7 @@ def test_long_ranges_are_read_in_pieces_and_runs_cross_them(ram_file: Path) -> N
     }
     _make_ram(ram_file, ram_bytes, pages)
     with GuestRam(ram_file, ram_bytes) as ram:
-        assert ram.punch([PageRange(first, count)], TOKEN) == count - len(kept)
+        assert ram.punch([UnitRange(first, count)], TOKEN) == count - len(kept)
         assert ram.allocated_bytes() == len(kept) * PAGE_BYTES
     content = ram_file.read_bytes()
     for pfn in range(first, first + count):
@@ -212,7 +212,7 @@ def test_high_memory_pages_are_found_above_the_split(ram_file: Path) -> None:
     )
     with GuestRam(ram_file, ram_bytes) as ram:
         assert ram.allocated_bytes() == 3 * PAGE_BYTES
-        ranges = [PageRange(HIGH_BASE_PFN, 2), PageRange(pfns[2], 1)]
+        ranges = [UnitRange(HIGH_BASE_PFN, 2), UnitRange(pfns[2], 1)]
         assert ram.punch(ranges, TOKEN) == 3
         assert ram.allocated_bytes() == 0
         assert ram.hole_pages(ranges) == 3
@@ -223,10 +223,10 @@ def test_a_range_outside_ram_frees_nothing(ram_file: Path) -> None:
     _make_ram(ram_file, ram_bytes, {10 * PAGE_BYTES: page_mark(TOKEN, 10)})
     with GuestRam(ram_file, ram_bytes) as ram:
         with pytest.raises(GuestProtocolError, match="not guest RAM"):
-            ram.punch([PageRange(10, 1), PageRange(ram_bytes // PAGE_BYTES, 1)], TOKEN)
+            ram.punch([UnitRange(10, 1), UnitRange(ram_bytes // PAGE_BYTES, 1)], TOKEN)
         assert ram.allocated_bytes() == PAGE_BYTES  # checked all before punching any
         with pytest.raises(ValueError, match="token"):
-            ram.punch([PageRange(10, 1)], b"short")
+            ram.punch([UnitRange(10, 1)], b"short")
 
 
 def test_a_file_of_the_wrong_size_or_none_is_refused(ram_file: Path) -> None:

@@ -19,8 +19,19 @@ from balloonist.cli import main
         (["start", "bad/name", "--memory", "512MiB", "--kernel", "/k"], "VM name"),
         (["start", "g", "--memory", "512MiB"], "give either --kernel"),
         (
-            ["start", "g", "--memory", "512MiB", "--cpus", "2", "--cpu-min", "3", "--kernel", "/k"],
-            "--cpu-min 3 and --cpu-max 2 must satisfy",
+            [
+                "start",
+                "g",
+                "--memory",
+                "512MiB",
+                "--cpus",
+                "2",
+                "--min-cpus",
+                "3",
+                "--kernel",
+                "/k",
+            ],
+            "--min-cpus 3 and --max-cpus 2 must satisfy",
         ),
     ],
 )

@@ -67,6 +67,12 @@ def test_without_a_cpu_balloon_every_vcpu_stays_online_and_spins() -> None:
     assert result.summary()["cpu"]["spin_cpu_s_per_s"] > 0.5
 
 
+def test_a_scenario_reads_the_former_cpu_names() -> None:
+    sc = build(cpu_scenario({"name": "a", "cpus": 4, "cpu_min": 2, "cpu_max": 3}))
+    cpu = sc.guests[0].spec.cpu
+    assert cpu is not None and (cpu.min_cpus, cpu.max_cpus) == (2, 3)
+
+
 def test_guests_without_cpus_are_left_out_of_the_processors() -> None:
     sc = build(cpu_scenario({"name": "a", "cpus": 2}, {"name": "memory-only"}))
     result = run_scenario(sc)
@@ -80,9 +86,9 @@ def test_guests_without_cpus_are_left_out_of_the_processors() -> None:
     ("change", "where", "message"),
     [
         ({"host": {"memory": "1GiB"}}, "guests[0].cpus", "needs host.cpus"),
-        ({"guests": [{"name": "a", "cpu_max": 2}]}, "guests[0].cpu_max", "needs cpus"),
-        ({"guests": [{"name": "a", "cpus": 2, "cpu_min": 3}]}, "guests[0]", "cpu_min 3"),
-        ({"guests": [{"name": "a", "cpus": 2, "cpu_max": 3}]}, "guests[0]", "cpu_max 3 is above"),
+        ({"guests": [{"name": "a", "max_cpus": 2}]}, "guests[0].max_cpus", "needs cpus"),
+        ({"guests": [{"name": "a", "cpus": 2, "min_cpus": 3}]}, "guests[0]", "min_cpus 3"),
+        ({"guests": [{"name": "a", "cpus": 2, "max_cpus": 3}]}, "guests[0]", "max_cpus 3 is above"),
         (
             {"guests": [{"name": "a", "cpus": 2, "cpu_workload": {"kind": "bursty"}}]},
             "guests[0].cpu_workload",
@@ -136,7 +142,7 @@ def cpu_hosts(draw: st.DrawFn) -> dict[str, Any]:
             {
                 "name": f"g{i}",
                 "cpus": vcpus,
-                "cpu_min": draw(st.integers(1, vcpus)),
+                "min_cpus": draw(st.integers(1, vcpus)),
                 "cpu_shares": draw(st.sampled_from([500, 1000, 3000])),
                 "cpu_balloon": draw(st.booleans()),
                 "cpu_workload": draw(workloads),

@@ -197,16 +197,16 @@ def test_same_seed_same_run_and_another_seed_another_run() -> None:
 
 
 def test_a_lying_balloon_report_is_refused() -> None:
-    from balloonist.driver import PageRange
+    from balloonist.driver import UnitRange
     from balloonist.errors import GuestProtocolError
     from balloonist.sim.machine import SimBalloonChannel
 
     machine = SimMachine(scenario(one_guest({"kind": "idle"})))
     channel = SimBalloonChannel(machine.guests[0], machine)
     with pytest.raises(GuestProtocolError):
-        channel.report_locked([PageRange(0, 10)])  # kernel frames, never ballooned
+        channel.report_locked([UnitRange(0, 10)])  # kernel frames, never ballooned
     with pytest.raises(GuestProtocolError):
-        channel.report_locked([PageRange(10**9, 1)])  # beyond the guest's memory
+        channel.report_locked([UnitRange(10**9, 1)])  # beyond the guest's memory
 
 
 # -- properties over random hosts ---------------------------------------------------------

@@ -11,14 +11,14 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balloonist.driver import PageRange, ranges_from_pages
+from balloonist.driver import UnitRange, ranges_from_units
 from balloonist.sim.guest_memory import zipf_alias
 from balloonist.sim.machine import _ranges_of, _ranges_to_frames
 from balloonist.sim.workload import Workload, WorkloadKind
 
 frame_lists = st.lists(st.integers(min_value=0, max_value=300), max_size=200)
 range_lists = st.lists(
-    st.builds(PageRange, st.integers(min_value=0, max_value=10_000), st.integers(1, 40)),
+    st.builds(UnitRange, st.integers(min_value=0, max_value=10_000), st.integers(1, 40)),
     max_size=50,
 )
 
@@ -26,11 +26,11 @@ range_lists = st.lists(
 @given(frame_lists)
 def test_ranges_of_matches_the_drivers_ranges(frames: list[int]) -> None:
     array = np.array(frames, dtype=np.int64)
-    assert _ranges_of(array) == ranges_from_pages(frames)
+    assert _ranges_of(array) == ranges_from_units(frames)
 
 
 @given(range_lists)
-def test_ranges_to_frames_lists_every_frame_in_order(ranges: list[PageRange]) -> None:
+def test_ranges_to_frames_lists_every_frame_in_order(ranges: list[UnitRange]) -> None:
     expected = [f for r in ranges for f in range(r.start, r.end)]
     frames = _ranges_to_frames(ranges)
     assert frames.dtype == np.int64

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from balloonist.driver import PageRange, count_pages
+from balloonist.driver import UnitRange, count_units
 
 
-def merge(ranges: list[PageRange]) -> list[PageRange]:
+def merge(ranges: list[UnitRange]) -> list[UnitRange]:
     """Sorted, with touching ranges joined (fewer ranges, fewer messages)."""
-    merged: list[PageRange] = []
+    merged: list[UnitRange] = []
     for r in sorted(ranges, key=lambda r: r.start):
         if merged and merged[-1].end == r.start:
-            merged[-1] = PageRange(merged[-1].start, merged[-1].count + r.count)
+            merged[-1] = UnitRange(merged[-1].start, merged[-1].count + r.count)
         else:
             merged.append(r)
     return merged
@@ -36,8 +36,8 @@ class Adoption:
         self.unreported_pages = size_pages
 
     def known_part(
-        self, released: Sequence[PageRange], size_after_pages: int
-    ) -> tuple[list[PageRange], int]:
+        self, released: Sequence[UnitRange], size_after_pages: int
+    ) -> tuple[list[UnitRange], int]:
         """The part of pages just popped off the stack that the host knows, and how
         many popped pages it never heard of.
 
@@ -45,37 +45,37 @@ class Adoption:
         its upper frames; ``size_after_pages`` is the stack's size after the pop.
         """
         unreported = self.unreported_pages
-        top = size_after_pages + count_pages(released)
-        known: list[PageRange] = []
+        top = size_after_pages + count_units(released)
+        known: list[UnitRange] = []
         unknown_pages = 0
         for r in released:
             bottom = top - r.count
             if top > unreported:
                 skip = max(0, unreported - bottom)  # the lowest ``skip`` frames: unknown
-                known.append(PageRange(r.start + skip, r.count - skip))
+                known.append(UnitRange(r.start + skip, r.count - skip))
             else:
                 unknown_pages += r.count
             top = bottom
         self.unreported_pages = min(unreported, size_after_pages)
         return known, unknown_pages
 
-    def next_batch(self, held: Sequence[PageRange], budget_ranges: int) -> list[PageRange]:
+    def next_batch(self, held: Sequence[UnitRange], budget_ranges: int) -> list[UnitRange]:
         """Up to ``budget_ranges`` of the unknown pages, from the top down, now taken
         as known (the caller reports them as ``locked``)."""
         if not self.unreported_pages or not budget_ranges:
             return []
-        below: list[tuple[int, PageRange]] = []  # (stack position, range) under the mark
+        below: list[tuple[int, UnitRange]] = []  # (stack position, range) under the mark
         position = 0
         for r in held:
             if position >= self.unreported_pages:
                 break
             below.append((position, r))
             position += r.count
-        adopted: list[PageRange] = []
+        adopted: list[UnitRange] = []
         for position, r in reversed(below):
             if len(adopted) == budget_ranges:
                 break
             count = min(r.count, self.unreported_pages - position)
-            adopted.append(PageRange(r.start, count))
+            adopted.append(UnitRange(r.start, count))
             self.unreported_pages = position
         return merge(adopted)

@@ -19,7 +19,7 @@ from typing import Callable
 import balloonist
 from balloonist.agent import protocol as proto
 from balloonist.agent.port import LineStream, PortClosedError
-from balloonist.driver import PageRange
+from balloonist.driver import UnitRange
 from balloonist.errors import BalloonistError
 from balloonist.rate import TokenBucket
 
@@ -227,7 +227,7 @@ class HostLink:
             self._counters["sent"] += 1
 
     def send_ranges(
-        self, kind: type[proto.Locked] | type[proto.Unlocked], ranges: Sequence[PageRange]
+        self, kind: type[proto.Locked] | type[proto.Unlocked], ranges: Sequence[UnitRange]
     ) -> None:
         for part in proto.split_ranges(list(ranges)):
             self.send(kind(seq=self.next_seq(), ranges=part))

@@ -19,10 +19,10 @@ A balloon page is a page of an anonymous private mapping that the agent pins:
    filled with it in a few large copies and then only the PFNs are written, one 8-byte
    word per page, in one strided copy.
 
-``free_pages`` takes any sub-range of what was handed out (the driver splits ranges):
+``free_units`` takes any sub-range of what was handed out (the driver splits ranges):
 ``munlock`` and ``madvise(MADV_DONTNEED)``, without writing to the pages (see
 ``_release``), and it unmaps a chunk whose pages are all free. Ordinary out-of-memory
-never raises: ``allocate_pages`` returns fewer pages.
+never raises: ``allocate_units`` returns fewer pages.
 
 ``prepare_host`` tunes the guest once at start: the OOM killer takes the agent first
 (its memory then returns to the guest), and compaction must not migrate mlocked pages,
@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from balloonist.driver import PageRange, ranges_from_pages
+from balloonist.driver import UnitRange, ranges_from_units
 from balloonist.errors import FatalBackendError
 
 log = logging.getLogger("balloonist.agent")
@@ -199,14 +199,14 @@ class LinuxKernel:
 
     def probe(self) -> None:
         """Pin one page and free it: fails at start, clearly, where it would fail later."""
-        ranges = self.allocate_pages(1)
+        ranges = self.allocate_units(1)
         if not ranges:
             raise FatalBackendError("cannot pin even one page with mlock (run as root)")
-        self.free_pages(ranges)
+        self.free_units(ranges)
 
     # -- GuestKernel -----------------------------------------------------------------
 
-    def allocate_pages(self, count: int) -> list[PageRange]:
+    def allocate_units(self, count: int) -> list[UnitRange]:
         frames: list[int] = []
         while len(frames) < count:
             wanted = min(count - len(frames), CHUNK_PAGES)
@@ -214,19 +214,19 @@ class LinuxKernel:
             frames.extend(got)
             if len(got) < wanted:
                 break  # out of memory: the driver halves its rate and comes back later
-        return ranges_from_pages(frames)
+        return ranges_from_units(frames)
 
-    def free_pages(self, ranges: Sequence[PageRange]) -> None:
+    def free_units(self, ranges: Sequence[UnitRange]) -> None:
         frames = [pfn for r in ranges for pfn in range(r.start, r.end)]
         if len(set(frames)) != len(frames) or any(pfn not in self._slots for pfn in frames):
-            raise RuntimeError("free_pages: pages this kernel port does not hold (a driver bug)")
+            raise RuntimeError("free_units: pages this kernel port does not hold (a driver bug)")
         by_chunk: dict[int, list[int]] = {}
         for pfn in frames:
             chunk_id, index = divmod(self._slots.pop(pfn), CHUNK_PAGES)
             by_chunk.setdefault(chunk_id, []).append(index)
         for chunk_id, indices in by_chunk.items():
             chunk = self._chunks[chunk_id]
-            for run in ranges_from_pages(indices):
+            for run in ranges_from_units(indices):
                 self._release(chunk, run.start, run.count)
             chunk.live_pages -= len(indices)
             if chunk.live_pages == 0:
@@ -237,7 +237,7 @@ class LinuxKernel:
         """Unmap everything and close pagemap; for shutdown.
 
         Nothing is zeroed first, for the reasons in ``_release``: munmap gives the pages
-        back like ``free_pages`` does.
+        back like ``free_units`` does.
         """
         for chunk in self._chunks.values():
             chunk.mm.close()

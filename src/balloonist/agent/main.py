@@ -87,7 +87,7 @@ from balloonist.agent.guard import PressureGuard
 from balloonist.agent.hostlink import HostLink, Link, LinkSettings, Quiet
 from balloonist.agent.port import open_port
 from balloonist.agent.pressure import PressureSample, PressureSource
-from balloonist.driver import BalloonDriver, GuestKernel, PageRange, StepResult, count_pages
+from balloonist.driver import BalloonDriver, GuestKernel, StepResult, UnitRange, count_units
 from balloonist.errors import BackendError, BalloonistError, ConfigError
 from balloonist.rate import AdaptiveRate, RateLimits, TokenBucket
 
@@ -160,13 +160,13 @@ class _HostChannel:
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
 
-    def read_target_pages(self) -> int:
+    def read_target_units(self) -> int:
         return self._agent.driver_target_pages
 
-    def report_locked(self, ranges: Sequence[PageRange]) -> None:
+    def report_locked(self, ranges: Sequence[UnitRange]) -> None:
         self._agent._report_locked(ranges)
 
-    def report_unlocked(self, ranges: Sequence[PageRange]) -> None:
+    def report_unlocked(self, ranges: Sequence[UnitRange]) -> None:
         self._agent._report_unlocked(ranges)
 
 
@@ -221,7 +221,7 @@ class Agent:
             counters=self.counters,
             on_session_up=self._session_up,
             on_message=self._handle,
-            holding=lambda: f"holding the balloon at {self.driver.size_pages} pages",
+            holding=lambda: f"holding the balloon at {self.driver.size_units} pages",
             now=now,
         )
         self.cpu = CpuSide(
@@ -260,7 +260,7 @@ class Agent:
         result = self.driver.step()
         if result.failed:
             self.host.send_error(
-                "alloc-failed", f"got {result.moved_pages} of {result.requested_pages} pages", now
+                "alloc-failed", f"got {result.moved_units} of {result.requested_units} pages", now
             )
         if not self._closing:
             self.cpu.step(now)
@@ -316,26 +316,26 @@ class Agent:
     def _session_up(self, now: float) -> None:
         # The host forgot any earlier balloon at hello; adopt ours into the session, and
         # hold it where it is until the host says otherwise.
-        self.adoption.begin(self.driver.size_pages)
-        self.host_target_pages = self.driver.size_pages
+        self.adoption.begin(self.driver.size_units)
+        self.host_target_pages = self.driver.size_units
         self.cpu.session_started()  # the host's to claim again (see the module docstring)
         self._next_stats_at = now
-        log.info("session up (adopting a balloon of %d pages)", self.driver.size_pages)
+        log.info("session up (adopting a balloon of %d pages)", self.driver.size_units)
 
     # -- page reports ------------------------------------------------------------------
 
-    def _report_locked(self, ranges: Sequence[PageRange]) -> None:
+    def _report_locked(self, ranges: Sequence[UnitRange]) -> None:
         if self.host.up:  # the guarded target never grows the balloon otherwise
             self.host.send_ranges(proto.Locked, ranges)
 
-    def _report_unlocked(self, ranges: Sequence[PageRange]) -> None:
+    def _report_unlocked(self, ranges: Sequence[UnitRange]) -> None:
         if not self.host.up:
-            self.counters["unreported_pages"] += count_pages(ranges)
+            self.counters["unreported_pages"] += count_units(ranges)
             return
         known = self._known_part(ranges)
         if self._closing:
             budget = self.host.report_budget_ranges()
-            self.counters["unreported_pages"] += count_pages(known[budget:])
+            self.counters["unreported_pages"] += count_units(known[budget:])
             known = known[:budget]
         if known:
             self.host.send_ranges(proto.Unlocked, known)
@@ -345,9 +345,9 @@ class Agent:
             # reused and written.
             self.host.flush(self._clock())
 
-    def _known_part(self, released: Sequence[PageRange]) -> list[PageRange]:
+    def _known_part(self, released: Sequence[UnitRange]) -> list[UnitRange]:
         """The part of pages just popped off the driver's stack that the host knows."""
-        known, unknown_pages = self.adoption.known_part(released, self.driver.size_pages)
+        known, unknown_pages = self.adoption.known_part(released, self.driver.size_units)
         self.counters["unadopted_pages"] += unknown_pages
         return known
 
@@ -362,7 +362,7 @@ class Agent:
         self.host.send(
             proto.Stats(
                 seq=self.host.next_seq(),
-                balloon_pages=self.driver.size_pages,
+                balloon_pages=self.driver.size_units,
                 rate_pages=self.driver.rate.step_units,
                 mem_total_bytes=min(sample.mem_total_bytes, _MAX_BYTES),
                 mem_available_bytes=min(sample.mem_available_bytes, _MAX_BYTES),
@@ -388,7 +388,7 @@ class Agent:
 
     def _limited_target(self, sample: PressureSample | None, now: float) -> int:
         """The host's target, lowered by the pressure guard, paced by the message budget."""
-        size = self.driver.size_pages
+        size = self.driver.size_units
         # Without a session, hold: the host may have freed the memory behind the balloon.
         target = self.host_target_pages if self.host.up else size
         target = min(target, self._guard_limit(sample, now))
@@ -397,12 +397,12 @@ class Agent:
             return min(target, size + budget)
         if target < size:  # the newest ranges go first; at least one message's worth
             newest = self.driver.held[-max(budget, proto.MAX_RANGES_PER_MESSAGE) :]
-            return max(target, size - count_pages(newest))
+            return max(target, size - count_units(newest))
         return target
 
     def _guard_limit(self, sample: PressureSample | None, now: float) -> int:
         """The largest balloon the guest's pressure allows now."""
-        size = self.driver.size_pages
+        size = self.driver.size_units
         if sample is None:
             return size  # blind: never grow
         verdict = self.guard.judge(sample, size)

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from balloonist.driver import PageRange
+from balloonist.driver import UnitRange
 from balloonist.errors import GuestProtocolError
 
 VERSION = 1
@@ -83,7 +83,7 @@ class Locked:
     """Guest -> host: these pages are pinned in the balloon; their memory may go."""
 
     seq: int
-    ranges: tuple[PageRange, ...]
+    ranges: tuple[UnitRange, ...]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Unlocked:
     """Guest -> host: these pages leave the balloon; the guest will use them again."""
 
     seq: int
-    ranges: tuple[PageRange, ...]
+    ranges: tuple[UnitRange, ...]
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def encode(message: Message) -> bytes:
     return line
 
 
-def split_ranges(ranges: list[PageRange]) -> list[tuple[PageRange, ...]]:
+def split_ranges(ranges: list[UnitRange]) -> list[tuple[UnitRange, ...]]:
     """Chunks of at most MAX_RANGES_PER_MESSAGE ranges, in order."""
     step = MAX_RANGES_PER_MESSAGE
     return [tuple(ranges[i : i + step]) for i in range(0, len(ranges), step)]
@@ -334,7 +334,7 @@ def _code(value: object) -> str:
     return text
 
 
-def _ranges(value: object) -> tuple[PageRange, ...]:
+def _ranges(value: object) -> tuple[UnitRange, ...]:
     if not isinstance(value, list):
         raise ProtocolError(f"expected a list of [start, count], got {type(value).__name__}")
     if not 1 <= len(value) <= MAX_RANGES_PER_MESSAGE:
@@ -344,7 +344,7 @@ def _ranges(value: object) -> tuple[PageRange, ...]:
     for item in value:
         if not isinstance(item, list) or len(item) != 2:
             raise ProtocolError("each range is [start, count]")
-        page_range = PageRange(start_of(item[0]), count_of(item[1]))
+        page_range = UnitRange(start_of(item[0]), count_of(item[1]))
         if page_range.end > MAX_PFN:
             raise ProtocolError(f"range {page_range.start}+{page_range.count} past {MAX_PFN}")
         ranges.append(page_range)

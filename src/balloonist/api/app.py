@@ -7,7 +7,7 @@ Endpoints (JSON; sizes out as ``*_bytes`` integers, in as strings with a unit)::
     GET   /v1/guests          every guest: spec, target, actual, working set, counters
     GET   /v1/guests/{name}   one guest (404 if unknown)
     PATCH /v1/guests/{name}   {"min": "512MiB", "max": "2GiB", "shares": 2000,
-                               "cpu_min": 1, "cpu_max": 4, "cpu_shares": 2000}, any subset
+                               "min_cpus": 1, "max_cpus": 4, "cpu_shares": 2000}, any subset
     GET   /v1/history?since=V the last minutes of periods, as columns (for charts)
     GET   /v1/policy          policy name and tax rate
     PATCH /v1/policy          {"tax_rate": 0.5}
@@ -88,7 +88,7 @@ AUTH_DETAIL: Final = "missing or wrong bearer token"
 JSON: Final = "application/json"
 
 #: The fields of a guest change, as the request names them.
-PATCH_FIELDS: Final = ("min", "max", "shares", "cpu_min", "cpu_max", "cpu_shares")
+PATCH_FIELDS: Final = ("min", "max", "shares", "min_cpus", "max_cpus", "cpu_shares")
 
 GuestName = Annotated[str, Path(description="The VM's name.", examples=["web"])]
 
@@ -369,7 +369,7 @@ def _add_guest_change(app: FastAPI, controller: Controller, views: _Views) -> No
     )
     def patch_guest(name: GuestName, patch: GuestPatch) -> Response:
         """Change a guest's min, max or shares, or for a guest whose processors are
-        shared its cpu_min, cpu_max or cpu_shares; fields left out stay as they are.
+        shared its min_cpus, max_cpus or cpu_shares; fields left out stay as they are.
 
         Sizes are strings with a unit ("512MiB"). Accepted changes (202) take effect
         at the start of the next period; a rejected one (422) changes nothing."""
@@ -379,8 +379,8 @@ def _add_guest_change(app: FastAPI, controller: Controller, views: _Views) -> No
             min_bytes=patch.min_bytes,
             max_bytes=patch.max_bytes,
             shares=patch.shares,
-            cpu_min=patch.cpu_min,
-            cpu_max=patch.cpu_max,
+            min_cpus=patch.min_cpus,
+            max_cpus=patch.max_cpus,
             cpu_shares=patch.cpu_shares,
         )
         try:
@@ -396,8 +396,8 @@ def _add_guest_change(app: FastAPI, controller: Controller, views: _Views) -> No
             min_bytes=change.min_bytes,
             max_bytes=change.max_bytes,
             shares=change.shares,
-            cpu_min=change.cpu_min,
-            cpu_max=change.cpu_max,
+            min_cpus=change.min_cpus,
+            max_cpus=change.max_cpus,
             cpu_shares=change.cpu_shares,
         )
         return _json(accepted, 202)

@@ -121,8 +121,8 @@ class ApiClient:
         min: str | None = None,
         max: str | None = None,
         shares: int | None = None,
-        cpu_min: int | None = None,
-        cpu_max: int | None = None,
+        min_cpus: int | None = None,
+        max_cpus: int | None = None,
         cpu_shares: int | None = None,
     ) -> GuestChangeOut:
         """``PATCH /v1/guests/{name}``: accepted changes apply at the next period."""
@@ -130,8 +130,8 @@ class ApiClient:
             "min": min,
             "max": max,
             "shares": shares,
-            "cpu_min": cpu_min,
-            "cpu_max": cpu_max,
+            "min_cpus": min_cpus,
+            "max_cpus": max_cpus,
             "cpu_shares": cpu_shares,
         }
         patch: dict[str, Any] = {k: v for k, v in given.items() if v is not None}

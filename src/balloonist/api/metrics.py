@@ -100,8 +100,8 @@ _GUEST_GAUGES: tuple[tuple[str, str, Callable[[GuestStatus], float]], ...] = (
 #: ``balloonist_guest_``, help, value).
 _GUEST_CPU_GAUGES: tuple[tuple[str, str, Callable[[GuestCpuStatus], float]], ...] = (
     ("vcpus", "The guest's vCPUs.", lambda c: c.vcpus),
-    ("min_cpus", "Processor reservation (cpu_min).", lambda c: c.min_cpus),
-    ("max_cpus", "Processor limit (cpu_max).", lambda c: c.max_cpus),
+    ("min_cpus", "Processor reservation: processors always granted.", lambda c: c.min_cpus),
+    ("max_cpus", "Processor limit (max_cpus).", lambda c: c.max_cpus),
     ("cpu_shares", "Processor shares.", lambda c: c.shares),
     (
         "allocation_target_cpus",

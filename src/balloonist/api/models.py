@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from balloonist.config import check_size
+from balloonist.config import MAX_CPUS_NAMES, MIN_CPUS_NAMES, check_size
 from balloonist.daemon.history import GUEST_SERIES, HistoryPoint
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, HostStatus, PolicyStatus, Status
 from balloonist.units import parse_size_bytes
@@ -282,15 +282,22 @@ class GuestPatch(_In):
     min: SizeText | None = Field(default=None, description="Reservation (never below).")
     max: SizeText | None = Field(default=None, description="Limit (never above).")
     shares: int | None = Field(default=None, ge=1, le=MAX_SHARES, strict=True)
-    cpu_min: int | None = Field(
+    min_cpus: int | None = Field(
         default=None,
         ge=1,
         le=MAX_CPUS,
         strict=True,
-        description="Processor reservation, for a guest whose processors are shared.",
+        validation_alias=MIN_CPUS_NAMES,
+        description="Processor reservation, for a guest whose processors are shared "
+        "(formerly cpu_min, still accepted).",
     )
-    cpu_max: int | None = Field(
-        default=None, ge=1, le=MAX_CPUS, strict=True, description="Processor limit."
+    max_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CPUS,
+        strict=True,
+        validation_alias=MAX_CPUS_NAMES,
+        description="Processor limit (formerly cpu_max, still accepted).",
     )
     cpu_shares: int | None = Field(default=None, ge=1, le=MAX_SHARES, strict=True)
 
@@ -319,8 +326,8 @@ class GuestChangeOut(_Out):
     min_bytes: NonNegative | None
     max_bytes: NonNegative | None
     shares: int | None
-    cpu_min: int | None = None
-    cpu_max: int | None = None
+    min_cpus: int | None = None
+    max_cpus: int | None = None
     cpu_shares: int | None = None
 
 

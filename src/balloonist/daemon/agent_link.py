@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from balloonist.agent import protocol as wire
-from balloonist.driver import PageRange, count_pages
+from balloonist.driver import UnitRange, count_units
 from balloonist.errors import (
     ConfigError,
     FatalBackendError,
@@ -75,15 +75,15 @@ AGENT_PAGE_SIZE_BYTES: Final = PAGE_SIZE_BYTES
 class RamFile(Protocol):
     """The file behind a guest's RAM (``balloonist.qemu.reclaim`` is the real one)."""
 
-    def check(self, ranges: Sequence[PageRange]) -> None:
+    def check(self, ranges: Sequence[UnitRange]) -> None:
         """Raise GuestProtocolError if any range is not guest RAM."""
         ...
 
-    def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
+    def punch(self, ranges: Sequence[UnitRange], token: bytes) -> int:
         """Free the pages that still carry the token; return how many were freed."""
         ...
 
-    def hole_pages(self, ranges: Sequence[PageRange]) -> int:
+    def hole_pages(self, ranges: Sequence[UnitRange]) -> int:
         """How many pages of the ranges are holes (freed) right now."""
         ...
 
@@ -114,10 +114,10 @@ class _HeldPages:
     def pages(self) -> int:
         return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
 
-    def ranges(self) -> list[PageRange]:
-        return [PageRange(s, e - s) for s, e in zip(self._starts, self._ends, strict=True)]
+    def ranges(self) -> list[UnitRange]:
+        return [UnitRange(s, e - s) for s, e in zip(self._starts, self._ends, strict=True)]
 
-    def add(self, r: PageRange) -> None:
+    def add(self, r: UnitRange) -> None:
         i = bisect.bisect_left(self._starts, r.start)
         if (i > 0 and self._ends[i - 1] > r.start) or (
             i < len(self._starts) and self._starts[i] < r.end
@@ -129,7 +129,7 @@ class _HeldPages:
         self._starts.insert(i, r.start)
         self._ends.insert(i, r.end)
 
-    def remove(self, r: PageRange) -> None:
+    def remove(self, r: UnitRange) -> None:
         i = bisect.bisect_right(self._starts, r.start) - 1
         if i < 0 or self._ends[i] < r.end:
             raise GuestProtocolError(
@@ -178,7 +178,7 @@ class AgentSession:
     def registered(self) -> bool:
         return self.token is not None
 
-    def held_ranges(self) -> list[PageRange]:
+    def held_ranges(self) -> list[UnitRange]:
         return self._held.ranges()
 
     def held_pages(self) -> int:
@@ -327,10 +327,10 @@ class AgentSession:
         self._out_seq += 1
         return [wire.Welcome(self._out_seq, wire.VERSION)]
 
-    def _locked(self, ranges: Iterable[PageRange]) -> int:
+    def _locked(self, ranges: Iterable[UnitRange]) -> int:
         ranges = list(ranges)
         self.ram.check(ranges)
-        if self._held.pages + count_pages(ranges) > self.memory_pages:
+        if self._held.pages + count_units(ranges) > self.memory_pages:
             raise GuestProtocolError(
                 "the balloon would be larger than the guest", violation=Violation.TOO_LARGE
             )

@@ -127,7 +127,7 @@ def merge_changes(first: GuestChange | None, then: GuestChange) -> GuestChange:
 
 def changed_spec(spec: GuestSpec, change: GuestChange) -> GuestSpec:
     """``spec`` with ``change`` applied; a bad change raises ConfigError naming the field
-    (``min_bytes``, ``max_bytes``, ``shares``, ``cpu_min``, ``cpu_max`` or
+    (``min_bytes``, ``max_bytes``, ``shares``, ``min_cpus``, ``max_cpus`` or
     ``cpu_shares``) and changes nothing."""
     for field, value in (("min_bytes", change.min_bytes), ("max_bytes", change.max_bytes)):
         if value is None:
@@ -167,8 +167,8 @@ def _changed_cpu(spec: GuestSpec, change: GuestChange) -> CpuSpec | None:
     given = {
         field: value
         for field, value in (
-            ("cpu_min", change.cpu_min),
-            ("cpu_max", change.cpu_max),
+            ("min_cpus", change.min_cpus),
+            ("max_cpus", change.max_cpus),
             ("cpu_shares", change.cpu_shares),
         )
         if value is not None
@@ -185,8 +185,8 @@ def _changed_cpu(spec: GuestSpec, change: GuestChange) -> CpuSpec | None:
             )
     cpu = replace(
         spec.cpu,
-        min_cpus=given.get("cpu_min", spec.cpu.min_cpus),
-        max_cpus=given.get("cpu_max", spec.cpu.limit_cpus),
+        min_cpus=given.get("min_cpus", spec.cpu.min_cpus),
+        max_cpus=given.get("max_cpus", spec.cpu.limit_cpus),
         shares=given.get("cpu_shares", spec.cpu.shares),
     )
     try:

@@ -23,8 +23,8 @@ tax_rate = 0.75
 min = "256MiB"
 max = "1GiB"
 shares = 2000
-cpu_min = 1                # processors, for agent VMs when processors are shared
-cpu_max = 4
+min_cpus = 1               # processors, for agent VMs when processors are shared
+max_cpus = 4
 cpu_shares = 2000
 """
 
@@ -37,7 +37,15 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from balloonist.agent.cpus import parse_cpu_list as cpu_list
-from balloonist.config import Strict, check_policy_name, check_size, read_toml, validate
+from balloonist.config import (
+    MAX_CPUS_NAMES,
+    MIN_CPUS_NAMES,
+    Strict,
+    check_policy_name,
+    check_size,
+    read_toml,
+    validate,
+)
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo
@@ -93,8 +101,8 @@ class VmTable(Strict):
     min: str | None = None
     max: str | None = None
     shares: int | None = Field(default=None, gt=0)
-    cpu_min: int | None = Field(default=None, ge=1)
-    cpu_max: int | None = Field(default=None, ge=1)
+    min_cpus: int | None = Field(default=None, ge=1, validation_alias=MIN_CPUS_NAMES)
+    max_cpus: int | None = Field(default=None, ge=1, validation_alias=MAX_CPUS_NAMES)
     cpu_shares: int | None = Field(default=None, gt=0)
 
     _sizes = field_validator("min", "max")(classmethod(lambda cls, v: check_size(v)))
@@ -133,8 +141,8 @@ def with_overrides(record: VMRecord, config: DaemonConfig) -> VMRecord:
         min_bytes=parse_size_bytes(table.min) if table.min else record.min_bytes,
         max_bytes=parse_size_bytes(table.max) if table.max else record.max_bytes,
         shares=table.shares or record.shares,
-        cpu_min=table.cpu_min or record.cpu_min,
-        cpu_max=table.cpu_max or record.cpu_max,
+        min_cpus=table.min_cpus or record.min_cpus,
+        max_cpus=table.max_cpus or record.max_cpus,
         cpu_shares=table.cpu_shares or record.cpu_shares,
     )
     check_fits(updated, where=f"vms.{record.name}")
@@ -143,7 +151,7 @@ def with_overrides(record: VMRecord, config: DaemonConfig) -> VMRecord:
 
 def check_fits(record: VMRecord, *, where: str) -> None:
     """ConfigError unless min <= max <= memory, and for a VM with known vCPUs,
-    cpu_min <= cpu_max <= vCPUs; ``where`` names the settings' place."""
+    min_cpus <= max_cpus <= vCPUs; ``where`` names the settings' place."""
     if not record.min_bytes <= record.max_bytes <= record.memory_bytes:
         raise ConfigError(
             f"min {format_size(record.min_bytes)} / max {format_size(record.max_bytes)} do "
@@ -151,10 +159,10 @@ def check_fits(record: VMRecord, *, where: str) -> None:
             where=where,
         )
     if record.cpus is not None:
-        cpu_max = record.cpus if record.cpu_max is None else record.cpu_max
-        if not record.cpu_min <= cpu_max <= record.cpus:
+        max_cpus = record.cpus if record.max_cpus is None else record.max_cpus
+        if not record.min_cpus <= max_cpus <= record.cpus:
             raise ConfigError(
-                f"cpu_min {record.cpu_min} / cpu_max {cpu_max} do not fit the VM's "
+                f"min_cpus {record.min_cpus} / max_cpus {max_cpus} do not fit the VM's "
                 f"{record.cpus} vCPUs",
                 where=where,
             )

@@ -26,8 +26,8 @@ class GuestChange:
     max_bytes: int | None = None
     shares: int | None = None
     #: Processors, for a guest whose processors are shared.
-    cpu_min: int | None = None
-    cpu_max: int | None = None
+    min_cpus: int | None = None
+    max_cpus: int | None = None
     cpu_shares: int | None = None
 
 

@@ -37,7 +37,7 @@ class ProcessorSharing:
         vCPUs recorded."""
         if not r.agent or r.cpus is None or r.pid is None:
             return None
-        return CpuSpec(r.cpus, r.cpu_min, r.cpu_max, r.cpu_shares)
+        return CpuSpec(r.cpus, r.min_cpus, r.max_cpus, r.cpu_shares)
 
     async def sample(self, vm: ManagedVm) -> CpuSample | None:
         """Its processors this period: the balloon, and the demand from its threads."""

@@ -236,7 +236,7 @@ class DaemonLoop:
             updated.shares,
             ""
             if cpu is None
-            else f"; cpu_min {cpu.min_cpus}, cpu_max {cpu.limit_cpus}, cpu_shares {cpu.shares}",
+            else f"; min_cpus {cpu.min_cpus}, max_cpus {cpu.limit_cpus}, cpu_shares {cpu.shares}",
             why,
         )
         return True

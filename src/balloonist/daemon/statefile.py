@@ -28,7 +28,7 @@ from typing import Final, Literal
 from pydantic import Field, ValidationError
 
 from balloonist.atomicfile import fsync_dir, remove_leftovers, write_atomic
-from balloonist.config import Strict, format_loc
+from balloonist.config import MAX_CPUS_NAMES, MIN_CPUS_NAMES, Strict, format_loc
 from balloonist.daemon.backend import GuestState
 from balloonist.daemon.control import GuestChange
 from balloonist.errors import BalloonistError
@@ -47,8 +47,8 @@ class SavedChange(Strict):
     min_bytes: int | None = Field(default=None, ge=0)
     max_bytes: int | None = Field(default=None, ge=0)
     shares: int | None = Field(default=None, ge=1)
-    cpu_min: int | None = Field(default=None, ge=1)
-    cpu_max: int | None = Field(default=None, ge=1)
+    min_cpus: int | None = Field(default=None, ge=1, validation_alias=MIN_CPUS_NAMES)
+    max_cpus: int | None = Field(default=None, ge=1, validation_alias=MAX_CPUS_NAMES)
     cpu_shares: int | None = Field(default=None, ge=1)
 
 

@@ -37,8 +37,8 @@ def with_change(record: VMRecord, change: GuestChange) -> VMRecord:
         min_bytes=record.min_bytes if change.min_bytes is None else change.min_bytes,
         max_bytes=record.max_bytes if change.max_bytes is None else change.max_bytes,
         shares=record.shares if change.shares is None else change.shares,
-        cpu_min=record.cpu_min if change.cpu_min is None else change.cpu_min,
-        cpu_max=record.cpu_max if change.cpu_max is None else change.cpu_max,
+        min_cpus=record.min_cpus if change.min_cpus is None else change.min_cpus,
+        max_cpus=record.max_cpus if change.max_cpus is None else change.max_cpus,
         cpu_shares=record.cpu_shares if change.cpu_shares is None else change.cpu_shares,
     )
 

@@ -33,7 +33,9 @@ VIRTIO_BALLOONS = frozenset({"virtio", "virtio-transitional", "virtio-non-transi
 _MAX_VALUE = 2**62
 
 #: The settings' attributes besides ``managed``, in the order they are written.
-_FIELDS = ("min_bytes", "max_bytes", "shares", "cpu_min", "cpu_max", "cpu_shares")
+_FIELDS = ("min_bytes", "max_bytes", "shares", "min_cpus", "max_cpus", "cpu_shares")
+#: What those attributes were called before; domains annotated then are still read.
+_FORMER = {"min_cpus": "cpu_min", "max_cpus": "cpu_max"}
 
 _UNIT_BYTES = {
     "b": 1,
@@ -61,8 +63,8 @@ class DomainSettings:
     min_bytes: int | None = None
     max_bytes: int | None = None
     shares: int | None = None
-    cpu_min: int | None = None  # processors, for agent domains when processors are shared
-    cpu_max: int | None = None
+    min_cpus: int | None = None  # processors, for agent domains when processors are shared
+    max_cpus: int | None = None
     cpu_shares: int | None = None
 
     def to_xml(self) -> str:
@@ -137,9 +139,9 @@ def _settings(element: ET.Element | None, name: str) -> DomainSettings:
         raise ConfigError(f"managed must be yes or no, not {managed!r}", where=f"{name}: metadata")
     values = {}
     for field in _FIELDS:
-        raw = element.get(field)
+        raw = element.get(field, element.get(_FORMER.get(field, field)))
         values[field] = None if raw is None else _int(raw, f"{name}: metadata {field}")
-    for field in ("shares", "cpu_min", "cpu_max", "cpu_shares"):
+    for field in ("shares", "min_cpus", "max_cpus", "cpu_shares"):
         if values[field] == 0:
             raise ConfigError("must be at least 1", where=f"{name}: metadata {field}")
     return DomainSettings(managed=managed == "yes", **values)

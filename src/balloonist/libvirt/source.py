@@ -225,8 +225,8 @@ def as_change(settings: DomainSettings) -> GuestChange:
         min_bytes=settings.min_bytes,
         max_bytes=settings.max_bytes,
         shares=settings.shares,
-        cpu_min=settings.cpu_min,
-        cpu_max=settings.cpu_max,
+        min_cpus=settings.min_cpus,
+        max_cpus=settings.max_cpus,
         cpu_shares=settings.cpu_shares,
     )
 

@@ -48,6 +48,8 @@ STOP_TIMEOUT_S: Final = 10.0
 KVM_PROBE_TIMEOUT_S: Final = 1.0
 #: The smallest guest we start: a Linux kernel with our initramfs needs about this much.
 MIN_GUEST_BYTES: Final = 64 * MIB
+#: vm.json keys renamed to say what they count, and their names now.
+_FORMER_KEYS: Final = {"cpu_min": "min_cpus", "cpu_max": "max_cpus"}
 #: The balloon device's id, so its QOM path is /machine/peripheral/balloon0.
 BALLOON_ID: Final = "balloon0"
 #: Where agent VMs' RAM files go: a tmpfs, so the file is the guest's memory and a
@@ -79,8 +81,8 @@ class VMRecord:
     # Processors (the CPU balloon, through the agent); None: not known (adopted VMs,
     # vm.json files from before).
     cpus: int | None = None
-    cpu_min: int = 1
-    cpu_max: int | None = None
+    min_cpus: int = 1
+    max_cpus: int | None = None
     cpu_shares: int = 1000
 
     @property
@@ -101,8 +103,8 @@ class StartRequest:
     max_bytes: int | None = None
     shares: int = 1000
     cpus: int = 1
-    cpu_min: int = 1
-    cpu_max: int | None = None
+    min_cpus: int = 1
+    max_cpus: int | None = None
     cpu_shares: int = 1000
     accel: Accel = "auto"
     kernel: Path | None = None
@@ -131,11 +133,11 @@ class StartRequest:
             )
         if not 1 <= self.cpus <= 64:
             raise ConfigError(f"--cpus must be between 1 and 64, got {self.cpus}")
-        cpu_limit = self.cpus if self.cpu_max is None else self.cpu_max
-        if not 1 <= self.cpu_min <= cpu_limit <= self.cpus:
+        cpu_limit = self.cpus if self.max_cpus is None else self.max_cpus
+        if not 1 <= self.min_cpus <= cpu_limit <= self.cpus:
             raise ConfigError(
-                f"--cpu-min {self.cpu_min} and --cpu-max {cpu_limit} must satisfy "
-                f"1 <= cpu-min <= cpu-max <= --cpus {self.cpus}"
+                f"--min-cpus {self.min_cpus} and --max-cpus {cpu_limit} must satisfy "
+                f"1 <= min-cpus <= max-cpus <= --cpus {self.cpus}"
             )
         if self.cpu_shares <= 0:
             raise ConfigError(f"--cpu-shares must be positive, got {self.cpu_shares}")
@@ -223,6 +225,10 @@ class StateDir:
             raise ConfigError(f"unknown VM {name!r} (see 'balloonist vm list')") from None
         except (OSError, ValueError) as exc:
             raise BalloonistError(f"{path}: unreadable VM record: {exc}") from None
+        if isinstance(data, dict):
+            for old, new in _FORMER_KEYS.items():  # a record written before the rename
+                if old in data and new not in data:
+                    data[new] = data.pop(old)
         try:
             return VMRecord(**data)
         except TypeError as exc:
@@ -413,8 +419,8 @@ def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
         ram_file=None if ram_file is None else str(ram_file),
         agent_socket=str(directory / "agent.sock") if request.agent else None,
         cpus=request.cpus,
-        cpu_min=request.cpu_min,
-        cpu_max=request.cpu_max,
+        min_cpus=request.min_cpus,
+        max_cpus=request.max_cpus,
         cpu_shares=request.cpu_shares,
     )
     state.save(record)

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from balloonist.driver import PageRange
+from balloonist.driver import UnitRange
 from balloonist.errors import FatalBackendError, GuestProtocolError, Violation
 
 PAGE_BYTES: Final = 4096
@@ -85,7 +85,7 @@ class RamLayout:
 
     def pfn_to_offset_bytes(self, pfn: int) -> int:
         """The file offset of guest frame ``pfn``; GuestProtocolError if it is not RAM."""
-        return self.range_offset_bytes(PageRange(pfn, 1))
+        return self.range_offset_bytes(UnitRange(pfn, 1))
 
     def offset_to_pfn(self, offset_bytes: int) -> int:
         """The guest frame at file offset ``offset_bytes`` (page-aligned, inside the file)."""
@@ -94,7 +94,7 @@ class RamLayout:
         page = offset_bytes // PAGE_BYTES
         return page if page < self.low_pages else HIGH_BASE_PFN + page - self.low_pages
 
-    def range_offset_bytes(self, pages: PageRange) -> int:
+    def range_offset_bytes(self, pages: UnitRange) -> int:
         """The file offset of the first page of ``pages``, which must lie in one RAM region.
 
         The region's pages are contiguous in the file, so the range is ``pages.count``
@@ -169,12 +169,12 @@ class GuestRam:
     ) -> None:
         self.close()
 
-    def check(self, ranges: Iterable[PageRange]) -> None:
+    def check(self, ranges: Iterable[UnitRange]) -> None:
         """GuestProtocolError unless every range is guest RAM, each within one region."""
         for pages in ranges:
             self.layout.range_offset_bytes(pages)
 
-    def punch(self, ranges: Sequence[PageRange], token: bytes) -> int:
+    def punch(self, ranges: Sequence[UnitRange], token: bytes) -> int:
         """Free the host memory behind every page of ``ranges`` that is exactly the agent's
         mark (:func:`page_mark`, all 4096 bytes); returns how many pages were freed.
 
@@ -193,7 +193,7 @@ class GuestRam:
                 freed_pages += count
         return freed_pages
 
-    def _marked_runs(self, pages: PageRange, base: int, token: bytes) -> Iterator[tuple[int, int]]:
+    def _marked_runs(self, pages: UnitRange, base: int, token: bytes) -> Iterator[tuple[int, int]]:
         """(first index, count) of each run of consecutive marked pages in ``pages``."""
         buffer = bytearray(min(pages.count, READ_PAGES) * PAGE_BYTES)  # reused for each read
         tail = _mark_tail(token)  # the same in every page: built once
@@ -239,7 +239,7 @@ class GuestRam:
         """Host memory the guest's RAM uses now (the file's allocated blocks)."""
         return os.fstat(self._fd).st_blocks * 512
 
-    def hole_pages(self, ranges: Iterable[PageRange]) -> int:
+    def hole_pages(self, ranges: Iterable[UnitRange]) -> int:
         """How many pages of ``ranges`` are holes now: memory the host verifiably has back."""
         holes_bytes = 0
         for pages in ranges:

@@ -2,8 +2,8 @@
 a CPU balloon in every guest that has one, for :class:`~balloonist.sim.machine.SimMachine`.
 
 Each guest's CPU balloon is the shared :class:`~balloonist.driver.BalloonDriver`, the
-same loop that inflates memory balloons, bound to the guest's CPU hotplug: one of its
-"pages" is one vCPU, and a page range is a range of vCPU numbers. It reads the CPU
+same loop that inflates memory balloons, bound to the guest's CPU hotplug: its unit
+is one vCPU, and a unit range is a range of vCPU numbers. It reads the CPU
 balloon register, takes vCPUs offline (the highest-numbered first) or brings them
 back, and is paced by the shared adaptive rate controller in vCPUs per period. Taking
 a vCPU offline fails only for the guest's last one, which it never gives up.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-from balloonist.driver import BalloonDriver, PageRange, count_pages
+from balloonist.driver import BalloonDriver, UnitRange, count_units
 from balloonist.model import CpuSample, GuestSpec, GuestTarget
 from balloonist.rate import AdaptiveRate, RateLimits
 from balloonist.sim.cpu import CpuGuest, CpuHost, CpuPeriod
@@ -31,23 +31,23 @@ CPU_RATE_INCREASE_VCPUS: Final = 1
 
 
 class _CpuHotplug:
-    """One guest's CPU hotplug as the driver's GuestKernel port (a page is a vCPU)."""
+    """One guest's CPU hotplug as the driver's GuestKernel port (its unit is a vCPU)."""
 
     def __init__(self, host: CpuHost, index: int) -> None:
         self._host = host
         self._index = index
 
-    def allocate_pages(self, count: int) -> list[PageRange]:
+    def allocate_units(self, count: int) -> list[UnitRange]:
         online = self._host.online(self._index)
         take = min(count, online - 1)  # never the last vCPU
         if take <= 0:
             return []
         self._host.set_online(self._index, online - take)
-        return [PageRange(online - take, take)]  # the highest-numbered online vCPUs
+        return [UnitRange(online - take, take)]  # the highest-numbered online vCPUs
 
-    def free_pages(self, ranges: Sequence[PageRange]) -> None:
+    def free_units(self, ranges: Sequence[UnitRange]) -> None:
         online = self._host.online(self._index)
-        self._host.set_online(self._index, online + count_pages(ranges))
+        self._host.set_online(self._index, online + count_units(ranges))
 
 
 class _CpuRegister:
@@ -57,13 +57,13 @@ class _CpuRegister:
         self._registers = registers
         self._index = index
 
-    def read_target_pages(self) -> int:
+    def read_target_units(self) -> int:
         return self._registers[self._index]
 
-    def report_locked(self, ranges: Sequence[PageRange]) -> None:
+    def report_locked(self, ranges: Sequence[UnitRange]) -> None:
         pass  # the host schedules whatever is online; nothing to unmap
 
-    def report_unlocked(self, ranges: Sequence[PageRange]) -> None:
+    def report_unlocked(self, ranges: Sequence[UnitRange]) -> None:
         pass
 
 

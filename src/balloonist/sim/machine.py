@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from balloonist.driver import BalloonDriver, PageRange
+from balloonist.driver import BalloonDriver, UnitRange
 from balloonist.errors import GuestProtocolError, SimulationError, Violation
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mechanisms
 from balloonist.rate import AdaptiveRate, RateLimits
@@ -43,7 +43,7 @@ from balloonist.units import PAGE_SIZE_BYTES, bytes_to_pages
 RECLAIM_BUDGET_FRACTION = 0.25
 
 
-def _ranges_to_frames(ranges: Sequence[PageRange]) -> I64:
+def _ranges_to_frames(ranges: Sequence[UnitRange]) -> I64:
     """Every frame of ``ranges``, in order (one numpy pass: a balloon holds many ranges)."""
     if not ranges:
         return np.empty(0, dtype=np.int64)
@@ -55,15 +55,15 @@ def _ranges_to_frames(ranges: Sequence[PageRange]) -> I64:
     return frames
 
 
-def _ranges_of(frames: I64) -> list[PageRange]:
-    """``ranges_from_pages`` for a frame array: sorted, duplicates dropped, maximal runs."""
+def _ranges_of(frames: I64) -> list[UnitRange]:
+    """``ranges_from_units`` for a frame array: sorted, duplicates dropped, maximal runs."""
     pages = np.unique(frames)
     if pages.size == 0:
         return []
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
     starts = pages[np.concatenate(([0], breaks))].tolist()
     ends = pages[np.concatenate((breaks - 1, [pages.size - 1]))].tolist()
-    return [PageRange(start, end - start + 1) for start, end in zip(starts, ends, strict=True)]
+    return [UnitRange(start, end - start + 1) for start, end in zip(starts, ends, strict=True)]
 
 
 class SimGuestKernel:
@@ -73,7 +73,7 @@ class SimGuestKernel:
         self._mem = mem
         self._machine = machine
 
-    def allocate_pages(self, count: int) -> list[PageRange]:
+    def allocate_units(self, count: int) -> list[UnitRange]:
         m = self._mem
         out = np.empty(count, dtype=np.int64)
         swap_outs_before = int(m.st[e.S_GUEST_SWAP_OUT])
@@ -101,7 +101,7 @@ class SimGuestKernel:
         m.balloon_swap_outs += int(m.st[e.S_GUEST_SWAP_OUT]) - swap_outs_before
         return _ranges_of(out[:got])
 
-    def free_pages(self, ranges: Sequence[PageRange]) -> None:
+    def free_units(self, ranges: Sequence[UnitRange]) -> None:
         m = self._mem
         if e.balloon_free(_ranges_to_frames(ranges), m.st, m.p2v, m.free) < 0:
             raise SimulationError(f"{m.spec.name}: driver freed frames it did not hold")
@@ -115,10 +115,10 @@ class SimBalloonChannel:
         self._mem = mem
         self._machine = machine
 
-    def read_target_pages(self) -> int:
+    def read_target_units(self) -> int:
         return self._mem.register_pages
 
-    def report_locked(self, ranges: Sequence[PageRange]) -> None:
+    def report_locked(self, ranges: Sequence[UnitRange]) -> None:
         m = self._mem
         freed = e.vmm_reclaim(_ranges_to_frames(ranges), m.st, m.p2v, m.pstate, self._machine.host)
         if freed < 0:
@@ -128,7 +128,7 @@ class SimBalloonChannel:
                 violation=Violation.BAD_PAGES,
             )
 
-    def report_unlocked(self, ranges: Sequence[PageRange]) -> None:
+    def report_unlocked(self, ranges: Sequence[UnitRange]) -> None:
         m = self._mem
         frames = _ranges_to_frames(ranges)
         if frames.size and (
@@ -220,7 +220,7 @@ class SimMachine:
         if spec.memory_bytes != m.spec.memory_bytes or spec.balloon != m.spec.balloon:
             raise ValueError(f"{spec.name}: only min, max and shares may change")
         if not same_cpus:
-            raise ValueError(f"{spec.name}: only cpu_min, cpu_max and cpu_shares may change")
+            raise ValueError(f"{spec.name}: only min_cpus, max_cpus and cpu_shares may change")
         m.spec = spec
         if self.cpus is not None:
             self.cpus.set_spec(spec)
@@ -264,7 +264,7 @@ class SimMachine:
             m.time_debt_s = 0.0
         m.register_pages = max(0, min(register_pages, room))
         self.check_host()
-        return driver.size_pages
+        return driver.size_units
 
     # -- the Hypervisor port ------------------------------------------------------------
 

@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from balloonist.config import Strict, check_policy_name, check_size, read_toml, validate
+from balloonist.config import (
+    MAX_CPUS_NAMES,
+    MIN_CPUS_NAMES,
+    Strict,
+    check_policy_name,
+    check_size,
+    read_toml,
+    validate,
+)
 from balloonist.errors import ConfigError
 from balloonist.model import CpuSpec, GuestSpec
 from balloonist.policy import DEFAULT_POLICY
@@ -165,8 +173,8 @@ class GuestTable(Strict):
     swap: str | None = None
     workload: WorkloadTable
     cpus: int | None = Field(default=None, ge=1, le=4096)
-    cpu_min: int = Field(default=1, ge=1, le=4096)
-    cpu_max: int | None = Field(default=None, ge=1, le=4096)
+    min_cpus: int = Field(default=1, ge=1, le=4096, validation_alias=MIN_CPUS_NAMES)
+    max_cpus: int | None = Field(default=None, ge=1, le=4096, validation_alias=MAX_CPUS_NAMES)
     cpu_shares: int = Field(default=1000, gt=0, le=10**9)
     cpu_balloon: bool = True
     cpu_workload: CpuWorkloadTable | None = None
@@ -412,7 +420,7 @@ def _cpu(
     """A guest's processors: its CpuSpec and what runs on its vCPUs, or None, None for
     a guest whose processors are not modelled (no ``cpus``)."""
     if g.cpus is None:
-        for key in ("cpu_max", "cpu_workload"):
+        for key in ("max_cpus", "cpu_workload"):
             if getattr(g, key) is not None:
                 raise ConfigError("needs cpus, the guest's vCPUs", where=f"{where}.{key}")
         return None, None
@@ -423,8 +431,8 @@ def _cpu(
         )
     spec = CpuSpec(
         vcpus=g.cpus,
-        min_cpus=g.cpu_min,
-        max_cpus=g.cpu_max,
+        min_cpus=g.min_cpus,
+        max_cpus=g.max_cpus,
         shares=g.cpu_shares,
         balloon=g.cpu_balloon,
     )

@@ -430,7 +430,7 @@ async function onChange(event, name) {
   const form = event.target;
   const output = form.querySelector(".result");
   const body = {};
-  for (const key of ["shares", "cpu_shares", "cpu_min", "cpu_max"]) {
+  for (const key of ["shares", "cpu_shares", "min_cpus", "max_cpus"]) {
     const value = form.elements[key].value.trim();
     if (value !== "") body[key] = Number(value);
   }
