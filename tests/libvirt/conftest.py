@@ -147,6 +147,7 @@ def domain_xml(
     balloon: str = "virtio",
     settings: DomainSettings | None = None,
     run: tuple[str, ...] = (),
+    kernel_args: str = "",
 ) -> str:
     """The test guest as a libvirt domain: TCG (nested KVM hangs here), direct kernel
     boot, the serial console to a file, a balloon reporting statistics every second."""
@@ -160,6 +161,8 @@ def domain_xml(
     # As 'vm start' does (deflate-on-oom): a guest about to OOM takes memory back first.
     autodeflate = " autodeflate='on'" if balloon == "virtio" else ""
     cmdline = f"console=ttyS0 panic=-1 quiet balloonist.work={work} balloonist.grow=0"
+    if kernel_args:
+        cmdline += " " + kernel_args
     share = ""
     if run:  # the host's / as the guest's root, read-only over 9p, and a program to run
         cmdline += " " + host_root_cmdline(run)
@@ -214,6 +217,7 @@ class DomainFactory:
         settings: DomainSettings | None = None,
         start: bool = True,
         run: tuple[str, ...] = (),
+        kernel_args: str = "",
     ) -> TestDomain:
         name = f"{self.prefix}-{short}"
         log = self.directory / f"{name}.serial"
@@ -228,6 +232,7 @@ class DomainFactory:
                 balloon=balloon,
                 settings=settings,
                 run=run,
+                kernel_args=kernel_args,
             )
         )
         virsh("define", str(xml))

@@ -59,6 +59,7 @@ class FakeDomain:
     extra_devices: str = ""
     pins: dict[int, tuple[bool, ...]] = field(default_factory=dict)  # vCPU -> cpumap
     stats_calls: int = 0
+    last_update: int | None = 1234  # QEMU's stamp of the driver's last report; 0: none yet
     host_cpus: int = 4
 
     def connect(self) -> FakeConnection:
@@ -126,7 +127,7 @@ class FakeDomain:
             "unused": self.usable_kib,
             "major_fault": 7,
             "swap_in": 8,  # KiB: two pages
-            "last_update": 1234,
+            **({} if self.last_update is None else {"last_update": self.last_update}),
         }
 
     def setMemoryFlags(self, kib: int, flags: int) -> int:  # noqa: N802

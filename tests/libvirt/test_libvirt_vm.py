@@ -186,12 +186,18 @@ def test_list_shows_each_domain_managed_or_why_not(
 ) -> None:
     plain = domains.define("plain", memory_mib=256)
     nb = domains.define("nb", memory_mib=256, balloon="none")
+    # a virtio balloon, but a guest kernel that never loads its driver
+    nodriver = domains.define(
+        "nodriver", memory_mib=256, kernel_args="module_blacklist=virtio_balloon"
+    )
     manage(plain.name, "--max", "200MiB")
+    manage(nodriver.name)
     capsys.readouterr()
     assert main(["libvirt", "--uri", URI, "list"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows[plain.name].endswith("managed") and "200MiB" in rows[plain.name]
     assert "unmanaged: no usable balloon (<memballoon model='none'>)" in rows[nb.name]
+    assert "unmanaged: no balloon driver in the guest" in rows[nodriver.name]
     assert main(["libvirt", "--uri", URI, "unmanage", plain.name]) == 0
     xml = virsh("dumpxml", "--inactive", plain.name)
     assert parse_domain(xml).settings == DomainSettings(False, None, 200 * MIB, None)

@@ -72,6 +72,23 @@ def test_only_opted_in_domains_with_a_balloon_are_managed() -> None:
     assert [r.name for r in everything.records()] == ["plain", "web"]
 
 
+def test_a_domain_whose_guest_has_no_balloon_driver_is_unmanaged_until_it_reports() -> None:
+    booting = opted_in("booting")
+    booting.last_update = 0
+    unknown = opted_in("unknown")
+    unknown.last_update = None  # a libvirt that gives no stamp cannot tell: managed
+    libvirt, _ = fake_libvirt(booting, unknown, opted_in("web"))
+    vms = LibvirtVms(libvirt, config())
+    assert [r.name for r in vms.records()] == ["unknown", "web"]
+    reasons = {d.facts.name: d.reason for d in vms.domains() if not d.managed}
+    assert reasons == {"booting": "no balloon driver in the guest (it has sent no statistics)"}
+    booting.last_update = 1700000000  # its driver loaded
+    asked = booting.stats_calls
+    assert [r.name for r in vms.records()] == ["booting", "unknown", "web"]
+    vms.records()
+    assert booting.stats_calls == asked + 1  # once seen, not asked again
+
+
 def test_settings_come_from_the_metadata_then_host_toml_then_the_defaults() -> None:
     libvirt, _ = fake_libvirt(opted_in("web", min_bytes=256 * MIB), opted_in("db"))
     host = DaemonConfig.model_validate(

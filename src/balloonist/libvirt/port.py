@@ -58,6 +58,17 @@ def guest_stats_from(raw: Mapping[str, Any]) -> GuestStats:
     return GuestStats(last_update_s=last, **values)
 
 
+def driver_seen(raw: Mapping[str, Any]) -> bool | None:
+    """Whether the guest's balloon driver has ever reported, from ``memoryStats()``:
+    QEMU stamps ``last_update`` when the driver hands over its first statistics, as it
+    loads, whatever the statistics period; a guest without the driver leaves it at 0.
+    None when libvirt gives no stamp at all, and so cannot tell."""
+    update = raw.get("last_update")
+    if not isinstance(update, int) or isinstance(update, bool):
+        return None
+    return update > 0
+
+
 class DomainBalloon:
     """The balloon of the domain called ``name``, through libvirt."""
 
@@ -180,4 +191,4 @@ class LibvirtVcpuHost:
         self.libvirt.domain_call(name, pin)
 
 
-__all__ = ["DomainBalloon", "DomainControl", "LibvirtVcpuHost", "guest_stats_from"]
+__all__ = ["DomainBalloon", "DomainControl", "LibvirtVcpuHost", "driver_seen", "guest_stats_from"]

@@ -4,8 +4,10 @@ Each period the running domains are listed again, so a domain started, stopped,
 crashed or migrated away is picked up or dropped within a period. A domain is managed
 when it opted in (``balloonist libvirt manage NAME`` sets ``managed="yes"`` in its
 metadata) or when host.toml says ``manage_all_domains``, and only if it has a virtio
-balloon. Its settings come from its metadata first, then host.toml's ``[vms.NAME]``,
-then the defaults (no minimum, its whole memory as maximum, 1000 shares).
+balloon whose driver the guest has loaded (a guest still booting is picked up once it
+has; one without the driver is listed with that reason). Its settings come from its
+metadata first, then host.toml's ``[vms.NAME]``, then the defaults (no minimum, its
+whole memory as maximum, 1000 shares).
 
 A domain with the agent's channel (``balloonist libvirt prepare --agent``) whose QEMU
 runs on this host with its RAM in a shared file on a tmpfs is managed through the
@@ -33,7 +35,7 @@ from balloonist.errors import ConfigError
 from balloonist.libvirt.connection import Libvirt, LibvirtError
 from balloonist.libvirt.domain_xml import DomainFacts, DomainSettings, parse_domain
 from balloonist.libvirt.metadata import write_settings
-from balloonist.libvirt.port import DomainBalloon, DomainControl, LibvirtVcpuHost
+from balloonist.libvirt.port import DomainBalloon, DomainControl, LibvirtVcpuHost, driver_seen
 from balloonist.libvirt.process import (
     MEMORY_FILESYSTEMS,
     PROC,
@@ -117,6 +119,7 @@ class LibvirtVms:
         self._last: list[VMRecord] = []
         self._unreachable = False
         self._skipped: dict[str, str] = {}  # name -> why, logged once
+        self._drivers: set[str] = set()  # running domains whose balloon driver has reported
 
     @property
     def kind(self) -> SourceKind:
@@ -130,10 +133,28 @@ class LibvirtVms:
         out = []
         for xml in xmls:
             try:
-                out.append(listing(parse_domain(xml), manage_all))
+                out.append(self._with_driver(listing(parse_domain(xml), manage_all)))
             except ConfigError as exc:
                 self._skip(exc.where or "a domain", str(exc))
+        self._drivers &= {d.facts.name for d in out}  # forget the domains that stopped
         return sorted(out, key=lambda d: d.facts.name)
+
+    def _with_driver(self, found: DomainListing) -> DomainListing:
+        """A domain it would manage, unmanaged while its guest shows no balloon driver:
+        a balloon without one never moves. Asked until the driver has reported once."""
+        name = found.facts.name
+        if not found.managed or name in self._drivers:
+            return found
+        try:
+            raw = self.libvirt.domain_call(name, lambda dom: dom.memoryStats())
+        except LibvirtError as exc:  # stopped since it was listed, most likely
+            return DomainListing(found.facts, False, f"its balloon cannot be read: {exc}")
+        seen = driver_seen(raw if isinstance(raw, dict) else {})
+        if seen is False:
+            why = "no balloon driver in the guest (it has sent no statistics)"
+            return DomainListing(found.facts, False, why)
+        self._drivers.add(name)  # None: libvirt cannot tell; the pacer judges the balloon
+        return found
 
     def records(self) -> list[VMRecord]:
         if self.libvirt.events is not None:
