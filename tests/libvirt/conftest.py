@@ -148,6 +148,7 @@ def domain_xml(
     settings: DomainSettings | None = None,
     run: tuple[str, ...] = (),
     kernel_args: str = "",
+    vcpus: int = 1,
 ) -> str:
     """The test guest as a libvirt domain: TCG (nested KVM hangs here), direct kernel
     boot, the serial console to a file, a balloon reporting statistics every second."""
@@ -173,7 +174,7 @@ def domain_xml(
     return f"""<domain type='qemu'>
   <name>{name}</name>{metadata}
   <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>1</vcpu>
+  <vcpu>{vcpus}</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{assets.kernel.resolve()}</kernel><initrd>{assets.initrd.resolve()}</initrd>
     <cmdline>{cmdline}</cmdline></os>
@@ -218,6 +219,7 @@ class DomainFactory:
         start: bool = True,
         run: tuple[str, ...] = (),
         kernel_args: str = "",
+        vcpus: int = 1,
     ) -> TestDomain:
         name = f"{self.prefix}-{short}"
         log = self.directory / f"{name}.serial"
@@ -233,6 +235,7 @@ class DomainFactory:
                 settings=settings,
                 run=run,
                 kernel_args=kernel_args,
+                vcpus=vcpus,
             )
         )
         virsh("define", str(xml))

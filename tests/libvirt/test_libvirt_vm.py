@@ -10,6 +10,8 @@ Thresholds, as in ``tests/qemu/test_daemon_vm.py`` (the same guests and policy):
   the ~130 MiB a 256 MiB budget takes from a 384 MiB guest; as for the agent VMs
   ``vm start`` makes (``tests/qemu/test_daemon_agent_vm.py``), 120 s. By hand it took
   about 15 s.
+- CPU_CHANGE_S: an agent reports a vCPU change within a second or two (as for the QEMU
+  guests of ``tests/qemu/test_cpu_vm.py``); 30 s is room for a loaded host.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ MIN_BYTES = 128 * MIB
 JUMP_BYTES = 32 * MIB
 TAKE_BYTES = 64 * MIB
 AGENT_DEADLINE_S = 120.0
+CPU_CHANGE_S = 30.0
 
 
 def actual_bytes(name: str) -> int:
@@ -307,5 +310,55 @@ def test_an_agent_domain_prepared_by_balloonist_is_ballooned_by_its_agent(
         assert view is not None and isinstance(view.port, AgentPort) and view.port.cooperative
         assert view.actual_bytes is not None and view.actual_bytes <= 384 * MIB - TAKE_BYTES
         assert sent and all(MIN_BYTES <= b <= 384 * MIB for _, b in sent)
+    finally:
+        daemon.close()
+
+
+def vcpu_pins(name: str) -> dict[int, str]:
+    """``virsh vcpupin``: vCPU -> the host processors its thread may run on."""
+    rows = [line.split() for line in virsh("vcpupin", name).splitlines()]
+    return {int(r[0]): r[1] for r in rows if len(r) == 2 and r[0].isdigit()}
+
+
+def test_an_agent_domain_s_cpu_balloon_follows_the_policy_through_libvirt(
+    domains: DomainFactory, agent_pyz: Path, tmp_path: Path
+) -> None:
+    """A 2-vCPU domain prepared with ``--cpus``, the daemon sharing processors 0-1: a
+    live ``max_cpus`` of 1 has its agent take a vCPU offline (the agent's report) and
+    both vCPU threads pinned to processor 0 through libvirt (``virsh vcpupin``);
+    ``max_cpus`` 2 gives both back."""
+    dom = domains.define(
+        "cpus", memory_mib=384, vcpus=2, start=False, run=(host_python(), str(agent_pyz))
+    )
+    assert main(["libvirt", "--uri", URI, "prepare", dom.name, "--cpus", "--apply"]) == 0
+    manage(dom.name)
+    domains.start(dom)
+    wait_until(
+        lambda: any("balloonist-agent: " in line for line in dom.lines()),
+        60,
+        "the agent to start in the guest",
+    )
+    config = DaemonConfig.model_validate({"daemon": {"budget": "1GiB", "processors": "0-1"}})
+    daemon = Daemon(
+        config, StateDir(tmp_path), source=LibvirtVms(Libvirt(URI, events=True), config)
+    )
+    run_until = stepper(daemon)
+
+    def online() -> int | None:
+        status = daemon.status()
+        guest = status.guest(dom.name) if status is not None else None
+        return None if guest is None or guest.cpu is None else guest.cpu.online_vcpus
+
+    try:
+        assert run_until(lambda: online() == 2, AGENT_DEADLINE_S), online()
+        assert run_until(lambda: vcpu_pins(dom.name) == {0: "0-1", 1: "0-1"}, CPU_CHANGE_S)
+        daemon.change_guest(dom.name, GuestChange(max_cpus=1))
+        assert run_until(
+            lambda: online() == 1 and vcpu_pins(dom.name) == {0: "0", 1: "0"}, CPU_CHANGE_S
+        ), (online(), vcpu_pins(dom.name))
+        daemon.change_guest(dom.name, GuestChange(max_cpus=2))
+        assert run_until(
+            lambda: online() == 2 and vcpu_pins(dom.name) == {0: "0-1", 1: "0-1"}, CPU_CHANGE_S
+        ), (online(), vcpu_pins(dom.name))
     finally:
         daemon.close()
