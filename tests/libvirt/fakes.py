@@ -22,6 +22,7 @@ VIR_ERR_OPERATION_INVALID = 55
 VIR_ERR_SYSTEM_ERROR = 38
 VIR_ERR_NO_DOMAIN_METADATA = 80
 VIR_DOMAIN_EVENT_ID_LIFECYCLE = 0
+VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE = 13
 VIR_DOMAIN_EVENT_DEFINED = 0
 VIR_DOMAIN_EVENT_STARTED = 2
 VIR_DOMAIN_EVENT_STARTED_BOOTED = 0
@@ -152,9 +153,12 @@ class FakeConnection:
     def domainEventRegisterAny(  # noqa: N802
         self, dom: object, event_id: int, callback: Callable[..., None], opaque: object
     ) -> int:
-        assert event_id == VIR_DOMAIN_EVENT_ID_LIFECYCLE
-        self.lib.lifecycle_callbacks.append(callback)
-        return len(self.lib.lifecycle_callbacks)
+        if event_id == VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE:
+            self.lib.balloon_callbacks.append(callback)
+        else:
+            assert event_id == VIR_DOMAIN_EVENT_ID_LIFECYCLE
+            self.lib.lifecycle_callbacks.append(callback)
+        return len(self.lib.lifecycle_callbacks) + len(self.lib.balloon_callbacks)
 
     def setKeepAlive(self, interval: int, count: int) -> int:  # noqa: N802
         return 0
@@ -196,6 +200,7 @@ class FakeLibvirtModule:
         self.connections: list[FakeConnection] = []
         self.reachable = True
         self.lifecycle_callbacks: list[Callable[..., None]] = []
+        self.balloon_callbacks: list[Callable[..., None]] = []
         self.event_loop_runs = threading.Event()
 
     def virEventRegisterDefaultImpl(self) -> int:  # noqa: N802
@@ -211,6 +216,13 @@ class FakeLibvirtModule:
         dom = self.domains.get(name) or FakeDomain(name, 1024)
         for callback in self.lifecycle_callbacks:
             callback(None, dom, event, detail, None)
+
+    def balloon_moves(self, name: str, *sizes_kib: int) -> None:
+        """libvirt's event loop delivers balloon-change events of domain ``name``."""
+        dom = self.domains.get(name) or FakeDomain(name, 1024)
+        for kib in sizes_kib:
+            for callback in self.balloon_callbacks:
+                callback(None, dom, kib, None)
 
     def open(self, uri: str) -> FakeConnection:
         if not self.reachable:

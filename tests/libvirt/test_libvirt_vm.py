@@ -161,7 +161,7 @@ def _all_sampled(daemon: Daemon) -> bool:
 
 
 def test_a_setting_changed_live_lands_in_the_domains_xml_and_outlives_the_daemon(
-    domains: DomainFactory, tmp_path: Path
+    domains: DomainFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     web = domains.define("web", settings=DomainSettings(managed=True, shares=2000))
     sent: list[tuple[str, int]] = []
@@ -170,6 +170,15 @@ def test_a_setting_changed_live_lands_in_the_domains_xml_and_outlives_the_daemon
         daemon.step()
         daemon.change_guest(web.name, GuestChange(min_bytes=300 * MIB))
         daemon.step()
+        # At rest at its target (all of its 512 MiB), the balloon is moved behind
+        # balloonist's back: libvirt's balloon-change events show it, and it is said.
+        run_until = stepper(daemon)
+        run_until(None, 3)
+        caplog.set_level(logging.WARNING, logger="balloonist.daemon")
+        virsh("setmem", web.name, "400M", "--live")
+        assert run_until(
+            lambda: any(f"{web.name}: its balloon moved to" in m for m in caplog.messages), 30
+        ), caplog.messages
     finally:
         daemon.close()
     for flags in ((), ("--inactive",)):  # live and persistent

@@ -18,7 +18,7 @@ from balloonist.errors import ConfigError
 from balloonist.host import HostMemInfo
 from balloonist.libvirt.connection import LibvirtError
 from balloonist.libvirt.domain_xml import DomainSettings
-from balloonist.libvirt.events import MAX_PENDING, DomainEvents, lifecycle_words
+from balloonist.libvirt.events import MAX_BALLOON_MOVES, MAX_PENDING, DomainEvents, lifecycle_words
 from balloonist.libvirt.metadata import read_settings, write_settings
 from balloonist.libvirt.port import DomainBalloon, guest_stats_from
 from balloonist.libvirt.source import LibvirtVms
@@ -291,3 +291,60 @@ def test_a_bad_host_toml_is_refused_before_libvirt_is_asked(
     bad.write_text("[daemon]\nmanage_all_domains = 3\n")
     assert main(["libvirt", "--config", str(bad), "list"]) == 2
     assert "manage_all_domains" in capsys.readouterr().err
+
+
+def test_a_balloon_moved_away_from_its_target_by_someone_else_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    libvirt, lib = fake_libvirt(opted_in("web"), events=True)
+    port = DomainBalloon(libvirt, "web")
+
+    async def run() -> None:
+        await port.connect()  # opens the connection: subscribed
+        await port.set_target(600 * MIB)
+        # on its way down, then at rest at the target: all balloonist's doing
+        lib.balloon_moves("web", 900 * 1024, 700 * 1024, 601 * 1024)
+        await port.actual_bytes()
+        assert port.moved_elsewhere == 0
+        # virsh setmem 800M: away from the target, in two events; said once
+        lib.balloon_moves("web", 700 * 1024, 800 * 1024)
+        await port.actual_bytes()
+        assert port.moved_elsewhere == 1
+        # back at the target, then away again: a second time
+        lib.balloon_moves("web", 600 * 1024, 650 * 1024)
+        await port.actual_bytes()
+        assert port.moved_elsewhere == 2
+        # a new target: moves towards it, from wherever, are balloonist's
+        await port.set_target(300 * MIB)
+        lib.balloon_moves("web", 500 * 1024, 300 * 1024)
+        await port.actual_bytes()
+        assert port.moved_elsewhere == 2
+        # a balloon that never had to move sends no event: two reads at the target
+        # say it is at rest there
+        await port.set_target(200 * MIB)
+        lib.domains["web"].actual_kib = 200 * 1024
+        await port.actual_bytes()
+        lib.balloon_moves("web", 250 * 1024)  # one read is not enough
+        await port.actual_bytes()
+        assert port.moved_elsewhere == 2
+        await port.actual_bytes()
+        await port.actual_bytes()
+        lib.balloon_moves("web", 250 * 1024)
+        await port.actual_bytes()
+        assert port.moved_elsewhere == 3
+
+    with caplog.at_level(logging.WARNING, logger="balloonist.daemon"):
+        asyncio.run(run())
+    said = [m for m in caplog.messages if "by someone else" in m]
+    assert len(said) == 3 and said[0].startswith("web: its balloon moved to 700MiB"), said
+
+
+def test_balloon_moves_are_bounded_per_domain_and_in_domains() -> None:
+    events = DomainEvents()
+    for kib in range(MAX_BALLOON_MOVES + 5):
+        events.balloon("web", kib)
+    assert events.balloon_moves("web") == list(range(5, MAX_BALLOON_MOVES + 5))
+    assert events.balloon_moves("web") == [] and events.dropped == 5
+    for i in range(MAX_PENDING + 1):
+        events.balloon(f"d{i}", 1)
+    assert events.dropped == 6

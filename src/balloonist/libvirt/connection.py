@@ -138,8 +138,9 @@ class Libvirt:
             return conn
 
     def _follow_events(self, conn: Any) -> None:
-        """Have libvirt report this connection's domain lifecycle events, and notice a
-        libvirtd that stopped answering (keepalive: 3 missed 5 s probes)."""
+        """Have libvirt report this connection's domain lifecycle and balloon-change
+        events, and notice a libvirtd that stopped answering (keepalive: 3 missed 5 s
+        probes)."""
         events, lib = self.events, self.lib
         assert events is not None
 
@@ -148,8 +149,13 @@ class Libvirt:
             if words is not None:
                 events.lifecycle(dom.name(), words)
 
+        def balloon(_conn: Any, dom: Any, actual_kib: int, _opaque: Any) -> None:
+            if isinstance(actual_kib, int) and actual_kib >= 0:
+                events.balloon(dom.name(), actual_kib)
+
         try:
             conn.domainEventRegisterAny(None, lib.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)
+            conn.domainEventRegisterAny(None, lib.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE, balloon, None)
             conn.setKeepAlive(5, 3)
         except lib.libvirtError as exc:
             raise LibvirtError(

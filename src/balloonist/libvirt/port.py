@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -24,9 +25,15 @@ from balloonist.errors import FatalBackendError
 from balloonist.libvirt.connection import Libvirt
 from balloonist.libvirt.process import vcpu_threads
 from balloonist.qemu.qmp import MAX_GUEST_FIGURE, GuestStats
-from balloonist.units import KIB, PAGE_SIZE_BYTES
+from balloonist.units import KIB, MIB, PAGE_SIZE_BYTES, format_size
 
 T = TypeVar("T")
+
+log = logging.getLogger("balloonist.daemon")
+
+#: A balloon is at balloonist's target within this (the driver and QEMU round to
+#: pages, guests differently; as the pacer's ``REACHED_TOLERANCE_BYTES``).
+AT_TARGET_BYTES: Final = 4 * MIB
 
 #: libvirt's memoryStats() keys (KiB unless said) -> GuestStats fields, and the factor
 #: to our unit. libvirt's names are its own: "available" is the guest's total memory,
@@ -79,6 +86,10 @@ class DomainBalloon:
         # memoryStats() gives the balloon's size and the guest's statistics at once:
         # the reply actual_bytes() fetched serves the guest_stats() call that follows.
         self._unread: dict[str, Any] | None = None
+        self._target_bytes: int | None = None
+        self._at_target = False  # it came to rest there (see _follow_moves)
+        self._reads_at_target = 0  # reads in a row that found it there
+        self.moved_elsewhere = 0  # times it left the target without balloonist asking
 
     async def _on_domain(self, what: Callable[[Any], T]) -> T:
         return await asyncio.to_thread(self.libvirt.domain_call, self.name, what)
@@ -113,13 +124,57 @@ class DomainBalloon:
             raise ValueError(f"balloon target must be positive, got {guest_bytes}")
         live = self._lib.VIR_DOMAIN_AFFECT_LIVE
         await self._on_domain(lambda d: d.setMemoryFlags(guest_bytes // KIB, live))
+        if guest_bytes != self._target_bytes:
+            self._follow_moves()  # the moves so far were towards the previous target
+            self._target_bytes = guest_bytes
+            self._at_target = False
+            self._reads_at_target = 0
+
+    def _follow_moves(self) -> None:
+        """Read the balloon-change events in order: once the balloon has come to rest
+        at the target, a move away from it is not balloonist's (``virsh setmem``, or
+        the guest deflating on OOM). Said once each time, so an administrator learns
+        that balloonist, not ``virsh setmem``, decides this domain's balloon.
+
+        It has come to rest when an event puts it at the target, or when two reads in
+        a row find it there (a balloon that never had to move sends no event): a
+        period apart, longer than QEMU holds back an event, so no older move can
+        still be on its way."""
+        events = self.libvirt.events
+        if events is None:
+            return
+        target = self._target_bytes
+        for kib in events.balloon_moves(self.name):
+            if target is None:
+                continue
+            at_target = abs(kib * KIB - target) <= AT_TARGET_BYTES
+            if not at_target:
+                self._reads_at_target = 0
+            if self._at_target and not at_target:
+                self.moved_elsewhere += 1
+                log.warning(
+                    "%s: its balloon moved to %s, away from balloonist's target of %s, "
+                    "by someone else (virsh setmem, or the guest deflating on OOM); "
+                    "balloonist manages it: its limits are changed with balloonist set",
+                    self.name,
+                    format_size(kib * KIB),
+                    format_size(target),
+                )
+            self._at_target = at_target
 
     async def actual_bytes(self) -> int:
+        self._follow_moves()
         raw = await self._on_domain(lambda d: d.memoryStats())
         self._unread = raw if isinstance(raw, dict) else None
         actual = raw.get("actual") if isinstance(raw, dict) else None
         if not isinstance(actual, int) or actual <= 0:
             raise FatalBackendError(f"{self.name}: libvirt reports no balloon size")
+        target = self._target_bytes
+        if target is not None and abs(actual * KIB - target) <= AT_TARGET_BYTES:
+            self._reads_at_target += 1
+            self._at_target = self._at_target or self._reads_at_target >= 2
+        else:
+            self._reads_at_target = 0
         return actual * KIB
 
     async def enable_stats(self, interval_s: int) -> None:
