@@ -247,6 +247,10 @@ class DomainFactory:
 
     def start(self, domain: TestDomain) -> None:
         virsh("start", domain.name)
+        self.wait_booted(domain)
+
+    def wait_booted(self, domain: TestDomain) -> None:
+        """Wait until a started domain's guest has booted (its drivers are loaded)."""
         wait_until(
             lambda: any("BALLOONIST-READY" in line for line in domain.lines()),
             BOOT_TIMEOUT_S,

@@ -4,6 +4,10 @@
 Thresholds, as in ``tests/qemu/test_daemon_vm.py`` (the same guests and policy):
 - MOVE_BYTES: 64 MiB moved from idle to busy, well above the pacing's 4 MiB noise.
 - MOVE_DEADLINE_S: the QMP path moves that in about 15 s under TCG; 90 s.
+- GROW_S, SWAP_S: when the busy domain's work grows, and when the busy and idle
+  domains swap their work (seconds after each boots). GROW_S leaves the daemon, started
+  once busy has booted (about 10 s, longer on a loaded host), time to balloon both
+  down first; SWAP_S comes after the first move, which takes about 15 s.
 - JUMP_BYTES: after libvirtd restarts, a settled guest's balloon stays within this of
   where it was; the rate's smallest step is 16 MiB, so 32 MiB is two of them.
 - TAKE_BYTES / AGENT_DEADLINE_S: 64 MiB of holes in the agent domain's RAM file, of
@@ -45,6 +49,8 @@ pytestmark = pytest.mark.vm
 
 MOVE_BYTES = 64 * MIB
 MOVE_DEADLINE_S = 90.0
+GROW_S = 60
+SWAP_S = 150
 MIN_BYTES = 128 * MIB
 JUMP_BYTES = 32 * MIB
 TAKE_BYTES = 64 * MIB
@@ -90,10 +96,12 @@ def manage(name: str, *flags: str) -> None:
 def test_memory_moves_between_domains_and_the_daemon_rides_out_what_libvirt_does(
     domains: DomainFactory, libvirtd: Libvirtd, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    busy = domains.define("busy", work="50@0,380@40", start=False)
-    idle = domains.define("idle", work="20@0", start=False)
+    # busy grows at GROW_S; at SWAP_S busy goes idle and idle gets busy (each counted
+    # from its own boot: busy boots last, so the daemon starts well before it grows)
+    busy = domains.define("busy", work=f"50@0,380@{GROW_S},30@{SWAP_S}", start=False)
+    idle = domains.define("idle", work=f"20@0,380@{SWAP_S}", start=False)
     bystander = domains.define("by", memory_mib=256, start=False)
-    for domain in (busy, idle, bystander):
+    for domain in (idle, bystander, busy):
         domains.start(domain)
     manage(busy.name, "--min", "128MiB")
     manage(idle.name, "--min", "128MiB")
@@ -105,23 +113,21 @@ def test_memory_moves_between_domains_and_the_daemon_rides_out_what_libvirt_does
         assert run_until(lambda: actual_bytes(busy.name) < 480 * MIB, 30)
         assert daemon.hv.managed() == sorted([busy.name, idle.name])
         run_until(None, 3)
-        busy0, idle0 = actual_bytes(busy.name), actual_bytes(idle.name)
-        moved = run_until(
-            lambda: (
-                actual_bytes(busy.name) >= busy0 + MOVE_BYTES
-                and actual_bytes(idle.name) <= idle0 - MOVE_BYTES
-            ),
-            MOVE_DEADLINE_S,
-        )
-        assert moved, (busy0, idle0, actual_bytes(busy.name), actual_bytes(idle.name))
+        moves(run_until, busy.name, idle.name, MOVE_DEADLINE_S)
+        moves(run_until, idle.name, busy.name, SWAP_S + MOVE_DEADLINE_S)  # their work swaps
         assert sent and all(MIN_BYTES <= b <= 512 * MIB for _, b in sent)
         assert actual_bytes(bystander.name) == 256 * MIB  # never touched
+        wait_settled(run_until, (busy.name, idle.name))
 
-        # A domain started after the daemon is picked up within a period.
+        # A domain started after the daemon is picked up within a period of its guest
+        # loading the balloon driver (before, it is listed without one).
         late = domains.define(
             "late", memory_mib=256, settings=DomainSettings(managed=True), start=False
         )
         virsh("start", late.name)
+        daemon.step()
+        assert late.name not in daemon.hv.managed()  # still booting: no driver yet
+        domains.wait_booted(late)
         assert run_until(lambda: late.name in daemon.hv.managed(), 2)
 
         # libvirtd restarts under the daemon: it reconnects and carries on, no jumps.
@@ -151,6 +157,40 @@ def test_memory_moves_between_domains_and_the_daemon_rides_out_what_libvirt_does
         assert view is not None and view.sent_count >= before_count
     finally:
         daemon.close()
+
+
+def moves(
+    run_until: Callable[[Callable[[], bool] | None, float], bool],
+    to: str,
+    away_from: str,
+    deadline_s: float,
+) -> None:
+    """Run periods until MOVE_BYTES went from ``away_from``'s balloon to ``to``'s."""
+    gainer0, loser0 = actual_bytes(to), actual_bytes(away_from)
+    moved = run_until(
+        lambda: (
+            actual_bytes(to) >= gainer0 + MOVE_BYTES
+            and actual_bytes(away_from) <= loser0 - MOVE_BYTES
+        ),
+        deadline_s,
+    )
+    assert moved, (to, gainer0, actual_bytes(to), away_from, loser0, actual_bytes(away_from))
+
+
+def wait_settled(
+    run_until: Callable[[Callable[[], bool] | None, float], bool], names: tuple[str, ...]
+) -> None:
+    """Run periods until no balloon of ``names`` moved by over JUMP_BYTES / 4 in 3 s."""
+    last = {n: actual_bytes(n) for n in names}
+
+    def still() -> bool:
+        run_until(None, 3)
+        now = {n: actual_bytes(n) for n in names}
+        quiet = all(abs(now[n] - last[n]) <= JUMP_BYTES // 4 for n in names)
+        last.update(now)
+        return quiet
+
+    wait_until(still, MOVE_DEADLINE_S, "the balloons to settle")
 
 
 def _all_sampled(daemon: Daemon) -> bool:
