@@ -150,6 +150,25 @@ class HostSample:
 
 
 @dataclass(frozen=True)
+class HostHeld:
+    """A guest's memory as the host counts it, not as its balloon says: what its VMM
+    process really holds of the host's memory. Pages the guest never touched, pages it
+    gave back (ballooned out, or returned by free page reporting) and the part of pages
+    KSM merged with other VMs' that others account for are not held."""
+
+    held_bytes: int  # all of it: the guest's RAM and the VMM's own memory
+    guest_ram_bytes: int | None = None  # of which the guest's RAM; None: not told apart
+
+    @property
+    def overhead_bytes(self) -> int | None:
+        """The VMM's own memory: its code, heap and device state (under TCG, its
+        translation cache too)."""
+        if self.guest_ram_bytes is None:
+            return None
+        return max(0, self.held_bytes - self.guest_ram_bytes)
+
+
+@dataclass(frozen=True)
 class CpuSample:
     """A guest's processors, raw, once per period."""
 
@@ -182,6 +201,9 @@ class GuestSample:
     #: (sim: the guest's driver; QEMU: the daemon's host-side pacing); None if unknown.
     inflate_rate_bytes_per_s: float | None = None
     cpu: CpuSample | None = None  # its processors, for a guest with a CpuSpec
+    #: What the host's own accounting says it holds; None where the backend cannot
+    #: read it (the simulator's ``allocated_bytes`` is already the host's count).
+    host: HostHeld | None = None
 
 
 @dataclass(frozen=True)

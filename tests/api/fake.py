@@ -14,6 +14,7 @@ from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.history import History, HistoryPoint
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, HostStatus, PolicyStatus, Status
 from balloonist.errors import ConfigError
+from balloonist.model import HostHeld
 from balloonist.units import GIB, MIB, format_size
 
 
@@ -45,6 +46,7 @@ def make_guest(name: str, **overrides: object) -> GuestStatus:
             demand_vcpus=2.5,
         ),
         "counters": {FailureCounter.STALLS: 1},
+        "host": HostHeld(held_bytes=900 * MIB, guest_ram_bytes=800 * MIB),
     }
     fields.update(overrides)
     return GuestStatus(**fields)  # type: ignore[arg-type]
@@ -65,6 +67,7 @@ def make_status(version: int = 1, guests: tuple[GuestStatus, ...] | None = None)
                 inflate_rate_bytes_per_s=None,
                 cpu=None,
                 counters={FailureCounter.STALLS: 3, FailureCounter.TRANSIENT_ERRORS: 2},
+                host=HostHeld(held_bytes=GIB),  # its RAM not told apart
             ),
         )
     return Status(

@@ -66,6 +66,13 @@ def test_guests_list_and_one(client: TestClient) -> None:
     db = client.get("/v1/guests/db").json()
     assert db["free_bytes"] is None
     assert db["cooperative"] is False
+    # what the host counts they hold, next to what the balloon says
+    assert web["host"] == {
+        "held_bytes": 900 * MIB,
+        "guest_ram_bytes": 800 * MIB,
+        "overhead_bytes": 100 * MIB,
+    }
+    assert db["host"] == {"held_bytes": GIB, "guest_ram_bytes": None, "overhead_bytes": None}
 
 
 def test_a_guest_s_processors_when_they_are_shared(client: TestClient) -> None:

@@ -67,6 +67,10 @@ def test_guest_series() -> None:
         1000,
     )
     assert ("balloonist_guest_vcpus", (("guest", "db"),)) not in samples  # not shared
+    assert (web("host_held_bytes"), web("host_guest_ram_bytes")) == (900 * MIB, 800 * MIB)
+    assert web("host_overhead_bytes") == 100 * MIB
+    assert samples[("balloonist_guest_host_held_bytes", (("guest", "db"),))] == GIB
+    assert ("balloonist_guest_host_overhead_bytes", (("guest", "db"),)) not in samples
     # db does not report free memory or a rate: no sample rather than a made-up value.
     assert ("balloonist_guest_free_bytes", (("guest", "db"),)) not in samples
     assert ("balloonist_guest_inflate_rate_bytes_per_second", (("guest", "db"),)) not in samples

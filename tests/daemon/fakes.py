@@ -3,13 +3,14 @@ them with a fake clock and host (no QEMU)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.daemon.vm_ports import CpuBalloonPort
 from balloonist.errors import FatalBackendError, TransientBackendError
 from balloonist.host import HostMemInfo
+from balloonist.model import HostHeld
 from balloonist.qemu.launcher import StateDir, VMRecord
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import GIB, MIB
@@ -91,16 +92,31 @@ def record(
     )
 
 
+@dataclass
+class FakeMemoryHost:
+    """The host's count of what each VM holds, by QEMU pid: ``counts[pid]``."""
+
+    counts: dict[int, HostHeld]
+    asked: list[tuple[int, int, str | None]] = field(default_factory=list)
+
+    def held(self, pid: int, memory_bytes: int, ram_file: str | None) -> HostHeld | None:
+        self.asked.append((pid, memory_bytes, ram_file))
+        return self.counts.get(pid)
+
+
 def make(
     tmp_path: Path,
     vms: dict[str, FakeVm],
     budget: str = "3GiB",
     host: HostMemInfo = HOST,
     period_s: float = 1.0,
+    memory_host: FakeMemoryHost | None = None,
 ) -> Daemon:
+    """A daemon over ``vms``; with ``memory_host``, the i-th VM's QEMU has pid 1000 + i."""
     state = StateDir(tmp_path)
-    for name, vm in vms.items():
-        state.save(record(name, vm.memory))
+    for i, (name, vm) in enumerate(vms.items()):
+        pid = None if memory_host is None else 1000 + i
+        state.save(replace(record(name, vm.memory), pid=pid))
     config = DaemonConfig.model_validate({"daemon": {"budget": budget, "period_s": period_s}})
     t = iter(range(10**6))
     return Daemon(
@@ -109,4 +125,5 @@ def make(
         clock=lambda: float(next(t)),
         meminfo=lambda: host,
         connector=lambda r: vms[r.name],
+        memory_host=memory_host,
     )

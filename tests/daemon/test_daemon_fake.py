@@ -16,9 +16,10 @@ from balloonist.daemon.vm_figures import observed_demand_bytes
 from balloonist.daemon.vm_life import VmLife
 from balloonist.errors import ConfigError, TransientBackendError
 from balloonist.host import HostMemInfo, parse_meminfo
+from balloonist.model import HostHeld
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
-from tests.daemon.fakes import HOST, FakeVm, make
+from tests.daemon.fakes import HOST, FakeMemoryHost, FakeVm, make
 
 
 def test_memory_moves_to_the_guest_that_uses_it_and_targets_stay_in_bounds(
@@ -35,6 +36,20 @@ def test_memory_moves_to_the_guest_that_uses_it_and_targets_stay_in_bounds(
     assert vms["busy"].actual + vms["idle"].actual <= 3 * GIB + 64 * MIB
     for vm in vms.values():
         assert all(256 * MIB <= t <= 2 * GIB for t in vm.targets)
+
+
+def test_the_status_shows_what_the_host_counts_each_guest_holds(tmp_path: Path) -> None:
+    vms = {"web": FakeVm(2 * GIB, 2 * GIB), "db": FakeVm(GIB, GIB)}
+    counted = HostHeld(held_bytes=700 * MIB, guest_ram_bytes=600 * MIB)
+    memory_host = FakeMemoryHost({1000: counted})  # web's QEMU; db's cannot be read
+    daemon = make(tmp_path, vms, memory_host=memory_host)
+    daemon.step()
+    status = daemon.status()
+    assert status is not None
+    web, db = status.guest("web"), status.guest("db")
+    assert web is not None and web.host == counted and web.host.overhead_bytes == 100 * MIB
+    assert db is not None and db.host is None
+    assert (1000, 2 * GIB, None) in memory_host.asked
 
 
 def test_a_restart_starts_from_where_the_guests_are(tmp_path: Path) -> None:

@@ -18,6 +18,10 @@ Thresholds:
 - RETURN_DEADLINE_S: giving memory back waits for the slow working-set average
   (30 s half-life) to come down. One run returned 64 MiB in about 100 s; a CI run had
   moved 76 and 67 MiB after 240 s. 360 s.
+- HOST_AGREE: every period, what the daemon says each VM holds of the host's memory
+  (its QEMU's smaps) must lie within 2 % of the kernel's own sum (smaps_rollup's Pss)
+  read just before and just after the period: the same figure summed twice, apart by
+  what the guest touched in between.
 """
 
 from __future__ import annotations
@@ -43,6 +47,41 @@ DEADLINE_S = 90.0
 MIN_BYTES = 128 * MIB
 RETURN_BYTES = 32 * MIB
 RETURN_DEADLINE_S = 360.0
+HOST_AGREE = 0.02
+
+
+def pss_bytes(pid: int | None) -> int | None:
+    """The process's proportional set size, from the kernel's own sum; None if gone."""
+    if pid is None:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    line = next(line for line in text.splitlines() if line.startswith("Pss:"))
+    return int(line.split()[1]) * 1024
+
+
+def step_checking_host(daemon: Daemon, pids: dict[str, int | None]) -> int:
+    """A period, and what the daemon says the host holds for each VM checked against
+    its QEMU process's own smaps_rollup, read just before and just after (HOST_AGREE).
+    Returns how many VMs were checked."""
+    before = {name: pss_bytes(pid) for name, pid in pids.items()}
+    daemon.step()
+    after = {name: pss_bytes(pid) for name, pid in pids.items()}
+    status = daemon.status()
+    assert status is not None
+    checked = 0
+    for guest in status.guests:
+        was, now = before.get(guest.name), after.get(guest.name)
+        if was is None or now is None:
+            continue  # its QEMU is gone
+        assert guest.host is not None, guest.name
+        low, high = min(was, now), max(was, now)
+        held = guest.host.held_bytes
+        assert low * (1 - HOST_AGREE) <= held <= high * (1 + HOST_AGREE), (guest, was, now)
+        checked += 1
+    return checked
 
 
 def _actual(daemon: Daemon, name: str) -> int:
@@ -65,11 +104,17 @@ def test_memory_follows_demand_targets_stay_in_bounds_and_a_dead_vm_is_dropped(
     config = DaemonConfig.model_validate({"daemon": {"budget": "800MiB"}})
     daemon = Daemon(config, state, on_target=lambda name, b: sent.append((name, b)))
 
+    pids = {name: state.load(name).pid for name in ("busy", "idle")}
+    host_checks = [0]
+
+    def step() -> None:
+        host_checks[0] += step_checking_host(daemon, pids)
+
     def run_until(condition: object, deadline_s: float) -> bool:
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             started = time.monotonic()
-            daemon.step()
+            step()
             if callable(condition) and condition():
                 return True
             daemon.idle(max(0.0, 1.0 - (time.monotonic() - started)))
@@ -112,6 +157,7 @@ def test_memory_follows_demand_targets_stay_in_bounds_and_a_dead_vm_is_dropped(
         daemon.step()
         assert daemon.hv.managed() == ["busy"]
         assert sent_count(daemon, "busy") >= before  # still served, no crash
+        assert host_checks[0] >= 2 * 60  # both VMs, every period for minutes
     finally:
         daemon.hv.close()
 

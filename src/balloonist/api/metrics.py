@@ -45,6 +45,10 @@ _cpu_balloon_vcpus,                                      processors are shared: 
 _cpu_balloon_target_vcpus,                               online, held by the CPU balloon,
 _allocation_target_cpus, _cpu_demand_vcpus,              its target, the policy's grant
 _min_cpus, _max_cpus, _cpu_shares                        and demand estimate, the spec
+balloonist_guest_host_held_bytes,        gauge  guest    what the host counts the guest's
+_host_guest_ram_bytes,                                   QEMU process holds (Pss of its
+_host_overhead_bytes                                     smaps), its RAM and QEMU's own
+                                                         (guests where it can be read)
 balloonist_<counter>_total               counter         each daemon failure counter of
                                                          ``Status.counters``
                                                          (cycles_skipped, uncooperative,
@@ -62,16 +66,19 @@ Counter names are ``FailureCounter``'s (``daemon/counters.py``), their meanings 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, Status
-from balloonist.model import HostState
+from balloonist.model import HostHeld, HostState
 
 PREFIX = "balloonist"
+
+Part = TypeVar("Part")
 
 #: Per-guest gauges: (metric name after ``balloonist_guest_``, help, value).
 _GUEST_GAUGES: tuple[tuple[str, str, Callable[[GuestStatus], float]], ...] = (
@@ -96,12 +103,24 @@ _GUEST_GAUGES: tuple[tuple[str, str, Callable[[GuestStatus], float]], ...] = (
     ("cooperative", "1 if the guest's balloon follows its target.", lambda g: int(g.cooperative)),
 )
 
+#: Per-guest gauges of what the host counts a guest holds, for guests where it can be
+#: read: (name after ``balloonist_guest_``, help, value; None leaves the guest out).
+_GUEST_HOST_GAUGES: tuple[tuple[str, str, Callable[[HostHeld], float | None]], ...] = (
+    (
+        "host_held_bytes",
+        "What its QEMU process holds of host memory (Pss).",
+        lambda h: h.held_bytes,
+    ),
+    ("host_guest_ram_bytes", "Of that, the guest's RAM.", lambda h: h.guest_ram_bytes),
+    ("host_overhead_bytes", "Of that, QEMU's own memory.", lambda h: h.overhead_bytes),
+)
+
 #: Per-guest processor gauges, for guests whose processors are shared: (name after
 #: ``balloonist_guest_``, help, value).
 _GUEST_CPU_GAUGES: tuple[tuple[str, str, Callable[[GuestCpuStatus], float]], ...] = (
     ("vcpus", "The guest's vCPUs.", lambda c: c.vcpus),
     ("min_cpus", "Processor reservation: processors always granted.", lambda c: c.min_cpus),
-    ("max_cpus", "Processor limit (max_cpus).", lambda c: c.max_cpus),
+    ("max_cpus", "Processor limit: the most processors granted.", lambda c: c.max_cpus),
     ("cpu_shares", "Processor shares.", lambda c: c.shares),
     (
         "allocation_target_cpus",
@@ -219,13 +238,8 @@ def _guest_metrics(guests: Iterable[GuestStatus]) -> Iterable[Metric]:
     yield free
     yield faults
     yield rate
-    sharing = [(g.name, g.cpu) for g in guests if g.cpu is not None]
-    if sharing:
-        for suffix, help_text, cpu_value in _GUEST_CPU_GAUGES:
-            family = GaugeMetricFamily(metric_name("guest", suffix), help_text, labels=["guest"])
-            for name, cpu in sharing:
-                family.add_metric([name], cpu_value(cpu))
-            yield family
+    yield from _part_gauges([(g.name, g.host) for g in guests if g.host], _GUEST_HOST_GAUGES)
+    yield from _part_gauges([(g.name, g.cpu) for g in guests if g.cpu], _GUEST_CPU_GAUGES)
     # One family per counter name, with a sample for each guest that has it.
     by_name: dict[FailureCounter, dict[str, int]] = {}
     for guest in guests:
@@ -236,6 +250,22 @@ def _guest_metrics(guests: Iterable[GuestStatus]) -> Iterable[Metric]:
         for guest_name, count in by_name[name].items():
             counter.add_metric([guest_name], count)
         yield counter
+
+
+def _part_gauges(
+    present: Sequence[tuple[str, Part]],
+    table: Sequence[tuple[str, str, Callable[[Part], float | None]]],
+) -> Iterable[Metric]:
+    """Per-guest gauges of a part only some guests have (processors, the host's count);
+    no family at all when no guest has it."""
+    if not present:
+        return
+    for suffix, help_text, value_of in table:
+        family = GaugeMetricFamily(metric_name("guest", suffix), help_text, labels=["guest"])
+        for name, part in present:
+            if (value := value_of(part)) is not None:
+                family.add_metric([name], value)
+        yield family
 
 
 def make_registry(status: Callable[[], Status | None]) -> CollectorRegistry:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from balloonist.config import MAX_CPUS_NAMES, MIN_CPUS_NAMES, check_size
 from balloonist.daemon.history import GUEST_SERIES, HistoryPoint
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, HostStatus, PolicyStatus, Status
+from balloonist.model import HostHeld
 from balloonist.units import parse_size_bytes
 
 #: Largest shares value accepted: far beyond any useful ratio between guests, and
@@ -80,6 +81,27 @@ class GuestCpuOut(_Out):
         return cls.model_validate(dataclasses.asdict(cpu))
 
 
+class GuestHostOut(_Out):
+    """A guest's memory as the host counts it (its QEMU process's ``smaps``, in
+    proportional set size), not as its balloon says."""
+
+    held_bytes: NonNegative = Field(description="What its QEMU process holds, all of it.")
+    guest_ram_bytes: NonNegative | None = Field(
+        description="Of which the guest's RAM; null when it cannot be told apart."
+    )
+    overhead_bytes: NonNegative | None = Field(
+        description="Of which QEMU's own memory (code, heap, device state, TCG's cache)."
+    )
+
+    @classmethod
+    def of(cls, host: HostHeld) -> GuestHostOut:
+        return cls(
+            held_bytes=host.held_bytes,
+            guest_ram_bytes=host.guest_ram_bytes,
+            overhead_bytes=host.overhead_bytes,
+        )
+
+
 class GuestOut(_Out):
     name: str
     memory_bytes: NonNegative = Field(description="Configured size.")
@@ -106,6 +128,11 @@ class GuestOut(_Out):
         default=None, description="Its processors; null when they are not shared."
     )
     counters: dict[str, NonNegative] = Field(description="Failure counters of this guest.")
+    host: GuestHostOut | None = Field(
+        default=None,
+        description="What the host counts it holds; null where that cannot be read "
+        "(the simulator, a VM balloonist did not start).",
+    )
 
     @classmethod
     def of(cls, guest: GuestStatus) -> GuestOut:
@@ -127,6 +154,7 @@ class GuestOut(_Out):
             inflate_rate_bytes_per_s=guest.inflate_rate_bytes_per_s,
             cpu=None if guest.cpu is None else GuestCpuOut.of(guest.cpu),
             counters={str(k): v for k, v in guest.counters.items()},
+            host=None if guest.host is None else GuestHostOut.of(guest.host),
         )
 
 

@@ -23,7 +23,7 @@ from balloonist.daemon.control import GuestChange
 from balloonist.daemon.counters import Counts
 from balloonist.daemon.pacing import Bounds
 from balloonist.daemon.qemu_hv import QemuHypervisor
-from balloonist.daemon.vm_ports import VcpuHost, VmPort
+from balloonist.daemon.vm_ports import VcpuHost, VmMemoryHost, VmPort
 from balloonist.daemon.vm_source import VmSource, with_change
 from balloonist.host import HostMemInfo
 from balloonist.model import GuestSpec
@@ -43,6 +43,7 @@ class QemuBackend:
         meminfo: Callable[[], HostMemInfo],
         connector: Callable[[VMRecord], VmPort] | None = None,
         vcpu_host: VcpuHost | None = None,
+        memory_host: VmMemoryHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
     ) -> None:
         self.config = config
@@ -61,6 +62,7 @@ class QemuBackend:
             period_s=config.daemon.period_s,
             processors=config.daemon.processor_ids,
             vcpu_host=vcpu_host or source.vcpu_host(),
+            memory_host=memory_host,
         )
 
     def _records(self) -> list[VMRecord]:

@@ -31,7 +31,7 @@ from balloonist.daemon.cpu_sharing import ProcessorSharing
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds
 from balloonist.daemon.vm_figures import host_memory
 from balloonist.daemon.vm_life import ManagedVm, VmFailures, VmLife, VmView
-from balloonist.daemon.vm_ports import ProcVcpuHost, VcpuHost, VmPort
+from balloonist.daemon.vm_ports import ProcVcpuHost, ProcVmMemory, VcpuHost, VmMemoryHost, VmPort
 from balloonist.errors import BackendError, FatalBackendError
 from balloonist.host import HostMemInfo
 from balloonist.model import Decision, GuestSample, GuestSpec, HostReading
@@ -97,11 +97,14 @@ class QemuHypervisor:
         period_s: float = 1.0,
         processors: Sequence[int] | None = None,
         vcpu_host: VcpuHost | None = None,
+        memory_host: VmMemoryHost | None = None,
     ) -> None:
         """``period_s``: how often ``apply`` runs, so the pacing rate (pages per step)
         can be reported per second. ``processors``: host processors the agent VMs'
         vCPUs share; None leaves processors alone. ``vcpu_host``: the host's side of
-        their vCPU threads (``/proc`` and ``sched_setaffinity`` unless given)."""
+        their vCPU threads (``/proc`` and ``sched_setaffinity`` unless given).
+        ``memory_host``: the host's count of what each VM holds (``/proc`` unless
+        given)."""
         self.budget_bytes = budget_bytes
         self._period_s = period_s
         self._cpus = (
@@ -110,6 +113,7 @@ class QemuHypervisor:
             else ProcessorSharing(processors, vcpu_host or ProcVcpuHost(), clock)
         )
         self._meminfo = meminfo
+        self._memory_host = memory_host or ProcVmMemory()
         self._clock = clock
         self._connector = connector or (lambda record: vm_port(record, clock))
         self._bounds_for = bounds_for or (lambda r: Bounds(r.min_bytes, r.max_bytes))
@@ -273,8 +277,10 @@ class QemuHypervisor:
         stats = await vm.port.guest_stats()
         vm.observe(actual, stats, self._bounds_for(vm.record), self._stall_timeout_s)
         cpu = await self._cpus.sample(vm) if self._cpus is not None else None
+        r = vm.record
+        host = None if r.pid is None else self._memory_host.held(r.pid, r.memory_bytes, r.ram_file)
         vm.move_to(VmLife.SAMPLED)
-        return vm.fresh_sample(self._period_s, cpu)
+        return vm.fresh_sample(self._period_s, cpu, host)
 
     def _failed(self, vm: ManagedVm, exc: BaseException) -> None:
         name = vm.record.name

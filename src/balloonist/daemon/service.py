@@ -71,7 +71,7 @@ from balloonist.daemon.statefile import (
     saved_guest,
 )
 from balloonist.daemon.status import PolicyStatus, Status
-from balloonist.daemon.vm_ports import VcpuHost, VmPort
+from balloonist.daemon.vm_ports import VcpuHost, VmMemoryHost, VmPort
 from balloonist.daemon.vm_source import StateDirVms, VmSource
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo, read_meminfo
@@ -341,6 +341,7 @@ class Daemon(DaemonLoop):
         meminfo: Callable[[], HostMemInfo] = read_meminfo,
         connector: Callable[[VMRecord], VmPort] | None = None,
         vcpu_host: VcpuHost | None = None,
+        memory_host: VmMemoryHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
         policy: Policy | None = None,
         source: VmSource | None = None,
@@ -354,6 +355,7 @@ class Daemon(DaemonLoop):
             meminfo=meminfo,
             connector=connector,
             vcpu_host=vcpu_host,
+            memory_host=memory_host,
             on_target=on_target,
         )
         self.hv: QemuHypervisor = backend.hv

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from balloonist.daemon.counters import FailureCounter
-from balloonist.model import CpuTarget, GuestView
+from balloonist.model import CpuTarget, GuestView, HostHeld
 from balloonist.scheduler import Cycle
 
 
@@ -61,6 +61,8 @@ class GuestStatus:
     cpu: GuestCpuStatus | None = None
     #: Failure counters of this guest (daemon/counters.py).
     counters: Mapping[FailureCounter, int] = field(default_factory=dict)
+    #: What the host counts it holds (its QEMU process), if the backend can read it.
+    host: HostHeld | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ def status_from_cycle(
                 inflate_rate_bytes_per_s=sample.inflate_rate_bytes_per_s,
                 cpu=_cpu_status(view, target.cpu if target is not None else None),
                 counters=dict((guest_counters or {}).get(spec.name, {})),
+                host=sample.host,
             )
         )
     host = snapshot.host

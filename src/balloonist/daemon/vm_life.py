@@ -33,7 +33,7 @@ from balloonist.daemon.processors import VmProcessors
 from balloonist.daemon.vm_figures import observed_demand_bytes
 from balloonist.daemon.vm_ports import VmPort
 from balloonist.errors import StateError
-from balloonist.model import CpuSample, GuestSample, GuestSpec
+from balloonist.model import CpuSample, GuestSample, GuestSpec, HostHeld
 from balloonist.qemu.launcher import VMRecord
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import PAGE_SIZE_BYTES, format_size
@@ -204,8 +204,11 @@ class ManagedVm:
         held = max(spec.min_bytes, min(self.actual_bytes, spec.limit_bytes))
         return replace(spec, min_bytes=held, max_bytes=held)
 
-    def fresh_sample(self, period_s: float, cpu: CpuSample | None) -> GuestSample:
-        """Its sample from this period's reading (:meth:`observe`)."""
+    def fresh_sample(
+        self, period_s: float, cpu: CpuSample | None, host: HostHeld | None = None
+    ) -> GuestSample:
+        """Its sample from this period's reading (:meth:`observe`); ``host``: what the
+        host counts it holds."""
         r, pacer, stats = self.record, self.pacer, self.stats
         assert pacer is not None and stats is not None  # by observe()
         return GuestSample(
@@ -219,6 +222,7 @@ class ManagedVm:
             cooperative=self.cooperative,
             inflate_rate_bytes_per_s=pacer.rate.step_units * PAGE_SIZE_BYTES / period_s,
             cpu=cpu,
+            host=host,
         )
 
     def stale_sample(self) -> GuestSample:

@@ -5,7 +5,8 @@
 the VM's CPU balloon says so through :attr:`VmPort.cpu_balloon`, so the adapter never
 has to ask what class a port is. :class:`VcpuHost` is the host's side of a VM's vCPU
 threads (their CPU time, their affinity): ``/proc`` and ``sched_setaffinity`` here,
-a fake in tests.
+a fake in tests. :class:`VmMemoryHost` is the host's count of what a VM's QEMU process
+holds (``/proc/PID/smaps`` here).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 from balloonist.daemon.processors import threads_cpu_s
+from balloonist.model import HostHeld
 from balloonist.qemu.affinity import narrow_vcpu_affinity
+from balloonist.qemu.host_memory import read_host_held
 from balloonist.qemu.qmp import GuestStats
 
 
@@ -100,4 +103,27 @@ class ProcVcpuHost:
         narrow_vcpu_affinity(pid, threads, processors)
 
 
-__all__ = ["CpuBalloonPort", "CpuReportLike", "ProcVcpuHost", "VcpuHost", "VmPort"]
+class VmMemoryHost(Protocol):
+    """The host's side of a VM's memory: what its QEMU process ``pid`` really holds,
+    and of that its guest's RAM (``memory_bytes`` of it, in ``ram_file`` for an agent
+    VM). None when the process cannot be read."""
+
+    def held(self, pid: int, memory_bytes: int, ram_file: str | None) -> HostHeld | None: ...
+
+
+class ProcVmMemory:
+    """The real :class:`VmMemoryHost`: the process's ``/proc/PID/smaps``."""
+
+    def held(self, pid: int, memory_bytes: int, ram_file: str | None) -> HostHeld | None:
+        return read_host_held(pid, memory_bytes, ram_file)
+
+
+__all__ = [
+    "CpuBalloonPort",
+    "CpuReportLike",
+    "ProcVcpuHost",
+    "ProcVmMemory",
+    "VcpuHost",
+    "VmMemoryHost",
+    "VmPort",
+]

@@ -388,6 +388,13 @@ function showGuest(guest) {
   text(".max", formatSize(guest.max_bytes));
   const rate = guest.inflate_rate_bytes_per_s;
   text(".rate", rate === null ? "-" : `${formatSize(rate)}/s`);
+  // What the host counts its QEMU process holds, next to what the balloon says.
+  const host = guest.host ?? null;
+  for (const el of card.root.querySelectorAll(".host-only")) el.hidden = host === null;
+  if (host !== null) {
+    const qemu = host.overhead_bytes === null ? "" : ` (QEMU ${formatSize(host.overhead_bytes)})`;
+    text(".host-held", `${formatSize(host.held_bytes)}${qemu}`);
+  }
   const cpu = guest.cpu;
   for (const el of card.root.querySelectorAll(".cpu-only")) el.hidden = cpu === null;
   if (cpu !== null) {
