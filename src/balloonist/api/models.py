@@ -131,7 +131,7 @@ class GuestOut(_Out):
     host: GuestHostOut | None = Field(
         default=None,
         description="What the host counts it holds; null where that cannot be read "
-        "(the simulator, a VM balloonist did not start).",
+        "(the simulator, a VM whose QEMU process is not known here).",
     )
 
     @classmethod
