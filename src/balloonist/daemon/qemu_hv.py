@@ -79,6 +79,15 @@ async def _closes_ended(vms: Iterable[ManagedVm]) -> None:
         await vm.closed()
 
 
+def _close_later(loop: asyncio.AbstractEventLoop, port: VmPort) -> asyncio.Task[None] | None:
+    """Close the port now if the loop is idle; else start closing it and return the
+    task, which must end before the port connects again (see ``QemuHypervisor._sample``)."""
+    if loop.is_running():
+        return loop.create_task(port.close())
+    loop.run_until_complete(port.close())
+    return None
+
+
 class QemuHypervisor:
     """The scheduler's ``Hypervisor`` over the recorded VMs, on an event loop of its own
     that runs only while one of its methods does."""
@@ -172,17 +181,9 @@ class QemuHypervisor:
     def _release(self, vm: ManagedVm) -> None:
         if vm.port is not None:
             if vm.connected:
-                self._close_later(vm.port)
+                _close_later(self._loop, vm.port)
             vm.port.release()
         vm.move_to(VmLife.GONE)
-
-    def _close_later(self, port: VmPort) -> asyncio.Task[None] | None:
-        """Close the port now if the loop is idle; else start closing it and return the
-        task, which must end before the port connects again (see ``_sample``)."""
-        if self._loop.is_running():
-            return self._loop.create_task(port.close())
-        self._loop.run_until_complete(port.close())
-        return None
 
     # -- inspection -----------------------------------------------------------------------
 
@@ -277,10 +278,8 @@ class QemuHypervisor:
         stats = await vm.port.guest_stats()
         vm.observe(actual, stats, self._bounds_for(vm.record), self._stall_timeout_s)
         cpu = await self._cpus.sample(vm) if self._cpus is not None else None
-        r = vm.record
-        host = None if r.pid is None else self._memory_host.held(r.pid, r.memory_bytes, r.ram_file)
         vm.move_to(VmLife.SAMPLED)
-        return vm.fresh_sample(self._period_s, cpu, host)
+        return vm.fresh_sample(self._period_s, cpu, vm.host_held(self._memory_host))
 
     def _failed(self, vm: ManagedVm, exc: BaseException) -> None:
         name = vm.record.name
@@ -301,7 +300,7 @@ class QemuHypervisor:
     def _disconnect(self, vm: ManagedVm, to: VmLife) -> None:
         """Close its port (a half-open one too: closing is idempotent) and move on."""
         if vm.port is not None:
-            vm.closing = self._close_later(vm.port)
+            vm.closing = _close_later(self._loop, vm.port)
         vm.move_to(to)
 
     async def _apply(self, decision: Decision) -> None:

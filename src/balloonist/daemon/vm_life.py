@@ -31,7 +31,7 @@ from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.pacing import Bounds, GuestPacer
 from balloonist.daemon.processors import VmProcessors
 from balloonist.daemon.vm_figures import observed_demand_bytes
-from balloonist.daemon.vm_ports import VmPort
+from balloonist.daemon.vm_ports import VmMemoryHost, VmPort
 from balloonist.errors import StateError
 from balloonist.model import CpuSample, GuestSample, GuestSpec, HostHeld
 from balloonist.qemu.launcher import VMRecord
@@ -203,6 +203,11 @@ class ManagedVm:
             return spec
         held = max(spec.min_bytes, min(self.actual_bytes, spec.limit_bytes))
         return replace(spec, min_bytes=held, max_bytes=held)
+
+    def host_held(self, memory: VmMemoryHost) -> HostHeld | None:
+        """What the host counts its QEMU process holds; None if that is not known."""
+        r = self.record
+        return None if r.pid is None else memory.held(r.pid, r.memory_bytes, r.ram_file)
 
     def fresh_sample(
         self, period_s: float, cpu: CpuSample | None, host: HostHeld | None = None
