@@ -1,4 +1,5 @@
-"""Shared pytest set-up: tests that need root; the test guests' assets.
+"""Shared pytest set-up: tests that need root; the test guests' assets; the host's
+KSM out of reach of tests that run no real VM.
 
 A test marked ``root`` skips when run as another user, with the reason; under ``CI``
 it fails instead, as the QEMU and browser tests do: CI must prove the root-only paths
@@ -28,6 +29,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}, and CI must run it as root")
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _no_host_ksm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A daemon built in a test without real VMs finds no KSM (a directory that does
+    not exist stands in for /sys/kernel/mm/ksm), so it never sets the host's: only
+    ``vm`` tests drive the real one."""
+    if request.node.get_closest_marker("vm") is None:
+        import balloonist.ksm
+
+        mp = request.getfixturevalue("monkeypatch")
+        mp.setattr(balloonist.ksm, "KSM_ROOT", tmp_path_factory.getbasetemp() / "no-ksm")
 
 
 def missing(what: str) -> None:

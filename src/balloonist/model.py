@@ -132,6 +132,23 @@ class HostReading:
     swap_bytes: int
     swap_used_bytes: int
     cpus: int | None = None  # host processors the guests' vCPUs share, if shared
+    truth: HostTruth | None = None  # the host's own count, where the backend reads it
+
+
+@dataclass(frozen=True)
+class HostTruth:
+    """The VMs' memory as the host counts it, not as their balloons say (real VMs)."""
+
+    memory_bytes: int  # what the VMs may hold (the daemon's budget)
+    held_bytes: int  # what the VMs' processes hold (see HostHeld), all together
+    available_bytes: int  # the host's MemAvailable
+    #: What the VMs may still take before they hold their budget or the host runs
+    #: short: the smaller of the two.
+    free_bytes: int
+
+    @property
+    def free_fraction(self) -> float:
+        return self.free_bytes / self.memory_bytes if self.memory_bytes else 0.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,7 @@ class HostSample:
     swap_used_bytes: int
     state: HostState
     cpus: int | None = None  # host processors the guests' vCPUs share, if shared
+    truth: HostTruth | None = None  # the host's own count, where the backend reads it
 
     @property
     def free_fraction(self) -> float:
@@ -158,6 +176,11 @@ class HostHeld:
 
     held_bytes: int  # all of it: the guest's RAM and the VMM's own memory
     guest_ram_bytes: int | None = None  # of which the guest's RAM; None: not told apart
+    #: Of its pages, those KSM merged with identical ones (its own or other VMs');
+    #: None where the host does not say.
+    ksm_merged_bytes: int | None = None
+    #: What merging saved the host for it, less KSM's bookkeeping; None where unknown.
+    ksm_saved_bytes: int | None = None
 
     @property
     def overhead_bytes(self) -> int | None:

@@ -121,6 +121,7 @@ class Scheduler:
             swap_used_bytes=reading.swap_used_bytes,
             state=self._state,
             cpus=reading.cpus,
+            truth=reading.truth,
         )
         views: list[GuestView] = []
         for spec in self._hv.specs():

@@ -46,7 +46,12 @@ def make_guest(name: str, **overrides: object) -> GuestStatus:
             demand_vcpus=2.5,
         ),
         "counters": {FailureCounter.STALLS: 1},
-        "host": HostHeld(held_bytes=900 * MIB, guest_ram_bytes=800 * MIB),
+        "host": HostHeld(
+            held_bytes=900 * MIB,
+            guest_ram_bytes=800 * MIB,
+            ksm_merged_bytes=30 * MIB,
+            ksm_saved_bytes=20 * MIB,
+        ),
     }
     fields.update(overrides)
     return GuestStatus(**fields)  # type: ignore[arg-type]

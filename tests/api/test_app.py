@@ -3,6 +3,7 @@ refused change changes nothing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,6 +11,9 @@ from fastapi.testclient import TestClient
 
 from balloonist.api import create_app
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.ksm_control import KsmMode, KsmStatus
+from balloonist.ksm import KsmKnobs, KsmTotals
+from balloonist.model import HostTruth
 from balloonist.units import GIB, MIB
 from tests.api.fake import FakeController, make_guest, make_status
 
@@ -47,6 +51,8 @@ def test_host(client: TestClient) -> None:
         "swap_used_bytes": 0,
         "state": "soft",
         "cpus": 8,
+        "truth": None,  # a simulated host has no count of its own
+        "ksm": None,
         "version": 1,
         "time_s": 1.0,
         "period_s": 1.0,
@@ -71,8 +77,47 @@ def test_guests_list_and_one(client: TestClient) -> None:
         "held_bytes": 900 * MIB,
         "guest_ram_bytes": 800 * MIB,
         "overhead_bytes": 100 * MIB,
+        "ksm_merged_bytes": 30 * MIB,
+        "ksm_saved_bytes": 20 * MIB,
     }
-    assert db["host"] == {"held_bytes": GIB, "guest_ram_bytes": None, "overhead_bytes": None}
+    assert db["host"] == {
+        "held_bytes": GIB,
+        "guest_ram_bytes": None,
+        "overhead_bytes": None,
+        "ksm_merged_bytes": None,
+        "ksm_saved_bytes": None,
+    }
+
+
+def test_the_host_s_own_count_and_its_page_sharing() -> None:
+    truth = HostTruth(
+        memory_bytes=6 * GIB, held_bytes=5 * GIB, available_bytes=20 * GIB, free_bytes=1 * GIB
+    )
+    ksm = KsmStatus(
+        KsmMode.LEFT_ALONE,
+        KsmKnobs(1, 300, 20),
+        KsmTotals(pages_shared=10, pages_sharing=200, full_scans=4, profit_bytes=700_000),
+        reason="it was already running when balloonist started",
+    )
+    status = make_status()
+    status = replace(status, host=replace(status.host, truth=truth), ksm=ksm)
+    host = TestClient(create_app(FakeController(status), token=None)).get("/v1/host").json()
+    assert host["truth"] == {
+        "memory_bytes": 6 * GIB,
+        "held_bytes": 5 * GIB,
+        "available_bytes": 20 * GIB,
+        "free_bytes": 1 * GIB,
+    }
+    assert host["ksm"] == {
+        "mode": "left alone",
+        "reason": "it was already running when balloonist started",
+        "running": True,
+        "pages_to_scan": 300,
+        "sleep_ms": 20,
+        "pages_shared": 10,
+        "pages_sharing": 200,
+        "saved_bytes": 700_000,
+    }
 
 
 def test_a_guest_s_processors_when_they_are_shared(client: TestClient) -> None:

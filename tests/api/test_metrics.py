@@ -9,7 +9,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balloonist.api import create_app
 from balloonist.daemon.counters import FailureCounter
-from balloonist.units import GIB, MIB
+from balloonist.daemon.ksm_control import KsmMode, KsmStatus
+from balloonist.ksm import KsmKnobs, KsmTotals
+from balloonist.model import HostTruth
+from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
 from tests.api.fake import FakeController, make_guest, make_status
 
 
@@ -74,6 +77,29 @@ def test_guest_series() -> None:
     # db does not report free memory or a rate: no sample rather than a made-up value.
     assert ("balloonist_guest_free_bytes", (("guest", "db"),)) not in samples
     assert ("balloonist_guest_inflate_rate_bytes_per_second", (("guest", "db"),)) not in samples
+
+
+def test_the_host_s_own_count_and_ksm_series() -> None:
+    truth = HostTruth(6 * GIB, 5 * GIB, 20 * GIB, 1 * GIB)
+    ksm = KsmStatus(KsmMode.MANAGING, KsmKnobs(1, 550, 20), KsmTotals(10, 200, 4, None))
+    status = make_status()
+    status = replace(status, host=replace(status.host, truth=truth), ksm=ksm)
+    samples = scrape(FakeController(status))
+    assert samples[("balloonist_host_vms_held_bytes", ())] == 5 * GIB
+    assert samples[("balloonist_host_available_bytes", ())] == 20 * GIB
+    assert samples[("balloonist_host_vms_free_bytes", ())] == 1 * GIB
+    modes = {labels[0][1]: v for (n, labels), v in samples.items() if n == "balloonist_ksm_mode"}
+    assert modes["managing"] == 1 and sum(modes.values()) == 1
+    assert samples[("balloonist_ksm_running", ())] == 1
+    assert samples[("balloonist_ksm_pages_to_scan", ())] == 550
+    assert samples[("balloonist_ksm_pages_sharing", ())] == 200
+    assert samples[("balloonist_ksm_saved_bytes", ())] == 200 * PAGE_SIZE_BYTES
+    web = (("guest", "web"),)
+    assert samples[("balloonist_guest_host_ksm_merged_bytes", web)] == 30 * MIB
+    assert samples[("balloonist_guest_host_ksm_saved_bytes", web)] == 20 * MIB
+    # A simulated host has neither: no series rather than made-up ones.
+    plain = scrape(FakeController(make_status()))
+    assert not any(n.startswith(("balloonist_ksm_", "balloonist_host_vms_")) for n, _ in plain)
 
 
 def test_failure_counters() -> None:

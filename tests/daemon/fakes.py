@@ -10,6 +10,7 @@ from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.daemon.vm_ports import CpuBalloonPort
 from balloonist.errors import FatalBackendError, TransientBackendError
 from balloonist.host import HostMemInfo
+from balloonist.ksm import KsmKnobs, KsmTotals
 from balloonist.model import HostHeld
 from balloonist.qemu.launcher import StateDir, VMRecord
 from balloonist.qemu.qmp import GuestStats
@@ -104,6 +105,36 @@ class FakeMemoryHost:
         return self.counts.get(pid)
 
 
+@dataclass
+class FakeKsm:
+    """The kernel's KSM: knobs anyone may set (``knobs_now``), totals, and what
+    balloonist wrote (``written``); ``refuse`` makes writes fail as for a non-root user."""
+
+    knobs_now: KsmKnobs = field(default_factory=lambda: KsmKnobs(0, 100, 20))
+    totals_now: KsmTotals = field(default_factory=lambda: KsmTotals(0, 0, 0, None))
+    present: bool = True
+    refuse: bool = False
+    unreadable: bool = False
+    written: list[KsmKnobs] = field(default_factory=list)
+
+    def available(self) -> bool:
+        return self.present
+
+    def knobs(self) -> KsmKnobs:
+        if self.unreadable:
+            raise TransientBackendError("cannot read /sys/kernel/mm/ksm/run")
+        return self.knobs_now
+
+    def set_knobs(self, knobs: KsmKnobs) -> None:
+        if self.refuse:
+            raise FatalBackendError("cannot write /sys/kernel/mm/ksm/run: permission denied")
+        self.written.append(knobs)
+        self.knobs_now = knobs
+
+    def totals(self) -> KsmTotals:
+        return self.totals_now
+
+
 def make(
     tmp_path: Path,
     vms: dict[str, FakeVm],
@@ -111,13 +142,17 @@ def make(
     host: HostMemInfo = HOST,
     period_s: float = 1.0,
     memory_host: FakeMemoryHost | None = None,
+    ksm: FakeKsm | None = None,
+    ksm_table: dict[str, object] | None = None,
 ) -> Daemon:
     """A daemon over ``vms``; with ``memory_host``, the i-th VM's QEMU has pid 1000 + i."""
     state = StateDir(tmp_path)
     for i, (name, vm) in enumerate(vms.items()):
         pid = None if memory_host is None else 1000 + i
         state.save(replace(record(name, vm.memory), pid=pid))
-    config = DaemonConfig.model_validate({"daemon": {"budget": budget, "period_s": period_s}})
+    config = DaemonConfig.model_validate(
+        {"daemon": {"budget": budget, "period_s": period_s}, "ksm": ksm_table or {}}
+    )
     t = iter(range(10**6))
     return Daemon(
         config,
@@ -126,4 +161,5 @@ def make(
         meminfo=lambda: host,
         connector=lambda r: vms[r.name],
         memory_host=memory_host,
+        ksm_host=ksm,
     )

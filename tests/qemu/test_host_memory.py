@@ -56,6 +56,21 @@ def test_a_process_that_is_gone_is_none(tmp_path: Path) -> None:
     assert read_host_held(4_000_000, GUEST, proc=tmp_path) is None
 
 
+def test_what_ksm_merged_comes_from_ksm_stat_where_the_kernel_has_it(tmp_path: Path) -> None:
+    smaps = mapping(0x1000_0000, GUEST, "rw-p", "", 40_000)
+    for pid, ksm_stat in ((10, "ksm_merging_pages 256\nksm_process_profit 900000\n"), (11, None)):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "smaps").write_text(smaps)
+        if ksm_stat is not None:
+            (tmp_path / str(pid) / "ksm_stat").write_text(ksm_stat)
+    merged = read_host_held(10, GUEST, proc=tmp_path)
+    assert merged is not None
+    assert (merged.ksm_merged_bytes, merged.ksm_saved_bytes) == (MIB, 900_000)
+    assert merged.held_bytes == 40_000 * KIB
+    older = read_host_held(11, GUEST, proc=tmp_path)  # a kernel before 6.1
+    assert older is not None and older.ksm_merged_bytes is None and older.ksm_saved_bytes is None
+
+
 def test_this_process_s_own_memory_is_counted_to_the_page() -> None:
     """An anonymous region the size of a guest, a quarter touched; then a shared file
     mapping (an agent VM's RAM) with half touched."""

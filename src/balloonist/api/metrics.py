@@ -21,6 +21,15 @@ balloonist_host_cpus                     gauge           host processors the gue
                                                          (when they are shared)
 balloonist_host_state                    gauge  state    1 for the current state (high,
                                                          soft, hard, low), 0 for the others
+balloonist_host_vms_held_bytes,          gauge           the host's own count (real VMs):
+_host_available_bytes,                                   what the VMs' QEMU processes hold,
+_host_vms_free_bytes                                     MemAvailable, and what the VMs
+                                                         could still take
+balloonist_ksm_mode                      gauge  mode     1 for who manages KSM (managing,
+                                                         left alone, off, unavailable)
+balloonist_ksm_running, _pages_to_scan,  gauge           KSM's knobs and what it merged
+_pages_shared, _pages_sharing,                           (real VMs; where they were read)
+_saved_bytes
 balloonist_policy_tax_rate               gauge  policy   idle memory tax rate
 balloonist_guest_memory_bytes            gauge  guest    configured size
 balloonist_guest_min_bytes               gauge  guest    reservation
@@ -47,15 +56,18 @@ _allocation_target_cpus, _cpu_demand_vcpus,              its target, the policy'
 _min_cpus, _max_cpus, _cpu_shares                        and demand estimate, the spec
 balloonist_guest_host_held_bytes,        gauge  guest    what the host counts the guest's
 _host_guest_ram_bytes,                                   QEMU process holds (Pss of its
-_host_overhead_bytes                                     smaps), its RAM and QEMU's own
-                                                         (guests where it can be read)
+_host_overhead_bytes,                                    smaps), its RAM and QEMU's own;
+_host_ksm_merged_bytes,                                  of its pages, those KSM merged and
+_host_ksm_saved_bytes                                    what that saved (guests where it
+                                                         can be read)
 balloonist_<counter>_total               counter         each daemon failure counter of
                                                          ``Status.counters``
                                                          (cycles_skipped, uncooperative,
                                                          backend_errors_transient,
                                                          backend_errors_fatal, stalls,
                                                          agent_rejected,
-                                                         balloon_alloc_failures)
+                                                         balloon_alloc_failures,
+                                                         ksm_errors)
 balloonist_guest_<counter>_total         counter guest   each per-guest failure counter of
                                                          ``GuestStatus.counters``
 ======================================== ====== ======== ==================================
@@ -73,6 +85,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from balloonist.daemon.counters import FailureCounter
+from balloonist.daemon.ksm_control import KsmMode
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, Status
 from balloonist.model import HostHeld, HostState
 
@@ -113,6 +126,16 @@ _GUEST_HOST_GAUGES: tuple[tuple[str, str, Callable[[HostHeld], float | None]], .
     ),
     ("host_guest_ram_bytes", "Of that, the guest's RAM.", lambda h: h.guest_ram_bytes),
     ("host_overhead_bytes", "Of that, QEMU's own memory.", lambda h: h.overhead_bytes),
+    (
+        "host_ksm_merged_bytes",
+        "Of its pages, those KSM merged.",
+        lambda h: h.ksm_merged_bytes,
+    ),
+    (
+        "host_ksm_saved_bytes",
+        "What KSM saved for it, less bookkeeping.",
+        lambda h: h.ksm_saved_bytes,
+    ),
 )
 
 #: Per-guest processor gauges, for guests whose processors are shared: (name after
@@ -202,6 +225,7 @@ def _daemon_metrics(status: Status) -> Iterable[Metric]:
     if host.state not in {s.value for s in HostState}:
         state.add_metric([host.state], 1)
     yield state
+    yield from _host_truth_metrics(status)
     tax = GaugeMetricFamily(
         metric_name("policy_tax_rate"), "Idle memory tax rate.", labels=["policy"]
     )
@@ -209,6 +233,43 @@ def _daemon_metrics(status: Status) -> Iterable[Metric]:
     yield tax
     for name in sorted(status.counters):
         yield CounterMetricFamily(metric_name(name), name.meaning, value=status.counters[name])
+
+
+def _host_truth_metrics(status: Status) -> Iterable[Metric]:
+    """The host's own count and its page sharing, where the daemon reads them."""
+    truth, ksm = status.host.truth, status.ksm
+    if truth is not None:
+        for suffix, help_text, value in (
+            ("host_vms_held_bytes", "What the VMs' QEMU processes hold (Pss).", truth.held_bytes),
+            ("host_available_bytes", "The host's MemAvailable.", truth.available_bytes),
+            ("host_vms_free_bytes", "What the VMs could still take.", truth.free_bytes),
+        ):
+            yield GaugeMetricFamily(metric_name(suffix), help_text, value)
+    if ksm is None:
+        return
+    mode = GaugeMetricFamily(metric_name("ksm_mode"), "1 for who manages KSM.", labels=["mode"])
+    for known in KsmMode:
+        mode.add_metric([known.value], 1 if known is ksm.mode else 0)
+    yield mode
+    if ksm.knobs is not None:
+        knobs = ksm.knobs
+        yield GaugeMetricFamily(metric_name("ksm_running"), "1 while ksmd scans.", knobs.running)
+        yield GaugeMetricFamily(
+            metric_name("ksm_pages_to_scan"), "Pages ksmd scans per wake-up.", knobs.pages_to_scan
+        )
+    if ksm.totals is not None:
+        totals = ksm.totals
+        yield GaugeMetricFamily(
+            metric_name("ksm_pages_shared"), "Merged pages the host keeps.", totals.pages_shared
+        )
+        yield GaugeMetricFamily(
+            metric_name("ksm_pages_sharing"), "Pages mapping them.", totals.pages_sharing
+        )
+        yield GaugeMetricFamily(
+            metric_name("ksm_saved_bytes"),
+            "What merging saves, less bookkeeping.",
+            totals.saved_bytes,
+        )
 
 
 def _guest_metrics(guests: Iterable[GuestStatus]) -> Iterable[Metric]:

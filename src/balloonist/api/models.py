@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from balloonist.config import MAX_CPUS_NAMES, MIN_CPUS_NAMES, check_size
 from balloonist.daemon.history import GUEST_SERIES, HistoryPoint
+from balloonist.daemon.ksm_control import KsmStatus
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, HostStatus, PolicyStatus, Status
 from balloonist.model import HostHeld
 from balloonist.units import parse_size_bytes
@@ -37,6 +38,55 @@ class _Out(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class HostTruthOut(_Out):
+    """The VMs' memory as the host counts it (real VMs only)."""
+
+    memory_bytes: NonNegative = Field(description="What the VMs may hold: the budget.")
+    held_bytes: NonNegative = Field(
+        description="What their QEMU processes hold (Pss: pages KSM merged count once); "
+        "a VM whose process cannot be read counts at its balloon's size."
+    )
+    available_bytes: NonNegative = Field(description="The host's MemAvailable.")
+    free_bytes: NonNegative = Field(
+        description="What the VMs could still take: memory_bytes less held_bytes, or "
+        "available_bytes if that is smaller."
+    )
+
+
+class KsmOut(_Out):
+    """The host's page sharing (KSM) and who manages it."""
+
+    mode: Literal["new", "managing", "left alone", "off", "unavailable", "closed"] = Field(
+        description="managing: balloonist runs it by free memory; left alone: someone "
+        "else does (reason says who); off: turned off in host.toml; unavailable: no KSM "
+        "or not allowed."
+    )
+    reason: str | None = Field(description="Why balloonist does not manage it.")
+    running: bool | None = Field(description="ksmd scans now; null if not read.")
+    pages_to_scan: NonNegative | None
+    sleep_ms: NonNegative | None
+    pages_shared: NonNegative | None = Field(description="Merged pages the host keeps.")
+    pages_sharing: NonNegative | None = Field(description="Pages mapping them: pages saved.")
+    saved_bytes: int | None = Field(
+        description="What merging saves, less KSM's bookkeeping (general_profit where "
+        "the kernel has it)."
+    )
+
+    @classmethod
+    def of(cls, ksm: KsmStatus) -> KsmOut:
+        knobs, totals = ksm.knobs, ksm.totals
+        return cls(
+            mode=ksm.mode.value,
+            reason=ksm.reason,
+            running=None if knobs is None else knobs.running,
+            pages_to_scan=None if knobs is None else knobs.pages_to_scan,
+            sleep_ms=None if knobs is None else knobs.sleep_ms,
+            pages_shared=None if totals is None else totals.pages_shared,
+            pages_sharing=None if totals is None else totals.pages_sharing,
+            saved_bytes=None if totals is None else totals.saved_bytes,
+        )
+
+
 class HostStatusOut(_Out):
     memory_bytes: NonNegative = Field(
         description="What the guests share: the budget, or less when the host is short."
@@ -49,6 +99,10 @@ class HostStatusOut(_Out):
         default=None,
         description="Host processors the guests' vCPUs share; null when they are not shared.",
     )
+    truth: HostTruthOut | None = Field(
+        default=None, description="The host's own count; null for a simulated host."
+    )
+    ksm: KsmOut | None = Field(default=None, description="Page sharing; null for a simulated host.")
 
 
 class HostOut(HostStatusOut):
@@ -92,6 +146,14 @@ class GuestHostOut(_Out):
     overhead_bytes: NonNegative | None = Field(
         description="Of which QEMU's own memory (code, heap, device state, TCG's cache)."
     )
+    ksm_merged_bytes: NonNegative | None = Field(
+        default=None,
+        description="Of its pages, those KSM merged; null where the kernel does not say.",
+    )
+    ksm_saved_bytes: int | None = Field(
+        default=None,
+        description="What merging saved for it, less KSM's bookkeeping (Linux 6.4+).",
+    )
 
     @classmethod
     def of(cls, host: HostHeld) -> GuestHostOut:
@@ -99,6 +161,8 @@ class GuestHostOut(_Out):
             held_bytes=host.held_bytes,
             guest_ram_bytes=host.guest_ram_bytes,
             overhead_bytes=host.overhead_bytes,
+            ksm_merged_bytes=host.ksm_merged_bytes,
+            ksm_saved_bytes=host.ksm_saved_bytes,
         )
 
 
@@ -188,7 +252,7 @@ class StatusOut(_Out):
             version=status.version,
             time_s=status.time_s,
             period_s=status.period_s,
-            host=host_out(status.host),
+            host=host_out(status.host, status.ksm),
             guests=[GuestOut.of(g) for g in status.guests],
             policy=policy_out(status.policy),
             counters={str(k): v for k, v in status.counters.items()},
@@ -203,7 +267,8 @@ class StatusOut(_Out):
         )
 
 
-def host_out(host: HostStatus) -> HostStatusOut:
+def host_out(host: HostStatus, ksm: KsmStatus | None = None) -> HostStatusOut:
+    truth = host.truth
     return HostStatusOut.model_validate(
         {
             "memory_bytes": host.memory_bytes,
@@ -212,6 +277,10 @@ def host_out(host: HostStatus) -> HostStatusOut:
             "swap_used_bytes": host.swap_used_bytes,
             "state": host.state,
             "cpus": host.cpus,
+            "truth": None
+            if truth is None
+            else HostTruthOut.model_validate(dataclasses.asdict(truth)),
+            "ksm": None if ksm is None else KsmOut.of(ksm),
         }
     )
 

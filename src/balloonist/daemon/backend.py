@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.counters import Counts
+from balloonist.daemon.ksm_control import KsmStatus
 from balloonist.errors import ConfigError
 from balloonist.model import CpuSpec, GuestSpec
 from balloonist.scheduler import Hypervisor
@@ -105,6 +106,11 @@ class Backend(Protocol):
         ...
 
     def guest_states(self) -> dict[str, GuestState]: ...
+
+    def ksm(self) -> KsmStatus | None:
+        """The host's page sharing as the last period left it; None where the
+        backend has none (the simulator)."""
+        ...
 
     def resume(self, point: ResumePoint) -> None:
         """Before the first period: continue from a saved state (see the state file)."""

@@ -17,6 +17,7 @@ from typing import Final
 
 from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.history import History, HistoryPoint
+from balloonist.daemon.ksm_control import KsmStatus
 from balloonist.daemon.status import PolicyStatus, Status, status_from_cycle
 from balloonist.scheduler import Cycle
 from balloonist.units import format_size
@@ -55,8 +56,10 @@ class StatusBoard:
         policy: PolicyStatus,
         counters: Mapping[FailureCounter, int],
         guest_counters: Mapping[str, Mapping[FailureCounter, int]],
+        ksm: KsmStatus | None = None,
     ) -> None:
-        """The period's status, with the backend's failure counters and the board's."""
+        """The period's status, with the backend's failure counters and the board's,
+        and the host's page sharing (``ksm``) where the daemon runs it."""
         if cycle is not None:
             self._count_uncooperative(cycle)
         totals: Counts = {
@@ -75,10 +78,11 @@ class StatusBoard:
                 policy=policy,
                 counters=totals,
                 guest_counters=per_guest,
+                ksm=ksm,
             )
         elif self._status is not None:
             status = replace(
-                self._status, version=self._version + 1, policy=policy, counters=totals
+                self._status, version=self._version + 1, policy=policy, counters=totals, ksm=ksm
             )
         else:
             return  # nothing seen yet

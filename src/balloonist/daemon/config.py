@@ -18,6 +18,15 @@ manage_all_domains = false # libvirt: manage every domain with a balloon, not on
 name = "demand"            # demand, shares, static, proxmox or mom
 tax_rate = 0.75
 
+[ksm]                      # page sharing (docs/daemon.md, "Page sharing")
+mode = "auto"              # auto: run KSM by free memory, unless someone else runs
+                           # it; off: never touch it
+start_below_free = 0.20    # start merging below this share of the VMs' memory free
+stop_above_free = 0.30     # stop above this share
+pages_to_scan_min = 100    # scan rate at the start threshold...
+pages_to_scan_max = 1000   # ...rising to this with nothing free
+sleep_ms = 20              # between ksmd's wake-ups
+
 [vms.web]                  # per-VM overrides of what `vm start` recorded; for a
                            # libvirt domain, what its own metadata does not set
 min = "256MiB"
@@ -32,9 +41,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from balloonist.agent.cpus import parse_cpu_list as cpu_list
 from balloonist.config import (
@@ -49,6 +58,7 @@ from balloonist.config import (
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S
 from balloonist.errors import BalloonistError, ConfigError
 from balloonist.host import HostMemInfo
+from balloonist.ksm import KsmParams
 from balloonist.policy import DEFAULT_POLICY
 from balloonist.qemu.launcher import VMRecord
 from balloonist.units import MIB, format_size, parse_size_bytes
@@ -97,6 +107,32 @@ class PolicyTable(Strict):
         return check_policy_name(v, DAEMON_POLICIES)
 
 
+_KSM: Final = KsmParams()
+
+
+class KsmTable(Strict):
+    mode: Literal["auto", "off"] = "auto"
+    start_below_free: float = Field(default=_KSM.start_below_free, gt=0, lt=1)
+    stop_above_free: float = Field(default=_KSM.stop_above_free, gt=0, lt=1)
+    pages_to_scan_min: int = Field(default=_KSM.pages_to_scan_min, ge=1, le=1_000_000)
+    pages_to_scan_max: int = Field(default=_KSM.pages_to_scan_max, ge=1, le=1_000_000)
+    sleep_ms: int = Field(default=_KSM.sleep_ms, ge=1, le=60_000)
+
+    @model_validator(mode="after")
+    def _fits(self) -> KsmTable:
+        self.params()  # raises ValueError, which pydantic reports with the table's name
+        return self
+
+    def params(self) -> KsmParams:
+        return KsmParams(
+            start_below_free=self.start_below_free,
+            stop_above_free=self.stop_above_free,
+            pages_to_scan_min=self.pages_to_scan_min,
+            pages_to_scan_max=self.pages_to_scan_max,
+            sleep_ms=self.sleep_ms,
+        )
+
+
 class VmTable(Strict):
     min: str | None = None
     max: str | None = None
@@ -111,6 +147,7 @@ class VmTable(Strict):
 class DaemonConfig(Strict):
     daemon: DaemonTable = DaemonTable()
     policy: PolicyTable = PolicyTable()
+    ksm: KsmTable = KsmTable()
     vms: dict[str, VmTable] = Field(default_factory=dict)
 
 

@@ -19,6 +19,7 @@ class FailureCounter(enum.StrEnum):
     STALLS = "stalls"
     AGENT_REJECTED = "agent_rejected"
     BALLOON_FAILURES = "balloon_alloc_failures"
+    KSM_ERRORS = "ksm_errors"
 
     @property
     def meaning(self) -> str:
@@ -34,6 +35,7 @@ _MEANINGS = {
     FailureCounter.STALLS: "The pacer found a balloon that stopped following its target.",
     FailureCounter.AGENT_REJECTED: "An agent message refused for breaking the protocol.",
     FailureCounter.BALLOON_FAILURES: "A simulated balloon allocation that came back short.",
+    FailureCounter.KSM_ERRORS: "Reading or setting the host's KSM failed (the daemon's only).",
 }
 
 #: A set of counts, as Status and GuestStatus carry them.

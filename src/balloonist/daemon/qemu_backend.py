@@ -7,9 +7,10 @@ up), and the live changes operators made are laid on top. A live change is also 
 where the VM's settings live (``vm.json``, or the libvirt domain's metadata), so it
 survives the daemon.
 
-Guests run on their own, so there is nothing to settle after a period, and nothing
-to restore on a restart: the pacer starts every guest's target where the guest is
-(``daemon/pacing.py``, rule 3).
+Guests run on their own, so there is nothing to settle after a period but the host's
+page sharing (KSM, :mod:`balloonist.daemon.ksm_control`), which follows the VMs' free
+memory as the host counts it; and nothing to restore on a restart: the pacer starts
+every guest's target where the guest is (``daemon/pacing.py``, rule 3).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from collections.abc import Callable
 from balloonist.daemon.backend import BackendKind, GuestState, ResumePoint, merge_changes
 from balloonist.daemon.config import DaemonConfig, budget_bytes
 from balloonist.daemon.control import GuestChange
-from balloonist.daemon.counters import Counts
+from balloonist.daemon.counters import Counts, FailureCounter
+from balloonist.daemon.ksm_control import KsmControl, KsmHost, KsmStatus
 from balloonist.daemon.pacing import Bounds
 from balloonist.daemon.qemu_hv import QemuHypervisor
 from balloonist.daemon.vm_ports import VcpuHost, VmMemoryHost, VmPort
 from balloonist.daemon.vm_source import VmSource, with_change
 from balloonist.host import HostMemInfo
+from balloonist.ksm import SysKernelKsm
 from balloonist.model import GuestSpec
 from balloonist.qemu.launcher import VMRecord
 from balloonist.units import parse_size_bytes
@@ -44,8 +47,10 @@ class QemuBackend:
         connector: Callable[[VMRecord], VmPort] | None = None,
         vcpu_host: VcpuHost | None = None,
         memory_host: VmMemoryHost | None = None,
+        ksm_host: KsmHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``ksm_host``: the kernel's KSM (``/sys/kernel/mm/ksm`` unless given)."""
         self.config = config
         self.source = source
         self._live: dict[str, GuestChange] = {}
@@ -63,6 +68,10 @@ class QemuBackend:
             processors=config.daemon.processor_ids,
             vcpu_host=vcpu_host or source.vcpu_host(),
             memory_host=memory_host,
+        )
+        ksm = config.ksm
+        self.ksm_control = KsmControl(
+            ksm_host or SysKernelKsm(), ksm.params(), enabled=ksm.mode == "auto"
         )
 
     def _records(self) -> list[VMRecord]:
@@ -103,12 +112,15 @@ class QemuBackend:
         self.hv.update_records(self._records())
 
     def settle(self) -> None:
-        pass  # real guests run on their own
+        # Real guests run on their own; the host's page sharing follows their memory.
+        truth = self.hv.last_reading.truth if self.hv.last_reading is not None else None
+        self.ksm_control.step(None if truth is None else truth.free_fraction)
 
     def wait(self, seconds: float, stop: Callable[[], bool]) -> None:
         self.hv.serve(seconds, stop)
 
     def close(self) -> None:
+        self.ksm_control.close()
         self.hv.close()
         self.source.close()
 
@@ -148,7 +160,10 @@ class QemuBackend:
         pass
 
     def counters(self) -> Counts:
-        return self.hv.counters()
+        return {**self.hv.counters(), FailureCounter.KSM_ERRORS: self.ksm_control.errors}
+
+    def ksm(self) -> KsmStatus | None:
+        return self.ksm_control.status()
 
     def guest_counters(self) -> dict[str, Counts]:
         return self.hv.guest_counters()

@@ -29,7 +29,7 @@ from balloonist.daemon.agent_link import AgentPort, GuestControl
 from balloonist.daemon.counters import Counts
 from balloonist.daemon.cpu_sharing import ProcessorSharing
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds
-from balloonist.daemon.vm_figures import host_memory
+from balloonist.daemon.vm_figures import host_memory, host_truth
 from balloonist.daemon.vm_life import ManagedVm, VmFailures, VmLife, VmView
 from balloonist.daemon.vm_ports import ProcVcpuHost, ProcVmMemory, VcpuHost, VmMemoryHost, VmPort
 from balloonist.errors import BackendError, FatalBackendError
@@ -130,6 +130,7 @@ class QemuHypervisor:
         self._on_target = on_target
         self._vms: dict[str, ManagedVm] = {}
         self._over_reserved = False
+        self.last_reading: HostReading | None = None  # the host as the last period read it
         self._retired = VmFailures()  # failures of VMs no longer managed
         self._loop = asyncio.new_event_loop()
         self.update_records(records)
@@ -235,7 +236,9 @@ class QemuHypervisor:
             )
         self._over_reserved = host.over_reserved
         cpus = None if self._cpus is None else len(self._cpus.processors)
-        return host.reading(self._clock(), info, cpus)
+        truth = host_truth(self.budget_bytes, info, sum(vm.truly_held_bytes for vm in vms))
+        self.last_reading = host.reading(self._clock(), info, cpus, truth)
+        return self.last_reading
 
     def sample_guests(self) -> list[GuestSample]:
         return self._loop.run_until_complete(self._sample_all())

@@ -59,6 +59,7 @@ from balloonist.daemon.config import (
 )
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.history import HistoryPoint
+from balloonist.daemon.ksm_control import KsmHost
 from balloonist.daemon.qemu_backend import QemuBackend
 from balloonist.daemon.qemu_hv import QemuHypervisor
 from balloonist.daemon.statefile import (
@@ -168,7 +169,9 @@ class DaemonLoop:
         self.backend.settle()
         self._periods += 1
         backend = self.backend
-        self._board.publish(cycle, self._policy, backend.counters(), backend.guest_counters())
+        self._board.publish(
+            cycle, self._policy, backend.counters(), backend.guest_counters(), backend.ksm()
+        )
         self._save()
         self._board.log_period(self._periods)
         return cycle
@@ -342,6 +345,7 @@ class Daemon(DaemonLoop):
         connector: Callable[[VMRecord], VmPort] | None = None,
         vcpu_host: VcpuHost | None = None,
         memory_host: VmMemoryHost | None = None,
+        ksm_host: KsmHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
         policy: Policy | None = None,
         source: VmSource | None = None,
@@ -356,6 +360,7 @@ class Daemon(DaemonLoop):
             connector=connector,
             vcpu_host=vcpu_host,
             memory_host=memory_host,
+            ksm_host=ksm_host,
             on_target=on_target,
         )
         self.hv: QemuHypervisor = backend.hv

@@ -34,6 +34,7 @@ from balloonist.daemon.backend import (
 )
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.counters import Counts, FailureCounter
+from balloonist.daemon.ksm_control import KsmStatus
 from balloonist.daemon.service import DaemonLoop
 from balloonist.daemon.statefile import STATE_FILE
 from balloonist.errors import ConfigError
@@ -143,6 +144,9 @@ class SimBackend:
 
     def time_s(self) -> float | None:
         return self.machine.time_s
+
+    def ksm(self) -> KsmStatus | None:
+        return None  # the simulator shares no pages
 
     def guest_states(self) -> dict[str, GuestState]:
         return {

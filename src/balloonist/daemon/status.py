@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from balloonist.daemon.counters import FailureCounter
-from balloonist.model import CpuTarget, GuestView, HostHeld
+from balloonist.daemon.ksm_control import KsmStatus
+from balloonist.model import CpuTarget, GuestView, HostHeld, HostTruth
 from balloonist.scheduler import Cycle
 
 
@@ -24,6 +25,8 @@ class HostStatus:
     swap_used_bytes: int
     state: str  # high, soft, hard, low
     cpus: int | None = None  # host processors the guests' vCPUs share, if shared
+    #: The host's own count of the VMs' memory, where the backend reads it (real VMs).
+    truth: HostTruth | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Status:
     #: Failure counters of the whole daemon, cumulative (daemon/counters.py): skipped
     #: cycles and uncooperative guests, then what the backend counts.
     counters: Mapping[FailureCounter, int] = field(default_factory=dict)
+    #: The host's page sharing, where the daemon runs it (real VMs).
+    ksm: KsmStatus | None = None
 
     def guest(self, name: str) -> GuestStatus | None:
         return next((g for g in self.guests if g.name == name), None)
@@ -96,6 +101,7 @@ def status_from_cycle(
     policy: PolicyStatus,
     counters: Mapping[FailureCounter, int] | None = None,
     guest_counters: Mapping[str, Mapping[FailureCounter, int]] | None = None,
+    ksm: KsmStatus | None = None,
 ) -> Status:
     snapshot = cycle.snapshot
     targets = cycle.decision.by_name()
@@ -138,10 +144,12 @@ def status_from_cycle(
             swap_used_bytes=host.swap_used_bytes,
             state=host.state.value,
             cpus=host.cpus,
+            truth=host.truth,
         ),
         guests=tuple(guests),
         policy=policy,
         counters=dict(counters or {}),
+        ksm=ksm,
     )
 
 

@@ -23,6 +23,12 @@ A VM that could not be sampled this period still holds its last known size. When
 guests' minimums and the sizes uncooperative guests are held at add up to more than
 that, the memory is in use regardless: the policy is given that much, so it holds
 everyone at their minimum instead of refusing to decide (logged once).
+
+**The host's own count** (:class:`~balloonist.model.HostTruth`) sits next to that:
+what the VMs' QEMU processes really hold (their proportional set sizes, so pages KSM
+merged count once; a VM whose process cannot be read counts at its balloon's size),
+and what they could still take: the budget less that, or the host's
+``MemAvailable`` if smaller.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from balloonist.host import HostMemInfo
-from balloonist.model import HostReading
+from balloonist.model import HostReading, HostTruth
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import PAGE_SIZE_BYTES
 
@@ -72,8 +78,11 @@ class HostMemory:
     def free_bytes(self) -> int:
         return max(0, self.memory_bytes - self.held_bytes)
 
-    def reading(self, time_s: float, info: HostMemInfo, cpus: int | None) -> HostReading:
-        """The scheduler's reading of the host: this memory, the host's swap."""
+    def reading(
+        self, time_s: float, info: HostMemInfo, cpus: int | None, truth: HostTruth | None = None
+    ) -> HostReading:
+        """The scheduler's reading of the host: this memory, the host's swap, and the
+        host's own count of the VMs' memory (``truth``)."""
         return HostReading(
             time_s=time_s,
             memory_bytes=self.memory_bytes,
@@ -81,6 +90,7 @@ class HostMemory:
             swap_bytes=info.swap_total_bytes,
             swap_used_bytes=info.swap_total_bytes - info.swap_free_bytes,
             cpus=cpus,
+            truth=truth,
         )
 
 
@@ -96,4 +106,11 @@ def host_memory(
     return HostMemory(shareable, held_bytes, reserved_bytes)
 
 
-__all__ = ["HostMemory", "host_memory", "observed_demand_bytes"]
+def host_truth(budget_bytes: int, info: HostMemInfo, held_bytes: int) -> HostTruth:
+    """The host's own count (see the module docstring); ``held_bytes``: what the VMs'
+    processes hold, by the host's count."""
+    free = min(budget_bytes - held_bytes, info.available_bytes)
+    return HostTruth(budget_bytes, held_bytes, info.available_bytes, max(0, free))
+
+
+__all__ = ["HostMemory", "host_memory", "host_truth", "observed_demand_bytes"]

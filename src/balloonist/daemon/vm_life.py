@@ -111,6 +111,7 @@ class ManagedVm:
     stats: GuestStats | None = None
     faults: int | None = None  # major faults + swap-ins at the last sample
     observed_bytes: int | None = None
+    host: HostHeld | None = None  # what the host counted it holds at the last sample
     cpu: VmProcessors | None = None  # its processors, when the daemon shares them
     last_sent_bytes: int | None = None  # the last target sent to it
     sent_count: int = 0
@@ -205,9 +206,16 @@ class ManagedVm:
         return replace(spec, min_bytes=held, max_bytes=held)
 
     def host_held(self, memory: VmMemoryHost) -> HostHeld | None:
-        """What the host counts its QEMU process holds; None if that is not known."""
+        """What the host counts its QEMU process holds now (kept as :attr:`host`);
+        None if that is not known."""
         r = self.record
-        return None if r.pid is None else memory.held(r.pid, r.memory_bytes, r.ram_file)
+        self.host = None if r.pid is None else memory.held(r.pid, r.memory_bytes, r.ram_file)
+        return self.host
+
+    @property
+    def truly_held_bytes(self) -> int:
+        """What it holds by the host's count where known, else by its balloon's."""
+        return self.host.held_bytes if self.host is not None else self.held_bytes
 
     def fresh_sample(
         self, period_s: float, cpu: CpuSample | None, host: HostHeld | None = None

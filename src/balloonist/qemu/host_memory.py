@@ -14,16 +14,21 @@ anonymous for a VM QEMU gives private RAM, the RAM file for an agent VM (shared,
 file-backed RAM). What is not that mapping is QEMU's overhead. A mapping of that
 size may be missing (RAM split into several blocks, hugepages, a VM not started by
 balloonist): the guest's RAM is then not told apart, and only the whole is known.
+
+What KSM merged of the process's pages, and what that saved, come from
+``/proc/PID/ksm_stat`` (Linux 6.1+; the saving from 6.4).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
+from balloonist.ksm import parse_ksm_stat
 from balloonist.model import HostHeld
-from balloonist.units import KIB
+from balloonist.units import KIB, PAGE_SIZE_BYTES
 
 PROC: Final = Path("/proc")
 
@@ -69,12 +74,22 @@ def _kib(line: str) -> int:
 def read_host_held(
     pid: int, memory_bytes: int, ram_file: str | None = None, proc: Path = PROC
 ) -> HostHeld | None:
-    """:func:`parse_smaps` of process ``pid``; None if it is gone or not readable."""
+    """:func:`parse_smaps` of process ``pid``, with what KSM did for it where the kernel
+    says; None if it is gone or not readable."""
     try:
         text = (proc / str(pid) / "smaps").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    return parse_smaps(text, memory_bytes, ram_file)
+    held = parse_smaps(text, memory_bytes, ram_file)
+    try:
+        ksm = parse_ksm_stat((proc / str(pid) / "ksm_stat").read_text(errors="replace"))
+    except OSError:
+        return held  # a kernel before 6.1, or the process just ended
+    return replace(
+        held,
+        ksm_merged_bytes=ksm.merging_pages * PAGE_SIZE_BYTES,
+        ksm_saved_bytes=ksm.profit_bytes,
+    )
 
 
 __all__ = ["PROC", "parse_smaps", "read_host_held"]

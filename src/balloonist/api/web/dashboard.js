@@ -353,8 +353,15 @@ function showStatus(status) {
   state.dataset.state = status.host.state;
   const host = status.host;
   const processors = host.cpus === null ? "" : `; ${host.cpus} processors`;
+  // The host's own count (real VMs) next to the balloons' arithmetic.
+  const truth = host.truth ?? null;
+  const counted =
+    truth === null
+      ? ""
+      : `; the host counts ${formatSize(truth.held_bytes)} held, ${formatSize(truth.free_bytes)} free`;
   document.getElementById("host-summary").textContent =
-    `${formatSize(host.memory_bytes)} shared, ${formatSize(host.free_bytes)} free${processors}`;
+    `${formatSize(host.memory_bytes)} shared, ${formatSize(host.free_bytes)} free${counted}${processors}`;
+  document.getElementById("ksm").textContent = ksmSummary(host.ksm ?? null);
   document.getElementById("policy").textContent =
     `policy ${status.policy.name}, idle tax ${status.policy.tax_rate}`;
   document.getElementById("guest-count").textContent = `${status.guests.length}`;
@@ -371,6 +378,14 @@ function showStatus(status) {
       page.cards.delete(name);
     }
   }
+}
+
+// KSM in a few words: who runs it, whether it scans, what merging saves.
+function ksmSummary(ksm) {
+  if (ksm === null) return "";
+  if (ksm.mode !== "managing") return `KSM ${ksm.mode}${ksm.reason ? `: ${ksm.reason}` : ""}`;
+  const saved = ksm.saved_bytes === null ? "" : `, saves ${formatSize(Math.max(0, ksm.saved_bytes))}`;
+  return `KSM ${ksm.running ? `scanning ${ksm.pages_to_scan} pages a wake-up` : "stopped"}${saved}`;
 }
 
 function showGuest(guest) {
@@ -393,7 +408,8 @@ function showGuest(guest) {
   for (const el of card.root.querySelectorAll(".host-only")) el.hidden = host === null;
   if (host !== null) {
     const qemu = host.overhead_bytes === null ? "" : ` (QEMU ${formatSize(host.overhead_bytes)})`;
-    text(".host-held", `${formatSize(host.held_bytes)}${qemu}`);
+    const merged = host.ksm_merged_bytes ? `, KSM merged ${formatSize(host.ksm_merged_bytes)}` : "";
+    text(".host-held", `${formatSize(host.held_bytes)}${qemu}${merged}`);
   }
   const cpu = guest.cpu;
   for (const el of card.root.querySelectorAll(".cpu-only")) el.hidden = cpu === null;
