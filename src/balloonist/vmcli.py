@@ -122,6 +122,13 @@ def _add_vm_start(vsub: Any, run: Any) -> None:
         "in-guest balloon agent (the virtio balloon stays too)",
     )
     start.add_argument(
+        "--no-free-page-reporting",
+        dest="free_page_reporting",
+        action="store_false",
+        help="keep memory the guest frees until its balloon takes it (free page "
+        "reporting, on by default, gives it back to the host within seconds)",
+    )
+    start.add_argument(
         "--workload",
         metavar="SCHEDULE",
         help="test guest only: WS_MIB@T_S,... for its touchmem workload",
@@ -176,6 +183,7 @@ def _cmd_start(args: argparse.Namespace, out: TextIO) -> int:
         append=append,
         disk=args.disk,
         agent=args.agent,
+        free_page_reporting=args.free_page_reporting,
     )
     record = launcher.start_vm(_state(args), request)
     agent = f"; agent {record.agent_socket}, RAM {record.ram_file}" if record.agent else ""

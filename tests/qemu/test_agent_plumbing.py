@@ -21,6 +21,7 @@ from balloonist.qemu.assets import (
     module_depends,
     module_name,
 )
+from balloonist.qemu.launcher import BALLOON_ID
 from balloonist.units import GIB, MIB
 
 
@@ -174,3 +175,10 @@ def test_module_dependencies_are_read_from_modinfo() -> None:
     assert module_depends(b"no modinfo here") == []
     assert module_name("kernel/net/9p/9pnet_virtio.ko") == "9pnet_virtio"
     assert module_name("kernel/drivers/x/snd-hda.ko") == "snd_hda"
+
+
+def test_free_page_reporting_is_on_unless_turned_off(tmp_path: Path) -> None:
+    on = _command(_request(tmp_path))
+    assert f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom=on,free-page-reporting=on" in on
+    request = replace(_request(tmp_path), free_page_reporting=False)
+    assert any(arg.endswith("free-page-reporting=off") for arg in _command(request))

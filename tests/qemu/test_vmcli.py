@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from balloonist.cli import main
+from balloonist.errors import ConfigError
+from balloonist.qemu import launcher
 
 
 @pytest.mark.parametrize(
@@ -61,3 +63,19 @@ def test_demo_vm_plot_is_written(tmp_path: Path) -> None:
     )
     path = _plot(trace, tmp_path / "demo-vm.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("flag", "reporting"), [([], True), (["--no-free-page-reporting"], False)])
+def test_free_page_reporting_is_on_unless_the_flag_turns_it_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: list[str], reporting: bool
+) -> None:
+    started: list[launcher.StartRequest] = []
+
+    def start_vm(state: launcher.StateDir, request: launcher.StartRequest) -> launcher.VMRecord:
+        started.append(request)
+        raise ConfigError("stop here")  # what happens after is not this test's
+
+    monkeypatch.setattr(launcher, "start_vm", start_vm)
+    args = ["start", "g", "--memory", "512MiB", "--kernel", str(tmp_path), *flag]
+    assert main(["vm", "--state-dir", str(tmp_path), *args]) == 2
+    assert [r.free_page_reporting for r in started] == [reporting]

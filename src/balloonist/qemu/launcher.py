@@ -4,7 +4,9 @@ Every VM has a directory ``STATE/vms/NAME/`` holding ``vm.json`` (what we know o
 written atomically), the QMP socket ``qmp.sock`` and the serial log ``serial.log``. A
 restarted daemon finds its VMs there. Guests we start get ``virtio-balloon-pci`` with
 ``deflate-on-oom=on`` (the guest may take balloon pages back rather than OOM-kill a
-process), a QMP unix socket and a serial log, and run detached (``-daemonize``).
+process) and ``free-page-reporting=on`` (pages the guest frees go back to the host
+within seconds, with no balloon move), a QMP unix socket and a serial log, and run
+detached (``-daemonize``).
 
 An *agent* VM (``StartRequest.agent``) is also ready for the user-level balloon agent:
 its RAM is a shared file, ``/dev/shm/balloonist-<state-dir hash>-NAME.ram``, which the
@@ -112,6 +114,7 @@ class StartRequest:
     append: str = ""
     disk: Path | None = None
     deflate_on_oom: bool = True
+    free_page_reporting: bool = True
     balloon: bool = True  # False only to test what happens without one
     agent: bool = False  # RAM in a shared file and a virtio-serial port for the agent
     share_root: bool = False  # the host's / as a read-only 9p share (test guests)
@@ -332,7 +335,12 @@ def build_command(
         cmd += ["-cpu", "host"]
     if request.balloon:
         oom = "on" if request.deflate_on_oom else "off"
-        cmd += ["-device", f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom={oom}"]
+        reporting = "on" if request.free_page_reporting else "off"
+        cmd += [
+            "-device",
+            f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom={oom},"
+            f"free-page-reporting={reporting}",
+        ]
     if request.agent:
         if ram_file is None:
             raise ValueError("an agent VM needs a RAM file")
