@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balloonist.model import Decision, GuestView, HostState, MemoryPressure, Snapshot
+from balloonist.model import Decision, GuestView, HostState, HostTruth, MemoryPressure, Snapshot
 from balloonist.policy.demand import (
     STALL_THRESHOLD,
     DemandPolicy,
@@ -78,6 +78,22 @@ def test_a_growing_guest_deflates_only_into_free_memory() -> None:
     d = POLICY.decide(snapshot(grows, idle, host_mib=1000, free_mib=100))
     # It may reach 1000 - 10 (idle's headroom), but only 100 MiB are free now.
     assert balloons_mib(d)[0] == 700 - 100
+
+
+def test_memory_the_host_counts_free_is_free_to_deflate_into() -> None:
+    # The balloons leave 100 MiB free, but the host counts 400 MiB free: the idle
+    # guest gave pages back (free page reporting) without a balloon move.
+    grows = stalled(guest("grows", memory_mib=1000, working_set_mib=300, register_mib=700))
+    idle = calm(guest("idle", memory_mib=1000, register_mib=300))
+    snap = snapshot(grows, idle, host_mib=1000, free_mib=100)
+    for counted_free_mib, balloon_mib in ((400, 700 - 400), (50, 700 - 100)):
+        truth = HostTruth(
+            1000 * MIB, (1000 - counted_free_mib) * MIB, 8000 * MIB, counted_free_mib * MIB
+        )
+        host = dataclasses.replace(snap.host, truth=truth)
+        d = POLICY.decide(dataclasses.replace(snap, host=host))
+        # ...and where the host counts less free than the balloons say, the balloons' word holds
+        assert balloons_mib(d)[0] == balloon_mib
 
 
 def test_small_inflations_wait_unless_that_breaks_the_partition_and_deflations_go() -> None:

@@ -35,8 +35,9 @@ they once used. This policy starts from demand instead:
    so a guest whose demand jumps pages inside itself (its own choice of victims),
    never the host behind its back. A growing guest's balloon deflates only into
    memory that is free now, so one guest cannot outrun the others' inflation and
-   push the host into paging. Small inflations are not worth a balloon move
-   (dead band); deflations always go ahead.
+   push the host into paging; on real VMs "free now" is what the host counts free
+   where that is more than the balloons' sizes say (``free_now_bytes``). Small
+   inflations are not worth a balloon move (dead band); deflations always go ahead.
 
 Guests without a balloon driver, or whose balloon stopped following its register,
 can only be held to their allocation by host paging, which this policy allows in the
@@ -59,6 +60,7 @@ from balloonist.model import (
     Decision,
     GuestTarget,
     GuestView,
+    HostSample,
     HostState,
     Mechanisms,
     Snapshot,
@@ -265,6 +267,17 @@ def allocations_bytes(
     return met
 
 
+def free_now_bytes(host: HostSample) -> int:
+    """Memory free now for a growing guest to deflate into: by the balloons' sizes, or
+    by the host's own count where the backend reads it and it finds more (guests hold
+    less than their balloons allow: pages never touched, or given back by free page
+    reporting or merged by KSM). That memory is free now; the others' balloons still
+    inflate to their allocations, so it stays free."""
+    if host.truth is None:
+        return host.free_bytes
+    return max(host.free_bytes, host.truth.free_bytes)
+
+
 def registers_bytes(
     guests: _Guests,
     allocations: I64,
@@ -375,7 +388,7 @@ class DemandPolicy:
         # A stalled guest wants all it is given: its demand was only a step.
         wanted = np.where(short, guests.maxes, np.clip(demand, guests.mins, guests.maxes))
         allocations = defer_squeezes(guests, allocations, wanted)
-        registers = registers_bytes(guests, allocations, host.free_bytes, margin, available)
+        registers = registers_bytes(guests, allocations, free_now_bytes(host), margin, available)
         mechanisms = self._mechanisms(host.state, guests)
         cpus = cpu_targets(snapshot, self.tax_rate)
         targets = tuple(
