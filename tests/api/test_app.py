@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from balloonist.api import create_app
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.ksm_control import KsmMode, KsmStatus
+from balloonist.daemon.mechanisms import Freed, Mechanism
 from balloonist.ksm import KsmKnobs, KsmTotals
 from balloonist.model import HostTruth
 from balloonist.units import GIB, MIB
@@ -53,6 +54,7 @@ def test_host(client: TestClient) -> None:
         "cpus": 8,
         "truth": None,  # a simulated host has no count of its own
         "ksm": None,
+        "freed": None,
         "version": 1,
         "time_s": 1.0,
         "period_s": 1.0,
@@ -99,8 +101,9 @@ def test_the_host_s_own_count_and_its_page_sharing() -> None:
         KsmTotals(pages_shared=10, pages_sharing=200, full_scans=4, profit_bytes=700_000),
         reason="it was already running when balloonist started",
     )
+    freed = Freed().then({Mechanism.SHARING: 5 * MIB, Mechanism.REPORTING: 7 * MIB})
     status = make_status()
-    status = replace(status, host=replace(status.host, truth=truth), ksm=ksm)
+    status = replace(status, host=replace(status.host, truth=truth), ksm=ksm, freed=freed)
     host = TestClient(create_app(FakeController(status), token=None)).get("/v1/host").json()
     assert host["truth"] == {
         "memory_bytes": 6 * GIB,
@@ -118,6 +121,8 @@ def test_the_host_s_own_count_and_its_page_sharing() -> None:
         "pages_sharing": 200,
         "saved_bytes": 700_000,
     }
+    by_mechanism = {"sharing": 5 * MIB, "free_page_reporting": 7 * MIB, "ballooning": 0}
+    assert host["freed"] == {"period_bytes": by_mechanism, "total_bytes": by_mechanism}
 
 
 def test_a_guest_s_processors_when_they_are_shared(client: TestClient) -> None:

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from balloonist.api import create_app
 from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.ksm_control import KsmMode, KsmStatus
+from balloonist.daemon.mechanisms import Freed, Mechanism
 from balloonist.ksm import KsmKnobs, KsmTotals
 from balloonist.model import HostTruth
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
@@ -82,9 +83,14 @@ def test_guest_series() -> None:
 def test_the_host_s_own_count_and_ksm_series() -> None:
     truth = HostTruth(6 * GIB, 5 * GIB, 20 * GIB, 1 * GIB)
     ksm = KsmStatus(KsmMode.MANAGING, KsmKnobs(1, 550, 20), KsmTotals(10, 200, 4, None))
+    freed = Freed().then({Mechanism.BALLOONING: 9 * MIB}).then({Mechanism.SHARING: MIB})
     status = make_status()
-    status = replace(status, host=replace(status.host, truth=truth), ksm=ksm)
+    status = replace(status, host=replace(status.host, truth=truth), ksm=ksm, freed=freed)
     samples = scrape(FakeController(status))
+    got_back = {
+        labels[0][1]: v for (n, labels), v in samples.items() if n == "balloonist_freed_bytes_total"
+    }
+    assert got_back == {"sharing": MIB, "free_page_reporting": 0, "ballooning": 9 * MIB}
     assert samples[("balloonist_host_vms_held_bytes", ())] == 5 * GIB
     assert samples[("balloonist_host_available_bytes", ())] == 20 * GIB
     assert samples[("balloonist_host_vms_free_bytes", ())] == 1 * GIB
@@ -99,7 +105,10 @@ def test_the_host_s_own_count_and_ksm_series() -> None:
     assert samples[("balloonist_guest_host_ksm_saved_bytes", web)] == 20 * MIB
     # A simulated host has neither: no series rather than made-up ones.
     plain = scrape(FakeController(make_status()))
-    assert not any(n.startswith(("balloonist_ksm_", "balloonist_host_vms_")) for n, _ in plain)
+    assert not any(
+        n.startswith(("balloonist_ksm_", "balloonist_host_vms_", "balloonist_freed_"))
+        for n, _ in plain
+    )
 
 
 def test_failure_counters() -> None:

@@ -30,6 +30,10 @@ balloonist_ksm_mode                      gauge  mode     1 for who manages KSM (
 balloonist_ksm_running, _pages_to_scan,  gauge           KSM's knobs and what it merged
 _pages_shared, _pages_sharing,                           (real VMs; where they were read)
 _saved_bytes
+balloonist_freed_bytes_total             counter mechanism memory the host got back since the
+                                                         daemon started, by mechanism
+                                                         (sharing, free_page_reporting,
+                                                         ballooning; real VMs)
 balloonist_policy_tax_rate               gauge  policy   idle memory tax rate
 balloonist_guest_memory_bytes            gauge  guest    configured size
 balloonist_guest_min_bytes               gauge  guest    reservation
@@ -245,6 +249,15 @@ def _host_truth_metrics(status: Status) -> Iterable[Metric]:
             ("host_vms_free_bytes", "What the VMs could still take.", truth.free_bytes),
         ):
             yield GaugeMetricFamily(metric_name(suffix), help_text, value)
+    if status.freed is not None:
+        freed = CounterMetricFamily(
+            metric_name("freed_bytes"),
+            "Memory the host got back, by mechanism.",
+            labels=["mechanism"],
+        )
+        for mechanism, amount in status.freed.total_bytes.items():
+            freed.add_metric([str(mechanism)], amount)
+        yield freed
     if ksm is None:
         return
     mode = GaugeMetricFamily(metric_name("ksm_mode"), "1 for who manages KSM.", labels=["mode"])

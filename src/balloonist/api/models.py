@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from balloonist.config import MAX_CPUS_NAMES, MIN_CPUS_NAMES, check_size
 from balloonist.daemon.history import GUEST_SERIES, HistoryPoint
 from balloonist.daemon.ksm_control import KsmStatus
+from balloonist.daemon.mechanisms import Freed
 from balloonist.daemon.status import GuestCpuStatus, GuestStatus, HostStatus, PolicyStatus, Status
 from balloonist.model import HostHeld
 from balloonist.units import parse_size_bytes
@@ -87,6 +88,26 @@ class KsmOut(_Out):
         )
 
 
+MechanismName = Literal["sharing", "free_page_reporting", "ballooning"]
+
+
+class FreedOut(_Out):
+    """Memory the host got back, by mechanism (docs/daemon.md, "Where memory came
+    from"): sharing (KSM), free_page_reporting (the guests' own), ballooning."""
+
+    period_bytes: dict[MechanismName, NonNegative] = Field(description="In the last period.")
+    total_bytes: dict[MechanismName, NonNegative] = Field(description="Since the daemon started.")
+
+    @classmethod
+    def of(cls, freed: Freed) -> FreedOut:
+        return cls.model_validate(
+            {
+                "period_bytes": {str(m): v for m, v in freed.period_bytes.items()},
+                "total_bytes": {str(m): v for m, v in freed.total_bytes.items()},
+            }
+        )
+
+
 class HostStatusOut(_Out):
     memory_bytes: NonNegative = Field(
         description="What the guests share: the budget, or less when the host is short."
@@ -103,6 +124,11 @@ class HostStatusOut(_Out):
         default=None, description="The host's own count; null for a simulated host."
     )
     ksm: KsmOut | None = Field(default=None, description="Page sharing; null for a simulated host.")
+    freed: FreedOut | None = Field(
+        default=None,
+        description="What the host got back, by mechanism; null where the host does not "
+        "count what the VMs hold (a simulated host).",
+    )
 
 
 class HostOut(HostStatusOut):
@@ -252,7 +278,7 @@ class StatusOut(_Out):
             version=status.version,
             time_s=status.time_s,
             period_s=status.period_s,
-            host=host_out(status.host, status.ksm),
+            host=host_out(status.host, status.ksm, status.freed),
             guests=[GuestOut.of(g) for g in status.guests],
             policy=policy_out(status.policy),
             counters={str(k): v for k, v in status.counters.items()},
@@ -267,7 +293,9 @@ class StatusOut(_Out):
         )
 
 
-def host_out(host: HostStatus, ksm: KsmStatus | None = None) -> HostStatusOut:
+def host_out(
+    host: HostStatus, ksm: KsmStatus | None = None, freed: Freed | None = None
+) -> HostStatusOut:
     truth = host.truth
     return HostStatusOut.model_validate(
         {
@@ -281,6 +309,7 @@ def host_out(host: HostStatus, ksm: KsmStatus | None = None) -> HostStatusOut:
             if truth is None
             else HostTruthOut.model_validate(dataclasses.asdict(truth)),
             "ksm": None if ksm is None else KsmOut.of(ksm),
+            "freed": None if freed is None else FreedOut.of(freed),
         }
     )
 

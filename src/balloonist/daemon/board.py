@@ -18,6 +18,7 @@ from typing import Final
 from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.history import History, HistoryPoint
 from balloonist.daemon.ksm_control import KsmStatus
+from balloonist.daemon.mechanisms import Freed, freed_between
 from balloonist.daemon.status import PolicyStatus, Status, status_from_cycle
 from balloonist.scheduler import Cycle
 from balloonist.units import format_size
@@ -43,6 +44,7 @@ class StatusBoard:
         self._uncooperative: Counter[str] = Counter()  # times each guest turned so
         self._was_cooperative: dict[str, bool] = {}
         self._logged_at = -math.inf
+        self._freed = Freed()
 
     def status(self) -> Status | None:
         return self._status
@@ -86,9 +88,19 @@ class StatusBoard:
             )
         else:
             return  # nothing seen yet
+        status = self._with_freed(status)
         self._version += 1
         self._status = status  # one reference swap: readers see the old or the new
         self._history.record(status)
+
+    def _with_freed(self, status: Status) -> Status:
+        """The status with what the host got back since the last one, where it counts
+        what the VMs hold (``daemon/mechanisms.py``)."""
+        if not any(g.host is not None for g in status.guests):
+            return status
+        if (previous := self._status) is not None:
+            self._freed = self._freed.then(freed_between(previous.guests, status.guests))
+        return replace(status, freed=self._freed)
 
     def _count_uncooperative(self, cycle: Cycle) -> None:
         for view in cycle.snapshot.guests:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.ksm_control import KsmStatus
+from balloonist.daemon.mechanisms import Freed
 from balloonist.model import CpuTarget, GuestView, HostHeld, HostTruth
 from balloonist.scheduler import Cycle
 
@@ -89,6 +90,8 @@ class Status:
     counters: Mapping[FailureCounter, int] = field(default_factory=dict)
     #: The host's page sharing, where the daemon runs it (real VMs).
     ksm: KsmStatus | None = None
+    #: What the host got back, by mechanism, where it counts what the VMs hold.
+    freed: Freed | None = None
 
     def guest(self, name: str) -> GuestStatus | None:
         return next((g for g in self.guests if g.name == name), None)

@@ -362,6 +362,7 @@ function showStatus(status) {
   document.getElementById("host-summary").textContent =
     `${formatSize(host.memory_bytes)} shared, ${formatSize(host.free_bytes)} free${counted}${processors}`;
   document.getElementById("ksm").textContent = ksmSummary(host.ksm ?? null);
+  document.getElementById("freed").textContent = freedSummary(host.freed ?? null);
   document.getElementById("policy").textContent =
     `policy ${status.policy.name}, idle tax ${status.policy.tax_rate}`;
   document.getElementById("guest-count").textContent = `${status.guests.length}`;
@@ -378,6 +379,16 @@ function showStatus(status) {
       page.cards.delete(name);
     }
   }
+}
+
+// Where the memory the host got back came from, since the daemon started.
+function freedSummary(freed) {
+  if (freed === null) return "";
+  const t = freed.total_bytes;
+  return (
+    `got back: sharing ${formatSize(t.sharing)}, ` +
+    `reporting ${formatSize(t.free_page_reporting)}, ballooning ${formatSize(t.ballooning)}`
+  );
 }
 
 // KSM in a few words: who runs it, whether it scans, what merging saves.
