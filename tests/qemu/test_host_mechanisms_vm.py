@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from balloonist.daemon.ksm_control import KsmMode
+from balloonist.daemon.mechanisms import Mechanism
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.daemon.status import GuestStatus
 from balloonist.ksm import KSM_ROOT, KsmKnobs, SysKernelKsm, parse_ksm_stat
@@ -103,6 +104,11 @@ def test_memory_a_guest_frees_goes_back_to_the_host_without_a_balloon_move(
         # The balloon did not move for it, and nothing was inflated to take it.
         assert guest.allocated_bytes == actual_before
         assert all(target >= actual_before for _, target in sent), sent
+        # ...and the daemon puts it down to the guest's reporting.
+        status = daemon.status()
+        assert status is not None and status.freed is not None
+        assert status.freed.total_bytes[Mechanism.REPORTING] >= FREED_BYTES
+        assert status.freed.total_bytes[Mechanism.BALLOONING] == 0
     finally:
         daemon.close()
 
@@ -148,6 +154,9 @@ def test_the_daemon_runs_ksm_when_memory_is_short_and_stops_it_once_merged(
         assert status.host.truth.free_fraction > config.ksm.stop_above_free
         merged = sum(g.host.ksm_merged_bytes or 0 for g in status.guests if g.host)
         assert merged >= MERGED_BYTES, merged
+        # The daemon puts what the VMs' RAM fell by down to sharing.
+        assert status.freed is not None
+        assert status.freed.total_bytes[Mechanism.SHARING] > 0, status.freed
     finally:
         daemon.close()
     assert host_ksm.knobs() == KsmKnobs(0, 100, 20)  # put back as found
