@@ -8,13 +8,21 @@ measured figure and whether it holds; every scenario where a policy beat a bound
 more than 1 % (a bound that is beaten is wrong); and the wall and CPU time of the run.
 
     python benchmarks/bench_suite.py [--count N] [--seed S] [--jobs J] [--page]
+        [--start I --add-records RECORDS.json]
 
 The goal is 200 scenarios x these policies in under 30 minutes on a 2-core machine.
+
+A suite too long for one sitting runs in slices: ``--start 100 --count 100
+--add-records docs/experiments/suite/records.json`` runs scenarios 100-199 and reports
+the figures over those and the earlier slice's (same seed and policies; a scenario is
+the same whatever ran it, so the records of both are one suite's). Each slice's wall
+and CPU time is reported, and their sums.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -28,6 +36,7 @@ from balloonist.suite.executors import ProcessPoolAdapter
 from balloonist.suite.generator import GeneratorParams, generate_one
 from balloonist.suite.goals import PEERS, beaten_bounds, default_policy_goals, goals_json
 from balloonist.suite.page import write_suite_page
+from balloonist.suite.records import RunRecord, record_from_json
 from balloonist.suite.runner import run_suite
 from balloonist.suite.stats import BOUNDS, suite_stats, summary_json
 
@@ -44,6 +53,22 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _earlier(path: Path, seed: int, start: int) -> tuple[list[RunRecord], dict[str, float]]:
+    """The records of an earlier slice and its times; SystemExit if they do not fit."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    records = [record_from_json(r) for r in data["records"]]
+    if data["seed"] != seed or {r.policy for r in records} != set(POLICIES):
+        raise SystemExit(f"{path}: another suite (seed {data['seed']}, other policies)")
+    first = int(data.get("start", 0))
+    if start < first + int(data["count"]):
+        raise SystemExit(f"{path}: holds scenarios up to {first + data['count'] - 1}")
+    return records, {"start": first, "count": data["count"], **_times(data)}
+
+
+def _times(data: dict[str, float]) -> dict[str, float]:
+    return {"wall_s": float(data["wall_s"]), "cpu_s": float(data["cpu_s"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
@@ -52,9 +77,22 @@ def main() -> int:
     parser.add_argument(
         "--page", action="store_true", help=f"also write the suite's page into {PAGE}"
     )
+    parser.add_argument("--start", type=int, default=0, help="index of the first scenario")
+    parser.add_argument(
+        "--add-records",
+        type=Path,
+        metavar="RECORDS",
+        help="records.json of an earlier slice: the figures cover both",
+    )
     args = parser.parse_args()
     params = GeneratorParams()
-    scenarios = [generate_one(args.seed, i, params) for i in range(args.count)]
+    earlier: list[RunRecord] = []
+    slices: list[dict[str, float]] = []
+    if args.add_records is not None:
+        earlier, times = _earlier(args.add_records, args.seed, args.start)
+        slices.append(times)
+    first = args.start
+    scenarios = [generate_one(args.seed, i, params) for i in range(first, first + args.count)]
     start_s, start_cpu_s = time.monotonic(), _cpu_s()
 
     def on_done(done: int, total: int) -> None:
@@ -62,13 +100,19 @@ def main() -> int:
             elapsed = time.monotonic() - start_s
             print(f"{done}/{total} runs, {elapsed:.0f} s", file=sys.stderr, flush=True)
 
-    records = run_suite(scenarios, POLICIES, ProcessPoolAdapter(args.jobs), on_done)
-    wall_s, cpu_s = time.monotonic() - start_s, _cpu_s() - start_cpu_s
+    records = earlier + run_suite(scenarios, POLICIES, ProcessPoolAdapter(args.jobs), on_done)
+    slices.append(
+        {"start": first, "count": args.count}
+        | _times({"wall_s": time.monotonic() - start_s, "cpu_s": _cpu_s() - start_cpu_s})
+    )
+    count = sum(int(s["count"]) for s in slices)
+    wall_s, cpu_s = sum(s["wall_s"] for s in slices), sum(s["cpu_s"] for s in slices)
     stats = suite_stats(records, bounds=BOUNDS)
     goals = default_policy_goals(stats, DEFAULT_POLICY)
     beaten = beaten_bounds(records)
     figures = {
-        "count": args.count,
+        "count": count,
+        "slices": slices,
         "seed": args.seed,
         "policies": list(POLICIES),
         "default_policy": DEFAULT_POLICY,
@@ -82,7 +126,7 @@ def main() -> int:
     }
     path = write_result("suite", figures)
     print(
-        f"{args.count} scenarios x {len(POLICIES)} policies: {wall_s:.0f} s wall, "
+        f"{count} scenarios x {len(POLICIES)} policies: {wall_s:.0f} s wall, "
         f"{cpu_s:.0f} CPU s (goal {WALL_GOAL_S} s wall)"
     )
     for goal in goals:
@@ -92,7 +136,7 @@ def main() -> int:
     if args.page:
         meta = {
             "seed": args.seed,
-            "count": args.count,
+            "count": count,
             "default_policy": DEFAULT_POLICY,
             "params": params,
             "wall_s": wall_s,
