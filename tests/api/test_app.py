@@ -81,6 +81,7 @@ def test_guests_list_and_one(client: TestClient) -> None:
         "overhead_bytes": 100 * MIB,
         "ksm_merged_bytes": 30 * MIB,
         "ksm_saved_bytes": 20 * MIB,
+        "unheld_bytes": 1 * GIB - 800 * MIB,  # allocated 1 GiB, the host holds 800 MiB of RAM
     }
     assert db["host"] == {
         "held_bytes": GIB,
@@ -88,6 +89,7 @@ def test_guests_list_and_one(client: TestClient) -> None:
         "overhead_bytes": None,
         "ksm_merged_bytes": None,
         "ksm_saved_bytes": None,
+        "unheld_bytes": None,
     }
 
 

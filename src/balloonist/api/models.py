@@ -180,15 +180,24 @@ class GuestHostOut(_Out):
         default=None,
         description="What merging saved for it, less KSM's bookkeeping (Linux 6.4+).",
     )
+    unheld_bytes: int | None = Field(
+        default=None,
+        description="The difference: what its balloon lets it use (allocated_bytes) that "
+        "the host does not hold for it (pages never touched, given back by free page "
+        "reporting, merged by KSM); allocated_bytes less guest_ram_bytes, null when "
+        "its RAM cannot be told apart.",
+    )
 
     @classmethod
-    def of(cls, host: HostHeld) -> GuestHostOut:
+    def of(cls, host: HostHeld, allocated_bytes: int) -> GuestHostOut:
+        ram = host.guest_ram_bytes
         return cls(
             held_bytes=host.held_bytes,
-            guest_ram_bytes=host.guest_ram_bytes,
+            guest_ram_bytes=ram,
             overhead_bytes=host.overhead_bytes,
             ksm_merged_bytes=host.ksm_merged_bytes,
             ksm_saved_bytes=host.ksm_saved_bytes,
+            unheld_bytes=None if ram is None else allocated_bytes - ram,
         )
 
 
@@ -244,7 +253,9 @@ class GuestOut(_Out):
             inflate_rate_bytes_per_s=guest.inflate_rate_bytes_per_s,
             cpu=None if guest.cpu is None else GuestCpuOut.of(guest.cpu),
             counters={str(k): v for k, v in guest.counters.items()},
-            host=None if guest.host is None else GuestHostOut.of(guest.host),
+            host=(
+                None if guest.host is None else GuestHostOut.of(guest.host, guest.allocated_bytes)
+            ),
         )
 
 

@@ -420,7 +420,11 @@ function showGuest(guest) {
   if (host !== null) {
     const qemu = host.overhead_bytes === null ? "" : ` (QEMU ${formatSize(host.overhead_bytes)})`;
     const merged = host.ksm_merged_bytes ? `, KSM merged ${formatSize(host.ksm_merged_bytes)}` : "";
-    text(".host-held", `${formatSize(host.held_bytes)}${qemu}${merged}`);
+    const unheld =
+      host.unheld_bytes === null || host.unheld_bytes === undefined
+        ? ""
+        : `; ${formatSize(Math.abs(host.unheld_bytes))} ${host.unheld_bytes >= 0 ? "below" : "above"} its allocation`;
+    text(".host-held", `${formatSize(host.held_bytes)}${qemu}${merged}${unheld}`);
   }
   const cpu = guest.cpu;
   for (const el of card.root.querySelectorAll(".cpu-only")) el.hidden = cpu === null;
