@@ -110,9 +110,13 @@ class Scheduler:
         # hold now (the QEMU daemon does), so both must describe the same moment.
         samples = {s.name: s for s in self._hv.sample_guests()}
         reading = self._hv.read_host()
-        self._state = next_host_state(
-            self._state, reading.free_bytes / reading.memory_bytes, self._thresholds
+        # How short the host is: by its own count where the backend reads one (real
+        # VMs hold less than their balloons allow), else by the balloons' sizes.
+        truth = reading.truth
+        free_fraction = (
+            truth.free_fraction if truth is not None else reading.free_bytes / reading.memory_bytes
         )
+        self._state = next_host_state(self._state, free_fraction, self._thresholds)
         host = HostSample(
             time_s=reading.time_s,
             memory_bytes=reading.memory_bytes,

@@ -52,6 +52,20 @@ def test_the_status_shows_what_the_host_counts_each_guest_holds(tmp_path: Path) 
     assert (1000, 2 * GIB, None) in memory_host.asked
 
 
+def test_the_host_state_is_by_the_host_s_own_count_where_there_is_one(tmp_path: Path) -> None:
+    # The balloons leave nothing free of the 3 GiB budget; the host counts 1 GiB held.
+    counted = FakeMemoryHost({1000: HostHeld(600 * MIB), 1001: HostHeld(400 * MIB)})
+    states = {}
+    for name, memory_host in (("counted", counted), ("balloons", None)):
+        vms = {"web": FakeVm(2 * GIB, 2 * GIB), "db": FakeVm(GIB, GIB)}
+        daemon = make(tmp_path / name, vms, budget="3GiB", memory_host=memory_host)
+        daemon.step()
+        status = daemon.status()
+        assert status is not None
+        states[name] = status.host.state
+    assert states == {"counted": "high", "balloons": "low"}
+
+
 def test_a_restart_starts_from_where_the_guests_are(tmp_path: Path) -> None:
     # Over budget at start: the policy wants memory back, but a (re)started daemon may
     # only take one paced step from where each guest is, never jump to the target.
