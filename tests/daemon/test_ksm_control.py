@@ -78,10 +78,10 @@ def test_a_host_that_refuses_writes_makes_ksm_unavailable_counted_once() -> None
     host = FakeKsm(refuse=True)
     control = KsmControl(host, P)
     control.step(0.5)  # nothing to write yet
-    assert control.mode is KsmMode.MANAGING
+    assert control.status().mode is KsmMode.MANAGING
     control.step(0.05)
     control.step(0.05)
-    assert control.mode is KsmMode.UNAVAILABLE
+    assert control.status().mode is KsmMode.UNAVAILABLE
     assert control.errors == 1
     assert "permission denied" in (control.status().reason or "")
 
