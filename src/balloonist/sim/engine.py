@@ -12,6 +12,8 @@ pages of the workload:
     refbit[P]   CLOCK reference bits
     sampled[P]  working-set sampling marks (SAMPLED, then TOUCHED once referenced)
     free[P]     the guest's free-frame stack
+    freed_at[P] when each frame last went free still backed (free page reporting
+                guests only; an empty array for the others)
 
 The guest OS picks its own victims (LRU / CLOCK / FIFO) and swaps to its own swap.
 The VMM only sees frames: it backs a frame with machine memory on first touch, takes
@@ -74,7 +76,8 @@ S_DOUBLE_PAGING = 16
 S_HOST_ALLOC = 17
 S_STALLS = 18  # slices cut short: no machine page or no guest swap could be had
 S_STALLED_NS = 19  # the time those slices lost, waiting for memory (nanoseconds)
-N_SCALARS = 20
+S_REPORTED = 20  # machine pages returned to the host by free page reporting
+N_SCALARS = 21
 
 # Indices into the cost array (seconds).
 C_REF = 0
@@ -85,7 +88,8 @@ C_HOST_ALLOC = 4
 C_HOST_SWAP_IN = 5
 C_HOST_SWAP_OUT = 6
 C_BALLOON_PAGE = 7
-N_COSTS = 8
+C_PAGE_REPORT = 8
+N_COSTS = 9
 
 # Indices into the host's shared int64 array.
 H_SWAP_FREE = 0  # host swap slots free
@@ -516,10 +520,12 @@ def balloon_free(frames, st, p2v, free):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def discard_pages(lo, hi, st, v2p, vswap, p2v, prev, nxt, policy, free):  # type: ignore[no-untyped-def]
+def discard_pages(lo, hi, st, v2p, vswap, p2v, prev, nxt, policy, free, freed_at, now):  # type: ignore[no-untyped-def]
     """The guest drops virtual pages ``[lo, hi)`` as a process frees its memory: their
     frames go on its free list (still backed by machine memory) and their swap slots
-    are released, with no I/O. Returns how many frames were freed."""
+    are released, with no I/O. A guest with free page reporting (``freed_at`` not
+    empty) notes the time ``now`` for each frame. Returns how many frames were freed."""
+    stamp = freed_at.shape[0] > 0
     freed = 0
     for v in range(lo, hi):
         if vswap[v]:
@@ -535,8 +541,49 @@ def discard_pages(lo, hi, st, v2p, vswap, p2v, prev, nxt, policy, free):  # type
         free[st[S_NFREE]] = f
         st[S_NFREE] += 1
         st[S_RESIDENT] -= 1
+        if stamp:
+            freed_at[f] = now
         freed += 1
     return freed
+
+
+# A frame counts as free for the delay if it went free this long before the
+# boundary or more: the boundaries' times are sums of slice lengths, off by a few ulps.
+_REPORT_SLACK_S = 1e-9
+
+
+@njit(cache=True)
+def report_free_pages(now, delay_s, st, pstate, free, freed_at, host):  # type: ignore[no-untyped-def]
+    """Free page reporting: the guest reports the frames on its free list that still
+    have machine memory or a host swap slot behind them and went free at least
+    ``delay_s`` before ``now``; the host discards what is behind them (the frames
+    become ``UNBACKED``, and the next touch is a host allocation) and they stay on
+    the free list. Returns (frames reported, backed free frames left waiting).
+
+    Frames are pushed on the free stack as they go free, so the ones reported lie
+    below any still waiting: the guest takes the still-backed frames first, as
+    Linux, which moves reported pages to the tail of its free lists, does.
+    """
+    reported = 0
+    waiting = 0
+    for i in range(st[S_NFREE]):
+        f = free[i]
+        state = pstate[f]
+        if state == UNBACKED:
+            continue
+        if now - freed_at[f] < delay_s - _REPORT_SLACK_S:
+            waiting += 1
+            continue
+        if state == MAPPED:
+            st[S_MAPPED] -= 1
+            st[S_REPORTED] += 1
+            host[H_FREE] += 1
+        else:  # HOST_SWAPPED: the host drops the slot, nothing is read back
+            st[S_HOST_SWAPPED] -= 1
+            host[H_SWAP_FREE] += 1
+        pstate[f] = UNBACKED
+        reported += 1
+    return reported, waiting
 
 
 @njit(cache=True)

@@ -6,10 +6,12 @@ them and the per-guest figures the host reads between slices.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import numpy.typing as npt
 
-from balloonist.model import CpuSample, GuestSample
+from balloonist.model import CpuSample, GuestSample, HostHeld
 from balloonist.sim import engine as e
 from balloonist.sim.scenario import Costs, SimGuest
 from balloonist.sim.workload import Workload, WorkloadKind
@@ -20,7 +22,7 @@ I64 = npt.NDArray[np.int64]
 
 def cost_table(c: Costs) -> npt.NDArray[np.float64]:
     """The scenario's costs as the compiled loop indexes them (``engine.C_*``)."""
-    table = np.zeros(8, dtype=np.float64)
+    table = np.zeros(e.N_COSTS, dtype=np.float64)
     table[e.C_REF] = c.reference_s
     table[e.C_MINOR] = c.guest_minor_fault_s
     table[e.C_SWAP_IN] = c.guest_swap_in_s
@@ -29,6 +31,7 @@ def cost_table(c: Costs) -> npt.NDArray[np.float64]:
     table[e.C_HOST_SWAP_IN] = c.host_swap_in_s
     table[e.C_HOST_SWAP_OUT] = c.host_swap_out_s
     table[e.C_BALLOON_PAGE] = c.balloon_page_s
+    table[e.C_PAGE_REPORT] = c.free_page_report_s
     return table
 
 
@@ -51,6 +54,11 @@ class GuestMemory:
         self.refbit = np.zeros(frames, dtype=np.int8)
         self.sampled = np.zeros(frames, dtype=np.int8)
         self.free = np.zeros(frames, dtype=np.int32)
+        # Free page reporting: when each frame went free still backed (seconds), for
+        # reporting guests only; the others carry an empty array and pay nothing.
+        self.reporting_delay_s = guest.free_page_reporting_delay_s
+        self.freed_at = np.zeros(frames if self.reporting_delay_s is not None else 0)
+        self._report_pending = False  # frames went free backed since the last report
         self.st = np.zeros(e.N_SCALARS, dtype=np.int64)
         self.st[e.S_HEAD] = -1
         self.st[e.S_TAIL] = -1
@@ -83,6 +91,42 @@ class GuestMemory:
     @property
     def mapped_pages(self) -> int:
         return int(self.st[e.S_MAPPED])
+
+    @property
+    def reported_pages(self) -> int:
+        """Machine pages free page reporting has returned to the host so far."""
+        return int(self.st[e.S_REPORTED])
+
+    def discard(self, ranges: Iterable[tuple[int, int]], time_s: float) -> int:
+        """The guest frees virtual pages ``ranges`` ([start, end) each) at ``time_s``,
+        as a process that frees its memory: their frames go on its free list, still
+        backed, and their swap slots are released. Returns the frames freed."""
+        freed = 0
+        for start, end in ranges:
+            freed += int(
+                e.discard_pages(
+                    start, end, self.st, self.v2p, self.vswap, self.p2v, self.prev, self.nxt,
+                    int(self.guest.replacement), self.free, self.freed_at, time_s,
+                )
+            )  # fmt: skip
+        if freed and self.reporting_delay_s is not None:
+            self._report_pending = True
+        return freed
+
+    def report_free_pages(self, host: I64, time_s: float) -> int:
+        """Free page reporting at ``time_s``, a slice boundary: the guest reports the
+        frames that have been free and backed for its delay, the host discards their
+        memory, and the guest pays ``free_page_report_s`` each, as time debt (the
+        reporting thread's work). Returns the frames reported; a guest without
+        reporting, or with nothing freed since, reports nothing and costs nothing."""
+        if self.reporting_delay_s is None or not self._report_pending:
+            return 0
+        reported, waiting = e.report_free_pages(
+            time_s, self.reporting_delay_s, self.st, self.pstate, self.free, self.freed_at, host
+        )
+        self._report_pending = waiting > 0
+        self.time_debt_s += reported * float(self.costs[e.C_PAGE_REPORT])
+        return int(reported)
 
     def memory_stall_s(self) -> float:
         """Seconds this guest's workload has waited on memory so far, as PSI counts
@@ -134,18 +178,33 @@ class GuestMemory:
             memory_stall_s=self.memory_stall_s(),
             inflate_rate_bytes_per_s=inflate_rate_bytes_per_s,
             cpu=cpu,
+            host=self._host_held(),
         )
 
+    def _host_held(self) -> HostHeld | None:
+        """What the host holds for the guest, as a real host counts it, for a guest
+        with free page reporting: its machine-backed frames (``allocated_bytes`` too;
+        with reporting both fall below what the balloon leaves the guest). None for
+        the others, whose samples stay as they were."""
+        if self.reporting_delay_s is None:
+            return None
+        held = self.mapped_pages * PAGE_SIZE_BYTES
+        return HostHeld(held_bytes=held, guest_ram_bytes=held)
+
     def set_phase(self, time_s: float) -> bool:
-        """Enter the phase of the plan that runs at ``time_s``; True if it changed."""
+        """Enter the phase of the plan that runs at ``time_s``; True if it changed. A
+        phase that ``frees`` drops every page outside its working set as it begins."""
+        plan = self.guest.plan
         index = 0
-        for i, phase in enumerate(self.guest.plan.phases):
+        for i, phase in enumerate(plan.phases):
             if phase.at_s <= time_s:
                 index = i
         if index != self._phase:
             self._phase = index
-            self.workload = self.guest.plan.phases[index].workload
+            self.workload = plan.phases[index].workload
             self.st[e.S_SCAN_POS] = 0
+            if plan.phases[index].frees:
+                self.discard(plan.freed_ranges(index), time_s)
             return True
         return False
 

@@ -5,7 +5,8 @@ each slice the host gives every guest its limits, as the compiled loop takes the
 the most machine pages it may hold (its cap), its min, the free pages kept back for
 the other guests still below their reservations, and whether the host may page it
 when no free page is left. Where the policy's mechanisms allow host paging, the host
-also pages guests above target out proactively, at its swap's bandwidth.
+also pages guests above target out proactively, at its swap's bandwidth. And before
+the limits, it takes back what the guests with free page reporting report.
 """
 
 from __future__ import annotations
@@ -35,13 +36,23 @@ class Targets:
 
 
 class HostControl:
-    """The limits the host sets its guests, and its proactive paging."""
+    """The limits the host sets its guests, its proactive paging, and the memory it
+    takes back from free page reports."""
 
     def __init__(self, guests: Sequence[GuestMemory], host: I64, costs: npt.NDArray[np.float64]):
         self._guests = guests
         self._host = host
         self._costs = costs
         self._limits = [np.zeros(4, dtype=np.int64) for _ in guests]
+        # The guests with free page reporting: the others have nothing to report.
+        self._reporting = [m for m in guests if m.reporting_delay_s is not None]
+
+    def take_reported(self, time_s: float) -> None:
+        """At a slice boundary, before the limits: each guest with free page reporting
+        reports the pages free for its delay, and the host drops the memory behind
+        them (``GuestMemory.report_free_pages``)."""
+        for m in self._reporting:
+            m.report_free_pages(self._host, time_s)
 
     def limits(self, index: int) -> I64:
         """(cap, min, reserve, pageable) for one guest, as the compiled loop takes them."""

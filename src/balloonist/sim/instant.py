@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -57,6 +57,8 @@ class GuestPages(Protocol):
     costs: npt.NDArray[np.float64]
     balloon_swap_outs: int
 
+    def discard(self, ranges: Iterable[tuple[int, int]], time_s: float) -> int: ...
+
 
 class InstantMover:
     """Holds each guest's ballooned frames and moves them to target in one step."""
@@ -83,19 +85,11 @@ class InstantMover:
             if goal < self._held[i].size:
                 self._deflate(i, self._held[i].size - goal)
 
-    def discard_dead(self, i: int, phase_index: int) -> int:
+    def discard_dead(self, i: int, phase_index: int, time_s: float) -> int:
         """Guest ``i`` drops what its plan never touches again from phase
-        ``phase_index`` on; returns the frames freed."""
+        ``phase_index`` on, at ``time_s``; returns the frames freed."""
         m = self._guests[i]
-        freed = 0
-        for start, end in m.guest.plan.dead_ranges(phase_index):
-            freed += int(
-                e.discard_pages(
-                    start, end, m.st, m.v2p, m.vswap, m.p2v, m.prev, m.nxt,
-                    int(m.guest.replacement), m.free,
-                )
-            )  # fmt: skip
-        return freed
+        return m.discard(m.guest.plan.dead_ranges(phase_index), time_s)
 
     def _inflate(self, i: int, want: int, host: I64, lim: I64) -> None:
         m = self._guests[i]

@@ -30,6 +30,9 @@ def check_guest(m: GuestMemory) -> None:
     resident = np.flatnonzero(p2v >= 0)
     if resident.size != st[e.S_RESIDENT]:
         fail("resident count is off")
+    if np.any(pstate[resident] == e.UNBACKED):
+        # e.g. a frame free page reporting gave back while a page was still in it
+        fail("a resident page's frame has neither machine memory nor host swap behind it")
     if np.any(v2p[p2v[resident]] != resident):
         fail("page tables disagree (p2v -> v2p)")
     mapped_v = np.flatnonzero(v2p >= 0)

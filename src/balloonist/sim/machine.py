@@ -7,9 +7,10 @@ simulated guest OS through ``SimGuestKernel`` and to its VMM through
 
 Time within a period: the balloon drivers step once at its start (their page
 allocation and any swapping it forces cost the guest time), then the period is cut
-into slices. Before each slice the host grants each guest a cap on the machine pages
-it may hold, so the caps never add up to more than host memory; within the slice
-the guest's workload runs in the compiled loop until its time is used up.
+into slices. Before each slice the guests with free page reporting hand the host the
+free pages they have held long enough, and the host grants each guest a cap on the
+machine pages it may hold, so the caps never add up to more than host memory; within
+the slice the guest's workload runs in the compiled loop until its time is used up.
 
 A scenario with ``host.cpus`` also shares processors (``sim/cpu_balloon.py``): once
 the memory slices are done, the guests' CPU balloons step and the host's processors
@@ -335,6 +336,7 @@ class SimMachine:
         for k in range(slices):
             now = self.time_s + k * slice_s
             self._enter_phases(now)
+            self._control.take_reported(now)
             blocked = self._set_limits()
             self._control.page_out(self._targets, slice_s, self._slice_start)
             # Rotate who runs first so no guest always gets first pick of free memory.
@@ -358,7 +360,7 @@ class SimMachine:
     def _enter_phases(self, time_s: float) -> None:
         for i, m in enumerate(self.guests):
             if m.set_phase(time_s) and self._mover is not None:
-                self._mover.discard_dead(i, m.phase_index)
+                self._mover.discard_dead(i, m.phase_index, time_s)
 
     def _sample_window(self) -> None:
         """Close the working-set sampling window if it is over, and open the next.

@@ -1,7 +1,8 @@
 """What a simulation run produces: per-period time series and the summary figures.
 
 Series are numpy arrays, one entry per scheduler period, sampled at the end of the
-period. Counters (references, faults, swaps) are per period, not cumulative.
+period. Counters (references, faults, swaps) are per period, not cumulative; the
+memory free page reporting returned is a running total.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class GuestSeries:
     host_swap_outs: IntArray
     double_paging: IntArray  # guest evicted a page the host had already swapped out
     balloon_rate_pages: IntArray  # the driver's adaptive rate at the end of the period
+    #: Machine memory free page reporting returned to the host, a running total at the
+    #: end of each period; None for a guest without reporting.
+    reported_bytes: IntArray | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class SimResult:
                 "final_balloon_bytes": int(g.balloon_bytes[-1]),
                 "major_faults": int(g.major_faults.sum()),
             }
+            if g.reported_bytes is not None:
+                guests[g.name]["free_page_reported_bytes"] = int(g.reported_bytes[-1])
         summary: dict[str, Any] = {
             "scenario": self.scenario,
             "policy": self.policy,

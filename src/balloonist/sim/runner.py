@@ -98,6 +98,7 @@ class _Recorder:
         self._machine = machine
         periods, n = scenario.periods, len(machine.guests)
         self._series = {key: np.zeros((n, periods), dtype=np.int64) for key in _SERIES_KEYS}
+        self._reported = np.zeros((n, periods), dtype=np.int64)  # running totals
         self._host_free = np.zeros(periods, dtype=np.int64)
         self._host_swap = np.zeros(periods, dtype=np.int64)
         self._host_state = np.zeros(periods, dtype=np.int64)
@@ -132,6 +133,7 @@ class _Recorder:
             series["balloon_rate_pages"][i, k] = driver.rate.step_units if driver else 0
             for j, key in enumerate(_COUNTERS):
                 series[key][i, k] = delta[i, j]
+            self._reported[i, k] = m.reported_pages * PAGE_SIZE_BYTES
         self._cpu_period(k, targets, views)
         self._times[k] = machine.time_s
         self._host_free[k] = machine.free_pages() * PAGE_SIZE_BYTES
@@ -195,6 +197,7 @@ class _Recorder:
                 name=m.spec.name,
                 memory_bytes=m.spec.memory_bytes,
                 **{key: self._series[key][i].copy() for key in _SERIES_KEYS},
+                reported_bytes=None if m.reporting_delay_s is None else self._reported[i].copy(),
             )
             for i, m in enumerate(machine.guests)
         )
@@ -231,7 +234,9 @@ class _Recorder:
 _CPU_INT_KEYS = ("online_vcpus", "allocation_target_cpus", "balloon_target_vcpus")
 _CPU_FLOAT_KEYS = ("demand_vcpus", "useful_cpu_s", "ran_cpu_s", "spin_cpu_s", "switch_lost_cpu_s")
 
-#: Every per-period series of a guest, in GuestSeries' order.
+#: Every per-period series every guest has, in GuestSeries' order.
 _SERIES_KEYS = tuple(
-    f.name for f in dataclasses.fields(GuestSeries) if f.name not in ("name", "memory_bytes")
+    f.name
+    for f in dataclasses.fields(GuestSeries)
+    if f.name not in ("name", "memory_bytes", "reported_bytes")
 )

@@ -48,6 +48,15 @@ from balloonist.units import (
 #: The built-in scenario (`balloonist demo`, `balloonist daemon --sim`), packaged.
 DEMO_RESOURCE = "demo.toml"
 
+#: Free page reporting's delay: Linux's page_reporting runs its pass 2 s after free
+#: pages come in (PAGE_REPORTING_DELAY), so a page is free about that long first.
+DEFAULT_FREE_PAGE_REPORTING_DELAY_S = 2.0
+#: The guest pulling one free page off its list and handing it to the host, which
+#: discards it: no allocation and no I/O (half of ``balloon_page_s``, which also
+#: allocates the page), and Linux hands pages over 2 MiB at a time, one virtqueue
+#: round trip per 512 of them.
+DEFAULT_FREE_PAGE_REPORT_S = 0.25e-6
+
 
 class Replacement(enum.IntEnum):
     """Guest page-replacement algorithms; codes shared with the compiled loop."""
@@ -134,6 +143,7 @@ class CostsTable(Strict):
     host_swap_in_s: float = Field(default=110e-6, ge=0)
     host_swap_out_s: float = Field(default=20e-6, ge=0)
     balloon_page_s: float = Field(default=0.5e-6, ge=0)
+    free_page_report_s: float = Field(default=DEFAULT_FREE_PAGE_REPORT_S, ge=0)
 
 
 class WorkloadTable(Strict):
@@ -159,6 +169,7 @@ class WorkloadTable(Strict):
 class PhaseTable(Strict):
     at_s: float = Field(ge=0)
     workload: WorkloadTable
+    frees: bool = False
 
 
 class GuestTable(Strict):
@@ -178,6 +189,8 @@ class GuestTable(Strict):
     cpu_shares: int = Field(default=1000, gt=0, le=10**9)
     cpu_balloon: bool = True
     cpu_workload: CpuWorkloadTable | None = None
+    free_page_reporting: bool = False
+    free_page_reporting_delay_s: float | None = Field(default=None, ge=0, le=3600)
 
     _sizes = field_validator("memory", "min", "max", "kernel", "swap")(
         classmethod(lambda cls, v: check_size(v))
@@ -213,6 +226,7 @@ class Costs:
     host_swap_in_s: float
     host_swap_out_s: float
     balloon_page_s: float
+    free_page_report_s: float = DEFAULT_FREE_PAGE_REPORT_S
 
 
 @dataclass(frozen=True)
@@ -223,6 +237,9 @@ class SimGuest:
     swap_pages: int  # guest swap device
     plan: WorkloadPlan
     cpu_workload: CpuWorkload | None = None  # what runs on its vCPUs (spec.cpu is set)
+    #: With free page reporting, how long a page stays free before the guest reports
+    #: it to the host; None: the guest does not report.
+    free_page_reporting_delay_s: float | None = None
 
     @property
     def name(self) -> str:
@@ -359,6 +376,7 @@ def _build(raw: ScenarioFile, where: str, default_name: str) -> Scenario:
             host_swap_in_s=c.host_swap_in_s,
             host_swap_out_s=c.host_swap_out_s,
             balloon_page_s=c.balloon_page_s,
+            free_page_report_s=c.free_page_report_s,
         ),
         guests=tuple(guests),
         host_cpus=raw.host.cpus,
@@ -411,7 +429,21 @@ def _guest(g: GuestTable, host_cpus: int | None, gwhere: str) -> SimGuest:
         swap_pages=bytes_to_pages(swap),
         plan=plan,
         cpu_workload=cpu_workload,
+        free_page_reporting_delay_s=_reporting_delay_s(g, gwhere),
     )
+
+
+def _reporting_delay_s(g: GuestTable, where: str) -> float | None:
+    """The guest's free page reporting delay, or None if it does not report."""
+    if not g.free_page_reporting:
+        if g.free_page_reporting_delay_s is not None:
+            raise ConfigError(
+                "needs free_page_reporting = true", where=f"{where}.free_page_reporting_delay_s"
+            )
+        return None
+    if g.free_page_reporting_delay_s is None:
+        return DEFAULT_FREE_PAGE_REPORTING_DELAY_S
+    return g.free_page_reporting_delay_s
 
 
 def _cpu(
@@ -482,7 +514,7 @@ def _plan(w: WorkloadTable, where: str) -> WorkloadPlan:
             pwhere = f"{where}.phases[{i}]"
             if p.workload.kind == "phases":
                 raise ConfigError("phases cannot nest", where=f"{pwhere}.workload.kind")
-            phases.append(Phase(p.at_s, _single(p.workload, f"{pwhere}.workload")))
+            phases.append(Phase(p.at_s, _single(p.workload, f"{pwhere}.workload"), p.frees))
         if phases[0].at_s != 0.0:
             raise ConfigError("the first phase must start at at_s = 0", where=f"{where}.phases[0]")
         if [p.at_s for p in phases] != sorted({p.at_s for p in phases}):

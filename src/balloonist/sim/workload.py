@@ -37,6 +37,9 @@ class Workload:
 class Phase:
     at_s: float
     workload: Workload
+    #: When the phase begins, the guest frees every page outside its working set, as
+    #: a process that exits or shrinks its heap does (``WorkloadPlan.freed_ranges``).
+    frees: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,15 @@ class WorkloadPlan:
         if at < self.virtual_pages:
             dead.append((at, self.virtual_pages))
         return dead
+
+    def freed_ranges(self, index: int) -> list[tuple[int, int]]:
+        """The virtual pages outside phase ``index``'s working set, as [start, end)
+        ranges: what the guest frees when that phase begins, if it ``frees``. An idle
+        phase keeps its ``working_set`` (a process that holds memory it does not use).
+        """
+        w = self.phases[index].workload
+        ranges = [(0, w.offset_pages), (w.end_pages, self.virtual_pages)]
+        return [(start, end) for start, end in ranges if start < end]
 
     def at(self, time_s: float) -> Workload:
         current = self.phases[0].workload
