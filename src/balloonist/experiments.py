@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import operator
 import sys
 import time
@@ -302,11 +303,91 @@ def cpu_balloon(scenarios: Path) -> Experiment:
     )
 
 
+#: When the guests of free-page-reporting.toml free their data set, and how much of it
+#: counts as back at the host (of the 360 MiB they free).
+FREED_AT_S: Final = 20.0
+BACK_BYTES: Final = 300 * MIB
+
+
+def _back_after_s(run: SimResult, guest: str) -> float | None:
+    """Seconds after FREED_AT_S until the host held BACK_BYTES less for ``guest`` than
+    just before; None if that never happened in the run."""
+    g = run.guest(guest)
+    before = int(g.allocation_bytes[run.time_s <= FREED_AT_S][-1])
+    back = (run.time_s > FREED_AT_S) & (g.allocation_bytes <= before - BACK_BYTES)
+    return float(run.time_s[back][0] - FREED_AT_S) if back.any() else None
+
+
+def _held_mib_at(run: SimResult, guest: str, time_s: float) -> float:
+    g = run.guest(guest)
+    return float(g.allocation_bytes[run.time_s <= time_s][-1]) / MIB
+
+
+def free_page_reporting(scenarios: Path) -> Experiment:
+    sc = load_scenario(scenarios / "free-page-reporting.toml")
+    run = run_scenario(sc)
+    rows: list[tuple[str, ...]] = [
+        ("guest", "MiB held before", "3 s after", "10 s after", "at the end", "300 MiB back after")
+    ]
+    figures: dict[str, float] = {}
+    for name in ("report", "plain"):
+        back = _back_after_s(run, name)
+        held = [_held_mib_at(run, name, t) for t in (FREED_AT_S, FREED_AT_S + 3, FREED_AT_S + 10)]
+        end = float(run.guest(name).allocation_bytes[-1]) / MIB
+        figures |= {f"{name}_held_mib_3s_after": held[1], f"{name}_held_mib_at_end": end}
+        figures[f"{name}_back_after_s"] = -1.0 if back is None else back
+        rows.append(
+            (
+                name,
+                *(f"{h:.0f}" for h in held),
+                f"{end:.0f}",
+                "not in the run" if back is None else f"{back:.0f} s",
+            )
+        )
+    delay = max(g.free_page_reporting_delay_s or 0.0 for g in sc.guests)
+    report_back = figures["report_back_after_s"]
+    plain_3s = figures["plain_held_mib_3s_after"]
+    return Experiment(
+        name="free-page-reporting",
+        title="Free page reporting",
+        scenario="free-page-reporting.toml",
+        summary=(
+            "Two identical guests build a 400 MiB data set, then free all but 40 MiB at "
+            f"{FREED_AT_S:.0f} s and idle; a third grows into the room from 30 s on, under "
+            "the default policy. `report` has free page reporting "
+            "(virtio-balloon's `free-page-reporting=on`, which `balloonist vm start` "
+            "sets): the pages it frees go back to the host about 2 s later, with no "
+            "balloon move. `plain` keeps them on its free list, backed by host memory, "
+            "until its balloon takes them, as fast as the policy inflates it. The "
+            "policy does not know about reporting yet: it inflates both balloons alike, "
+            "and `report`'s balloon lands on pages the host already has."
+        ),
+        figures=figures,
+        checks=(
+            Check(
+                "report: seconds until 300 MiB were back at the host",
+                report_back if report_back >= 0 else math.inf,
+                "<=",
+                delay + sc.period_s,
+            ),
+            Check(
+                "plain: MiB the host still held for it 3 s after the free",
+                plain_3s,
+                ">=",
+                figures["report_held_mib_3s_after"] + BACK_BYTES / MIB,
+            ),
+        ),
+        runs={"demand": run},
+        table=tuple(rows),
+    )
+
+
 EXPERIMENTS: Final[dict[str, Callable[[Path], Experiment]]] = {
     "fidelity": fidelity,
     "idle-tax": idle_tax,
     "double-paging": double_paging,
     "cpu-balloon": cpu_balloon,
+    "free-page-reporting": free_page_reporting,
 }
 
 
