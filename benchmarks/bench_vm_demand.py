@@ -118,7 +118,7 @@ def _run(mode: str) -> dict[str, object]:
             seen = daemon.hv.view("busy")
             port = type(seen.port if seen is not None else None).__name__
         finally:
-            daemon.hv.close()
+            daemon.close()
 
         def follow_s(start: float, column: int, lo: int, hi: int) -> float:
             goal = lo + FRACTION * (hi - lo)

@@ -389,7 +389,7 @@ def test_between_periods_the_daemon_keeps_reading_its_agents(tmp_path: Path) -> 
             daemon.idle(0.1)  # no step: only the wait between periods runs
         assert ports["g"].session.held_pages() == 256
     finally:
-        daemon.hv.close()
+        daemon.close()
         guest.close()
 
 
@@ -410,7 +410,7 @@ def test_a_hostile_agent_is_cut_off_and_the_daemon_serves_the_others(tmp_path: P
         assert targets and targets[-1].balloon_pages > 0
         assert ports["good"].cooperative
     finally:
-        daemon.hv.close()
+        daemon.close()
         for guest in guests.values():
             guest.close()
 

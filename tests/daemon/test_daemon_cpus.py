@@ -162,7 +162,7 @@ def test_each_vm_gets_its_own_processor_and_gives_it_back_in_order(
         assert vms["busy"].affinity_at_target[-1] == PROCESSORS  # room before the vCPU
         assert affinity(vms["busy"], host) == {PROCESSORS} == affinity(vms["idle"], host)
     finally:
-        daemon.hv.close()
+        daemon.close()
 
 
 def test_the_real_vcpu_host_reads_and_narrows_this_process_s_threads() -> None:
@@ -229,7 +229,7 @@ def test_without_processors_the_daemon_leaves_them_alone(
         assert all(g.cpu is None for g in status.guests)
         assert all(vm.cpu_targets == [] for vm in vms.values())
     finally:
-        daemon.hv.close()
+        daemon.close()
 
 
 def test_a_processor_list_is_linux_s_cpu_list_format() -> None:

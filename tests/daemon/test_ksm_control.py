@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from balloonist.daemon.counters import FailureCounter
-from balloonist.daemon.ksm_control import KsmControl, KsmMode
+from balloonist.daemon.ksm_control import KsmClaim, KsmControl, KsmMode
 from balloonist.ksm import KsmKnobs, KsmParams, KsmTotals
 from balloonist.model import HostHeld
 from balloonist.units import GIB, MIB
@@ -151,3 +151,30 @@ def test_the_daemon_leaves_ksm_off_when_told(tmp_path: Path) -> None:
     status = daemon.status()
     assert status is not None and status.ksm is not None
     assert status.ksm.mode is KsmMode.OFF and ksm.written == []
+
+
+def test_a_daemon_that_died_managing_ksm_is_taken_over_by_the_next(tmp_path: Path) -> None:
+    host = FakeKsm(knobs_now=KsmKnobs(0, 64, 200))
+    claim = KsmClaim(tmp_path / "ksm.json")
+    first = KsmControl(host, P, claim=claim)
+    first.step(0.05)  # starts KSM, and dies without closing
+    assert host.knobs_now.running and claim.path.exists()
+    second = KsmControl(host, P, claim=KsmClaim(tmp_path / "ksm.json"))
+    second.step(0.5)
+    assert second.mode is KsmMode.MANAGING and not host.knobs_now.running
+    second.close()
+    assert host.knobs_now == KsmKnobs(0, 64, 200)  # what the first found
+    assert not claim.path.exists()
+
+
+def test_a_claim_whose_knobs_someone_changed_since_is_not_honoured(tmp_path: Path) -> None:
+    host = FakeKsm()
+    claim = KsmClaim(tmp_path / "ksm.json")
+    KsmControl(host, P, claim=claim).step(0.05)  # dies managing
+    host.knobs_now = KsmKnobs(1, 2000, 10)  # an administrator's, since
+    second = KsmControl(host, P, claim=claim)
+    second.step(0.9)
+    assert second.mode is KsmMode.LEFT_ALONE and host.knobs_now == KsmKnobs(1, 2000, 10)
+    assert not claim.path.exists()
+    (tmp_path / "bad.json").write_text("{not json")
+    assert KsmClaim(tmp_path / "bad.json").load() is None

@@ -221,7 +221,7 @@ def test_the_daemon_shares_memory_among_domains_and_a_destroyed_one_is_dropped(
         assert daemon.hv.managed() == ["a"]
         daemon.step()
     finally:
-        daemon.hv.close()
+        daemon.close()
 
 
 def test_without_libvirt_python_the_daemon_says_what_to_install(

@@ -447,4 +447,4 @@ def test_the_daemon_shares_the_host_s_processors_by_policy(
         status = daemon.status()
         assert status is not None and status.host.cpus == 2
     finally:
-        daemon.hv.close()
+        daemon.close()

@@ -84,5 +84,5 @@ def test_agent_and_virtio_balloon_guests_are_managed_side_by_side(
         assert sent and all(MIN_BYTES <= b <= MEMORY_MIB * MIB for _, b in sent)
         assert {name for name, _ in sent} == {"agent", "plain"}
     finally:
-        daemon.hv.close()
+        daemon.close()
         ram.close()

@@ -186,7 +186,7 @@ def test_memory_follows_demand_targets_stay_in_bounds_and_a_dead_vm_is_dropped(
         assert daemon.hv.managed() == ["busy", "fixed"]
         assert sent_count(daemon, "busy") >= before  # still served, no crash
     finally:
-        daemon.hv.close()
+        daemon.close()
 
 
 def test_the_cli_daemon_refuses_a_bad_config(tmp_path: Path) -> None:

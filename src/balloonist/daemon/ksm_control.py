@@ -5,6 +5,10 @@ Who manages KSM is one state (:class:`KsmMode`):
 
 - **managing**: balloonist found KSM stopped when it started and sets it every period
   (:func:`balloonist.ksm.ksm_setting`); when it stops, it puts back the knobs it found.
+  While it manages KSM it keeps a claim (:class:`KsmClaim`, ``ksm.json`` in the state
+  directory): the knobs it found and the ones it last wrote. A daemon that died
+  without putting KSM back leaves the claim, and the next one, finding the knobs
+  still as written there, takes KSM back over (and puts back what the first found).
 - **left alone**: KSM was already running when balloonist started (an administrator,
   ksmtuned, another daemon), or its knobs changed under balloonist (someone wrote
   them): balloonist reads the figures but writes nothing, from then on. Said once, in
@@ -19,10 +23,13 @@ Reading or writing the knobs can fail; each failure is counted
 from __future__ import annotations
 
 import enum
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Final, Protocol
 
+from balloonist.atomicfile import write_atomic
 from balloonist.errors import BackendError, FatalBackendError, StateError
 from balloonist.ksm import KsmKnobs, KsmParams, KsmTotals, ksm_setting
 
@@ -60,6 +67,35 @@ class KsmHost(Protocol):
     def totals(self) -> KsmTotals: ...
 
 
+class KsmClaim:
+    """The knobs balloonist found and last wrote, in ``path``, while it manages KSM."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> tuple[KsmKnobs, KsmKnobs] | None:
+        """(found, written) of an earlier daemon; None if there is none or it is unreadable."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return KsmKnobs(**data["found"]), KsmKnobs(**data["written"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, found: KsmKnobs, written: KsmKnobs) -> None:
+        try:
+            write_atomic(
+                self.path, json.dumps({"found": asdict(found), "written": asdict(written)})
+            )
+        except OSError as exc:
+            log.warning("KSM: cannot keep the claim in %s: %s", self.path, exc)
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("KSM: cannot remove the claim %s: %s", self.path, exc)
+
+
 @dataclass(frozen=True)
 class KsmStatus:
     """KSM on the host as the last period left it."""
@@ -74,8 +110,16 @@ class KsmStatus:
 class KsmControl:
     """KSM's knobs, set every period from the VMs' free share of memory."""
 
-    def __init__(self, host: KsmHost, params: KsmParams, *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        host: KsmHost,
+        params: KsmParams,
+        *,
+        enabled: bool = True,
+        claim: KsmClaim | None = None,
+    ) -> None:
         self._host = host
+        self._claim = claim
         self.params = params
         self._mode = KsmMode.NEW if enabled else KsmMode.OFF
         self._reason: str | None = (
@@ -116,6 +160,8 @@ class KsmControl:
             try:
                 if self._host.knobs() == self._expected:
                     self._host.set_knobs(self._found)
+                if self._claim is not None:
+                    self._claim.clear()
             except BackendError as exc:
                 self.errors += 1
                 log.warning("KSM: not put back as found: %s", exc)
@@ -136,6 +182,8 @@ class KsmControl:
             wanted = ksm_setting(free_fraction, knobs.running, self.params)
             if wanted != knobs:
                 self._host.set_knobs(wanted)
+                if self._claim is not None and self._found is not None:
+                    self._claim.save(self._found, wanted)
                 if wanted.running != knobs.running:
                     log.info(
                         "KSM %s: %.0f%% of the VMs' memory is free",
@@ -151,6 +199,15 @@ class KsmControl:
             self._leave(KsmMode.UNAVAILABLE, "this kernel has no KSM (/sys/kernel/mm/ksm)")
             return
         found = self._host.knobs()
+        earlier = self._claim.load() if self._claim is not None else None
+        if earlier is not None and earlier[1] == found:
+            # An earlier daemon managed it and died before putting it back.
+            self._found, self._expected = earlier[0], found
+            self._move(KsmMode.MANAGING)
+            log.info("KSM: taken back over from a daemon that did not stop cleanly")
+            return
+        if self._claim is not None:
+            self._claim.clear()  # stale: someone set KSM since
         if found.run != 0:
             self._leave(
                 KsmMode.LEFT_ALONE,
@@ -178,4 +235,4 @@ def _describe(knobs: KsmKnobs) -> str:
     return f"run={knobs.run}, pages_to_scan={knobs.pages_to_scan}, sleep {knobs.sleep_ms} ms"
 
 
-__all__ = ["KsmControl", "KsmHost", "KsmMode", "KsmStatus"]
+__all__ = ["KsmClaim", "KsmControl", "KsmHost", "KsmMode", "KsmStatus"]

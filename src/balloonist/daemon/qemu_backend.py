@@ -22,7 +22,7 @@ from balloonist.daemon.backend import BackendKind, GuestState, ResumePoint, merg
 from balloonist.daemon.config import DaemonConfig, budget_bytes
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.counters import Counts, FailureCounter
-from balloonist.daemon.ksm_control import KsmControl, KsmHost, KsmStatus
+from balloonist.daemon.ksm_control import KsmClaim, KsmControl, KsmHost, KsmStatus
 from balloonist.daemon.pacing import Bounds
 from balloonist.daemon.qemu_hv import QemuHypervisor
 from balloonist.daemon.vm_ports import VcpuHost, VmMemoryHost, VmPort
@@ -48,9 +48,11 @@ class QemuBackend:
         vcpu_host: VcpuHost | None = None,
         memory_host: VmMemoryHost | None = None,
         ksm_host: KsmHost | None = None,
+        ksm_claim: KsmClaim | None = None,
         on_target: Callable[[str, int], None] | None = None,
     ) -> None:
-        """``ksm_host``: the kernel's KSM (``/sys/kernel/mm/ksm`` unless given)."""
+        """``ksm_host``: the kernel's KSM (``/sys/kernel/mm/ksm`` unless given);
+        ``ksm_claim``: where the daemon keeps its claim on it while it manages it."""
         self.config = config
         self.source = source
         self._live: dict[str, GuestChange] = {}
@@ -71,7 +73,7 @@ class QemuBackend:
         )
         ksm = config.ksm
         self.ksm_control = KsmControl(
-            ksm_host or SysKernelKsm(), ksm.params(), enabled=ksm.mode == "auto"
+            ksm_host or SysKernelKsm(), ksm.params(), enabled=ksm.mode == "auto", claim=ksm_claim
         )
 
     def _records(self) -> list[VMRecord]:

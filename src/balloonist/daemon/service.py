@@ -59,7 +59,7 @@ from balloonist.daemon.config import (
 )
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.history import HistoryPoint
-from balloonist.daemon.ksm_control import KsmHost
+from balloonist.daemon.ksm_control import KsmClaim, KsmHost
 from balloonist.daemon.qemu_backend import QemuBackend
 from balloonist.daemon.qemu_hv import QemuHypervisor
 from balloonist.daemon.statefile import (
@@ -84,6 +84,9 @@ from balloonist.scheduler import Cycle, Scheduler
 from balloonist.units import format_size
 
 log = logging.getLogger("balloonist.daemon")
+
+#: In the state directory: the daemon's claim on the host's KSM while it manages it.
+KSM_CLAIM_FILE = "ksm.json"
 
 
 class DaemonLoop:
@@ -361,6 +364,7 @@ class Daemon(DaemonLoop):
             vcpu_host=vcpu_host,
             memory_host=memory_host,
             ksm_host=ksm_host,
+            ksm_claim=KsmClaim(state.root / KSM_CLAIM_FILE),
             on_target=on_target,
         )
         self.hv: QemuHypervisor = backend.hv
