@@ -167,6 +167,17 @@ def test_a_daemon_that_died_managing_ksm_is_taken_over_by_the_next(tmp_path: Pat
     assert not claim.path.exists()
 
 
+def test_a_daemon_that_hands_ksm_over_drops_its_claim(tmp_path: Path) -> None:
+    host = FakeKsm()
+    claim = KsmClaim(tmp_path / "ksm.json")
+    control = KsmControl(host, P, claim=claim)
+    control.step(0.05)
+    assert claim.path.exists()
+    host.knobs_now = KsmKnobs(1, 5000, 10)
+    control.step(0.05)
+    assert control.mode is KsmMode.LEFT_ALONE and not claim.path.exists()
+
+
 def test_a_claim_whose_knobs_someone_changed_since_is_not_honoured(tmp_path: Path) -> None:
     host = FakeKsm()
     claim = KsmClaim(tmp_path / "ksm.json")

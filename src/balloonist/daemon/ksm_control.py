@@ -220,6 +220,8 @@ class KsmControl:
         log.info("KSM: balloonist runs it by free memory (%s)", _describe(found))
 
     def _leave(self, to: KsmMode, reason: str) -> None:
+        if self._claim is not None and self._mode is KsmMode.MANAGING:
+            self._claim.clear()  # no longer balloonist's to put back
         self._move(to)
         self._reason = reason
         log.warning("KSM %s: %s", to.value, reason)
