@@ -316,9 +316,7 @@ def host_out(
             "swap_used_bytes": host.swap_used_bytes,
             "state": host.state,
             "cpus": host.cpus,
-            "truth": None
-            if truth is None
-            else HostTruthOut.model_validate(dataclasses.asdict(truth)),
+            "truth": None if truth is None else dataclasses.asdict(truth),
             "ksm": None if ksm is None else KsmOut.of(ksm),
             "freed": None if freed is None else FreedOut.of(freed),
         }

@@ -5,7 +5,7 @@ pages (KSM), guests **report** the pages they free (free page reporting), and th
 balloon policy **balloons** the rest. (Host paging, the last resort, is not done by
 the daemon yet.) Each period, for each VM whose memory the host counts
 (:class:`~balloonist.model.HostHeld`), what the host holds of its RAM fell by some
-amount; that fall is put down to the mechanisms in that order:
+amount; that fall is put down first to what the daemon did, then to the guest:
 
 - sharing: what KSM saved for the VM more than the period before (``ksm_stat``);
 - ballooning: what its balloon grew by, as far as the rest of the fall goes (a
@@ -75,11 +75,10 @@ def freed_by_vm(before: Counted, after: Counted) -> dict[Mechanism, int]:
     freed = _zero()
     if was is None or now is None:
         return freed
-    held_was = was.guest_ram_bytes if was.guest_ram_bytes is not None else was.held_bytes
-    held_now = now.guest_ram_bytes if now.guest_ram_bytes is not None else now.held_bytes
-    if (was.guest_ram_bytes is None) != (now.guest_ram_bytes is None):
-        held_was, held_now = was.held_bytes, now.held_bytes  # compare like with like
-    fall = max(0, held_was - held_now)
+    if was.guest_ram_bytes is not None and now.guest_ram_bytes is not None:
+        fall = max(0, was.guest_ram_bytes - now.guest_ram_bytes)
+    else:  # its RAM not told apart both times: the whole process, like with like
+        fall = max(0, was.held_bytes - now.held_bytes)
     shared = max(0, (now.ksm_saved_bytes or 0) - (was.ksm_saved_bytes or 0))
     freed[Mechanism.SHARING] = min(fall, shared)
     fall -= freed[Mechanism.SHARING]
