@@ -62,11 +62,8 @@ def _earlier(path: Path, seed: int, start: int) -> tuple[list[RunRecord], dict[s
     first = int(data.get("start", 0))
     if start < first + int(data["count"]):
         raise SystemExit(f"{path}: holds scenarios up to {first + data['count'] - 1}")
-    return records, {"start": first, "count": data["count"], **_times(data)}
-
-
-def _times(data: dict[str, float]) -> dict[str, float]:
-    return {"wall_s": float(data["wall_s"]), "cpu_s": float(data["cpu_s"])}
+    times = {"wall_s": float(data["wall_s"]), "cpu_s": float(data["cpu_s"])}
+    return records, {"start": first, "count": data["count"], **times}
 
 
 def main() -> int:
@@ -101,9 +98,9 @@ def main() -> int:
             print(f"{done}/{total} runs, {elapsed:.0f} s", file=sys.stderr, flush=True)
 
     records = earlier + run_suite(scenarios, POLICIES, ProcessPoolAdapter(args.jobs), on_done)
+    wall_slice_s, cpu_slice_s = time.monotonic() - start_s, _cpu_s() - start_cpu_s
     slices.append(
-        {"start": first, "count": args.count}
-        | _times({"wall_s": time.monotonic() - start_s, "cpu_s": _cpu_s() - start_cpu_s})
+        {"start": first, "count": args.count, "wall_s": wall_slice_s, "cpu_s": cpu_slice_s}
     )
     count = sum(int(s["count"]) for s in slices)
     wall_s, cpu_s = sum(s["wall_s"] for s in slices), sum(s["cpu_s"] for s in slices)
