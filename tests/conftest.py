@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from balloonist import ksm
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets, cached_assets, default_cache_dir
 
@@ -32,15 +33,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_host_ksm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _no_host_ksm(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """A daemon built in a test without real VMs finds no KSM (a directory that does
     not exist stands in for /sys/kernel/mm/ksm), so it never sets the host's: only
     ``vm`` tests drive the real one."""
     if request.node.get_closest_marker("vm") is None:
-        import balloonist.ksm
-
-        mp = request.getfixturevalue("monkeypatch")
-        mp.setattr(balloonist.ksm, "KSM_ROOT", tmp_path_factory.getbasetemp() / "no-ksm")
+        monkeypatch.setattr(ksm, "KSM_ROOT", tmp_path_factory.getbasetemp() / "no-ksm")
 
 
 def missing(what: str) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from balloonist.daemon.ksm_control import KsmMode
+from balloonist.daemon.ksm_control import KsmMode, KsmStatus
 from balloonist.daemon.mechanisms import Mechanism
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.daemon.status import GuestStatus
@@ -75,6 +75,12 @@ def _guest(daemon: Daemon, name: str) -> GuestStatus:
     guest = status.guest(name)
     assert guest is not None, f"{name} is not in the status"
     return guest
+
+
+def _ksm(daemon: Daemon) -> KsmStatus:
+    status = daemon.status()
+    assert status is not None and status.ksm is not None
+    return status.ksm
 
 
 def test_memory_a_guest_frees_goes_back_to_the_host_without_a_balloon_move(
@@ -173,10 +179,9 @@ def test_an_administrator_s_own_ksm_is_left_alone(
     try:
         for _ in range(3):
             daemon.step()
-        status = daemon.status()
-        assert status is not None and status.ksm is not None
-        assert status.ksm.mode is KsmMode.LEFT_ALONE
-        assert "already running" in (status.ksm.reason or "")
+        ksm = _ksm(daemon)
+        assert ksm.mode is KsmMode.LEFT_ALONE
+        assert "already running" in (ksm.reason or "")
     finally:
         daemon.close()
     assert host_ksm.knobs() == own
@@ -185,16 +190,13 @@ def test_an_administrator_s_own_ksm_is_left_alone(
     daemon = Daemon(config, state)
     try:
         daemon.step()
-        status = daemon.status()
-        assert status is not None and status.ksm is not None
-        assert status.ksm.mode is KsmMode.MANAGING
+        assert _ksm(daemon).mode is KsmMode.MANAGING
         changed = KsmKnobs(0, 77, 20)
         host_ksm.set_knobs(changed)
         daemon.step()
-        status = daemon.status()
-        assert status is not None and status.ksm is not None
-        assert status.ksm.mode is KsmMode.LEFT_ALONE
-        assert "changed outside balloonist" in (status.ksm.reason or "")
+        ksm = _ksm(daemon)
+        assert ksm.mode is KsmMode.LEFT_ALONE
+        assert "changed outside balloonist" in (ksm.reason or "")
     finally:
         daemon.close()
     assert host_ksm.knobs() == changed

@@ -25,12 +25,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.sim.test_machine import FixedPolicy, run
 
 from balloonist.errors import ConfigError
-from balloonist.model import Decision, GuestTarget, Mechanisms, Snapshot
 from balloonist.scheduler import Scheduler
 from balloonist.sim import engine as e
-from balloonist.sim.invariants import check_guest
 from balloonist.sim.machine import SimMachine
 from balloonist.sim.names import POLICY_NAMES
 from balloonist.sim.result import SimResult
@@ -77,28 +76,9 @@ def burst_then_idle(*, at_s: float = 5.0, **guest: Any) -> dict[str, Any]:
     }
 
 
-class KeepAll:
-    """Every guest keeps all its memory and no balloon moves: whatever the host gets
-    back comes from the guests' own reporting."""
-
-    @property
-    def name(self) -> str:
-        return "keep-all"
-
-    def decide(self, snapshot: Snapshot) -> Decision:
-        targets = tuple(GuestTarget(v.name, v.spec.memory_bytes, 0) for v in snapshot.guests)
-        return Decision(targets, Mechanisms(balloon=True))
-
-
-def machine_run(sc: Scenario, periods: int) -> SimMachine:
-    machine = SimMachine(sc)
-    scheduler = Scheduler(machine, KeepAll(), period_s=sc.period_s)
-    for _ in range(periods):
-        scheduler.step()
-        machine.advance(sc.period_s)
-        for g in machine.guests:
-            check_guest(g)
-    return machine
+#: Every guest keeps all its memory and no balloon moves: whatever the host gets back
+#: comes from the guests' own reporting.
+KEEP_ALL = FixedPolicy({})
 
 
 def backed_free_frames(machine: SimMachine) -> int:
@@ -174,16 +154,16 @@ def test_freed_memory_goes_back_to_the_host_after_the_delay_and_not_before(
         burst_then_idle(at_s=at_s, free_page_reporting=True, free_page_reporting_delay_s=delay_s)
     )
     slice_s = sc.period_s / sc.slices_per_period
-    before = machine_run(sc, periods=round(at_s))
+    before = run(sc, KEEP_ALL, periods=round(at_s))
     free_before, mapped_before = before.free_pages(), before.guests[0].mapped_pages
     # Still held while the delay runs: after the first period of the idle phase the
     # machine has passed every slice boundary up to a slice before its end.
     first = round(at_s) + 1
     if first - slice_s < at_s + delay_s - 1e-9:
-        early = machine_run(sc, periods=first)
+        early = run(sc, KEEP_ALL, periods=first)
         assert early.guests[0].reported_pages == 0
         assert backed_free_frames(early) == FREED_MIB * MIB // PAGE_SIZE_BYTES
-    machine = machine_run(sc, periods=math.ceil(at_s + delay_s) + 1)  # delay + a period
+    machine = run(sc, KEEP_ALL, periods=math.ceil(at_s + delay_s) + 1)  # delay + a period
     g = machine.guests[0]
     freed_pages = FREED_MIB * MIB // PAGE_SIZE_BYTES
     assert backed_free_frames(machine) == 0
@@ -196,7 +176,7 @@ def test_freed_memory_goes_back_to_the_host_after_the_delay_and_not_before(
 
 
 def test_without_reporting_the_freed_memory_stays_with_the_host_guest() -> None:
-    machine = machine_run(load(burst_then_idle()), periods=15)
+    machine = run(load(burst_then_idle()), KEEP_ALL, periods=15)
     g = machine.guests[0]
     assert g.reported_pages == 0
     assert backed_free_frames(machine) == FREED_MIB * MIB // PAGE_SIZE_BYTES
@@ -209,7 +189,7 @@ def test_touching_a_reported_page_again_is_a_host_allocation() -> None:
         phases = data["guests"][0]["workload"]["phases"]
         phases.append({"at_s": 8.0, "workload": {"kind": "scan", "working_set": "140MiB"}})
         machine = SimMachine(load(data))
-        scheduler = Scheduler(machine, KeepAll(), period_s=1.0)
+        scheduler = Scheduler(machine, KEEP_ALL, period_s=1.0)
         for _ in range(8):
             scheduler.step()
             machine.advance(1.0)
@@ -229,7 +209,7 @@ def test_reporting_costs_the_guest_its_report_cost_per_page() -> None:
     data = burst_then_idle(free_page_reporting=True, free_page_reporting_delay_s=0.0)
     data["costs"]["free_page_report_s"] = 1e-3  # 30 720 pages: about 31 s of work
     sc = load(data)
-    machine = machine_run(sc, periods=6)
+    machine = run(sc, KEEP_ALL, periods=6)
     g = machine.guests[0]
     reported = FREED_MIB * MIB // PAGE_SIZE_BYTES
     assert g.reported_pages == reported
@@ -248,7 +228,7 @@ def test_the_result_and_the_sample_show_what_reporting_returned() -> None:
     assert np.all(np.diff(g_on.reported_bytes) >= 0)  # a running total
     assert int(g_on.allocation_bytes[-1]) == int(g_off.allocation_bytes[-1]) - FREED_MIB * MIB
     # the sample tells what the host holds apart from what the balloon leaves the guest
-    machine = machine_run(load(burst_then_idle(free_page_reporting=True)), periods=10)
+    machine = run(load(burst_then_idle(free_page_reporting=True)), KEEP_ALL, periods=10)
     sample = machine.guests[0].sample(None, None)
     assert sample.host is not None
     assert sample.host.held_bytes == sample.allocated_bytes == sample.host.guest_ram_bytes
@@ -368,7 +348,7 @@ def test_freed_memory_is_back_within_the_delay_and_one_period(
     data["sim"].update(period_s=period_s, slices_per_period=slices, duration_s=12)
     sc = load(data)
     machine = SimMachine(sc)
-    scheduler = Scheduler(machine, KeepAll(), period_s=period_s)
+    scheduler = Scheduler(machine, KEEP_ALL, period_s=period_s)
     # the phase begins at the first slice boundary at or after at_s
     slice_s = period_s / slices
     freed_at_s = math.ceil(at_s / slice_s - 1e-9) * slice_s
