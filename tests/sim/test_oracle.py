@@ -346,11 +346,15 @@ def test_a_scan_above_its_limit_is_left_to_the_hosts_paging_where_there_is_host_
     scan = _guest("s", Workload(WorkloadKind.SCAN, _pages(300)), max_bytes=256 * MIB)
     fits = _guest("f", Workload(WorkloadKind.UNIFORM, _pages(100)))
     guests = [scan, fits]
-    ballooned = _oracle(guests).decide(_snapshot(guests, 2 * GIB))
+    balloons_only = _oracle(guests)
+    ballooned = balloons_only.decide(_snapshot(guests, 2 * GIB))
     assert not ballooned.mechanisms.host_paging
+    assert not balloons_only.chose_host_paging
     assert ballooned.by_name()["s"].balloon_bytes == (512 - 256) * MIB
-    decision = _oracle(guests, host_swap_pages=_pages(1024)).decide(_snapshot(guests, 2 * GIB))
+    oracle = _oracle(guests, host_swap_pages=_pages(1024))
+    decision = oracle.decide(_snapshot(guests, 2 * GIB))
     assert decision.mechanisms.host_paging
+    assert oracle.chose_host_paging
     s, f = decision.by_name()["s"], decision.by_name()["f"]
     assert (s.allocation_bytes, s.balloon_bytes) == (256 * MIB, 0)
     assert f.balloon_bytes == 512 * MIB - f.allocation_bytes  # it fits: ballooned as ever

@@ -24,7 +24,9 @@ That can be worth more than a balloon: random victims keep part of a scan where 
 guest's own algorithm keeps none, and they take the kernel's pages too, which the
 workload never faults back, so the whole allocation ends up holding the workload. A
 bound must be able to do whatever a policy such as ``host-swap`` does, so each period
-the oracle takes, for such a guest and size, whichever way models higher.
+the oracle takes, for such a guest and size, whichever way models higher. The steady
+state misses host paging's transient, so where it chose host paging at all the runner
+also runs the balloon-only schedule and keeps the better (``sim/runner.py``).
 
 ``oracle-fair`` is the same with the sharing rule as a constraint: no guest's modelled
 throughput in any period falls below ``FAIR_FRACTION`` of what it would make with the
@@ -164,10 +166,16 @@ class OraclePolicy:
         self._solved: dict[tuple[int, tuple[tuple[Slice, ...], ...]], tuple[int, ...]] = {}
         self._options: dict[tuple[str, int, int, tuple[Slice, ...]], _Options] = {}
         self._static: dict[int, tuple[int, ...]] = {}
+        self._chose_host_paging = False
 
     @property
     def name(self) -> str:
         return "oracle-fair" if self._fair else "oracle"
+
+    @property
+    def chose_host_paging(self) -> bool:
+        """Whether any decision so far left a guest to the host's paging."""
+        return self._chose_host_paging
 
     def decide(self, snapshot: Snapshot) -> Decision:
         for view in snapshot.guests:
@@ -192,6 +200,7 @@ class OraclePolicy:
         held = {v.name: v.sample.allocated_bytes // PAGE_SIZE_BYTES for v in snapshot.guests}
         pages = _hand_out_slack(pages, host_pages, guests, held)
         paged = [self._host_paged(g, s, p) for g, s, p in zip(guests, slices, pages, strict=True)]
+        self._chose_host_paging |= any(paged)
         present = set(held)
         targets = tuple(
             GuestTarget(

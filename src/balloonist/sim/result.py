@@ -92,6 +92,11 @@ class SimResult:
                 return g
         raise KeyError(name)
 
+    @property
+    def throughput_refs_per_s(self) -> float:
+        """Every guest's references together, per second of the run."""
+        return sum(float(g.refs.sum()) for g in self.guests) / self.duration_s
+
     def summary(self) -> dict[str, Any]:
         """The JSON object ``balloonist simulate --json`` prints (shape fixed by the docs)."""
         duration = self.duration_s
@@ -112,7 +117,7 @@ class SimResult:
             "seed": self.seed,
             "duration_s": duration,
             "aggregate": {
-                "throughput_refs_per_s": sum(float(g.refs.sum()) for g in self.guests) / duration,
+                "throughput_refs_per_s": self.throughput_refs_per_s,
                 "guest_major_faults": sum(int(g.major_faults.sum()) for g in self.guests),
                 "host_swap_ins": sum(int(g.host_swap_ins.sum()) for g in self.guests),
                 "host_swap_outs": sum(int(g.host_swap_outs.sum()) for g in self.guests),

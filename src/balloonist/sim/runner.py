@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +31,9 @@ from balloonist.sim.result import (
 from balloonist.sim.scenario import Scenario
 from balloonist.units import PAGE_SIZE_BYTES
 
+if TYPE_CHECKING:
+    from balloonist.sim.oracle import OraclePolicy
+
 ProgressCallback = Callable[[Progress], None]
 
 _COUNTERS = {
@@ -46,19 +50,23 @@ def build_policy(scenario: Scenario, name: str) -> Policy:
     if name not in POLICY_NAMES:
         raise ConfigError(f"unknown policy {name!r} (choose from {', '.join(POLICY_NAMES)})")
     if name in ORACLE_NAMES:
-        from balloonist.sim.oracle import OraclePolicy
-
-        return OraclePolicy(
-            scenario.guests,
-            scenario.costs,
-            period_s=scenario.period_s,
-            slices_per_period=scenario.slices_per_period,
-            fair=name == "oracle-fair",
-            host_swap_pages=scenario.host_swap_bytes // PAGE_SIZE_BYTES,
-        )
+        return _oracle(scenario, name, host_paging=True)
     from balloonist.policy.registry import make_policy
 
     return make_policy(name, tax_rate=scenario.tax_rate)
+
+
+def _oracle(scenario: Scenario, name: str, *, host_paging: bool) -> OraclePolicy:
+    from balloonist.sim.oracle import OraclePolicy
+
+    return OraclePolicy(
+        scenario.guests,
+        scenario.costs,
+        period_s=scenario.period_s,
+        slices_per_period=scenario.slices_per_period,
+        fair=name == "oracle-fair",
+        host_swap_pages=scenario.host_swap_bytes // PAGE_SIZE_BYTES if host_paging else 0,
+    )
 
 
 def run_scenario(
@@ -70,9 +78,44 @@ def run_scenario(
 ) -> SimResult:
     """Simulate ``scenario`` under a policy (the scenario's own unless overridden)."""
     policy_used = policy_name or scenario.policy_name
+    if policy_used in ORACLE_NAMES:
+        return _run_oracle(scenario, policy_used, progress, check_every_period)
     policy = build_policy(scenario, policy_used)
+    return _simulate(scenario, policy, policy_used, MoveModel.PACED, progress, check_every_period)
+
+
+def _run_oracle(
+    scenario: Scenario, name: str, progress: ProgressCallback | None, check_every_period: bool
+) -> SimResult:
+    """The oracle's run: the better of its two whole schedules, where they differ.
+
+    It knows the whole schedule in advance, so it may run both and keep the better: one
+    that may leave a guest to the host's paging where that models higher, and one that
+    only balloons. Host paging's steady-state curve misses its transient (the random
+    victims take a while to find the kernel's pages), and on suite seed 1's scenario 57
+    every policy that ballooned beat the first schedule by 1.3 %. Where the first
+    schedule never host-pages, each guest's modelled value at its allocation is its
+    ballooned one, so those allocations are also the balloon-only schedule's best and
+    it runs once. The second run reports no progress: the first counted every period.
+    """
     # The oracle is a bound: its balloons move instantly and for free.
-    moves = MoveModel.INSTANT if policy_used in ORACLE_NAMES else MoveModel.PACED
+    oracle = _oracle(scenario, name, host_paging=True)
+    first = _simulate(scenario, oracle, name, MoveModel.INSTANT, progress, check_every_period)
+    if not oracle.chose_host_paging:
+        return first
+    balloons_only = _oracle(scenario, name, host_paging=False)
+    second = _simulate(scenario, balloons_only, name, MoveModel.INSTANT, None, check_every_period)
+    return second if second.throughput_refs_per_s > first.throughput_refs_per_s else first
+
+
+def _simulate(
+    scenario: Scenario,
+    policy: Policy,
+    name: str,
+    moves: MoveModel,
+    progress: ProgressCallback | None,
+    check_every_period: bool,
+) -> SimResult:
     machine = SimMachine(scenario, moves=moves)
     scheduler = Scheduler(machine, policy, period_s=scenario.period_s, estimator=scenario.estimator)
     record = _Recorder(scenario, machine)
@@ -87,7 +130,7 @@ def run_scenario(
         record.period(k, cycle, scheduler.host_state)
         if progress is not None:
             progress(record.progress(k, scheduler.host_state))
-    return record.result(policy_used)
+    return record.result(name)
 
 
 class _Recorder:
