@@ -14,9 +14,13 @@ The goal is 200 scenarios x these policies in under 30 minutes on a 2-core machi
 
 A suite too long for one sitting runs in slices: ``--start 100 --count 100
 --add-records docs/experiments/suite/records.json`` runs scenarios 100-199 and reports
-the figures over those and the earlier slice's (same seed and policies; a scenario is
-the same whatever ran it, so the records of both are one suite's). Each slice's wall
-and CPU time is reported, and their sums.
+the figures over those and the earlier slice's (same seed; a run is the same whatever
+ran it, so the records of both are one suite's). ``--add-records`` may be given more
+than once, and a slice may hold some policies only (records written with
+``record_to_json`` under ``"records"``, with the slice's ``wall_s`` and ``cpu_s``);
+``--count 0`` runs nothing and reports the slices given. Together they must hold each
+(scenario, policy) once, and every policy for every scenario. Each slice's wall and
+CPU time is reported, and their sums.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from _common import write_result
+from balloonist.errors import ConfigError
 from balloonist.policy import DEFAULT_POLICY
 from balloonist.suite.executors import ProcessPoolAdapter
 from balloonist.suite.generator import GeneratorParams, generate_one
 from balloonist.suite.goals import PEERS, beaten_bounds, default_policy_goals, goals_json
 from balloonist.suite.page import write_suite_page
-from balloonist.suite.records import RunRecord, record_from_json
+from balloonist.suite.records import RunRecord, join_slices, record_from_json
 from balloonist.suite.runner import run_suite
 from balloonist.suite.stats import BOUNDS, suite_stats, summary_json
 
@@ -53,17 +59,28 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _earlier(path: Path, seed: int, start: int) -> tuple[list[RunRecord], dict[str, float]]:
-    """The records of an earlier slice and its times; SystemExit if they do not fit."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    records = [record_from_json(r) for r in data["records"]]
-    if data["seed"] != seed or {r.policy for r in records} != set(POLICIES):
-        raise SystemExit(f"{path}: another suite (seed {data['seed']}, other policies)")
-    first = int(data.get("start", 0))
-    if start < first + int(data["count"]):
-        raise SystemExit(f"{path}: holds scenarios up to {first + data['count'] - 1}")
-    times = {"wall_s": float(data["wall_s"]), "cpu_s": float(data["cpu_s"])}
-    return records, {"start": first, "count": data["count"], **times}
+def _earlier(
+    paths: list[Path], seed: int
+) -> tuple[list[tuple[str, list[RunRecord]]], list[dict[str, Any]]]:
+    """The records of earlier slices, by file, and each slice's size and times."""
+    parts: list[tuple[str, list[RunRecord]]] = []
+    slices: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("seed", seed) != seed:
+            raise SystemExit(f"{path}: another suite (seed {data['seed']}, not {seed})")
+        records = [record_from_json(r) for r in data["records"]]
+        parts.append((str(path), records))
+        slices.append(
+            {
+                "records_from": path.name,
+                "scenarios": len({r.scenario for r in records}),
+                "policies": sorted({r.policy for r in records}),
+                "wall_s": float(data["wall_s"]),
+                "cpu_s": float(data["cpu_s"]),
+            }
+        )
+    return parts, slices
 
 
 def main() -> int:
@@ -78,16 +95,14 @@ def main() -> int:
     parser.add_argument(
         "--add-records",
         type=Path,
+        action="append",
+        default=[],
         metavar="RECORDS",
-        help="records.json of an earlier slice: the figures cover both",
+        help="records of an earlier slice (repeatable): the figures cover them all",
     )
     args = parser.parse_args()
     params = GeneratorParams()
-    earlier: list[RunRecord] = []
-    slices: list[dict[str, float]] = []
-    if args.add_records is not None:
-        earlier, times = _earlier(args.add_records, args.seed, args.start)
-        slices.append(times)
+    earlier, slices = _earlier(args.add_records, args.seed)
     first = args.start
     scenarios = [generate_one(args.seed, i, params) for i in range(first, first + args.count)]
     start_s, start_cpu_s = time.monotonic(), _cpu_s()
@@ -97,12 +112,23 @@ def main() -> int:
             elapsed = time.monotonic() - start_s
             print(f"{done}/{total} runs, {elapsed:.0f} s", file=sys.stderr, flush=True)
 
-    records = earlier + run_suite(scenarios, POLICIES, ProcessPoolAdapter(args.jobs), on_done)
-    wall_slice_s, cpu_slice_s = time.monotonic() - start_s, _cpu_s() - start_cpu_s
-    slices.append(
-        {"start": first, "count": args.count, "wall_s": wall_slice_s, "cpu_s": cpu_slice_s}
-    )
-    count = sum(int(s["count"]) for s in slices)
+    fresh = run_suite(scenarios, POLICIES, ProcessPoolAdapter(args.jobs), on_done)
+    if scenarios:
+        wall_slice_s, cpu_slice_s = time.monotonic() - start_s, _cpu_s() - start_cpu_s
+        slices.append(
+            {
+                "start": first,
+                "scenarios": args.count,
+                "policies": list(POLICIES),
+                "wall_s": wall_slice_s,
+                "cpu_s": cpu_slice_s,
+            }
+        )
+    try:
+        records = join_slices([*earlier, ("this run", fresh)], POLICIES)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    count = len({r.scenario for r in records})
     wall_s, cpu_s = sum(s["wall_s"] for s in slices), sum(s["cpu_s"] for s in slices)
     stats = suite_stats(records, bounds=BOUNDS)
     goals = default_policy_goals(stats, DEFAULT_POLICY)
@@ -139,6 +165,7 @@ def main() -> int:
             "wall_s": wall_s,
             "cpu_s": cpu_s,
             "jobs": args.jobs,
+            "slices": slices,
         }
         write_suite_page(PAGE, records, stats, goals, beaten, meta)
         print(f"page written to {PAGE}")

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balloonist.suite.records import RunRecord, record_from_json, record_to_json
+from balloonist.errors import ConfigError
+from balloonist.suite.records import RunRecord, join_slices, record_from_json, record_to_json
 from balloonist.suite.stats import (
     MIN_BOUND_REFS_PER_S,
     PolicyStats,
@@ -157,3 +158,31 @@ def test_properties(rows: list[tuple[float, float, float]]) -> None:
         assert rel.worst == min(ps) <= rel.p10 <= rel.median <= max(ps)
     else:  # the bound did no work anywhere
         assert all(bound < MIN_BOUND_REFS_PER_S for bound, _, _ in rows)
+
+
+def test_slices_join_into_one_suite() -> None:
+    online = [rec("s0", "a", {"g": 1.0}), rec("s1", "a", {"g": 2.0})]
+    bound = [rec("s0", "b", {"g": 3.0}), rec("s1", "b", {"g": 4.0})]
+    joined = join_slices([("online", online), ("bound", bound)], ("a", "b"))
+    assert sorted((r.scenario, r.policy) for r in joined) == [
+        ("s0", "a"),
+        ("s0", "b"),
+        ("s1", "a"),
+        ("s1", "b"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("slices", "message"),
+    [
+        ([("x", [rec("s0", "a", {"g": 1.0})]), ("y", [rec("s0", "a", {"g": 1.0})])], "in x too"),
+        ([("x", [rec("s0", "a", {"g": 1.0}), rec("s0", "c", {"g": 1.0})])], "policy 'c'"),
+        ([("x", [rec("s0", "a", {"g": 1.0}), rec("s1", "a", {"g": 1.0})]), ("y", [])], "of b"),
+    ],
+    ids=["repeated", "other-policy", "incomplete"],
+)
+def test_slices_that_do_not_make_one_suite_are_refused(
+    slices: list[tuple[str, list[RunRecord]]], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        join_slices(slices, ("a", "b"))

@@ -37,7 +37,8 @@ def write_suite_page(
 ) -> None:
     """Write :data:`PAGE_FILES` into ``directory``, replacing what was there, all or
     nothing. ``meta`` holds seed, count, default_policy, params (a
-    ``GeneratorParams``), wall_s, cpu_s and jobs."""
+    ``GeneratorParams``), wall_s, cpu_s, jobs and, for a suite run in slices, each
+    slice's times (``slices``)."""
     params: GeneratorParams = meta["params"]
     plain = {k: v for k, v in meta.items() if k != "params"}
     fresh = directory.parent / f".{directory.name}.new"
@@ -57,6 +58,13 @@ def write_suite_page(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _slices(meta: dict[str, Any]) -> str:
+    """How many runs the suite was put together from, when more than one (each
+    slice's times are in ``records.json``)."""
+    slices = len(meta.get("slices", ()))
+    return f"{slices} slices, " if slices > 1 else ""
+
+
 def _fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -73,7 +81,7 @@ def suite_markdown(
         f"# The policy suite: {meta['count']} generated hosts, seed {meta['seed']}",
         "",
         "Every policy on every host of the default suite, run side by side "
-        f"(`python benchmarks/bench_suite.py`; {meta['jobs']} processes, "
+        f"(`python benchmarks/bench_suite.py`; {meta['jobs']} processes, {_slices(meta)}"
         f"{meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.0f} CPU min). "
         "Throughput is the aggregate references per second of all guests, relative to "
         "the `oracle` bound ([oracle.md](../../oracle.md)) and to `oracle-fair`, the bound "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["RunRecord", "record_from_json", "record_to_json"]
+from balloonist.errors import ConfigError
+
+__all__ = ["RunRecord", "join_slices", "record_from_json", "record_to_json"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,36 @@ def record_from_json(data: dict[str, Any]) -> RunRecord:
         every_guest_ballooned=bool(data["every_guest_ballooned"]),
         cpu_s=float(data["cpu_s"]),
     )
+
+
+def join_slices(
+    slices: Sequence[tuple[str, Sequence[RunRecord]]], policies: Sequence[str]
+) -> list[RunRecord]:
+    """One suite's records from the slices it was run in, each named (a file, say).
+
+    A run is the same whatever ran it, so slices join into one suite, if together they
+    hold each (scenario, policy) of ``policies`` exactly once and every policy for
+    every scenario they hold. ConfigError, naming the slice, otherwise.
+    """
+    seen: dict[tuple[str, str], str] = {}
+    joined: list[RunRecord] = []
+    for name, records in slices:
+        for r in records:
+            if r.policy not in policies:
+                raise ConfigError(
+                    f"{r.scenario} ran policy {r.policy!r}, not one of the suite's", where=name
+                )
+            if (r.scenario, r.policy) in seen:
+                raise ConfigError(
+                    f"{r.scenario} under {r.policy} is in {seen[r.scenario, r.policy]} too",
+                    where=name,
+                )
+            seen[r.scenario, r.policy] = name
+        joined += records
+    have: dict[str, set[str]] = {}
+    for r in joined:
+        have.setdefault(r.scenario, set()).add(r.policy)
+    for scenario, ran in have.items():
+        if missing := [p for p in policies if p not in ran]:
+            raise ConfigError(f"{scenario} has no record of {', '.join(missing)}", where="suite")
+    return joined
