@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from balloonist import ksm
+from balloonist.daemon import host_reclaim
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets, cached_assets, default_cache_dir
 
@@ -43,6 +44,16 @@ def _no_host_ksm(
     ``vm`` tests drive the real one."""
     if request.node.get_closest_marker("vm") is None:
         monkeypatch.setattr(ksm, "KSM_ROOT", tmp_path_factory.getbasetemp() / "no-ksm")
+
+
+@pytest.fixture(autouse=True)
+def _no_host_cgroups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon or launcher in a test without real VMs finds no memory cgroups, so it
+    never caps one of the host's (the test runner's own, say): only ``vm`` tests use
+    the real ones."""
+    if request.node.get_closest_marker("vm") is None:
+        monkeypatch.setattr(host_reclaim, "host_memory_hierarchy", lambda *_: None)
+        monkeypatch.setattr(launcher, "host_memory_hierarchy", lambda *_: None)
 
 
 def missing(what: str) -> None:

@@ -181,6 +181,11 @@ class HostHeld:
     ksm_merged_bytes: int | None = None
     #: What merging saved the host for it, less KSM's bookkeeping; None where unknown.
     ksm_saved_bytes: int | None = None
+    #: Host paging: the cap on what its memory cgroup may hold while the host pages it
+    #: (None: not capped), and how much of its memory is in the host's swap (None:
+    #: not known, or no cgroup of its own).
+    cap_bytes: int | None = None
+    swapped_bytes: int | None = None
 
     @property
     def overhead_bytes(self) -> int | None:

@@ -72,7 +72,8 @@ def make_status(version: int = 1, guests: tuple[GuestStatus, ...] | None = None)
                 inflate_rate_bytes_per_s=None,
                 cpu=None,
                 counters={FailureCounter.STALLS: 3, FailureCounter.TRANSIENT_ERRORS: 2},
-                host=HostHeld(held_bytes=GIB),  # its RAM not told apart
+                # Its RAM not told apart; uncooperative, so the host pages it.
+                host=HostHeld(held_bytes=GIB, cap_bytes=GIB, swapped_bytes=256 * MIB),
             ),
         )
     return Status(

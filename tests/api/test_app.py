@@ -82,6 +82,8 @@ def test_guests_list_and_one(client: TestClient) -> None:
         "ksm_merged_bytes": 30 * MIB,
         "ksm_saved_bytes": 20 * MIB,
         "unheld_bytes": 1 * GIB - 800 * MIB,  # allocated 1 GiB, the host holds 800 MiB of RAM
+        "cap_bytes": None,
+        "swapped_bytes": None,
     }
     assert db["host"] == {
         "held_bytes": GIB,
@@ -90,6 +92,8 @@ def test_guests_list_and_one(client: TestClient) -> None:
         "ksm_merged_bytes": None,
         "ksm_saved_bytes": None,
         "unheld_bytes": None,
+        "cap_bytes": GIB,
+        "swapped_bytes": 256 * MIB,
     }
 
 

@@ -75,6 +75,10 @@ def test_guest_series() -> None:
     assert web("host_overhead_bytes") == 100 * MIB
     assert samples[("balloonist_guest_host_held_bytes", (("guest", "db"),))] == GIB
     assert ("balloonist_guest_host_overhead_bytes", (("guest", "db"),)) not in samples
+    # Host paging: db is capped and partly in host swap; web is not paged at all.
+    assert samples[("balloonist_guest_host_cap_bytes", (("guest", "db"),))] == GIB
+    assert samples[("balloonist_guest_host_swapped_bytes", (("guest", "db"),))] == 256 * MIB
+    assert ("balloonist_guest_host_cap_bytes", (("guest", "web"),)) not in samples
     # db does not report free memory or a rate: no sample rather than a made-up value.
     assert ("balloonist_guest_free_bytes", (("guest", "db"),)) not in samples
     assert ("balloonist_guest_inflate_rate_bytes_per_second", (("guest", "db"),)) not in samples

@@ -135,6 +135,44 @@ class FakeKsm:
         return self.totals_now
 
 
+@dataclass
+class FakeCgroup:
+    """A VM's memory cgroup: what it holds comes down to its cap at once, the rest
+    going to swap; ``refuse`` makes writes fail as v1 does when it cannot reclaim."""
+
+    name: str
+    usage: int
+    swapped: int = 0
+    cap: int | None = None
+    refuse: bool = False
+    caps: list[int | None] = field(default_factory=list)
+
+    def set_limit(self, limit_bytes: int | None) -> None:
+        if self.refuse:
+            raise TransientBackendError(f"{self.name}: could not reclaim down to it")
+        self.caps.append(limit_bytes)
+        self.cap = limit_bytes
+        if limit_bytes is not None and self.usage > limit_bytes:
+            self.swapped += self.usage - limit_bytes
+            self.usage = limit_bytes
+
+    def usage_bytes(self) -> int:
+        return self.usage
+
+    def swapped_bytes(self) -> int | None:
+        return self.swapped
+
+
+@dataclass
+class FakeCgroups:
+    """Each VM's cgroup by name; a VM missing has none of its own."""
+
+    by_name: dict[str, FakeCgroup]
+
+    def cgroup(self, record: VMRecord) -> FakeCgroup | None:
+        return self.by_name.get(record.name)
+
+
 def make(
     tmp_path: Path,
     vms: dict[str, FakeVm],
@@ -144,6 +182,8 @@ def make(
     memory_host: FakeMemoryHost | None = None,
     ksm: FakeKsm | None = None,
     ksm_table: dict[str, object] | None = None,
+    cgroups: FakeCgroups | None = None,
+    daemon_table: dict[str, object] | None = None,
 ) -> Daemon:
     """A daemon over ``vms``; with ``memory_host``, the i-th VM's QEMU has pid 1000 + i."""
     state = StateDir(tmp_path)
@@ -151,7 +191,10 @@ def make(
         pid = None if memory_host is None else 1000 + i
         state.save(replace(record(name, vm.memory), pid=pid))
     config = DaemonConfig.model_validate(
-        {"daemon": {"budget": budget, "period_s": period_s}, "ksm": ksm_table or {}}
+        {
+            "daemon": {"budget": budget, "period_s": period_s, **(daemon_table or {})},
+            "ksm": ksm_table or {},
+        }
     )
     t = iter(range(10**6))
     return Daemon(
@@ -162,4 +205,5 @@ def make(
         connector=lambda r: vms[r.name],
         memory_host=memory_host,
         ksm_host=ksm,
+        cgroups=cgroups or FakeCgroups({}),
     )

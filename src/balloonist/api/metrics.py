@@ -62,8 +62,10 @@ balloonist_guest_host_held_bytes,        gauge  guest    what the host counts th
 _host_guest_ram_bytes,                                   QEMU process holds (Pss of its
 _host_overhead_bytes,                                    smaps), its RAM and QEMU's own;
 _host_ksm_merged_bytes,                                  of its pages, those KSM merged and
-_host_ksm_saved_bytes                                    what that saved (guests where it
-                                                         can be read)
+_host_ksm_saved_bytes,                                   what that saved, the cap on its
+_host_cap_bytes, _host_swapped_bytes                     cgroup while the host pages it
+                                                         and what is in host swap (guests
+                                                         where it can be read)
 balloonist_<counter>_total               counter         each daemon failure counter of
                                                          ``Status.counters``
                                                          (cycles_skipped, uncooperative,
@@ -139,6 +141,16 @@ _GUEST_HOST_GAUGES: tuple[tuple[str, str, Callable[[HostHeld], float | None]], .
         "host_ksm_saved_bytes",
         "What KSM saved for it, less bookkeeping.",
         lambda h: h.ksm_saved_bytes,
+    ),
+    (
+        "host_cap_bytes",
+        "The cap on its memory cgroup while the host pages it.",
+        lambda h: h.cap_bytes,
+    ),
+    (
+        "host_swapped_bytes",
+        "Of its memory, what is in the host's swap.",
+        lambda h: h.swapped_bytes,
     ),
 )
 

@@ -188,6 +188,18 @@ class GuestHostOut(_Out):
         "its RAM cannot be told apart.",
     )
 
+    cap_bytes: NonNegative | None = Field(
+        default=None,
+        description="Host paging: the cap on its memory cgroup while the host pages it "
+        "(a guest whose balloon does not work, in the HARD and LOW states); null when "
+        "not capped.",
+    )
+    swapped_bytes: NonNegative | None = Field(
+        default=None,
+        description="Of its memory, what is in the host's swap (its cgroup's count); "
+        "null where not known.",
+    )
+
     @classmethod
     def of(cls, host: HostHeld, allocated_bytes: int) -> GuestHostOut:
         ram = host.guest_ram_bytes
@@ -198,6 +210,8 @@ class GuestHostOut(_Out):
             ksm_merged_bytes=host.ksm_merged_bytes,
             ksm_saved_bytes=host.ksm_saved_bytes,
             unheld_bytes=None if ram is None else allocated_bytes - ram,
+            cap_bytes=host.cap_bytes,
+            swapped_bytes=host.swapped_bytes,
         )
 
 

@@ -6,6 +6,8 @@ budget = "6GiB"            # memory the VMs may use; default: host memory - rese
 reserve = "1GiB"           # default: the larger of 512MiB and 10 % of host memory
 available_floor = "64MiB"  # never leave a guest less available memory than this
 stall_timeout_s = 30.0     # a balloon that does not move for this long is uncooperative
+host_paging = true         # in HARD and LOW, cap the memory cgroup of a VM whose balloon
+                           # does not work, so the host pages it (docs/daemon.md)
 processors = "2-7"         # host processors agent VMs' vCPUs share (the CPU balloon);
                            # default: none, processors are left alone
 backend = "qemu"           # qemu: the VMs `vm start`/`vm attach` recorded; libvirt:
@@ -76,6 +78,7 @@ class DaemonTable(Strict):
     reserve: str | None = None
     available_floor: str = "64MiB"
     stall_timeout_s: float = Field(default=DEFAULT_STALL_TIMEOUT_S, gt=0)
+    host_paging: bool = True
     processors: str | None = None
     backend: Literal["qemu", "libvirt"] = "qemu"
     uri: str | None = Field(default=None, min_length=1)  # None: qemu:///system

@@ -20,6 +20,7 @@ class FailureCounter(enum.StrEnum):
     AGENT_REJECTED = "agent_rejected"
     BALLOON_FAILURES = "balloon_alloc_failures"
     KSM_ERRORS = "ksm_errors"
+    HOST_PAGING_ERRORS = "host_paging_errors"
 
     @property
     def meaning(self) -> str:
@@ -36,6 +37,7 @@ _MEANINGS = {
     FailureCounter.AGENT_REJECTED: "An agent message refused for breaking the protocol.",
     FailureCounter.BALLOON_FAILURES: "A simulated balloon allocation that came back short.",
     FailureCounter.KSM_ERRORS: "Reading or setting the host's KSM failed (the daemon's only).",
+    FailureCounter.HOST_PAGING_ERRORS: "Reading or capping a VM's memory cgroup failed.",
 }
 
 #: A set of counts, as Status and GuestStatus carry them.

@@ -22,6 +22,7 @@ from balloonist.daemon.backend import BackendKind, GuestState, ResumePoint, merg
 from balloonist.daemon.config import DaemonConfig, budget_bytes
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.counters import Counts, FailureCounter
+from balloonist.daemon.host_reclaim import CgroupHost
 from balloonist.daemon.ksm_control import KsmClaim, KsmControl, KsmHost, KsmStatus
 from balloonist.daemon.pacing import Bounds
 from balloonist.daemon.qemu_hv import QemuHypervisor
@@ -49,6 +50,7 @@ class QemuBackend:
         memory_host: VmMemoryHost | None = None,
         ksm_host: KsmHost | None = None,
         ksm_claim: KsmClaim | None = None,
+        cgroups: CgroupHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
     ) -> None:
         """``ksm_host``: the kernel's KSM (``/sys/kernel/mm/ksm`` unless given);
@@ -70,6 +72,8 @@ class QemuBackend:
             processors=config.daemon.processor_ids,
             vcpu_host=vcpu_host or source.vcpu_host(),
             memory_host=memory_host,
+            cgroups=cgroups,
+            host_paging=config.daemon.host_paging,
         )
         ksm = config.ksm
         self.ksm_control = KsmControl(

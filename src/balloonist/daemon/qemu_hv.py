@@ -11,6 +11,10 @@ be asked, the host's memory) is worked out in :mod:`balloonist.daemon.vm_figures
 recorded vCPUs share them through their CPU balloons
 (:class:`~balloonist.daemon.cpu_sharing.ProcessorSharing`).
 
+**Host paging.** In the HARD and LOW states a VM whose balloon does not work is
+capped through its memory cgroup, so the host swaps it
+(:mod:`balloonist.daemon.host_reclaim`).
+
 **Failures.** A VM whose QEMU has exited is dropped with one log line; one whose
 socket does not answer is retried every period (reconnecting) and left out of the
 cycle meanwhile; one without a balloon device is logged once and left alone. None of
@@ -26,10 +30,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from balloonist.daemon.agent_link import AgentPort, GuestControl
-from balloonist.daemon.counters import Counts
+from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.cpu_sharing import ProcessorSharing
+from balloonist.daemon.host_reclaim import CgroupHost, HostReclaim, SysCgroups
 from balloonist.daemon.pacing import DEFAULT_STALL_TIMEOUT_S, Bounds
-from balloonist.daemon.vm_figures import host_memory, host_truth
+from balloonist.daemon.vm_figures import HostMemory, host_memory, host_truth
 from balloonist.daemon.vm_life import ManagedVm, VmFailures, VmLife, VmView
 from balloonist.daemon.vm_ports import ProcVcpuHost, ProcVmMemory, VcpuHost, VmMemoryHost, VmPort
 from balloonist.errors import BackendError, FatalBackendError
@@ -88,6 +93,19 @@ def _close_later(loop: asyncio.AbstractEventLoop, port: VmPort) -> asyncio.Task[
     return None
 
 
+def _warn_over_reserved(host: HostMemory, was: bool) -> bool:
+    """Say so once when the guests' reservations come to exceed what they may share;
+    returns whether they do now."""
+    if host.over_reserved and not was:
+        log.warning(
+            "the guests' minimums and held sizes (%s) exceed the %s they may share; "
+            "holding every guest at its minimum",
+            format_size(host.reserved_bytes),
+            format_size(host.shareable_bytes),
+        )
+    return host.over_reserved
+
+
 class QemuHypervisor:
     """The scheduler's ``Hypervisor`` over the recorded VMs, on an event loop of its own
     that runs only while one of its methods does."""
@@ -107,13 +125,14 @@ class QemuHypervisor:
         processors: Sequence[int] | None = None,
         vcpu_host: VcpuHost | None = None,
         memory_host: VmMemoryHost | None = None,
+        cgroups: CgroupHost | None = None,
+        host_paging: bool = True,
     ) -> None:
-        """``period_s``: how often ``apply`` runs, so the pacing rate (pages per step)
-        can be reported per second. ``processors``: host processors the agent VMs'
-        vCPUs share; None leaves processors alone. ``vcpu_host``: the host's side of
-        their vCPU threads (``/proc`` and ``sched_setaffinity`` unless given).
-        ``memory_host``: the host's count of what each VM holds (``/proc`` unless
-        given)."""
+        """``period_s``: how often ``apply`` runs (the pacing rate is per second).
+        ``processors``: host processors the agent VMs' vCPUs share; None leaves them
+        alone. The host's side, real unless given: ``vcpu_host``, of the vCPU threads;
+        ``memory_host``, what each VM holds; ``cgroups``, the VMs' memory cgroups
+        (``host_paging`` False never caps one)."""
         self.budget_bytes = budget_bytes
         self._period_s = period_s
         self._cpus = (
@@ -128,6 +147,7 @@ class QemuHypervisor:
         self._bounds_for = bounds_for or (lambda r: Bounds(r.min_bytes, r.max_bytes))
         self._stall_timeout_s = stall_timeout_s
         self._on_target = on_target
+        self._reclaim = HostReclaim(cgroups or SysCgroups(), enabled=host_paging)
         self._vms: dict[str, ManagedVm] = {}
         self._over_reserved = False
         self.last_reading: HostReading | None = None  # the host as the last period read it
@@ -169,6 +189,7 @@ class QemuHypervisor:
     def close(self) -> None:
         # Closes under way finish first, or the loop would drop them half done.
         self._loop.run_until_complete(_closes_ended(self._vms.values()))
+        self._loop.run_until_complete(self._reclaim.release_all())
         for vm in self._vms.values():
             self._release(vm)
         self._loop.close()
@@ -206,12 +227,15 @@ class QemuHypervisor:
 
     def counters(self) -> Counts:
         """Failure counters of every VM ever managed, summed."""
-        return sum((vm.failures() for vm in self._vms.values()), self._retired).as_counters()
+        counts = sum((vm.failures() for vm in self._vms.values()), self._retired).as_counters()
+        return {**counts, FailureCounter.HOST_PAGING_ERRORS: self._reclaim.errors}
 
     # -- the Hypervisor port ----------------------------------------------------------
 
     def specs(self) -> list[GuestSpec]:
-        return [vm.held_spec(self.configured_spec(vm.record)) for vm in self._vms.values()]
+        return [
+            self._reclaim.spec_for(vm, self.configured_spec(vm.record)) for vm in self._vms.values()
+        ]
 
     def configured_spec(self, r: VMRecord) -> GuestSpec:
         """The VM's spec as recorded (not as held when uncooperative)."""
@@ -227,14 +251,7 @@ class QemuHypervisor:
         specs = zip(self.specs(), vms, strict=True)
         reserved = sum(spec.min_bytes for spec, vm in specs if vm.pacer is not None)
         host = host_memory(self.budget_bytes, info, held, reserved)
-        if host.over_reserved and not self._over_reserved:
-            log.warning(
-                "the guests' minimums and held sizes (%s) exceed the %s they may share; "
-                "holding every guest at its minimum",
-                format_size(host.reserved_bytes),
-                format_size(host.shareable_bytes),
-            )
-        self._over_reserved = host.over_reserved
+        self._over_reserved = _warn_over_reserved(host, self._over_reserved)
         cpus = None if self._cpus is None else len(self._cpus.processors)
         truth = host_truth(self.budget_bytes, info, sum(vm.truly_held_bytes for vm in vms))
         self.last_reading = host.reading(self._clock(), info, cpus, truth)
@@ -282,7 +299,8 @@ class QemuHypervisor:
         vm.observe(actual, stats, self._bounds_for(vm.record), self._stall_timeout_s)
         cpu = await self._cpus.sample(vm) if self._cpus is not None else None
         vm.move_to(VmLife.SAMPLED)
-        return vm.fresh_sample(self._period_s, cpu, vm.host_held(self._memory_host))
+        host = self._reclaim.with_paging(vm.record.name, vm.host_held(self._memory_host))
+        return vm.fresh_sample(self._period_s, cpu, host)
 
     def _failed(self, vm: ManagedVm, exc: BaseException) -> None:
         name = vm.record.name
@@ -337,6 +355,7 @@ class QemuHypervisor:
                 self._on_target(vm.record.name, sent)
         if self._cpus is not None:
             await self._cpus.apply(self._vms, wanted, self._failed)
+        await self._reclaim.apply(self._vms.values(), decision, self.last_reading)
 
 
 __all__ = ["QemuHypervisor", "agent_port", "vm_port"]

@@ -59,6 +59,7 @@ from balloonist.daemon.config import (
 )
 from balloonist.daemon.control import GuestChange
 from balloonist.daemon.history import HistoryPoint
+from balloonist.daemon.host_reclaim import CgroupHost
 from balloonist.daemon.ksm_control import KsmClaim, KsmHost
 from balloonist.daemon.qemu_backend import QemuBackend
 from balloonist.daemon.qemu_hv import QemuHypervisor
@@ -349,6 +350,7 @@ class Daemon(DaemonLoop):
         vcpu_host: VcpuHost | None = None,
         memory_host: VmMemoryHost | None = None,
         ksm_host: KsmHost | None = None,
+        cgroups: CgroupHost | None = None,
         on_target: Callable[[str, int], None] | None = None,
         policy: Policy | None = None,
         source: VmSource | None = None,
@@ -364,6 +366,7 @@ class Daemon(DaemonLoop):
             vcpu_host=vcpu_host,
             memory_host=memory_host,
             ksm_host=ksm_host,
+            cgroups=cgroups,
             ksm_claim=KsmClaim(state.root / KSM_CLAIM_FILE),
             on_target=on_target,
         )

@@ -33,6 +33,7 @@ from typing import Final, Literal
 
 from balloonist.agent.protocol import PORT_NAME
 from balloonist.atomicfile import write_atomic
+from balloonist.cgroup import MemoryCgroup, host_memory_hierarchy, make_vm_cgroup, remove_vm_cgroup
 from balloonist.errors import BalloonistError, ConfigError, FatalBackendError
 from balloonist.units import MIB, format_size
 
@@ -86,6 +87,9 @@ class VMRecord:
     min_cpus: int = 1
     max_cpus: int | None = None
     cpu_shares: int = 1000
+    #: The memory cgroup balloonist made for it and started it in; None: none (an
+    #: adopted VM, a host without the memory controller, vm.json files from before).
+    cgroup: str | None = None
 
     @property
     def agent(self) -> bool:
@@ -393,12 +397,22 @@ def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
     if request.agent:
         sockets.append(directory / "agent.sock")
 
+    cgroup = _vm_cgroup(request.name)
+
     def give_up() -> None:
         state.remove(request.name)
         if ram_file is not None:
             ram_file.unlink(missing_ok=True)
+        if cgroup is not None:
+            remove_vm_cgroup(cgroup.path)
 
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        done = _run_in(cgroup, cmd)
+    except subprocess.SubprocessError:  # it could not join its cgroup: run it without
+        if cgroup is not None:
+            remove_vm_cgroup(cgroup.path)
+        cgroup = None
+        done = _run_in(None, cmd)
     if done.returncode != 0:
         give_up()
         lines = done.stderr.strip().splitlines()
@@ -430,9 +444,30 @@ def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
         min_cpus=request.min_cpus,
         max_cpus=request.max_cpus,
         cpu_shares=request.cpu_shares,
+        cgroup=None if cgroup is None else str(cgroup.path),
     )
     state.save(record)
     return record
+
+
+def _run_in(cgroup: MemoryCgroup | None, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run QEMU (it daemonizes) in ``cgroup``, so every page it ever touches is
+    charged there; SubprocessError if it could not join it."""
+    join = None if cgroup is None else lambda: cgroup.join(os.getpid())
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, preexec_fn=join)
+
+
+def _vm_cgroup(name: str) -> MemoryCgroup | None:
+    """A memory cgroup of the VM's own, so the host can page it if its balloon fails
+    (``daemon/host_reclaim.py``); None where the host has no memory controller or
+    will not let us make one (then it is never paged by the host)."""
+    hierarchy = host_memory_hierarchy()
+    if hierarchy is None:
+        return None
+    try:
+        return make_vm_cgroup(hierarchy, name)
+    except OSError:
+        return None
 
 
 def adopt_vm(
@@ -473,6 +508,8 @@ def stop_vm(state: StateDir, name: str) -> None:
     record = state.load(name)
     if record.started_by_us and record.pid is not None:
         _terminate(record.pid)
+    if record.started_by_us and record.cgroup is not None:
+        remove_vm_cgroup(Path(record.cgroup))
     if record.started_by_us and record.ram_file is not None:
         Path(record.ram_file).unlink(missing_ok=True)
     state.remove(name)

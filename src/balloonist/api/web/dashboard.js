@@ -424,7 +424,10 @@ function showGuest(guest) {
       host.unheld_bytes === null || host.unheld_bytes === undefined
         ? ""
         : `; ${formatSize(Math.abs(host.unheld_bytes))} ${host.unheld_bytes >= 0 ? "below" : "above"} its allocation`;
-    text(".host-held", `${formatSize(host.held_bytes)}${qemu}${merged}${unheld}`);
+    // Host paging: only for a guest whose balloon does not work, in HARD and LOW.
+    const capped = host.cap_bytes ? `; capped at ${formatSize(host.cap_bytes)} by the host` : "";
+    const swapped = host.swapped_bytes ? `, ${formatSize(host.swapped_bytes)} in host swap` : "";
+    text(".host-held", `${formatSize(host.held_bytes)}${qemu}${merged}${unheld}${capped}${swapped}`);
   }
   const cpu = guest.cpu;
   for (const el of card.root.querySelectorAll(".cpu-only")) el.hidden = cpu === null;

@@ -1,0 +1,252 @@
+"""Host-level reclaim: the last resort, for VMs whose balloon does not work.
+
+The patent and ESX keep host paging for guests a balloon cannot serve. The policy
+allows it in the HARD and LOW host states, for guests without a cooperating balloon
+(``Mechanisms.host_paging``; the demand policy never allows it for the others). For
+each such VM with a memory cgroup of its own (:mod:`balloonist.cgroup`), the daemon
+caps the cgroup at the VM's allocation plus what QEMU holds besides the guest's RAM,
+so the host swaps the rest of the VM's pages out. The rules:
+
+- **never a cooperating VM**, whatever the decision says;
+- **never below its minimum** (plus QEMU's own memory);
+- **a step a period**: the cap falls by at most ``step_bytes`` below what the cgroup
+  holds now, because writing a cap reclaims in the writer's context (a worker
+  thread here) and a VM's pages should go out over periods, not in one stall;
+- **never more than the host's swap can take**: the cap stays above what the cgroup
+  holds less 90 % of the free swap, so reclaim never runs out of room;
+- **lifted at once** when a decision no longer allows host paging (the host's state
+  rose), the VM cooperates again, or it is no longer managed.
+
+:func:`next_cap_bytes` is the rule, pure; :class:`HostReclaim` applies it through the
+:class:`CgroupHost` port (:class:`SysCgroups` for real, a fake in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Final, Protocol
+
+from balloonist.cgroup import (
+    MemoryCgroup,
+    MemoryHierarchy,
+    cgroup_of_process,
+    host_memory_hierarchy,
+)
+from balloonist.daemon.vm_life import ManagedVm
+from balloonist.errors import BackendError
+from balloonist.model import Decision, GuestSpec, HostHeld, HostReading
+from balloonist.qemu.launcher import VMRecord
+from balloonist.units import MIB, format_size
+
+log = logging.getLogger("balloonist.daemon")
+
+#: How far a cap may fall below what the cgroup holds, per period.
+DEFAULT_STEP_BYTES: Final = 64 * MIB
+#: The share of the host's free swap one period's cap may send there.
+SWAP_HEADROOM: Final = 0.9
+
+
+class VmCgroup(Protocol):
+    """One VM's memory cgroup (:class:`balloonist.cgroup.MemoryCgroup`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def set_limit(self, limit_bytes: int | None) -> None: ...
+
+    def usage_bytes(self) -> int: ...
+
+    def swapped_bytes(self) -> int | None: ...
+
+
+class CgroupHost(Protocol):
+    """Finds a VM's memory cgroup: None if it has none of its own, which is then
+    never capped (a cap on a shared cgroup would take other processes' memory)."""
+
+    def cgroup(self, record: VMRecord) -> VmCgroup | None: ...
+
+
+class SysCgroups:
+    """The real :class:`CgroupHost`: the cgroup recorded for a VM balloonist started,
+    else its QEMU process's own memory cgroup if that holds nothing else (a libvirt
+    domain's, under ``machine``)."""
+
+    def __init__(
+        self, hierarchy: MemoryHierarchy | None = None, proc: Path = Path("/proc")
+    ) -> None:
+        self._hierarchy = hierarchy if hierarchy is not None else host_memory_hierarchy(proc)
+        self._proc = proc
+
+    def cgroup(self, record: VMRecord) -> VmCgroup | None:
+        h = self._hierarchy
+        if h is None or record.pid is None:
+            return None
+        if record.cgroup is not None:
+            return MemoryCgroup(Path(record.cgroup), h.version)
+        found = cgroup_of_process(record.pid, h, self._proc)
+        if found is None:
+            return None
+        try:
+            procs = (found.path / "cgroup.procs").read_text(encoding="ascii").split()
+        except OSError:
+            return None
+        return found if procs == [str(record.pid)] else None
+
+
+def next_cap_bytes(
+    goal_bytes: int, usage_bytes: int, *, step_bytes: int, swap_free_bytes: int
+) -> int:
+    """The cap for this period: toward ``goal_bytes`` from what the cgroup holds now,
+    by at most ``step_bytes``, and never sending more than :data:`SWAP_HEADROOM` of
+    the free swap out. Never below the goal."""
+    floor = usage_bytes - min(step_bytes, int(swap_free_bytes * SWAP_HEADROOM))
+    return max(goal_bytes, floor)
+
+
+@dataclass(frozen=True)
+class HostPaging:
+    """A VM's host-level paging, as the last period left it."""
+
+    cap_bytes: int | None  # its cgroup's cap; None: not capped
+    usage_bytes: int | None  # what its cgroup holds; None: no cgroup of its own
+    swapped_bytes: int | None  # of its memory, in the host's swap; None: not known
+
+
+@dataclass
+class _Capped:
+    cgroup: VmCgroup
+    cap_bytes: int | None = None
+    usage_bytes: int | None = None
+    swapped_bytes: int | None = None
+
+
+class HostReclaim:
+    """Caps the cgroups of VMs whose balloon does not work, in HARD and LOW; with
+    ``enabled`` False (``[daemon] host_paging = false``) it never caps one."""
+
+    def __init__(
+        self, host: CgroupHost, *, enabled: bool = True, step_bytes: int = DEFAULT_STEP_BYTES
+    ) -> None:
+        if step_bytes <= 0:
+            raise ValueError(f"step must be positive, got {step_bytes}")
+        self._host = host
+        self._enabled = enabled
+        self._step_bytes = step_bytes
+        self._vms: dict[str, _Capped | None] = {}  # None: no cgroup of its own
+        self._allowed = False  # whether the last decision allowed host paging
+        self.errors = 0  # cgroup reads or writes that failed, cumulative
+
+    def status(self, name: str) -> HostPaging | None:
+        """The VM's host-level paging; None if it has no cgroup balloonist may cap."""
+        c = self._vms.get(name)
+        if c is None:
+            return None
+        return HostPaging(c.cap_bytes, c.usage_bytes, c.swapped_bytes)
+
+    def with_paging(self, name: str, host: HostHeld | None) -> HostHeld | None:
+        """What the host counts the VM holds, with its host paging added."""
+        paging = self.status(name)
+        if host is None or paging is None:
+            return host
+        return replace(host, cap_bytes=paging.cap_bytes, swapped_bytes=paging.swapped_bytes)
+
+    def spec_for(self, vm: ManagedVm, configured: GuestSpec) -> GuestSpec:
+        """The VM's spec for the policy: held where it is if uncooperative
+        (:meth:`ManagedVm.held_spec`), unless the host may page it now. Then it is as
+        configured, without a balloon, so the policy may give it less than it holds."""
+        if self._allowed and not vm.cooperative and self._entry(vm) is not None:
+            return replace(configured, balloon=False)
+        return vm.held_spec(configured)
+
+    async def apply(
+        self, vms: Iterable[ManagedVm], decision: Decision, reading: HostReading | None
+    ) -> None:
+        """Cap or release every VM's cgroup for this decision (see the module's rules);
+        ``reading``: the host as this period read it (its free swap)."""
+        self._allowed = decision.mechanisms.host_paging
+        swap_free_bytes = 0 if reading is None else reading.swap_bytes - reading.swap_used_bytes
+        wanted = decision.by_name()
+        managed = {vm.record.name: vm for vm in vms}
+        for gone in set(self._vms) - set(managed):
+            entry = self._vms.pop(gone)
+            if entry is not None and entry.cap_bytes is not None:
+                await self._set(gone, entry, None)
+        swap_left = swap_free_bytes
+        for name, vm in managed.items():
+            entry = self._entry(vm)
+            if entry is None:
+                continue
+            await self._read(name, entry)
+            target = wanted.get(name)
+            if (
+                target is None
+                or not decision.mechanisms.host_paging
+                or vm.cooperative
+                or entry.usage_bytes is None
+            ):
+                if entry.cap_bytes is not None:
+                    await self._set(name, entry, None)
+                continue
+            overhead = (vm.host.overhead_bytes if vm.host is not None else None) or 0
+            goal = max(target.allocation_bytes, vm.record.min_bytes) + overhead
+            cap = next_cap_bytes(
+                goal, entry.usage_bytes, step_bytes=self._step_bytes, swap_free_bytes=swap_left
+            )
+            if cap < entry.usage_bytes:
+                swap_left -= entry.usage_bytes - cap
+            if cap != entry.cap_bytes:
+                await self._set(name, entry, cap)
+
+    async def release_all(self) -> None:
+        """Lift every cap (the daemon is stopping)."""
+        for name, entry in self._vms.items():
+            if entry is not None and entry.cap_bytes is not None:
+                await self._set(name, entry, None)
+
+    def _entry(self, vm: ManagedVm) -> _Capped | None:
+        name = vm.record.name
+        if not self._enabled:
+            return None
+        if name not in self._vms:
+            cgroup = self._host.cgroup(vm.record)
+            self._vms[name] = None if cgroup is None else _Capped(cgroup)
+            if cgroup is None:
+                log.info("%s: no memory cgroup of its own; never paged by the host", name)
+        return self._vms[name]
+
+    async def _read(self, name: str, entry: _Capped) -> None:
+        try:
+            entry.usage_bytes = await asyncio.to_thread(entry.cgroup.usage_bytes)
+            entry.swapped_bytes = await asyncio.to_thread(entry.cgroup.swapped_bytes)
+        except BackendError as exc:
+            self.errors += 1
+            entry.usage_bytes = None
+            log.warning("%s: reading its cgroup: %s", name, exc)
+
+    async def _set(self, name: str, entry: _Capped, cap_bytes: int | None) -> None:
+        try:
+            await asyncio.to_thread(entry.cgroup.set_limit, cap_bytes)
+        except BackendError as exc:
+            self.errors += 1
+            log.warning("%s: capping its cgroup: %s", name, exc)
+            return
+        if cap_bytes is None:
+            log.info("%s: host paging lifted", name)
+        elif entry.cap_bytes is None:
+            log.warning("%s: paged by the host, capped at %s", name, format_size(cap_bytes))
+        entry.cap_bytes = cap_bytes
+
+
+__all__ = [
+    "DEFAULT_STEP_BYTES",
+    "CgroupHost",
+    "HostPaging",
+    "HostReclaim",
+    "SysCgroups",
+    "VmCgroup",
+    "next_cap_bytes",
+]

@@ -1,0 +1,159 @@
+"""Host-level reclaim over fakes: in HARD and LOW, a VM whose balloon does not work is
+capped through its cgroup, a step a period, never below its minimum, never a
+cooperating VM, and the cap is lifted once the host recovers. No cgroups touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balloonist.daemon.counters import FailureCounter
+from balloonist.daemon.host_reclaim import DEFAULT_STEP_BYTES, SWAP_HEADROOM, next_cap_bytes
+from balloonist.daemon.service import Daemon
+from balloonist.host import HostMemInfo
+from balloonist.model import HostHeld
+from balloonist.units import GIB, MIB
+from tests.daemon.fakes import FakeCgroup, FakeCgroups, FakeMemoryHost, FakeVm, make
+
+#: A host with swap for the VMs' pages to go to.
+SWAPPY = HostMemInfo(8 * GIB, 6 * GIB, 4 * GIB, 4 * GIB)
+OVERHEAD = 100 * MIB
+MIN = 256 * MIB
+STALL_S = 3.0
+
+
+def _host(
+    tmp_path: Path, *, stuck_speed: int = 0, cgroups: FakeCgroups | None = None
+) -> tuple[Daemon, dict[str, FakeVm], FakeCgroups]:
+    """Two 2 GiB guests that each use 1.8 GiB on a 3 GiB budget (the host is LOW):
+    ``busy`` balloons; ``stuck``'s balloon never moves."""
+    vms = {
+        "busy": FakeVm(2 * GIB, 2 * GIB, used=1800 * MIB),
+        "stuck": FakeVm(2 * GIB, 2 * GIB, used=1800 * MIB, speed=stuck_speed),
+    }
+    groups = cgroups or FakeCgroups(
+        {
+            "busy": FakeCgroup("busy", usage=2 * GIB + OVERHEAD),
+            "stuck": FakeCgroup("stuck", usage=2 * GIB + OVERHEAD),
+        }
+    )
+    memory_host = FakeMemoryHost(
+        {pid: HostHeld(2 * GIB + OVERHEAD, guest_ram_bytes=2 * GIB) for pid in (1000, 1001)}
+    )
+    daemon = make(
+        tmp_path,
+        vms,
+        host=SWAPPY,
+        memory_host=memory_host,
+        cgroups=groups,
+        daemon_table={"stall_timeout_s": STALL_S},
+    )
+    return daemon, vms, groups
+
+
+def test_a_vm_whose_balloon_does_not_move_is_paged_by_the_host_in_steps(tmp_path: Path) -> None:
+    daemon, _, groups = _host(tmp_path)
+    stuck, busy = groups.by_name["stuck"], groups.by_name["busy"]
+    for _ in range(40):
+        daemon.step()
+    status = daemon.status()
+    assert status is not None and status.host.state in ("hard", "low")
+    view = status.guest("stuck")
+    assert view is not None and not view.cooperative
+    # Capped, a step at a time, never below its minimum and QEMU's own memory.
+    caps = [c for c in stuck.caps if c is not None]
+    assert caps and stuck.cap is not None and stuck.swapped > 0
+    steps = [a - b for a, b in zip([2 * GIB + OVERHEAD, *caps], caps, strict=False)]
+    assert max(steps) <= DEFAULT_STEP_BYTES
+    assert min(caps) >= MIN + OVERHEAD
+    assert stuck.cap < 2 * GIB  # it went below what its balloon holds: the policy gave it less
+    # Shown: the cap and the swap, next to what the host counts.
+    assert view.host is not None
+    assert (view.host.cap_bytes, view.host.swapped_bytes) == (stuck.cap, stuck.swapped)
+    # The cooperating guest is never capped.
+    assert busy.caps == []
+
+
+def test_a_cooperating_vm_is_never_capped(tmp_path: Path) -> None:
+    daemon, _, groups = _host(tmp_path, stuck_speed=1 << 40)
+    for _ in range(40):
+        daemon.step()
+    assert all(g.caps == [] for g in groups.by_name.values())
+
+
+def test_the_cap_is_lifted_once_the_host_recovers(tmp_path: Path) -> None:
+    daemon, _, groups = _host(tmp_path)
+    stuck = groups.by_name["stuck"]
+    for _ in range(40):
+        daemon.step()
+    assert stuck.cap is not None
+    daemon.state.remove("busy")  # the other VM goes: 2 GiB of a 3 GiB budget is held
+    for _ in range(5):
+        daemon.step()
+    status = daemon.status()
+    assert status is not None and status.host.state in ("high", "soft")
+    assert stuck.cap is None and stuck.caps[-1] is None
+
+
+def test_a_vm_without_a_cgroup_of_its_own_is_left_alone(tmp_path: Path) -> None:
+    busy = FakeCgroup("busy", usage=2 * GIB + OVERHEAD)
+    daemon, _, _ = _host(tmp_path, cgroups=FakeCgroups({"busy": busy}))
+    for _ in range(40):
+        daemon.step()
+    status = daemon.status()
+    assert status is not None
+    view = status.guest("stuck")
+    assert view is not None and view.host is not None and view.host.cap_bytes is None
+    assert busy.caps == []
+
+
+def test_a_cap_the_kernel_refuses_is_counted_and_tried_again(tmp_path: Path) -> None:
+    daemon, _, groups = _host(tmp_path)
+    stuck = groups.by_name["stuck"]
+    stuck.refuse = True
+    for _ in range(40):
+        daemon.step()
+    status = daemon.status()
+    assert status is not None
+    errors = status.counters[FailureCounter.HOST_PAGING_ERRORS]
+    assert errors >= 2  # once a period while it refuses
+    stuck.refuse = False
+    daemon.step()
+    assert stuck.cap is not None
+
+
+def test_host_paging_off_never_caps(tmp_path: Path) -> None:
+    groups = FakeCgroups({"stuck": FakeCgroup("stuck", usage=2 * GIB + OVERHEAD)})
+    vms = {
+        "busy": FakeVm(2 * GIB, 2 * GIB, used=1800 * MIB),
+        "stuck": FakeVm(2 * GIB, 2 * GIB, used=1800 * MIB, speed=0),
+    }
+    daemon = make(
+        tmp_path,
+        vms,
+        host=SWAPPY,
+        cgroups=groups,
+        daemon_table={"stall_timeout_s": STALL_S, "host_paging": False},
+    )
+    for _ in range(40):
+        daemon.step()
+    assert groups.by_name["stuck"].caps == []
+
+
+@given(
+    goal=st.integers(0, 8 * GIB),
+    usage=st.integers(0, 8 * GIB),
+    step=st.integers(1, GIB),
+    swap_free=st.integers(0, 8 * GIB),
+)
+def test_a_cap_falls_by_a_step_at_most_into_the_swap_there_is(
+    goal: int, usage: int, step: int, swap_free: int
+) -> None:
+    cap = next_cap_bytes(goal, usage, step_bytes=step, swap_free_bytes=swap_free)
+    assert cap >= goal
+    assert usage - cap <= step
+    assert usage - cap <= swap_free * SWAP_HEADROOM
+    if goal < usage and swap_free * SWAP_HEADROOM >= step:
+        assert cap == max(goal, usage - step)  # as far as it may go
