@@ -191,8 +191,8 @@ class GuestHostOut(_Out):
     cap_bytes: NonNegative | None = Field(
         default=None,
         description="Host paging: the cap on its memory cgroup while the host pages it "
-        "(a guest whose balloon does not work, in the HARD and LOW states); null when "
-        "not capped.",
+        "(a guest whose balloon does not work, in the HARD and LOW states), as the "
+        "period before left it; null when not capped.",
     )
     swapped_bytes: NonNegative | None = Field(
         default=None,

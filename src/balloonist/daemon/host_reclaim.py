@@ -182,24 +182,18 @@ class HostReclaim:
                 continue
             await self._read(name, entry)
             target = wanted.get(name)
-            if (
-                target is None
-                or not decision.mechanisms.host_paging
-                or vm.cooperative
-                or entry.usage_bytes is None
-            ):
-                if entry.cap_bytes is not None:
-                    await self._set(name, entry, None)
-                continue
-            overhead = (vm.host.overhead_bytes if vm.host is not None else None) or 0
-            goal = max(target.allocation_bytes, vm.record.min_bytes) + overhead
-            cap = next_cap_bytes(
-                goal, entry.usage_bytes, step_bytes=self._step_bytes, swap_free_bytes=swap_left
-            )
-            if cap < entry.usage_bytes:
-                swap_left -= entry.usage_bytes - cap
+            usage = entry.usage_bytes
+            cap = None
+            if target is not None and self._allowed and not vm.cooperative and usage is not None:
+                overhead = (vm.host.overhead_bytes if vm.host is not None else None) or 0
+                goal = max(target.allocation_bytes, vm.record.min_bytes) + overhead
+                cap = next_cap_bytes(
+                    goal, usage, step_bytes=self._step_bytes, swap_free_bytes=swap_left
+                )
+                swap_left -= max(0, usage - cap)
             if cap != entry.cap_bytes:
                 await self._set(name, entry, cap)
+                await self._read(name, entry)  # the figures as this period leaves them
 
     async def release_all(self) -> None:
         """Lift every cap (the daemon is stopping)."""

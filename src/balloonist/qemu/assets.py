@@ -61,7 +61,7 @@ KERNEL_META_PACKAGE: Final = "linux-image-amd64"
 BUSYBOX_PACKAGE: Final = "busybox-static"
 MANIFEST: Final = "assets.json"
 #: Bump when the initramfs contents change, so old caches are rebuilt.
-ASSETS_FORMAT: Final = 3
+ASSETS_FORMAT: Final = 4
 #: Where a host-root guest may find the host's Python, first match wins.
 HOST_PYTHONS: Final = ("/usr/bin/python3", "/usr/local/bin/python3")
 #: What may go into a guest's command line unquoted: the kernel splits it at blanks and
@@ -93,15 +93,18 @@ class GuestAssets:
         accel: Accel = "auto",
         run: Sequence[str] = (),
         host_root: bool = False,
+        balloon_driver: bool = True,
         **request: Any,
     ) -> StartRequest:
         """A request to boot the test guest, running ``touchmem WORK GROW`` if given.
 
         ``run`` is the argv of a program on the host's filesystem that the guest runs
         once booted (its output goes to the serial log); it implies ``host_root``, the
-        host's filesystem as the guest's root, read-only over 9p.
+        host's filesystem as the guest's root, read-only over 9p. Without
+        ``balloon_driver`` the guest never loads its balloon driver: the balloon device
+        is there, but it never moves.
         """
-        append = "quiet"
+        append = "quiet" if balloon_driver else "quiet balloonist.noballoon"
         if work:
             append += f" balloonist.work={work} balloonist.grow={grow_mib_s:g}"
         share = host_root or bool(run)

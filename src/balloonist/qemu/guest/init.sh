@@ -7,6 +7,7 @@
 #   balloonist.run=/PATH  9p root only: run this program once booted, with one argument per
 #   balloonist.arg=VALUE  balloonist.arg (in order); its output goes to the console, then
 #                         "BALLOONIST-RUN-EXIT <status>". Values are never evaluated by sh.
+#   balloonist.noballoon  do not load the balloon driver: a guest whose balloon never moves
 # With balloonist.root=9p this script runs twice: as /init in the initramfs (stage 1),
 # which mounts the share and switch_roots to a copy of itself in /run/balloonist
 # (stage 2, argument --stage2), so that busybox and touchmem survive the switch.
@@ -25,6 +26,7 @@ fi
 work=""
 grow=0
 root=""
+noballoon=""
 run=""
 set --
 for arg in $(cat /proc/cmdline); do
@@ -34,6 +36,7 @@ for arg in $(cat /proc/cmdline); do
         balloonist.root=*) root="${arg#*=}" ;;
         balloonist.run=*) run="${arg#*=}" ;;
         balloonist.arg=*) set -- "$@" "${arg#*=}" ;;
+        balloonist.noballoon) noballoon=1 ;;
     esac
 done
 
@@ -41,6 +44,7 @@ if [ "$BIN" = /bin ]; then
     # Order matters: each module needs the ones before it.
     for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
              virtio_balloon virtio_console; do
+        if [ "$m" = virtio_balloon ] && [ -n "$noballoon" ]; then continue; fi
         insmod "/lib/modules/$m.ko" || echo "BALLOONIST-ERROR insmod $m"
     done
     if [ "$root" = 9p ]; then

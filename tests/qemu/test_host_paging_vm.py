@@ -1,0 +1,132 @@
+"""Host paging on real guests under TCG (``vm``): a guest whose balloon driver never
+loaded is brought toward its target through its memory cgroup while the host is short,
+and the host swaps its pages; a cooperating guest beside it is never capped; the cap
+is lifted once the host recovers.
+
+Thresholds:
+- BUDGET: two 384 MiB guests each touch 250 MiB; their QEMUs hold about 350 MiB each,
+  so a 400 MiB budget leaves the host LOW by its own count.
+- STALL_S: how long a balloon may not move before the daemon calls it uncooperative.
+- SWAPPED_BYTES: the policy splits the budget between the two, so the guest without a
+  driver is given about 200 MiB of the 250 its workload touches plus its kernel; at
+  least 32 MiB of its pages must end up in the host's swap.
+- CAP_DEADLINE_S: boots aside, the stall takes STALL_S and each period lowers the cap
+  by 64 MiB at most; 90 s of periods.
+- LIFT_DEADLINE_S: once the other guest stops, the host is HIGH again within a period
+  or two; 20 s.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from balloonist.cgroup import CgroupVersion, MemoryCgroup
+from balloonist.daemon.service import Daemon, DaemonConfig
+from balloonist.daemon.status import GuestStatus
+from balloonist.qemu import launcher
+from balloonist.qemu.assets import GuestAssets
+from balloonist.units import MIB
+
+from .conftest import boot, wait_for_line
+
+pytestmark = [pytest.mark.vm, pytest.mark.root(reason="memory cgroups and swapon need root")]
+
+BUDGET = "400MiB"
+STALL_S = 5.0
+SWAPPED_BYTES = 32 * MIB
+CAP_DEADLINE_S = 90.0
+LIFT_DEADLINE_S = 20.0
+SWAP_MIB = 512
+WORK = "250@0"
+
+
+@pytest.fixture
+def host_swap(tmp_path: Path) -> Iterator[Path]:
+    """A swap file for the host, on for the test only."""
+    path = tmp_path / "host.swap"
+    with path.open("wb") as f:  # written out: swapon refuses a file with holes
+        for _ in range(SWAP_MIB):
+            f.write(bytes(MIB))
+    path.chmod(0o600)
+    subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
+    subprocess.run(["swapon", str(path)], check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["swapoff", str(path)], check=True, capture_output=True)
+
+
+def _cgroup(state: launcher.StateDir, name: str) -> MemoryCgroup:
+    recorded = state.load(name).cgroup
+    assert recorded is not None, f"{name} was not started in a cgroup of its own"
+    path = Path(recorded)
+    version = CgroupVersion.V2 if (path / "memory.high").exists() else CgroupVersion.V1
+    return MemoryCgroup(path, version)
+
+
+def _guest(daemon: Daemon, name: str) -> GuestStatus:
+    status = daemon.status()
+    assert status is not None
+    guest = status.guest(name)
+    assert guest is not None, f"{name} is not in the status"
+    return guest
+
+
+def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_short(
+    state: launcher.StateDir, guest_assets: GuestAssets, host_swap: Path
+) -> None:
+    boot(state, guest_assets, "stuck", memory_mib=384, work=WORK, balloon_driver=False)
+    boot(state, guest_assets, "coop", memory_mib=384, work=WORK)
+    for name in ("stuck", "coop"):
+        wait_for_line(state.load(name), r"ws_mib=250 resident_mib=250", 60.0)
+    stuck, coop = _cgroup(state, "stuck"), _cgroup(state, "coop")
+    config = DaemonConfig.model_validate(
+        {"daemon": {"budget": BUDGET, "stall_timeout_s": STALL_S}, "ksm": {"mode": "off"}}
+    )
+    daemon = Daemon(config, state)
+    caps: list[int] = []
+    try:
+        deadline = time.monotonic() + CAP_DEADLINE_S
+        while time.monotonic() < deadline and (stuck.swapped_bytes() or 0) < SWAPPED_BYTES:
+            daemon.step()
+            # The cooperating guest is never capped: by the status and by its cgroup.
+            assert coop.limit_bytes() is None
+            coop_host = _guest(daemon, "coop").host
+            assert coop_host is not None and coop_host.cap_bytes is None
+            cap = stuck.limit_bytes()
+            if cap is not None:
+                caps.append(cap)
+            daemon.idle(1.0)
+        daemon.step()  # a status shows the cap and swap as the period before left them
+        status = daemon.status()
+        assert status is not None
+        assert status.host.state in ("hard", "low"), status.host.state
+        view = _guest(daemon, "stuck")
+        assert not view.cooperative
+        swapped = stuck.swapped_bytes() or 0
+        assert swapped >= SWAPPED_BYTES, (swapped, caps)
+        # Its pages are in the host's swap file, and the status shows cap and swap.
+        used_kib = int(Path("/proc/swaps").read_text().split(str(host_swap))[1].split()[2])
+        assert used_kib * 1024 >= SWAPPED_BYTES
+        assert view.host is not None and view.host.cap_bytes in caps
+        assert view.host.swapped_bytes is not None and view.host.swapped_bytes >= SWAPPED_BYTES
+        # Never below its minimum (0 here) plus QEMU's own memory.
+        assert min(caps) > (view.host.overhead_bytes or 0)
+        assert coop.swapped_bytes() == 0  # the other guest's memory is untouched
+        # The host recovers once the other guest stops: the cap is lifted.
+        launcher.stop_vm(state, "coop")
+        deadline = time.monotonic() + LIFT_DEADLINE_S
+        while time.monotonic() < deadline and stuck.limit_bytes() is not None:
+            daemon.step()
+            daemon.idle(1.0)
+        assert stuck.limit_bytes() is None
+        daemon.step()
+        lifted = _guest(daemon, "stuck").host
+        assert lifted is not None and lifted.cap_bytes is None
+    finally:
+        daemon.close()
