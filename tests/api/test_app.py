@@ -127,7 +127,12 @@ def test_the_host_s_own_count_and_its_page_sharing() -> None:
         "pages_sharing": 200,
         "saved_bytes": 700_000,
     }
-    by_mechanism = {"sharing": 5 * MIB, "free_page_reporting": 7 * MIB, "ballooning": 0}
+    by_mechanism = {
+        "sharing": 5 * MIB,
+        "free_page_reporting": 7 * MIB,
+        "ballooning": 0,
+        "host_paging": 0,
+    }
     assert host["freed"] == {"period_bytes": by_mechanism, "total_bytes": by_mechanism}
 
 

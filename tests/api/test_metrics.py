@@ -87,14 +87,23 @@ def test_guest_series() -> None:
 def test_the_host_s_own_count_and_ksm_series() -> None:
     truth = HostTruth(6 * GIB, 5 * GIB, 20 * GIB, 1 * GIB)
     ksm = KsmStatus(KsmMode.MANAGING, KsmKnobs(1, 550, 20), KsmTotals(10, 200, 4, None))
-    freed = Freed().then({Mechanism.BALLOONING: 9 * MIB}).then({Mechanism.SHARING: MIB})
+    freed = (
+        Freed()
+        .then({Mechanism.BALLOONING: 9 * MIB})
+        .then({Mechanism.SHARING: MIB, Mechanism.HOST_PAGING: 3 * MIB})
+    )
     status = make_status()
     status = replace(status, host=replace(status.host, truth=truth), ksm=ksm, freed=freed)
     samples = scrape(FakeController(status))
     got_back = {
         labels[0][1]: v for (n, labels), v in samples.items() if n == "balloonist_freed_bytes_total"
     }
-    assert got_back == {"sharing": MIB, "free_page_reporting": 0, "ballooning": 9 * MIB}
+    assert got_back == {
+        "sharing": MIB,
+        "free_page_reporting": 0,
+        "ballooning": 9 * MIB,
+        "host_paging": 3 * MIB,
+    }
     assert samples[("balloonist_host_vms_held_bytes", ())] == 5 * GIB
     assert samples[("balloonist_host_available_bytes", ())] == 20 * GIB
     assert samples[("balloonist_host_vms_free_bytes", ())] == 1 * GIB

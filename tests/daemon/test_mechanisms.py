@@ -14,7 +14,7 @@ from balloonist.model import HostHeld
 from balloonist.units import GIB, MIB
 from tests.daemon.fakes import FakeMemoryHost, FakeVm, make
 
-S, R, B = Mechanism.SHARING, Mechanism.REPORTING, Mechanism.BALLOONING
+S, R, B, H = Mechanism.SHARING, Mechanism.REPORTING, Mechanism.BALLOONING, Mechanism.HOST_PAGING
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,17 @@ class Vm:
     host: HostHeld | None
 
 
-def vm(ram_mib: int, balloon_mib: int = 0, saved_mib: int | None = None, name: str = "a") -> Vm:
+def vm(
+    ram_mib: int,
+    balloon_mib: int = 0,
+    saved_mib: int | None = None,
+    name: str = "a",
+    swapped_mib: int | None = None,
+) -> Vm:
     saved = None if saved_mib is None else saved_mib * MIB
-    return Vm(
-        name, balloon_mib * MIB, HostHeld(ram_mib * MIB + 50 * MIB, ram_mib * MIB, None, saved)
-    )
+    swapped = None if swapped_mib is None else swapped_mib * MIB
+    host = HostHeld(ram_mib * MIB + 50 * MIB, ram_mib * MIB, None, saved, swapped_bytes=swapped)
+    return Vm(name, balloon_mib * MIB, host)
 
 
 def mib(freed: dict[Mechanism, int]) -> dict[str, int]:
@@ -40,12 +46,30 @@ def test_a_fall_with_no_balloon_move_and_no_sharing_is_the_guest_s_reporting() -
         "sharing": 0,
         "free_page_reporting": 200,
         "ballooning": 0,
+        "host_paging": 0,
     }
 
 
 def test_sharing_first_then_the_balloon_then_the_rest() -> None:
     freed = freed_by_vm(vm(400, balloon_mib=100, saved_mib=10), vm(250, 150, saved_mib=40))
-    assert mib(freed) == {"sharing": 30, "free_page_reporting": 70, "ballooning": 50}
+    assert mib(freed) == {
+        "sharing": 30,
+        "free_page_reporting": 70,
+        "ballooning": 50,
+        "host_paging": 0,
+    }
+
+
+def test_what_went_to_the_host_s_swap_is_host_paging_as_far_as_the_fall_goes() -> None:
+    paged = freed_by_vm(vm(400, swapped_mib=10), vm(300, swapped_mib=70))
+    assert mib(paged) == {
+        "sharing": 0,
+        "free_page_reporting": 40,
+        "ballooning": 0,
+        "host_paging": 60,
+    }
+    # Swap that grew while the host's count did not fall freed nothing more.
+    assert sum(freed_by_vm(vm(300, swapped_mib=0), vm(300, swapped_mib=50)).values()) == 0
 
 
 def test_a_balloon_that_takes_pages_already_given_back_frees_nothing_more() -> None:
@@ -54,6 +78,7 @@ def test_a_balloon_that_takes_pages_already_given_back_frees_nothing_more() -> N
         "sharing": 0,
         "free_page_reporting": 0,
         "ballooning": 20,
+        "host_paging": 0,
     }
 
 
@@ -83,7 +108,12 @@ def test_vms_are_summed_and_the_record_keeps_a_total() -> None:
     before = [vm(400, name="a"), vm(300, name="b"), vm(100, name="gone")]
     after = [vm(300, name="a"), vm(250, 50, name="b"), vm(100, name="new")]
     period = freed_between(before, after)
-    assert mib(period) == {"sharing": 0, "free_page_reporting": 100, "ballooning": 50}
+    assert mib(period) == {
+        "sharing": 0,
+        "free_page_reporting": 100,
+        "ballooning": 50,
+        "host_paging": 0,
+    }
     record = Freed().then(period).then(period)
     assert record.period_bytes == period
     assert {m: record.total_bytes[m] for m in ORDER} == {m: 2 * period[m] for m in ORDER}

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from balloonist.cgroup import CgroupVersion, MemoryCgroup
+from balloonist.daemon.mechanisms import Mechanism
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.daemon.status import GuestStatus
 from balloonist.qemu import launcher
@@ -118,6 +119,8 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
         # Never below its minimum (0 here) plus QEMU's own memory.
         assert min(caps) > (view.host.overhead_bytes or 0)
         assert coop.swapped_bytes() == 0  # the other guest's memory is untouched
+        # ...and the daemon puts what the host got back from it down to host paging.
+        assert status.freed is not None and status.freed.total_bytes[Mechanism.HOST_PAGING] > 0
         # The host recovers once the other guest stops: the cap is lifted.
         launcher.stop_vm(state, "coop")
         deadline = time.monotonic() + LIFT_DEADLINE_S

@@ -33,7 +33,8 @@ _saved_bytes
 balloonist_freed_bytes_total             counter mechanism memory the host got back since the
                                                          daemon started, by mechanism
                                                          (sharing, free_page_reporting,
-                                                         ballooning; real VMs)
+                                                         ballooning, host_paging; real
+                                                         VMs)
 balloonist_policy_tax_rate               gauge  policy   idle memory tax rate
 balloonist_guest_memory_bytes            gauge  guest    configured size
 balloonist_guest_min_bytes               gauge  guest    reservation

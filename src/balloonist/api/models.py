@@ -88,12 +88,13 @@ class KsmOut(_Out):
         )
 
 
-MechanismName = Literal["sharing", "free_page_reporting", "ballooning"]
+MechanismName = Literal["sharing", "free_page_reporting", "ballooning", "host_paging"]
 
 
 class FreedOut(_Out):
     """Memory the host got back, by mechanism (docs/daemon.md, "Where memory came
-    from"): sharing (KSM), free_page_reporting (the guests' own), ballooning."""
+    from"): sharing (KSM), free_page_reporting (the guests' own), ballooning,
+    host_paging (the last resort, for guests whose balloon does not work)."""
 
     period_bytes: dict[MechanismName, NonNegative] = Field(description="In the last period.")
     total_bytes: dict[MechanismName, NonNegative] = Field(description="Since the daemon started.")

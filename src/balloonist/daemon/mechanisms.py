@@ -1,15 +1,18 @@
 """Where the memory the host got back came from, period by period.
 
 A host gets memory back from its VMs in one order (ESX's): it **shares** identical
-pages (KSM), guests **report** the pages they free (free page reporting), and the
-balloon policy **balloons** the rest. (Host paging, the last resort, is not done by
-the daemon yet.) Each period, for each VM whose memory the host counts
+pages (KSM), guests **report** the pages they free (free page reporting), the
+balloon policy **balloons** the rest, and, as the last resort for a VM whose balloon
+does not work, the host **pages** it (:mod:`balloonist.daemon.host_reclaim`). Each
+period, for each VM whose memory the host counts
 (:class:`~balloonist.model.HostHeld`), what the host holds of its RAM fell by some
 amount; that fall is put down first to what the daemon did, then to the guest:
 
 - sharing: what KSM saved for the VM more than the period before (``ksm_stat``);
 - ballooning: what its balloon grew by, as far as the rest of the fall goes (a
   balloon that takes pages the guest had already given back frees nothing more);
+- host paging: what the host's swap holds of it more than the period before, as far
+  as the rest goes;
 - reporting: the rest of the fall, which nothing the daemon did explains: the guest
   gave pages back on its own.
 
@@ -31,11 +34,17 @@ class Mechanism(enum.StrEnum):
     SHARING = "sharing"
     REPORTING = "free_page_reporting"
     BALLOONING = "ballooning"
+    HOST_PAGING = "host_paging"
 
 
 #: The order the host gets memory back in (the fall is put down to what the daemon did
-#: first, sharing and ballooning; the rest is the guests' own reporting).
-ORDER: tuple[Mechanism, ...] = (Mechanism.SHARING, Mechanism.REPORTING, Mechanism.BALLOONING)
+#: first, sharing, ballooning and host paging; the rest is the guests' own reporting).
+ORDER: tuple[Mechanism, ...] = (
+    Mechanism.SHARING,
+    Mechanism.REPORTING,
+    Mechanism.BALLOONING,
+    Mechanism.HOST_PAGING,
+)
 
 
 class Counted(Protocol):
@@ -83,7 +92,10 @@ def freed_by_vm(before: Counted, after: Counted) -> dict[Mechanism, int]:
     freed[Mechanism.SHARING] = min(fall, shared)
     fall -= freed[Mechanism.SHARING]
     freed[Mechanism.BALLOONING] = min(fall, max(0, after.balloon_bytes - before.balloon_bytes))
-    freed[Mechanism.REPORTING] = fall - freed[Mechanism.BALLOONING]
+    fall -= freed[Mechanism.BALLOONING]
+    paged = max(0, (now.swapped_bytes or 0) - (was.swapped_bytes or 0))
+    freed[Mechanism.HOST_PAGING] = min(fall, paged)
+    freed[Mechanism.REPORTING] = fall - freed[Mechanism.HOST_PAGING]
     return freed
 
 

@@ -387,7 +387,8 @@ function freedSummary(freed) {
   const t = freed.total_bytes;
   return (
     `got back: sharing ${formatSize(t.sharing)}, ` +
-    `reporting ${formatSize(t.free_page_reporting)}, ballooning ${formatSize(t.ballooning)}`
+    `reporting ${formatSize(t.free_page_reporting)}, ballooning ${formatSize(t.ballooning)}, ` +
+    `host paging ${formatSize(t.host_paging)}`
   );
 }
 
