@@ -4,18 +4,25 @@ cooperating VM, and the cap is lifted once the host recovers. No cgroups touched
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from balloonist.cgroup import CgroupVersion, MemoryCgroup, MemoryHierarchy
 from balloonist.daemon.counters import FailureCounter
-from balloonist.daemon.host_reclaim import DEFAULT_STEP_BYTES, SWAP_HEADROOM, next_cap_bytes
+from balloonist.daemon.host_reclaim import (
+    DEFAULT_STEP_BYTES,
+    SWAP_HEADROOM,
+    SysCgroups,
+    next_cap_bytes,
+)
 from balloonist.daemon.service import Daemon
 from balloonist.host import HostMemInfo
 from balloonist.model import HostHeld
 from balloonist.units import GIB, MIB
-from tests.daemon.fakes import FakeCgroup, FakeCgroups, FakeMemoryHost, FakeVm, make
+from tests.daemon.fakes import FakeCgroup, FakeCgroups, FakeMemoryHost, FakeVm, make, record
 
 #: A host with swap for the VMs' pages to go to.
 SWAPPY = HostMemInfo(8 * GIB, 6 * GIB, 4 * GIB, 4 * GIB)
@@ -157,3 +164,29 @@ def test_a_cap_falls_by_a_step_at_most_into_the_swap_there_is(
     assert usage - cap <= swap_free * SWAP_HEADROOM
     if goal < usage and swap_free * SWAP_HEADROOM >= step:
         assert cap == max(goal, usage - step)  # as far as it may go
+
+
+def _proc_with(tmp_path: Path, pid: int, cgroup_line: str) -> Path:
+    proc = tmp_path / "proc"
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cgroup").write_text(cgroup_line)
+    return proc
+
+
+def test_the_real_host_finds_a_vm_s_own_cgroup_and_never_a_shared_one(tmp_path: Path) -> None:
+    mount = tmp_path / "memory"
+    hierarchy = MemoryHierarchy(mount, CgroupVersion.V1)
+    domain = mount / "machine" / "qemu-1-web"
+    domain.mkdir(parents=True)
+    proc = _proc_with(tmp_path, 4242, "4:memory:/machine/qemu-1-web\n")
+    host = SysCgroups(hierarchy, proc)
+    adopted = replace(record("web"), pid=4242)
+    (domain / "cgroup.procs").write_text("4242\n")
+    found = host.cgroup(adopted)
+    assert isinstance(found, MemoryCgroup) and found.path == domain
+    (domain / "cgroup.procs").write_text("4242\n99\n")  # shared with another process
+    assert host.cgroup(adopted) is None
+    assert host.cgroup(replace(adopted, pid=None)) is None  # no process known
+    # A VM balloonist started uses the cgroup it recorded.
+    started = replace(record("db"), pid=7, cgroup=str(mount / "balloonist" / "db"))
+    assert host.cgroup(started) == MemoryCgroup(mount / "balloonist" / "db", CgroupVersion.V1)
