@@ -11,7 +11,7 @@ import pytest
 
 from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.pacing import HOST_RATE_LIMITS
-from balloonist.daemon.service import load_config
+from balloonist.daemon.service import Daemon, load_config
 from balloonist.daemon.vm_figures import observed_demand_bytes
 from balloonist.daemon.vm_life import VmLife
 from balloonist.errors import ConfigError, TransientBackendError
@@ -225,3 +225,31 @@ def test_a_close_still_under_way_never_closes_the_next_connection(tmp_path: Path
     assert vm.connects == 2  # one failure, then one connection that stays up
     status = daemon.status()
     assert status is not None and status.counters[FailureCounter.TRANSIENT_ERRORS] == 1
+
+
+def _settled(tmp_path: Path) -> tuple[Daemon, FakeVm, int]:
+    """A daemon whose guest ``a`` has had the same target for five periods: the host
+    has room for both guests whole, so the policy leaves them their memory."""
+    vms = {"a": FakeVm(2 * GIB, 2 * GIB, used=1500 * MIB), "b": FakeVm(2 * GIB, 2 * GIB)}
+    daemon = make(tmp_path, vms, budget="5GiB")
+    a, quiet = vms["a"], 0
+    for _ in range(200):
+        sent = len(a.targets)
+        daemon.step()
+        quiet = quiet + 1 if len(a.targets) == sent else 0
+        if quiet == 5:
+            break
+    assert quiet == 5 and a.target is not None, a.targets
+    return daemon, a, a.target
+
+
+def test_a_balloon_inflated_behind_the_daemon_s_back_is_given_back_its_target(
+    tmp_path: Path,
+) -> None:
+    daemon, a, target = _settled(tmp_path)
+    sent = len(a.targets)
+    a.target = target - 512 * MIB  # someone else inflates it (virsh setmem)
+    daemon.step()  # the fake reaches that size as the daemon reads it
+    assert a.targets[sent:] == [target]  # the policy still wants it whole: sent again
+    daemon.step()
+    assert a.actual == target

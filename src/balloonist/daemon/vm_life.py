@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from balloonist.daemon.counters import Counts, FailureCounter
-from balloonist.daemon.pacing import Bounds, GuestPacer
+from balloonist.daemon.pacing import REACHED_TOLERANCE_BYTES, Bounds, GuestPacer
 from balloonist.daemon.processors import VmProcessors
 from balloonist.daemon.vm_figures import observed_demand_bytes
 from balloonist.daemon.vm_ports import VmMemoryHost, VmPort
@@ -181,7 +181,12 @@ class ManagedVm:
             format_size(wanted_bytes),
             format_size(next_bytes),
         )
-        return None if self.last_sent_bytes == next_bytes else next_bytes
+        # A target it has had is sent again only if the guest holds less than it: its
+        # balloon was inflated behind our back (virsh setmem, another QMP client), and
+        # giving memory back is always safe. One that holds more (its driver deflated
+        # on OOM) keeps it until the policy's target moves.
+        behind = next_bytes - self.actual_bytes > REACHED_TOLERANCE_BYTES
+        return None if self.last_sent_bytes == next_bytes and not behind else next_bytes
 
     @property
     def cooperative(self) -> bool:
