@@ -129,6 +129,13 @@ def _add_vm_start(vsub: Any, run: Any) -> None:
         "reporting, on by default, gives it back to the host within seconds)",
     )
     start.add_argument(
+        "--virtio-mem",
+        metavar="SIZE",
+        help="a hot-pluggable region of SIZE beside --memory (virtio-mem, in 2 MiB "
+        "blocks): the daemon resizes the guest through it instead of a balloon, "
+        "between --memory and --memory plus SIZE",
+    )
+    start.add_argument(
         "--workload",
         metavar="SCHEDULE",
         help="test guest only: WS_MIB@T_S,... for its touchmem workload",
@@ -184,9 +191,12 @@ def _cmd_start(args: argparse.Namespace, out: TextIO) -> int:
         disk=args.disk,
         agent=args.agent,
         free_page_reporting=args.free_page_reporting,
+        virtio_mem_bytes=parse_size_option(args.virtio_mem, "--virtio-mem"),
     )
     record = launcher.start_vm(_state(args), request)
     agent = f"; agent {record.agent_socket}, RAM {record.ram_file}" if record.agent else ""
+    if record.virtio_mem_bytes is not None:
+        agent += f"; virtio-mem up to {format_size(record.memory_bytes)}"
     print(
         f"started {record.name} (pid {record.pid}, {record.accel}); QMP {record.qmp_socket}"
         + agent,

@@ -10,6 +10,9 @@ from balloonist.cli import main
 from balloonist.errors import ConfigError
 from balloonist.qemu import launcher
 
+#: A virtio-mem VM up to the point of its region's size (the kernel exists).
+VMEM = ["start", "g", "--memory", "256MiB", "--kernel", "/bin/sh", "--virtio-mem"]
+
 
 @pytest.mark.parametrize(
     ("args", "expected"),
@@ -20,6 +23,21 @@ from balloonist.qemu import launcher
         (["start", "g", "--memory", "512MiB", "--min", "600MiB", "--kernel", "/k"], "above --max"),
         (["start", "bad/name", "--memory", "512MiB", "--kernel", "/k"], "VM name"),
         (["start", "g", "--memory", "512MiB"], "give either --kernel"),
+        *(
+            (
+                [*VMEM, size],
+                expected,
+            )
+            for size, expected in (
+                ("512", "--virtio-mem: size '512' has no unit"),
+                ("100TiB", "--virtio-mem: 100.0TiB in all is above the host's memory"),
+                ("3MiB", "--virtio-mem: must be a positive whole number of 2MiB blocks"),
+            )
+        ),
+        (
+            [*VMEM, "64MiB", "--agent"],
+            "--virtio-mem: an agent VM's RAM is one shared file",
+        ),
         (
             [
                 "start",

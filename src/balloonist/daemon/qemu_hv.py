@@ -43,6 +43,7 @@ from balloonist.model import Decision, GuestSample, GuestSpec, HostReading
 from balloonist.qemu.launcher import VMRecord
 from balloonist.qemu.qmp import BalloonQMP
 from balloonist.qemu.reclaim import GuestRam
+from balloonist.qemu.virtio_mem import VirtioMemQMP
 from balloonist.units import format_size
 
 log = logging.getLogger("balloonist.daemon")
@@ -54,7 +55,16 @@ IDLE_SLICE_S = 0.1
 
 
 def vm_port(record: VMRecord, clock: Callable[[], float]) -> VmPort:
-    """The real port for a VM: through its agent if it has one, else virtio-balloon."""
+    """The real port for a VM: through its agent if it has one, its virtio-mem device
+    if it has one, else virtio-balloon."""
+    if record.virtio_mem_bytes is not None:
+        region = record.virtio_mem_bytes
+        return VirtioMemQMP(
+            Path(record.qmp_socket),
+            name=record.name,
+            boot_bytes=record.memory_bytes - region,
+            region_bytes=region,
+        )
     qmp = BalloonQMP(Path(record.qmp_socket), name=record.name)
     if record.agent_socket is None or record.ram_file is None:
         return qmp

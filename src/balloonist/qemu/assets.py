@@ -47,6 +47,7 @@ GUEST_MODULES: Final = (
     "kernel/drivers/virtio/virtio_pci.ko",
     "kernel/drivers/virtio/virtio_balloon.ko",
     "kernel/drivers/char/virtio_console.ko",
+    "kernel/drivers/virtio/virtio_mem.ko",
 )
 #: What a guest with the host's filesystem as its root loads after GUEST_MODULES
 #: (``depends=`` of the Debian 6.1 modules: 9p needs 9pnet, fscache, netfs).
@@ -61,7 +62,7 @@ KERNEL_META_PACKAGE: Final = "linux-image-amd64"
 BUSYBOX_PACKAGE: Final = "busybox-static"
 MANIFEST: Final = "assets.json"
 #: Bump when the initramfs contents change, so old caches are rebuilt.
-ASSETS_FORMAT: Final = 4
+ASSETS_FORMAT: Final = 5
 #: Where a host-root guest may find the host's Python, first match wins.
 HOST_PYTHONS: Final = ("/usr/bin/python3", "/usr/local/bin/python3")
 #: What may go into a guest's command line unquoted: the kernel splits it at blanks and

@@ -35,6 +35,9 @@ from balloonist.agent.protocol import PORT_NAME
 from balloonist.atomicfile import write_atomic
 from balloonist.cgroup import MemoryCgroup, host_memory_hierarchy, make_vm_cgroup, remove_vm_cgroup
 from balloonist.errors import BalloonistError, ConfigError, FatalBackendError
+from balloonist.host import read_meminfo
+from balloonist.qemu.virtio_mem import BLOCK_BYTES as VMEM_BLOCK_BYTES
+from balloonist.qemu.virtio_mem import VMEM_ID
 from balloonist.units import MIB, format_size
 
 Accel = Literal["auto", "kvm", "tcg"]
@@ -90,6 +93,9 @@ class VMRecord:
     #: The memory cgroup balloonist made for it and started it in; None: none (an
     #: adopted VM, a host without the memory controller, vm.json files from before).
     cgroup: str | None = None
+    #: virtio-mem VMs only: the hot-pluggable region, part of ``memory_bytes`` (the
+    #: rest is boot memory); the daemon resizes the guest through it.
+    virtio_mem_bytes: int | None = None
 
     @property
     def agent(self) -> bool:
@@ -122,6 +128,14 @@ class StartRequest:
     balloon: bool = True  # False only to test what happens without one
     agent: bool = False  # RAM in a shared file and a virtio-serial port for the agent
     share_root: bool = False  # the host's / as a read-only 9p share (test guests)
+    #: A hot-pluggable region of this size beside ``memory_bytes`` (virtio-mem); the
+    #: guest may grow to memory_bytes + virtio_mem_bytes.
+    virtio_mem_bytes: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """The most memory the guest can have: its boot memory and the region."""
+        return self.memory_bytes + (self.virtio_mem_bytes or 0)
 
     def validate(self) -> None:
         check_name(self.name)
@@ -129,25 +143,17 @@ class StartRequest:
             raise ConfigError(f"--memory must be at least {format_size(MIN_GUEST_BYTES)}")
         if self.memory_bytes % MIB:
             raise ConfigError("--memory must be a whole number of MiB (QEMU's -m unit)")
-        limit = self.memory_bytes if self.max_bytes is None else self.max_bytes
-        if limit > self.memory_bytes:
+        total = self.total_bytes
+        limit = total if self.max_bytes is None else self.max_bytes
+        if limit > total:
             raise ConfigError(
-                f"--max {format_size(limit)} is above --memory {format_size(self.memory_bytes)}"
+                f"--max {format_size(limit)} is above the VM's memory {format_size(total)}"
             )
         if self.min_bytes > limit:
             raise ConfigError(
                 f"--min {format_size(self.min_bytes)} is above --max {format_size(limit)}"
             )
-        if not 1 <= self.cpus <= 64:
-            raise ConfigError(f"--cpus must be between 1 and 64, got {self.cpus}")
-        cpu_limit = self.cpus if self.max_cpus is None else self.max_cpus
-        if not 1 <= self.min_cpus <= cpu_limit <= self.cpus:
-            raise ConfigError(
-                f"--min-cpus {self.min_cpus} and --max-cpus {cpu_limit} must satisfy "
-                f"1 <= min-cpus <= max-cpus <= --cpus {self.cpus}"
-            )
-        if self.cpu_shares <= 0:
-            raise ConfigError(f"--cpu-shares must be positive, got {self.cpu_shares}")
+        self._validate_cpus()
         if self.shares <= 0:
             raise ConfigError(f"--shares must be positive, got {self.shares}")
         if (self.kernel is None) == (self.disk is None):
@@ -161,6 +167,37 @@ class StartRequest:
                 raise ConfigError(f"{label}: no such file {path}")
         if len(kernel_cmdline(self.append).encode()) > MAX_CMDLINE_BYTES:
             raise ConfigError(f"the kernel command line is longer than {MAX_CMDLINE_BYTES} bytes")
+        if self.virtio_mem_bytes is not None:
+            self._validate_virtio_mem(self.virtio_mem_bytes)
+
+    def _validate_cpus(self) -> None:
+        if not 1 <= self.cpus <= 64:
+            raise ConfigError(f"--cpus must be between 1 and 64, got {self.cpus}")
+        cpu_limit = self.cpus if self.max_cpus is None else self.max_cpus
+        if not 1 <= self.min_cpus <= cpu_limit <= self.cpus:
+            raise ConfigError(
+                f"--min-cpus {self.min_cpus} and --max-cpus {cpu_limit} must satisfy "
+                f"1 <= min-cpus <= max-cpus <= --cpus {self.cpus}"
+            )
+        if self.cpu_shares <= 0:
+            raise ConfigError(f"--cpu-shares must be positive, got {self.cpu_shares}")
+
+    def _validate_virtio_mem(self, region_bytes: int) -> None:
+        where = "--virtio-mem"
+        if region_bytes <= 0 or region_bytes % VMEM_BLOCK_BYTES:
+            raise ConfigError(
+                f"must be a positive whole number of {format_size(VMEM_BLOCK_BYTES)} blocks",
+                where=where,
+            )
+        host = read_meminfo().total_bytes
+        if self.memory_bytes + region_bytes > host:
+            raise ConfigError(
+                f"{format_size(self.memory_bytes + region_bytes)} in all is above the "
+                f"host's memory ({format_size(host)})",
+                where=where,
+            )
+        if self.agent:
+            raise ConfigError("an agent VM's RAM is one shared file; drop --agent", where=where)
 
 
 def kernel_cmdline(append: str) -> str:
@@ -323,11 +360,14 @@ def build_command(
     :mod:`balloonist.qemu.reclaim` maps guest frames to file offsets with pc's layout.
     """
     memory_mib = request.memory_bytes // MIB
+    memory = f"{memory_mib}M"
+    if request.virtio_mem_bytes is not None:
+        memory += f",maxmem={request.total_bytes // MIB}M"
     cmd = [
         binary,
         "-name", request.name,
         "-accel", accel,
-        "-m", f"{memory_mib}M",
+        "-m", memory,
         "-smp", str(request.cpus),
         "-nodefaults", "-no-user-config",
         "-display", "none",
@@ -357,6 +397,13 @@ def build_command(
             "-chardev", f"socket,id=agent0,path={socket},server=on,wait=off",
             "-device", f"virtserialport,bus=vserial0.0,chardev=agent0,name={PORT_NAME}",
         ]  # fmt: skip
+    if request.virtio_mem_bytes is not None:
+        region_mib = request.virtio_mem_bytes // MIB
+        cmd += [
+            "-object", f"memory-backend-ram,id={VMEM_ID}-mem,size={region_mib}M",
+            "-device", f"virtio-mem-pci,id={VMEM_ID},memdev={VMEM_ID}-mem,"
+            f"block-size={VMEM_BLOCK_BYTES // MIB}M,requested-size=0",
+        ]  # fmt: skip
     if request.share_root:
         cmd += [
             # multidevs=remap: / spans several host filesystems, whose inode numbers
@@ -369,7 +416,11 @@ def build_command(
         cmd += ["-kernel", str(request.kernel)]
         if request.initrd is not None:
             cmd += ["-initrd", str(request.initrd)]
-        cmd += ["-append", kernel_cmdline(request.append)]
+        append = request.append
+        if request.virtio_mem_bytes is not None:
+            # Plugged blocks come online movable, so they can be unplugged again.
+            append = f"{append} memhp_default_state=online_movable"
+        cmd += ["-append", kernel_cmdline(append)]
     if request.disk is not None:
         cmd += ["-drive", f"file={request.disk},if=virtio"]
     return cmd
@@ -429,9 +480,12 @@ def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
         time.sleep(0.05)
     record = VMRecord(
         name=request.name,
-        memory_bytes=request.memory_bytes,
-        min_bytes=request.min_bytes,
-        max_bytes=request.memory_bytes if request.max_bytes is None else request.max_bytes,
+        memory_bytes=request.total_bytes,
+        # A virtio-mem guest never goes below its boot memory, which cannot be unplugged.
+        min_bytes=request.min_bytes
+        if request.virtio_mem_bytes is None
+        else max(request.min_bytes, request.memory_bytes),
+        max_bytes=request.total_bytes if request.max_bytes is None else request.max_bytes,
         shares=request.shares,
         qmp_socket=str(directory / "qmp.sock"),
         serial_log=str(directory / "serial.log"),
@@ -445,6 +499,7 @@ def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
         max_cpus=request.max_cpus,
         cpu_shares=request.cpu_shares,
         cgroup=None if cgroup is None else str(cgroup.path),
+        virtio_mem_bytes=request.virtio_mem_bytes,
     )
     state.save(record)
     return record

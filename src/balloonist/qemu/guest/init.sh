@@ -43,7 +43,7 @@ done
 if [ "$BIN" = /bin ]; then
     # Order matters: each module needs the ones before it.
     for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
-             virtio_balloon virtio_console; do
+             virtio_balloon virtio_console virtio_mem; do
         if [ "$m" = virtio_balloon ] && [ -n "$noballoon" ]; then continue; fi
         insmod "/lib/modules/$m.ko" || echo "BALLOONIST-ERROR insmod $m"
     done
