@@ -288,3 +288,19 @@ def test_a_host_that_protects_ballooned_guests_never_swaps_them(protect: bool) -
         assert g.mapped_pages <= 100 * MIB // 4096 + 1  # its balloon brought it to target
     else:
         assert g.st[e.S_HOST_SWAP_OUT] > 0
+
+
+def test_a_virtio_mem_guest_is_resized_in_whole_blocks() -> None:
+    # The policy asks for 201 MiB: a virtio-mem guest unplugs whole 2 MiB blocks, so it
+    # keeps 200 MiB (never more than asked); a ballooned one keeps 201 MiB.
+    kept = {}
+    for virtio_mem in (False, True):
+        sc = scenario(
+            one_guest({"kind": "uniform", "working_set": "100MiB"}, virtio_mem=virtio_mem)
+        )
+        assert sc.guests[0].virtio_mem is virtio_mem
+        machine = run(sc, FixedPolicy({"g": 201}), 10)
+        g = machine.guests[0]
+        assert g.register_pages == int(g.st[e.S_BALLOON])  # the driver got there
+        kept[virtio_mem] = (g.frames - g.register_pages) * 4096
+    assert kept == {False: 201 * MIB, True: 200 * MIB}

@@ -35,7 +35,7 @@ from balloonist.sim.cpu_balloon import SimCpus
 from balloonist.sim.guest_memory import I64, GuestMemory, cost_table
 from balloonist.sim.host_control import HostControl, Targets
 from balloonist.sim.instant import InstantMover, MoveModel
-from balloonist.sim.scenario import Scenario
+from balloonist.sim.scenario import VIRTIO_MEM_BLOCK_PAGES, Scenario
 from balloonist.units import PAGE_SIZE_BYTES, bytes_to_pages
 
 #: A balloon allocation may spend at most this share of a driver period making the
@@ -305,6 +305,9 @@ class SimMachine:
             balloons[i] = bytes_to_pages(target.balloon_bytes)
             if decision.mechanisms.balloon and m.spec.balloon:
                 balloon_pages = bytes_to_pages(target.balloon_bytes)
+                if m.guest.virtio_mem:  # whole blocks unplugged: the guest keeps no more
+                    balloon_pages = -(-balloon_pages // VIRTIO_MEM_BLOCK_PAGES)
+                    balloon_pages *= VIRTIO_MEM_BLOCK_PAGES
                 # The register can never ask for the frames the guest kernel holds.
                 m.register_pages = min(balloon_pages, m.frames - m.guest.kernel_pages)
         self._targets = Targets(alloc, decision.mechanisms, balloons)

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, field_validator
 
@@ -51,6 +51,8 @@ DEMO_RESOURCE = "demo.toml"
 #: Free page reporting's delay: Linux's page_reporting runs its pass 2 s after free
 #: pages come in (PAGE_REPORTING_DELAY), so a page is free about that long first.
 DEFAULT_FREE_PAGE_REPORTING_DELAY_S = 2.0
+#: The block a virtio-mem guest plugs and unplugs: 2 MiB, QEMU's default on x86.
+VIRTIO_MEM_BLOCK_PAGES: Final = 512
 #: The guest pulling one free page off its list and handing it to the host, which
 #: discards it: no allocation and no I/O (half of ``balloon_page_s``, which also
 #: allocates the page), and Linux hands pages over 2 MiB at a time, one virtqueue
@@ -191,6 +193,7 @@ class GuestTable(Strict):
     cpu_workload: CpuWorkloadTable | None = None
     free_page_reporting: bool = False
     free_page_reporting_delay_s: float | None = Field(default=None, ge=0, le=3600)
+    virtio_mem: bool = False
 
     _sizes = field_validator("memory", "min", "max", "kernel", "swap")(
         classmethod(lambda cls, v: check_size(v))
@@ -240,6 +243,9 @@ class SimGuest:
     #: With free page reporting, how long a page stays free before the guest reports
     #: it to the host; None: the guest does not report.
     free_page_reporting_delay_s: float | None = None
+    #: Resized through virtio-mem rather than ballooned: the register moves in whole
+    #: blocks (``VIRTIO_MEM_BLOCK_PAGES``), as a guest plugs and unplugs them.
+    virtio_mem: bool = False
 
     @property
     def name(self) -> str:
@@ -430,6 +436,7 @@ def _guest(g: GuestTable, host_cpus: int | None, gwhere: str) -> SimGuest:
         plan=plan,
         cpu_workload=cpu_workload,
         free_page_reporting_delay_s=_reporting_delay_s(g, gwhere),
+        virtio_mem=g.virtio_mem,
     )
 
 
