@@ -33,6 +33,7 @@ from balloonist.cli import main
 from balloonist.daemon.agent_link import AgentPort
 from balloonist.daemon.config import DaemonConfig
 from balloonist.daemon.control import GuestChange
+from balloonist.daemon.host_reclaim import SysCgroups
 from balloonist.daemon.service import Daemon
 from balloonist.libvirt.connection import Libvirt
 from balloonist.libvirt.domain_xml import DomainSettings, parse_domain
@@ -280,6 +281,24 @@ def test_the_cpu_balloon_pins_a_domains_vcpus_where_virsh_shows_it(
         assert virsh("vcpupin", web.name).split()[-1] == "0-1"
     finally:
         libvirt.close()
+
+
+def test_a_domain_s_own_memory_cgroup_is_the_one_host_paging_caps(
+    domains: DomainFactory,
+) -> None:
+    web = domains.define("cg", memory_mib=256)
+    libvirt = Libvirt(URI)
+    try:
+        config = DaemonConfig.model_validate({"daemon": {"manage_all_domains": True}})
+        (record,) = [r for r in LibvirtVms(libvirt, config).records() if r.name == web.name]
+    finally:
+        libvirt.close()
+    assert record.pid is not None and record.cgroup is None  # libvirt made it, not us
+    cgroup = SysCgroups().cgroup(record)
+    assert cgroup is not None, Path(f"/proc/{record.pid}/cgroup").read_text()
+    assert "machine" in cgroup.name
+    assert cgroup.usage_bytes() > 64 * MIB  # the guest booted in it
+    cgroup.set_limit(None)  # writable: lifting a cap that is not there changes nothing
 
 
 @pytest.mark.parametrize(
