@@ -156,6 +156,9 @@ class FakeCgroup:
             self.swapped += self.usage - limit_bytes
             self.usage = limit_bytes
 
+    def limit_bytes(self) -> int | None:
+        return self.cap
+
     def usage_bytes(self) -> int:
         return self.usage
 
@@ -184,12 +187,16 @@ def make(
     ksm_table: dict[str, object] | None = None,
     cgroups: FakeCgroups | None = None,
     daemon_table: dict[str, object] | None = None,
+    cgroup_of_ours: bool = False,
 ) -> Daemon:
-    """A daemon over ``vms``; with ``memory_host``, the i-th VM's QEMU has pid 1000 + i."""
+    """A daemon over ``vms``; with ``memory_host``, the i-th VM's QEMU has pid 1000 + i;
+    ``cgroup_of_ours``: each VM's record names a cgroup, as ``vm start`` makes."""
     state = StateDir(tmp_path)
     for i, (name, vm) in enumerate(vms.items()):
         pid = None if memory_host is None else 1000 + i
-        state.save(replace(record(name, vm.memory), pid=pid))
+        # A cgroup recorded, as for VMs `vm start` made one for.
+        cgroup = f"/sys/fs/cgroup/memory/balloonist/{name}" if cgroup_of_ours else None
+        state.save(replace(record(name, vm.memory), pid=pid, cgroup=cgroup))
     config = DaemonConfig.model_validate(
         {
             "daemon": {"budget": budget, "period_s": period_s, **(daemon_table or {})},

@@ -190,3 +190,32 @@ def test_the_real_host_finds_a_vm_s_own_cgroup_and_never_a_shared_one(tmp_path: 
     # A VM balloonist started uses the cgroup it recorded.
     started = replace(record("db"), pid=7, cgroup=str(mount / "balloonist" / "db"))
     assert host.cgroup(started) == MemoryCgroup(mount / "balloonist" / "db", CgroupVersion.V1)
+
+
+def test_a_cap_someone_else_set_is_never_raised_and_is_put_back(tmp_path: Path) -> None:
+    # A libvirt domain with a memtune hard limit: its cgroup has a cap when found.
+    found = 2 * GIB
+    groups = FakeCgroups({"stuck": FakeCgroup("stuck", usage=2 * GIB, cap=found)})
+    daemon, _, _ = _host(tmp_path, cgroups=groups)
+    stuck = groups.by_name["stuck"]
+    for _ in range(40):
+        daemon.step()
+    assert stuck.cap is not None and stuck.cap < found
+    assert all(c is not None and c <= found for c in stuck.caps)
+    daemon.state.remove("busy")  # the host recovers
+    for _ in range(5):
+        daemon.step()
+    assert stuck.cap == found  # put back, not lifted to nothing
+    status = daemon.status()
+    assert status is not None
+    view = status.guest("stuck")
+    assert view is not None and view.host is not None and view.host.cap_bytes is None
+
+
+def test_a_cap_left_in_a_cgroup_of_ours_by_a_killed_daemon_is_lifted(tmp_path: Path) -> None:
+    left = 700 * MIB
+    groups = FakeCgroups({"stuck": FakeCgroup("stuck", usage=left, cap=left)})
+    vms = {"stuck": FakeVm(2 * GIB, 2 * GIB, used=500 * MIB)}
+    daemon = make(tmp_path, vms, host=SWAPPY, cgroups=groups, budget="6GiB", cgroup_of_ours=True)
+    daemon.step()
+    assert groups.by_name["stuck"].cap is None

@@ -15,7 +15,11 @@ so the host swaps the rest of the VM's pages out. The rules:
 - **never more than the host's swap can take**: the cap stays above what the cgroup
   holds less 90 % of the free swap, so reclaim never runs out of room;
 - **lifted at once** when a decision no longer allows host paging (the host's state
-  rose), the VM cooperates again, or it is no longer managed.
+  rose), the VM cooperates again, or it is no longer managed;
+- **someone else's cap kept**: a cgroup's cap when the daemon first finds it (a
+  libvirt domain's ``memtune`` hard limit, say) is never raised, and lifting puts it
+  back. In the cgroups ``vm start`` makes there is no one else, so a cap found there
+  was left by a daemon that was killed, and is lifted.
 
 :func:`next_cap_bytes` is the rule, pure; :class:`HostReclaim` applies it through the
 :class:`CgroupHost` port (:class:`SysCgroups` for real, a fake in tests).
@@ -57,6 +61,8 @@ class VmCgroup(Protocol):
     def name(self) -> str: ...
 
     def set_limit(self, limit_bytes: int | None) -> None: ...
+
+    def limit_bytes(self) -> int | None: ...
 
     def usage_bytes(self) -> int: ...
 
@@ -119,6 +125,7 @@ class HostPaging:
 @dataclass
 class _Capped:
     cgroup: VmCgroup
+    found_bytes: int | None  # the cap it had when first found, put back when lifted
     cap_bytes: int | None = None
     usage_bytes: int | None = None
     swapped_bytes: int | None = None
@@ -141,11 +148,13 @@ class HostReclaim:
         self.errors = 0  # cgroup reads or writes that failed, cumulative
 
     def status(self, name: str) -> HostPaging | None:
-        """The VM's host-level paging; None if it has no cgroup balloonist may cap."""
+        """The VM's host-level paging; None if it has no cgroup balloonist may cap.
+        The cap is balloonist's only: one someone else set is not host paging's."""
         c = self._vms.get(name)
         if c is None:
             return None
-        return HostPaging(c.cap_bytes, c.usage_bytes, c.swapped_bytes)
+        cap = None if c.cap_bytes == c.found_bytes else c.cap_bytes
+        return HostPaging(cap, c.usage_bytes, c.swapped_bytes)
 
     def with_paging(self, name: str, host: HostHeld | None) -> HostHeld | None:
         """What the host counts the VM holds, with its host paging added."""
@@ -173,8 +182,8 @@ class HostReclaim:
         managed = {vm.record.name: vm for vm in vms}
         for gone in set(self._vms) - set(managed):
             entry = self._vms.pop(gone)
-            if entry is not None and entry.cap_bytes is not None:
-                await self._set(gone, entry, None)
+            if entry is not None and entry.cap_bytes != entry.found_bytes:
+                await self._set(gone, entry, entry.found_bytes)
         swap_left = swap_free_bytes
         for name, vm in managed.items():
             entry = self._entry(vm)
@@ -183,13 +192,15 @@ class HostReclaim:
             await self._read(name, entry)
             target = wanted.get(name)
             usage = entry.usage_bytes
-            cap = None
+            cap = entry.found_bytes
             if target is not None and self._allowed and not vm.cooperative and usage is not None:
                 overhead = (vm.host.overhead_bytes if vm.host is not None else None) or 0
                 goal = max(target.allocation_bytes, vm.record.min_bytes) + overhead
                 cap = next_cap_bytes(
                     goal, usage, step_bytes=self._step_bytes, swap_free_bytes=swap_left
                 )
+                if entry.found_bytes is not None:
+                    cap = min(cap, entry.found_bytes)
                 swap_left -= max(0, usage - cap)
             if cap != entry.cap_bytes:
                 await self._set(name, entry, cap)
@@ -198,19 +209,32 @@ class HostReclaim:
     async def release_all(self) -> None:
         """Lift every cap (the daemon is stopping)."""
         for name, entry in self._vms.items():
-            if entry is not None and entry.cap_bytes is not None:
-                await self._set(name, entry, None)
+            if entry is not None and entry.cap_bytes != entry.found_bytes:
+                await self._set(name, entry, entry.found_bytes)
 
     def _entry(self, vm: ManagedVm) -> _Capped | None:
         name = vm.record.name
         if not self._enabled:
             return None
         if name not in self._vms:
-            cgroup = self._host.cgroup(vm.record)
-            self._vms[name] = None if cgroup is None else _Capped(cgroup)
-            if cgroup is None:
-                log.info("%s: no memory cgroup of its own; never paged by the host", name)
+            self._vms[name] = self._find(vm)
         return self._vms[name]
+
+    def _find(self, vm: ManagedVm) -> _Capped | None:
+        name = vm.record.name
+        cgroup = self._host.cgroup(vm.record)
+        if cgroup is None:
+            log.info("%s: no memory cgroup of its own; never paged by the host", name)
+            return None
+        try:
+            found = cgroup.limit_bytes()
+        except BackendError as exc:
+            self.errors += 1
+            log.warning("%s: reading its cgroup: %s; never paged by the host", name, exc)
+            return None
+        if vm.record.cgroup is not None:  # ours: a cap there is a killed daemon's
+            return _Capped(cgroup, None, cap_bytes=found)
+        return _Capped(cgroup, found, cap_bytes=found)
 
     async def _read(self, name: str, entry: _Capped) -> None:
         try:
@@ -228,9 +252,9 @@ class HostReclaim:
             self.errors += 1
             log.warning("%s: capping its cgroup: %s", name, exc)
             return
-        if cap_bytes is None:
+        if cap_bytes == entry.found_bytes:
             log.info("%s: host paging lifted", name)
-        elif entry.cap_bytes is None:
+        elif cap_bytes is not None and entry.cap_bytes == entry.found_bytes:
             log.warning("%s: paged by the host, capped at %s", name, format_size(cap_bytes))
         entry.cap_bytes = cap_bytes
 

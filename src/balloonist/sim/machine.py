@@ -304,12 +304,7 @@ class SimMachine:
             alloc[i] = bytes_to_pages(target.allocation_bytes)
             balloons[i] = bytes_to_pages(target.balloon_bytes)
             if decision.mechanisms.balloon and m.spec.balloon:
-                balloon_pages = bytes_to_pages(target.balloon_bytes)
-                if m.guest.virtio_mem:  # whole blocks unplugged: the guest keeps no more
-                    balloon_pages = -(-balloon_pages // VIRTIO_MEM_BLOCK_PAGES)
-                    balloon_pages *= VIRTIO_MEM_BLOCK_PAGES
-                # The register can never ask for the frames the guest kernel holds.
-                m.register_pages = min(balloon_pages, m.frames - m.guest.kernel_pages)
+                m.register_pages = _register_pages(m, bytes_to_pages(target.balloon_bytes))
         self._targets = Targets(alloc, decision.mechanisms, balloons)
         if self.cpus is not None:
             self.cpus.apply(by_name)
@@ -394,3 +389,12 @@ class SimMachine:
         for i, m in enumerate(self.guests):
             if m.mapped_pages > max(int(self.limit_pages[i]), m.guest.kernel_pages):
                 raise SimulationError(f"{m.spec.name} holds more machine memory than its limit")
+
+
+def _register_pages(m: GuestMemory, balloon_pages: int) -> int:
+    """What a guest's register asks for a balloon of ``balloon_pages``: never the
+    frames its kernel holds; a virtio-mem guest unplugs whole blocks, so it keeps no
+    more than it was asked to."""
+    if m.guest.virtio_mem:
+        balloon_pages = -(-balloon_pages // VIRTIO_MEM_BLOCK_PAGES) * VIRTIO_MEM_BLOCK_PAGES
+    return min(balloon_pages, m.frames - m.guest.kernel_pages)
