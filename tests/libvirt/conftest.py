@@ -149,9 +149,12 @@ def domain_xml(
     run: tuple[str, ...] = (),
     kernel_args: str = "",
     vcpus: int = 1,
+    virtio_mem_mib: int | None = None,
 ) -> str:
     """The test guest as a libvirt domain: TCG (nested KVM hangs here), direct kernel
-    boot, the serial console to a file, a balloon reporting statistics every second."""
+    boot, the serial console to a file, a balloon reporting statistics every second;
+    with ``virtio_mem_mib``, a virtio-mem device of that size beside ``memory_mib``
+    (libvirt wants a NUMA cell and a maximum for it)."""
     metadata = ""
     if settings is not None:
         element = settings.to_xml().replace(
@@ -171,10 +174,21 @@ def domain_xml(
             "<filesystem type='mount' accessmode='passthrough' multidevs='remap'>"
             f"<source dir='/'/><target dir='{HOST_ROOT_TAG}'/><readonly/></filesystem>"
         )
+    hotplug, cpu, vmem = "", "", ""
+    if virtio_mem_mib is not None:
+        cmdline += " memhp_default_state=online_movable"
+        hotplug = f"<maxMemory slots='1' unit='MiB'>{memory_mib + virtio_mem_mib}</maxMemory>"
+        cpu = f"<cpu><numa><cell id='0' cpus='0' memory='{memory_mib}' unit='MiB'/></numa></cpu>"
+        vmem = (
+            "<memory model='virtio-mem'><target>"
+            f"<size unit='MiB'>{virtio_mem_mib}</size><node>0</node>"
+            "<block unit='KiB'>2048</block><requested unit='MiB'>0</requested>"
+            "</target></memory>"
+        )
     return f"""<domain type='qemu'>
-  <name>{name}</name>{metadata}
-  <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>{vcpus}</vcpu>
+  <name>{name}</name>{metadata}{hotplug}
+  <memory unit='MiB'>{memory_mib + (virtio_mem_mib or 0)}</memory>
+  <vcpu>{vcpus}</vcpu>{cpu}
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{assets.kernel.resolve()}</kernel><initrd>{assets.initrd.resolve()}</initrd>
     <cmdline>{cmdline}</cmdline></os>
@@ -182,7 +196,7 @@ def domain_xml(
   <devices>
     <controller type='usb' model='none'/>
     <serial type='file'><source path='{serial_log}'/></serial>
-    <memballoon model='{balloon}'{autodeflate}>{stats}</memballoon>{share}
+    <memballoon model='{balloon}'{autodeflate}>{stats}</memballoon>{share}{vmem}
   </devices>
 </domain>"""
 
@@ -220,6 +234,7 @@ class DomainFactory:
         run: tuple[str, ...] = (),
         kernel_args: str = "",
         vcpus: int = 1,
+        virtio_mem_mib: int | None = None,
     ) -> TestDomain:
         name = f"{self.prefix}-{short}"
         log = self.directory / f"{name}.serial"
@@ -236,6 +251,7 @@ class DomainFactory:
                 run=run,
                 kernel_args=kernel_args,
                 vcpus=vcpus,
+                virtio_mem_mib=virtio_mem_mib,
             )
         )
         virsh("define", str(xml))

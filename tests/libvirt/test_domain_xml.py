@@ -143,3 +143,20 @@ def test_bad_settings_name_the_domain_and_the_attribute(
 def test_bad_domain_xml_is_a_config_error(xml: str) -> None:
     with pytest.raises(ConfigError):
         parse_domain(xml)
+
+
+VMEM = (
+    "<memory model='virtio-mem'><target><size unit='MiB'>512</size><node>0</node>"
+    "<requested unit='KiB'>0</requested></target></memory>"
+)
+
+
+def test_a_virtio_mem_device_is_found_only_when_there_is_one() -> None:
+    balloon = "<memballoon model='virtio'/>"
+    one = parse_domain(domain_xml(balloon=balloon + VMEM))
+    assert one.virtio_mem_bytes == 512 * MIB
+    assert parse_domain(domain_xml(balloon=balloon)).virtio_mem_bytes is None
+    # Two: which to resize would be a guess, so neither is.
+    assert parse_domain(domain_xml(balloon=balloon + VMEM + VMEM)).virtio_mem_bytes is None
+    dimm = "<memory model='dimm'><target><size unit='MiB'>512</size></target></memory>"
+    assert parse_domain(domain_xml(balloon=balloon + dimm)).virtio_mem_bytes is None

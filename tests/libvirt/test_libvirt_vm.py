@@ -20,10 +20,12 @@ Thresholds, as in ``tests/qemu/test_daemon_vm.py`` (the same guests and policy):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
@@ -281,6 +283,41 @@ def test_the_cpu_balloon_pins_a_domains_vcpus_where_virsh_shows_it(
         assert virsh("vcpupin", web.name).split()[-1] == "0-1"
     finally:
         libvirt.close()
+
+
+def test_a_virtio_mem_domain_grows_and_shrinks_under_the_daemon(
+    domains: DomainFactory, tmp_path: Path
+) -> None:
+    boot_mib, region_mib, lowered = 256, 512, 384 * MIB
+    vmem = domains.define(
+        "vmem",
+        memory_mib=boot_mib,
+        virtio_mem_mib=region_mib,
+        settings=DomainSettings(managed=True),
+    )
+    sent: list[tuple[str, int]] = []
+    daemon = libvirt_daemon(tmp_path, "2GiB", sent)
+
+    def plugged_bytes() -> int:
+        x = virsh("dumpxml", vmem.name)
+        device = ET.fromstring(x).find("devices/memory[@model='virtio-mem']/target/current")
+        assert device is not None and device.get("unit") == "KiB", x
+        return int(device.text or "0") * 1024
+
+    try:
+        run_until = stepper(daemon)
+        # The host has room: it is given all it may have, and plugs it.
+        assert run_until(lambda: plugged_bytes() == region_mib * MIB, 60), plugged_bytes()
+        daemon.change_guest(vmem.name, GuestChange(max_bytes=lowered))
+        daemon.step()
+        changed = len(sent)
+        assert run_until(lambda: plugged_bytes() == lowered - boot_mib * MIB, 90), plugged_bytes()
+    finally:
+        daemon.close()
+    targets = [b for name, b in sent if name == vmem.name]
+    assert all(boot_mib * MIB <= t <= (boot_mib + region_mib) * MIB for t in targets), targets
+    after = [b for _, b in sent[changed:]]
+    assert after and all(a >= b for a, b in itertools.pairwise(after)) and after[-1] == lowered
 
 
 def test_a_domain_s_own_memory_cgroup_is_the_one_host_paging_caps(

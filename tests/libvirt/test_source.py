@@ -17,11 +17,11 @@ from balloonist.daemon.service import Daemon
 from balloonist.errors import ConfigError
 from balloonist.host import HostMemInfo
 from balloonist.libvirt.connection import LibvirtError
-from balloonist.libvirt.domain_xml import DomainSettings
+from balloonist.libvirt.domain_xml import DomainFacts, DomainSettings
 from balloonist.libvirt.events import MAX_BALLOON_MOVES, MAX_PENDING, DomainEvents, lifecycle_words
 from balloonist.libvirt.metadata import read_settings, write_settings
-from balloonist.libvirt.port import DomainBalloon, guest_stats_from
-from balloonist.libvirt.source import LibvirtVms
+from balloonist.libvirt.port import DomainBalloon, DomainVirtioMem, guest_stats_from
+from balloonist.libvirt.source import LibvirtVms, domain_record
 from balloonist.qemu.launcher import StateDir
 from balloonist.units import GIB, KIB, MIB
 
@@ -348,3 +348,22 @@ def test_balloon_moves_are_bounded_per_domain_and_in_domains() -> None:
     for i in range(MAX_PENDING + 1):
         events.balloon(f"d{i}", 1)
     assert events.dropped == 6
+
+
+def test_a_virtio_mem_domain_is_resized_through_its_device_never_below_boot_memory() -> None:
+    facts = DomainFacts(
+        name="vmem",
+        memory_bytes=768 * MIB,  # <memory>: boot memory and the device together
+        vcpus=1,
+        balloon_model="virtio",
+        stats_period_s=1,
+        agent_socket=None,
+        settings=DomainSettings(managed=True, min_bytes=128 * MIB),
+        virtio_mem_bytes=512 * MIB,
+    )
+    record = domain_record(facts, config())
+    assert record.virtio_mem_bytes == 512 * MIB
+    assert (record.min_bytes, record.max_bytes) == (256 * MIB, 768 * MIB)
+    libvirt, _ = fake_libvirt()
+    port = LibvirtVms(libvirt, config()).port(record, lambda: 0.0)
+    assert isinstance(port, DomainVirtioMem) and port.region_bytes == 512 * MIB

@@ -89,6 +89,8 @@ class DomainFacts:
     stats_period_s: int | None  # <memballoon><stats period=...>
     agent_socket: str | None  # host end of the agent's channel, if it has one
     settings: DomainSettings
+    #: The size of its virtio-mem device (part of <memory>), if it has exactly one.
+    virtio_mem_bytes: int | None = None
 
     @property
     def balloon_usable(self) -> bool:
@@ -119,7 +121,21 @@ def parse_domain(xml: str) -> DomainFacts:
         stats_period_s=_int(period, f"{name}: <stats period>") if period is not None else None,
         agent_socket=_agent_socket(root),
         settings=_settings(root.find(f"metadata/{{{NAMESPACE_URI}}}settings"), name),
+        virtio_mem_bytes=_virtio_mem_bytes(root, name),
     )
+
+
+def virtio_mem_device(root: ET.Element) -> ET.Element | None:
+    """A domain's virtio-mem device, if it has exactly one (with several, which to
+    resize would be a guess)."""
+    found = root.findall("devices/memory[@model='virtio-mem']")
+    return found[0] if len(found) == 1 else None
+
+
+def _virtio_mem_bytes(root: ET.Element, name: str) -> int | None:
+    device = virtio_mem_device(root)
+    size = device.find("target/size") if device is not None else None
+    return None if size is None else _size_bytes(size, where=f"{name}: virtio-mem <size>")
 
 
 def parse_settings(xml: str, name: str) -> DomainSettings:

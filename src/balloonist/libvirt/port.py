@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, TypeVar
 
 from balloonist.daemon.processors import threads_cpu_s
 from balloonist.errors import FatalBackendError
 from balloonist.libvirt.connection import Libvirt
+from balloonist.libvirt.domain_xml import virtio_mem_device
 from balloonist.libvirt.process import vcpu_threads
 from balloonist.qemu.qmp import MAX_GUEST_FIGURE, GuestStats
+from balloonist.qemu.virtio_mem import requested_bytes
 from balloonist.units import KIB, MIB, PAGE_SIZE_BYTES, format_size
 
 T = TypeVar("T")
@@ -186,6 +189,63 @@ class DomainBalloon:
         if raw is None:
             raw = await self._on_domain(lambda d: d.memoryStats())
         return guest_stats_from(raw if isinstance(raw, dict) else {})
+
+
+class DomainVirtioMem(DomainBalloon):
+    """A domain resized through its virtio-mem device, through libvirt: a target is
+    the device's ``<requested>`` size (``virDomainUpdateDeviceFlags``, live, as
+    ``virsh update-memory-device`` does), and what the guest has is its boot memory
+    plus the device's ``<current>`` size in the live XML. The balloon stays for the
+    guest's statistics and is never moved. ``region_bytes``: the device's size."""
+
+    def __init__(self, libvirt: Libvirt, name: str, region_bytes: int) -> None:
+        super().__init__(libvirt, name)
+        self.region_bytes = region_bytes
+
+    async def set_target(self, guest_bytes: int) -> None:
+        if guest_bytes <= 0:
+            raise ValueError(f"target must be positive, got {guest_bytes}")
+        root, boot = await self._live()
+        device = virtio_mem_device(root)
+        requested = device.find("target/requested") if device is not None else None
+        if device is None or requested is None:
+            raise FatalBackendError(f"{self.name}: no virtio-mem device to resize")
+        size = requested_bytes(guest_bytes, boot, self.region_bytes)
+        requested.text, requested.attrib = str(size // KIB), {"unit": "KiB"}
+        xml = ET.tostring(device, encoding="unicode")
+        live = self._lib.VIR_DOMAIN_AFFECT_LIVE
+        await self._on_domain(lambda d: d.updateDeviceFlags(xml, live))
+
+    async def actual_bytes(self) -> int:
+        raw = await self._on_domain(lambda d: d.memoryStats())  # for guest_stats()
+        self._unread = raw if isinstance(raw, dict) else None
+        root, boot = await self._live()
+        device = virtio_mem_device(root)
+        current = device.find("target/current") if device is not None else None
+        plugged = _kib_text(current)
+        if plugged is None or plugged * KIB > self.region_bytes:
+            raise FatalBackendError(f"{self.name}: libvirt reports no virtio-mem size")
+        return boot + plugged * KIB
+
+    async def _live(self) -> tuple[ET.Element, int]:
+        """The live XML, and the boot memory (``<memory>`` less the device's size)."""
+        xml = await self._on_domain(lambda d: d.XMLDesc(0))
+        try:
+            root = ET.fromstring(xml)
+        except ET.ParseError as exc:
+            raise FatalBackendError(f"{self.name}: live XML does not parse: {exc}") from None
+        memory = _kib_text(root.find("memory"))
+        if memory is None or memory * KIB <= self.region_bytes:
+            raise FatalBackendError(f"{self.name}: live XML has no usable <memory>")
+        return root, memory * KIB - self.region_bytes
+
+
+def _kib_text(element: ET.Element | None) -> int | None:
+    """An element's size in KiB (libvirt writes live sizes in KiB), or None."""
+    if element is None or element.get("unit", "KiB") != "KiB":
+        return None
+    text = (element.text or "").strip()
+    return int(text) if text.isdigit() and int(text) <= MAX_GUEST_FIGURE else None
 
 
 class DomainControl:

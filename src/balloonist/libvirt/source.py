@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from balloonist.daemon.backend import merge_changes
@@ -35,7 +35,13 @@ from balloonist.errors import ConfigError
 from balloonist.libvirt.connection import Libvirt, LibvirtError
 from balloonist.libvirt.domain_xml import DomainFacts, DomainSettings, parse_domain
 from balloonist.libvirt.metadata import write_settings
-from balloonist.libvirt.port import DomainBalloon, DomainControl, LibvirtVcpuHost, driver_seen
+from balloonist.libvirt.port import (
+    DomainBalloon,
+    DomainControl,
+    DomainVirtioMem,
+    LibvirtVcpuHost,
+    driver_seen,
+)
 from balloonist.libvirt.process import (
     MEMORY_FILESYSTEMS,
     PROC,
@@ -93,9 +99,13 @@ def domain_record(
         ram_file=ram_file if agent else None,
         agent_socket=facts.agent_socket if agent else None,
         cpus=facts.vcpus if agent else None,
+        virtio_mem_bytes=None if agent else facts.virtio_mem_bytes,
     )
     record = with_change(with_overrides(base, config), as_change(facts.settings))
     check_fits(record, where=f"{facts.name}: metadata")
+    if record.virtio_mem_bytes is not None:  # its boot memory cannot be unplugged
+        boot = record.memory_bytes - record.virtio_mem_bytes
+        record = replace(record, min_bytes=max(record.min_bytes, boot))
     return record
 
 
@@ -227,6 +237,8 @@ class LibvirtVms:
         write_settings(self.libvirt, name, lambda s: _changed(s, change))
 
     def port(self, record: VMRecord, clock: Callable[[], float]) -> VmPort:
+        if record.virtio_mem_bytes is not None:
+            return DomainVirtioMem(self.libvirt, record.name, record.virtio_mem_bytes)
         if record.agent_socket is None or record.ram_file is None or record.pid is None:
             return DomainBalloon(self.libvirt, record.name)
         vcpus = record.cpus or 1
