@@ -26,6 +26,7 @@ class FakeHost:
             "/sys/kernel/mm/ksm/run": "1\n",
             "/sys/kernel/mm/ksm/pages_sharing": "1234\n",
             "/proc/pressure/memory": "some avg10=0.00\n",
+            "/proc/meminfo": "MemTotal: 8000000 kB\nSwapTotal: 2097152 kB\n",
         }
     )
     paths: set[str] = field(default_factory=lambda: {"/dev/kvm"})
@@ -85,7 +86,8 @@ def test_a_host_with_everything_is_ok_and_libvirt_is_only_a_note() -> None:
     found = verdicts(FakeHost())
     assert found.pop("libvirt") is Verdict.NOTE
     assert set(found.values()) == {Verdict.OK}
-    assert list(found) == ["kvm", "qemu", "balloon", "cgroup", "ksm", "psi", "shm"]
+    assert list(found) == ["kvm", "qemu", "balloon", "cgroup", "swap", "ksm", "psi", "shm"]
+    assert finding(FakeHost(), "swap").detail == "2GiB of swap for host paging"
     assert "1234 pages sharing" in finding(FakeHost(), "ksm").detail
 
 
@@ -96,7 +98,7 @@ def test_no_qemu_is_a_problem_and_the_exit_code_says_so() -> None:
     out = io.StringIO()
     assert render(diagnose(host), out) == 1
     lines = out.getvalue().splitlines()
-    assert len(lines) == 8 and all(re.match(r"(ok|note|problem) +\w+ {2,}\S", x) for x in lines)
+    assert len(lines) == 9 and all(re.match(r"(ok|note|problem) +\w+ {2,}\S", x) for x in lines)
     assert render(diagnose(FakeHost()), io.StringIO()) == 0
 
 
@@ -138,10 +140,13 @@ def test_cgroup_versions() -> None:
     assert verdicts(FakeHost(files={}, paths=set()))["cgroup"] is Verdict.NOTE
 
 
-def test_missing_ksm_psi_and_shm_are_notes() -> None:
+def test_missing_ksm_psi_shm_and_swap_are_notes() -> None:
     host = FakeHost(files={}, shm_bytes=None)
     found = verdicts(host)
-    assert (found["ksm"], found["psi"], found["shm"]) == (Verdict.NOTE,) * 3
+    assert (found["ksm"], found["psi"], found["shm"], found["swap"]) == (Verdict.NOTE,) * 4
+    no_swap = FakeHost()
+    no_swap.files["/proc/meminfo"] = "MemTotal: 8000000 kB\nSwapTotal: 0 kB\n"
+    assert verdicts(no_swap)["swap"] is Verdict.NOTE
 
 
 def test_libvirt_version_or_the_reason_it_cannot_connect() -> None:
@@ -168,7 +173,7 @@ def test_the_command_checks_this_host_and_changes_nothing(
     lines = capsys.readouterr().out.splitlines()
     assert code in (0, 1)
     assert [x.split()[1] for x in lines] == [
-        "kvm", "qemu", "balloon", "libvirt", "cgroup", "ksm", "psi", "shm",
+        "kvm", "qemu", "balloon", "libvirt", "cgroup", "swap", "ksm", "psi", "shm",
     ]  # fmt: skip
     assert code == int(any(x.startswith("problem") for x in lines))
 

@@ -177,6 +177,22 @@ def check_cgroup(probe: HostProbe) -> Finding:
     return Finding("cgroup", Verdict.NOTE, "no memory cgroup: host-level reclaim is not possible")
 
 
+def check_swap(probe: HostProbe) -> Finding:
+    text = probe.read_text("/proc/meminfo")
+    total = None
+    for line in (text or "").splitlines():
+        key, _, rest = line.partition(":")
+        if key == "SwapTotal" and rest.split() and rest.split()[0].isdigit():
+            total = int(rest.split()[0]) * 1024
+    if not total:
+        return Finding(
+            "swap",
+            Verdict.NOTE,
+            "no swap: the host cannot page a VM whose balloon does not work (host paging)",
+        )
+    return Finding("swap", Verdict.OK, f"{format_size(total)} of swap for host paging")
+
+
 def check_ksm(probe: HostProbe) -> Finding:
     run = probe.read_text("/sys/kernel/mm/ksm/run")
     if run is None:
@@ -211,6 +227,7 @@ def diagnose(probe: HostProbe, *, libvirt_uri: str = DEFAULT_URI) -> list[Findin
         check_balloon_features,
         lambda p: check_libvirt(p, libvirt_uri),
         check_cgroup,
+        check_swap,
         check_ksm,
         check_psi,
         check_shm,
