@@ -170,3 +170,12 @@ def test_v2_hands_the_memory_controller_down(tmp_path: Path) -> None:
     make_vm_cgroup(MemoryHierarchy(tmp_path, CgroupVersion.V2), "web")
     assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory"
     assert (tmp_path / "balloonist" / "cgroup.subtree_control").read_text() == "memory"
+
+
+def test_a_busy_cgroup_is_tried_again_until_it_empties(tmp_path: Path) -> None:
+    path = tmp_path / "vm"
+    path.mkdir()
+    (path / "left").write_text("")  # as a cgroup whose last process is not yet reaped
+    assert remove_vm_cgroup(path, timeout_s=0.1) is False and path.exists()
+    (path / "left").unlink()
+    assert remove_vm_cgroup(path, timeout_s=0.1) is True and not path.exists()

@@ -4,9 +4,10 @@ what it swapped.
 A guest whose balloon does not work (no driver, stalled, cut off for breaking the
 protocol) can only give memory back the way the patent keeps for last: the host pages
 it. Each VM balloonist starts runs in a memory cgroup of its own
-(``<memory mount>/balloonist/<name>``); a libvirt domain already has one under
-``machine``. Lowering the cgroup's limit makes the kernel reclaim the VM's pages, so
-the host swaps them; raising it again lets them fault back in.
+(``<memory mount>/balloonist/<tag>-<name>``, the tag naming its state directory); a
+libvirt domain already has one under ``machine``. Lowering the cgroup's limit makes
+the kernel reclaim the VM's pages, so the host swaps them; raising it again lets them
+fault back in.
 
 - **cgroup v2**: the cap is ``memory.high`` (the kernel reclaims above it and
   throttles the process; it never OOM-kills for it); usage is ``memory.current``,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -35,6 +37,8 @@ from balloonist.errors import BackendError, FatalBackendError
 PARENT_NAME: Final = "balloonist"
 #: The file that lists which processes are in a cgroup (both versions).
 PROCS_FILE: Final = "cgroup.procs"
+#: How long to wait for a stopped VM's cgroup to empty before leaving it.
+REMOVE_TIMEOUT_S: Final = 5.0
 #: A value read from a cgroup file is a number or a word; nothing longer.
 _MAX_VALUE_CHARS: Final = 32
 #: v1 writes its "no limit" as the largest page-aligned signed 64-bit number.
@@ -229,14 +233,23 @@ def make_vm_cgroup(hierarchy: MemoryHierarchy, name: str) -> MemoryCgroup:
     return MemoryCgroup(path, hierarchy.version)
 
 
-def remove_vm_cgroup(path: Path) -> None:
-    """Remove a VM's cgroup once its processes are gone (a cgroup with processes, or
-    one already gone, is left as it is)."""
-    try:
-        os.rmdir(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
-            raise
+def remove_vm_cgroup(path: Path, *, timeout_s: float = REMOVE_TIMEOUT_S) -> bool:
+    """Remove a VM's cgroup once its processes are gone; whether it is gone. A process
+    that just exited can keep its cgroup busy until its parent reaps it, so a busy
+    cgroup is tried again until ``timeout_s``, then left as it is."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                raise
+            if time.monotonic() >= deadline:
+                return False
+        time.sleep(0.05)
 
 
 def cgroup_of_process(

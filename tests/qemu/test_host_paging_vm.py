@@ -123,6 +123,7 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
         assert status.freed is not None and status.freed.total_bytes[Mechanism.HOST_PAGING] > 0
         # The host recovers once the other guest stops: the cap is lifted.
         launcher.stop_vm(state, "coop")
+        assert not coop.path.exists()  # vm stop removes the cgroup it made
         deadline = time.monotonic() + LIFT_DEADLINE_S
         while time.monotonic() < deadline and stuck.limit_bytes() is not None:
             daemon.step()

@@ -206,8 +206,14 @@ def kernel_cmdline(append: str) -> str:
 
 def ram_file_path(state_root: Path, name: str) -> Path:
     """Where an agent VM's RAM goes: unique per state directory and VM name."""
+    return RAM_DIR / f"balloonist-{_unique_name(state_root, name)}.ram"
+
+
+def _unique_name(state_root: Path, name: str) -> str:
+    """The VM's name with a tag of its state directory: two state directories may
+    each have a VM called ``web``."""
     tag = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:12]
-    return RAM_DIR / f"balloonist-{tag}-{name}.ram"
+    return f"{tag}-{name}"
 
 
 def _create_ram_file(path: Path, memory_bytes: int) -> None:
@@ -448,7 +454,7 @@ def start_vm(state: StateDir, request: StartRequest) -> VMRecord:
     if request.agent:
         sockets.append(directory / "agent.sock")
 
-    cgroup = _vm_cgroup(request.name)
+    cgroup = _vm_cgroup(_unique_name(state.root, request.name))
 
     def give_up() -> None:
         state.remove(request.name)
@@ -513,9 +519,10 @@ def _run_in(cgroup: MemoryCgroup | None, cmd: list[str]) -> subprocess.Completed
 
 
 def _vm_cgroup(name: str) -> MemoryCgroup | None:
-    """A memory cgroup of the VM's own, so the host can page it if its balloon fails
-    (``daemon/host_reclaim.py``); None where the host has no memory controller or
-    will not let us make one (then it is never paged by the host)."""
+    """A memory cgroup of the VM's own (``name``: unique on the host), so the host can
+    page it if its balloon fails (``daemon/host_reclaim.py``); None where the host has
+    no memory controller or will not let us make one (then it is never paged by the
+    host)."""
     hierarchy = host_memory_hierarchy()
     if hierarchy is None:
         return None
