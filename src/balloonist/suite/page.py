@@ -62,7 +62,7 @@ def _slices(meta: dict[str, Any]) -> str:
     """How many runs the suite was put together from, when more than one (each
     slice's times are in ``records.json``)."""
     slices = len(meta.get("slices", ()))
-    return f"{slices} slices, " if slices > 1 else ""
+    return f"{slices} slices, their times summed, " if slices > 1 else ""
 
 
 def _fraction(value: float | None) -> str:
@@ -112,7 +112,8 @@ def suite_markdown(
     ]
     if beaten:
         lines += [
-            f"A policy beat `oracle` by more than 1 % on {len(beaten)} runs: the bound is not "
+            f"A policy beat `oracle` by more than 1 % on {len(beaten)} "
+            f"run{'' if len(beaten) == 1 else 's'}: the bound is not "
             "yet a bound there.",
             "",
             "| scenario | policy | throughput / oracle |",
