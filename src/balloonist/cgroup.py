@@ -67,7 +67,30 @@ def memory_hierarchy(
     """The memory controller's mount from ``/proc/self/mountinfo``: a v1 mount with
     the ``memory`` option first (a v1 controller is not on v2 as well), else the v2
     mount if ``v2_controllers`` (its ``cgroup.controllers``) lists ``memory``."""
-    v2: tuple[Path, str] | None = None
+    v1, v2 = _cgroup_mounts(mountinfo)
+    return v1 if v1 is not None else _with_memory(v2, v2_controllers)
+
+
+def host_memory_hierarchy(proc: Path = Path("/proc")) -> MemoryHierarchy | None:
+    """This host's memory hierarchy, or None without one."""
+    try:
+        mountinfo = (proc / "self" / "mountinfo").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    v1, v2 = _cgroup_mounts(mountinfo)
+    if v1 is not None or v2 is None:
+        return v1
+    try:
+        controllers = (v2.mount / "cgroup.controllers").read_text(encoding="ascii")
+    except OSError:
+        return None
+    return _with_memory(v2, controllers)
+
+
+def _cgroup_mounts(mountinfo: str) -> tuple[MemoryHierarchy | None, MemoryHierarchy | None]:
+    """The v1 mount with the ``memory`` option, and the first v2 mount (whose
+    controllers are not in mountinfo), each None where there is none."""
+    v2: MemoryHierarchy | None = None
     for line in mountinfo.splitlines():
         fields = line.split(" - ", 1)
         if len(fields) != 2:
@@ -78,32 +101,17 @@ def memory_hierarchy(
             continue
         kind, options = after[0], after[2].split(",")
         if kind == "cgroup" and "memory" in options:
-            return MemoryHierarchy(Path(mount[4]), CgroupVersion.V1, mount[3])
+            return MemoryHierarchy(Path(mount[4]), CgroupVersion.V1, mount[3]), v2
         if kind == "cgroup2" and v2 is None:
-            v2 = (Path(mount[4]), mount[3])
-    if v2 is not None and v2_controllers is not None and "memory" in v2_controllers.split():
-        return MemoryHierarchy(v2[0], CgroupVersion.V2, v2[1])
-    return None
+            v2 = MemoryHierarchy(Path(mount[4]), CgroupVersion.V2, mount[3])
+    return None, v2
 
 
-def host_memory_hierarchy(proc: Path = Path("/proc")) -> MemoryHierarchy | None:
-    """This host's memory hierarchy, or None without one."""
-    try:
-        mountinfo = (proc / "self" / "mountinfo").read_text(encoding="utf-8")
-    except OSError:
+def _with_memory(v2: MemoryHierarchy | None, controllers: str | None) -> MemoryHierarchy | None:
+    """The v2 mount if its controllers include ``memory``."""
+    if v2 is None or controllers is None or "memory" not in controllers.split():
         return None
-    found = memory_hierarchy(mountinfo)
-    if found is not None:
-        return found
-    for line in mountinfo.splitlines():
-        fields = line.split(" - ", 1)
-        if len(fields) == 2 and fields[1].startswith("cgroup2 "):
-            try:
-                controllers = (Path(fields[0].split()[4]) / "cgroup.controllers").read_text()
-            except OSError:
-                return None
-            return memory_hierarchy(mountinfo, v2_controllers=controllers)
-    return None
+    return v2
 
 
 def cgroup_path_of(proc_cgroup: str, version: CgroupVersion) -> str | None:
