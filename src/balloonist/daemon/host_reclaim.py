@@ -113,15 +113,6 @@ def next_cap_bytes(
     return max(goal_bytes, floor)
 
 
-@dataclass(frozen=True)
-class HostPaging:
-    """A VM's host-level paging, as the last period left it."""
-
-    cap_bytes: int | None  # its cgroup's cap; None: not capped
-    usage_bytes: int | None  # what its cgroup holds; None: no cgroup of its own
-    swapped_bytes: int | None  # of its memory, in the host's swap; None: not known
-
-
 @dataclass
 class _Capped:
     cgroup: VmCgroup
@@ -147,21 +138,15 @@ class HostReclaim:
         self._allowed = False  # whether the last decision allowed host paging
         self.errors = 0  # cgroup reads or writes that failed, cumulative
 
-    def status(self, name: str) -> HostPaging | None:
-        """The VM's host-level paging; None if it has no cgroup balloonist may cap.
-        The cap is balloonist's only: one someone else set is not host paging's."""
-        c = self._vms.get(name)
-        if c is None:
-            return None
-        cap = None if c.cap_bytes == c.found_bytes else c.cap_bytes
-        return HostPaging(cap, c.usage_bytes, c.swapped_bytes)
-
     def with_paging(self, name: str, host: HostHeld | None) -> HostHeld | None:
-        """What the host counts the VM holds, with its host paging added."""
-        paging = self.status(name)
-        if host is None or paging is None:
+        """What the host counts the VM holds, with its host paging as the last period
+        left it. The cap is balloonist's only: one someone else set is not host
+        paging's."""
+        c = self._vms.get(name)
+        if host is None or c is None:
             return host
-        return replace(host, cap_bytes=paging.cap_bytes, swapped_bytes=paging.swapped_bytes)
+        cap = None if c.cap_bytes == c.found_bytes else c.cap_bytes
+        return replace(host, cap_bytes=cap, swapped_bytes=c.swapped_bytes)
 
     def spec_for(self, vm: ManagedVm, configured: GuestSpec) -> GuestSpec:
         """The VM's spec for the policy: held where it is if uncooperative
@@ -262,7 +247,6 @@ class HostReclaim:
 __all__ = [
     "DEFAULT_STEP_BYTES",
     "CgroupHost",
-    "HostPaging",
     "HostReclaim",
     "SysCgroups",
     "VmCgroup",
