@@ -52,7 +52,8 @@ def test_a_process_s_memory_cgroup_by_version() -> None:
     assert cgroup_path_of("1:cpu:/x\n", CgroupVersion.V1) is None
 
 
-def _proc(tmp_path: Path, pid: int, text: str) -> Path:
+def fake_proc(tmp_path: Path, pid: int, text: str) -> Path:
+    """A ``/proc`` under ``tmp_path`` where process ``pid`` has ``text`` as its cgroup."""
     proc = tmp_path / "proc"
     (proc / str(pid)).mkdir(parents=True)
     (proc / str(pid) / "cgroup").write_text(text)
@@ -62,21 +63,21 @@ def _proc(tmp_path: Path, pid: int, text: str) -> Path:
 def test_a_process_in_the_root_or_outside_the_mount_has_none_to_cap(tmp_path: Path) -> None:
     v1 = memory_hierarchy(V1_MOUNTS)
     assert v1 is not None
-    proc = _proc(tmp_path, 7, "4:memory:/balloonist/web\n")
+    proc = fake_proc(tmp_path, 7, "4:memory:/balloonist/web\n")
     assert cgroup_of_process(7, v1, proc) == MemoryCgroup(
         Path("/sys/fs/cgroup/memory/balloonist/web"), CgroupVersion.V1
     )
     assert cgroup_of_process(8, v1, proc) is None  # no such process
-    root = _proc(tmp_path / "r", 7, "4:memory:/\n")
+    root = fake_proc(tmp_path / "r", 7, "4:memory:/\n")
     assert cgroup_of_process(7, v1, root) is None
     # In a container that sees part of the hierarchy, paths are relative to its root.
     inside = memory_hierarchy(CONTAINER_MOUNTS)
     assert inside is not None and inside.root == "/docker/abc"
-    proc = _proc(tmp_path / "c", 7, "4:memory:/docker/abc/vm\n")
+    proc = fake_proc(tmp_path / "c", 7, "4:memory:/docker/abc/vm\n")
     assert cgroup_of_process(7, inside, proc) == MemoryCgroup(
         Path("/sys/fs/cgroup/memory/vm"), CgroupVersion.V1
     )
-    proc = _proc(tmp_path / "o", 7, "4:memory:/docker/other\n")
+    proc = fake_proc(tmp_path / "o", 7, "4:memory:/docker/other\n")
     assert cgroup_of_process(7, inside, proc) is None
 
 

@@ -23,6 +23,7 @@ from balloonist.host import HostMemInfo
 from balloonist.model import HostHeld
 from balloonist.units import GIB, MIB
 from tests.daemon.fakes import FakeCgroup, FakeCgroups, FakeMemoryHost, FakeVm, make, record
+from tests.test_cgroup import fake_proc
 
 #: A host with swap for the VMs' pages to go to.
 SWAPPY = HostMemInfo(8 * GIB, 6 * GIB, 4 * GIB, 4 * GIB)
@@ -166,19 +167,12 @@ def test_a_cap_falls_by_a_step_at_most_into_the_swap_there_is(
         assert cap == max(goal, usage - step)  # as far as it may go
 
 
-def _proc_with(tmp_path: Path, pid: int, cgroup_line: str) -> Path:
-    proc = tmp_path / "proc"
-    (proc / str(pid)).mkdir(parents=True)
-    (proc / str(pid) / "cgroup").write_text(cgroup_line)
-    return proc
-
-
 def test_the_real_host_finds_a_vm_s_own_cgroup_and_never_a_shared_one(tmp_path: Path) -> None:
     mount = tmp_path / "memory"
     hierarchy = MemoryHierarchy(mount, CgroupVersion.V1)
     domain = mount / "machine" / "qemu-1-web"
     domain.mkdir(parents=True)
-    proc = _proc_with(tmp_path, 4242, "4:memory:/machine/qemu-1-web\n")
+    proc = fake_proc(tmp_path, 4242, "4:memory:/machine/qemu-1-web\n")
     host = SysCgroups(hierarchy, proc)
     adopted = replace(record("web"), pid=4242)
     (domain / "cgroup.procs").write_text("4242\n")

@@ -24,7 +24,6 @@ import itertools
 import logging
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +44,7 @@ from balloonist.qemu.assets import host_python
 from balloonist.qemu.launcher import StateDir
 from balloonist.units import MIB
 
+from ..qemu.conftest import stepper
 from ..waiting import wait_until
 from .conftest import URI, DomainFactory, Libvirtd, virsh
 
@@ -74,22 +74,6 @@ def libvirt_daemon(state: Path, budget: str, sent: list[tuple[str, int]]) -> Dae
         source=LibvirtVms(Libvirt(URI, events=True), config),
         on_target=lambda name, b: sent.append((name, b)),
     )
-
-
-def stepper(daemon: Daemon) -> Callable[[Callable[[], bool] | None, float], bool]:
-    """Run the daemon's periods (1 s each) until ``condition`` holds or time is up."""
-
-    def run_until(condition: Callable[[], bool] | None, deadline_s: float) -> bool:
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            started = time.monotonic()
-            daemon.step()
-            if condition is not None and condition():
-                return True
-            daemon.idle(max(0.0, 1.0 - (time.monotonic() - started)))
-        return False
-
-    return run_until
 
 
 def manage(name: str, *flags: str) -> None:

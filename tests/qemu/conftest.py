@@ -11,7 +11,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ import pytest
 
 from balloonist.daemon.agent_link import AgentPort
 from balloonist.daemon.qemu_hv import vm_port
+from balloonist.daemon.service import Daemon
+from balloonist.daemon.status import GuestStatus
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GUEST_OWN_DIRS, GuestAssets, default_cache_dir, host_python
 from balloonist.units import MIB
@@ -169,3 +171,28 @@ async def agent_port(record: launcher.VMRecord) -> AsyncIterator[AgentPort]:
     finally:
         await port.close()
         port.release()
+
+
+def guest_status(daemon: Daemon, name: str) -> GuestStatus:
+    """The guest in the daemon's last status; fails the test if it is not there."""
+    status = daemon.status()
+    assert status is not None
+    guest = status.guest(name)
+    assert guest is not None, f"{name} is not in the status"
+    return guest
+
+
+def stepper(daemon: Daemon) -> Callable[[Callable[[], bool] | None, float], bool]:
+    """Run the daemon's periods (1 s each) until ``condition`` holds or time is up."""
+
+    def run_until(condition: Callable[[], bool] | None, deadline_s: float) -> bool:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            started = time.monotonic()
+            daemon.step()
+            if condition is not None and condition():
+                return True
+            daemon.idle(max(0.0, 1.0 - (time.monotonic() - started)))
+        return False
+
+    return run_until

@@ -32,13 +32,12 @@ import pytest
 from balloonist.daemon.ksm_control import KsmMode, KsmStatus
 from balloonist.daemon.mechanisms import Mechanism
 from balloonist.daemon.service import Daemon, DaemonConfig
-from balloonist.daemon.status import GuestStatus
 from balloonist.ksm import KSM_ROOT, KsmKnobs, SysKernelKsm, parse_ksm_stat
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets
 from balloonist.units import MIB, PAGE_SIZE_BYTES
 
-from .conftest import boot, guest_visible, serial_lines, wait_for_line
+from .conftest import boot, guest_status, guest_visible, serial_lines, wait_for_line
 from .test_daemon_vm import pss_bytes
 
 pytestmark = [pytest.mark.vm, pytest.mark.root(reason="KSM's knobs need root")]
@@ -69,14 +68,6 @@ def _merged_bytes(pid: int) -> int:
     return parse_ksm_stat(text).merging_pages * PAGE_SIZE_BYTES
 
 
-def _guest(daemon: Daemon, name: str) -> GuestStatus:
-    status = daemon.status()
-    assert status is not None
-    guest = status.guest(name)
-    assert guest is not None, f"{name} is not in the status"
-    return guest
-
-
 def _ksm(daemon: Daemon) -> KsmStatus:
     status = daemon.status()
     assert status is not None and status.ksm is not None
@@ -93,7 +84,7 @@ def test_memory_a_guest_frees_goes_back_to_the_host_without_a_balloon_move(
     try:
         wait_for_line(state.load("g"), r"ws_mib=200 resident_mib=200", 60.0)
         daemon.step()
-        guest = _guest(daemon, "g")
+        guest = guest_status(daemon, "g")
         assert guest.host is not None
         before, actual_before = guest.host.held_bytes, guest.allocated_bytes
         lines = len(serial_lines(state.load("g")))
@@ -103,7 +94,7 @@ def test_memory_a_guest_frees_goes_back_to_the_host_without_a_balloon_move(
         while time.monotonic() - freed_at < FREED_WITHIN_S and before - held < FREED_BYTES:
             daemon.idle(0.5)
             daemon.step()
-            guest = _guest(daemon, "g")
+            guest = guest_status(daemon, "g")
             assert guest.host is not None
             held = guest.host.held_bytes
         assert before - held >= FREED_BYTES, (before, held)

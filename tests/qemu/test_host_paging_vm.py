@@ -28,12 +28,11 @@ import pytest
 from balloonist.cgroup import CgroupVersion, MemoryCgroup
 from balloonist.daemon.mechanisms import Mechanism
 from balloonist.daemon.service import Daemon, DaemonConfig
-from balloonist.daemon.status import GuestStatus
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets
 from balloonist.units import MIB
 
-from .conftest import boot, wait_for_line
+from .conftest import boot, guest_status, wait_for_line
 
 pytestmark = [pytest.mark.vm, pytest.mark.root(reason="memory cgroups and swapon need root")]
 
@@ -70,14 +69,6 @@ def _cgroup(state: launcher.StateDir, name: str) -> MemoryCgroup:
     return MemoryCgroup(path, version)
 
 
-def _guest(daemon: Daemon, name: str) -> GuestStatus:
-    status = daemon.status()
-    assert status is not None
-    guest = status.guest(name)
-    assert guest is not None, f"{name} is not in the status"
-    return guest
-
-
 def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_short(
     state: launcher.StateDir, guest_assets: GuestAssets, host_swap: Path
 ) -> None:
@@ -97,7 +88,7 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
             daemon.step()
             # The cooperating guest is never capped: by the status and by its cgroup.
             assert coop.limit_bytes() is None
-            coop_host = _guest(daemon, "coop").host
+            coop_host = guest_status(daemon, "coop").host
             assert coop_host is not None and coop_host.cap_bytes is None
             cap = stuck.limit_bytes()
             if cap is not None:
@@ -107,7 +98,7 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
         status = daemon.status()
         assert status is not None
         assert status.host.state in ("hard", "low"), status.host.state
-        view = _guest(daemon, "stuck")
+        view = guest_status(daemon, "stuck")
         assert not view.cooperative
         swapped = stuck.swapped_bytes() or 0
         assert swapped >= SWAPPED_BYTES, (swapped, caps)
@@ -130,7 +121,7 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
             daemon.idle(1.0)
         assert stuck.limit_bytes() is None
         daemon.step()
-        lifted = _guest(daemon, "stuck").host
+        lifted = guest_status(daemon, "stuck").host
         assert lifted is not None and lifted.cap_bytes is None
     finally:
         daemon.close()

@@ -13,8 +13,6 @@ Thresholds:
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -24,7 +22,7 @@ from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets
 from balloonist.units import MIB
 
-from .conftest import boot
+from .conftest import boot, guest_status, stepper
 
 pytestmark = pytest.mark.vm
 
@@ -35,20 +33,8 @@ SHRUNK_DEADLINE_S = 60.0
 SHRUNK_MAX = 384 * MIB
 
 
-def _run_until(daemon: Daemon, done: Callable[[], bool], deadline_s: float) -> None:
-    end = time.monotonic() + deadline_s
-    daemon.step()
-    while time.monotonic() < end and not done():
-        daemon.idle(1.0)
-        daemon.step()
-
-
 def _plugged_bytes(daemon: Daemon, name: str) -> int:
-    status = daemon.status()
-    assert status is not None
-    guest = status.guest(name)
-    assert guest is not None
-    return guest.allocated_bytes - BOOT_MIB * MIB
+    return guest_status(daemon, name).allocated_bytes - BOOT_MIB * MIB
 
 
 def test_the_daemon_grows_and_shrinks_a_virtio_mem_guest_within_its_bounds(
@@ -71,17 +57,15 @@ def test_the_daemon_grows_and_shrinks_a_virtio_mem_guest_within_its_bounds(
     limit = [record.max_bytes]
     config = DaemonConfig.model_validate({"daemon": {"budget": "2GiB"}, "ksm": {"mode": "off"}})
     daemon = Daemon(config, state, on_target=lambda _, b: sent.append((limit[0], b)))
+    run_until = stepper(daemon)
     try:
         # The host has room: the guest is given all it may have, and plugs it.
-        _run_until(
-            daemon, lambda: _plugged_bytes(daemon, "vmem") == REGION_MIB * MIB, GROWN_DEADLINE_S
-        )
+        run_until(lambda: _plugged_bytes(daemon, "vmem") == REGION_MIB * MIB, GROWN_DEADLINE_S)
         assert _plugged_bytes(daemon, "vmem") == REGION_MIB * MIB
         # Its max lowered: the daemon unplugs down to it.
         daemon.change_guest("vmem", GuestChange(max_bytes=SHRUNK_MAX))
         limit[0] = SHRUNK_MAX
-        _run_until(
-            daemon,
+        run_until(
             lambda: _plugged_bytes(daemon, "vmem") <= SHRUNK_MAX - BOOT_MIB * MIB,
             SHRUNK_DEADLINE_S,
         )
