@@ -9,7 +9,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balloonist.model import Decision, GuestView, HostState, HostTruth, MemoryPressure, Snapshot
+from balloonist.model import (
+    Decision,
+    GuestView,
+    HostHeld,
+    HostState,
+    HostTruth,
+    MemoryPressure,
+    Snapshot,
+)
 from balloonist.policy.demand import (
     STALL_THRESHOLD,
     DemandPolicy,
@@ -255,6 +263,43 @@ def test_pages_in_use_are_taken_only_where_no_surplus_covers_them() -> None:
     views[0] = guest("holds", memory_mib=1000, register_mib=500, free_mib=150)
     part = defer_squeezes(_Guests.of(views), allocations, wanted) // MIB
     assert part.tolist() == [350, 350, 300]
+
+
+def test_a_guest_that_reports_no_free_memory_is_not_spared_what_the_host_never_held() -> None:
+    # The daemon's failed CI run: an agent guest (it reports MemAvailable, not free
+    # memory) was still whole when the first decision squeezed the other guest.
+    # Counted as all in use, the agent's 384 MiB were spared for good, paid for by
+    # the other's surplus. The host holds only 100 MiB of its RAM: the rest was never
+    # touched, so it is not in use, and the two idle guests end level.
+    agent = calm(guest("agent", memory_mib=384, working_set_mib=40))
+    plain = calm(guest("plain", memory_mib=384, working_set_mib=40, register_mib=220, free_mib=100))
+    unknown = allocations_mib(POLICY.decide(snapshot(agent, plain, host_mib=560, free_mib=0)))
+    assert unknown == [384, 176]  # without the host's count: the status quo
+    touched = dataclasses.replace(
+        agent,
+        sample=dataclasses.replace(
+            agent.sample, host=HostHeld(held_bytes=130 * MIB, guest_ram_bytes=100 * MIB)
+        ),
+    )
+    assert allocations_mib(POLICY.decide(snapshot(touched, plain, host_mib=560, free_mib=0))) == [
+        280,
+        280,
+    ]
+    # Pages KSM merged, or in the host's swap, are in use though the RAM's count misses
+    # them: with 300 MiB of them the agent is spared again.
+    merged = dataclasses.replace(
+        touched,
+        sample=dataclasses.replace(
+            touched.sample,
+            host=HostHeld(
+                130 * MIB, 100 * MIB, ksm_merged_bytes=200 * MIB, swapped_bytes=100 * MIB
+            ),
+        ),
+    )
+    assert allocations_mib(POLICY.decide(snapshot(merged, plain, host_mib=560, free_mib=0))) == [
+        384,
+        176,
+    ]
 
 
 def test_a_guest_that_grew_once_gives_its_peak_back_when_nobody_wants_it() -> None:

@@ -162,12 +162,25 @@ class _Guests:
 
 
 def _in_use_bytes(view: GuestView) -> int:
-    """What the guest holds, less the memory it reports free (when it does)."""
+    """What the guest holds, less the memory it reports free (when it does), and at
+    most what the host counts of its RAM (where it does).
+
+    The host's count bounds it for a guest that reports no free figure (our agent
+    sends MemAvailable only): a page of guest RAM the host does not hold was never
+    touched, or was given back, so it is not in use. Pages KSM merged and pages in
+    the host's swap are in use but not counted whole in the guest's RAM, so they are
+    added back.
+    """
     s = view.sample
-    if s.free_bytes is None:
-        return s.allocated_bytes
-    allowance = view.spec.memory_bytes - s.balloon_bytes
-    return max(0, min(s.allocated_bytes, allowance - s.free_bytes))
+    in_use = s.allocated_bytes
+    if s.free_bytes is not None:
+        allowance = view.spec.memory_bytes - s.balloon_bytes
+        in_use = max(0, min(s.allocated_bytes, allowance - s.free_bytes))
+    host = s.host
+    if host is not None and host.guest_ram_bytes is not None:
+        touched = host.guest_ram_bytes + (host.ksm_merged_bytes or 0) + (host.swapped_bytes or 0)
+        in_use = min(in_use, touched)
+    return in_use
 
 
 def stall_fraction(view: GuestView) -> float:
