@@ -167,6 +167,8 @@ class OraclePolicy:
         self._options: dict[tuple[str, int, int, tuple[Slice, ...]], _Options] = {}
         self._static: dict[int, tuple[int, ...]] = {}
         self._chose_host_paging = False
+        self._ceilings_for = -1  # the host size _ceiling_pages is for
+        self._ceiling_pages: dict[str, int] = {}
 
     @property
     def name(self) -> str:
@@ -192,6 +194,16 @@ class OraclePolicy:
         slices = tuple(
             tuple((g.plan.at(t), g.plan.active_pages_at(t)) for t in times) for g in guests
         )
+        if host_pages != self._ceilings_for:
+            # What each guest could hold at most: its limit, or the host less the
+            # others' floors. Host paging is judged against it (_may_host_page), so
+            # the options valued for another host size go.
+            floors = _floors(host_pages, guests)
+            self._ceilings_for, self._options = host_pages, {}
+            self._ceiling_pages = {
+                g.name: min(_limit_pages(g), host_pages - (sum(floors) - floor))
+                for g, floor in zip(guests, floors, strict=True)
+            }
         key = (host_pages, slices)
         pages = self._solved.get(key)
         if pages is None:
@@ -218,15 +230,7 @@ class OraclePolicy:
     def _solve(
         self, host_pages: int, guests: Sequence[SimGuest], slices: Sequence[tuple[Slice, ...]]
     ) -> tuple[int, ...]:
-        floors = [_floor_pages(g) for g in guests]
-        if sum(floors) > host_pages:
-            # Kernels do not all fit: only the reservations are floors.
-            floors = [min(_min_pages(g), _limit_pages(g)) for g in guests]
-            if sum(floors) > host_pages:
-                raise ConfigError(
-                    "the guests' reservations add up to more than host memory",
-                    where="policy oracle",
-                )
+        floors = _floors(host_pages, guests)
         if self._fair:
             static = self._static_pages(host_pages, guests)
             floors = [
@@ -265,17 +269,19 @@ class OraclePolicy:
         return paged > ballooned * (1.0 + _TIE_TOLERANCE)
 
     def _may_host_page(self, guest: SimGuest, slices: tuple[Slice, ...]) -> bool:
-        """The guest's limit keeps it, ballooned, from ever holding its working set, its
-        own memory holds the set (else it would page too, and one layer of paging is
-        all the model knows), and the host has swap. Elsewhere a balloon serves a guest
-        at least as well once it has its set, and switching ways costs what the steady
-        state does not see: the host's random victims take a while to find the
-        kernel's pages, and a balloon inflated again evicts."""
+        """The guest can never hold its working set ballooned (its limit, or the host
+        less the others' floors, keeps it below), its own memory holds the set (else it
+        would page too, and one layer of paging is all the model knows), and the host
+        has swap. Elsewhere a balloon serves a guest at least as well once it has its
+        set, and switching ways costs what the steady state does not see: the host's
+        random victims take a while to find the kernel's pages, and a balloon inflated
+        again evicts. Where it cannot, a scan larger than its memory keeps nothing
+        under the guest's CLOCK and part of it under the host's random victims."""
         demand = max(active for _, active in slices)
         return (
             self._host_swap
             and demand > 0
-            and _limit_pages(guest) < guest.kernel_pages + demand
+            and self._ceiling_pages[guest.name] < guest.kernel_pages + demand
             and guest.memory_pages - guest.kernel_pages >= demand
         )
 
@@ -392,6 +398,20 @@ def _hand_out_slack(
         out[i] += give
         left -= give
     return tuple(out)
+
+
+def _floors(host_pages: int, guests: Sequence[SimGuest]) -> list[int]:
+    """The least each guest holds: its floor (reservation and kernel), or where the
+    kernels do not all fit, its reservation alone."""
+    floors = [_floor_pages(g) for g in guests]
+    if sum(floors) > host_pages:
+        floors = [min(_min_pages(g), _limit_pages(g)) for g in guests]
+        if sum(floors) > host_pages:
+            raise ConfigError(
+                "the guests' reservations add up to more than host memory",
+                where="policy oracle",
+            )
+    return floors
 
 
 def _min_pages(guest: SimGuest) -> int:
