@@ -24,7 +24,15 @@ from typing import Final
 
 from balloonist.model import GuestView
 
-__all__ = ["QUIET_STALL", "THRASH_PERIODS", "THRASH_STALL", "TURN_S", "LoadControl", "Turns"]
+__all__ = [
+    "OUTGROWN_FRACTION",
+    "QUIET_STALL",
+    "THRASH_PERIODS",
+    "THRASH_STALL",
+    "TURN_S",
+    "LoadControl",
+    "Turns",
+]
 
 #: A guest stalled this share of its time does less than half the work it could.
 THRASH_STALL: Final = 0.5
@@ -32,6 +40,9 @@ THRASH_STALL: Final = 0.5
 THRASH_PERIODS: Final = 5
 #: A guest stalled less than this is quiet: idle, or fitting where it is.
 QUIET_STALL: Final = 0.05
+#: A quiet holder whose recent working set is below this share of what it holds has
+#: outgrown its turn (:meth:`LoadControl._outgrown`).
+OUTGROWN_FRACTION: Final = 0.5
 #: A turn at mean shares: long enough that moving a working set in and out (a few
 #: seconds per 100 MiB at swap speeds) is a small part of it.
 TURN_S: Final = 30.0
@@ -74,7 +85,11 @@ class LoadControl:
         self._count(views, stalls)
         if self._holder is not None:
             self._service_s[self._holder] = self._service_s.get(self._holder, 0.0) + elapsed
-            if self._holder not in present or self._expired(time_s, present):
+            if (
+                self._holder not in present
+                or self._expired(time_s, present)
+                or self._outgrown(present[self._holder])
+            ):
                 self._holder = None  # the turn is over: the holder rejoins the others
         self._group = {
             n
@@ -100,6 +115,17 @@ class LoadControl:
         for table in (self._hot, self._quiet):
             for name in [n for n in table if n not in names]:
                 del table[name]
+
+    def _outgrown(self, holder: GuestView) -> bool:
+        """The holder no longer needs its turn: quiet for ``THRASH_PERIODS`` and using
+        less than ``OUTGROWN_FRACTION`` of what it holds (its working set shrank: a
+        phase ended). A holder quiet because the turn gave it its set uses all of it,
+        and keeps its turn; one left holding the turn while it idles would hold the
+        others back for nothing."""
+        recent = holder.recent_working_set_bytes
+        if recent is None or self._quiet.get(holder.name, 0) < THRASH_PERIODS:
+            return False
+        return recent < OUTGROWN_FRACTION * holder.sample.allocated_bytes
 
     def _priority(self, view: GuestView) -> tuple[float, str]:
         return (self._service_s.get(view.name, 0.0) / max(view.spec.shares, 1), view.name)
