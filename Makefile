@@ -92,6 +92,7 @@ bench-vm: $(STAMP) guest-assets
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_agent_inflate.py
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_demand.py
 	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_policies.py
+	BALLOONIST_GUEST_ASSETS=$(GUEST_ASSETS) $(BIN)/python benchmarks/bench_vm_rescue.py
 
 experiments: $(STAMP)
 	$(BIN)/python -m balloonist.experiments docs/experiments

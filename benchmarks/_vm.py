@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets, default_cache_dir, ensure_guest_assets
@@ -31,9 +32,15 @@ def state_dir() -> launcher.StateDir:
 
 
 def boot(
-    state: launcher.StateDir, name: str, memory_mib: int, work: str | None = None
+    state: launcher.StateDir,
+    name: str,
+    memory_mib: int,
+    work: str | None = None,
+    **request_fields: Any,
 ) -> launcher.VMRecord:
-    request = assets().start_request(name, memory_mib * MIB, work=work, accel=ACCEL)
+    request = assets().start_request(
+        name, memory_mib * MIB, work=work, accel=ACCEL, **request_fields
+    )
     record = launcher.start_vm(state, request)
     wait_line(record, "BALLOONIST-READY", 120.0)
     return record

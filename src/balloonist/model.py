@@ -219,6 +219,11 @@ class GuestSample:
     active_bytes_observed: int | None = None  # set when a sampling window closes
     active_bytes_so_far: int | None = None  # the open window's count so far (a lower bound)
     free_bytes: int | None = None  # guest-reported free memory, if the guest reports it
+    #: What the guest lacks now of the available memory it must keep (the daemon's
+    #: ``available_floor`` less its MemAvailable, if positive), as it reported this
+    #: period, unsmoothed: a guest that ran short all at once. None where not reported
+    #: (the simulator's guests page instead of running out).
+    available_short_bytes: int | None = None
     major_faults: int = 0  # cumulative guest major faults
     #: Cumulative seconds the guest's tasks stalled waiting for memory (swap-ins, the
     #: writes that make room for them): what PSI's memory "some" total counts. None

@@ -311,3 +311,28 @@ def test_a_guest_that_grew_once_gives_its_peak_back_when_nobody_wants_it() -> No
     idle = calm(guest("idle", memory_mib=512, working_set_mib=20, register_mib=212, free_mib=250))
     d = POLICY.decide(snapshot(busy, idle, host_mib=800, free_mib=0))
     assert allocations_mib(d) == [400, 400]
+
+
+def test_a_guest_short_of_available_memory_now_is_rescued_from_idle_memory_at_once() -> None:
+    # burst holds 300 and its averages still say 40; it reports 100 short of its floor
+    # this period. idle holds 700 and uses 100. Without the rescue burst waits; with it
+    # it wants what it lacks and a step (16), taken from idle's unused memory.
+    burst = calm(guest("burst", memory_mib=1000, working_set_mib=40, register_mib=700))
+    burst = dataclasses.replace(
+        burst, sample=dataclasses.replace(burst.sample, available_short_bytes=100 * MIB)
+    )
+    idle = calm(guest("idle", memory_mib=1000, working_set_mib=100, register_mib=300))
+    host = snapshot(burst, idle, host_mib=1000, free_mib=0)
+    assert allocations_mib(DemandPolicy(margin_fraction=0.0, rescue=False).decide(host)) == [
+        300,
+        700,
+    ]
+    assert allocations_mib(POLICY.decide(host)) == [300 + 100 + 16, 700 - 116]
+    # A MiB or two short is a guest the pacing holds at its floor, not a burst.
+    held = dataclasses.replace(
+        burst, sample=dataclasses.replace(burst.sample, available_short_bytes=2 * MIB)
+    )
+    assert allocations_mib(POLICY.decide(snapshot(held, idle, host_mib=1000, free_mib=0))) == [
+        300,
+        700,
+    ]

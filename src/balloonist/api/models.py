@@ -247,6 +247,12 @@ class GuestOut(_Out):
         description="What the host counts it holds; null where that cannot be read "
         "(the simulator, a VM whose QEMU process is not known here).",
     )
+    available_short_bytes: NonNegative | None = Field(
+        default=None,
+        description="What the guest lacked this period of the available memory the "
+        "daemon keeps it (available_floor); 8 MiB or more and the policy rescues it. "
+        "Null where the guest does not report its available memory (the simulator).",
+    )
 
     @classmethod
     def of(cls, guest: GuestStatus) -> GuestOut:
@@ -271,6 +277,7 @@ class GuestOut(_Out):
             host=(
                 None if guest.host is None else GuestHostOut.of(guest.host, guest.allocated_bytes)
             ),
+            available_short_bytes=guest.available_short_bytes,
         )
 
 

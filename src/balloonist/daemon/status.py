@@ -67,6 +67,9 @@ class GuestStatus:
     counters: Mapping[FailureCounter, int] = field(default_factory=dict)
     #: What the host counts it holds (its QEMU process), if the backend can read it.
     host: HostHeld | None = None
+    #: What it lacks of the available memory it must keep, as it reported this
+    #: period (GuestSample.available_short_bytes); None if it does not report it.
+    available_short_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ def status_from_cycle(
                 cpu=_cpu_status(view, target.cpu if target is not None else None),
                 counters=dict((guest_counters or {}).get(spec.name, {})),
                 host=sample.host,
+                available_short_bytes=sample.available_short_bytes,
             )
         )
     host = snapshot.host

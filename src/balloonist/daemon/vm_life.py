@@ -236,6 +236,11 @@ class ManagedVm:
             balloon_target_bytes=r.memory_bytes - pacer.commanded_bytes,
             active_bytes_observed=self.observed_bytes,
             free_bytes=stats.free_bytes,
+            available_short_bytes=(
+                None
+                if stats.available_bytes is None
+                else max(0, pacer.bounds.available_floor_bytes - stats.available_bytes)
+            ),
             major_faults=stats.major_faults or 0,
             cooperative=self.cooperative,
             inflate_rate_bytes_per_s=pacer.rate.step_units * PAGE_SIZE_BYTES / period_s,

@@ -12,6 +12,9 @@ they once used. This policy starts from demand instead:
      major-fault rate where stall time is not reported) wants more than it may hold
      now, so its demand is its current allowance plus a step that grows with the
      stall;
+   - a guest that runs short all at once (its available memory under the daemon's
+     floor this period: a burst of allocations, where without swap the next step is
+     its OOM killer) wants what it lacks and a step, at once (the *rescue*);
    - while any guest is under pressure, the others' demand follows their *recent*
      working set (the fast average), so memory they stopped using goes to the guest
      that stalls without waiting out the slow average.
@@ -108,6 +111,11 @@ GROW_MIN_FRACTION: Final = 0.10
 GROW_MAX_FRACTION: Final = 0.50
 #: ...and at least this much, so a small guest squeezed to its kernel gets out quickly.
 GROW_MIN_BYTES: Final = 16 * MIB
+#: A guest at least this short of its available floor is rescued. Less is what a guest
+#: the daemon's pacing held at its floor shows as its use moves a little: rescuing
+#: that would swing its balloon back and forth every period (measured on a real
+#: guest: 16 MiB each way, 1 MiB short).
+RESCUE_SHORT_BYTES: Final = 8 * MIB
 #: Inflations smaller than this are not made: taking pages costs the guest work (it
 #: may have to write them out), and chasing the working set's sampling noise would
 #: move the balloon every period. Deflations are always made: they cost nothing, and
@@ -212,9 +220,12 @@ def headroom_bytes(working_bytes: I64, *, contended: bool) -> I64:
     return out
 
 
-def demand_bytes(guests: Sequence[GuestView], stalls: F64 | None = None) -> I64:
+def demand_bytes(
+    guests: Sequence[GuestView], stalls: F64 | None = None, *, rescue: bool = True
+) -> I64:
     """Each guest's demand (see the module docstring, step 1), before min and max.
-    ``stalls``: each guest's :func:`stall_fraction`, if the caller has them."""
+    ``stalls``: each guest's :func:`stall_fraction`, if the caller has them; ``rescue``:
+    whether a guest short of available memory now wants it now."""
     if stalls is None:
         stalls = np.array([stall_fraction(g) for g in guests], dtype=np.float64)
     contended = bool((stalls >= STALL_THRESHOLD).any())
@@ -238,6 +249,17 @@ def demand_bytes(guests: Sequence[GuestView], stalls: F64 | None = None) -> I64:
     kept = np.maximum(demand, allowance)
     demand = np.where(
         stalls >= STALL_THRESHOLD, grown, np.where(stalls >= STALL_KEEP_THRESHOLD, kept, demand)
+    )
+    # Rescue: a guest that ran short all at once (its available memory under the
+    # floor this period) gets what it lacks and a step now, ahead of the averages it
+    # would otherwise wait out while its OOM killer does not.
+    short_now = np.array(
+        [(g.sample.available_short_bytes or 0) if rescue else 0 for g in guests], dtype=np.int64
+    )
+    demand = np.where(
+        short_now >= RESCUE_SHORT_BYTES,
+        np.maximum(demand, allowance + short_now + GROW_MIN_BYTES),
+        demand,
     )
     out: I64 = np.minimum(demand, memory)
     return out
@@ -360,12 +382,17 @@ class DemandPolicy:
         self,
         tax_rate: float = DEFAULT_TAX_RATE,
         margin_fraction: float = DEFAULT_MARGIN_FRACTION,
+        *,
+        rescue: bool = True,
     ) -> None:
+        """``rescue``: off, a guest that runs short waits for its averages (for
+        measuring what the rescue buys)."""
         if not 0.0 <= margin_fraction < 1.0:
             raise ValueError(f"margin fraction must be in [0, 1), got {margin_fraction}")
         # The tax applies to processors (cpu_targets); memory is taxed fully (above).
         self.tax_rate = tax_rate
         self.margin_fraction = margin_fraction
+        self.rescue = rescue
         self._load = LoadControl()
 
     @property
@@ -386,7 +413,7 @@ class DemandPolicy:
         short = stalls >= STALL_THRESHOLD
         working = np.array([g.working_set_bytes for g in views], dtype=np.int64)
         used = headroom_bytes(working, contended=False)
-        demand = demand_bytes(views, stalls)
+        demand = demand_bytes(views, stalls, rescue=self.rescue)
         turns = self._load.update(snapshot.time_s, views, stalls.tolist())
         if turns.holder is not None:
             # Load control: the holder may grow to its limit; the others of the

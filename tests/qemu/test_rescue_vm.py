@@ -1,0 +1,99 @@
+"""The rescue on a real guest: a process that allocates 200 MiB at once, in a guest
+whose balloon holds memory, gets it back within 2 periods and is not OOM-killed.
+
+Two idle 512 MiB guests share a 480 MiB budget, so each is ballooned down to about
+235 MiB. Then "burst" allocates 200 MiB at once (touchmem, no swap in the guest): its
+available memory falls under the daemon's floor (64 MiB), and the daemon must give
+it memory back, from the other guest's idle memory, within 2 periods of seeing it
+short, instead of waiting for its working-set averages.
+
+Thresholds:
+- RESCUE_PERIODS: 2, as the issue asks. The first period sees the guest short and
+  inflates the donor; the burst guest deflates into what that freed by the next.
+- BURST_AT_S: touchmem's start to the burst. The guests boot in about 10 s under TCG
+  and the daemon takes about 280 MiB from each at its paced rate (16 MiB/s at first,
+  growing) in about 20 s; 60 s leaves room for a slow machine, and the test checks
+  the balloon had settled before the burst rather than trusting the time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from balloonist.daemon.service import Daemon, DaemonConfig
+from balloonist.policy.demand import DemandPolicy
+from balloonist.qemu import launcher
+from balloonist.qemu.assets import GuestAssets
+from balloonist.units import MIB
+
+from .conftest import boot, guest_status, serial_lines, stepper
+
+pytestmark = pytest.mark.vm
+
+MEMORY_MIB = 512
+MIN_MIB = 128
+BURST_MIB = 200
+BURST_AT_S = 60
+RESCUE_PERIODS = 2
+#: Ballooned down to this or below before the burst: else the burst fits as it is.
+SETTLED_BYTES = 300 * MIB
+OOM = re.compile(r"Out of memory|oom-kill|Killed process")
+
+
+def _resident_mib(lines: list[str]) -> int | None:
+    for line in reversed(lines):
+        if m := re.search(r"BALLOONIST-WORK .*resident_mib=(\d+)", line):
+            return int(m.group(1))
+    return None
+
+
+def burst_and_rescue(
+    state: launcher.StateDir, guest_assets: GuestAssets, *, rescue: bool
+) -> tuple[int, list[str]]:
+    """Boot the two guests, wait out the burst; the periods from the first in which the
+    burst guest was short to the first in which it was not, and its serial lines."""
+    work = f"0@0,{BURST_MIB}@{BURST_AT_S}"
+    for name, load in (("burst", work), ("donor", None)):
+        boot(state, guest_assets, name, memory_mib=MEMORY_MIB, min_bytes=MIN_MIB * MIB, work=load)
+    config = DaemonConfig.model_validate({"daemon": {"budget": "560MiB"}, "ksm": {"mode": "off"}})
+    daemon = Daemon(config, state, policy=DemandPolicy(rescue=rescue))
+    run_until = stepper(daemon)
+    record = state.load("burst")
+    try:
+        settled = run_until(
+            lambda: guest_status(daemon, "burst").allocated_bytes <= SETTLED_BYTES,
+            BURST_AT_S - 15.0,
+        )
+        assert settled, guest_status(daemon, "burst")
+        assert _resident_mib(serial_lines(record)) == 0, "the burst came before the balloon settled"
+        short_since: int | None = None
+        periods = 0
+        end = time.monotonic() + BURST_AT_S + 90.0
+        while time.monotonic() < end:
+            run_until(None, 1.0)  # one period
+            periods += 1
+            short = (guest_status(daemon, "burst").available_short_bytes or 0) > 0
+            if short and short_since is None:
+                short_since = periods
+            if short_since is not None and not short:
+                return periods - short_since, serial_lines(record)
+        raise AssertionError(f"burst: never short, or never rescued (short since {short_since})")
+    finally:
+        daemon.close()
+
+
+def test_a_guest_allocating_200_mib_at_once_gets_memory_within_2_periods_and_lives(
+    state: launcher.StateDir, guest_assets: GuestAssets
+) -> None:
+    took, lines = burst_and_rescue(state, guest_assets, rescue=True)
+    assert took <= RESCUE_PERIODS, took
+    # the process runs on with all it asked for, and nothing was OOM-killed
+    deadline = time.monotonic() + 10.0
+    while _resident_mib(lines) != BURST_MIB and time.monotonic() < deadline:
+        time.sleep(0.5)
+        lines = serial_lines(state.load("burst"))
+    assert _resident_mib(lines) == BURST_MIB, lines[-5:]
+    assert not [line for line in lines if OOM.search(line)]
