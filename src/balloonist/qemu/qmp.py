@@ -39,6 +39,7 @@ from qemu.qmp import (
     Runstate,
     StateError,
 )
+from qemu.qmp.message import Message
 
 from balloonist.errors import FatalBackendError, TransientBackendError
 from balloonist.units import PAGE_SIZE_BYTES
@@ -149,6 +150,11 @@ class BalloonQMP:
         self.name = name
         self.timeout_s = timeout_s
         self._client = QMPClient(name)
+        # The client's default listener takes every event and keeps it, queued and in
+        # its history, for as long as the client lives: on a daemon's connection that
+        # is a BALLOON_CHANGE a second while a balloon moves, for days. Nothing here
+        # reads it; listeners made for a purpose (balloon_changes) still hear all.
+        self._client.events.event_filter = _no_event
 
     async def __aenter__(self) -> BalloonQMP:
         await self.connect()
@@ -303,6 +309,11 @@ class BalloonQMP:
                     f"after {timeout_s:.0f} s"
                 )
             await asyncio.sleep(0.1)
+
+
+def _no_event(event: Message) -> bool:
+    del event
+    return False
 
 
 def _reason(exc: BaseException) -> str:
