@@ -10,8 +10,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from qemu.qmp.message import Message
 
+from balloonist.errors import TransientBackendError
 from balloonist.qemu.qmp import BalloonQMP
 from balloonist.qemu.virtio_mem import VMEM_ID, VMEM_QOM_PATH, VirtioMemQMP
 from balloonist.units import MIB
@@ -26,9 +28,13 @@ class _Qemu:
         self.vm = vm
         self.plugged = 0
         self.during_read: int | None = None  # a change that lands while a read runs
+        self.fail_next = False
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         assert (command, arguments) == ("qom-get", {"path": VMEM_QOM_PATH, "property": "size"})
+        if self.fail_next:
+            self.fail_next = False
+            raise TransientBackendError("vm: QMP qom-get timed out")
         size = self.plugged
         if self.during_read is not None:
             await self.change(self.during_read)
@@ -65,6 +71,12 @@ def test_the_size_is_read_again_only_after_qemu_says_it_changed() -> None:
         assert await vm.actual_bytes() == BOOT + 256 * MIB and vm.reads == 4
         # The listener keeps no history past a look.
         assert not vm._sizes.history
+        # A read that fails after an event is made again, though no event follows.
+        await qemu.change(320 * MIB)
+        qemu.fail_next = True
+        with pytest.raises(TransientBackendError):
+            await vm.actual_bytes()
+        assert await vm.actual_bytes() == BOOT + 320 * MIB
 
     asyncio.run(run())
 

@@ -107,6 +107,7 @@ class VirtioMemQMP(BalloonQMP):
         """Its memory now: boot memory plus the region's plugged ``size``, read again
         if QEMU said it changed (see the class docstring)."""
         if self._changed() or self._plugged_bytes is None:
+            self._plugged_bytes = None  # until read: a read that fails is made again
             self.reads += 1
             reply = await self._execute("qom-get", {"path": VMEM_QOM_PATH, "property": "size"})
             plugged = reply if isinstance(reply, int) and not isinstance(reply, bool) else -1
