@@ -53,8 +53,16 @@ def observed_demand_bytes(
         return None
     used = max(0, min(stats.total_bytes, actual_bytes) - stats.available_bytes)
     pressure = max(0, new_faults) * PAGE_SIZE_BYTES
-    shortfall = max(0, floor_bytes - stats.available_bytes)
+    shortfall = available_short_bytes(stats, floor_bytes) or 0
     return min(memory_bytes, used + pressure + shortfall)
+
+
+def available_short_bytes(stats: GuestStats, floor_bytes: int) -> int | None:
+    """What the guest lacks of its available floor now (0 if it has it); None if it
+    does not report its available memory."""
+    if stats.available_bytes is None:
+        return None
+    return max(0, floor_bytes - stats.available_bytes)
 
 
 @dataclass(frozen=True)
@@ -113,4 +121,10 @@ def host_truth(budget_bytes: int, info: HostMemInfo, held_bytes: int) -> HostTru
     return HostTruth(budget_bytes, held_bytes, info.available_bytes, max(0, free))
 
 
-__all__ = ["HostMemory", "host_memory", "host_truth", "observed_demand_bytes"]
+__all__ = [
+    "HostMemory",
+    "available_short_bytes",
+    "host_memory",
+    "host_truth",
+    "observed_demand_bytes",
+]

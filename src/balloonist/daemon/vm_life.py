@@ -30,7 +30,7 @@ from typing import Final
 from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.pacing import REACHED_TOLERANCE_BYTES, Bounds, GuestPacer
 from balloonist.daemon.processors import VmProcessors
-from balloonist.daemon.vm_figures import observed_demand_bytes
+from balloonist.daemon.vm_figures import available_short_bytes, observed_demand_bytes
 from balloonist.daemon.vm_ports import VmMemoryHost, VmPort
 from balloonist.errors import StateError
 from balloonist.model import CpuSample, GuestSample, GuestSpec, HostHeld
@@ -236,11 +236,7 @@ class ManagedVm:
             balloon_target_bytes=r.memory_bytes - pacer.commanded_bytes,
             active_bytes_observed=self.observed_bytes,
             free_bytes=stats.free_bytes,
-            available_short_bytes=(
-                None
-                if stats.available_bytes is None
-                else max(0, pacer.bounds.available_floor_bytes - stats.available_bytes)
-            ),
+            available_short_bytes=available_short_bytes(stats, pacer.bounds.available_floor_bytes),
             major_faults=stats.major_faults or 0,
             cooperative=self.cooperative,
             inflate_rate_bytes_per_s=pacer.rate.step_units * PAGE_SIZE_BYTES / period_s,
