@@ -224,6 +224,11 @@ class GuestSample:
     #: period, unsmoothed: a guest that ran short all at once. None where not reported
     #: (the simulator's guests page instead of running out).
     available_short_bytes: int | None = None
+    #: How much its available memory fell since its previous report, less what its
+    #: balloon took meanwhile: what an allocation burst under way used in the last
+    #: interval, so likely needs again in the next (0 if it did not fall). None where
+    #: not reported.
+    available_fall_bytes: int | None = None
     major_faults: int = 0  # cumulative guest major faults
     #: Cumulative seconds the guest's tasks stalled waiting for memory (swap-ins, the
     #: writes that make room for them): what PSI's memory "some" total counts. None

@@ -12,7 +12,7 @@ import pytest
 from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.pacing import HOST_RATE_LIMITS
 from balloonist.daemon.service import Daemon, load_config
-from balloonist.daemon.vm_figures import observed_demand_bytes
+from balloonist.daemon.vm_figures import available_fall_bytes, observed_demand_bytes
 from balloonist.daemon.vm_life import VmLife
 from balloonist.errors import ConfigError, TransientBackendError
 from balloonist.host import HostMemInfo, parse_meminfo
@@ -137,6 +137,23 @@ def test_demand_counts_used_memory_and_pages_read_back() -> None:
     # deflate-on-oom: total stays 2 GiB, the guest has 1.5 GiB; 0.5 GiB in use + 10 pages
     assert observed_demand_bytes(1536 * MIB, 2 * GIB, stats, new_faults=10) == 512 * MIB + 40960
     assert observed_demand_bytes(1536 * MIB, 2 * GIB, GuestStats(1), 0) is None
+
+
+def test_the_fall_of_available_memory_is_what_the_guest_used_not_what_its_balloon_took() -> None:
+    def stats(update_s: int, available_mib: int) -> GuestStats:
+        return GuestStats(update_s, total_bytes=GIB, available_bytes=available_mib * MIB)
+
+    before = stats(10, 300)
+    # a burst used 200 MiB while its balloon took nothing
+    assert available_fall_bytes(before, 512 * MIB, stats(11, 100), 512 * MIB) == 200 * MIB
+    # 50 of a 120 MiB fall were its balloon's inflation
+    assert available_fall_bytes(before, 512 * MIB, stats(11, 180), 462 * MIB) == 70 * MIB
+    # available rose (its balloon deflated, or it freed memory): no fall
+    assert available_fall_bytes(before, 512 * MIB, stats(11, 400), 612 * MIB) == 0
+    # the same report again says nothing new, however the balloon moved
+    assert available_fall_bytes(before, 512 * MIB, stats(10, 300), 300 * MIB) == 0
+    assert available_fall_bytes(None, 0, stats(11, 100), 512 * MIB) == 0
+    assert available_fall_bytes(before, 512 * MIB, GuestStats(11), 512 * MIB) is None
 
 
 def test_meminfo_is_parsed_in_bytes() -> None:

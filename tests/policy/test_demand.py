@@ -328,9 +328,24 @@ def test_a_guest_short_of_available_memory_now_is_rescued_from_idle_memory_at_on
         700,
     ]
     assert allocations_mib(POLICY.decide(host)) == [300 + 100 + 16, 700 - 116]
+    # A burst still under way: it used 60 MiB in the last interval, so it wants that
+    # much more again, for the periods the memory takes to reach it.
+    going = dataclasses.replace(
+        burst,
+        sample=dataclasses.replace(
+            burst.sample, available_short_bytes=100 * MIB, available_fall_bytes=60 * MIB
+        ),
+    )
+    assert allocations_mib(POLICY.decide(snapshot(going, idle, host_mib=1000, free_mib=0))) == [
+        300 + 100 + 60 + 16,
+        700 - 176,
+    ]
     # A MiB or two short is a guest the pacing holds at its floor, not a burst.
     held = dataclasses.replace(
-        burst, sample=dataclasses.replace(burst.sample, available_short_bytes=2 * MIB)
+        burst,
+        sample=dataclasses.replace(
+            burst.sample, available_short_bytes=2 * MIB, available_fall_bytes=2 * MIB
+        ),
     )
     assert allocations_mib(POLICY.decide(snapshot(held, idle, host_mib=1000, free_mib=0))) == [
         300,

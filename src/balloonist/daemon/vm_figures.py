@@ -65,6 +65,23 @@ def available_short_bytes(stats: GuestStats, floor_bytes: int) -> int | None:
     return max(0, floor_bytes - stats.available_bytes)
 
 
+def available_fall_bytes(
+    before: GuestStats | None, before_actual_bytes: int, now: GuestStats, actual_bytes: int
+) -> int | None:
+    """How much the guest's available memory fell between its last two reports, less
+    what its balloon took meanwhile: what a burst of allocations under way used in the
+    last interval (0 if it did not fall, or no new report came); None if the guest
+    does not report its available memory."""
+    if now.available_bytes is None:
+        return None
+    if before is None or before.available_bytes is None:
+        return 0
+    if now.last_update_s == before.last_update_s:
+        return 0  # the same report again: nothing new is known
+    taken = max(0, before_actual_bytes - actual_bytes)
+    return max(0, before.available_bytes - now.available_bytes - taken)
+
+
 @dataclass(frozen=True)
 class HostMemory:
     """The memory the VMs may share, as the policy gets it."""
@@ -123,6 +140,7 @@ def host_truth(budget_bytes: int, info: HostMemInfo, held_bytes: int) -> HostTru
 
 __all__ = [
     "HostMemory",
+    "available_fall_bytes",
     "available_short_bytes",
     "host_memory",
     "host_truth",

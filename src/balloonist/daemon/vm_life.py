@@ -30,7 +30,11 @@ from typing import Final
 from balloonist.daemon.counters import Counts, FailureCounter
 from balloonist.daemon.pacing import REACHED_TOLERANCE_BYTES, Bounds, GuestPacer
 from balloonist.daemon.processors import VmProcessors
-from balloonist.daemon.vm_figures import available_short_bytes, observed_demand_bytes
+from balloonist.daemon.vm_figures import (
+    available_fall_bytes,
+    available_short_bytes,
+    observed_demand_bytes,
+)
 from balloonist.daemon.vm_ports import VmMemoryHost, VmPort
 from balloonist.errors import StateError
 from balloonist.model import CpuSample, GuestSample, GuestSpec, HostHeld
@@ -111,6 +115,7 @@ class ManagedVm:
     stats: GuestStats | None = None
     faults: int | None = None  # major faults + swap-ins at the last sample
     observed_bytes: int | None = None
+    available_fall_bytes: int | None = None  # since its previous report
     host: HostHeld | None = None  # what the host counted it holds at the last sample
     cpu: VmProcessors | None = None  # its processors, when the daemon shares them
     last_sent_bytes: int | None = None  # the last target sent to it
@@ -155,6 +160,9 @@ class ManagedVm:
         faults_now = (stats.major_faults or 0) + (stats.swap_in_pages or 0)
         new_faults = 0 if self.faults is None else faults_now - self.faults
         self.faults = faults_now
+        self.available_fall_bytes = available_fall_bytes(
+            self.stats, self.actual_bytes, stats, actual_bytes
+        )
         self.actual_bytes = actual_bytes
         self.stats = stats
         memory = self.record.memory_bytes
@@ -237,6 +245,7 @@ class ManagedVm:
             active_bytes_observed=self.observed_bytes,
             free_bytes=stats.free_bytes,
             available_short_bytes=available_short_bytes(stats, pacer.bounds.available_floor_bytes),
+            available_fall_bytes=self.available_fall_bytes,
             major_faults=stats.major_faults or 0,
             cooperative=self.cooperative,
             inflate_rate_bytes_per_s=pacer.rate.step_units * PAGE_SIZE_BYTES / period_s,

@@ -14,7 +14,8 @@ they once used. This policy starts from demand instead:
      stall;
    - a guest that runs short all at once (its available memory under the daemon's
      floor this period: a burst of allocations, where without swap the next step is
-     its OOM killer) wants what it lacks and a step, at once (the *rescue*);
+     its OOM killer) wants what it lacks, what it used in the last interval (the
+     burst goes on while memory is freed for it) and a step, at once (the *rescue*);
    - while any guest is under pressure, the others' demand follows their *recent*
      working set (the fast average), so memory they stopped using goes to the guest
      that stalls without waiting out the slow average.
@@ -252,13 +253,16 @@ def demand_bytes(
     )
     # Rescue: a guest that ran short all at once (its available memory under the
     # floor this period) gets what it lacks and a step now, ahead of the averages it
-    # would otherwise wait out while its OOM killer does not.
+    # would otherwise wait out while its OOM killer does not; and as much again as
+    # it used in the last interval, since a burst still under way goes on while the
+    # memory is on its way (a period to free it elsewhere, one to hand it over).
     short_now = np.array(
         [(g.sample.available_short_bytes or 0) if rescue else 0 for g in guests], dtype=np.int64
     )
+    fall = np.array([g.sample.available_fall_bytes or 0 for g in guests], dtype=np.int64)
     demand = np.where(
         short_now >= RESCUE_SHORT_BYTES,
-        np.maximum(demand, allowance + short_now + GROW_MIN_BYTES),
+        np.maximum(demand, allowance + short_now + fall + GROW_MIN_BYTES),
         demand,
     )
     out: I64 = np.minimum(demand, memory)
