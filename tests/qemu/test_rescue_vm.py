@@ -9,7 +9,10 @@ short, instead of waiting for its working-set averages.
 
 Thresholds:
 - RESCUE_PERIODS: 2, as the issue asks. The first period sees the guest short and
-  inflates the donor; the burst guest deflates into what that freed by the next.
+  inflates the donor; the burst guest deflates into what that freed in the next,
+  and holds it by the one after. The burst takes longer than a period to allocate
+  under TCG, so the first period sees only part of it: the rescue must ask for what
+  the burst goes on to use too (its last interval's use), or it takes a period more.
 - BURST_AT_S: touchmem's start to the burst. The guests boot in about 10 s under TCG
   and the daemon takes about 280 MiB from each at its paced rate (16 MiB/s at first,
   growing) in about 20 s; 60 s leaves room for a slow machine, and the test checks
@@ -23,6 +26,7 @@ import time
 
 import pytest
 
+from balloonist.daemon.pacing import REACHED_TOLERANCE_BYTES
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.policy.demand import DemandPolicy
 from balloonist.qemu import launcher
@@ -54,7 +58,8 @@ def burst_and_rescue(
     state: launcher.StateDir, guest_assets: GuestAssets, *, rescue: bool
 ) -> tuple[int, list[str]]:
     """Boot the two guests, wait out the burst; the periods from the first in which the
-    burst guest was short to the first in which it was not, and its serial lines."""
+    burst guest was short to the first in which it held the memory it was no longer
+    short with, and its serial lines."""
     work = f"0@0,{BURST_MIB}@{BURST_AT_S}"
     for name, load in (("burst", work), ("donor", None)):
         boot(state, guest_assets, name, memory_mib=MEMORY_MIB, min_bytes=MIN_MIB * MIB, work=load)
@@ -69,18 +74,21 @@ def burst_and_rescue(
         )
         assert settled, guest_status(daemon, "burst")
         assert _resident_mib(serial_lines(record)) == 0, "the burst came before the balloon settled"
-        short_since: int | None = None
-        periods = 0
+        held: list[int] = []  # its size by QEMU, each period from the first it was short
         end = time.monotonic() + BURST_AT_S + 90.0
         while time.monotonic() < end:
             run_until(None, 1.0)  # one period
-            periods += 1
-            short = (guest_status(daemon, "burst").available_short_bytes or 0) > 0
-            if short and short_since is None:
-                short_since = periods
-            if short_since is not None and not short:
-                return periods - short_since, serial_lines(record)
-        raise AssertionError(f"burst: never short, or never rescued (short since {short_since})")
+            burst = guest_status(daemon, "burst")
+            short = (burst.available_short_bytes or 0) > 0
+            if short or held:
+                held.append(burst.allocated_bytes)
+            if held and not short:
+                # Its statistics come on a 1 s timer of their own and may show the
+                # guest a period late; QEMU's count of its balloon is read fresh. It
+                # was rescued in the first period it held what it was seen whole with.
+                whole = held[-1] - REACHED_TOLERANCE_BYTES
+                return next(i for i, b in enumerate(held) if b >= whole), serial_lines(record)
+        raise AssertionError(f"burst: never short, or never rescued (sizes {held})")
     finally:
         daemon.close()
 
