@@ -56,10 +56,11 @@ def _resident_mib(lines: list[str]) -> int | None:
 
 def burst_and_rescue(
     state: launcher.StateDir, guest_assets: GuestAssets, *, rescue: bool
-) -> tuple[int, list[str]]:
+) -> tuple[int, list[str], list[str]]:
     """Boot the two guests, wait out the burst; the periods from the first in which the
     burst guest was short to the first in which it held the memory it was no longer
-    short with, and its serial lines."""
+    short with, its serial lines, and per period from the first short one: both
+    guests' sizes and how short the burst guest was (for a failure's message)."""
     work = f"0@0,{BURST_MIB}@{BURST_AT_S}"
     for name, load in (("burst", work), ("donor", None)):
         boot(state, guest_assets, name, memory_mib=MEMORY_MIB, min_bytes=MIN_MIB * MIB, work=load)
@@ -75,6 +76,7 @@ def burst_and_rescue(
         assert settled, guest_status(daemon, "burst")
         assert _resident_mib(serial_lines(record)) == 0, "the burst came before the balloon settled"
         held: list[int] = []  # its size by QEMU, each period from the first it was short
+        trace: list[str] = []
         end = time.monotonic() + BURST_AT_S + 90.0
         while time.monotonic() < end:
             run_until(None, 1.0)  # one period
@@ -82,12 +84,18 @@ def burst_and_rescue(
             short = (burst.available_short_bytes or 0) > 0
             if short or held:
                 held.append(burst.allocated_bytes)
+                donor = guest_status(daemon, "donor").allocated_bytes
+                trace.append(
+                    f"burst {burst.allocated_bytes // MIB} MiB, "
+                    f"{(burst.available_short_bytes or 0) // MIB} short; donor {donor // MIB}"
+                )
             if held and not short:
                 # Its statistics come on a 1 s timer of their own and may show the
                 # guest a period late; QEMU's count of its balloon is read fresh. It
                 # was rescued in the first period it held what it was seen whole with.
                 whole = held[-1] - REACHED_TOLERANCE_BYTES
-                return next(i for i, b in enumerate(held) if b >= whole), serial_lines(record)
+                took = next(i for i, b in enumerate(held) if b >= whole)
+                return took, serial_lines(record), trace
         raise AssertionError(f"burst: never short, or never rescued (sizes {held})")
     finally:
         daemon.close()
@@ -96,8 +104,8 @@ def burst_and_rescue(
 def test_a_guest_allocating_200_mib_at_once_gets_memory_within_2_periods_and_lives(
     state: launcher.StateDir, guest_assets: GuestAssets
 ) -> None:
-    took, lines = burst_and_rescue(state, guest_assets, rescue=True)
-    assert took <= RESCUE_PERIODS, took
+    took, lines, trace = burst_and_rescue(state, guest_assets, rescue=True)
+    assert took <= RESCUE_PERIODS, (took, trace)
     # the process runs on with all it asked for, and nothing was OOM-killed
     deadline = time.monotonic() + 10.0
     while _resident_mib(lines) != BURST_MIB and time.monotonic() < deadline:
