@@ -28,6 +28,7 @@ from balloonist.policy.demand import (
     stall_fraction,
     water_fill,
 )
+from balloonist.policy.growth import UseGrowth
 from balloonist.units import MIB, PAGE_SIZE_BYTES
 
 from .snapshots import allocations_mib, balloons_mib, guest, snapshot
@@ -351,3 +352,50 @@ def test_a_guest_short_of_available_memory_now_is_rescued_from_idle_memory_at_on
         300,
         700,
     ]
+
+
+def test_a_guest_still_growing_keeps_the_memory_it_grows_into() -> None:
+    # grows may use 600 and uses 300, then 332: 32 MiB/s. idle may use 400 and uses
+    # 50. Led by the working set alone, grows is cut to 500 and the 100 taken go to
+    # idle, which does not use them; grows would stall within 6 s and win them back.
+    def grows(in_use_mib: int) -> GuestView:
+        return calm(
+            guest(
+                "grows",
+                memory_mib=1000,
+                working_set_mib=in_use_mib,
+                register_mib=400,
+                free_mib=600 - in_use_mib,
+            )
+        )
+
+    idle = calm(guest("idle", memory_mib=1000, working_set_mib=50, register_mib=600, free_mib=350))
+    policy = DemandPolicy(margin_fraction=0.0)
+    first = policy.decide(snapshot(grows(300), idle, host_mib=1000, free_mib=0, time_s=0.0))
+    assert allocations_mib(first) == [500, 500]  # nothing known of its growth yet
+    # The same period to a policy with no history: cut to 500.
+    fresh = POLICY.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=1.0))
+    assert allocations_mib(fresh) == [500, 500]
+    growing = policy.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=1.0))
+    assert allocations_mib(growing) == [600, 400]  # it keeps its 600: never more
+    stopped = policy.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=2.0))
+    assert allocations_mib(stopped) == [500, 500]
+    # The runway is not demand: a guest that stalls now is served first. needy holds
+    # 400 and stalls; it takes all that grows does not demand (its working set with
+    # the contended headroom), as it would with grows not growing at all.
+    needy = stalled(guest("needy", memory_mib=1000, working_set_mib=400, register_mib=600))
+    policy.decide(snapshot(grows(300), needy, host_mib=1000, free_mib=0, time_s=3.0))
+    contended = policy.decide(snapshot(grows(332), needy, host_mib=1000, free_mib=0, time_s=4.0))
+    alone = POLICY.decide(snapshot(grows(332), needy, host_mib=1000, free_mib=0, time_s=4.0))
+    assert allocations_mib(contended) == allocations_mib(alone)
+    assert allocations_mib(contended)[0] < 350
+
+
+def test_growth_is_use_gained_per_second_and_nothing_for_the_unknown() -> None:
+    growth = UseGrowth()
+    names = ["a", "b"]
+    first = growth.update(10.0, names, np.array([100, 100]) * MIB)
+    assert first.tolist() == [0.0, 0.0]
+    later = growth.update(12.0, ["a", "b", "new"], np.array([140, 90, 500]) * MIB)
+    assert (later / MIB).tolist() == [20.0, 0.0, 0.0]  # b fell: not growing; new: unknown
+    assert growth.update(12.0, names, np.array([200, 200]) * MIB).tolist() == [0.0, 0.0]

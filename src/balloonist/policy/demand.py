@@ -26,6 +26,8 @@ they once used. This policy starts from demand instead:
    shares give it, and idle memory (held but not demanded) is the first to go: the
    idle tax at its strongest. Memory left over goes first to guests that stall (by
    shares, up to their limits: their demand is a step, and they may need more), then
+   to guests still growing, as far as they would grow into it in the next seconds
+   (their *runway*: a guest cut back to what it touched stalls again at once), then
    stays with the guests that hold it as far as their working set (with the slow
    average's memory) says they used it, then is spread by shares: memory in use is
    not reclaimed when nobody needs it, and memory a guest stopped using drifts back
@@ -69,6 +71,7 @@ from balloonist.model import (
     Mechanisms,
     Snapshot,
 )
+from balloonist.policy.growth import UseGrowth
 from balloonist.policy.loadcontrol import LoadControl
 from balloonist.policy.shares import (
     DEFAULT_TAX_RATE,
@@ -123,6 +126,11 @@ RESCUE_SHORT_BYTES: Final = 8 * MIB
 #: a guest asks for more only when it needs it.
 DEAD_BAND_FRACTION: Final = 0.02  # of the guest's memory
 DEAD_BAND_BYTES: Final = 4 * MIB
+#: A guest whose memory in use grew at least this fast in the last interval is
+#: growing (less is a real guest's page cache and free count moving a little)...
+GROWING_BYTES_PER_S: Final = 1 * MIB
+#: ...and keeps, of what it may use now, what it would touch at that rate this long.
+RUNWAY_S: Final = 16.0
 
 
 @dataclass(frozen=True)
@@ -269,6 +277,18 @@ def demand_bytes(
     return out
 
 
+def runway_bytes(demand: I64, guests: _Guests, growth_bytes_per_s: F64) -> I64:
+    """Each guest's runway: for a growing guest, what it uses (or demands, if more)
+    and what it would touch over the next ``RUNWAY_S`` at the rate its use grew, as
+    far as it may use now; for the others, their demand. Served after the stalled
+    guests (``allocations_bytes``), it keeps memory a guest was given while it still
+    grows into it (``policy/growth.py``), and never hands it more than that."""
+    runway = np.maximum(demand, guests.in_use) + (growth_bytes_per_s * RUNWAY_S).astype(np.int64)
+    kept = np.maximum(demand, np.minimum(runway, guests.allowance))
+    out: I64 = np.where(growth_bytes_per_s >= GROWING_BYTES_PER_S, kept, demand)
+    return out
+
+
 def water_fill(shares: F64, floors: I64, caps: I64, available_bytes: int) -> I64:
     """Give each guest ``floors`` and then more, up to ``caps``, at a common level of
     memory per share, until ``available_bytes`` is handed out (whole pages)."""
@@ -287,16 +307,19 @@ def allocations_bytes(
     guests: _Guests,
     demand: I64,
     short: npt.NDArray[np.bool_],
+    runway: I64,
     used: I64,
     available_bytes: int,
 ) -> I64:
     """Step 2 of the module docstring: demand by shares; then, for guests ``short`` of
-    memory (stalled), whatever more they may take, by shares; then what guests hold,
-    as far as they used it lately (``used``); then the rest by shares."""
+    memory (stalled), whatever more they may take, by shares; then growing guests'
+    ``runway``; then what guests hold, as far as they used it lately (``used``); then
+    the rest by shares."""
     wanted = np.clip(demand, guests.mins, guests.maxes)
     met = water_fill(guests.shares, guests.mins, wanted, available_bytes)
     for caps in (
         np.where(short, guests.maxes, met),
+        np.clip(runway, met, guests.maxes),
         np.clip(np.minimum(guests.held, used), met, guests.maxes),
         guests.maxes,
     ):
@@ -398,6 +421,7 @@ class DemandPolicy:
         self.margin_fraction = margin_fraction
         self.rescue = rescue
         self._load = LoadControl()
+        self._growth = UseGrowth()
 
     @property
     def name(self) -> str:
@@ -418,6 +442,9 @@ class DemandPolicy:
         working = np.array([g.working_set_bytes for g in views], dtype=np.int64)
         used = headroom_bytes(working, contended=False)
         demand = demand_bytes(views, stalls, rescue=self.rescue)
+        runway = runway_bytes(
+            demand, guests, self._growth.update(snapshot.time_s, names, guests.in_use)
+        )
         turns = self._load.update(snapshot.time_s, views, stalls.tolist())
         if turns.holder is not None:
             # Load control: the holder may grow to its limit; the others of the
@@ -427,10 +454,11 @@ class DemandPolicy:
             holder = np.array([n == turns.holder for n in names], dtype=np.bool_)
             demand = np.where(held_back, 0, np.where(holder, guests.memory, demand))
             used = np.where(held_back, 0, used)
+            runway = np.where(held_back, 0, np.maximum(runway, demand))
             short = (short | holder) & ~held_back
-        allocations = allocations_bytes(guests, demand, short, used, available)
+        allocations = allocations_bytes(guests, demand, short, runway, used, available)
         # A stalled guest wants all it is given: its demand was only a step.
-        wanted = np.where(short, guests.maxes, np.clip(demand, guests.mins, guests.maxes))
+        wanted = np.where(short, guests.maxes, np.clip(runway, guests.mins, guests.maxes))
         allocations = defer_squeezes(guests, allocations, wanted)
         registers = registers_bytes(guests, allocations, free_now_bytes(host), margin, available)
         mechanisms = self._mechanisms(host.state, guests)
