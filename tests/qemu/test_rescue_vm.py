@@ -92,7 +92,7 @@ def burst_and_rescue(
                 donor = guest_status(daemon, "donor").allocated_bytes
                 trace.append(
                     f"burst {burst.allocated_bytes // MIB} MiB, "
-                    f"{(burst.available_short_bytes or 0) // MIB} short; donor {donor // MIB}"
+                    f"{short_bytes // MIB} short; donor {donor // MIB}"
                 )
             if held and short_bytes == 0:
                 # Its statistics come on a 1 s timer of their own and may show the
