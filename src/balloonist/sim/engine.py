@@ -297,6 +297,40 @@ def _stalled(st, used, budget_s):  # type: ignore[no-untyped-def]
     return max(used, budget_s)
 
 
+@njit(cache=True, inline="always")
+def _step(x: np.uint64) -> np.uint64:
+    """One xorshift64* state step: ``_rand`` on a state held in a local."""
+    x ^= x >> np.uint64(12)
+    x ^= x << np.uint64(25)
+    x ^= x >> np.uint64(27)
+    return x
+
+
+@njit(cache=True, inline="always")
+def _unit(x: np.uint64) -> float:
+    """The draw in [0, 1) that ``_rand_unit`` makes when its step leaves state ``x``."""
+    return ((x * np.uint64(0x2545F4914F6CDD1D)) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True, inline="always")
+def _draw(x, kind, ws_pages, ws_active, alias):  # type: ignore[no-untyped-def]
+    """The next reference's rank in a uniform or zipf working set, and the random
+    state after the draws it took."""
+    if kind == UNIFORM:
+        x = _step(x)
+        return x, int(_unit(x) * ws_active)
+    x = _step(x)
+    i = int(_unit(x) * ws_pages)
+    x = _step(x)
+    # both outcomes read, then one picked: a select rather than a branch the
+    # processor would mispredict on every other draw
+    other = int(alias[i, 1])
+    r = i if _unit(x) < alias[i, 0] else other
+    if r >= ws_active:
+        r = r % ws_active
+    return x, r
+
+
 @njit(cache=True)
 def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numba kernel: one flat loop)
     budget_s,
@@ -331,74 +365,91 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
     ``lim`` is (cap, min, reserve) as for ``_back_frame``. The run
     ends early (returning at least the budget) when the guest stalls: it needs a
     machine page the host cannot provide, or a swap slot it does not have.
+
+    The random state, the reference count, the scan position and the LRU list's head
+    live in locals while the loop runs: numba cannot tell ``st`` and ``rng`` apart
+    from the other arrays, so in memory each would be reloaded after every store on
+    the hit path. They go back to ``st`` and ``rng`` before a helper that reads them
+    (the fault path) and on the way out.
     """
     if kind == IDLE or ws_active <= 0:
         return budget_s
     used = 0.0
     ref_cost = costs[C_REF]
+    x = rng[0]
+    refs = 0
+    scan_pos = st[S_SCAN_POS]
+    head = st[S_HEAD]
+    stalled = False
     while used < budget_s:
         # which virtual page
-        if kind == UNIFORM:
-            r = _rand_below(rng, ws_active)
-        elif kind == ZIPF:
-            i = _rand_below(rng, ws_pages)
-            r = i if _rand_unit(rng) < alias[i, 0] else int(alias[i, 1])
-            if r >= ws_active:
-                r = r % ws_active
-        else:  # SCAN
-            r = st[S_SCAN_POS]
+        if kind == SCAN:
+            r = scan_pos
             if r >= ws_active:
                 r = 0
-            st[S_SCAN_POS] = r + 1 if r + 1 < ws_active else 0
+            scan_pos = r + 1 if r + 1 < ws_active else 0
+        else:
+            x, r = _draw(x, kind, ws_pages, ws_active, alias)
         v = offset + r
         f = v2p[v]
         cost = ref_cost
         if f >= 0:
             if pstate[f] != MAPPED:
+                rng[0] = x
                 c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
+                x = rng[0]
                 if c < 0.0:
-                    return _stalled(st, used, budget_s)
+                    stalled = True
+                    break
                 cost += c
             if policy == LRU:
-                if st[S_HEAD] != f:
-                    _list_unlink(st, prev, nxt, f)
-                    _list_push_head(st, prev, nxt, f)
+                if head != f:
+                    # move f to the head: not the head, so it has a predecessor
+                    p = prev[f]
+                    n = nxt[f]
+                    nxt[p] = n
+                    if n >= 0:
+                        prev[n] = p
+                    else:
+                        st[S_TAIL] = p
+                    prev[f] = -1
+                    nxt[f] = head
+                    prev[head] = f
+                    head = f
             elif policy == CLOCK:
                 refbit[f] = 1
         else:
             # guest page fault: a free frame, or one the guest's own policy evicts
+            rng[0] = x
+            st[S_HEAD] = head
             if st[S_NFREE] > 0:
                 st[S_NFREE] -= 1
                 f = free[st[S_NFREE]]
             else:
                 f = _pick_guest_victim(st, p2v, prev, nxt, refbit, policy)
                 if f < 0:
-                    return _stalled(st, used, budget_s)
+                    stalled = True
+                    x = rng[0]
+                    break
                 c = _evict(
-                    f,
-                    st,
-                    v2p,
-                    vswap,
-                    p2v,
-                    pstate,
-                    prev,
-                    nxt,
-                    policy,
-                    rng,
-                    host,
-                    lim,
-                    swap_pages,
-                    costs,
-                )
+                    f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim,
+                    swap_pages, costs,
+                )  # fmt: skip
                 if c < 0.0:
-                    return _stalled(st, used, budget_s)
+                    stalled = True
+                    x = rng[0]
+                    head = st[S_HEAD]
+                    break
                 cost += c
             c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
+            x = rng[0]
+            head = st[S_HEAD]
             if c < 0.0:
                 # give the frame back; the reference did not happen
                 free[st[S_NFREE]] = f
                 st[S_NFREE] += 1
-                return _stalled(st, used, budget_s)
+                stalled = True
+                break
             cost += c
             if vswap[v]:
                 vswap[v] = 0
@@ -415,10 +466,17 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
                 refbit[f] = 1
             else:
                 _list_push_head(st, prev, nxt, f)
+                head = f
         if sampled[f] == SAMPLED:
             sampled[f] = TOUCHED
-        st[S_REFS] += 1
+        refs += 1
         used += cost
+    rng[0] = x
+    st[S_REFS] += refs
+    st[S_SCAN_POS] = scan_pos
+    st[S_HEAD] = head
+    if stalled:
+        return _stalled(st, used, budget_s)
     return used
 
 
