@@ -229,6 +229,11 @@ class GuestSample:
     #: interval, so likely needs again in the next (0 if it did not fall). None where
     #: not reported.
     available_fall_bytes: int | None = None
+    #: How fast its memory in use grew between its last two reports of available
+    #: memory, net of its balloon's moves, in bytes a second (the daemon's
+    #: ``vm_figures.use_growth_bytes_per_s``). None where not reported; the policy then
+    #: measures it itself between decisions (``policy/growth.py``).
+    use_growth_bytes_per_s: float | None = None
     major_faults: int = 0  # cumulative guest major faults
     #: Cumulative seconds the guest's tasks stalled waiting for memory (swap-ins, the
     #: writes that make room for them): what PSI's memory "some" total counts. None

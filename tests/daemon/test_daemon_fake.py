@@ -12,7 +12,11 @@ import pytest
 from balloonist.daemon.counters import FailureCounter
 from balloonist.daemon.pacing import HOST_RATE_LIMITS
 from balloonist.daemon.service import Daemon, load_config
-from balloonist.daemon.vm_figures import available_fall_bytes, observed_demand_bytes
+from balloonist.daemon.vm_figures import (
+    available_fall_bytes,
+    observed_demand_bytes,
+    use_growth_bytes_per_s,
+)
 from balloonist.daemon.vm_life import VmLife
 from balloonist.errors import ConfigError, TransientBackendError
 from balloonist.host import HostMemInfo, parse_meminfo
@@ -154,6 +158,21 @@ def test_the_fall_of_available_memory_is_what_the_guest_used_not_what_its_balloo
     assert available_fall_bytes(before, 512 * MIB, stats(10, 300), 300 * MIB) == 0
     assert available_fall_bytes(None, 0, stats(11, 100), 512 * MIB) == 0
     assert available_fall_bytes(before, 512 * MIB, GuestStats(11), 512 * MIB) is None
+
+
+def test_growth_in_use_is_measured_between_reports_net_of_the_balloon() -> None:
+    def stats(update_s: int, available_mib: int) -> GuestStats:
+        return GuestStats(update_s, total_bytes=GIB, available_bytes=available_mib * MIB)
+
+    report = stats(10, 300)
+    # 200 MiB used over the 2 s between the reports
+    assert use_growth_bytes_per_s(report, 512 * MIB, stats(12, 100), 512 * MIB) == 100 * MIB
+    # 60 of an 80 MiB fall were its balloon's inflation: 20 MiB over 1 s
+    assert use_growth_bytes_per_s(report, 512 * MIB, stats(11, 220), 452 * MIB) == 20 * MIB
+    # Deflated by 200 MiB after the report was made: the new report may not show the
+    # memory given yet, but a size that grew is never read as the guest's use.
+    assert use_growth_bytes_per_s(report, 512 * MIB, stats(11, 300), 712 * MIB) == 0.0
+    assert use_growth_bytes_per_s(None, 0, stats(11, 100), 512 * MIB) == 0.0
 
 
 def test_meminfo_is_parsed_in_bytes() -> None:

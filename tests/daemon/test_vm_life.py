@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from balloonist.daemon.pacing import Bounds
 from balloonist.daemon.vm_life import ManagedVm, VmFailures, VmLife
 from balloonist.errors import StateError
+from balloonist.qemu.qmp import GuestStats
 from tests.daemon.fakes import record
 
 L = VmLife
@@ -71,3 +73,26 @@ def test_failures_add_up_field_by_field() -> None:
         "stalls": 33,
         "agent_rejected": 44,
     }
+
+
+def test_growth_is_measured_between_fresh_reports_and_kept_while_none_comes() -> None:
+    mib = 1 << 20
+    vm = ManagedVm(record("g"))
+    bounds = Bounds(min_bytes=0, max_bytes=1 << 30)
+
+    def observe(update_s: int, available_mib: int, actual_mib: int) -> float | None:
+        stats = GuestStats(update_s, total_bytes=1 << 30, available_bytes=available_mib * mib)
+        vm.observe(actual_mib * mib, stats, bounds, stall_timeout_s=10.0)
+        return vm.fresh_sample(1.0, None).use_growth_bytes_per_s
+
+    assert observe(10, 500, 800) == 0.0  # its first report: nothing known yet
+    assert observe(11, 400, 800) == 100 * mib  # it used 100 MiB in 1 s
+    # Its balloon deflates by 200 MiB; the statistics are a period behind, so the
+    # same report comes again. The rate measured stays: no report says otherwise,
+    # and the memory given is not read as use (it was, before the guest's reports
+    # decided growth: QEMU's size is fresh, its free figure a period stale).
+    assert observe(11, 400, 1000) == 100 * mib
+    assert observe(12, 600, 1000) == 0.0  # the report shows the memory given, unused
+    stats = GuestStats(13, total_bytes=1 << 30)  # no available figure: not reported
+    vm.observe(1000 * mib, stats, bounds, stall_timeout_s=10.0)
+    assert vm.fresh_sample(1.0, None).use_growth_bytes_per_s is None

@@ -391,6 +391,36 @@ def test_a_guest_still_growing_keeps_the_memory_it_grows_into() -> None:
     assert allocations_mib(contended)[0] < 350
 
 
+def test_a_guest_that_reports_its_growth_is_led_by_its_reports() -> None:
+    # The daemon measures a real guest's growth between its own reports, net of its
+    # balloon's moves; the policy's own measure (use between decisions) would read a
+    # deflation whose free figure is not reported yet as growth.
+    def grows(in_use_mib: int, reported_mib_per_s: float) -> GuestView:
+        view = calm(
+            guest(
+                "grows",
+                memory_mib=1000,
+                working_set_mib=300,
+                register_mib=400,
+                free_mib=600 - in_use_mib,
+            )
+        )
+        sample = dataclasses.replace(view.sample, use_growth_bytes_per_s=reported_mib_per_s * MIB)
+        return dataclasses.replace(view, sample=sample)
+
+    idle = calm(guest("idle", memory_mib=1000, working_set_mib=50, register_mib=600, free_mib=350))
+    policy = DemandPolicy(margin_fraction=0.0)
+    assert allocations_mib(
+        policy.decide(snapshot(grows(300, 0.0), idle, host_mib=1000, free_mib=0, time_s=0.0))
+    ) == [500, 500]
+    # In use rose by 32 MiB (to the policy's eye), but its reports say it did not grow.
+    still = policy.decide(snapshot(grows(332, 0.0), idle, host_mib=1000, free_mib=0, time_s=1.0))
+    assert allocations_mib(still) == [500, 500]
+    # Its reports say it grows at 32 MiB/s: it keeps its runway.
+    growing = policy.decide(snapshot(grows(332, 32), idle, host_mib=1000, free_mib=0, time_s=2.0))
+    assert allocations_mib(growing) == [600, 400]
+
+
 def test_growth_is_use_gained_per_second_and_nothing_for_the_unknown() -> None:
     growth = UseGrowth()
     names = ["a", "b"]

@@ -82,6 +82,25 @@ def available_fall_bytes(
     return max(0, before.available_bytes - now.available_bytes - taken)
 
 
+def use_growth_bytes_per_s(
+    report: GuestStats | None, report_actual_bytes: int, now: GuestStats, actual_bytes: int
+) -> float:
+    """How fast the guest's memory in use grew from its earlier report ``report``
+    (made when it held ``report_actual_bytes``) to its newer report ``now``: its
+    available memory's fall less what its balloon took between them, per second of
+    the reports' interval (0 if it did not grow, or ``report`` is its first).
+
+    Both figures come from the guest's own reports, taken on the guest's timer, so a
+    balloon that moved after the report was made is not read as the guest's use: a
+    deflation raises available memory, which never counts as growth, and an inflation
+    the report does not show yet only makes the figure smaller.
+    """
+    if report is None:
+        return 0.0
+    fall = available_fall_bytes(report, report_actual_bytes, now, actual_bytes) or 0
+    return fall / max(1, now.last_update_s - report.last_update_s)
+
+
 @dataclass(frozen=True)
 class HostMemory:
     """The memory the VMs may share, as the policy gets it."""
@@ -145,4 +164,5 @@ __all__ = [
     "host_memory",
     "host_truth",
     "observed_demand_bytes",
+    "use_growth_bytes_per_s",
 ]

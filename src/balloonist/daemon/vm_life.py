@@ -34,6 +34,7 @@ from balloonist.daemon.vm_figures import (
     available_fall_bytes,
     available_short_bytes,
     observed_demand_bytes,
+    use_growth_bytes_per_s,
 )
 from balloonist.daemon.vm_ports import VmMemoryHost, VmPort
 from balloonist.errors import StateError
@@ -116,6 +117,9 @@ class ManagedVm:
     faults: int | None = None  # major faults + swap-ins at the last sample
     observed_bytes: int | None = None
     available_fall_bytes: int | None = None  # since its previous report
+    use_growth_bytes_per_s: float | None = None  # between its last two reports
+    report: GuestStats | None = None  # its latest report of available memory ...
+    report_actual_bytes: int = 0  # ... and its size when that report was first seen
     host: HostHeld | None = None  # what the host counted it holds at the last sample
     cpu: VmProcessors | None = None  # its processors, when the daemon shares them
     last_sent_bytes: int | None = None  # the last target sent to it
@@ -163,6 +167,7 @@ class ManagedVm:
         self.available_fall_bytes = available_fall_bytes(
             self.stats, self.actual_bytes, stats, actual_bytes
         )
+        self._measure_growth(stats, actual_bytes)
         self.actual_bytes = actual_bytes
         self.stats = stats
         memory = self.record.memory_bytes
@@ -170,6 +175,18 @@ class ManagedVm:
         self.observed_bytes = observed_demand_bytes(actual_bytes, memory, stats, new_faults, floor)
         if self.pacer is None:
             self.pacer = GuestPacer.starting_at(actual_bytes, bounds, stall_timeout_s)
+
+    def _measure_growth(self, stats: GuestStats, actual_bytes: int) -> None:
+        """Its use's growth between reports; a period with no new report keeps the
+        last figure (a rate stays true until the guest says otherwise)."""
+        if stats.available_bytes is None:
+            self.use_growth_bytes_per_s = None
+            self.report = None
+        elif self.report is None or stats.last_update_s != self.report.last_update_s:
+            self.use_growth_bytes_per_s = use_growth_bytes_per_s(
+                self.report, self.report_actual_bytes, stats, actual_bytes
+            )
+            self.report, self.report_actual_bytes = stats, actual_bytes
 
     def next_target_bytes(self, wanted_bytes: int, now_s: float) -> int | None:
         """The next paced step toward what the policy wants; None if it was sent already."""
@@ -246,6 +263,7 @@ class ManagedVm:
             free_bytes=stats.free_bytes,
             available_short_bytes=available_short_bytes(stats, pacer.bounds.available_floor_bytes),
             available_fall_bytes=self.available_fall_bytes,
+            use_growth_bytes_per_s=self.use_growth_bytes_per_s,
             major_faults=stats.major_faults or 0,
             cooperative=self.cooperative,
             inflate_rate_bytes_per_s=pacer.rate.step_units * PAGE_SIZE_BYTES / period_s,
