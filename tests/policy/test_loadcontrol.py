@@ -76,18 +76,29 @@ def test_the_holder_grows_while_the_others_fall_back_to_their_reservations() -> 
 def test_a_holder_whose_working_set_shrank_gives_up_its_turn_and_one_that_fits_keeps_it() -> None:
     # suite-1-173: the holder's phase ended 3 s into a 48 s turn, and the guest held
     # back at its kernel made nothing for the rest of the run.
-    def quiet(recent_mib: int) -> GuestView:
+    def quiet(recent_mib: int, window_mib: int | None) -> GuestView:
         view = _stalling(guest("big", shares=3000, register_mib=200), 0.0)  # holds 800
-        return dataclasses.replace(view, recent_working_set_bytes=recent_mib * MIB)
+        window = None if window_mib is None else window_mib * MIB
+        sample = dataclasses.replace(view.sample, active_bytes_observed=window)
+        return dataclasses.replace(view, sample=sample, recent_working_set_bytes=recent_mib * MIB)
 
-    for recent_mib, holder in ((780, "big"), (300, None)):
+    # By its recent working set, or by its last closed window's count while the fast
+    # average still remembers the phase that ended.
+    for recent_mib, window_mib, holder in (
+        (780, None, "big"),
+        (780, 790, "big"),
+        (300, None, None),
+        (780, 300, None),
+    ):
         control = LoadControl()
         big = _stalling(guest("big", shares=3000), 0.9)
         small = _stalling(guest("small", shares=1000), 0.9)
         assert _run(control, [big, small], 0.0, THRASH_PERIODS).holder == "big"
         # quiet for as long as it takes to be counted quiet, well within its turn
-        after = _run(control, [quiet(recent_mib), small], THRASH_PERIODS, THRASH_PERIODS)
-        assert after.holder == holder, recent_mib
+        after = _run(
+            control, [quiet(recent_mib, window_mib), small], THRASH_PERIODS, THRASH_PERIODS
+        )
+        assert after.holder == holder, (recent_mib, window_mib)
         if holder is None:
             # quiet as long as that, big also left the group: no turns for one guest
             assert after == Turns()
