@@ -8,7 +8,8 @@ measured figure and whether it holds; every scenario where a policy beat a bound
 more than 1 % (a bound that is beaten is wrong); and the wall and CPU time of the run.
 
     python benchmarks/bench_suite.py [--count N] [--seed S] [--jobs J] [--page]
-        [--start I --add-records RECORDS.json]
+        [--start I --add-records RECORDS.json] [--policies P,...]
+        [--page-dir DIR] [--name NAME]
 
 The goal is 200 scenarios x these policies in under 30 minutes on a 2-core machine.
 
@@ -21,6 +22,11 @@ than once, and a slice may hold some policies only (records written with
 ``--count 0`` runs nothing and reports the slices given. Together they must hold each
 (scenario, policy) once, and every policy for every scenario. Each slice's wall and
 CPU time is reported, and their sums.
+
+A held-out suite (another seed, fewer policies) writes its figures under another
+name and its page elsewhere, e.g. ``--seed 2 --count 100 --policies
+demand,mom,proxmox,static,host-swap,oracle --name suite_heldout --page-dir
+docs/experiments/heldout --page``.
 """
 
 from __future__ import annotations
@@ -89,8 +95,15 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
-        "--page", action="store_true", help=f"also write the suite's page into {PAGE}"
+        "--page", action="store_true", help="also write the suite's page (--page-dir)"
     )
+    parser.add_argument("--page-dir", type=Path, default=PAGE, help=f"default: {PAGE}")
+    parser.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help="comma-separated; the default's peers and the oracle at least",
+    )
+    parser.add_argument("--name", default="suite", help="results/NAME.json (default: suite)")
     parser.add_argument("--start", type=int, default=0, help="index of the first scenario")
     parser.add_argument(
         "--add-records",
@@ -101,6 +114,11 @@ def main() -> int:
         help="records of an earlier slice (repeatable): the figures cover them all",
     )
     args = parser.parse_args()
+    policies = tuple(p for p in args.policies.split(",") if p)
+    needed = {DEFAULT_POLICY, *PEERS, "oracle"}
+    if not needed <= set(policies):
+        raise SystemExit(f"--policies: must include {', '.join(sorted(needed - set(policies)))}")
+    bounds = tuple(b for b in BOUNDS if b in policies)
     params = GeneratorParams()
     earlier, slices = _earlier(args.add_records, args.seed)
     first = args.start
@@ -112,32 +130,32 @@ def main() -> int:
             elapsed = time.monotonic() - start_s
             print(f"{done}/{total} runs, {elapsed:.0f} s", file=sys.stderr, flush=True)
 
-    fresh = run_suite(scenarios, POLICIES, ProcessPoolAdapter(args.jobs), on_done)
+    fresh = run_suite(scenarios, policies, ProcessPoolAdapter(args.jobs), on_done)
     if scenarios:
         wall_slice_s, cpu_slice_s = time.monotonic() - start_s, _cpu_s() - start_cpu_s
         slices.append(
             {
                 "start": first,
                 "scenarios": args.count,
-                "policies": list(POLICIES),
+                "policies": list(policies),
                 "wall_s": wall_slice_s,
                 "cpu_s": cpu_slice_s,
             }
         )
     try:
-        records = join_slices([*earlier, ("this run", fresh)], POLICIES)
+        records = join_slices([*earlier, ("this run", fresh)], policies)
     except ConfigError as err:
         raise SystemExit(str(err)) from None
     count = len({r.scenario for r in records})
     wall_s, cpu_s = sum(s["wall_s"] for s in slices), sum(s["cpu_s"] for s in slices)
-    stats = suite_stats(records, bounds=BOUNDS)
+    stats = suite_stats(records, bounds=bounds)
     goals = default_policy_goals(stats, DEFAULT_POLICY)
     beaten = beaten_bounds(records)
     figures = {
         "count": count,
         "slices": slices,
         "seed": args.seed,
-        "policies": list(POLICIES),
+        "policies": list(policies),
         "default_policy": DEFAULT_POLICY,
         "jobs": args.jobs,
         "wall_s": wall_s,
@@ -147,9 +165,9 @@ def main() -> int:
         "bounds_beaten": [asdict(b) for b in beaten],
         "statistics": summary_json(stats),
     }
-    path = write_result("suite", figures)
+    path = write_result(args.name, figures)
     print(
-        f"{count} scenarios x {len(POLICIES)} policies: {wall_s:.0f} s wall, "
+        f"{count} scenarios x {len(policies)} policies: {wall_s:.0f} s wall, "
         f"{cpu_s:.0f} CPU s (goal {WALL_GOAL_S} s wall)"
     )
     for goal in goals:
@@ -167,8 +185,8 @@ def main() -> int:
             "jobs": args.jobs,
             "slices": slices,
         }
-        write_suite_page(PAGE, records, stats, goals, beaten, meta)
-        print(f"page written to {PAGE}")
+        write_suite_page(args.page_dir, records, stats, goals, beaten, meta)
+        print(f"page written to {args.page_dir}")
     return 0
 
 

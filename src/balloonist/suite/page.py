@@ -77,15 +77,17 @@ def suite_markdown(
     meta: dict[str, Any],
 ) -> str:
     default = meta["default_policy"]
+    fair = any(r.bound == "oracle-fair" for s in stats for r in s.relative)
     lines = [
         f"# The policy suite: {meta['count']} generated hosts, seed {meta['seed']}",
         "",
-        "Every policy on every host of the default suite, run side by side "
+        "Every policy below on every host of the suite, run side by side "
         f"(`python benchmarks/bench_suite.py`; {meta['jobs']} processes, {_slices(meta)}"
         f"{meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.0f} CPU min). "
         "Throughput is the aggregate references per second of all guests, relative to "
-        "the `oracle` bound ([oracle.md](../../oracle.md)) and to `oracle-fair`, the bound "
-        "under the sharing rule. How the suite works: [suite.md](../../suite.md).",
+        "the `oracle` bound ([oracle.md](../../oracle.md))"
+        + (" and to `oracle-fair`, the bound under the sharing rule" if fair else "")
+        + ". How the suite works: [suite.md](../../suite.md).",
         "",
         "![throughput relative to the oracle, per policy](suite.png)",
         "",
