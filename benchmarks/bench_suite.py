@@ -148,6 +148,8 @@ def main() -> int:
         raise SystemExit(str(err)) from None
     count = len({r.scenario for r in records})
     wall_s, cpu_s = sum(s["wall_s"] for s in slices), sum(s["cpu_s"] for s in slices)
+    # The wall-time goal is for the default suite: 200 hosts x the default policies.
+    wall_goal_s = WALL_GOAL_S if count == 200 and set(policies) == set(POLICIES) else None
     stats = suite_stats(records, bounds=bounds)
     goals = default_policy_goals(stats, DEFAULT_POLICY)
     beaten = beaten_bounds(records)
@@ -160,7 +162,7 @@ def main() -> int:
         "jobs": args.jobs,
         "wall_s": wall_s,
         "cpu_s": cpu_s,
-        "wall_goal_s": WALL_GOAL_S,
+        "wall_goal_s": wall_goal_s,
         "goals": goals_json(goals),
         "bounds_beaten": [asdict(b) for b in beaten],
         "statistics": summary_json(stats),
@@ -168,7 +170,7 @@ def main() -> int:
     path = write_result(args.name, figures)
     print(
         f"{count} scenarios x {len(policies)} policies: {wall_s:.0f} s wall, "
-        f"{cpu_s:.0f} CPU s (goal {WALL_GOAL_S} s wall)"
+        f"{cpu_s:.0f} CPU s" + (f" (goal {wall_goal_s} s wall)" if wall_goal_s is not None else "")
     )
     for goal in goals:
         print(f"  {goal.line()}")
