@@ -109,26 +109,33 @@ _VICTIM_PROBES = 64
 
 
 @njit(cache=True, inline="always")
-def _rand(rng: np.ndarray) -> np.uint64:
-    """xorshift64*: fast, good enough for reference streams, and per-guest reproducible."""
-    x: np.uint64 = rng[0]
+def _step(x: np.uint64) -> np.uint64:
+    """One step of xorshift64*: fast, good enough for reference streams, and
+    per-guest reproducible. The reference loop keeps the state in a local; the other
+    kernels keep it in ``rng[0]``."""
     x ^= x >> np.uint64(12)
     x ^= x << np.uint64(25)
     x ^= x >> np.uint64(27)
-    rng[0] = x
-    out: np.uint64 = x * np.uint64(0x2545F4914F6CDD1D)
-    return out
+    return x
 
 
 @njit(cache=True, inline="always")
-def _rand_below(rng: np.ndarray, n: int) -> int:
-    # top 53 bits as a float in [0, 1): unbiased enough for n << 2**53
-    return int((_rand(rng) >> np.uint64(11)) * (1.0 / 9007199254740992.0) * n)
+def _unit(x: np.uint64) -> float:
+    """The draw in [0, 1) from state ``x``: the generator's output, top 53 bits."""
+    return ((x * np.uint64(0x2545F4914F6CDD1D)) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
 @njit(cache=True, inline="always")
 def _rand_unit(rng: np.ndarray) -> float:
-    return (_rand(rng) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+    x = _step(rng[0])
+    rng[0] = x
+    return _unit(x)
+
+
+@njit(cache=True, inline="always")
+def _rand_below(rng: np.ndarray, n: int) -> int:
+    # unbiased enough for n << 2**53
+    return int(_rand_unit(rng) * n)
 
 
 # --------------------------------------------------------------------------------------
@@ -295,21 +302,6 @@ def _stalled(st, used, budget_s):  # type: ignore[no-untyped-def]
     if budget_s > used:
         st[S_STALLED_NS] += int((budget_s - used) * 1e9)
     return max(used, budget_s)
-
-
-@njit(cache=True, inline="always")
-def _step(x: np.uint64) -> np.uint64:
-    """One xorshift64* state step: ``_rand`` on a state held in a local."""
-    x ^= x >> np.uint64(12)
-    x ^= x << np.uint64(25)
-    x ^= x >> np.uint64(27)
-    return x
-
-
-@njit(cache=True, inline="always")
-def _unit(x: np.uint64) -> float:
-    """The draw in [0, 1) that ``_rand_unit`` makes when its step leaves state ``x``."""
-    return ((x * np.uint64(0x2545F4914F6CDD1D)) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
 @njit(cache=True, inline="always")
