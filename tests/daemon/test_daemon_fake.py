@@ -143,36 +143,35 @@ def test_demand_counts_used_memory_and_pages_read_back() -> None:
     assert observed_demand_bytes(1536 * MIB, 2 * GIB, GuestStats(1), 0) is None
 
 
-def test_the_fall_of_available_memory_is_what_the_guest_used_not_what_its_balloon_took() -> None:
-    def stats(update_s: int, available_mib: int) -> GuestStats:
-        return GuestStats(update_s, total_bytes=GIB, available_bytes=available_mib * MIB)
+def _report(update_s: int, available_mib: int) -> GuestStats:
+    """A 1 GiB guest's statistics, made at ``update_s``, with ``available_mib`` available."""
+    return GuestStats(update_s, total_bytes=GIB, available_bytes=available_mib * MIB)
 
-    before = stats(10, 300)
+
+def test_the_fall_of_available_memory_is_what_the_guest_used_not_what_its_balloon_took() -> None:
+    before = _report(10, 300)
     # a burst used 200 MiB while its balloon took nothing
-    assert available_fall_bytes(before, 512 * MIB, stats(11, 100), 512 * MIB) == 200 * MIB
+    assert available_fall_bytes(before, 512 * MIB, _report(11, 100), 512 * MIB) == 200 * MIB
     # 50 of a 120 MiB fall were its balloon's inflation
-    assert available_fall_bytes(before, 512 * MIB, stats(11, 180), 462 * MIB) == 70 * MIB
+    assert available_fall_bytes(before, 512 * MIB, _report(11, 180), 462 * MIB) == 70 * MIB
     # available rose (its balloon deflated, or it freed memory): no fall
-    assert available_fall_bytes(before, 512 * MIB, stats(11, 400), 612 * MIB) == 0
+    assert available_fall_bytes(before, 512 * MIB, _report(11, 400), 612 * MIB) == 0
     # the same report again says nothing new, however the balloon moved
-    assert available_fall_bytes(before, 512 * MIB, stats(10, 300), 300 * MIB) == 0
-    assert available_fall_bytes(None, 0, stats(11, 100), 512 * MIB) == 0
+    assert available_fall_bytes(before, 512 * MIB, _report(10, 300), 300 * MIB) == 0
+    assert available_fall_bytes(None, 0, _report(11, 100), 512 * MIB) == 0
     assert available_fall_bytes(before, 512 * MIB, GuestStats(11), 512 * MIB) is None
 
 
 def test_growth_in_use_is_measured_between_reports_net_of_the_balloon() -> None:
-    def stats(update_s: int, available_mib: int) -> GuestStats:
-        return GuestStats(update_s, total_bytes=GIB, available_bytes=available_mib * MIB)
-
-    report = stats(10, 300)
+    report = _report(10, 300)
     # 200 MiB used over the 2 s between the reports
-    assert use_growth_bytes_per_s(report, 512 * MIB, stats(12, 100), 512 * MIB) == 100 * MIB
+    assert use_growth_bytes_per_s(report, 512 * MIB, _report(12, 100), 512 * MIB) == 100 * MIB
     # 60 of an 80 MiB fall were its balloon's inflation: 20 MiB over 1 s
-    assert use_growth_bytes_per_s(report, 512 * MIB, stats(11, 220), 452 * MIB) == 20 * MIB
+    assert use_growth_bytes_per_s(report, 512 * MIB, _report(11, 220), 452 * MIB) == 20 * MIB
     # Deflated by 200 MiB after the report was made: the new report may not show the
     # memory given yet, but a size that grew is never read as the guest's use.
-    assert use_growth_bytes_per_s(report, 512 * MIB, stats(11, 300), 712 * MIB) == 0.0
-    assert use_growth_bytes_per_s(None, 0, stats(11, 100), 512 * MIB) == 0.0
+    assert use_growth_bytes_per_s(report, 512 * MIB, _report(11, 300), 712 * MIB) == 0.0
+    assert use_growth_bytes_per_s(None, 0, _report(11, 100), 512 * MIB) == 0.0
 
 
 def test_meminfo_is_parsed_in_bytes() -> None:

@@ -427,12 +427,11 @@ class DemandPolicy:
     def name(self) -> str:
         return "demand"
 
-    def _growth_bytes_per_s(self, snapshot: Snapshot, guests: _Guests) -> F64:
+    def _growth_bytes_per_s(self, snapshot: Snapshot, names: list[str], guests: _Guests) -> F64:
         """Each guest's growth in use: as the guest's reports measure it, where they
         do (a real guest's, net of its balloon's moves); else as this policy sees its
         use change between decisions (the simulator's guests, whose figures are
         always current)."""
-        names = [g.name for g in snapshot.guests]
         seen = self._growth.update(snapshot.time_s, names, guests.in_use)
         reported = [g.sample.use_growth_bytes_per_s for g in snapshot.guests]
         return np.array(
@@ -455,7 +454,7 @@ class DemandPolicy:
         working = np.array([g.working_set_bytes for g in views], dtype=np.int64)
         used = headroom_bytes(working, contended=False)
         demand = demand_bytes(views, stalls, rescue=self.rescue)
-        runway = runway_bytes(demand, guests, self._growth_bytes_per_s(snapshot, guests))
+        runway = runway_bytes(demand, guests, self._growth_bytes_per_s(snapshot, names, guests))
         turns = self._load.update(snapshot.time_s, views, stalls.tolist())
         if turns.holder is not None:
             # Load control: the holder may grow to its limit; the others of the
