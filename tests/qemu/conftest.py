@@ -6,6 +6,7 @@ never a skip: CI must prove the real-VM path works.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from balloonist.daemon.agent_link import AgentPort
 from balloonist.daemon.qemu_hv import vm_port
@@ -111,8 +114,46 @@ def wait_for_line(record: launcher.VMRecord, pattern: str, timeout_s: float, aft
         time.sleep(0.2)
     tail = "\n".join(serial_lines(record)[-5:])
     raise AssertionError(
-        f"{record.name}: no serial line matching {pattern!r} in {timeout_s} s:\n{tail}"
+        f"{record.name}: no serial line matching {pattern!r} in {timeout_s} s:\n{tail}\n"
+        f"{vm_diagnosis(record)}"
     )
+
+
+#: QMP's answer to a diagnosis's commands; it is only read when a test has failed.
+DIAGNOSIS_TIMEOUT_S = 5.0
+
+
+def vm_diagnosis(record: launcher.VMRecord) -> str:
+    """What a guest that said nothing was doing, for the failure message: whether QEMU
+    lives, each of its threads' state and CPU time, its run state and its vCPUs'
+    instruction pointers twice a second apart (moving or stuck), and its cgroup's
+    memory figures."""
+    if record.pid is None or not record.running():
+        return f"QEMU (pid {record.pid}) is not running"
+    lines = [f"QEMU pid {record.pid} threads (tid state utime+stime ticks):"]
+    for task in sorted(Path(f"/proc/{record.pid}/task").iterdir(), key=lambda p: int(p.name)):
+        with contextlib.suppress(OSError):
+            fields = task.joinpath("stat").read_text().rsplit(") ", 1)[1].split()
+            lines.append(f"  {task.name} {fields[0]} {int(fields[11]) + int(fields[12])}")
+    monitor = QEMUMonitorProtocol(record.qmp_socket)
+    try:
+        monitor.connect()
+        monitor.settimeout(DIAGNOSIS_TIMEOUT_S)
+        lines.append(f"status: {monitor.cmd('query-status')}")
+        hmp = {"command-line": "info registers -a"}
+        for _ in range(2):
+            registers = str(monitor.cmd("human-monitor-command", **hmp)).splitlines()
+            lines += [f"  {line}" for line in registers if "CPU#" in line or "RIP=" in line]
+            time.sleep(1.0)
+    except (QMPError, OSError) as exc:
+        lines.append(f"QMP: {exc!r}")
+    finally:
+        monitor.close()
+    if record.cgroup is not None:
+        for name in ("memory.usage_in_bytes", "memory.limit_in_bytes", "memory.failcnt"):
+            with contextlib.suppress(OSError):
+                lines.append(f"{name}: {Path(record.cgroup, name).read_text().strip()}")
+    return "\n".join(lines)
 
 
 def meminfo_kib(line: str) -> dict[str, int]:
