@@ -32,6 +32,7 @@ from balloonist.sim.scenario import Scenario
 from balloonist.units import PAGE_SIZE_BYTES
 
 if TYPE_CHECKING:
+    from balloonist.sim.curves import CurveBook
     from balloonist.sim.oracle import OraclePolicy
 
 ProgressCallback = Callable[[Progress], None]
@@ -56,7 +57,9 @@ def build_policy(scenario: Scenario, name: str) -> Policy:
     return make_policy(name, tax_rate=scenario.tax_rate)
 
 
-def _oracle(scenario: Scenario, name: str, *, host_paging: bool) -> OraclePolicy:
+def _oracle(
+    scenario: Scenario, name: str, *, host_paging: bool, curves: CurveBook | None = None
+) -> OraclePolicy:
     from balloonist.sim.oracle import OraclePolicy
 
     return OraclePolicy(
@@ -66,6 +69,7 @@ def _oracle(scenario: Scenario, name: str, *, host_paging: bool) -> OraclePolicy
         slices_per_period=scenario.slices_per_period,
         fair=name == "oracle-fair",
         host_swap_pages=scenario.host_swap_bytes // PAGE_SIZE_BYTES if host_paging else 0,
+        curves=curves,
     )
 
 
@@ -98,12 +102,16 @@ def _run_oracle(
     ballooned one, so those allocations are also the balloon-only schedule's best and
     it runs once. The second run reports no progress: the first counted every period.
     """
+    from balloonist.sim.curves import CurveBook
+
+    # Both schedules value the same workloads: their curves are measured once.
+    curves = CurveBook()
     # The oracle is a bound: its balloons move instantly and for free.
-    oracle = _oracle(scenario, name, host_paging=True)
+    oracle = _oracle(scenario, name, host_paging=True, curves=curves)
     first = _simulate(scenario, oracle, name, MoveModel.INSTANT, progress, check_every_period)
     if not oracle.chose_host_paging:
         return first
-    balloons_only = _oracle(scenario, name, host_paging=False)
+    balloons_only = _oracle(scenario, name, host_paging=False, curves=curves)
     second = _simulate(scenario, balloons_only, name, MoveModel.INSTANT, None, check_every_period)
     return second if second.throughput_refs_per_s > first.throughput_refs_per_s else first
 
