@@ -12,7 +12,7 @@ from balloonist.scheduler import Scheduler
 from balloonist.sim import cachesim
 from balloonist.sim import engine as e
 from balloonist.sim.curves import CurveBook, measure_zipf
-from balloonist.sim.guest_memory import GuestMemory
+from balloonist.sim.guest_memory import GuestMemory, zipf_alias
 from balloonist.sim.instant import MoveModel
 from balloonist.sim.machine import SimMachine
 from balloonist.sim.mrc import zipf_miss_ratio
@@ -44,6 +44,25 @@ def test_measured_uniform_is_the_resident_fraction_under_every_replacement() -> 
     for policy in (Replacement.CLOCK, Replacement.FIFO):
         measured = [_ring_miss(policy, WorkloadKind.UNIFORM, ws, m) for m in sizes]
         assert measured == pytest.approx(exact, abs=0.005)
+
+
+@pytest.mark.parametrize("policy", [int(Replacement.CLOCK), int(Replacement.FIFO), cachesim.RANDOM])
+def test_a_grid_of_sizes_on_one_drawn_stream_counts_what_each_size_alone_does(policy: int) -> None:
+    workload = Workload(WorkloadKind.ZIPF, 3000, skew=0.9)
+    table = zipf_alias(workload)
+    args = (
+        int(workload.kind),
+        3000,
+        2500,
+        np.ascontiguousarray(table[:, 0]),
+        table[:, 1].astype(np.int64),
+        7,
+    )
+    sizes = np.array([1, 40, 700, 2499, 2500], dtype=np.int64)
+    grid = cachesim.ring_misses_grid(policy, sizes, REFS // 4, REFS, *args)
+    alone = [cachesim.ring_misses(policy, int(m), REFS // 4, REFS, *args) for m in sizes]
+    assert list(grid) == alone
+    assert grid[0] > grid[2] > grid[-1] == 0  # and the sizes did differ
 
 
 def test_measured_scan_is_a_cliff_at_the_working_set_under_every_replacement() -> None:

@@ -104,17 +104,49 @@ def lru_distance_histogram(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
+def reference_stream(  # type: ignore[no-untyped-def]
+    n, kind, ws_pages, ws_active, alias_prob, alias_idx, seed
+):
+    """The first ``n`` references (ranks) from ``seed``, as ``engine.run_guest`` draws
+    them: drawn once, a stream is replayed at every size a curve measures."""
+    stream = np.empty(n, dtype=np.int32)
+    rng = np.array([np.uint64(seed)], dtype=np.uint64)
+    pos = np.zeros(1, dtype=np.int64)
+    for t in range(n):
+        stream[t] = _next_ref(kind, ws_pages, ws_active, alias_prob, alias_idx, rng, pos)
+    return stream
+
+
+@njit(cache=True)
 def ring_misses(  # type: ignore[no-untyped-def]
     policy, size, warm, count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed
 ):
     """Misses of ``count`` references (after ``warm``) with ``size`` frames, CLOCK, FIFO
     or RANDOM."""
+    stream = reference_stream(warm + count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed)
+    return ring_misses_of(policy, size, warm, stream, ws_active, seed)
+
+
+@njit(cache=True)
+def ring_misses_grid(  # type: ignore[no-untyped-def]
+    policy, sizes, warm, count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed
+):
+    """``ring_misses`` at each of ``sizes``, the reference stream drawn once."""
+    stream = reference_stream(warm + count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed)
+    misses = np.empty(len(sizes), dtype=np.int64)
+    for k in range(len(sizes)):
+        misses[k] = ring_misses_of(policy, sizes[k], warm, stream, ws_active, seed)
+    return misses
+
+
+@njit(cache=True)
+def ring_misses_of(policy, size, warm, stream, ws_active, seed):  # type: ignore[no-untyped-def]
+    """Misses of ``stream`` after its first ``warm`` references, with ``size`` frames,
+    CLOCK, FIFO or RANDOM (whose victims are drawn from ``seed``'s own generator)."""
     slot_page = np.full(size, -1, dtype=np.int32)
     page_slot = np.full(ws_active, -1, dtype=np.int32)
     refbit = np.zeros(size, dtype=np.int8)
-    rng = np.array([np.uint64(seed)], dtype=np.uint64)
     victims = np.array([np.uint64(seed ^ _VICTIM_SEED) | np.uint64(1)], dtype=np.uint64)
-    pos = np.zeros(1, dtype=np.int64)
     # Start full with the most popular ranks (scan: the first pages), as a long run
     # would have it, so no reference is a cold miss.
     for f in range(size):
@@ -122,8 +154,8 @@ def ring_misses(  # type: ignore[no-untyped-def]
         page_slot[f] = f
     hand = 0
     misses = 0
-    for t in range(warm + count):
-        r = _next_ref(kind, ws_pages, ws_active, alias_prob, alias_idx, rng, pos)
+    for t in range(len(stream)):
+        r = stream[t]
         f = page_slot[r]
         if f >= 0:
             if policy == CLOCK:

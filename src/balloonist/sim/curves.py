@@ -170,8 +170,6 @@ def measure_curve(
         return sizes, 1.0 - hits / count
     count //= _RING_REFS_DIVISOR
     warm = int(count * _WARM_FRACTION)
-    grid = np.unique(np.clip(np.round(_RING_GRID * active_pages), 1, active_pages)).astype(int)
-    miss = [1.0] + [
-        cachesim.ring_misses(policy, int(size), warm, count, *args) / count for size in grid
-    ]
-    return np.concatenate(([0.0], grid.astype(np.float64))), np.array(miss)
+    grid = np.unique(np.clip(np.round(_RING_GRID * active_pages), 1, active_pages))
+    misses = cachesim.ring_misses_grid(policy, grid.astype(np.int64), warm, count, *args)
+    return np.concatenate(([0.0], grid)), np.concatenate(([1.0], misses / count))
