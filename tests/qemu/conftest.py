@@ -131,8 +131,8 @@ def vm_diagnosis(record: launcher.VMRecord) -> str:
     if record.pid is None or not record.running():
         return f"QEMU (pid {record.pid}) is not running"
     lines = [f"QEMU pid {record.pid} threads (tid state utime+stime ticks):"]
-    for task in sorted(Path(f"/proc/{record.pid}/task").iterdir(), key=lambda p: int(p.name)):
-        with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # it may exit while we look
+        for task in sorted(Path(f"/proc/{record.pid}/task").iterdir(), key=lambda p: int(p.name)):
             fields = task.joinpath("stat").read_text().rsplit(") ", 1)[1].split()
             lines.append(f"  {task.name} {fields[0]} {int(fields[11]) + int(fields[12])}")
     monitor = QEMUMonitorProtocol(record.qmp_socket)

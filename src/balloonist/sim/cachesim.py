@@ -9,7 +9,8 @@ misses once the cache is warm:
   number of distinct pages referenced since the same page last was; with ``m`` pages
   resident it hits exactly when the distance is below ``m``. Distances are counted
   with a Fenwick tree over reference times (each page marks its latest time).
-* **CLOCK** and **FIFO**: one pass per size. At a fixed allocation the engine's frames
+* **CLOCK** and **FIFO**: one pass per size, each replaying the same stream, drawn
+  once (``reference_stream``). At a fixed allocation the engine's frames
   holding workload pages form a fixed ring (free, ballooned and kernel frames are
   skipped by the hand), a faulting page takes its victim's frame, CLOCK sets its bit on
   arrival and on every hit, and FIFO's oldest arrival is the ring's next slot.
