@@ -22,9 +22,11 @@ from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from balloonist.daemon.agent_link import AgentPort
+from balloonist.daemon.processors import threads_cpu_s
 from balloonist.daemon.qemu_hv import vm_port
 from balloonist.daemon.service import Daemon
 from balloonist.daemon.status import GuestStatus
+from balloonist.errors import TransientBackendError
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GUEST_OWN_DIRS, GuestAssets, default_cache_dir, host_python
 from balloonist.units import MIB
@@ -125,16 +127,13 @@ DIAGNOSIS_TIMEOUT_S = 5.0
 
 def vm_diagnosis(record: launcher.VMRecord) -> str:
     """What a guest that said nothing was doing, for the failure message: whether QEMU
-    lives, each of its threads' state and CPU time, its run state and its vCPUs'
-    instruction pointers twice a second apart (moving or stuck), and its cgroup's
-    memory figures."""
+    lives, its run state, its vCPUs' instruction pointers twice a second apart (moving
+    or stuck), the CPU time each of its threads used meanwhile (spinning or asleep),
+    and its cgroup's memory figures."""
     if record.pid is None or not record.running():
         return f"QEMU (pid {record.pid}) is not running"
-    lines = [f"QEMU pid {record.pid} threads (tid state utime+stime ticks):"]
-    with contextlib.suppress(OSError):  # it may exit while we look
-        for task in sorted(Path(f"/proc/{record.pid}/task").iterdir(), key=lambda p: int(p.name)):
-            fields = task.joinpath("stat").read_text().rsplit(") ", 1)[1].split()
-            lines.append(f"  {task.name} {fields[0]} {int(fields[11]) + int(fields[12])}")
+    lines = []
+    cpu_before_s = _threads_cpu_s(record.pid)
     monitor = QEMUMonitorProtocol(record.qmp_socket)
     try:
         monitor.connect()
@@ -149,11 +148,28 @@ def vm_diagnosis(record: launcher.VMRecord) -> str:
         lines.append(f"QMP: {exc!r}")
     finally:
         monitor.close()
+    cpu_after_s = _threads_cpu_s(record.pid)
+    lines.append(f"QEMU pid {record.pid}, CPU s per thread meanwhile:")
+    lines += [
+        f"  {tid}: {cpu_after_s[tid] - s:.2f}"
+        for tid, s in cpu_before_s.items()
+        if tid in cpu_after_s
+    ]
     if record.cgroup is not None:
         for name in ("memory.usage_in_bytes", "memory.limit_in_bytes", "memory.failcnt"):
             with contextlib.suppress(OSError):
                 lines.append(f"{name}: {Path(record.cgroup, name).read_text().strip()}")
     return "\n".join(lines)
+
+
+def _threads_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds each of process ``pid``'s threads has used; none once it is gone."""
+    cpu_s: dict[int, float] = {}
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(TransientBackendError):  # a thread that just ended
+                cpu_s[int(task.name)] = threads_cpu_s(pid, {0: int(task.name)})
+    return dict(sorted(cpu_s.items()))
 
 
 def meminfo_kib(line: str) -> dict[str, int]:
