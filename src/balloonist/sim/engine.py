@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from balloonist.sim.prefetch import prefetch
+
 # p2v special values
 FREE = -1
 BALLOON = -2
@@ -305,22 +307,75 @@ def _stalled(st, used, budget_s):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _draw(x, kind, ws_pages, ws_active, alias):  # type: ignore[no-untyped-def]
-    """The next reference's rank in a uniform or zipf working set, and the random
-    state after the draws it took."""
+def _rank(x1, kind, ws_pages, ws_active, alias):  # type: ignore[no-untyped-def]
+    """The rank a reference draws, given the state after its first step: a uniform
+    reference takes one step, a zipf one a second (the alias coin)."""
     if kind == UNIFORM:
-        x = _step(x)
-        return x, int(_unit(x) * ws_active)
-    x = _step(x)
-    i = int(_unit(x) * ws_pages)
-    x = _step(x)
+        return int(_unit(x1) * ws_active)
+    i = int(_unit(x1) * ws_pages)
     # both outcomes read, then one picked: a select rather than a branch the
     # processor would mispredict on every other draw
     other = int(alias[i, 1])
-    r = i if _unit(x) < alias[i, 0] else other
+    r = i if _unit(_step(x1)) < alias[i, 0] else other
     if r >= ws_active:
         r = r % ws_active
-    return x, r
+    return r
+
+
+@njit(cache=True, inline="always")
+def _draw(x, kind, ws_pages, ws_active, alias):  # type: ignore[no-untyped-def]
+    """The next reference's rank in a uniform or zipf working set, and the random
+    state after the draws it took."""
+    x1 = _step(x)
+    r = _rank(x1, kind, ws_pages, ws_active, alias)
+    return (x1 if kind == UNIFORM else _step(x1)), r
+
+
+# --------------------------------------------------------------------------------------
+# The reference stream, drawn ahead. On a working set too large for the caches each
+# reference waits on three misses in a row (its alias row, its v2p entry, its frame's
+# state), so the loop draws references ahead of use and prefetches each line a few
+# references before it is needed. The stream is the same as ``_draw`` gives, reference
+# for reference; only the order of the loads changes.
+
+_AHEAD_ALIAS = 16  # references ahead: draw the rank's slot, fetch its alias row
+_AHEAD_PAGE = 8  # resolve the rank, fetch its v2p entry
+_AHEAD_FRAME = 4  # read the frame it maps to, fetch that frame's state
+_RING = 32  # slots in flight, > _AHEAD_ALIAS; a power of two
+_RING_MASK = _RING - 1
+#: Below this many pages in use the working set's lines stay in cache and drawing
+#: ahead costs more than it saves (measured on the suite's hosts).
+DRAW_AHEAD_MIN_PAGES = 65536
+
+
+@njit(cache=True, inline="always")
+def _ahead_draw(slot, x, kind, ws_pages, alias, ring_x1):  # type: ignore[no-untyped-def]
+    """Take the first draw of the reference in ``slot`` from state ``x``; return the
+    state the next reference starts from."""
+    x1 = _step(x)
+    ring_x1[slot & _RING_MASK] = x1
+    if kind == UNIFORM:
+        return x1
+    prefetch(alias, int(_unit(x1) * ws_pages))
+    return _step(x1)
+
+
+@njit(cache=True, inline="always")
+def _ahead_resolve(slot, kind, ws_pages, ws_active, offset, alias, v2p, ring_x1, ring_r):  # type: ignore[no-untyped-def]
+    """Finish the draw of the reference in ``slot`` (as ``_draw``) and fetch its page."""
+    r = _rank(ring_x1[slot & _RING_MASK], kind, ws_pages, ws_active, alias)
+    ring_r[slot & _RING_MASK] = r
+    prefetch(v2p, offset + r)
+
+
+@njit(cache=True)
+def _ahead_fill(x, kind, ws_pages, ws_active, offset, alias, v2p, ring_x1, ring_r):  # type: ignore[no-untyped-def]
+    """Start the pipeline from state ``x`` at slot 0; return the drawing state."""
+    for slot in range(_AHEAD_ALIAS):
+        x = _ahead_draw(slot, x, kind, ws_pages, alias, ring_x1)
+    for slot in range(_AHEAD_PAGE):
+        _ahead_resolve(slot, kind, ws_pages, ws_active, offset, alias, v2p, ring_x1, ring_r)
+    return x
 
 
 @njit(cache=True)
@@ -347,6 +402,7 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
     ws_active,
     offset,
     alias,
+    ahead_min_pages,
 ):
     """Run the workload for up to ``budget_s`` simulated seconds; return seconds used.
 
@@ -363,6 +419,11 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
     from the other arrays, so in memory each would be reloaded after every store on
     the hit path. They go back to ``st`` and ``rng`` before a helper that reads them
     (the fault path) and on the way out.
+
+    With ``ws_active`` >= ``ahead_min_pages`` (and not a scan) references are drawn
+    ahead (the ``_ahead_`` helpers): the same references, fetched earlier. The host's
+    victim search draws from the same random state, so after a fault path that drew,
+    the references drawn ahead are stale and the pipeline starts again.
     """
     if kind == IDLE or ws_active <= 0:
         return budget_s
@@ -373,6 +434,13 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
     scan_pos = st[S_SCAN_POS]
     head = st[S_HEAD]
     stalled = False
+    ahead = kind != SCAN and ws_active >= ahead_min_pages
+    ring_x1 = np.empty(_RING if ahead else 0, dtype=np.uint64)
+    ring_r = np.empty(_RING if ahead else 0, dtype=np.int64)
+    k = 0  # the next slot to take
+    xa = x  # the state the next slot drawn ahead starts from
+    if ahead:
+        xa = _ahead_fill(x, kind, ws_pages, ws_active, offset, alias, v2p, ring_x1, ring_r)
     while used < budget_s:
         # which virtual page
         if kind == SCAN:
@@ -380,6 +448,24 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
             if r >= ws_active:
                 r = 0
             scan_pos = r + 1 if r + 1 < ws_active else 0
+        elif ahead:
+            xa = _ahead_draw(k + _AHEAD_ALIAS, xa, kind, ws_pages, alias, ring_x1)
+            _ahead_resolve(
+                k + _AHEAD_PAGE, kind, ws_pages, ws_active, offset, alias, v2p, ring_x1, ring_r
+            )
+            fa = v2p[offset + ring_r[(k + _AHEAD_FRAME) & _RING_MASK]]
+            if fa >= 0:
+                prefetch(pstate, fa)
+                prefetch(sampled, fa)
+                if policy == LRU:
+                    prefetch(prev, fa)
+                    prefetch(nxt, fa)
+                elif policy == CLOCK:
+                    prefetch(refbit, fa)
+            x1 = ring_x1[k & _RING_MASK]
+            x = x1 if kind == UNIFORM else _step(x1)
+            r = ring_r[k & _RING_MASK]
+            k += 1
         else:
             x, r = _draw(x, kind, ws_pages, ws_active, alias)
         v = offset + r
@@ -389,10 +475,16 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
             if pstate[f] != MAPPED:
                 rng[0] = x
                 c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
-                x = rng[0]
                 if c < 0.0:
                     stalled = True
+                    x = rng[0]
                     break
+                if ahead and rng[0] != x:
+                    k = 0
+                    xa = _ahead_fill(
+                        rng[0], kind, ws_pages, ws_active, offset, alias, v2p, ring_x1, ring_r
+                    )
+                x = rng[0]
                 cost += c
             if policy == LRU:
                 if head != f:
@@ -434,14 +526,20 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
                     break
                 cost += c
             c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
-            x = rng[0]
             head = st[S_HEAD]
             if c < 0.0:
                 # give the frame back; the reference did not happen
                 free[st[S_NFREE]] = f
                 st[S_NFREE] += 1
                 stalled = True
+                x = rng[0]
                 break
+            if ahead and rng[0] != x:
+                k = 0
+                xa = _ahead_fill(
+                    rng[0], kind, ws_pages, ws_active, offset, alias, v2p, ring_x1, ring_r
+                )
+            x = rng[0]
             cost += c
             if vswap[v]:
                 vswap[v] = 0

@@ -38,6 +38,10 @@ def cost_table(c: Costs) -> npt.NDArray[np.float64]:
 class GuestMemory:
     """All per-page state of one simulated guest, plus its workload tables."""
 
+    #: From how many pages in use the reference loop draws ahead and prefetches; only
+    #: speed depends on it (see ``engine.run_guest``).
+    draw_ahead_min_pages: int = e.DRAW_AHEAD_MIN_PAGES
+
     def __init__(self, guest: SimGuest, index: int, seed: int, costs: npt.NDArray[np.float64]):
         self.guest = guest
         self.spec = guest.spec
@@ -263,6 +267,7 @@ class GuestMemory:
             self.active_pages(time_s),
             w.offset_pages,
             alias,
+            self.draw_ahead_min_pages,
         )
         return used
 
