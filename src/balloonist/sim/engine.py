@@ -323,12 +323,17 @@ def _rank(x1, kind, ws_pages, ws_active, alias):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
+def _after(x1, kind):  # type: ignore[no-untyped-def]
+    """The random state after a reference's draws, given the state after its first."""
+    return x1 if kind == UNIFORM else _step(x1)
+
+
+@njit(cache=True, inline="always")
 def _draw(x, kind, ws_pages, ws_active, alias):  # type: ignore[no-untyped-def]
     """The next reference's rank in a uniform or zipf working set, and the random
     state after the draws it took."""
     x1 = _step(x)
-    r = _rank(x1, kind, ws_pages, ws_active, alias)
-    return (x1 if kind == UNIFORM else _step(x1)), r
+    return _after(x1, kind), _rank(x1, kind, ws_pages, ws_active, alias)
 
 
 # --------------------------------------------------------------------------------------
@@ -354,10 +359,9 @@ def _ahead_draw(slot, x, kind, ws_pages, alias, ring_x1):  # type: ignore[no-unt
     state the next reference starts from."""
     x1 = _step(x)
     ring_x1[slot & _RING_MASK] = x1
-    if kind == UNIFORM:
-        return x1
-    prefetch(alias, int(_unit(x1) * ws_pages))
-    return _step(x1)
+    if kind != UNIFORM:
+        prefetch(alias, int(_unit(x1) * ws_pages))
+    return _after(x1, kind)
 
 
 @njit(cache=True, inline="always")
@@ -462,8 +466,7 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
                     prefetch(nxt, fa)
                 elif policy == CLOCK:
                     prefetch(refbit, fa)
-            x1 = ring_x1[k & _RING_MASK]
-            x = x1 if kind == UNIFORM else _step(x1)
+            x = _after(ring_x1[k & _RING_MASK], kind)
             r = ring_r[k & _RING_MASK]
             k += 1
         else:
