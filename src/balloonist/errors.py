@@ -92,9 +92,11 @@ class StateError(BalloonistError):
 
 
 class WorkerError(BalloonistError):
-    """A worker process running ``policy`` died (killed, out of memory) mid-run."""
+    """A worker process died (killed, out of memory) mid-run. ``policies`` are the
+    runs under way when it did: one of them was in the process that died (empty if
+    it died before its run began)."""
 
-    def __init__(self, message: str, *, policy: str) -> None:
+    def __init__(self, message: str, *, policies: tuple[str, ...]) -> None:
         super().__init__(message)
         self.message = message
-        self.policy = policy
+        self.policies = policies

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,12 +97,32 @@ def _empty_result(scenario: Scenario, policy: str) -> SimResult:
     )
 
 
+#: How long a run in a test waits for another process's mark before giving up.
+_MARK_DEADLINE_S = 60.0
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + _MARK_DEADLINE_S
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no {path.name} within {_MARK_DEADLINE_S} s"
+        time.sleep(0.01)
+
+
 @dataclass
 class CountingRunner:
-    """Reports every period; fails for ``fail_for`` (raising, or killing its process)."""
+    """Reports every period; fails for ``fail_for`` (raising, or killing its process).
+
+    With ``marks`` (a directory) each run leaves ``<policy>.started`` and
+    ``<policy>.done`` there, so runs in other processes can wait on each other: the
+    failing run first waits for ``fail_after``, and the run of ``hold`` waits for a
+    mark that never comes (until the pool ends its process, or the deadline).
+    """
 
     fail_for: str | None = None
     die: bool = False
+    marks: str | None = None
+    fail_after: str | None = None
+    hold: str | None = None
 
     def __call__(
         self,
@@ -109,13 +131,22 @@ class CountingRunner:
         policy_name: str | None = None,
         progress: Callable[[Progress], None] | None = None,
     ) -> SimResult:
+        marks = Path(self.marks) if self.marks is not None else None
+        if marks is not None:
+            (marks / f"{policy_name}.started").touch()
         if policy_name == self.fail_for:
+            if marks is not None and self.fail_after is not None:
+                _wait_for(marks / self.fail_after)
             if self.die:
                 os._exit(3)  # as the kernel's OOM killer would leave it: no exception
             raise SimulationError(f"broken invariant under {policy_name}")
+        if marks is not None and policy_name == self.hold:
+            _wait_for(marks / "never")
         for k in range(scenario.periods):
             if progress is not None:
                 progress(_progress(k + 1, scenario.periods))
+        if marks is not None:
+            (marks / f"{policy_name}.done").touch()
         return _empty_result(scenario, policy_name or scenario.policy_name)
 
 
@@ -151,11 +182,23 @@ def test_a_runs_error_is_raised_to_the_caller(jobs: int) -> None:
         run_policies(_tiny(), POLICIES, jobs=jobs, runner=runner)
 
 
-def test_a_worker_that_dies_is_an_error_naming_its_policy() -> None:
-    runner = CountingRunner(fail_for="mom", die=True)
-    with pytest.raises(WorkerError, match="policy 'mom'") as caught:
-        run_policies(_tiny(), ("mom", "static"), jobs=2, runner=runner)
-    assert caught.value.policy == "mom"
+def test_a_worker_that_dies_is_an_error_naming_its_policy(tmp_path: Path) -> None:
+    # mom's process dies once static's run is done: one run is under way when it does.
+    runner = CountingRunner(fail_for="mom", die=True, marks=str(tmp_path), fail_after="static.done")
+    with pytest.raises(WorkerError, match="running policy 'mom' died") as caught:
+        run_policies(_tiny(), ("static", "mom"), jobs=2, runner=runner)
+    assert caught.value.policies == ("mom",)
+
+
+def test_a_worker_dying_beside_another_run_names_both(tmp_path: Path) -> None:
+    # The pool cannot tell which of its processes died; the error names every run
+    # under way (the pool ends the others), not whichever future came back first.
+    runner = CountingRunner(
+        fail_for="mom", die=True, marks=str(tmp_path), fail_after="static.started", hold="static"
+    )
+    with pytest.raises(WorkerError, match="one of the policies 'static', 'mom' died") as caught:
+        run_policies(_tiny(), ("static", "mom"), jobs=2, runner=runner)
+    assert caught.value.policies == ("static", "mom")
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -5,6 +5,10 @@ depend on which process ran it (``tests/test_compare.py`` checks a parallel run 
 a serial one); processes buy wall time only. Workers report their progress to the
 parent through a pipe, a few lines a run, and the parent hands it to ``progress``.
 
+A process that dies (killed, out of memory) breaks the whole pool: every run not yet
+finished fails alike, and the pool ends the other workers. Each worker marks when its
+run starts and ends, so the error names the runs that were under way when it happened.
+
 The runner is a parameter so callers (and tests) can put something cheaper in place
 of the simulator; it must be picklable (a module-level function, or an instance of a
 module-level class) to reach the workers.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -127,20 +131,26 @@ def _run_parallel(
     reports: SimpleQueue[PolicyProgress] | None = (
         context.SimpleQueue() if progress is not None else None
     )
+    # Per run: _NOT_STARTED, _RUNNING or _FINISHED, written by the worker running it.
+    states = context.Array("b", len(names), lock=False)
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(reports,),
+        initargs=(reports, states),
     )
     try:
-        futures = {pool.submit(_run_in_worker, runner, scenario, name): name for name in names}
+        futures = {
+            pool.submit(_run_in_worker, runner, scenario, name, i): name
+            for i, name in enumerate(names)
+        }
         pending: set[Future[SimResult]] = set(futures)
         while pending:
             done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
             _drain(reports, progress)
-            for future in done:
-                _raise_failure(future, futures[future])
+            # In submission order, so which error is raised does not depend on timing.
+            for future in (f for f in futures if f in done):
+                _raise_failure(future, names, states)
         _drain(reports, progress)
         return {futures[f]: f.result() for f in futures}
     finally:
@@ -150,10 +160,20 @@ def _run_parallel(
             reports.close()
 
 
-def _raise_failure(future: Future[SimResult], name: str) -> None:
+def _raise_failure(future: Future[SimResult], names: Sequence[str], states: Sequence[int]) -> None:
     exc = future.exception()
     if isinstance(exc, BrokenProcessPool):
-        raise WorkerError(f"the process running policy {name!r} died: {exc}", policy=name)
+        # The runs under way when the pool broke: one of them died, and the pool ended
+        # the others. A worker that died before marking its start leaves none.
+        running = tuple(n for n, state in zip(names, states, strict=True) if state == _RUNNING)
+        if len(running) == 1:
+            what = f"the process running policy {running[0]!r} died"
+        elif running:
+            listed = ", ".join(repr(n) for n in running)
+            what = f"a process running one of the policies {listed} died"
+        else:
+            what = "a worker process died before its run began"
+        raise WorkerError(f"{what}: {exc}", policies=running)
     if exc is not None:
         raise exc
 
@@ -170,18 +190,31 @@ def _drain(
 # ---------------------------------------------------------------------------------------
 # In the worker processes
 
-#: The worker's end of the report pipe, set once when the worker starts.
+#: Run states in the shared array: the parent reads them when a worker dies.
+_NOT_STARTED: Final = 0
+_RUNNING: Final = 1
+_FINISHED: Final = 2
+
+#: The worker's end of the report pipe and the shared run states, set once when the
+#: worker starts.
 _reports: SimpleQueue[PolicyProgress] | None = None
+_states: MutableSequence[int] | None = None
 
 
-def _init_worker(reports: SimpleQueue[PolicyProgress] | None) -> None:
-    global _reports  # noqa: PLW0603 - a worker's one piece of state, set at its start
+def _init_worker(reports: SimpleQueue[PolicyProgress] | None, states: MutableSequence[int]) -> None:
+    global _reports, _states  # noqa: PLW0603 - a worker's state, set at its start
     _reports = reports
+    _states = states
     # Ctrl-C reaches the whole process group: it ends a worker quietly (no traceback
     # of its own), and the parent, interrupted too, reports it once.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _run_in_worker(runner: Runner, scenario: Scenario, name: str) -> SimResult:
+def _run_in_worker(runner: Runner, scenario: Scenario, name: str, index: int) -> SimResult:
+    assert _states is not None, "the pool's initializer sets the run states"
     reporter = _Reporter(name, _reports.put) if _reports is not None else None
-    return runner(scenario, policy_name=name, progress=reporter)
+    _states[index] = _RUNNING
+    try:
+        return runner(scenario, policy_name=name, progress=reporter)
+    finally:
+        _states[index] = _FINISHED
