@@ -44,7 +44,7 @@ def rss_mib() -> float:
 
 
 def array_bytes(m: GuestMemory) -> int:
-    arrays = (m.v2p, m.vswap, m.p2v, m.pstate, m.prev, m.nxt, m.refbit, m.sampled, m.free)
+    arrays = (m.v2p, m.vswap, m.p2v, m.pstate, m.stamp, m.oldest, m.refbit, m.sampled, m.free)
     return sum(a.nbytes for a in arrays)
 
 

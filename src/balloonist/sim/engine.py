@@ -8,7 +8,10 @@ pages of the workload:
     vswap[V]    1 if the virtual page's contents are in the guest's swap
     p2v[P]      virtual page in each frame, or FREE / BALLOON / KERNEL
     pstate[P]   the VMM's physical-to-machine map: UNBACKED / MAPPED / HOST_SWAPPED
-    prev/next   the guest's resident list (LRU: recency order, FIFO: arrival order)
+    stamp[P]    the guest's resident order (LRU: when last used, FIFO: when it
+                arrived), a count that only grows; 0 for a frame not in the order
+    oldest[K]   the victim queue: the K frames with the smallest stamps, oldest first
+                (LRU and FIFO; CLOCK guests carry empty arrays for both)
     refbit[P]   CLOCK reference bits
     sampled[P]  working-set sampling marks (SAMPLED, then TOUCHED once referenced)
     free[P]     the guest's free-frame stack
@@ -59,8 +62,8 @@ SCAN = 3
 
 # Indices into a guest's int64 scalar array ``st``.
 S_NFREE = 0
-S_HEAD = 1  # most recently used / newest resident frame
-S_TAIL = 2  # least recently used / oldest resident frame
+S_STAMP = 1  # the stamp the next used (LRU) or arriving (FIFO) frame gets; from 1
+S_OLD_POS = 2  # the victim queue's next entry
 S_HAND = 3  # CLOCK hand
 S_MAPPED = 4  # frames backed by machine memory
 S_HOST_SWAPPED = 5  # frames whose contents the host paged out
@@ -79,7 +82,9 @@ S_HOST_ALLOC = 17
 S_STALLS = 18  # slices cut short: no machine page or no guest swap could be had
 S_STALLED_NS = 19  # the time those slices lost, waiting for memory (nanoseconds)
 S_REPORTED = 20  # machine pages returned to the host by free page reporting
-N_SCALARS = 21
+S_OLD_LEN = 21  # entries in the victim queue
+S_OLD_AT = 22  # the stamp count when the queue was filled
+N_SCALARS = 23
 
 # Indices into the cost array (seconds).
 C_REF = 0
@@ -141,39 +146,95 @@ def _rand_below(rng: np.ndarray, n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# The guest's resident list (LRU and FIFO).
+# The guest's resident order (LRU and FIFO). A frame's stamp says when it was last used
+# (LRU) or arrived (FIFO); the victim is the frame with the smallest stamp. A hit
+# writes one stamp, where a linked list would touch the frame and both neighbours (three
+# cache misses on a large guest). The victim queue holds the oldest frames, sorted, as
+# stamped when it was filled: an entry whose frame has since been used again, evicted
+# or refilled carries a newer stamp (or none), and is skipped. Every frame not in the
+# queue was newer than all of it when it was filled, so the first entry still valid is
+# the oldest frame of all: the same victim a recency list's tail gives.
 
 
-@njit(cache=True, inline="always")
-def _list_push_head(st, prev, nxt, f):  # type: ignore[no-untyped-def]
-    head = st[S_HEAD]
-    prev[f] = -1
-    nxt[f] = head
-    if head >= 0:
-        prev[head] = f
-    else:
-        st[S_TAIL] = f
-    st[S_HEAD] = f
-
-
-@njit(cache=True, inline="always")
-def _list_unlink(st, prev, nxt, f):  # type: ignore[no-untyped-def]
-    p = prev[f]
-    n = nxt[f]
-    if p >= 0:
-        nxt[p] = n
-    else:
-        st[S_HEAD] = n
-    if n >= 0:
-        prev[n] = p
-    else:
-        st[S_TAIL] = p
-    prev[f] = -1
-    nxt[f] = -1
+def order_arrays(frames: int, policy: int) -> tuple[np.ndarray, np.ndarray]:
+    """A new guest's (stamp, oldest) arrays: a queue of a quarter of its frames, so a
+    refill (a pass over all frames) comes at most every ``frames / 4`` victims."""
+    if policy == CLOCK:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    return np.zeros(frames, dtype=np.int64), np.zeros(max(1, frames // 4), dtype=np.int32)
 
 
 @njit(cache=True, **_NO_REFCOUNTS)
-def _pick_guest_victim(st, p2v, prev, nxt, refbit, policy):  # type: ignore[no-untyped-def]
+def _sift_down(heap, stamp, i, n):  # type: ignore[no-untyped-def]
+    """Restore the max-heap (by stamp) of ``heap[:n]`` below entry ``i``."""
+    f = heap[i]
+    key = stamp[f]
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and stamp[heap[c + 1]] > stamp[heap[c]]:
+            c += 1
+        if stamp[heap[c]] <= key:
+            break
+        heap[i] = heap[c]
+        i = c
+    heap[i] = f
+
+
+@njit(cache=True, **_NO_REFCOUNTS)
+def _refill_oldest(st, stamp, oldest):  # type: ignore[no-untyped-def]
+    """Fill the victim queue with the oldest frames in the order, oldest first: a
+    max-heap keeps the smallest stamps seen in one pass, then sorts itself in place."""
+    cap = oldest.shape[0]
+    n = 0
+    for f in range(stamp.shape[0]):
+        s = stamp[f]
+        if s == 0:
+            continue
+        if n < cap:
+            oldest[n] = f
+            n += 1
+            if n == cap:
+                for i in range(n // 2 - 1, -1, -1):
+                    _sift_down(oldest, stamp, i, n)
+        elif s < stamp[oldest[0]]:
+            oldest[0] = f
+            _sift_down(oldest, stamp, 0, n)
+    if n < cap:
+        for i in range(n // 2 - 1, -1, -1):
+            _sift_down(oldest, stamp, i, n)
+    for end in range(n - 1, 0, -1):
+        top = oldest[0]
+        oldest[0] = oldest[end]
+        oldest[end] = top
+        _sift_down(oldest, stamp, 0, end)
+    st[S_OLD_POS] = 0
+    st[S_OLD_LEN] = n
+    st[S_OLD_AT] = st[S_STAMP]
+
+
+@njit(cache=True, **_NO_REFCOUNTS)
+def _order_oldest(st, stamp, oldest):  # type: ignore[no-untyped-def]
+    """The frame with the smallest stamp, or -1 if the order is empty. It stays in
+    the order: the caller evicts it (or, failing, gets it again next time)."""
+    for _ in range(2):
+        at = st[S_OLD_AT]
+        n = st[S_OLD_LEN]
+        pos = st[S_OLD_POS]
+        while pos < n:
+            f = oldest[pos]
+            s = stamp[f]
+            if s > 0 and s < at:
+                st[S_OLD_POS] = pos
+                return f
+            pos += 1
+        _refill_oldest(st, stamp, oldest)
+    return -1
+
+
+@njit(cache=True, **_NO_REFCOUNTS)
+def _pick_guest_victim(st, p2v, stamp, oldest, refbit, policy):  # type: ignore[no-untyped-def]
     """The guest OS's own replacement choice among resident workload frames, or -1."""
     if st[S_RESIDENT] == 0:
         return -1
@@ -194,7 +255,7 @@ def _pick_guest_victim(st, p2v, prev, nxt, refbit, policy):  # type: ignore[no-u
             st[S_HAND] = hand
             return f
         return -1
-    return st[S_TAIL]
+    return _order_oldest(st, stamp, oldest)
 
 
 @njit(cache=True, **_NO_REFCOUNTS)
@@ -271,7 +332,7 @@ def _back_frame(f, st, p2v, pstate, rng, host, lim, costs):  # type: ignore[no-u
 
 
 @njit(cache=True, **_NO_REFCOUNTS)
-def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim, swap_pages, costs):  # type: ignore[no-untyped-def]
+def _evict(f, st, v2p, vswap, p2v, pstate, stamp, policy, rng, host, lim, swap_pages, costs):  # type: ignore[no-untyped-def]
     """The guest swaps out the workload page in frame ``f``; return cost or -1.0."""
     v = p2v[f]
     cost = 0.0
@@ -288,7 +349,7 @@ def _evict(f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim, sw
             return -1.0
         cost += c
     if policy != CLOCK:
-        _list_unlink(st, prev, nxt, f)
+        stamp[f] = 0
     v2p[v] = -1
     p2v[f] = FREE
     st[S_RESIDENT] -= 1
@@ -391,8 +452,8 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
     vswap,
     p2v,
     pstate,
-    prev,
-    nxt,
+    stamp,
+    oldest,
     refbit,
     sampled,
     free,
@@ -418,7 +479,7 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
     ends early (returning at least the budget) when the guest stalls: it needs a
     machine page the host cannot provide, or a swap slot it does not have.
 
-    The random state, the reference count, the scan position and the LRU list's head
+    The random state, the reference count, the scan position and the stamp count
     live in locals while the loop runs: numba cannot tell ``st`` and ``rng`` apart
     from the other arrays, so in memory each would be reloaded after every store on
     the hit path. They go back to ``st`` and ``rng`` before a helper that reads them
@@ -436,7 +497,7 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
     x = rng[0]
     refs = 0
     scan_pos = st[S_SCAN_POS]
-    head = st[S_HEAD]
+    now = st[S_STAMP]  # the resident order's count
     stalled = False
     ahead = kind != SCAN and ws_active >= ahead_min_pages
     ring_x1 = np.empty(_RING if ahead else 0, dtype=np.uint64)
@@ -462,8 +523,7 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
                 prefetch(pstate, fa)
                 prefetch(sampled, fa)
                 if policy == LRU:
-                    prefetch(prev, fa)
-                    prefetch(nxt, fa)
+                    prefetch(stamp, fa)
                 elif policy == CLOCK:
                     prefetch(refbit, fa)
             x = _after(ring_x1[k & _RING_MASK], kind)
@@ -490,46 +550,33 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
                 x = rng[0]
                 cost += c
             if policy == LRU:
-                if head != f:
-                    # move f to the head: not the head, so it has a predecessor
-                    p = prev[f]
-                    n = nxt[f]
-                    nxt[p] = n
-                    if n >= 0:
-                        prev[n] = p
-                    else:
-                        st[S_TAIL] = p
-                    prev[f] = -1
-                    nxt[f] = head
-                    prev[head] = f
-                    head = f
+                stamp[f] = now
+                now += 1
             elif policy == CLOCK:
                 refbit[f] = 1
         else:
             # guest page fault: a free frame, or one the guest's own policy evicts
             rng[0] = x
-            st[S_HEAD] = head
+            st[S_STAMP] = now
             if st[S_NFREE] > 0:
                 st[S_NFREE] -= 1
                 f = free[st[S_NFREE]]
             else:
-                f = _pick_guest_victim(st, p2v, prev, nxt, refbit, policy)
+                f = _pick_guest_victim(st, p2v, stamp, oldest, refbit, policy)
                 if f < 0:
                     stalled = True
                     x = rng[0]
                     break
                 c = _evict(
-                    f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim,
+                    f, st, v2p, vswap, p2v, pstate, stamp, policy, rng, host, lim,
                     swap_pages, costs,
                 )  # fmt: skip
                 if c < 0.0:
                     stalled = True
                     x = rng[0]
-                    head = st[S_HEAD]
                     break
                 cost += c
             c = _back_frame(f, st, p2v, pstate, rng, host, lim, costs)
-            head = st[S_HEAD]
             if c < 0.0:
                 # give the frame back; the reference did not happen
                 free[st[S_NFREE]] = f
@@ -558,8 +605,8 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
             if policy == CLOCK:
                 refbit[f] = 1
             else:
-                _list_push_head(st, prev, nxt, f)
-                head = f
+                stamp[f] = now
+                now += 1
         if sampled[f] == SAMPLED:
             sampled[f] = TOUCHED
         refs += 1
@@ -567,7 +614,7 @@ def run_guest(  # type: ignore[no-untyped-def]  # noqa: PLR0912, PLR0915 (a numb
     rng[0] = x
     st[S_REFS] += refs
     st[S_SCAN_POS] = scan_pos
-    st[S_HEAD] = head
+    st[S_STAMP] = now
     if stalled:
         return _stalled(st, used, budget_s)
     return used
@@ -583,8 +630,8 @@ def balloon_allocate(  # type: ignore[no-untyped-def]
     vswap,
     p2v,
     pstate,
-    prev,
-    nxt,
+    stamp,
+    oldest,
     policy,
     rng,
     host,
@@ -610,11 +657,11 @@ def balloon_allocate(  # type: ignore[no-untyped-def]
         else:
             if spent >= reclaim_budget_s:
                 break
-            f = _pick_guest_victim(st, p2v, prev, nxt, refbit, policy)
+            f = _pick_guest_victim(st, p2v, stamp, oldest, refbit, policy)
             if f < 0:
                 break
             c = _evict(
-                f, st, v2p, vswap, p2v, pstate, prev, nxt, policy, rng, host, lim, swap_pages, costs
+                f, st, v2p, vswap, p2v, pstate, stamp, policy, rng, host, lim, swap_pages, costs
             )
             if c < 0.0:
                 break
@@ -671,12 +718,12 @@ def balloon_free(frames, st, p2v, free):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def discard_pages(lo, hi, st, v2p, vswap, p2v, prev, nxt, policy, free, freed_at, now):  # type: ignore[no-untyped-def]
+def discard_pages(lo, hi, st, v2p, vswap, p2v, stamp, policy, free, freed_at, now):  # type: ignore[no-untyped-def]
     """The guest drops virtual pages ``[lo, hi)`` as a process frees its memory: their
     frames go on its free list (still backed by machine memory) and their swap slots
     are released, with no I/O. A guest with free page reporting (``freed_at`` not
     empty) notes the time ``now`` for each frame. Returns how many frames were freed."""
-    stamp = freed_at.shape[0] > 0
+    reporting = freed_at.shape[0] > 0
     freed = 0
     for v in range(lo, hi):
         if vswap[v]:
@@ -686,13 +733,13 @@ def discard_pages(lo, hi, st, v2p, vswap, p2v, prev, nxt, policy, free, freed_at
         if f < 0:
             continue
         if policy != CLOCK:
-            _list_unlink(st, prev, nxt, f)
+            stamp[f] = 0
         v2p[v] = -1
         p2v[f] = FREE
         free[st[S_NFREE]] = f
         st[S_NFREE] += 1
         st[S_RESIDENT] -= 1
-        if stamp:
+        if reporting:
             freed_at[f] = now
         freed += 1
     return freed

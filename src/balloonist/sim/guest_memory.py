@@ -53,8 +53,7 @@ class GuestMemory:
         self.vswap = np.zeros(vpages, dtype=np.int8)
         self.p2v = np.full(frames, e.FREE, dtype=np.int32)
         self.pstate = np.zeros(frames, dtype=np.int8)
-        self.prev = np.full(frames, -1, dtype=np.int32)
-        self.nxt = np.full(frames, -1, dtype=np.int32)
+        self.stamp, self.oldest = e.order_arrays(frames, int(guest.replacement))
         self.refbit = np.zeros(frames, dtype=np.int8)
         self.sampled = np.zeros(frames, dtype=np.int8)
         self.free = np.zeros(frames, dtype=np.int32)
@@ -64,8 +63,7 @@ class GuestMemory:
         self.freed_at = np.zeros(frames if self.reporting_delay_s is not None else 0)
         self._report_pending = False  # frames went free backed since the last report
         self.st = np.zeros(e.N_SCALARS, dtype=np.int64)
-        self.st[e.S_HEAD] = -1
-        self.st[e.S_TAIL] = -1
+        self.st[e.S_STAMP] = 1  # stamp 0 means "not in the resident order"
         # Seeded per guest so one guest's stream never depends on another's.
         mixed = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) % 2**64
         self.rng = np.array([mixed or 1], dtype=np.uint64)
@@ -109,7 +107,7 @@ class GuestMemory:
         for start, end in ranges:
             freed += int(
                 e.discard_pages(
-                    start, end, self.st, self.v2p, self.vswap, self.p2v, self.prev, self.nxt,
+                    start, end, self.st, self.v2p, self.vswap, self.p2v, self.stamp,
                     int(self.guest.replacement), self.free, self.freed_at, time_s,
                 )
             )  # fmt: skip
@@ -252,8 +250,8 @@ class GuestMemory:
             self.vswap,
             self.p2v,
             self.pstate,
-            self.prev,
-            self.nxt,
+            self.stamp,
+            self.oldest,
             self.refbit,
             self.sampled,
             self.free,

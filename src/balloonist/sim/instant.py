@@ -49,8 +49,8 @@ class GuestPages(Protocol):
     vswap: I8
     p2v: I32
     pstate: I8
-    prev: I32
-    nxt: I32
+    stamp: I64
+    oldest: I32
     refbit: I8
     free: I32
     rng: npt.NDArray[np.uint64]
@@ -96,7 +96,7 @@ class InstantMover:
         out = np.empty(want, dtype=np.int64)
         swap_outs_before = int(m.st[e.S_GUEST_SWAP_OUT])
         got, _spent_s = e.balloon_allocate(
-            want, math.inf, out, m.st, m.v2p, m.vswap, m.p2v, m.pstate, m.prev, m.nxt,
+            want, math.inf, out, m.st, m.v2p, m.vswap, m.p2v, m.pstate, m.stamp, m.oldest,
             int(m.guest.replacement), m.rng, host, lim, m.guest.swap_pages, m.costs, m.free,
             m.refbit,
         )  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from balloonist.errors import SimulationError
 from balloonist.sim import engine as e
@@ -42,9 +43,29 @@ def check_guest(m: GuestMemory) -> None:
         fail("a resident page still holds a swap slot")
     if int(m.vswap.sum()) != st[e.S_SWAP_USED]:
         fail("swap slot count is off")
-    nfree = int(st[e.S_NFREE])
+    for problem in (_free_list_problem(m), _order_problem(m, resident)):
+        if problem is not None:
+            fail(problem)
+
+
+def _free_list_problem(m: GuestMemory) -> str | None:
+    nfree = int(m.st[e.S_NFREE])
     free = m.free[:nfree]
-    if np.unique(free).size != nfree or np.any(p2v[free] != e.FREE):
-        fail("free list is not exactly the free frames")
-    if int((p2v == e.FREE).sum()) != nfree:
-        fail("a free frame is missing from the free list")
+    if np.unique(free).size != nfree or np.any(m.p2v[free] != e.FREE):
+        return "free list is not exactly the free frames"
+    if int((m.p2v == e.FREE).sum()) != nfree:
+        return "a free frame is missing from the free list"
+    return None
+
+
+def _order_problem(m: GuestMemory, resident: npt.NDArray[np.intp]) -> str | None:
+    """What is wrong with an LRU or FIFO guest's resident order, if anything."""
+    if int(m.guest.replacement) == e.CLOCK:
+        return None
+    in_order = np.flatnonzero(m.stamp > 0)
+    if not np.array_equal(in_order, resident):
+        return "the resident order is not exactly the resident frames"
+    stamps = m.stamp[in_order]
+    if np.unique(stamps).size != stamps.size or np.any(stamps >= m.st[e.S_STAMP]):
+        return "the resident order's stamps are not distinct and older than its count"
+    return None
