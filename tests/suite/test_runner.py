@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from balloonist.suite.executors import ProcessPoolAdapter, SerialExecutor, ray_available
 from balloonist.suite.generator import GeneratedScenario, generate_one
 from balloonist.suite.records import RunRecord
-from balloonist.suite.runner import make_tasks, run_suite
+from balloonist.suite.runner import make_tasks, run_suite, run_task
 from tests.suite.tiny import TINY
 
 POLICIES = ("static", "oracle")
@@ -43,6 +45,32 @@ def test_most_expensive_first(scenarios: list[GeneratedScenario]) -> None:
     assert costs == sorted(costs, reverse=True)
 
 
+def test_a_scenarios_bounds_run_in_one_task_measuring_each_curve_once(
+    scenarios: list[GeneratedScenario], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from balloonist.sim import curves
+
+    # suite-3-1 has workloads whose curves are measured
+    tasks = make_tasks(scenarios[1:], ("oracle", "static", "oracle-fair"))
+    assert sorted(t.policies for t in tasks) == [("oracle", "oracle-fair"), ("static",)]
+    measured: list[tuple[object, ...]] = []
+    real = curves.measure_curve
+
+    def counted(*args: object) -> object:
+        measured.append(args)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(curves, "measure_curve", counted)
+    bounds = next(t for t in tasks if len(t.policies) == 2)
+    together = run_task(bounds)
+    assert len(measured) == len({(a[0], a[1], a[2]) for a in measured}) > 0
+    alone = [run_task(dataclasses.replace(bounds, policies=(p,)))[0] for p in bounds.policies]
+    # the same records, but for the CPU time each took
+    assert [dataclasses.replace(r, cpu_s=0.0) for r in together] == [
+        dataclasses.replace(r, cpu_s=0.0) for r in alone
+    ]
+
+
 def test_serial_equals_parallel(
     scenarios: list[GeneratedScenario], serial: list[RunRecord]
 ) -> None:
@@ -54,7 +82,7 @@ def test_serial_equals_parallel(
 
 def test_a_failing_task_fails_the_map() -> None:
     with pytest.raises(ZeroDivisionError):
-        ProcessPoolAdapter(2).map(_fails_on_zero, [1, 0, 2], lambda d, t: None)
+        ProcessPoolAdapter(2).map(_fails_on_zero, [1, 0, 2], lambda i: None)
 
 
 def _fails_on_zero(x: int) -> float:

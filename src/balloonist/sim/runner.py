@@ -79,17 +79,26 @@ def run_scenario(
     policy_name: str | None = None,
     progress: ProgressCallback | None = None,
     check_every_period: bool = False,
+    curves: CurveBook | None = None,
 ) -> SimResult:
-    """Simulate ``scenario`` under a policy (the scenario's own unless overridden)."""
+    """Simulate ``scenario`` under a policy (the scenario's own unless overridden).
+
+    ``curves`` is where a bound keeps the miss-ratio curves it measures: runs of the
+    bounds on the same workloads may share one, and each curve is measured once.
+    """
     policy_used = policy_name or scenario.policy_name
     if policy_used in ORACLE_NAMES:
-        return _run_oracle(scenario, policy_used, progress, check_every_period)
+        return _run_oracle(scenario, policy_used, progress, check_every_period, curves)
     policy = build_policy(scenario, policy_used)
     return _simulate(scenario, policy, policy_used, MoveModel.PACED, progress, check_every_period)
 
 
 def _run_oracle(
-    scenario: Scenario, name: str, progress: ProgressCallback | None, check_every_period: bool
+    scenario: Scenario,
+    name: str,
+    progress: ProgressCallback | None,
+    check_every_period: bool,
+    curves: CurveBook | None,
 ) -> SimResult:
     """The oracle's run: the better of its two whole schedules, where they differ.
 
@@ -105,7 +114,7 @@ def _run_oracle(
     from balloonist.sim.curves import CurveBook
 
     # Both schedules value the same workloads: their curves are measured once.
-    curves = CurveBook()
+    curves = curves if curves is not None else CurveBook()
     # The oracle is a bound: its balloons move instantly and for free.
     oracle = _oracle(scenario, name, host_paging=True, curves=curves)
     first = _simulate(scenario, oracle, name, MoveModel.INSTANT, progress, check_every_period)

@@ -19,18 +19,21 @@ __all__ = [
     "ProcessPoolAdapter",
     "RayAdapter",
     "SerialExecutor",
+    "TaskDoneCallback",
     "ray_available",
 ]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Called after each finished task with (tasks done, tasks in all).
+#: Called with (runs done, runs in all) as a suite goes.
 DoneCallback = Callable[[int, int], None]
+#: Called with a task's index in the list given to ``map`` as it finishes.
+TaskDoneCallback = Callable[[int], None]
 
 
 class Executor(Protocol):
-    def map(self, fn: Callable[[T], R], tasks: Sequence[T], on_done: DoneCallback) -> list[R]:
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T], on_done: TaskDoneCallback) -> list[R]:
         """``[fn(t) for t in tasks]``, run somewhere, in task order; tasks start in order."""
         ...
 
@@ -38,11 +41,11 @@ class Executor(Protocol):
 class SerialExecutor:
     """In this process, one task after another (tests, ``--jobs 1``)."""
 
-    def map(self, fn: Callable[[T], R], tasks: Sequence[T], on_done: DoneCallback) -> list[R]:
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T], on_done: TaskDoneCallback) -> list[R]:
         results: list[R] = []
-        for task in tasks:
+        for i, task in enumerate(tasks):
             results.append(fn(task))
-            on_done(len(results), len(tasks))
+            on_done(i)
         return results
 
 
@@ -63,7 +66,7 @@ class ProcessPoolAdapter:
             raise ValueError("jobs must be >= 1")
         self._jobs = jobs
 
-    def map(self, fn: Callable[[T], R], tasks: Sequence[T], on_done: DoneCallback) -> list[R]:
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T], on_done: TaskDoneCallback) -> list[R]:
         results: dict[int, R] = {}
         pool = cf.ProcessPoolExecutor(
             max_workers=min(self._jobs, max(1, len(tasks))),
@@ -73,8 +76,9 @@ class ProcessPoolAdapter:
         try:
             futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
             for future in cf.as_completed(futures):
-                results[futures[future]] = future.result()
-                on_done(len(results), len(tasks))
+                i = futures[future]
+                results[i] = future.result()
+                on_done(i)
         except BaseException:
             # Ctrl-C or a failed task: drop what is queued and stop what runs, now.
             processes = list((pool._processes or {}).values())
@@ -101,7 +105,7 @@ class RayAdapter:
         self._address = address
         self._jobs = jobs
 
-    def map(self, fn: Callable[[T], R], tasks: Sequence[T], on_done: DoneCallback) -> list[R]:
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T], on_done: TaskDoneCallback) -> list[R]:
         import ray
 
         started = not ray.is_initialized()
@@ -114,10 +118,12 @@ class RayAdapter:
         try:
             remote = ray.remote(num_cpus=1, max_retries=0)(fn)
             refs = [remote.remote(task) for task in tasks]
+            index = {ref: i for i, ref in enumerate(refs)}
             pending = list(refs)
             while pending:
-                _, pending = ray.wait(pending, num_returns=1)
-                on_done(len(tasks) - len(pending), len(tasks))
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    on_done(index[ref])
             results: list[R] = ray.get(refs)
             return results
         except BaseException:

@@ -1,9 +1,11 @@
 """Every policy on every generated scenario: the tasks, the worker, the order.
 
 A task carries its scenario as the generator's dict (cheap to pickle, and validated
-again in the worker by the same path), so a worker needs nothing but the task. Tasks
-are submitted most expensive first, so the last ones to finish are short; results
-come back in (scenario, policy) order whatever ran them.
+again in the worker by the same path), so a worker needs nothing but the task. A task
+is one policy's run, except that a scenario's bounds run in one task: they value the
+same workloads, so the miss-ratio curves one measures serve the other. Tasks are
+submitted most expensive first, so the last ones to finish are short; results come
+back in (scenario, policy) order whatever ran them.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from balloonist.sim.names import ORACLE_NAMES
 from balloonist.suite.executors import DoneCallback, Executor
 from balloonist.suite.generator import GeneratedScenario
 from balloonist.suite.records import RunRecord
+
+if TYPE_CHECKING:
+    from balloonist.sim.curves import CurveBook
+    from balloonist.sim.scenario import Scenario
 
 __all__ = ["SuiteTask", "make_tasks", "run_suite", "run_task"]
 
@@ -24,44 +31,57 @@ __all__ = ["SuiteTask", "make_tasks", "run_suite", "run_task"]
 class SuiteTask:
     scenario_index: int
     scenario: dict[str, Any]  # the generator's TOML-able dict
-    policy: str
+    policies: tuple[str, ...]  # one, or the scenario's bounds
     cost: float  # relative cost, for ordering only
 
 
 def make_tasks(scenarios: Sequence[GeneratedScenario], policies: Sequence[str]) -> list[SuiteTask]:
-    """One task per (scenario, policy), the most expensive first.
+    """Per scenario, one task per online policy and one for all its bounds; the most
+    expensive first.
 
-    Cost: the generator's reference estimate, plus a per-guest-period term for the
-    scheduler's own work, which idle guests cost too.
+    Cost per run: the generator's reference estimate, plus a per-guest-period term for
+    the scheduler's own work, which idle guests cost too.
     """
+    bounds = tuple(p for p in policies if p in ORACLE_NAMES)
+    groups = [(p,) for p in policies if p not in ORACLE_NAMES] + ([bounds] if bounds else [])
     tasks = [
         SuiteTask(
             scenario_index=g.index,
             scenario=g.data,
-            policy=policy,
-            cost=g.estimated_refs + 1e5 * len(g.scenario.guests) * g.scenario.periods,
+            policies=group,
+            cost=len(group)
+            * (g.estimated_refs + 1e5 * len(g.scenario.guests) * g.scenario.periods),
         )
         for g in scenarios
-        for policy in policies
+        for group in groups
     ]
-    # Stable: equal costs keep (scenario, policy) order, so the order is reproducible.
+    # Stable: equal costs keep the order above, so the order is reproducible.
     return sorted(tasks, key=lambda t: -t.cost)
 
 
-def run_task(task: SuiteTask) -> RunRecord:
-    """Simulate one task (in a worker); the CPU time it took is in the record."""
-    from balloonist.sim.runner import run_scenario
+def run_task(task: SuiteTask) -> tuple[RunRecord, ...]:
+    """Simulate one task (in a worker): a record per policy, each with the CPU time
+    its run took (a bound's run measures curves the next one then finds measured)."""
+    from balloonist.sim.curves import CurveBook
     from balloonist.sim.scenario import scenario_from_dict
 
-    start_cpu_s = time.process_time()
     name = task.scenario["name"]
     scenario = scenario_from_dict(task.scenario, where=name, default_name=name)
-    summary = run_scenario(scenario, policy_name=task.policy).summary()
+    curves = CurveBook()
+    return tuple(_run_one(scenario, policy, curves) for policy in task.policies)
+
+
+def _run_one(scenario: Scenario, policy: str, curves: CurveBook) -> RunRecord:
+    from balloonist.sim.runner import run_scenario
+
+    start_cpu_s = time.process_time()
+    name = scenario.name
+    summary = run_scenario(scenario, policy_name=policy, curves=curves).summary()
     aggregate = summary["aggregate"]
     guests: dict[str, dict[str, Any]] = summary["guests"]
     return RunRecord(
         scenario=name,
-        policy=task.policy,
+        policy=policy,
         throughput_refs_per_s=float(aggregate["throughput_refs_per_s"]),
         guest_names=tuple(guests),
         guest_throughput_refs_per_s=tuple(
@@ -81,12 +101,22 @@ def run_suite(
     executor: Executor,
     on_done: DoneCallback,
 ) -> list[RunRecord]:
-    """Every policy on every scenario; records in scenario order, then ``policies`` order."""
+    """Every policy on every scenario; records in scenario order, then ``policies`` order.
+
+    ``on_done`` hears of runs, not tasks: (runs done, runs in all)."""
     tasks = make_tasks(scenarios, policies)
-    records = executor.map(run_task, tasks, on_done)
-    rank = {p: i for i, p in enumerate(policies)}
-    by_task = sorted(
-        zip(tasks, records, strict=True),
-        key=lambda pair: (pair[0].scenario_index, rank[pair[0].policy]),
-    )
-    return [record for _, record in by_task]
+    total_runs = sum(len(t.policies) for t in tasks)
+    runs_done = 0
+
+    def task_done(index: int) -> None:
+        nonlocal runs_done
+        runs_done += len(tasks[index].policies)
+        on_done(runs_done, total_runs)
+
+    by_task = executor.map(run_task, tasks, task_done)
+    index = {
+        (task.scenario_index, record.policy): record
+        for task, records in zip(tasks, by_task, strict=True)
+        for record in records
+    }
+    return [index[(g.index, policy)] for g in scenarios for policy in policies]
