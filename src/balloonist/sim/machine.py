@@ -58,9 +58,12 @@ def _ranges_to_frames(ranges: Sequence[UnitRange]) -> I64:
 
 def _ranges_of(frames: I64) -> list[UnitRange]:
     """``ranges_from_units`` for a frame array: sorted, duplicates dropped, maximal runs."""
-    pages = np.unique(frames)
-    if pages.size == 0:
+    if frames.size == 0:
         return []
+    # Sorting and dropping repeats beats np.unique, which hashes first (a balloon
+    # allocation is tens of thousands of frames, every period on a busy host).
+    pages = np.sort(frames)
+    pages = pages[np.concatenate(([True], pages[1:] != pages[:-1]))]
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
     starts = pages[np.concatenate(([0], breaks))].tolist()
     ends = pages[np.concatenate((breaks - 1, [pages.size - 1]))].tolist()
