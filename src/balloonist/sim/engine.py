@@ -164,57 +164,86 @@ def order_arrays(frames: int, policy: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(frames, dtype=np.int64), np.zeros(max(1, frames // 4), dtype=np.int32)
 
 
-@njit(cache=True, **_NO_REFCOUNTS)
-def _sift_down(heap, stamp, i, n):  # type: ignore[no-untyped-def]
-    """Restore the max-heap (by stamp) of ``heap[:n]`` below entry ``i``."""
-    f = heap[i]
-    key = stamp[f]
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        if c + 1 < n and stamp[heap[c + 1]] > stamp[heap[c]]:
-            c += 1
-        if stamp[heap[c]] <= key:
-            break
-        heap[i] = heap[c]
-        i = c
-    heap[i] = f
-
-
-@njit(cache=True, **_NO_REFCOUNTS)
+@njit(cache=True)
 def _refill_oldest(st, stamp, oldest):  # type: ignore[no-untyped-def]
-    """Fill the victim queue with the oldest frames in the order, oldest first: a
-    max-heap keeps the smallest stamps seen in one pass, then sorts itself in place."""
+    """Fill the victim queue with the oldest frames in the order, oldest first.
+
+    The stamps in use are bucketed by age, one bucket more than the queue has entries,
+    and the oldest whole buckets that fit go in (where the oldest bucket alone would
+    not fit, it is bucketed again, finer): every frame left out is newer than all
+    taken. A counting pass places the frames bucket by bucket, and each bucket, a
+    few frames on average, is sorted by stamp. Three passes over the stamps, where a
+    heap of the oldest cost a sift per frame through the frames' stamps, on every
+    victim a thrashing guest took.
+    """
     cap = oldest.shape[0]
-    n = 0
+    count = 0
+    lo = 0
+    hi = 0
     for f in range(stamp.shape[0]):
         s = stamp[f]
-        if s == 0:
-            continue
-        if n < cap:
-            oldest[n] = f
-            n += 1
-            if n == cap:
-                for i in range(n // 2 - 1, -1, -1):
-                    _sift_down(oldest, stamp, i, n)
-        elif s < stamp[oldest[0]]:
-            oldest[0] = f
-            _sift_down(oldest, stamp, 0, n)
-    if n < cap:
-        for i in range(n // 2 - 1, -1, -1):
-            _sift_down(oldest, stamp, i, n)
-    for end in range(n - 1, 0, -1):
-        top = oldest[0]
-        oldest[0] = oldest[end]
-        oldest[end] = top
-        _sift_down(oldest, stamp, 0, end)
+        if s > 0:
+            lo = s if count == 0 or s < lo else lo
+            hi = max(hi, s)
+            count += 1
+    taken = 0
+    if count > 0:
+        # one bucket more than entries: at least two, so the oldest bucket is a part
+        # of the range and looking inside it narrows the range
+        nbuckets = cap + 1
+        hist = np.zeros(nbuckets, dtype=np.int64)
+        while True:
+            width = (hi - lo) // nbuckets + 1
+            hist[:] = 0
+            for f in range(stamp.shape[0]):
+                s = stamp[f]
+                if s >= lo and s <= hi:
+                    hist[(s - lo) // width] += 1
+            buckets = 0
+            taken = 0
+            while buckets < nbuckets and taken + hist[buckets] <= cap:
+                taken += hist[buckets]
+                buckets += 1
+            if buckets > 0:
+                break
+            hi = lo + width - 1  # stamps are distinct: at width 1 a bucket holds one
+        start = np.zeros(buckets + 1, dtype=np.int64)
+        start[1:] = np.cumsum(hist[:buckets])
+        fill = start[:-1].copy()
+        for f in range(stamp.shape[0]):
+            s = stamp[f]
+            if s >= lo and s <= hi:
+                b = (s - lo) // width
+                if b < buckets:
+                    oldest[fill[b]] = f
+                    fill[b] += 1
+        for b in range(buckets):
+            _sort_by_stamp(oldest, stamp, start[b], start[b + 1])
     st[S_OLD_POS] = 0
-    st[S_OLD_LEN] = n
+    st[S_OLD_LEN] = taken
     st[S_OLD_AT] = st[S_STAMP]
 
 
-@njit(cache=True, **_NO_REFCOUNTS)
+@njit(cache=True)
+def _sort_by_stamp(frames, stamp, a, z):  # type: ignore[no-untyped-def]
+    """Sort ``frames[a:z]`` by their stamps: insertion for a few, else argsort."""
+    if z - a <= 16:
+        for i in range(a + 1, z):
+            f = frames[i]
+            key = stamp[f]
+            j = i - 1
+            while j >= a and stamp[frames[j]] > key:
+                frames[j + 1] = frames[j]
+                j -= 1
+            frames[j + 1] = f
+        return
+    segment = frames[a:z].copy()
+    order = np.argsort(stamp[segment])
+    for i in range(z - a):
+        frames[a + i] = segment[order[i]]
+
+
+@njit(cache=True, inline="always")
 def _order_oldest(st, stamp, oldest):  # type: ignore[no-untyped-def]
     """The frame with the smallest stamp, or -1 if the order is empty. It stays in
     the order: the caller evicts it (or, failing, gets it again next time)."""
@@ -233,7 +262,7 @@ def _order_oldest(st, stamp, oldest):  # type: ignore[no-untyped-def]
     return -1
 
 
-@njit(cache=True, **_NO_REFCOUNTS)
+@njit(cache=True, inline="always")
 def _pick_guest_victim(st, p2v, stamp, oldest, refbit, policy):  # type: ignore[no-untyped-def]
     """The guest OS's own replacement choice among resident workload frames, or -1."""
     if st[S_RESIDENT] == 0:
