@@ -157,8 +157,9 @@ def _rand_below(rng: np.ndarray, n: int) -> int:
 
 
 def order_arrays(frames: int, policy: int) -> tuple[np.ndarray, np.ndarray]:
-    """A new guest's (stamp, oldest) arrays: a queue of a quarter of its frames, so a
-    refill (a pass over all frames) comes at most every ``frames / 4`` victims."""
+    """A new guest's (stamp, oldest) arrays: a queue of up to a quarter of its frames,
+    so a refill (three passes over all frames) comes at most every ``frames / 4``
+    victims."""
     if policy == CLOCK:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
     return np.zeros(frames, dtype=np.int64), np.zeros(max(1, frames // 4), dtype=np.int32)
