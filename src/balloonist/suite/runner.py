@@ -3,7 +3,8 @@
 A task carries its scenario as the generator's dict (cheap to pickle, and validated
 again in the worker by the same path), so a worker needs nothing but the task. A task
 is one policy's run, except that a scenario's bounds run in one task: they value the
-same workloads, so the miss-ratio curves one measures serve the other. Tasks are
+same workloads, so the miss-ratio curves one measures serve the other, and they decide
+the same until the sharing rule binds, so they share their run up to there. Tasks are
 submitted most expensive first, so the last ones to finish are short; results come
 back in (scenario, policy) order whatever ran them.
 """
@@ -21,7 +22,7 @@ from balloonist.suite.generator import GeneratedScenario
 from balloonist.suite.records import RunRecord
 
 if TYPE_CHECKING:
-    from balloonist.sim.curves import CurveBook
+    from balloonist.sim.result import SimResult
     from balloonist.sim.scenario import Scenario
 
 __all__ = ["SuiteTask", "make_tasks", "run_suite", "run_task"]
@@ -61,26 +62,28 @@ def make_tasks(scenarios: Sequence[GeneratedScenario], policies: Sequence[str]) 
 
 def run_task(task: SuiteTask) -> tuple[RunRecord, ...]:
     """Simulate one task (in a worker): a record per policy, each with the CPU time
-    its run took (a bound's run measures curves the next one then finds measured)."""
-    from balloonist.sim.curves import CurveBook
+    its run took. A scenario's bounds run together (``run_bounds``), and share the
+    CPU time evenly."""
+    from balloonist.sim.runner import run_bounds, run_scenario
     from balloonist.sim.scenario import scenario_from_dict
 
     name = task.scenario["name"]
     scenario = scenario_from_dict(task.scenario, where=name, default_name=name)
-    curves = CurveBook()
-    return tuple(_run_one(scenario, policy, curves) for policy in task.policies)
-
-
-def _run_one(scenario: Scenario, policy: str, curves: CurveBook) -> RunRecord:
-    from balloonist.sim.runner import run_scenario
-
     start_cpu_s = time.process_time()
-    name = scenario.name
-    summary = run_scenario(scenario, policy_name=policy, curves=curves).summary()
+    if all(p in ORACLE_NAMES for p in task.policies):
+        results = run_bounds(scenario, task.policies)
+    else:
+        results = {p: run_scenario(scenario, policy_name=p) for p in task.policies}
+    cpu_s = (time.process_time() - start_cpu_s) / len(task.policies)
+    return tuple(_record(scenario, p, results[p], cpu_s) for p in task.policies)
+
+
+def _record(scenario: Scenario, policy: str, result: SimResult, cpu_s: float) -> RunRecord:
+    summary = result.summary()
     aggregate = summary["aggregate"]
     guests: dict[str, dict[str, Any]] = summary["guests"]
     return RunRecord(
-        scenario=name,
+        scenario=scenario.name,
         policy=policy,
         throughput_refs_per_s=float(aggregate["throughput_refs_per_s"]),
         guest_names=tuple(guests),
@@ -91,7 +94,7 @@ def _run_one(scenario: Scenario, policy: str, curves: CurveBook) -> RunRecord:
         double_paging_events=int(aggregate["double_paging_events"]),
         host_swap_ins=int(aggregate["host_swap_ins"]),
         every_guest_ballooned=all(g.spec.balloon for g in scenario.guests),
-        cpu_s=time.process_time() - start_cpu_s,
+        cpu_s=cpu_s,
     )
 
 
