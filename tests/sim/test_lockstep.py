@@ -26,6 +26,10 @@ class _Switch:
     def __init__(self, before: Policy, after: Policy, at_s: float) -> None:
         self._before, self._after, self._at_s = before, after, at_s
 
+    @property
+    def name(self) -> str:
+        return "switch"
+
     def decide(self, snapshot: Snapshot) -> Decision:
         later = self._after.decide(snapshot)  # both see every snapshot, as alone
         earlier = self._before.decide(snapshot)
