@@ -21,7 +21,7 @@ from balloonist.sim.scenario import Replacement, scenario_from_dict
 from balloonist.sim.workload import Phase, Workload, WorkloadKind, WorkloadPlan
 from balloonist.units import MIB, PAGE_SIZE_BYTES
 
-NO_ALIAS = (np.zeros(1), np.zeros(1, dtype=np.int64))
+NO_ALIAS = (np.zeros((1, 2)),)
 REFS = 1 << 18
 
 
@@ -54,8 +54,7 @@ def test_a_grid_of_sizes_on_one_drawn_stream_counts_what_each_size_alone_does(po
         int(workload.kind),
         3000,
         2500,
-        np.ascontiguousarray(table[:, 0]),
-        table[:, 1].astype(np.int64),
+        table,
         7,
     )
     sizes = np.array([1, 40, 700, 2499, 2500], dtype=np.int64)

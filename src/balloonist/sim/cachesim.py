@@ -1,9 +1,9 @@
 """A compiled cache simulator: one guest's reference stream against one replacement.
 
-It replays the reference generator of :func:`balloonist.sim.engine.run_guest` --
-the same random number generator, the same zipf alias tables, the same folding of
-ranks beyond the active size -- against a cache of resident pages, and counts what
-misses once the cache is warm:
+It replays the reference stream of :func:`balloonist.sim.engine.run_guest` -- drawn
+by the engine's own ``_draw``: the same random number generator, the same zipf alias
+tables, the same folding of ranks beyond the active size -- against a cache of
+resident pages, and counts what misses once the cache is warm:
 
 * **LRU**: one pass gives every size at once. A reference's *stack distance* is the
   number of distinct pages referenced since the same page last was; with ``m`` pages
@@ -38,27 +38,24 @@ RANDOM = 3
 _VICTIM_SEED = 0x9E3779B97F4A7C15
 
 
-@njit(cache=True)
-def _next_ref(kind, ws_pages, ws_active, alias_prob, alias_idx, rng, pos):  # type: ignore[no-untyped-def]
-    """One reference (a rank in ``[0, ws_active)``), exactly as ``engine.run_guest``."""
-    if kind == e.UNIFORM:
-        return e._rand_below(rng, ws_active)
-    if kind == e.ZIPF:
-        i = e._rand_below(rng, ws_pages)
-        r = i if e._rand_unit(rng) < alias_prob[i] else alias_idx[i]
+@njit(cache=True, inline="always")
+def _next_ref(kind, ws_pages, ws_active, alias, rng, pos):  # type: ignore[no-untyped-def]
+    """One reference (a rank in ``[0, ws_active)``), drawn by the engine's own
+    ``_draw`` (or, for a scan, stepped as ``engine.run_guest`` steps it)."""
+    if kind == e.SCAN:
+        r = pos[0]
         if r >= ws_active:
-            r = r % ws_active
+            r = 0
+        pos[0] = r + 1 if r + 1 < ws_active else 0
         return r
-    r = pos[0]  # SCAN
-    if r >= ws_active:
-        r = 0
-    pos[0] = r + 1 if r + 1 < ws_active else 0
+    x, r = e._draw(rng[0], kind, ws_pages, ws_active, alias)
+    rng[0] = x
     return r
 
 
 @njit(cache=True)
 def lru_distance_histogram(  # type: ignore[no-untyped-def]
-    warm, count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed
+    warm, count, kind, ws_pages, ws_active, alias, seed
 ):
     """Stack distances of ``count`` references after ``warm`` unrecorded ones.
 
@@ -81,7 +78,7 @@ def lru_distance_histogram(  # type: ignore[no-untyped-def]
             tree[j] += 1
             j += j & -j
     for t in range(ws_active + 1, total + 1):
-        r = _next_ref(kind, ws_pages, ws_active, alias_prob, alias_idx, rng, pos)
+        r = _next_ref(kind, ws_pages, ws_active, alias, rng, pos)
         s = last[r]
         # marks after s: pages referenced since, each counted once (at its latest time)
         below = 0
@@ -106,7 +103,7 @@ def lru_distance_histogram(  # type: ignore[no-untyped-def]
 
 @njit(cache=True)
 def reference_stream(  # type: ignore[no-untyped-def]
-    n, kind, ws_pages, ws_active, alias_prob, alias_idx, seed
+    n, kind, ws_pages, ws_active, alias, seed
 ):
     """The first ``n`` references (ranks) from ``seed``, as ``engine.run_guest`` draws
     them: drawn once, a stream is replayed at every size a curve measures."""
@@ -114,26 +111,26 @@ def reference_stream(  # type: ignore[no-untyped-def]
     rng = np.array([np.uint64(seed)], dtype=np.uint64)
     pos = np.zeros(1, dtype=np.int64)
     for t in range(n):
-        stream[t] = _next_ref(kind, ws_pages, ws_active, alias_prob, alias_idx, rng, pos)
+        stream[t] = _next_ref(kind, ws_pages, ws_active, alias, rng, pos)
     return stream
 
 
 @njit(cache=True)
 def ring_misses(  # type: ignore[no-untyped-def]
-    policy, size, warm, count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed
+    policy, size, warm, count, kind, ws_pages, ws_active, alias, seed
 ):
     """Misses of ``count`` references (after ``warm``) with ``size`` frames, CLOCK, FIFO
     or RANDOM."""
-    stream = reference_stream(warm + count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed)
+    stream = reference_stream(warm + count, kind, ws_pages, ws_active, alias, seed)
     return ring_misses_of(policy, size, warm, stream, ws_active, seed)
 
 
 @njit(cache=True)
 def ring_misses_grid(  # type: ignore[no-untyped-def]
-    policy, sizes, warm, count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed
+    policy, sizes, warm, count, kind, ws_pages, ws_active, alias, seed
 ):
     """``ring_misses`` at each of ``sizes``, the reference stream drawn once."""
-    stream = reference_stream(warm + count, kind, ws_pages, ws_active, alias_prob, alias_idx, seed)
+    stream = reference_stream(warm + count, kind, ws_pages, ws_active, alias, seed)
     misses = np.empty(len(sizes), dtype=np.int64)
     for k in range(len(sizes)):
         misses[k] = ring_misses_of(policy, sizes[k], warm, stream, ws_active, seed)

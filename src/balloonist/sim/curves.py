@@ -59,6 +59,8 @@ _RING_GRID: Final = np.unique(
 )
 #: The stream's seed: any fixed value; the curve is a property of the workload.
 _SEED: Final = 0x2545F4914F6CDD1D
+#: A scan's stand-in for the zipf alias table, which it never reads.
+_NO_ALIAS: Final = np.zeros((1, 2))
 
 
 class CurveBook:
@@ -151,13 +153,10 @@ def measure_curve(
 ) -> tuple[FloatArray, FloatArray]:
     """(sizes, miss ratios) of a zipf or scan workload on ``active_pages``, measured
     under ``policy`` (a Replacement, or ``cachesim.RANDOM`` for the host's paging)."""
-    if workload.kind is WorkloadKind.ZIPF:
-        table = zipf_alias(workload)  # per rank: (probability, alias rank as a float)
-        prob = np.ascontiguousarray(table[:, 0])
-        alias = table[:, 1].astype(np.int64)
-    else:  # a scan draws nothing from the tables
-        prob, alias = np.zeros(1), np.zeros(1, dtype=np.int64)
-    args = (int(workload.kind), workload.working_set_pages, active_pages, prob, alias, _SEED)
+    # per rank: (probability, alias rank as a float), as the engine draws from it; a
+    # scan draws nothing from it
+    alias = zipf_alias(workload) if workload.kind is WorkloadKind.ZIPF else _NO_ALIAS
+    args = (int(workload.kind), workload.working_set_pages, active_pages, alias, _SEED)
     count = int(np.clip(_REFS_PER_PAGE * active_pages, _MIN_REFS, _MAX_REFS))
     if active_pages < workload.working_set_pages:
         count //= _RUNG_REFS_DIVISOR
