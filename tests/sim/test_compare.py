@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.same_run import assert_same_run
 
 from balloonist.errors import SimulationError, WorkerError
 from balloonist.model import HostState
@@ -49,18 +50,6 @@ def _tiny() -> Scenario:
     return scenario_from_dict(TINY, where="tiny", default_name="tiny")
 
 
-def _assert_same(a: SimResult, b: SimResult) -> None:
-    assert a.summary() == b.summary()
-    for field in dataclasses.fields(SimResult):
-        x, y = getattr(a, field.name), getattr(b, field.name)
-        if isinstance(x, np.ndarray):
-            assert np.array_equal(x, y), field.name
-    for ga, gb in zip(a.guests + a.cpus, b.guests + b.cpus, strict=True):
-        for field in dataclasses.fields(ga):
-            x, y = getattr(ga, field.name), getattr(gb, field.name)
-            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, field.name
-
-
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two processors for two workers")
 def test_parallel_runs_equal_serial_runs_with_the_real_simulator() -> None:
     scenario = _tiny()
@@ -69,7 +58,7 @@ def test_parallel_runs_equal_serial_runs_with_the_real_simulator() -> None:
     assert list(serial) == list(parallel) == list(POLICIES)
     for name in POLICIES:
         assert parallel[name].policy == name
-        _assert_same(serial[name], parallel[name])
+        assert_same_run(serial[name], parallel[name])
     # The policies did differ, so equal results mean each ran the policy it was given.
     throughputs = {r.summary()["aggregate"]["throughput_refs_per_s"] for r in serial.values()}
     assert len(throughputs) == len(POLICIES)

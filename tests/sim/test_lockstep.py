@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
+from tests.same_run import assert_same_run
 
 from balloonist.model import Decision, Snapshot
 from balloonist.policy import Policy
 from balloonist.sim import lockstep, runner
 from balloonist.sim.instant import MoveModel
-from balloonist.sim.result import SimResult
 from balloonist.sim.scenario import Scenario, load_scenario
 
 # Guests that grow, shrink and idle: static and mom decide differently within a few
@@ -49,21 +47,6 @@ def _policies(scenario: Scenario, switch_at_s: float) -> dict[str, Policy]:
     }
 
 
-def _assert_same_run(a: SimResult, b: SimResult) -> None:
-    assert a.summary() == b.summary()
-    for field in dataclasses.fields(SimResult):
-        x, y = getattr(a, field.name), getattr(b, field.name)
-        if isinstance(x, np.ndarray):
-            assert np.array_equal(x, y), field.name
-    for ga, gb in zip(a.guests, b.guests, strict=True):
-        for field in dataclasses.fields(ga):
-            x, y = getattr(ga, field.name), getattr(gb, field.name)
-            if isinstance(x, np.ndarray):
-                assert np.array_equal(x, y), (ga.name, field.name)
-            else:
-                assert x == y, (ga.name, field.name)
-
-
 @pytest.fixture(scope="module")
 def scenario() -> Scenario:
     return load_scenario(HOST)
@@ -88,7 +71,7 @@ def test_runs_together_are_the_runs_alone(
     assert forks == [["mom"], ["switch"]]
     for name, policy in _policies(scenario, switch_at_s).items():
         alone = lockstep.simulate_together(scenario, {name: policy}, MoveModel.PACED)[name]
-        _assert_same_run(together[name], alone)
+        assert_same_run(together[name], alone)
     assert together["switch"].summary() != together["static"].summary()
     assert together["switch"].summary() != together["mom"].summary()
 
@@ -107,4 +90,4 @@ def test_progress_follows_the_first_policys_run(scenario: Scenario) -> None:
 def test_the_bounds_together_are_the_bounds_alone(scenario: Scenario) -> None:
     together = runner.run_bounds(scenario, ("oracle", "oracle-fair"))
     for name in ("oracle", "oracle-fair"):
-        _assert_same_run(together[name], runner.run_scenario(scenario, policy_name=name))
+        assert_same_run(together[name], runner.run_scenario(scenario, policy_name=name))
