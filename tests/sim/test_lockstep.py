@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from tests.same_run import assert_same_run
 
+from balloonist.errors import ConfigError
 from balloonist.model import Decision, Snapshot
 from balloonist.policy import Policy
 from balloonist.sim import lockstep, runner
@@ -91,3 +92,8 @@ def test_the_bounds_together_are_the_bounds_alone(scenario: Scenario) -> None:
     together = runner.run_bounds(scenario, ("oracle", "oracle-fair"))
     for name in ("oracle", "oracle-fair"):
         assert_same_run(together[name], runner.run_scenario(scenario, policy_name=name))
+
+
+def test_only_bounds_run_as_bounds(scenario: Scenario) -> None:
+    with pytest.raises(ConfigError, match="'mom' is not a bound"):
+        runner.run_bounds(scenario, ("oracle", "mom"))

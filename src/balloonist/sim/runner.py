@@ -102,6 +102,9 @@ def run_bounds(
     """
     from balloonist.sim.curves import CurveBook
 
+    for n in names:
+        if n not in ORACLE_NAMES:
+            raise ConfigError(f"{n!r} is not a bound (choose from {', '.join(ORACLE_NAMES)})")
     # Every schedule values the same workloads: their curves are measured once.
     curves = curves if curves is not None else CurveBook()
     # A bound's balloons move instantly and for free.
