@@ -56,19 +56,13 @@ def run_scenario(
     policy_name: str | None = None,
     progress: ProgressCallback | None = None,
     check_every_period: bool = False,
-    curves: CurveBook | None = None,
 ) -> SimResult:
-    """Simulate ``scenario`` under a policy (the scenario's own unless overridden).
-
-    ``curves`` is where a bound keeps the miss-ratio curves it measures: runs of the
-    bounds on the same workloads may share one, and each curve is measured once.
-    """
+    """Simulate ``scenario`` under a policy (the scenario's own unless overridden)."""
     policy_used = policy_name or scenario.policy_name
     if policy_used in ORACLE_NAMES:
         return run_bounds(
             scenario,
             (policy_used,),
-            curves=curves,
             progress=progress,
             check_every_period=check_every_period,
         )[policy_used]
@@ -80,7 +74,6 @@ def run_bounds(
     scenario: Scenario,
     names: Sequence[str],
     *,
-    curves: CurveBook | None = None,
     progress: ProgressCallback | None = None,
     check_every_period: bool = False,
 ) -> dict[str, SimResult]:
@@ -106,7 +99,7 @@ def run_bounds(
         if n not in ORACLE_NAMES:
             raise ConfigError(f"{n!r} is not a bound (choose from {', '.join(ORACLE_NAMES)})")
     # Every schedule values the same workloads: their curves are measured once.
-    curves = curves if curves is not None else CurveBook()
+    curves = CurveBook()
     # A bound's balloons move instantly and for free.
     first = {n: _oracle(scenario, n, host_paging=True, curves=curves) for n in names}
     results = simulate_together(
