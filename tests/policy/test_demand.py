@@ -429,3 +429,37 @@ def test_growth_is_use_gained_per_second_and_nothing_for_the_unknown() -> None:
     later = growth.update(12.0, ["a", "b", "new"], np.array([140, 90, 500]) * MIB)
     assert (later / MIB).tolist() == [20.0, 0.0, 0.0]  # b fell: not growing; new: unknown
     assert growth.update(12.0, names, np.array([200, 200]) * MIB).tolist() == [0.0, 0.0]
+
+
+def test_a_quiet_guest_wants_no_more_than_it_may_hold() -> None:
+    # Its working set says 600 MiB but its balloon lets it use 400: were it short,
+    # it would stall, so the rest of its estimate is not demand.
+    held_in = calm(guest("held", memory_mib=1000, working_set_mib=600, register_mib=600))
+    assert demand_bytes([held_in])[0] == 400 * MIB
+    room = calm(guest("room", memory_mib=1000, working_set_mib=300, register_mib=600))
+    assert demand_bytes([room])[0] == int(300 * MIB * 1.1) + 8 * MIB  # headroom fits
+    # suite-1-135: an idle guest's slow average no longer takes pages from a guest
+    # that fits by a few MiB and uses every one of them.
+    fits = calm(guest("fits", memory_mib=1000, working_set_mib=900, register_mib=100))
+    idle = calm(guest("idle", memory_mib=1000, working_set_mib=200, register_mib=900))
+    assert allocations_mib(POLICY.decide(snapshot(fits, idle, host_mib=1000))) == [900, 100]
+
+
+def test_a_guest_stalling_a_little_keeps_what_it_uses_not_all_it_may_hold() -> None:
+    # A step it got while it stalled and did not fill goes back (suite-2-28).
+    def view(allocated_mib: int) -> GuestView:
+        g = guest("g", memory_mib=1000, working_set_mib=300, register_mib=200)
+        g = dataclasses.replace(
+            g, sample=dataclasses.replace(g.sample, allocated_bytes=allocated_mib * MIB)
+        )
+        return stalled(g, 0.02)
+
+    assert demand_bytes([view(500)])[0] == 500 * MIB
+    assert demand_bytes([view(800)])[0] == 800 * MIB  # it uses all it may hold
+    assert demand_bytes([view(100)])[0] == int(300 * MIB * 1.1) + 8 * MIB  # less than it sees
+
+
+def test_the_default_margin_holds_back_half_a_percent_of_the_host() -> None:
+    views = [stalled(guest(n, memory_mib=1000, register_mib=500)) for n in "ab"]
+    d = DemandPolicy().decide(snapshot(*views, host_mib=1000))
+    assert sum(t.allocation_bytes for t in d.targets) == 995 * MIB
