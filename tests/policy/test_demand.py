@@ -448,9 +448,8 @@ def test_a_quiet_guest_wants_no_more_than_it_may_hold() -> None:
 def test_a_guest_stalling_a_little_keeps_what_it_uses_not_all_it_may_hold() -> None:
     # A step it got while it stalled and did not fill goes back (suite-2-28).
     def view(allocated_mib: int) -> GuestView:
-        g = guest("g", memory_mib=1000, working_set_mib=300, register_mib=200)
-        g = dataclasses.replace(
-            g, sample=dataclasses.replace(g.sample, allocated_bytes=allocated_mib * MIB)
+        g = guest(
+            "g", memory_mib=1000, working_set_mib=300, register_mib=200, allocated_mib=allocated_mib
         )
         return stalled(g, 0.02)
 

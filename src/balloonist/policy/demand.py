@@ -241,13 +241,20 @@ def headroom_bytes(working_bytes: I64, *, contended: bool) -> I64:
 
 
 def demand_bytes(
-    guests: Sequence[GuestView], stalls: F64 | None = None, *, rescue: bool = True
+    guests: Sequence[GuestView],
+    stalls: F64 | None = None,
+    *,
+    in_use: I64 | None = None,
+    rescue: bool = True,
 ) -> I64:
     """Each guest's demand (see the module docstring, step 1), before min and max.
-    ``stalls``: each guest's :func:`stall_fraction`, if the caller has them; ``rescue``:
-    whether a guest short of available memory now wants it now."""
+    ``stalls`` and ``in_use``: each guest's :func:`stall_fraction` and
+    :func:`_in_use_bytes`, if the caller has them; ``rescue``: whether a guest short of
+    available memory now wants it now."""
     if stalls is None:
         stalls = np.array([stall_fraction(g) for g in guests], dtype=np.float64)
+    if in_use is None:
+        in_use = np.array([_in_use_bytes(g) for g in guests], dtype=np.int64)
     contended = bool((stalls >= STALL_THRESHOLD).any())
     working = np.array(
         [
@@ -266,7 +273,6 @@ def demand_bytes(
         np.maximum(demand, (allowance * (1.0 + grow)).astype(np.int64)),
         allowance + GROW_MIN_BYTES,
     )
-    in_use = np.array([_in_use_bytes(g) for g in guests], dtype=np.int64)
     kept = np.maximum(demand, np.minimum(in_use, allowance))
     # A quiet guest wants no more than it may use now: were it short, it would
     # stall. Its working set's headroom above that is a guess, and serving the guess
@@ -472,7 +478,7 @@ class DemandPolicy:
         short = stalls >= STALL_THRESHOLD
         working = np.array([g.working_set_bytes for g in views], dtype=np.int64)
         used = headroom_bytes(working, contended=False)
-        demand = demand_bytes(views, stalls, rescue=self.rescue)
+        demand = demand_bytes(views, stalls, in_use=guests.in_use, rescue=self.rescue)
         runway = runway_bytes(demand, guests, self._growth_bytes_per_s(snapshot, names, guests))
         turns = self._load.update(snapshot.time_s, views, stalls.tolist())
         if turns.holder is not None:
