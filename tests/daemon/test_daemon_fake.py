@@ -21,6 +21,7 @@ from balloonist.daemon.vm_life import VmLife
 from balloonist.errors import ConfigError, TransientBackendError
 from balloonist.host import HostMemInfo, parse_meminfo
 from balloonist.model import HostHeld
+from balloonist.policy.demand import DEFAULT_MARGIN_FRACTION
 from balloonist.qemu.qmp import GuestStats
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
 from tests.daemon.fakes import HOST, FakeMemoryHost, FakeVm, make
@@ -87,15 +88,16 @@ def test_a_restart_starts_from_where_the_guests_are(tmp_path: Path) -> None:
 def test_a_host_short_of_memory_of_its_own_makes_the_guests_give_some_back(
     tmp_path: Path,
 ) -> None:
-    # Within budget (2 of 4 GiB held) but the host has only 16 MiB available: the VMs
-    # share 2 GiB + 16 MiB, less than the guests hold with 6 % kept free.
-    short = HostMemInfo(8 * GIB, 16 * MIB, 0, 0)
+    # Within budget (2 of 4 GiB held) but the host has less available than the policy's
+    # margin: the VMs share 2 GiB and a little, less than they hold with the margin free.
+    held = 2 * GIB
+    short = HostMemInfo(8 * GIB, int(held * DEFAULT_MARGIN_FRACTION) // 2, 0, 0)
     for host, reclaims in ((HOST, False), (short, True)):
-        vms = {name: FakeVm(1 * GIB, 1 * GIB, used=100 * MIB) for name in ("a", "b")}
+        vms = {name: FakeVm(held // 2, held // 2, used=100 * MIB) for name in ("a", "b")}
         daemon = make(tmp_path / str(reclaims), vms, budget="4GiB", host=host)
         for _ in range(10):
             daemon.step()
-        shrunk = any(vm.actual < 1 * GIB for vm in vms.values())
+        shrunk = any(vm.actual < held // 2 for vm in vms.values())
         assert shrunk == reclaims
 
 
