@@ -38,7 +38,9 @@ they once used. This policy starts from demand instead:
    up to the host less a small margin (``DEFAULT_MARGIN_FRACTION``). Pages a guest holds
    are taken only where no other guest's surplus from the last pass covers them
    (``defer_squeezes``). When two or more guests thrash at once they take turns
-   instead of all thrashing together (``policy/loadcontrol.py``).
+   instead of all thrashing together (``policy/loadcontrol.py``); the holder of a
+   turn may grow to its limit while it stalls, and wants only what it uses once it
+   does not.
 3. **Balloon registers** partition the host: a guest may use at most
    ``memory - register`` and the allocations add up to the host less a small margin,
    so a guest whose demand jumps pages inside itself (its own choice of victims),
@@ -487,10 +489,13 @@ class DemandPolicy:
             # other guest wants (defer_squeezes, below).
             held_back = np.array([n in turns.held_back for n in names], dtype=np.bool_)
             holder = np.array([n == turns.holder for n in names], dtype=np.bool_)
-            demand = np.where(held_back, 0, np.where(holder, guests.memory, demand))
+            # A holder that stalls may grow to its limit; one that has stopped
+            # stalling wants what it uses, and the rest goes to the others by shares.
+            holder_wants = np.where(stalls >= STALL_KEEP_THRESHOLD, guests.memory, demand)
+            demand = np.where(held_back, 0, np.where(holder, holder_wants, demand))
             used = np.where(held_back, 0, used)
             runway = np.where(held_back, 0, np.maximum(runway, demand))
-            short = (short | holder) & ~held_back
+            short = (short | (holder & (stalls >= STALL_KEEP_THRESHOLD))) & ~held_back
         allocations = allocations_bytes(guests, demand, short, runway, used, available)
         # A stalled guest wants all it is given: its demand was only a step.
         wanted = np.where(short, guests.maxes, np.clip(runway, guests.mins, guests.maxes))

@@ -12,6 +12,13 @@ it may grow as far as it needs. A turn lasts ``TURN_S`` seconds scaled by the gu
 shares over the thrashing guests' mean, then passes on; turns stop when fewer than two
 guests thrash. Shares still decide: a guest's turns are longer in proportion.
 
+A holder that still thrashes once its memory has stopped growing does not fit even
+with everything the turn gives it: its turn ends there, and it comes last for turns
+until it leaves the group. A turn whose holder fits is renewed while every other
+guest in the group is one that does not fit: passing the turn would only make both
+thrash (suite-3-47: a 333 MiB scan with 7.6x the shares could never fit the 197 MiB
+host, and its turns held back a guest that 53 MiB made a hundred times faster).
+
 Pure: the state is the turn and each guest's counters; ``update`` takes the period's
 views and returns which guests are held back and which one has the turn.
 """
@@ -23,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from balloonist.model import GuestView
+from balloonist.units import MIB
 
 __all__ = [
+    "GROWN_BYTES",
     "OUTGROWN_FRACTION",
     "QUIET_STALL",
     "THRASH_PERIODS",
@@ -43,6 +52,9 @@ QUIET_STALL: Final = 0.05
 #: A quiet holder whose recent working set is below this share of what it holds has
 #: outgrown its turn (:meth:`LoadControl._outgrown`).
 OUTGROWN_FRACTION: Final = 0.5
+#: A holder whose memory grew by less than this in a period did not grow (a real
+#: guest's count moves by a few pages).
+GROWN_BYTES: Final = 1 * MIB
 #: A turn at mean shares: long enough that moving a working set in and out (a few
 #: seconds per 100 MiB at swap speeds) is a small part of it.
 TURN_S: Final = 30.0
@@ -76,6 +88,9 @@ class LoadControl:
     _quiet: dict[str, int] = field(default_factory=dict)  # periods quiet in a row
     _service_s: dict[str, float] = field(default_factory=dict)  # turn time per guest
     _window_bytes: dict[str, int] = field(default_factory=dict)  # last closed window's count
+    _no_fit: set[str] = field(default_factory=set)  # thrashed at all their turn gave them
+    _holder_peak_bytes: int = 0  # the most the holder has held in its turn
+    _stuck: int = 0  # periods in a row the holder thrashed without growing
     _last_s: float | None = None
 
     def update(self, time_s: float, views: Sequence[GuestView], stalls: Sequence[float]) -> Turns:
@@ -86,25 +101,51 @@ class LoadControl:
         self._count(views, stalls)
         if self._holder is not None:
             self._service_s[self._holder] = self._service_s.get(self._holder, 0.0) + elapsed
-            if (
-                self._holder not in present
-                or self._expired(time_s, present)
-                or self._outgrown(present[self._holder])
-            ):
-                self._holder = None  # the turn is over: the holder rejoins the others
+            self._end_turn(time_s, present, {v.name: s for v, s in zip(views, stalls, strict=True)})
         self._group = {
             n
             for n in self._group | {n for n, k in self._hot.items() if k >= THRASH_PERIODS}
             if n in present and (n == self._holder or self._quiet.get(n, 0) < THRASH_PERIODS)
         }
+        self._no_fit &= self._group  # one that left the group may fit next time
         if len(self._group) < 2:
             self._holder = None
             return Turns()
         if self._holder is None:
-            others = [present[n] for n in self._group]
-            self._holder = min(others, key=self._priority).name
+            fitting = [present[n] for n in self._group if n not in self._no_fit]
+            candidates = fitting or [present[n] for n in self._group]
+            self._holder = min(candidates, key=self._priority).name
             self._started_s = time_s
+            self._holder_peak_bytes, self._stuck = 0, 0
         return Turns(self._holder, frozenset(self._group - {self._holder}))
+
+    def _end_turn(
+        self, time_s: float, present: dict[str, GuestView], stalls: dict[str, float]
+    ) -> None:
+        """End the holder's turn if it is over (see the module docstring)."""
+        assert self._holder is not None
+        holder = present.get(self._holder)
+        if holder is None or self._outgrown(holder):
+            self._holder = None
+        elif self._does_not_fit(holder, stalls[holder.name]):
+            self._no_fit.add(holder.name)
+            self._holder = None
+        elif self._expired(time_s, present):
+            others = self._group - {holder.name}
+            if others and others <= self._no_fit:
+                self._started_s = time_s  # nobody else can use the turn
+            else:
+                self._holder = None  # the turn is over: the holder rejoins the others
+
+    def _does_not_fit(self, holder: GuestView, stall: float) -> bool:
+        """The holder thrashed ``THRASH_PERIODS`` periods in a row while it held no
+        more than it had held before in its turn: it got all it will get, and it is
+        not enough."""
+        held = holder.sample.allocated_bytes
+        grew = held > self._holder_peak_bytes + GROWN_BYTES
+        self._holder_peak_bytes = max(self._holder_peak_bytes, held)
+        self._stuck = 0 if grew or stall < THRASH_STALL else self._stuck + 1
+        return self._stuck >= THRASH_PERIODS
 
     def _count(self, views: Sequence[GuestView], stalls: Sequence[float]) -> None:
         hot, quiet = self._hot, self._quiet
