@@ -491,11 +491,11 @@ class DemandPolicy:
             holder = np.array([n == turns.holder for n in names], dtype=np.bool_)
             # A holder that stalls may grow to its limit; one that has stopped
             # stalling wants what it uses, and the rest goes to the others by shares.
-            holder_wants = np.where(stalls >= STALL_KEEP_THRESHOLD, guests.memory, demand)
-            demand = np.where(held_back, 0, np.where(holder, holder_wants, demand))
+            growing = holder & (stalls >= STALL_KEEP_THRESHOLD)
+            demand = np.where(held_back, 0, np.where(growing, guests.memory, demand))
             used = np.where(held_back, 0, used)
             runway = np.where(held_back, 0, np.maximum(runway, demand))
-            short = (short | (holder & (stalls >= STALL_KEEP_THRESHOLD))) & ~held_back
+            short = (short | growing) & ~held_back
         allocations = allocations_bytes(guests, demand, short, runway, used, available)
         # A stalled guest wants all it is given: its demand was only a step.
         wanted = np.where(short, guests.maxes, np.clip(runway, guests.mins, guests.maxes))
