@@ -247,6 +247,14 @@ class GuestSample:
     #: What the host's own accounting says it holds; None where the backend cannot
     #: read it (the simulator's ``allocated_bytes`` is already the host's count).
     host: HostHeld | None = None
+    #: What the guest holds in its own swap (pages it wrote out and may want back);
+    #: None where the guest does not report it.
+    swap_used_bytes: int | None = None
+    #: Whether the host can hold this guest to its allocation by paging it itself,
+    #: its balloon deflated (``GuestTarget.host_capped``): the host has swap and the
+    #: guest's memory is its to page. The simulator's host can; the daemon does not
+    #: offer it yet (its host paging caps only guests without a working balloon).
+    host_cappable: bool = False
 
 
 @dataclass(frozen=True)
@@ -327,6 +335,10 @@ class GuestTarget:
     allocation_bytes: int  # machine memory the guest should end up with
     balloon_bytes: int  # value for the balloon register
     cpu: CpuTarget | None = None  # its processors, when they are shared
+    #: The host, not the balloon, holds the guest to ``allocation_bytes``: its
+    #: balloon is deflated (``balloon_bytes`` 0) and the host pages it past its
+    #: allocation. Only for a guest whose sample says ``host_cappable``.
+    host_capped: bool = False
 
 
 @dataclass(frozen=True)

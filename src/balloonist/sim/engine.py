@@ -84,7 +84,8 @@ S_STALLED_NS = 19  # the time those slices lost, waiting for memory (nanoseconds
 S_REPORTED = 20  # machine pages returned to the host by free page reporting
 S_OLD_LEN = 21  # entries in the victim queue
 S_OLD_AT = 22  # the stamp count when the queue was filled
-N_SCALARS = 23
+S_HOST_RECLAIM = 23  # host page-outs made in the guest's own faults: it waited for them
+N_SCALARS = 24
 
 # Indices into the cost array (seconds).
 C_REF = 0
@@ -346,6 +347,7 @@ def _back_frame(f, st, p2v, pstate, rng, host, lim, costs):  # type: ignore[no-u
         # No machine page to grant: the host pages out one of this guest's own.
         if lim[3] == 0 or not _host_page_out(st, p2v, pstate, rng, host, f):
             return -1.0
+        st[S_HOST_RECLAIM] += 1
         cost += costs[C_HOST_SWAP_OUT]
     if state == HOST_SWAPPED:
         st[S_HOST_SWAPPED] -= 1

@@ -133,7 +133,8 @@ class GuestMemory:
     def memory_stall_s(self) -> float:
         """Seconds this guest's workload has waited on memory so far, as PSI counts
         them: pages read back from its swap or the host's, the pages its own faults
-        had to write out first (Linux counts direct reclaim as a memory stall), and
+        had to write out first, to its swap or the host's (Linux counts direct reclaim
+        as a memory stall; a vCPU waits just the same for the host's), and
         the time it could not run at all for want of a frame or a machine page (a
         real guest would be thrashing or hung there). A first touch, served from
         zeroed memory, is no stall; nor are the writes the balloon's own allocations
@@ -144,6 +145,7 @@ class GuestMemory:
             st[e.S_MAJOR] * c[e.C_SWAP_IN]
             + st[e.S_HOST_SWAP_IN] * c[e.C_HOST_SWAP_IN]
             + reclaim * c[e.C_SWAP_OUT]
+            + st[e.S_HOST_RECLAIM] * c[e.C_HOST_SWAP_OUT]
             + st[e.S_STALLED_NS] * 1e-9
         )
 
@@ -157,9 +159,15 @@ class GuestMemory:
             e.mark_samples(sample_pages, self.st, self.pstate, self.p2v, self.sampled, self.rng)
         )
 
-    def sample(self, inflate_rate_bytes_per_s: float | None, cpu: CpuSample | None) -> GuestSample:
+    def sample(
+        self,
+        inflate_rate_bytes_per_s: float | None,
+        cpu: CpuSample | None,
+        *,
+        host_cappable: bool = False,
+    ) -> GuestSample:
         """What the host observes of the guest now; a closed window's estimate is
-        handed over once."""
+        handed over once. ``host_cappable``: the host has swap to page it with."""
         observed = None
         if self.observed_pages is not None:
             observed = self.observed_pages * PAGE_SIZE_BYTES
@@ -181,6 +189,8 @@ class GuestMemory:
             inflate_rate_bytes_per_s=inflate_rate_bytes_per_s,
             cpu=cpu,
             host=self._host_held(),
+            swap_used_bytes=int(self.st[e.S_SWAP_USED]) * PAGE_SIZE_BYTES,
+            host_cappable=host_cappable,
         )
 
     def _host_held(self) -> HostHeld | None:

@@ -33,6 +33,19 @@ class Targets:
     mechanisms: Mechanisms
     #: What the instant mover balloons each guest to (every guest, driver or not).
     balloon_pages: I64
+    #: The guests the host holds to their allocation itself (``GuestTarget.host_capped``):
+    #: it pages them whatever the mechanisms say.
+    host_capped: npt.NDArray[np.bool_]
+
+    @classmethod
+    def at_limits(cls, limit_pages: I64, frames: I64) -> Targets:
+        """Before the first decision: every guest at its limit, ballooned there."""
+        return cls(
+            allocation_pages=limit_pages.copy(),
+            mechanisms=Mechanisms(balloon=True),
+            balloon_pages=frames - limit_pages,
+            host_capped=np.zeros(len(limit_pages), dtype=np.bool_),
+        )
 
 
 class HostControl:
@@ -94,7 +107,7 @@ class HostControl:
             [m.spec.balloon and mech.balloon for m in self._guests], dtype=np.bool_
         )
         allowed = (emergency or mech.host_paging) & (mech.host_paging_ballooned | ~ballooned)
-        pageable: npt.NDArray[np.bool_] = np.broadcast_to(allowed, ballooned.shape).copy()
+        pageable: npt.NDArray[np.bool_] = np.broadcast_to(allowed, ballooned.shape) | t.host_capped
         return pageable
 
     def page_out(self, t: Targets, slice_s: float, first: int) -> None:
@@ -103,7 +116,7 @@ class HostControl:
         The bandwidth is shared in turn from guest ``first`` on (the caller rotates
         it), so no guest is always paged first.
         """
-        if not t.mechanisms.host_paging:
+        if not (t.mechanisms.host_paging or t.host_capped.any()):
             return
         swap_out_s = float(self._costs[e.C_HOST_SWAP_OUT])
         budget = int(slice_s / swap_out_s) if swap_out_s > 0 else 1 << 30

@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from balloonist.driver import BalloonDriver, UnitRange
 from balloonist.errors import GuestProtocolError, SimulationError, Violation
-from balloonist.model import Decision, GuestSample, GuestSpec, HostReading, Mechanisms
+from balloonist.model import Decision, GuestSample, GuestSpec, HostReading
 from balloonist.rate import AdaptiveRate, RateLimits
 from balloonist.sim import engine as e
 from balloonist.sim.cpu_balloon import SimCpus
@@ -187,11 +187,8 @@ class SimMachine:
             for m in self.guests
         ]
         self._mover = InstantMover(self.guests) if moves is MoveModel.INSTANT else None
-        self._targets = Targets(
-            allocation_pages=self.limit_pages.copy(),
-            mechanisms=Mechanisms(balloon=True),
-            balloon_pages=np.array([m.frames for m in self.guests], dtype=np.int64)
-            - self.limit_pages,
+        self._targets = Targets.at_limits(
+            self.limit_pages, np.array([m.frames for m in self.guests], dtype=np.int64)
         )
         self._slice_start = 0
         self._periods_run = 0
@@ -293,22 +290,24 @@ class SimMachine:
         for m, driver in zip(self.guests, self.drivers, strict=True):
             rate = None if driver is None else driver.rate.step_units * per_period
             cpu = None if self.cpus is None else self.cpus.sample(m.spec.name)
-            out.append(m.sample(rate, cpu))
+            out.append(m.sample(rate, cpu, host_cappable=self.host_swap_pages > 0))
         return out
 
     def apply(self, decision: Decision) -> None:
         by_name = decision.by_name()
         alloc = self._targets.allocation_pages.copy()
         balloons = self._targets.balloon_pages.copy()
+        capped = self._targets.host_capped.copy()
         for i, m in enumerate(self.guests):
             target = by_name.get(m.spec.name)
             if target is None:
                 continue
             alloc[i] = bytes_to_pages(target.allocation_bytes)
             balloons[i] = bytes_to_pages(target.balloon_bytes)
+            capped[i] = target.host_capped and self.host_swap_pages > 0
             if decision.mechanisms.balloon and m.spec.balloon:
                 m.register_pages = _register_pages(m, bytes_to_pages(target.balloon_bytes))
-        self._targets = Targets(alloc, decision.mechanisms, balloons)
+        self._targets = Targets(alloc, decision.mechanisms, balloons, capped)
         if self.cpus is not None:
             self.cpus.apply(by_name)
 
