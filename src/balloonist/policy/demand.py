@@ -53,6 +53,10 @@ they once used. This policy starts from demand instead:
 Guests without a balloon driver, or whose balloon stopped following its register,
 can only be held to their allocation by host paging, which this policy allows in the
 HARD and LOW host states, for them alone (``Mechanisms.host_paging_ballooned`` off).
+A guest that cannot work ballooned under its own limit (a scan just past what the
+limit leaves it) may be held there by the host instead, where a trial measures that
+it works better (``policy/limitpaging.py``): its balloon deflates, and its target
+asks the host to page it past its allocation (``GuestTarget.host_capped``).
 LOW also stops guests above their target from taking more machine memory, as ESX
 does; the margin is small, so a host whose memory is all handed out sits there.
 Processors are shared as the shares policy shares them
@@ -79,6 +83,7 @@ from balloonist.model import (
     Snapshot,
 )
 from balloonist.policy.growth import UseGrowth
+from balloonist.policy.limitpaging import LimitPaging
 from balloonist.policy.loadcontrol import LoadControl
 from balloonist.policy.shares import (
     DEFAULT_TAX_RATE,
@@ -165,7 +170,11 @@ class _Guests:
     ballooned: npt.NDArray[np.bool_]  # has one, and it follows its register
 
     @classmethod
-    def of(cls, guests: Sequence[GuestView]) -> _Guests:
+    def of(cls, guests: Sequence[GuestView], host_capped: frozenset[str] = frozenset()) -> _Guests:
+        """``host_capped``: guests the host holds to their allocation by paging them
+        (``policy/limitpaging.py``): their balloons are left deflated, as if they had
+        none."""
+
         def ints(values: list[int]) -> I64:
             return np.array(values, dtype=np.int64)
 
@@ -178,9 +187,15 @@ class _Guests:
             mins=ints([g.spec.min_bytes for g in guests]),
             maxes=ints([g.spec.limit_bytes for g in guests]),
             shares=np.array([float(g.spec.shares) for g in guests], dtype=np.float64),
-            driver=np.array([g.spec.balloon for g in guests], dtype=np.bool_),
+            driver=np.array(
+                [g.spec.balloon and g.name not in host_capped for g in guests], dtype=np.bool_
+            ),
             ballooned=np.array(
-                [g.spec.balloon and g.sample.cooperative for g in guests], dtype=np.bool_
+                [
+                    g.spec.balloon and g.sample.cooperative and g.name not in host_capped
+                    for g in guests
+                ],
+                dtype=np.bool_,
             ),
         )
 
@@ -448,6 +463,7 @@ class DemandPolicy:
         self.margin_fraction = margin_fraction
         self.rescue = rescue
         self._load = LoadControl()
+        self._limits = LimitPaging()
         self._growth = UseGrowth()
 
     @property
@@ -472,11 +488,12 @@ class DemandPolicy:
         if not views:
             return Decision(())
         host = snapshot.host
-        guests = _Guests.of(views)
         margin = int(host.memory_bytes * self.margin_fraction)
         available = host.memory_bytes - margin
         names = [g.name for g in views]
         stalls = np.array([stall_fraction(g) for g in views], dtype=np.float64)
+        capped = self._limits.update(snapshot.time_s, views, stalls.tolist())
+        guests = _Guests.of(views, capped)
         short = stalls >= STALL_THRESHOLD
         working = np.array([g.working_set_bytes for g in views], dtype=np.int64)
         used = headroom_bytes(working, contended=False)
@@ -504,7 +521,7 @@ class DemandPolicy:
         mechanisms = self._mechanisms(host.state, guests)
         cpus = cpu_targets(snapshot, self.tax_rate)
         targets = tuple(
-            GuestTarget(name, alloc, register, cpus.get(name))
+            GuestTarget(name, alloc, register, cpus.get(name), host_capped=name in capped)
             for name, alloc, register in zip(
                 names, allocations.tolist(), registers.tolist(), strict=True
             )

@@ -1,0 +1,218 @@
+"""Limits the host holds: a guest that cannot work ballooned under its limit is held
+to it by host paging instead, where that measures better.
+
+A guest's limit (``max``) is the most machine memory it may have. The balloon holds
+it there by taking pages inside the guest, whose own replacement then picks its
+victims among what its kernel leaves. For most working sets that is the better way:
+the guest knows what it uses, while the host pages blind and pays more per fault.
+But a working set just past what the limit leaves may keep nothing under the
+guest's algorithm (a scan one page larger than its memory misses every reference
+under LRU). The host, capping the guest at the same limit with its balloon
+deflated, pages at random: random victims keep part of a scan, and they take the
+kernel's cold pages too, so the whole limit holds the workload. ESX holds limits by
+swapping as well as ballooning, and the oracle weighs the same choice
+(``sim/oracle.py``).
+
+The choice is measured, not guessed. A guest is *tried* host-capped when, for
+``TRIAL_AFTER`` periods in a row, it held its limit and stalled on memory at least
+``TRIAL_STALL`` of its time, and its whole footprint (what it holds and what it wrote
+to its own swap) fits its memory with ``FIT_MARGIN`` to spare (deflated, it then never
+has to evict, so it never writes out a page the host paged: no double paging) and
+its limit holds ``LIMIT_HOLDS`` of it (the host's random victims keep about the share
+of a footprint its cap holds; a scan far past the limit gains little). If
+its work time (1 - stall) over the last ``MEASURE_PERIODS`` of the ``TRIAL_PERIODS``
+trial is at least what it was before (``KEEP_GAIN``), it stays capped: going back
+costs more than a draw, since the balloon inflating again makes the guest evict, and
+some of its victims are pages the host paged. If it worked less, its balloon comes
+back, and it is tried again only after a backoff that doubles each time. A capped
+guest follows its allocation (the host pages it down when the policy gives it less)
+and goes back to its balloon when it writes pages out to its own swap (it grew past
+its memory: its victims may be pages the host paged, and the balloon stops that in
+one move), or when it no longer can be capped (its limit was lifted, the host lost
+its swap, the balloon stopped cooperating).
+
+Pure: ``update`` takes the period's views and stall fractions and returns the
+guests the host holds this period; each guest's state is a :class:`Mode` with
+checked transitions.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from balloonist.model import GuestView
+from balloonist.units import MIB
+
+__all__ = [
+    "BACKOFF_S",
+    "EVICTED_BYTES",
+    "FIT_MARGIN",
+    "KEEP_GAIN",
+    "LIMIT_HOLDS",
+    "MEASURE_PERIODS",
+    "TRIAL_AFTER",
+    "TRIAL_PERIODS",
+    "TRIAL_STALL",
+    "LimitPaging",
+    "Mode",
+]
+
+#: A guest stalled this share of its time at its limit misses nearly every reference
+#: (a miss costs ~120 references at the simulator's costs): its replacement keeps
+#: nothing of what it touches, which the host's random victims can beat. One that
+#: misses a third (a uniform set half again its limit) misses as many under the
+#: host: a draw at best, and going back pages twice (suite-4-89 at 0.9).
+TRIAL_STALL: Final = 0.98
+#: ...for this many periods in a row: not a working set moving in.
+TRIAL_AFTER: Final = 5
+#: A trial long enough for the balloon to deflate, the guest to read its pages back
+#: and the host to find the kernel's cold pages...
+TRIAL_PERIODS: Final = 15
+#: ...measured over its last periods, once that has settled.
+MEASURE_PERIODS: Final = 5
+#: Capped, the guest must work at least this many times as much as it did ballooned.
+KEEP_GAIN: Final = 1.0
+#: The share of its memory a guest's footprint must leave free to be tried: room for
+#: a working set that still grows.
+FIT_MARGIN: Final = 0.05
+#: The share of its footprint its limit must hold to be tried: the host's random
+#: victims keep about that share of what it touches, so a scan a third past its
+#: limit works a quarter of the time, four times what a balloon leaves it. Below, the
+#: gain is small and slow to show, and a failed trial pages twice on the way back
+#: (suite-2-40: a CLOCK scan 1.6x its limit worked about as little capped).
+LIMIT_HOLDS: Final = 0.75
+#: A guest whose swap grew by more than this in a period wrote pages out.
+EVICTED_BYTES: Final = 1 * MIB
+#: A guest holding this close to its limit holds it.
+AT_LIMIT_BYTES: Final = 4 * MIB
+#: The first wait before a failed trial is tried again; it doubles each time.
+BACKOFF_S: Final = 60.0
+
+
+class Mode(enum.Enum):
+    """How a guest's limit is held."""
+
+    BALLOONED = "ballooned"  # by its balloon (the default)
+    TRIAL = "trial"  # by the host, while measuring whether that is better
+    CAPPED = "capped"  # by the host: the trial showed it works better
+
+    @property
+    def host_capped(self) -> bool:
+        return self is not Mode.BALLOONED
+
+
+_ALLOWED: Final = {
+    Mode.BALLOONED: {Mode.TRIAL},
+    Mode.TRIAL: {Mode.BALLOONED, Mode.CAPPED},
+    Mode.CAPPED: {Mode.BALLOONED},
+}
+
+
+@dataclass
+class _Guest:
+    """One guest's state: its mode, the counts that decide the next, and its backoff."""
+
+    mode: Mode = Mode.BALLOONED
+    stalls: list[float] = field(default_factory=list)  # this mode's stall, per period
+    ballooned_stall: float = 0.0  # the mean stall that started the trial
+    swap_used_bytes: int = 0  # its swap at the last period
+    retry_s: float = 0.0  # no trial before this time
+    backoff_s: float = BACKOFF_S
+
+    def to(self, mode: Mode) -> None:
+        if mode not in _ALLOWED[self.mode]:
+            raise ValueError(f"limit paging cannot go from {self.mode.value} to {mode.value}")
+        self.mode, self.stalls = mode, []
+
+
+def cappable(view: GuestView) -> bool:
+    """The host can hold the guest to its limit: it has a limit below its memory, a
+    balloon that follows its register, and the host can page it; and it reports its
+    swap, so its footprint can be checked."""
+    s = view.sample
+    return (
+        view.spec.balloon
+        and s.cooperative
+        and s.host_cappable
+        and s.swap_used_bytes is not None
+        and view.spec.limit_bytes < view.spec.memory_bytes
+    )
+
+
+def worth_trying(view: GuestView) -> bool:
+    """Its whole footprint, held and swapped, fits its memory with the margin, and its
+    limit holds ``LIMIT_HOLDS`` of it."""
+    s = view.sample
+    footprint = s.allocated_bytes + (s.swap_used_bytes or 0)
+    return (
+        footprint <= view.spec.memory_bytes * (1.0 - FIT_MARGIN)
+        and view.spec.limit_bytes >= LIMIT_HOLDS * footprint
+    )
+
+
+@dataclass
+class LimitPaging:
+    """Which guests the host holds to their limits (see the module docstring)."""
+
+    _guests: dict[str, _Guest] = field(default_factory=dict)
+
+    def mode(self, name: str) -> Mode:
+        state = self._guests.get(name)
+        return Mode.BALLOONED if state is None else state.mode
+
+    def update(
+        self, time_s: float, views: Sequence[GuestView], stalls: Sequence[float]
+    ) -> frozenset[str]:
+        """The guests host-capped this period; ``stalls`` is each guest's stall fraction."""
+        names = {v.name for v in views}
+        for gone in [n for n in self._guests if n not in names]:
+            del self._guests[gone]
+        for view, stall in zip(views, stalls, strict=True):
+            state = self._guests.setdefault(view.name, _Guest())
+            if not cappable(view):
+                if state.mode.host_capped:
+                    state.to(Mode.BALLOONED)
+                state.stalls = []
+                continue
+            swap = view.sample.swap_used_bytes or 0
+            evicted = swap > state.swap_used_bytes + EVICTED_BYTES
+            state.swap_used_bytes = swap
+            self._step(time_s, view, stall, state, evicted=evicted)
+        return frozenset(n for n, s in self._guests.items() if s.mode.host_capped)
+
+    def _step(
+        self, time_s: float, view: GuestView, stall: float, state: _Guest, *, evicted: bool
+    ) -> None:
+        """One period of one guest that can be capped; ``evicted``: it wrote pages out
+        to its swap in the period (judged once its balloon deflated, which is what
+        ends the evictions it made)."""
+        evicts = evicted and view.sample.balloon_bytes == 0
+        if state.mode is Mode.BALLOONED:
+            at_limit = view.sample.allocated_bytes >= view.spec.limit_bytes - AT_LIMIT_BYTES
+            thrashing = at_limit and stall >= TRIAL_STALL and worth_trying(view)
+            state.stalls = [*state.stalls, stall] if thrashing else []
+            if len(state.stalls) >= TRIAL_AFTER and time_s >= state.retry_s:
+                state.ballooned_stall = sum(state.stalls) / len(state.stalls)
+                state.to(Mode.TRIAL)
+        elif state.mode is Mode.TRIAL:
+            state.stalls.append(stall)
+            if evicts:
+                self._fail(time_s, state)
+            elif len(state.stalls) >= TRIAL_PERIODS:
+                measured = state.stalls[-MEASURE_PERIODS:]
+                work = 1.0 - sum(measured) / len(measured)
+                if work >= KEEP_GAIN * (1.0 - state.ballooned_stall):
+                    state.to(Mode.CAPPED)
+                else:
+                    self._fail(time_s, state)
+        elif evicts:
+            state.to(Mode.BALLOONED)
+
+    @staticmethod
+    def _fail(time_s: float, state: _Guest) -> None:
+        state.to(Mode.BALLOONED)
+        state.retry_s = time_s + state.backoff_s
+        state.backoff_s *= 2.0

@@ -1,0 +1,157 @@
+"""Limit paging: a guest that cannot work ballooned under its limit is tried held there
+by the host, kept so only if it measures better, and never when that could double
+page."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from balloonist.model import GuestView, MemoryPressure
+from balloonist.policy.demand import DemandPolicy
+from balloonist.policy.limitpaging import (
+    BACKOFF_S,
+    MEASURE_PERIODS,
+    TRIAL_AFTER,
+    TRIAL_PERIODS,
+    LimitPaging,
+    Mode,
+    _Guest,
+)
+from balloonist.units import MIB
+
+from .snapshots import guest, snapshot
+
+
+def _at_limit(
+    *,
+    stall: float = 0.99,
+    swap_mib: int | None = 20,
+    free_mib: int = 0,
+    balloon_mib: int = 60,
+    cappable: bool = True,
+    max_mib: int | None = 76,
+) -> GuestView:
+    """A 140 MiB guest held at a 76 MiB limit (by default), stalling ``stall`` of its
+    time, ``swap_mib`` in its own swap."""
+    view = guest(
+        "g",
+        memory_mib=140,
+        max_mib=max_mib,
+        register_mib=balloon_mib,
+        allocated_mib=76,
+        free_mib=free_mib,
+    )
+    sample = dataclasses.replace(
+        view.sample,
+        swap_used_bytes=None if swap_mib is None else swap_mib * MIB,
+        host_cappable=cappable,
+    )
+    return dataclasses.replace(view, sample=sample, pressure=MemoryPressure(1000.0, stall))
+
+
+def _run(paging: LimitPaging, view: GuestView, start_s: float, periods: int) -> frozenset[str]:
+    capped: frozenset[str] = frozenset()
+    for k in range(periods):
+        capped = paging.update(start_s + k, [view], [view.pressure.stall_fraction or 0.0])  # type: ignore[union-attr]
+    return capped
+
+
+def _capped(stall: float, swap_mib: int = 20) -> GuestView:
+    """The guest host-capped: its balloon deflated, memory to spare, ``stall``."""
+    return _at_limit(stall=stall, balloon_mib=0, free_mib=40, swap_mib=swap_mib)
+
+
+def test_a_guest_thrashing_at_its_limit_is_tried_host_capped_and_kept_if_it_works_better() -> None:
+    paging = LimitPaging()
+    assert _run(paging, _at_limit(), 0.0, TRIAL_AFTER - 1) == frozenset()
+    assert _run(paging, _at_limit(), TRIAL_AFTER - 1, 1) == {"g"}
+    assert paging.mode("g") is Mode.TRIAL
+    # the trial's first periods, still refilling, do not count; its last ones do
+    _run(paging, _capped(0.999), TRIAL_AFTER, TRIAL_PERIODS - MEASURE_PERIODS)
+    assert _run(paging, _capped(0.98), 100.0, MEASURE_PERIODS) == {"g"}
+    assert paging.mode("g") is Mode.CAPPED
+    assert _run(paging, _capped(0.1), 200.0, 50) == {"g"}  # it stays
+
+
+def test_a_trial_that_does_not_pay_ends_and_is_tried_again_after_a_doubling_backoff() -> None:
+    paging = LimitPaging()
+    _run(paging, _at_limit(), 0.0, TRIAL_AFTER)
+    assert _run(paging, _capped(0.995), TRIAL_AFTER, TRIAL_PERIODS) == frozenset()
+    assert paging.mode("g") is Mode.BALLOONED
+    failed_s = TRIAL_AFTER + TRIAL_PERIODS - 1
+    # ballooned again and thrashing, but not tried before the backoff is over
+    assert _run(paging, _at_limit(), failed_s + 1, int(BACKOFF_S) - 1) == frozenset()
+    assert _run(paging, _at_limit(), failed_s + BACKOFF_S, 1) == {"g"}
+    second_s = failed_s + BACKOFF_S + TRIAL_PERIODS
+    _run(paging, _capped(0.995), failed_s + BACKOFF_S + 1, TRIAL_PERIODS)
+    assert _run(paging, _at_limit(), second_s + 1, int(2 * BACKOFF_S) - 1) == frozenset()
+    assert _run(paging, _at_limit(), second_s + 2 * BACKOFF_S, 1) == {"g"}
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        _at_limit(swap_mib=70),  # 76 held + 70 swapped: deflated, it would have to evict
+        _at_limit(swap_mib=40),  # 76 held + 40 swapped: the host would keep too little
+        _at_limit(swap_mib=None),  # its footprint is unknown
+        _at_limit(cappable=False),  # the host cannot page it
+        _at_limit(max_mib=None),  # no limit: the balloon holds it for the host alone
+        _at_limit(stall=0.5),  # short, but working: the balloon's choice of victims wins
+    ],
+    ids=[
+        "footprint",
+        "far-past-the-limit",
+        "no-swap-figure",
+        "not-cappable",
+        "no-limit",
+        "not-thrashing",
+    ],
+)
+def test_a_guest_is_never_tried_where_it_could_double_page_or_gains_little(
+    view: GuestView,
+) -> None:
+    paging = LimitPaging()
+    assert _run(paging, view, 0.0, 5 * TRIAL_AFTER) == frozenset()
+
+
+def test_a_capped_guest_that_writes_to_its_swap_goes_back_to_its_balloon() -> None:
+    paging = LimitPaging()
+    _run(paging, _at_limit(), 0.0, TRIAL_AFTER)
+    _run(paging, _capped(0.1), TRIAL_AFTER, TRIAL_PERIODS)
+    assert paging.mode("g") is Mode.CAPPED
+    # its memory full, free memory low: still capped while it evicts nothing
+    full = _at_limit(stall=0.1, balloon_mib=0, free_mib=1, swap_mib=20)
+    assert _run(paging, full, 100.0, 10) == {"g"}
+    # it wrote 2 MiB out: it grew past its memory
+    assert _run(paging, _capped(0.1, swap_mib=22), 110.0, 1) == frozenset()
+    assert paging.mode("g") is Mode.BALLOONED
+
+
+def test_a_trial_guest_whose_balloon_is_still_deflating_is_judged_by_its_work_only() -> None:
+    paging = LimitPaging()
+    _run(paging, _at_limit(swap_mib=20), 0.0, TRIAL_AFTER)
+    # its balloon still holds pages, so evictions are the balloon's: not the guest growing
+    deflating = _at_limit(balloon_mib=30, swap_mib=30)
+    assert _run(paging, deflating, TRIAL_AFTER, 3) == {"g"}
+
+
+def test_modes_change_only_along_the_allowed_transitions() -> None:
+    state = _Guest()
+    with pytest.raises(ValueError, match="ballooned to capped"):
+        state.to(Mode.CAPPED)
+
+
+def test_the_demand_policy_deflates_a_capped_guests_balloon_and_asks_the_host_to_hold_it() -> None:
+    policy = DemandPolicy()
+    other = guest("h", memory_mib=400, working_set_mib=100, allocated_mib=200)
+    decision = None
+    for k in range(TRIAL_AFTER):
+        decision = policy.decide(snapshot(_at_limit(), other, host_mib=400, time_s=float(k)))
+    assert decision is not None
+    target = decision.by_name()["g"]
+    assert target.host_capped
+    assert target.balloon_bytes == 0
+    assert target.allocation_bytes <= 76 * MIB  # the limit holds: the host holds it
+    assert not decision.by_name()["h"].host_capped
