@@ -80,9 +80,10 @@ KEEP_GAIN: Final = 1.0
 FIT_MARGIN: Final = 0.05
 #: The share of its footprint its limit must hold to be tried: the host's random
 #: victims keep about that share of what it touches, so a scan a third past its
-#: limit works a quarter of the time, four times what a balloon leaves it. Below, the
-#: gain is small and slow to show, and a failed trial pages twice on the way back
-#: (suite-2-40: a CLOCK scan 1.6x its limit worked about as little capped).
+#: limit misses a quarter of its references capped where ballooned it misses all,
+#: and does about four times the work. Below, the gain is small and slow to show,
+#: and a failed trial pages twice on the way back (suite-2-40: a CLOCK scan 1.6x its
+#: limit did about as little capped).
 LIMIT_HOLDS: Final = 0.75
 #: A guest whose swap grew by more than this in a period wrote pages out.
 EVICTED_BYTES: Final = 1 * MIB
