@@ -24,7 +24,7 @@ than once, and a slice may hold some policies only (records written with
 CPU time is reported, and their sums.
 
 A held-out suite (another seed, fewer policies) writes its figures under another
-name and its page elsewhere, e.g. ``--seed 4 --count 100 --policies
+name and its page elsewhere, e.g. ``--seed 5 --count 100 --policies
 demand,mom,proxmox,static,host-swap,oracle --name suite_heldout --page-dir
 docs/experiments/heldout --page``.
 """
