@@ -492,14 +492,15 @@ class DemandPolicy:
         available = host.memory_bytes - margin
         names = [g.name for g in views]
         stalls = np.array([stall_fraction(g) for g in views], dtype=np.float64)
-        capped = self._limits.update(snapshot.time_s, views, stalls.tolist())
+        stall_list = stalls.tolist()  # what the two stateful rules take
+        capped = self._limits.update(snapshot.time_s, views, stall_list)
         guests = _Guests.of(views, capped)
         short = stalls >= STALL_THRESHOLD
         working = np.array([g.working_set_bytes for g in views], dtype=np.int64)
         used = headroom_bytes(working, contended=False)
         demand = demand_bytes(views, stalls, in_use=guests.in_use, rescue=self.rescue)
         runway = runway_bytes(demand, guests, self._growth_bytes_per_s(snapshot, names, guests))
-        turns = self._load.update(snapshot.time_s, views, stalls.tolist())
+        turns = self._load.update(snapshot.time_s, views, stall_list)
         if turns.holder is not None:
             # Load control: the holder may grow to its limit; the others of the
             # thrashing group fall back to their reservations, keeping only what no
