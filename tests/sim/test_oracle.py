@@ -402,8 +402,10 @@ def test_phase_change_switches_the_decision_at_the_phase_time() -> None:
     guests = _phased_pair()
     oracle = _oracle(guests)
     host = (400 + 2 * 16) * MIB
-    before = _allocations_pages(oracle.decide(_snapshot(guests, host, time_s=59.0)))
-    at = _allocations_pages(oracle.decide(_snapshot(guests, host, time_s=60.0)))
+    # Each holds what it was given: a's set is worth keeping until it goes idle.
+    held = {"a": 216 * MIB, "b": 216 * MIB}
+    before = _allocations_pages(oracle.decide(_snapshot(guests, host, 59.0, held)))
+    at = _allocations_pages(oracle.decide(_snapshot(guests, host, 60.0, held)))
     assert before == {"a": KERNEL_PAGES + _pages(200), "b": KERNEL_PAGES + _pages(200)}
     assert at["b"] >= KERNEL_PAGES + _pages(300)  # the 100 MiB left go to both
     assert at["a"] + at["b"] == _pages(432)
@@ -411,11 +413,13 @@ def test_phase_change_switches_the_decision_at_the_phase_time() -> None:
 
 def test_a_period_is_valued_slice_by_slice() -> None:
     # The phase changes half-way through the period: with two slices, the second one
-    # already runs without a, and b's value counts for both halves.
+    # already runs without a, and b's value counts for both halves. (The period alone:
+    # a look-ahead would see a idle too.)
     guests = _phased_pair()
     host = (400 + 2 * 16) * MIB
-    whole = _allocations_pages(_oracle(guests).decide(_snapshot(guests, host, time_s=59.5)))
-    halves = _oracle(guests, period_s=1.0, slices_per_period=2)
+    whole_period = _oracle(guests, lookahead_s=0.0)
+    whole = _allocations_pages(whole_period.decide(_snapshot(guests, host, time_s=59.5)))
+    halves = _oracle(guests, period_s=1.0, slices_per_period=2, lookahead_s=0.0)
     split = _allocations_pages(halves.decide(_snapshot(guests, host, time_s=59.5)))
     assert whole["b"] == KERNEL_PAGES + _pages(200)
     assert split["b"] > whole["b"]
@@ -425,7 +429,8 @@ def test_a_ramp_is_planned_at_its_active_size() -> None:
     ramp = _guest("ramp", Workload(WorkloadKind.UNIFORM, _pages(400), ramp_s=40.0))
     other = _guest("other", Workload(WorkloadKind.UNIFORM, _pages(400)))
     host = (400 + 2 * 16) * MIB
-    decision = _oracle([ramp, other]).decide(_snapshot([ramp, other], host, time_s=10.0))
+    oracle = _oracle([ramp, other], lookahead_s=0.0)
+    decision = oracle.decide(_snapshot([ramp, other], host, time_s=10.0))
     # 10 s into the ramp a quarter of the set is active: it gets that, other the rest.
     assert _allocations_pages(decision) == {
         "ramp": KERNEL_PAGES + _pages(100),
@@ -437,9 +442,69 @@ def test_decisions_repeat_while_the_phases_stay() -> None:
     guests = _phased_pair()
     oracle = _oracle(guests)
     host = (400 + 2 * 16) * MIB
-    first = oracle.decide(_snapshot(guests, host, time_s=1.0))
-    assert oracle.decide(_snapshot(guests, host, time_s=59.0)) == first
-    assert oracle.decide(_snapshot(guests, host, time_s=61.0)) != first
+    held = {"a": 216 * MIB, "b": 216 * MIB}
+    first = oracle.decide(_snapshot(guests, host, 1.0, held))
+    assert oracle.decide(_snapshot(guests, host, 40.0, held)) == first
+    assert oracle.decide(_snapshot(guests, host, 61.0, held)) != first
+
+
+# --- the look-ahead ---------------------------------------------------------------------------
+
+
+def _raid_pair() -> list[SimGuest]:
+    # "a" keeps a 200 MiB zipf set; for the one second from 60 s, "b" wants 300 MiB at
+    # once, which a zipf set half its size would pay for in a period's steady state.
+    b_plan = WorkloadPlan(
+        (
+            Phase(0.0, Workload(WorkloadKind.UNIFORM, _pages(100))),
+            Phase(60.0, Workload(WorkloadKind.UNIFORM, _pages(300))),
+            Phase(61.0, Workload(WorkloadKind.UNIFORM, _pages(100))),
+        )
+    )
+    return [
+        _guest("a", Workload(WorkloadKind.ZIPF, _pages(200), skew=1.2)),
+        _guest("b", b_plan),
+    ]
+
+
+@pytest.mark.parametrize(("lookahead_s", "raided"), [(0.0, True), (10.0, False)])
+def test_a_held_cache_is_not_raided_for_a_gain_that_lasts_one_period(
+    lookahead_s: float, raided: bool
+) -> None:
+    guests = _raid_pair()
+    host = (400 + 2 * 16) * MIB
+    held = {"a": 216 * MIB, "b": 216 * MIB}
+    oracle = _oracle(guests, lookahead_s=lookahead_s)
+    pages = _allocations_pages(oracle.decide(_snapshot(guests, host, 60.0, held)))
+    assert (pages["a"] < KERNEL_PAGES + _pages(200)) == raided
+
+
+def test_a_gain_that_lasts_is_taken_at_once() -> None:
+    # The same jump, for good from 60 s: the look-ahead agrees with the period.
+    b_plan = WorkloadPlan(
+        (
+            Phase(0.0, Workload(WorkloadKind.UNIFORM, _pages(100))),
+            Phase(60.0, Workload(WorkloadKind.UNIFORM, _pages(300))),
+        )
+    )
+    guests = [_raid_pair()[0], _guest("b", b_plan)]
+    host = (400 + 2 * 16) * MIB
+    held = {"a": 216 * MIB, "b": 216 * MIB}
+    snapshot = _snapshot(guests, host, 60.0, held)
+    ahead = _oracle(guests).decide(snapshot)
+    assert ahead == _oracle(guests, lookahead_s=0.0).decide(snapshot)
+    assert _allocations_pages(ahead)["b"] >= KERNEL_PAGES + _pages(300)
+
+
+def test_the_look_ahead_stops_at_the_run_s_end() -> None:
+    # In a run that ends at 61 s, b's one-second jump is its last: nothing lies ahead.
+    guests = _raid_pair()
+    host = (400 + 2 * 16) * MIB
+    held = {"a": 216 * MIB, "b": 216 * MIB}
+    snapshot = _snapshot(guests, host, 60.0, held)
+    ending = _oracle(guests, until_s=61.0).decide(snapshot)
+    assert ending == _oracle(guests, lookahead_s=0.0).decide(snapshot)
+    assert ending != _oracle(guests).decide(snapshot)
 
 
 def test_guest_missing_from_the_snapshot_is_planned_for_but_gets_no_target() -> None:
@@ -515,6 +580,11 @@ def test_unknown_guest_in_the_snapshot_is_refused() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError, match="positive"):
         _oracle([], **kwargs)
+
+
+def test_a_negative_look_ahead_is_refused() -> None:
+    with pytest.raises(ConfigError, match="look-ahead"):
+        _oracle([], lookahead_s=-1.0)
 
 
 def test_duplicate_guest_names_are_refused() -> None:

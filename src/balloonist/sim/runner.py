@@ -47,6 +47,7 @@ def _oracle(
         fair=name == "oracle-fair",
         host_swap_pages=scenario.host_swap_bytes // PAGE_SIZE_BYTES if host_paging else 0,
         curves=curves,
+        until_s=scenario.duration_s,
     )
 
 
