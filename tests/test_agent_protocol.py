@@ -4,6 +4,7 @@ can put on a line is refused with ProtocolError, never another exception (fuzzed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from typing import Any
 
@@ -47,7 +48,7 @@ guest_messages = st.one_of(
     st.builds(
         wire.Hello,
         seq=seqs,
-        version=st.just(1),
+        version=st.sampled_from(wire.VERSIONS),
         agent=text,
         page_size=st.just(4096),
         token=st.text("0123456789abcdef", min_size=16, max_size=16),
@@ -66,12 +67,14 @@ guest_messages = st.one_of(
         refaults=counters,
         swap_in_pages=counters,
         swap_out_pages=counters,
+        psi_some_total_us=st.integers(-1, wire.MAX_COUNTER),
+        swap_used_bytes=st.integers(0, 1 << 50),
     ),
     st.builds(wire.Error, seq=seqs, code=st.sampled_from(sorted(wire.ERROR_CODES)), message=text),
     st.builds(lambda seq, split: wire.Cpus(seq, *split), seq=seqs, split=vcpu_split()),
 )
 host_messages = st.one_of(
-    st.builds(wire.Welcome, seq=seqs, version=st.just(1)),
+    st.builds(wire.Welcome, seq=seqs, version=st.sampled_from(wire.VERSIONS)),
     st.builds(wire.Target, seq=seqs, balloon_pages=pages),
     st.builds(wire.Ack, seq=seqs, freed_pages=pages),
     st.builds(wire.CpuTarget, seq=seqs, reserved_vcpus=st.integers(0, wire.MAX_VCPUS - 1)),
@@ -88,6 +91,18 @@ def test_guest_messages_round_trip(message: wire.GuestMessage) -> None:
     line = wire.encode(message)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert wire.decode_guest_message(line) == message
+
+
+@given(guest_messages)
+def test_a_version_1_session_leaves_the_version_2_fields_out(message: wire.GuestMessage) -> None:
+    line = wire.encode(message, 1)
+    decoded = wire.decode_guest_message(line, 1)
+    if isinstance(message, wire.Stats):
+        assert decoded == dataclasses.replace(message, psi_some_total_us=None, swap_used_bytes=None)
+        with pytest.raises(wire.ProtocolError, match="missing psi_some_total_us"):
+            wire.decode_guest_message(line, 2)
+    else:
+        assert decoded == message
 
 
 @given(host_messages)

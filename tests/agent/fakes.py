@@ -103,12 +103,15 @@ class FakeHost:
         self.events = events
         self.received: list[proto.GuestMessage] = []
         self._buffer = b""
+        self.version = proto.VERSION  # the last welcome's: how the agent's lines are read
         self.eof = False
         if reset:  # what the real host sends first on every connection
             self.send(proto.Reset(seq=0))
 
     def send(self, *messages: proto.HostMessage) -> None:
         for message in messages:
+            if isinstance(message, proto.Welcome):  # the session's version, as a host's
+                self.version = message.version
             self.sock.sendall(proto.encode(message))
 
     def send_raw(self, data: bytes) -> None:
@@ -136,7 +139,7 @@ class FakeHost:
         """Every message the agent has written so far, decoded as the host would."""
         new: list[proto.GuestMessage] = []
         for line in self.receive_lines():
-            message = proto.decode_guest_message(line)
+            message = proto.decode_guest_message(line, self.version)
             new.append(message)
             if isinstance(message, (proto.Locked, proto.Unlocked)):
                 kind = type(message).__name__.lower()

@@ -10,6 +10,7 @@ import pytest
 from balloonist.agent.pressure import (
     MAX_PROC_FILE_BYTES,
     NO_PSI,
+    NO_PSI_TOTAL,
     ProcPressure,
     parse_meminfo,
     parse_psi,
@@ -37,8 +38,13 @@ full avg10=1.25 avg60=0.00 avg300=0.00 total=1000
 """
 
 
-def test_meminfo_gives_total_and_available_in_bytes() -> None:
-    assert parse_meminfo(MEMINFO) == (4028440 * 1024, 3057888 * 1024)
+def test_meminfo_gives_total_available_and_swap_in_use_in_bytes() -> None:
+    with_swap = MEMINFO + "SwapTotal: 1048572 kB\nSwapFree: 1000000 kB\n"
+    assert parse_meminfo(with_swap) == (4028440 * 1024, 3057888 * 1024, 48572 * 1024)
+
+
+def test_meminfo_without_swap_uses_none() -> None:
+    assert parse_meminfo(MEMINFO)[2] == 0
 
 
 @pytest.mark.parametrize(
@@ -68,21 +74,24 @@ def test_vmstat_ignores_what_it_cannot_read() -> None:
     assert parse_vmstat(text) == (0, 0, 0)
 
 
-def test_psi_gives_some_and_full_avg10() -> None:
-    assert parse_psi(PSI) == (12.5, 1.25)
+def test_psi_gives_some_and_full_avg10_and_the_some_total() -> None:
+    assert parse_psi(PSI) == (12.5, 1.25, 123456)
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", (NO_PSI, NO_PSI)),
-        ("some avg10=4.00 avg60=0.00 avg300=0.00 total=1\n", (4.0, NO_PSI)),  # no "full" line
-        ("some avg10=nan\nfull avg10=inf\n", (NO_PSI, NO_PSI)),
-        ("some avg10=250.0\nfull avg10=" + "1" * 100 + "\n", (NO_PSI, NO_PSI)),
-        ("some avg10=x\n", (NO_PSI, NO_PSI)),
+        ("", (NO_PSI, NO_PSI, NO_PSI_TOTAL)),
+        ("some avg10=4.00 avg60=0.00 avg300=0.00 total=1\n", (4.0, NO_PSI, 1)),  # no "full"
+        ("some avg10=nan\nfull avg10=inf\n", (NO_PSI, NO_PSI, NO_PSI_TOTAL)),
+        ("some avg10=250.0\nfull avg10=" + "1" * 100 + "\n", (NO_PSI, NO_PSI, NO_PSI_TOTAL)),
+        ("some avg10=x total=-3\n", (NO_PSI, NO_PSI, NO_PSI_TOTAL)),
+        ("some avg10=1.00 total=" + "9" * 30 + "\n", (1.0, NO_PSI, NO_PSI_TOTAL)),
     ],
 )
-def test_psi_odd_or_missing_values_read_as_no_psi(text: str, expected: tuple[float, float]) -> None:
+def test_psi_odd_or_missing_values_read_as_no_psi(
+    text: str, expected: tuple[float, float, int]
+) -> None:
     assert parse_psi(text) == expected
 
 

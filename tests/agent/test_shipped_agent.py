@@ -42,8 +42,12 @@ class PtyHost:
         self.path = os.ttyname(self.slave)
         self.received: list[proto.GuestMessage] = []
         self._buffer = b""
+        self.version = proto.VERSION  # the last welcome's: how the agent's lines are read
 
     def send(self, *messages: proto.HostMessage) -> None:
+        for message in messages:
+            if isinstance(message, proto.Welcome):  # the session's version, as a host's
+                self.version = message.version
         os.write(self.master, b"".join(proto.encode(m) for m in messages))
 
     def wait_for(self, condition: Callable[[], bool], what: str) -> None:
@@ -64,7 +68,7 @@ class PtyHost:
         except OSError:  # EIO: the agent closed the port
             return
         *lines, self._buffer = self._buffer.split(b"\n")
-        self.received += [proto.decode_guest_message(line + b"\n") for line in lines]
+        self.received += [proto.decode_guest_message(line + b"\n", self.version) for line in lines]
 
     def count(self, kind: type) -> int:
         return sum(isinstance(m, kind) for m in self.received)

@@ -106,7 +106,7 @@ def test_a_session_registers_locks_and_unlocks_and_the_size_is_what_the_file_sho
             "not guest RAM",
             Violation.BAD_PAGES,
         ),
-        ([wire.encode(wire.Hello(0, 2, "x", 4096, TOKEN))], "version", Violation.UNSUPPORTED),
+        ([wire.encode(wire.Hello(0, 3, "x", 4096, TOKEN))], "version", Violation.UNSUPPORTED),
         (
             [wire.encode(wire.Hello(0, 1, "x", 65536, TOKEN))],
             "page size",
@@ -215,6 +215,33 @@ def test_a_reset_forgets_that_the_host_asked() -> None:
         feed(session, cpus(3, (0, 1, 2), (3,)))
 
 
+# -- versions ------------------------------------------------------------------------
+
+
+def stats(seq: int, *, total_us: int | None = None, swap: int | None = None) -> wire.Stats:
+    return wire.Stats(seq, 0, 64, GIB, GIB // 2, 3.0, 0.5, 7, 1, 2, total_us, swap)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_session_runs_at_the_agents_version(version: int) -> None:
+    session = AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES)
+    (welcome,) = feed(session, wire.encode(wire.Hello(0, version, "test", 4096, TOKEN)))
+    assert welcome == wire.Welcome(1, version) and session.version == version
+    sent = stats(1, total_us=2_500_000, swap=8 * MIB) if version == 2 else stats(1)
+    feed(session, wire.encode(sent, version))
+    assert session.stats == sent
+
+
+def test_a_version_1_agent_cannot_send_version_2_stats_nor_the_reverse() -> None:
+    old, new = (AgentSession("g", FakeRam(RAM_PAGES, TOKEN), RAM_PAGES) for _ in range(2))
+    feed(old, hello())
+    with pytest.raises(GuestProtocolError, match="unknown psi_some_total_us"):
+        feed(old, wire.encode(stats(1, total_us=1, swap=0), 2))
+    feed(new, wire.encode(wire.Hello(0, 2, "test", 4096, TOKEN)))
+    with pytest.raises(GuestProtocolError, match="missing psi_some_total_us"):
+        feed(new, wire.encode(stats(1), 1))
+
+
 # -- over a socket -----------------------------------------------------------------
 
 
@@ -291,6 +318,25 @@ def test_the_port_follows_the_target_and_reports_verified_sizes(tmp_path: Path) 
                 "isinstance(guest.received[-1], wire.Ack)",
             )
             assert await port.actual_bytes() == 48 * MIB
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("version", "total_us", "stall_s", "swap"),
+    [(2, 2_500_000, 2.5, 8 * MIB), (2, -1, None, 0), (1, None, None, None)],
+)
+def test_the_port_gives_the_agents_stall_and_swap_where_it_has_them(
+    tmp_path: Path, version: int, total_us: int | None, stall_s: float | None, swap: int | None
+) -> None:
+    async def scenario() -> None:
+        async with guest_and_port(tmp_path, "g") as (guest, port):
+            await guest.send(wire.encode(wire.Hello(0, version, "test", 4096, TOKEN)))
+            await guest.send(wire.encode(stats(1, total_us=total_us, swap=swap), version))
+            await until(lambda: port.session.stats is not None, DEADLINE_S, "port.session.stats")
+            figures = await port.guest_stats()
+            assert (figures.stall_s, figures.swap_used_bytes) == (stall_s, swap)
+            assert figures.major_faults == 7
 
     asyncio.run(scenario())
 

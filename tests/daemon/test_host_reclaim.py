@@ -1,10 +1,11 @@
 """Host-level reclaim over fakes: in HARD and LOW, a VM whose balloon does not work is
 capped through its cgroup, a step a period, never below its minimum, never a
-cooperating VM, and the cap is lifted once the host recovers. No cgroups touched."""
+cooperating VM unless the policy holds it to its limit, and the cap is lifted once the
+host recovers. No cgroups touched."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hypothesis import given
@@ -20,7 +21,8 @@ from balloonist.daemon.host_reclaim import (
 )
 from balloonist.daemon.service import Daemon
 from balloonist.host import HostMemInfo
-from balloonist.model import HostHeld
+from balloonist.model import Decision, GuestTarget, HostHeld, Snapshot
+from balloonist.policy import Policy
 from balloonist.units import GIB, MIB
 from tests.daemon.fakes import FakeCgroup, FakeCgroups, FakeMemoryHost, FakeVm, make, record
 from tests.test_cgroup import fake_proc
@@ -213,3 +215,87 @@ def test_a_cap_left_in_a_cgroup_of_ours_by_a_killed_daemon_is_lifted(tmp_path: P
     daemon = make(tmp_path, vms, host=SWAPPY, cgroups=groups, budget="6GiB", cgroup_of_ours=True)
     daemon.step()
     assert groups.by_name["stuck"].cap is None
+
+
+# -- limit paging: a cooperating VM the policy holds to its limit ---------------------------
+
+#: What the policy holds ``busy`` to: below the 2.1 GiB its cgroup holds, above its minimum.
+CAPPED_AT = 1 * GIB
+
+
+@dataclass
+class _CapsBusy:
+    """The daemon's policy, except that ``busy`` is held to CAPPED_AT by the host, its
+    balloon deflated, while ``capping``; it keeps every snapshot it sees."""
+
+    inner: Policy
+    capping: bool = True
+    seen: list[Snapshot] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        self.seen.append(snapshot)
+        decision = self.inner.decide(snapshot)
+        if not self.capping:
+            return decision
+        held = GuestTarget("busy", CAPPED_AT, 0, host_capped=True)
+        targets = tuple(held if t.name == "busy" else t for t in decision.targets)
+        return replace(decision, targets=targets)
+
+
+def _capping(daemon: Daemon) -> _CapsBusy:
+    policy = _CapsBusy(daemon.scheduler.policy)
+    daemon.scheduler.policy = policy
+    return policy
+
+
+def test_a_cooperating_vm_held_to_its_limit_is_paged_by_the_host_with_its_balloon_deflated(
+    tmp_path: Path,
+) -> None:
+    daemon, vms, groups = _host(tmp_path, stuck_speed=1 << 40)  # both balloons work
+    busy = groups.by_name["busy"]
+    policy = _capping(daemon)
+    for _ in range(40):
+        daemon.step()
+    # Capped a step a period down to its allocation plus QEMU's own memory, and no
+    # further; the other VM is not.
+    caps = [c for c in busy.caps if c is not None]
+    assert caps == busy.caps and caps
+    steps = [a - b for a, b in zip([2 * GIB + OVERHEAD, *caps], caps, strict=False)]
+    assert max(steps) <= DEFAULT_STEP_BYTES
+    assert busy.cap == CAPPED_AT + OVERHEAD and busy.swapped > 0
+    assert groups.by_name["stuck"].caps == []
+    # Its balloon register asks for all its memory: the host, not the balloon, holds it.
+    assert vms["busy"].target == 2 * GIB
+    # Both could be capped: each has a cgroup of its own, and the host has swap.
+    last = policy.seen[-1]
+    assert all(v.sample.host_cappable for v in last.guests)
+    policy.capping = False
+    daemon.step()
+    assert busy.cap is None  # lifted at once
+
+
+def test_only_a_vm_with_a_cgroup_of_its_own_on_a_host_with_swap_can_be_capped(
+    tmp_path: Path,
+) -> None:
+    busy = FakeCgroup("busy", usage=2 * GIB + OVERHEAD)
+    daemon, _, _ = _host(tmp_path, cgroups=FakeCgroups({"busy": busy}))
+    policy = _capping(daemon)
+    for _ in range(3):
+        daemon.step()
+    cappable = {v.name: v.sample.host_cappable for v in policy.seen[-1].guests}
+    assert cappable == {"busy": True, "stuck": False}
+    no_swap = make(
+        tmp_path / "no-swap",
+        {"busy": FakeVm(2 * GIB, 2 * GIB, used=1800 * MIB)},
+        host=HostMemInfo(8 * GIB, 6 * GIB, 0, 0),
+        memory_host=FakeMemoryHost({1000: HostHeld(2 * GIB + OVERHEAD, guest_ram_bytes=2 * GIB)}),
+        cgroups=FakeCgroups({"busy": FakeCgroup("busy", usage=2 * GIB + OVERHEAD)}),
+    )
+    policy = _capping(no_swap)
+    for _ in range(3):
+        no_swap.step()
+    assert not policy.seen[-1].guests[0].sample.host_cappable

@@ -155,6 +155,10 @@ def test_under_real_memory_pressure_the_balloon_gives_way_and_nothing_is_oom_kil
             await until(lambda: port.session.stats is not reached, REACH_TIMEOUT_S, "stats")
             note_rate()
             peak_rate = rates[-1]
+            # Protocol version 2: the guest's stall total (PSI) and its swap (none here).
+            before = await port.guest_stats()
+            assert port.session.version == 2
+            assert before.stall_s is not None and before.swap_used_bytes == 0
             # A process wanting 250 of the 184 MiB the balloon leaves: the guest must
             # take memory back from the balloon, not kill the process.
             mark = len(serial_lines(record))
@@ -177,6 +181,9 @@ def test_under_real_memory_pressure_the_balloon_gives_way_and_nothing_is_oom_kil
             assert port.cooperative
             assert min(rates) < peak_rate  # the rate was cut
             assert balloon_mib(port) < 200 - 50  # the balloon gave way
+            # The squeeze made the guest's tasks wait on memory, and the host heard.
+            after = await port.guest_stats()
+            assert after.stall_s is not None and after.stall_s > before.stall_s
 
     asyncio.run(scenario())
 

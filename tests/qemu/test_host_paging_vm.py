@@ -1,7 +1,8 @@
 """Host paging on real guests under TCG (``vm``): a guest whose balloon driver never
 loaded is brought toward its target through its memory cgroup while the host is short,
 and the host swaps its pages; a cooperating guest beside it is never capped; the cap
-is lifted once the host recovers.
+is lifted once the host recovers. And a cooperating guest the policy holds at its
+limit by the host's paging (limit paging) is capped with its balloon deflated.
 
 Thresholds:
 - BUDGET: two 384 MiB guests each touch 250 MiB; their QEMUs hold about 350 MiB each,
@@ -14,6 +15,10 @@ Thresholds:
   by 64 MiB at most; 90 s of periods.
 - LIFT_DEADLINE_S: once the other guest stops, the host is HIGH again within a period
   or two; 20 s.
+- HELD_MIB: what limit paging's test holds a guest touching 250 MiB to, so that at
+  least SWAPPED_BYTES of its pages go to the host's swap.
+- QEMU_OWN_BYTES: the cap is the allocation plus what QEMU holds besides the guest's
+  RAM, 27-35 MiB for a 384 MiB TCG guest here; the cap must be within 64 MiB above.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -28,11 +34,13 @@ import pytest
 from balloonist.cgroup import CgroupVersion, MemoryCgroup
 from balloonist.daemon.mechanisms import Mechanism
 from balloonist.daemon.service import Daemon, DaemonConfig
+from balloonist.model import Decision, GuestTarget, Snapshot
+from balloonist.policy import Policy
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets
 from balloonist.units import MIB
 
-from .conftest import boot, guest_status, wait_for_line
+from .conftest import boot, guest_status, stepper, wait_for_line
 
 pytestmark = [pytest.mark.vm, pytest.mark.root(reason="memory cgroups and swapon need root")]
 
@@ -43,6 +51,8 @@ CAP_DEADLINE_S = 90.0
 LIFT_DEADLINE_S = 20.0
 SWAP_MIB = 512
 WORK = "250@0"
+HELD_MIB = 160
+QEMU_OWN_BYTES = 64 * MIB
 
 
 @pytest.fixture
@@ -123,5 +133,65 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
         daemon.step()
         lifted = guest_status(daemon, "stuck").host
         assert lifted is not None and lifted.cap_bytes is None
+    finally:
+        daemon.close()
+
+
+@dataclass
+class _HoldsAtLimit:
+    """The daemon's own policy, except that ``guest`` is held to HELD_MIB by the host's
+    paging with its balloon deflated, as limit paging holds a guest, while ``holding``."""
+
+    inner: Policy
+    guest: str
+    holding: bool = True
+    seen: list[Snapshot] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        self.seen.append(snapshot)
+        decision = self.inner.decide(snapshot)
+        if not self.holding:
+            return decision
+        held = GuestTarget(self.guest, HELD_MIB * MIB, 0, host_capped=True)
+        targets = tuple(held if t.name == self.guest else t for t in decision.targets)
+        return replace(decision, targets=targets)
+
+
+def test_a_cooperating_guest_held_at_its_limit_is_paged_by_the_host_with_its_balloon_deflated(
+    state: launcher.StateDir, guest_assets: GuestAssets, host_swap: Path
+) -> None:
+    boot(state, guest_assets, "held", memory_mib=384, work=WORK)
+    wait_for_line(state.load("held"), r"ws_mib=250 resident_mib=250", 60.0)
+    held = _cgroup(state, "held")
+    config = DaemonConfig.model_validate({"daemon": {"budget": "2GiB"}, "ksm": {"mode": "off"}})
+    daemon = Daemon(config, state)
+    policy = _HoldsAtLimit(daemon.scheduler.policy, "held")
+    daemon.scheduler.policy = policy
+
+    def held_there() -> bool:
+        """Capped at what the policy holds it to plus QEMU's own memory, and that much
+        in the host's swap. QEMU's memory is measured again every period (it moved
+        by 8 MiB between two runs here), so the cap is checked against a band."""
+        cap = held.limit_bytes()
+        swapped = held.swapped_bytes() or 0
+        on_goal = cap is not None and HELD_MIB * MIB < cap <= HELD_MIB * MIB + QEMU_OWN_BYTES
+        return on_goal and swapped >= SWAPPED_BYTES
+
+    try:
+        assert stepper(daemon)(held_there, CAP_DEADLINE_S), held.limit_bytes()
+        view = guest_status(daemon, "held")
+        # The host may page it: a cgroup of its own and a host with swap.
+        assert policy.seen[-1].guests[0].sample.host_cappable
+        assert view.cooperative
+        assert view.host is not None and view.host.cap_bytes is not None
+        # Its balloon, deflated, leaves the guest all its memory: the host pages it.
+        assert view.balloon_bytes == 0 and view.allocated_bytes == 384 * MIB
+        policy.holding = False
+        daemon.step()
+        assert held.limit_bytes() is None  # lifted at once
     finally:
         daemon.close()

@@ -98,6 +98,8 @@ class HostLink:
         self._on_message = on_message
         self._stream: LineStream | None = None
         self._seq = 0  # never restarts: increasing across sessions is increasing within
+        #: The session's protocol version, as the host's welcome named it.
+        self.version = proto.VERSION
         self._hellos_unanswered = 0
         self._retry_at = now
         self._welcome_deadline = 0.0
@@ -177,11 +179,10 @@ class HostLink:
             if self._hellos_unanswered == 0:
                 self._counters["unexpected"] += 1
                 return
-            if message.version != proto.VERSION:
-                self.disconnect(
-                    now, f"the host speaks protocol {message.version}, not {proto.VERSION}"
-                )
+            if message.version not in proto.VERSIONS:
+                self.disconnect(now, f"the host speaks protocol {message.version}, not 1 or 2")
                 return
+            self.version = message.version
             self._hellos_unanswered -= 1
             if self._hellos_unanswered == 0:
                 self.state = Link.UP
@@ -222,7 +223,7 @@ class HostLink:
 
     def send(self, message: proto.GuestMessage) -> None:
         if self._stream is not None:
-            self._stream.send(proto.encode(message))
+            self._stream.send(proto.encode(message, self.version))
             self.budget.spend()
             self._counters["sent"] += 1
 

@@ -371,6 +371,8 @@ class Agent:
                 refaults=min(sample.refaults, proto.MAX_COUNTER),
                 swap_in_pages=min(sample.swap_in_pages, proto.MAX_COUNTER),
                 swap_out_pages=min(sample.swap_out_pages, proto.MAX_COUNTER),
+                psi_some_total_us=min(sample.psi_some_total_us, proto.MAX_COUNTER),
+                swap_used_bytes=min(sample.swap_used_bytes, _MAX_BYTES),
             )
         )
 

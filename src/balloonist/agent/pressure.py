@@ -3,9 +3,11 @@
 Three sources, each parsed from text by a pure function and read by a thin reader
 whose paths tests replace with fake files:
 
-- ``/proc/meminfo``: ``MemTotal`` and ``MemAvailable``, the pressure guard's inputs;
+- ``/proc/meminfo``: ``MemTotal`` and ``MemAvailable``, the pressure guard's inputs,
+  and the swap in use (``SwapTotal - SwapFree``);
 - ``/proc/pressure/memory`` (PSI): the share of time tasks stalled on memory, "some"
-  and "full" ``avg10`` in percent; ``-1.0`` when the kernel has no PSI;
+  and "full" ``avg10`` in percent, and the "some" ``total`` in microseconds since
+  boot; ``-1`` for each when the kernel has no PSI;
 - ``/proc/vmstat``: cumulative refaults (``workingset_refault_anon`` +
   ``workingset_refault_file``, or ``workingset_refault`` before Linux 5.9), ``pswpin``
   and ``pswpout``, reported to the host in ``stats`` messages.
@@ -30,6 +32,7 @@ MAX_NUMBER_DIGITS = 20
 _MAX_PSI_FIELD_CHARS = 32
 
 NO_PSI = -1.0
+NO_PSI_TOTAL = -1
 
 MEMINFO_PATH = Path("/proc/meminfo")
 VMSTAT_PATH = Path("/proc/vmstat")
@@ -47,6 +50,9 @@ class PressureSample:
     refaults: int
     swap_in_pages: int
     swap_out_pages: int
+    #: Microseconds some task stalled on memory since boot; NO_PSI_TOTAL without PSI.
+    psi_some_total_us: int = -1
+    swap_used_bytes: int = 0
 
 
 class PressureSource(Protocol):
@@ -85,10 +91,12 @@ def meminfo_bytes(
     return {key: values.get(key, 0) for key in wanted}
 
 
-def parse_meminfo(text: str) -> tuple[int, int]:
-    """``(MemTotal, MemAvailable)`` in bytes. Raises FatalBackendError if either is missing."""
-    values = meminfo_bytes(text, ("MemTotal", "MemAvailable"))
-    return values["MemTotal"], values["MemAvailable"]
+def parse_meminfo(text: str) -> tuple[int, int, int]:
+    """``(MemTotal, MemAvailable, swap in use)`` in bytes. Raises FatalBackendError if
+    either of the first two is missing; a guest without swap uses none."""
+    values = meminfo_bytes(text, ("MemTotal", "MemAvailable"), ("SwapTotal", "SwapFree"))
+    swap_used = max(0, values["SwapTotal"] - values["SwapFree"])
+    return values["MemTotal"], values["MemAvailable"], swap_used
 
 
 def parse_vmstat(text: str) -> tuple[int, int, int]:
@@ -116,9 +124,11 @@ def parse_vmstat(text: str) -> tuple[int, int, int]:
     return refaults, values.get("pswpin", 0), values.get("pswpout", 0)
 
 
-def parse_psi(text: str) -> tuple[float, float]:
-    """``(some avg10, full avg10)`` in percent, each NO_PSI if its line is absent or odd."""
+def parse_psi(text: str) -> tuple[float, float, int]:
+    """``(some avg10, full avg10, some total)``: the two in percent, each NO_PSI if its
+    line is absent or odd; the total in microseconds, NO_PSI_TOTAL if absent or odd."""
     found = {"some": NO_PSI, "full": NO_PSI}
+    total_us = NO_PSI_TOTAL
     for line in text.splitlines():
         fields = line.split()
         if not fields or fields[0] not in found:
@@ -129,11 +139,14 @@ def parse_psi(text: str) -> tuple[float, float]:
                 try:
                     number = float(value)
                 except ValueError:
-                    break
+                    continue
                 if 0.0 <= number <= 100.0:  # also refuses nan and inf
                     found[fields[0]] = number
-                break
-    return found["some"], found["full"]
+            elif key == "total" and fields[0] == "some":
+                total = _number(value)
+                if total is not None:
+                    total_us = total
+    return found["some"], found["full"], total_us
 
 
 def read_bounded(path: Path) -> str:
@@ -157,14 +170,14 @@ class ProcPressure:
 
     def read(self) -> PressureSample:
         try:
-            total, available = parse_meminfo(read_bounded(self.meminfo_path))
+            total, available, swap_used = parse_meminfo(read_bounded(self.meminfo_path))
             refaults, swap_in, swap_out = parse_vmstat(read_bounded(self.vmstat_path))
         except OSError as exc:
             raise TransientBackendError(f"cannot read guest memory state: {exc}") from exc
         try:
-            some, full = parse_psi(read_bounded(self.psi_path))
+            some, full, some_total_us = parse_psi(read_bounded(self.psi_path))
         except OSError:  # no CONFIG_PSI, or booted with psi=0 (EOPNOTSUPP)
-            some, full = NO_PSI, NO_PSI
+            some, full, some_total_us = NO_PSI, NO_PSI, NO_PSI_TOTAL
         return PressureSample(
             mem_total_bytes=total,
             mem_available_bytes=available,
@@ -173,4 +186,6 @@ class ProcPressure:
             refaults=refaults,
             swap_in_pages=swap_in,
             swap_out_pages=swap_out,
+            psi_some_total_us=some_total_us,
+            swap_used_bytes=swap_used,
         )

@@ -1,4 +1,4 @@
-"""The agent wire protocol, version 1: one JSON object per line over virtio-serial.
+"""The agent wire protocol, version 2: one JSON object per line over virtio-serial.
 
 Both ends import this module, so it is stdlib only and runs on Python 3.9. The
 specification, with the safety rules each side follows, is ``docs/agent-protocol.md``;
@@ -26,7 +26,13 @@ from typing import Any, Callable, Union
 from balloonist.driver import UnitRange
 from balloonist.errors import GuestProtocolError
 
-VERSION = 1
+VERSION = 2
+#: The versions either side speaks. A session runs at the lower of the two ends'
+#: (the host's ``welcome`` names it); version 1's ``stats`` lacks the stall total and
+#: the swap in use (``V2_STATS_FIELDS``), so a guest with an older agent still works.
+VERSIONS = (1, 2)
+#: The ``stats`` fields a version-1 session leaves out.
+V2_STATS_FIELDS = ("psi_some_total_us", "swap_used_bytes")
 #: Longest line either side sends or accepts, newline included.
 MAX_LINE_BYTES = 16 * 1024
 #: Ranges per ``locked``/``unlocked`` message; a larger report is split.
@@ -110,6 +116,10 @@ class Stats:
     refaults: int
     swap_in_pages: int
     swap_out_pages: int
+    #: Since version 2; None in a version-1 session. Microseconds some task stalled on
+    #: memory since boot (PSI "some" total; -1 without PSI), and the guest's swap in use.
+    psi_some_total_us: int | None = None
+    swap_used_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,14 +211,18 @@ _TYPE_NAMES: dict[type, str] = {
 }
 
 
-def encode(message: Message) -> bytes:
-    """One line, newline included. Raises ProtocolError if it would be refused."""
+def encode(message: Message, version: int = VERSION) -> bytes:
+    """One line, newline included, for a session at ``version``. Raises ProtocolError
+    if it would be refused."""
     fields: dict[str, Any] = {"type": _TYPE_NAMES[type(message)]}
+    wanted = _fields(type(message), version)
     for name, value in vars(message).items():
-        fields[name] = [[r.start, r.count] for r in value] if name == "ranges" else value
+        if name in wanted:
+            fields[name] = [[r.start, r.count] for r in value] if name == "ranges" else value
     line = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode() + b"\n"
     # Check our own output with the same rules the other side applies.
-    _decode(line, _GUEST_TYPES if type(message) in _GUEST_TYPES.values() else _HOST_TYPES)
+    types = _GUEST_TYPES if type(message) in _GUEST_TYPES.values() else _HOST_TYPES
+    _decode(line, types, version)
     return line
 
 
@@ -221,17 +235,25 @@ def split_ranges(ranges: list[UnitRange]) -> list[tuple[UnitRange, ...]]:
 # -- decoding ------------------------------------------------------------------------
 
 
-def decode_guest_message(line: bytes) -> GuestMessage:
-    """Decode one line a guest sent (the host side)."""
-    return _decode(line, _GUEST_TYPES)  # type: ignore[return-value]
+def decode_guest_message(line: bytes, version: int = VERSION) -> GuestMessage:
+    """Decode one line a guest sent in a session at ``version`` (the host side)."""
+    return _decode(line, _GUEST_TYPES, version)  # type: ignore[return-value]
 
 
-def decode_host_message(line: bytes) -> HostMessage:
-    """Decode one line the host sent (the agent side)."""
-    return _decode(line, _HOST_TYPES)  # type: ignore[return-value]
+def decode_host_message(line: bytes, version: int = VERSION) -> HostMessage:
+    """Decode one line the host sent in a session at ``version`` (the agent side)."""
+    return _decode(line, _HOST_TYPES, version)  # type: ignore[return-value]
 
 
-def _decode(line: bytes, types: dict[str, type]) -> Message:
+def _fields(cls: type, version: int) -> dict[str, Callable[[object], Any]]:
+    """The fields a message of ``cls`` has in a session at ``version``."""
+    checks = _FIELDS[cls]
+    if cls is Stats and version < 2:
+        return {k: v for k, v in checks.items() if k not in V2_STATS_FIELDS}
+    return checks
+
+
+def _decode(line: bytes, types: dict[str, type], version: int) -> Message:
     if len(line) > MAX_LINE_BYTES:
         raise ProtocolError(f"line of {len(line)} bytes, limit {MAX_LINE_BYTES}")
     try:
@@ -252,7 +274,7 @@ def _decode(line: bytes, types: dict[str, type]) -> Message:
     cls = types.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
-    checks = _FIELDS[cls]
+    checks = _fields(cls, version)
     if set(raw) != set(checks):
         missing = sorted(set(checks) - set(raw))
         extra = sorted(set(raw) - set(checks))
@@ -397,6 +419,8 @@ _FIELDS: dict[type, dict[str, Callable[[object], Any]]] = {
         "refaults": _counter,
         "swap_in_pages": _counter,
         "swap_out_pages": _counter,
+        "psi_some_total_us": _int(-1, MAX_COUNTER),
+        "swap_used_bytes": _bytes,
     },
     Error: {"seq": _seq, "code": _code, "message": _text},
     # A guest always has a vCPU online, so the balloon never holds all of them.
@@ -428,7 +452,9 @@ __all__ = [
     "MAX_RANGES_PER_MESSAGE",
     "MAX_VCPUS",
     "PORT_NAME",
+    "V2_STATS_FIELDS",
     "VERSION",
+    "VERSIONS",
     "Ack",
     "CpuTarget",
     "Cpus",

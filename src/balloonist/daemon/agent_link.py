@@ -157,6 +157,8 @@ class AgentSession:
     #: The guest's vCPUs, as the host knows them (None: not known, not checked).
     vcpus: int | None = None
     token: bytes | None = None
+    #: The session's protocol version: the lower of the agent's and the host's.
+    version: int = wire.VERSION
     stats: wire.Stats | None = None
     cpu_report: CpuReport | None = None
     #: The last ``cpu-refused`` or ``cpu-failed`` error of this session.
@@ -209,7 +211,7 @@ class AgentSession:
             raise GuestProtocolError(
                 f"more than {MESSAGE_RATE_PER_S:.0f} messages/s", violation=Violation.FLOOD
             )
-        message = wire.decode_guest_message(line)
+        message = wire.decode_guest_message(line, self.version)
         if isinstance(message, wire.Hello):
             self._last_seq = -1  # a new session numbers from anything
         if message.seq <= self._last_seq:
@@ -309,9 +311,10 @@ class AgentSession:
         self.cpu_error = None
 
     def _hello(self, hello: wire.Hello) -> list[wire.HostMessage]:
-        if hello.version != wire.VERSION:
+        if hello.version not in wire.VERSIONS:
             raise GuestProtocolError(
-                f"protocol version {hello.version}, host speaks 1", violation=Violation.UNSUPPORTED
+                f"protocol version {hello.version}, host speaks 1 and 2",
+                violation=Violation.UNSUPPORTED,
             )
         if hello.page_size != AGENT_PAGE_SIZE_BYTES:
             raise GuestProtocolError(
@@ -324,8 +327,9 @@ class AgentSession:
         self._forget_cpus()
         self.token = bytes.fromhex(hello.token)
         log.info("%s: agent %s registered", self.name, hello.agent)
+        self.version = min(hello.version, wire.VERSION)
         self._out_seq += 1
-        return [wire.Welcome(self._out_seq, wire.VERSION)]
+        return [wire.Welcome(self._out_seq, self.version)]
 
     def _locked(self, ranges: Iterable[UnitRange]) -> int:
         ranges = list(ranges)
@@ -583,6 +587,8 @@ class AgentPort:
             major_faults=s.refaults,
             swap_in_pages=s.swap_in_pages,
             swap_out_pages=s.swap_out_pages,
+            stall_s=_stall_s(s.psi_some_total_us),
+            swap_used_bytes=s.swap_used_bytes,
         )
 
     @property
@@ -596,6 +602,13 @@ class AgentPort:
     @property
     def cpu_balloon(self) -> AgentPort:
         return self
+
+
+def _stall_s(psi_some_total_us: int | None) -> float | None:
+    """The agent's stall total in seconds; None from a version-1 agent or without PSI."""
+    if psi_some_total_us is None or psi_some_total_us < 0:
+        return None
+    return psi_some_total_us / 1e6
 
 
 __all__ = [

@@ -1,13 +1,19 @@
-"""Host-level reclaim: the last resort, for VMs whose balloon does not work.
+"""Host-level reclaim: for VMs a balloon cannot serve.
 
 The patent and ESX keep host paging for guests a balloon cannot serve. The policy
 allows it in the HARD and LOW host states, for guests without a cooperating balloon
 (``Mechanisms.host_paging``; the demand policy never allows it for the others). For
 each such VM with a memory cgroup of its own (:mod:`balloonist.cgroup`), the daemon
 caps the cgroup at the VM's allocation plus what QEMU holds besides the guest's RAM,
-so the host swaps the rest of the VM's pages out. The rules:
+so the host swaps the rest of the VM's pages out.
 
-- **never a cooperating VM**, whatever the decision says;
+The other case is a limit a balloon serves badly: the demand policy's *limit paging*
+(``policy/limitpaging.py``) may hold a cooperating VM at its limit with its balloon
+deflated and the host paging it (``GuestTarget.host_capped``), where the guest's own
+reclaim keeps none of a scan its limit cannot hold. It asks only for a VM whose
+sample says ``host_cappable`` (:meth:`HostReclaim.can_cap`). The rules:
+
+- **never a cooperating VM**, unless its target says ``host_capped``;
 - **never below its minimum** (plus QEMU's own memory);
 - **a step a period**: the cap falls by at most ``step_bytes`` below what the cgroup
   holds now, because writing a cap reclaims in the writer's context (a worker
@@ -148,6 +154,12 @@ class HostReclaim:
         cap = None if c.cap_bytes == c.found_bytes else c.cap_bytes
         return replace(host, cap_bytes=cap, swapped_bytes=c.swapped_bytes)
 
+    def can_cap(self, vm: ManagedVm, reading: HostReading | None) -> bool:
+        """Whether the host could hold the VM to its allocation by paging it: host
+        paging is on, the VM has a cgroup of its own, and the host has swap."""
+        has_swap = reading is not None and reading.swap_bytes > 0
+        return has_swap and self._entry(vm) is not None
+
     def spec_for(self, vm: ManagedVm, configured: GuestSpec) -> GuestSpec:
         """The VM's spec for the policy: held where it is if uncooperative
         (:meth:`ManagedVm.held_spec`), unless the host may page it now. Then it is as
@@ -178,7 +190,10 @@ class HostReclaim:
             target = wanted.get(name)
             usage = entry.usage_bytes
             cap = entry.found_bytes
-            if target is not None and self._allowed and not vm.cooperative and usage is not None:
+            paged = target is not None and (
+                target.host_capped or (self._allowed and not vm.cooperative)
+            )
+            if target is not None and paged and usage is not None:
                 overhead = (vm.host.overhead_bytes if vm.host is not None else None) or 0
                 goal = max(target.allocation_bytes, vm.record.min_bytes) + overhead
                 cap = next_cap_bytes(

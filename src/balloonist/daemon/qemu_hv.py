@@ -310,7 +310,8 @@ class QemuHypervisor:
         cpu = await self._cpus.sample(vm) if self._cpus is not None else None
         vm.move_to(VmLife.SAMPLED)
         host = self._reclaim.with_paging(vm.record.name, vm.host_held(self._memory_host))
-        return vm.fresh_sample(self._period_s, cpu, host)
+        cappable = self._reclaim.can_cap(vm, self.last_reading)
+        return vm.fresh_sample(self._period_s, cpu, host, host_cappable=cappable)
 
     def _failed(self, vm: ManagedVm, exc: BaseException) -> None:
         name = vm.record.name

@@ -248,10 +248,16 @@ class ManagedVm:
         return self.host.held_bytes if self.host is not None else self.held_bytes
 
     def fresh_sample(
-        self, period_s: float, cpu: CpuSample | None, host: HostHeld | None = None
+        self,
+        period_s: float,
+        cpu: CpuSample | None,
+        host: HostHeld | None = None,
+        *,
+        host_cappable: bool = False,
     ) -> GuestSample:
         """Its sample from this period's reading (:meth:`observe`); ``host``: what the
-        host counts it holds."""
+        host counts it holds; ``host_cappable``: whether the host could page it past
+        its allocation (``HostReclaim.can_cap``)."""
         r, pacer, stats = self.record, self.pacer, self.stats
         assert pacer is not None and stats is not None  # by observe()
         return GuestSample(
@@ -265,6 +271,9 @@ class ManagedVm:
             available_fall_bytes=self.available_fall_bytes,
             use_growth_bytes_per_s=self.use_growth_bytes_per_s,
             major_faults=stats.major_faults or 0,
+            memory_stall_s=stats.stall_s,
+            swap_used_bytes=stats.swap_used_bytes,
+            host_cappable=host_cappable,
             cooperative=self.cooperative,
             inflate_rate_bytes_per_s=pacer.rate.step_units * PAGE_SIZE_BYTES / period_s,
             cpu=cpu,

@@ -84,6 +84,10 @@ class GuestStats:
     minor_faults: int | None = None
     swap_in_pages: int | None = None
     swap_out_pages: int | None = None
+    #: Only from balloonist's agent (virtio-balloon has neither): seconds some task
+    #: stalled on memory since boot (PSI), and the swap in use.
+    stall_s: float | None = None
+    swap_used_bytes: int | None = None
 
 
 def parse_guest_stats(reply: Any) -> GuestStats:
