@@ -11,7 +11,7 @@ The other case is a limit a balloon serves badly: the demand policy's *limit pag
 (``policy/limitpaging.py``) may hold a cooperating VM at its limit with its balloon
 deflated and the host paging it (``GuestTarget.host_capped``), where the guest's own
 reclaim keeps none of a scan its limit cannot hold. It asks only for a VM whose
-sample says ``host_cappable`` (:meth:`HostReclaim.can_cap`). The rules:
+sample says ``host_cappable`` (:meth:`HostReclaim.paging_of`). The rules:
 
 - **never a cooperating VM**, unless its target says ``host_capped``;
 - **never below its minimum** (plus QEMU's own memory);
@@ -142,23 +142,22 @@ class HostReclaim:
         self._step_bytes = step_bytes
         self._vms: dict[str, _Capped | None] = {}  # None: no cgroup of its own
         self._allowed = False  # whether the last decision allowed host paging
+        self._swap_bytes = 0  # the host's swap, as the last period read it
         self.errors = 0  # cgroup reads or writes that failed, cumulative
 
-    def with_paging(self, name: str, host: HostHeld | None) -> HostHeld | None:
-        """What the host counts the VM holds, with its host paging as the last period
-        left it. The cap is balloonist's only: one someone else set is not host
-        paging's."""
-        c = self._vms.get(name)
+    def paging_of(self, vm: ManagedVm, host: HostHeld | None) -> tuple[HostHeld | None, bool]:
+        """What host paging says of the VM for its sample: what the host counts it
+        holds (``host``), with its cap and swap as the last period left them (the cap
+        balloonist's only: one someone else set is not host paging's); and whether
+        the host could hold it to its allocation by paging it (``host_cappable``):
+        host paging is on, the VM has a cgroup of its own and the host had swap at
+        the last period."""
+        cappable = self._swap_bytes > 0 and self._entry(vm) is not None
+        c = self._vms.get(vm.record.name)
         if host is None or c is None:
-            return host
+            return host, cappable
         cap = None if c.cap_bytes == c.found_bytes else c.cap_bytes
-        return replace(host, cap_bytes=cap, swapped_bytes=c.swapped_bytes)
-
-    def can_cap(self, vm: ManagedVm, reading: HostReading | None) -> bool:
-        """Whether the host could hold the VM to its allocation by paging it: host
-        paging is on, the VM has a cgroup of its own, and the host has swap."""
-        has_swap = reading is not None and reading.swap_bytes > 0
-        return has_swap and self._entry(vm) is not None
+        return replace(host, cap_bytes=cap, swapped_bytes=c.swapped_bytes), cappable
 
     def spec_for(self, vm: ManagedVm, configured: GuestSpec) -> GuestSpec:
         """The VM's spec for the policy: held where it is if uncooperative
@@ -174,6 +173,7 @@ class HostReclaim:
         """Cap or release every VM's cgroup for this decision (see the module's rules);
         ``reading``: the host as this period read it (its free swap)."""
         self._allowed = decision.mechanisms.host_paging
+        self._swap_bytes = 0 if reading is None else reading.swap_bytes
         swap_free_bytes = 0 if reading is None else reading.swap_bytes - reading.swap_used_bytes
         wanted = decision.by_name()
         managed = {vm.record.name: vm for vm in vms}

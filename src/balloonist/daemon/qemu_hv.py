@@ -309,8 +309,7 @@ class QemuHypervisor:
         vm.observe(actual, stats, self._bounds_for(vm.record), self._stall_timeout_s)
         cpu = await self._cpus.sample(vm) if self._cpus is not None else None
         vm.move_to(VmLife.SAMPLED)
-        host = self._reclaim.with_paging(vm.record.name, vm.host_held(self._memory_host))
-        cappable = self._reclaim.can_cap(vm, self.last_reading)
+        host, cappable = self._reclaim.paging_of(vm, vm.host_held(self._memory_host))
         return vm.fresh_sample(self._period_s, cpu, host, host_cappable=cappable)
 
     def _failed(self, vm: ManagedVm, exc: BaseException) -> None:

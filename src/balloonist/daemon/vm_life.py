@@ -257,7 +257,7 @@ class ManagedVm:
     ) -> GuestSample:
         """Its sample from this period's reading (:meth:`observe`); ``host``: what the
         host counts it holds; ``host_cappable``: whether the host could page it past
-        its allocation (``HostReclaim.can_cap``)."""
+        its allocation (``HostReclaim.paging_of``)."""
         r, pacer, stats = self.record, self.pacer, self.stats
         assert pacer is not None and stats is not None  # by observe()
         return GuestSample(

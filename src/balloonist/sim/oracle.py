@@ -40,7 +40,6 @@ throughput in any period falls below ``FAIR_FRACTION`` of what it would make wit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -52,7 +51,15 @@ from balloonist.model import Decision, GuestTarget, Mechanisms, Snapshot
 from balloonist.policy.shares import equilibrium_bytes
 from balloonist.sim.curves import CurveBook
 from balloonist.sim.scenario import Costs, SimGuest
-from balloonist.sim.workload import Workload
+from balloonist.sim.valuation import (
+    TIE_TOLERANCE,
+    FloatArray,
+    GuestValues,
+    Slice,
+    limit_pages,
+    priced,
+    throughput_refs_per_s,
+)
 from balloonist.units import PAGE_SIZE_BYTES, pages_to_bytes
 
 __all__ = [
@@ -63,9 +70,6 @@ __all__ = [
     "best_choices",
     "throughput_refs_per_s",
 ]
-
-FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
 
 #: Grid steps across host memory: 4 MiB on a 2 GiB host, 96 MiB on a 48 GiB one; the
 #: top-up after the DP recovers what rounding to the grid loses at a working set's edge.
@@ -79,24 +83,6 @@ GRID_STEPS: Final = 512
 LOOKAHEAD_S: Final = 10.0
 #: The sharing rule: no guest below this share of its throughput under ``static``.
 FAIR_FRACTION: Final = 0.9
-#: Relative tolerance under which two totals count as equal; the DP then prefers the
-#: smaller allocation, so memory that buys nothing stays with whoever holds it.
-_TIE_TOLERANCE: Final = 1e-9
-
-#: One slice of a period, as a guest runs it: its workload and active working set.
-Slice = tuple[Workload, int]
-
-
-def throughput_refs_per_s(
-    miss_ratio: npt.ArrayLike, costs: Costs, *, host_paged: bool = False
-) -> FloatArray:
-    """Steady-state references per second of a busy guest at ``miss_ratio``: each miss
-    reads a page back and writes a victim out, from the guest's swap or the host's."""
-    if host_paged:
-        fault_s = costs.host_swap_in_s + costs.host_swap_out_s
-    else:
-        fault_s = costs.guest_swap_in_s + costs.guest_swap_out_s
-    return 1.0 / (costs.reference_s + np.asarray(miss_ratio, dtype=np.float64) * fault_s)
 
 
 def best_choices(values: Sequence[FloatArray], capacity: int) -> tuple[tuple[int, ...], float]:
@@ -120,7 +106,7 @@ def best_choices(values: Sequence[FloatArray], capacity: int) -> tuple[tuple[int
         # total[c, k] = best[c - k] + item[k]; -inf where k > c
         total = sliding_window_view(padded, top_k + 1)[:, ::-1] + item[: top_k + 1]
         top = total.max(axis=1)
-        near = total >= (top - _TIE_TOLERANCE * np.maximum(np.abs(top), 1.0))[:, None]
+        near = total >= (top - TIE_TOLERANCE * np.maximum(np.abs(top), 1.0))[:, None]
         pick = np.argmax(near, axis=1)
         best = total[np.arange(capacity + 1), pick]
         picks.append(pick)
@@ -131,17 +117,6 @@ def best_choices(values: Sequence[FloatArray], capacity: int) -> tuple[tuple[int
         chosen.append(k)
         left -= k
     return tuple(reversed(chosen)), float(best[capacity])
-
-
-@dataclass(frozen=True, eq=False)
-class _Options:
-    """One guest's choices: allocation ``floor + extra_pages[k]`` costs ``k`` grid steps
-    and models ``now[k]`` over the period, ``window[k]`` over it and the look-ahead."""
-
-    floor_pages: int
-    extra_pages: IntArray
-    now: FloatArray
-    window: FloatArray
 
 
 class OraclePolicy:
@@ -169,15 +144,18 @@ class OraclePolicy:
             raise ConfigError("grid steps, slices and period must be positive", where=where)
         if not lookahead_s >= 0.0:
             raise ConfigError(f"look-ahead must not be negative, got {lookahead_s}", where=where)
-        self._costs = costs
         self._period_s = period_s
         self._slices = slices_per_period
         self._lookahead_s = lookahead_s
         self._until_s = until_s
         self._fair = fair
         self._grid_steps = grid_steps
-        self._curves = curves if curves is not None else CurveBook()
-        self._host_swap = host_swap_pages > 0
+        self._values = GuestValues(
+            costs,
+            curves if curves is not None else CurveBook(),
+            slices_per_period=slices_per_period,
+            host_swap=host_swap_pages > 0,
+        )
         self._guests: dict[str, SimGuest] = {}
         for guest in guests:
             if guest.name in self._guests:
@@ -187,11 +165,8 @@ class OraclePolicy:
         self._solved: dict[
             tuple[int, tuple[tuple[Slice, ...], ...], tuple[int, ...]], tuple[int, ...]
         ] = {}
-        self._options: dict[tuple[str, int, int, tuple[Slice, ...]], _Options] = {}
         self._static: dict[int, tuple[int, ...]] = {}
         self._chose_host_paging = False
-        self._ceilings_for = -1  # the host size _ceiling_pages is for
-        self._ceiling_pages: dict[str, int] = {}
 
     @property
     def name(self) -> str:
@@ -219,16 +194,7 @@ class OraclePolicy:
         slices = tuple(
             tuple((g.plan.at(t), g.plan.active_pages_at(t)) for t in times) for g in guests
         )
-        if host_pages != self._ceilings_for:
-            # What each guest could hold at most: its limit, or the host less the
-            # others' floors. Host paging is judged against it (_may_host_page), so
-            # the options valued for another host size go.
-            floors = _floors(host_pages, guests)
-            self._ceilings_for, self._options = host_pages, {}
-            self._ceiling_pages = {
-                g.name: min(_limit_pages(g), host_pages - (sum(floors) - floor))
-                for g, floor in zip(guests, floors, strict=True)
-            }
+        self._values.for_host(host_pages, guests, _floors(host_pages, guests))
         held = {v.name: v.sample.allocated_bytes // PAGE_SIZE_BYTES for v in snapshot.guests}
         held_pages = tuple(held.get(g.name, 0) for g in guests)
         key = (host_pages, slices, held_pages)
@@ -241,7 +207,7 @@ class OraclePolicy:
         # period, and a guest left to the host before its set outgrows its ceiling has
         # its kernel's pages taken for nothing (suite-1-107 lost 1.7 % so).
         paged = [
-            self._host_paged(g, s[: self._slices], p)
+            self._values.host_paged(g, s[: self._slices], p)
             for g, s, p in zip(guests, slices, pages, strict=True)
         ]
         self._chose_host_paging |= any(paged)
@@ -304,12 +270,12 @@ class OraclePolicy:
         """The allocations, each at least its floor, that model highest in all."""
         step = max(1, host_pages // self._grid_steps)
         options = [
-            self._guest_options(g, s, floor, step)
+            self._values.options(g, s, floor, step)
             for g, s, floor in zip(guests, slices, floors, strict=True)
         ]
         values = [
-            _priced(o.now, o.window, *self._values(g, s, np.array([held], dtype=np.int64)))
-            for g, s, o, held in zip(guests, slices, options, held_pages, strict=True)
+            priced(o.now, o.window, *self._values.values(g, s, np.array([h], dtype=np.int64)))
+            for g, s, o, h in zip(guests, slices, options, held_pages, strict=True)
         ]
         capacity = min(
             (host_pages - sum(floors)) // step, sum(len(o.extra_pages) - 1 for o in options)
@@ -319,94 +285,6 @@ class OraclePolicy:
             o.floor_pages + int(o.extra_pages[k]) for o, k in zip(options, choices, strict=True)
         ]
         return self._top_up(pages, host_pages, guests, slices, held_pages)
-
-    def _value(
-        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, held_pages: int
-    ) -> FloatArray:
-        """What holding ``pages`` is worth to a guest that holds ``held_pages`` now."""
-        held = self._values(guest, slices, np.array([held_pages], dtype=np.int64))
-        return _priced(*self._values(guest, slices, pages), *held)
-
-    def _values(
-        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray
-    ) -> tuple[FloatArray, FloatArray]:
-        """Holding ``pages``: the mean modelled throughput over the period's own slices,
-        and over those and the look-ahead's."""
-        now = self._mean_value(guest, slices[: self._slices], pages)
-        if len(slices) == self._slices:
-            return now, now
-        return now, self._mean_value(guest, slices, pages)
-
-    def _mean_value(
-        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray
-    ) -> FloatArray:
-        """Mean modelled throughput over ``slices``, holding ``pages``, the better way:
-        ballooned, or host-paged where the guest may be."""
-        ballooned = self._mode_value(guest, slices, pages, host_paged=False)
-        if not self._may_host_page(guest, slices):
-            return ballooned
-        return np.maximum(ballooned, self._mode_value(guest, slices, pages, host_paged=True))
-
-    def _host_paged(self, guest: SimGuest, slices: tuple[Slice, ...], pages: int) -> bool:
-        """Whether ``pages`` serve the guest better host-paged than ballooned."""
-        if not self._may_host_page(guest, slices):
-            return False
-        at = np.array([pages], dtype=np.int64)
-        ballooned = float(self._mode_value(guest, slices, at, host_paged=False)[0])
-        paged = float(self._mode_value(guest, slices, at, host_paged=True)[0])
-        return paged > ballooned * (1.0 + _TIE_TOLERANCE)
-
-    def _may_host_page(self, guest: SimGuest, slices: tuple[Slice, ...]) -> bool:
-        """The guest can never hold its working set ballooned (its limit, or the host
-        less the others' floors, keeps it below), its own memory holds the set (else it
-        would page too, and one layer of paging is all the model knows), and the host
-        has swap. Elsewhere a balloon serves a guest at least as well once it has its
-        set, and switching ways costs what the steady state does not see: the host's
-        random victims take a while to find the kernel's pages, and a balloon inflated
-        again evicts. Where it cannot, a scan larger than its memory keeps nothing
-        under the guest's CLOCK and part of it under the host's random victims."""
-        demand = max(active for _, active in slices)
-        return (
-            self._host_swap
-            and demand > 0
-            and self._ceiling_pages[guest.name] < guest.kernel_pages + demand
-            and guest.memory_pages - guest.kernel_pages >= demand
-        )
-
-    def _mode_value(
-        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, *, host_paged: bool
-    ) -> FloatArray:
-        # The host's random victims take the kernel's pages too, and the workload never
-        # faults them back: in the steady state the whole allocation holds the workload.
-        resident = pages if host_paged else np.maximum(pages - guest.kernel_pages, 0)
-        total = np.zeros(resident.shape)
-        for workload, active in slices:
-            if active > 0:
-                if host_paged:
-                    miss = self._curves.host_miss_ratio(workload, active, resident)
-                else:
-                    miss = self._curves.miss_ratio(workload, active, guest.replacement, resident)
-                total += throughput_refs_per_s(miss, self._costs, host_paged=host_paged)
-        return total / len(slices)
-
-    def _top_pages(self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int) -> int:
-        """Memory past the largest active working set buys nothing: the grid stops there."""
-        demand = max(active for _, active in slices)
-        return max(floor_pages, min(_limit_pages(guest), guest.kernel_pages + demand))
-
-    def _guest_options(
-        self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int, step_pages: int
-    ) -> _Options:
-        key = (guest.name, floor_pages, step_pages, slices)
-        cached = self._options.get(key)
-        if cached is None:
-            span = self._top_pages(guest, slices, floor_pages) - floor_pages
-            steps = -(-span // step_pages)  # ceil: the last step may be partial
-            extra = np.minimum(np.arange(steps + 1, dtype=np.int64) * step_pages, span)
-            now, window = self._values(guest, slices, floor_pages + extra)
-            cached = _Options(floor_pages, extra, now, window)
-            self._options[key] = cached
-        return cached
 
     def _top_up(
         self,
@@ -421,11 +299,11 @@ class OraclePolicy:
             left = host_pages - sum(pages)
             best_gain, best_i, best_pages = 0.0, -1, 0
             for i, (g, s) in enumerate(zip(guests, slices, strict=True)):
-                more = min(self._top_pages(g, s, pages[i]), pages[i] + left)
+                more = min(self._values.top_pages(g, s, pages[i]), pages[i] + left)
                 if more > pages[i]:
                     at = np.array([pages[i], more], dtype=np.int64)
-                    now, then = self._value(g, s, at, held_pages[i])
-                    if then - now > best_gain * (1.0 + _TIE_TOLERANCE):
+                    now, then = self._values.value(g, s, at, held_pages[i])
+                    if then - now > best_gain * (1.0 + TIE_TOLERANCE):
                         best_gain, best_i, best_pages = float(then - now), i, more
             if best_i < 0:
                 break
@@ -456,27 +334,16 @@ class OraclePolicy:
         host-paged)."""
         at_static = np.array([static_pages])
         goal = FAIR_FRACTION * float(
-            self._mode_value(guest, slices, at_static, host_paged=False)[0]
+            self._values.mode_value(guest, slices, at_static, host_paged=False)[0]
         )
         low, high = floor_pages, max(floor_pages, static_pages)  # value rises with pages
         while low < high:
             mid = (low + high) // 2
-            if float(self._mean_value(guest, slices, np.array([mid]))[0]) >= goal:
+            if float(self._values.mean_value(guest, slices, np.array([mid]))[0]) >= goal:
                 high = mid
             else:
                 low = mid + 1
         return low
-
-
-def _priced(
-    now: FloatArray, window: FloatArray, now_held: FloatArray, window_held: FloatArray
-) -> FloatArray:
-    """A size's worth to a guest: its value this period at what it holds, plus the
-    change to that size as the period and the look-ahead each price it, whichever is
-    lower. A gain counts in full only if it lasts past the period, and a loss counts
-    in full if it lasts past it: a cache raided for one period is faulted back over
-    many. Where the two agree, this is the period's own value."""
-    return now_held + np.minimum(now - now_held, window - window_held)
 
 
 def _hand_out_slack(
@@ -491,11 +358,11 @@ def _hand_out_slack(
     out = list(pages)
     left = host_pages - sum(out)
     for i, g in enumerate(guests):
-        keep = min(held.get(g.name, 0), _limit_pages(g)) - out[i]
+        keep = min(held.get(g.name, 0), limit_pages(g)) - out[i]
         if keep > 0 and left > 0:
             out[i] += min(keep, left)
             left -= min(keep, left)
-    room = [max(_limit_pages(g) - p, 0) for g, p in zip(guests, out, strict=True)]
+    room = [max(limit_pages(g) - p, 0) for g, p in zip(guests, out, strict=True)]
     for rank, i in enumerate(sorted(range(len(out)), key=lambda j: room[j])):
         give = min(room[i], left // (len(out) - rank))  # water-fill: the smallest room first
         out[i] += give
@@ -508,7 +375,7 @@ def _floors(host_pages: int, guests: Sequence[SimGuest]) -> list[int]:
     kernels do not all fit, its reservation alone."""
     floors = [_floor_pages(g) for g in guests]
     if sum(floors) > host_pages:
-        floors = [min(_min_pages(g), _limit_pages(g)) for g in guests]
+        floors = [min(_min_pages(g), limit_pages(g)) for g in guests]
         if sum(floors) > host_pages:
             raise ConfigError(
                 "the guests' reservations add up to more than host memory",
@@ -521,10 +388,6 @@ def _min_pages(guest: SimGuest) -> int:
     return -(-guest.spec.min_bytes // PAGE_SIZE_BYTES)  # a reservation rounds up
 
 
-def _limit_pages(guest: SimGuest) -> int:
-    return guest.spec.limit_bytes // PAGE_SIZE_BYTES  # a limit rounds down
-
-
 def _floor_pages(guest: SimGuest) -> int:
     """The least a guest can hold: its reservation, and never less than its kernel."""
-    return min(max(_min_pages(guest), guest.kernel_pages), _limit_pages(guest))
+    return min(max(_min_pages(guest), guest.kernel_pages), limit_pages(guest))

@@ -1,0 +1,206 @@
+"""What memory is worth to a guest, as the oracle models it (``sim/oracle.py``).
+
+A guest holding ``m`` resident workload pages makes
+``1 / (reference_s + miss(m) * (swap_in_s + swap_out_s))`` references per second in
+steady state, from its own swap when ballooned and from the host's when the host pages
+it; the miss ratio comes from the exact curves of :mod:`balloonist.sim.curves`. A size
+is valued over a period's slices and over those and the look-ahead's, and priced
+against what the guest holds now (:func:`priced`). The oracle decides; this module only
+values, for one host size at a time (:meth:`GuestValues.for_host`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from balloonist.sim.curves import CurveBook
+from balloonist.sim.scenario import Costs, SimGuest
+from balloonist.sim.workload import Workload
+from balloonist.units import PAGE_SIZE_BYTES
+
+__all__ = [
+    "TIE_TOLERANCE",
+    "FloatArray",
+    "GuestValues",
+    "IntArray",
+    "Options",
+    "Slice",
+    "limit_pages",
+    "priced",
+    "throughput_refs_per_s",
+]
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+#: Relative tolerance under which two totals count as equal; the DP then prefers the
+#: smaller allocation, so memory that buys nothing stays with whoever holds it.
+TIE_TOLERANCE: Final = 1e-9
+
+#: One slice of a period, as a guest runs it: its workload and active working set.
+Slice = tuple[Workload, int]
+
+
+def throughput_refs_per_s(
+    miss_ratio: npt.ArrayLike, costs: Costs, *, host_paged: bool = False
+) -> FloatArray:
+    """Steady-state references per second of a busy guest at ``miss_ratio``: each miss
+    reads a page back and writes a victim out, from the guest's swap or the host's."""
+    if host_paged:
+        fault_s = costs.host_swap_in_s + costs.host_swap_out_s
+    else:
+        fault_s = costs.guest_swap_in_s + costs.guest_swap_out_s
+    return 1.0 / (costs.reference_s + np.asarray(miss_ratio, dtype=np.float64) * fault_s)
+
+
+def priced(
+    now: FloatArray, window: FloatArray, now_held: FloatArray, window_held: FloatArray
+) -> FloatArray:
+    """A size's worth to a guest: its value this period at what it holds, plus the
+    change to that size as the period and the look-ahead each price it, whichever is
+    lower. A gain counts in full only if it lasts past the period, and a loss counts
+    in full if it lasts past it: a cache raided for one period is faulted back over
+    many. Where the two agree, this is the period's own value."""
+    return now_held + np.minimum(now - now_held, window - window_held)
+
+
+def limit_pages(guest: SimGuest) -> int:
+    return guest.spec.limit_bytes // PAGE_SIZE_BYTES  # a limit rounds down
+
+
+@dataclass(frozen=True, eq=False)
+class Options:
+    """One guest's choices: allocation ``floor + extra_pages[k]`` costs ``k`` grid steps
+    and models ``now[k]`` over the period, ``window[k]`` over it and the look-ahead."""
+
+    floor_pages: int
+    extra_pages: IntArray
+    now: FloatArray
+    window: FloatArray
+
+
+class GuestValues:
+    """The guests' modelled throughput at any size, on one host size at a time.
+
+    ``slices`` passed to its methods are a period's ``slices_per_period`` slices,
+    followed by the look-ahead's samples if any.
+    """
+
+    def __init__(
+        self, costs: Costs, curves: CurveBook, *, slices_per_period: int, host_swap: bool
+    ) -> None:
+        self._costs = costs
+        self._curves = curves
+        self._slices = slices_per_period
+        self._host_swap = host_swap
+        self._options: dict[tuple[str, int, int, tuple[Slice, ...]], Options] = {}
+        self._ceilings_for = -1  # the host size _ceiling_pages is for
+        self._ceiling_pages: dict[str, int] = {}
+
+    def for_host(self, host_pages: int, guests: Sequence[SimGuest], floors: Sequence[int]) -> None:
+        """Value for a host of ``host_pages`` whose guests hold at least ``floors``.
+
+        What each guest could hold at most is its limit, or the host less the others'
+        floors. Host paging is judged against it (:meth:`may_host_page`), so the
+        options valued for another host size go.
+        """
+        if host_pages == self._ceilings_for:
+            return
+        self._ceilings_for, self._options = host_pages, {}
+        self._ceiling_pages = {
+            g.name: min(limit_pages(g), host_pages - (sum(floors) - floor))
+            for g, floor in zip(guests, floors, strict=True)
+        }
+
+    def value(
+        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, held_pages: int
+    ) -> FloatArray:
+        """What holding ``pages`` is worth to a guest that holds ``held_pages`` now."""
+        held = self.values(guest, slices, np.array([held_pages], dtype=np.int64))
+        return priced(*self.values(guest, slices, pages), *held)
+
+    def values(
+        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """Holding ``pages``: the mean modelled throughput over the period's own slices,
+        and over those and the look-ahead's."""
+        now = self.mean_value(guest, slices[: self._slices], pages)
+        if len(slices) == self._slices:
+            return now, now
+        return now, self.mean_value(guest, slices, pages)
+
+    def mean_value(self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray) -> FloatArray:
+        """Mean modelled throughput over ``slices``, holding ``pages``, the better way:
+        ballooned, or host-paged where the guest may be."""
+        ballooned = self.mode_value(guest, slices, pages, host_paged=False)
+        if not self.may_host_page(guest, slices):
+            return ballooned
+        return np.maximum(ballooned, self.mode_value(guest, slices, pages, host_paged=True))
+
+    def host_paged(self, guest: SimGuest, slices: tuple[Slice, ...], pages: int) -> bool:
+        """Whether ``pages`` serve the guest better host-paged than ballooned."""
+        if not self.may_host_page(guest, slices):
+            return False
+        at = np.array([pages], dtype=np.int64)
+        ballooned = float(self.mode_value(guest, slices, at, host_paged=False)[0])
+        paged = float(self.mode_value(guest, slices, at, host_paged=True)[0])
+        return paged > ballooned * (1.0 + TIE_TOLERANCE)
+
+    def may_host_page(self, guest: SimGuest, slices: tuple[Slice, ...]) -> bool:
+        """The guest can never hold its working set ballooned (its limit, or the host
+        less the others' floors, keeps it below), its own memory holds the set (else it
+        would page too, and one layer of paging is all the model knows), and the host
+        has swap. Elsewhere a balloon serves a guest at least as well once it has its
+        set, and switching ways costs what the steady state does not see: the host's
+        random victims take a while to find the kernel's pages, and a balloon inflated
+        again evicts. Where it cannot, a scan larger than its memory keeps nothing
+        under the guest's CLOCK and part of it under the host's random victims."""
+        demand = max(active for _, active in slices)
+        return (
+            self._host_swap
+            and demand > 0
+            and self._ceiling_pages[guest.name] < guest.kernel_pages + demand
+            and guest.memory_pages - guest.kernel_pages >= demand
+        )
+
+    def mode_value(
+        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, *, host_paged: bool
+    ) -> FloatArray:
+        """Mean modelled throughput over ``slices``, holding ``pages`` one way."""
+        # The host's random victims take the kernel's pages too, and the workload never
+        # faults them back: in the steady state the whole allocation holds the workload.
+        resident = pages if host_paged else np.maximum(pages - guest.kernel_pages, 0)
+        total = np.zeros(resident.shape)
+        for workload, active in slices:
+            if active > 0:
+                if host_paged:
+                    miss = self._curves.host_miss_ratio(workload, active, resident)
+                else:
+                    miss = self._curves.miss_ratio(workload, active, guest.replacement, resident)
+                total += throughput_refs_per_s(miss, self._costs, host_paged=host_paged)
+        return total / len(slices)
+
+    def top_pages(self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int) -> int:
+        """Memory past the largest active working set buys nothing: the grid stops there."""
+        demand = max(active for _, active in slices)
+        return max(floor_pages, min(limit_pages(guest), guest.kernel_pages + demand))
+
+    def options(
+        self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int, step_pages: int
+    ) -> Options:
+        """The guest's grid of sizes from ``floor_pages`` and their values, cached."""
+        key = (guest.name, floor_pages, step_pages, slices)
+        cached = self._options.get(key)
+        if cached is None:
+            span = self.top_pages(guest, slices, floor_pages) - floor_pages
+            steps = -(-span // step_pages)  # ceil: the last step may be partial
+            extra = np.minimum(np.arange(steps + 1, dtype=np.int64) * step_pages, span)
+            now, window = self.values(guest, slices, floor_pages + extra)
+            cached = Options(floor_pages, extra, now, window)
+            self._options[key] = cached
+        return cached
