@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from balloonist.driver import UnitRange, ranges_from_units
 from balloonist.errors import GuestProtocolError, Violation
+from balloonist.model import Decision, GuestTarget, Snapshot
+from balloonist.policy import Policy
 
 
 class FakeKernel:
@@ -73,3 +75,29 @@ class FakeRam:
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class HoldsAtLimit:
+    """A policy that decides as ``inner`` does, except that ``guest`` is held to
+    ``allocation_bytes`` by the host's paging with its balloon deflated, as limit
+    paging holds a guest, while ``holding``; it keeps every snapshot it sees."""
+
+    inner: Policy
+    guest: str
+    allocation_bytes: int
+    holding: bool = True
+    seen: list[Snapshot] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        self.seen.append(snapshot)
+        decision = self.inner.decide(snapshot)
+        if not self.holding:
+            return decision
+        held = GuestTarget(self.guest, self.allocation_bytes, 0, host_capped=True)
+        targets = tuple(held if t.name == self.guest else t for t in decision.targets)
+        return replace(decision, targets=targets)

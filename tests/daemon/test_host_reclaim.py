@@ -5,7 +5,7 @@ host recovers. No cgroups touched."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from hypothesis import given
@@ -21,10 +21,10 @@ from balloonist.daemon.host_reclaim import (
 )
 from balloonist.daemon.service import Daemon
 from balloonist.host import HostMemInfo
-from balloonist.model import Decision, GuestTarget, HostHeld, Snapshot
-from balloonist.policy import Policy
+from balloonist.model import HostHeld
 from balloonist.units import GIB, MIB
 from tests.daemon.fakes import FakeCgroup, FakeCgroups, FakeMemoryHost, FakeVm, make, record
+from tests.fakes import HoldsAtLimit
 from tests.test_cgroup import fake_proc
 
 #: A host with swap for the VMs' pages to go to.
@@ -223,31 +223,8 @@ def test_a_cap_left_in_a_cgroup_of_ours_by_a_killed_daemon_is_lifted(tmp_path: P
 CAPPED_AT = 1 * GIB
 
 
-@dataclass
-class _CapsBusy:
-    """The daemon's policy, except that ``busy`` is held to CAPPED_AT by the host, its
-    balloon deflated, while ``capping``; it keeps every snapshot it sees."""
-
-    inner: Policy
-    capping: bool = True
-    seen: list[Snapshot] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def decide(self, snapshot: Snapshot) -> Decision:
-        self.seen.append(snapshot)
-        decision = self.inner.decide(snapshot)
-        if not self.capping:
-            return decision
-        held = GuestTarget("busy", CAPPED_AT, 0, host_capped=True)
-        targets = tuple(held if t.name == "busy" else t for t in decision.targets)
-        return replace(decision, targets=targets)
-
-
-def _capping(daemon: Daemon) -> _CapsBusy:
-    policy = _CapsBusy(daemon.scheduler.policy)
+def _capping(daemon: Daemon) -> HoldsAtLimit:
+    policy = HoldsAtLimit(daemon.scheduler.policy, "busy", CAPPED_AT)
     daemon.scheduler.policy = policy
     return policy
 
@@ -273,7 +250,7 @@ def test_a_cooperating_vm_held_to_its_limit_is_paged_by_the_host_with_its_balloo
     # Both could be capped: each has a cgroup of its own, and the host has swap.
     last = policy.seen[-1]
     assert all(v.sample.host_cappable for v in last.guests)
-    policy.capping = False
+    policy.holding = False
     daemon.step()
     assert busy.cap is None  # lifted at once
 

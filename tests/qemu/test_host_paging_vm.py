@@ -26,7 +26,6 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -34,11 +33,10 @@ import pytest
 from balloonist.cgroup import CgroupVersion, MemoryCgroup
 from balloonist.daemon.mechanisms import Mechanism
 from balloonist.daemon.service import Daemon, DaemonConfig
-from balloonist.model import Decision, GuestTarget, Snapshot
-from balloonist.policy import Policy
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets
 from balloonist.units import MIB
+from tests.fakes import HoldsAtLimit
 
 from .conftest import boot, guest_status, stepper, wait_for_line
 
@@ -137,30 +135,6 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
         daemon.close()
 
 
-@dataclass
-class _HoldsAtLimit:
-    """The daemon's own policy, except that ``guest`` is held to HELD_MIB by the host's
-    paging with its balloon deflated, as limit paging holds a guest, while ``holding``."""
-
-    inner: Policy
-    guest: str
-    holding: bool = True
-    seen: list[Snapshot] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def decide(self, snapshot: Snapshot) -> Decision:
-        self.seen.append(snapshot)
-        decision = self.inner.decide(snapshot)
-        if not self.holding:
-            return decision
-        held = GuestTarget(self.guest, HELD_MIB * MIB, 0, host_capped=True)
-        targets = tuple(held if t.name == self.guest else t for t in decision.targets)
-        return replace(decision, targets=targets)
-
-
 def test_a_cooperating_guest_held_at_its_limit_is_paged_by_the_host_with_its_balloon_deflated(
     state: launcher.StateDir, guest_assets: GuestAssets, host_swap: Path
 ) -> None:
@@ -169,7 +143,7 @@ def test_a_cooperating_guest_held_at_its_limit_is_paged_by_the_host_with_its_bal
     held = _cgroup(state, "held")
     config = DaemonConfig.model_validate({"daemon": {"budget": "2GiB"}, "ksm": {"mode": "off"}})
     daemon = Daemon(config, state)
-    policy = _HoldsAtLimit(daemon.scheduler.policy, "held")
+    policy = HoldsAtLimit(daemon.scheduler.policy, "held", HELD_MIB * MIB)
     daemon.scheduler.policy = policy
 
     def held_there() -> bool:
