@@ -194,13 +194,14 @@ class OraclePolicy:
         slices = tuple(
             tuple((g.plan.at(t), g.plan.active_pages_at(t)) for t in times) for g in guests
         )
-        self._values.for_host(host_pages, guests, _floors(host_pages, guests))
+        floors = _floors(host_pages, guests)
+        self._values.for_host(host_pages, guests, floors)
         held = {v.name: v.sample.allocated_bytes // PAGE_SIZE_BYTES for v in snapshot.guests}
         held_pages = tuple(held.get(g.name, 0) for g in guests)
         key = (host_pages, slices, held_pages)
         pages = self._solved.get(key)
         if pages is None:
-            pages = self._solve(host_pages, guests, slices, held_pages)
+            pages = self._solve(host_pages, guests, slices, held_pages, floors)
             self._solved[key] = pages
         pages = _hand_out_slack(pages, host_pages, guests, held)
         # Balloon or host paging is chosen for the period alone: it is chosen again every
@@ -243,9 +244,15 @@ class OraclePolicy:
         guests: Sequence[SimGuest],
         slices: Sequence[tuple[Slice, ...]],
         held_pages: Sequence[int],
+        floors: Sequence[int],
     ) -> tuple[int, ...]:
-        floors = _floors(host_pages, guests)
-        pages = self._best(host_pages, guests, slices, held_pages, floors)
+        # What each guest's held size is worth, over the period and the look-ahead:
+        # every size is priced against it.
+        held = [
+            self._values.values(g, s, np.array([h], dtype=np.int64))
+            for g, s, h in zip(guests, slices, held_pages, strict=True)
+        ]
+        pages = self._best(host_pages, guests, slices, held, floors)
         if self._fair:
             # The sharing rule as a constraint: where the best allocation keeps it
             # already, it is the best that keeps it, and oracle-fair decides as the
@@ -256,7 +263,7 @@ class OraclePolicy:
                 for g, s, floor, st in zip(guests, slices, floors, static, strict=True)
             ]
             if any(p < f for p, f in zip(pages, fair, strict=True)):
-                pages = self._best(host_pages, guests, slices, held_pages, fair)
+                pages = self._best(host_pages, guests, slices, held, fair)
         return pages
 
     def _best(
@@ -264,18 +271,18 @@ class OraclePolicy:
         host_pages: int,
         guests: Sequence[SimGuest],
         slices: Sequence[tuple[Slice, ...]],
-        held_pages: Sequence[int],
+        held: Sequence[tuple[FloatArray, FloatArray]],
         floors: Sequence[int],
     ) -> tuple[int, ...]:
-        """The allocations, each at least its floor, that model highest in all."""
+        """The allocations, each at least its floor, that model highest in all;
+        ``held``: what each guest's held size is worth (``GuestValues.values``)."""
         step = max(1, host_pages // self._grid_steps)
         options = [
             self._values.options(g, s, floor, step)
             for g, s, floor in zip(guests, slices, floors, strict=True)
         ]
         values = [
-            priced(o.now, o.window, *self._values.values(g, s, np.array([h], dtype=np.int64)))
-            for g, s, o, h in zip(guests, slices, options, held_pages, strict=True)
+            priced(o.now, o.window, *at_held) for o, at_held in zip(options, held, strict=True)
         ]
         capacity = min(
             (host_pages - sum(floors)) // step, sum(len(o.extra_pages) - 1 for o in options)
@@ -284,7 +291,7 @@ class OraclePolicy:
         pages = [
             o.floor_pages + int(o.extra_pages[k]) for o, k in zip(options, choices, strict=True)
         ]
-        return self._top_up(pages, host_pages, guests, slices, held_pages)
+        return self._top_up(pages, host_pages, guests, slices, held)
 
     def _top_up(
         self,
@@ -292,7 +299,7 @@ class OraclePolicy:
         host_pages: int,
         guests: Sequence[SimGuest],
         slices: Sequence[tuple[Slice, ...]],
-        held_pages: Sequence[int],
+        held: Sequence[tuple[FloatArray, FloatArray]],
     ) -> tuple[int, ...]:
         """Spend what the grid's rounding left, where it raises throughput most."""
         for _ in guests:
@@ -302,7 +309,7 @@ class OraclePolicy:
                 more = min(self._values.top_pages(g, s, pages[i]), pages[i] + left)
                 if more > pages[i]:
                     at = np.array([pages[i], more], dtype=np.int64)
-                    now, then = self._values.value(g, s, at, held_pages[i])
+                    now, then = priced(*self._values.values(g, s, at), *held[i])
                     if then - now > best_gain * (1.0 + TIE_TOLERANCE):
                         best_gain, best_i, best_pages = float(then - now), i, more
             if best_i < 0:

@@ -117,13 +117,6 @@ class GuestValues:
             for g, floor in zip(guests, floors, strict=True)
         }
 
-    def value(
-        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, held_pages: int
-    ) -> FloatArray:
-        """What holding ``pages`` is worth to a guest that holds ``held_pages`` now."""
-        held = self.values(guest, slices, np.array([held_pages], dtype=np.int64))
-        return priced(*self.values(guest, slices, pages), *held)
-
     def values(
         self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray
     ) -> tuple[FloatArray, FloatArray]:
