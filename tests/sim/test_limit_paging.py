@@ -4,7 +4,12 @@ it ballooned is held at the limit by the host instead, works, and never crosses 
 from __future__ import annotations
 
 import numpy as np
+from tests.fakes import HoldsAtLimit
 
+from balloonist.policy.registry import make_policy
+from balloonist.scheduler import Scheduler
+from balloonist.sim import engine as e
+from balloonist.sim.machine import SimMachine
 from balloonist.sim.runner import run_scenario
 from balloonist.sim.scenario import Scenario, scenario_from_dict
 from balloonist.units import MIB
@@ -52,3 +57,52 @@ def test_a_guest_that_cannot_work_ballooned_under_its_limit_is_held_there_by_the
     # its whole footprint fits its memory, so nothing is paged twice
     assert all(int(g.double_paging.sum()) == 0 for g in demand.guests)
     assert int(np.sum(fits.refs)) >= 0.99 * int(np.sum(static.guests[1].refs))
+
+
+def _refs_per_period(held_periods: int | None, periods: int) -> list[int]:
+    """The held guest's references each period under ``demand``; held to its limit
+    by the host's paging for the first ``held_periods`` (None: never)."""
+    sc = scenario_from_dict(
+        {
+            "host": {"memory": "512MiB", "swap": "512MiB"},
+            "sim": {"duration_s": float(periods), "seed": 5},
+            "guests": [
+                {
+                    "name": "held",
+                    "memory": "300MiB",
+                    "max": "165MiB",
+                    "replacement": "lru",
+                    "workload": {"kind": "zipf", "working_set": "162MiB", "skew": 1.1},
+                }
+            ],
+        },
+        where="test",
+        default_name="released",
+    )
+    machine = SimMachine(sc)
+    policy = HoldsAtLimit(
+        make_policy("demand", tax_rate=0.75), "held", 165 * MIB, holding=held_periods is not None
+    )
+    scheduler = Scheduler(machine, policy, period_s=sc.period_s)
+    out, before = [], 0
+    for k in range(periods):
+        if held_periods is not None and k == held_periods:
+            policy.holding = False
+        scheduler.step()
+        machine.advance(sc.period_s)
+        refs = int(machine.guests[0].st[e.S_REFS])
+        out.append(refs - before)
+        before = refs
+    return out
+
+
+def test_a_guest_let_go_at_its_limit_brings_its_host_swapped_pages_back_and_works() -> None:
+    # Held by the host, some of its pages sit in host swap; ballooned again at its
+    # limit it must still fault them back (the host pages out another of its own, as
+    # a cgroup's limit does), not wait for a frame its limit never gives it.
+    released = _refs_per_period(20, 35)
+    never = _refs_per_period(None, 35)
+    assert sum(released[:20]) > 0
+    # the ten periods after its balloon is back (about three), before any trial of
+    # demand's own limit paging could hold it again
+    assert sum(released[23:33]) >= 0.5 * sum(never[23:33])

@@ -87,7 +87,11 @@ class HostControl:
         cap = np.where(self.pageable(t), np.minimum(target, limit_pages), limit_pages)
         deficit = np.clip(min_pages - mapped, 0, None)
         reserve = int(deficit.sum()) - deficit
-        swappable = self.pageable(t, emergency=True)
+        # A guest at its limit with pages in host swap (it was host-capped) can bring
+        # one back only by the host paging out another of its own, as a cgroup's
+        # limit does; else it waits for a frame it may never have.
+        held_out = np.array([int(m.st[e.S_HOST_SWAPPED]) > 0 for m in self._guests], dtype=np.bool_)
+        swappable = self.pageable(t, emergency=True) | (held_out & (mapped >= limit_pages))
         for i, lim in enumerate(self._limits):
             lim[_CAP] = cap[i]
             lim[_MIN] = min_pages[i]
