@@ -102,9 +102,14 @@ class PolicyTable(Strict):
 
 
 class RateTable(Strict):
+    """The simulated driver's rate, per step; it steps once a period (1 s by default).
+    Our agent steps every 0.2 s and adds 16 MiB/s a step it got all it asked for
+    (``balloonist.rate.RateLimits``): 80 MiB/s more each second, so the simulated
+    driver, which steps once a second, adds 80 MiB a step."""
+
     min: str = "4MiB"
     max: str = "1GiB"
-    increase: str = "16MiB"
+    increase: str = "80MiB"
     divisor: float = Field(default=2.0, gt=1.0)
 
     _sizes = field_validator("min", "max", "increase")(classmethod(lambda cls, v: check_size(v)))
