@@ -88,8 +88,9 @@ class HostControl:
         deficit = np.clip(min_pages - mapped, 0, None)
         reserve = int(deficit.sum()) - deficit
         # A guest at its limit with pages in host swap (it was host-capped) can bring
-        # one back only by the host paging out another of its own, as a cgroup's
-        # limit does; else it waits for a frame it may never have.
+        # one back only if the host pages out another of its own, as a cgroup's limit
+        # does, so the host may page it while it is there; else it would wait every
+        # slice for a frame its limit never gives it.
         held_out = np.array([int(m.st[e.S_HOST_SWAPPED]) > 0 for m in self._guests], dtype=np.bool_)
         swappable = self.pageable(t, emergency=True) | (held_out & (mapped >= limit_pages))
         for i, lim in enumerate(self._limits):
