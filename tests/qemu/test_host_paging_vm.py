@@ -69,6 +69,15 @@ def host_swap(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["swapoff", str(path)], check=True, capture_output=True)
 
 
+def _stop_guests(state: launcher.StateDir) -> None:
+    """Stop the guests and drop their RAM files while the host's swap is still on:
+    turned off first (pytest tears ``host_swap`` down before ``state``), swapoff must
+    read their pages in the swap back, and it once failed to (exit 2, out of memory,
+    a CI run at stop 35, with the guest's cap already lifted)."""
+    for name in state.names():
+        launcher.stop_vm(state, name)
+
+
 def _cgroup(state: launcher.StateDir, name: str) -> MemoryCgroup:
     recorded = state.load(name).cgroup
     assert recorded is not None, f"{name} was not started in a cgroup of its own"
@@ -133,6 +142,7 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
         assert lifted is not None and lifted.cap_bytes is None
     finally:
         daemon.close()
+        _stop_guests(state)
 
 
 def test_a_cooperating_guest_held_at_its_limit_is_paged_by_the_host_with_its_balloon_deflated(
@@ -169,3 +179,4 @@ def test_a_cooperating_guest_held_at_its_limit_is_paged_by_the_host_with_its_bal
         assert held.limit_bytes() is None  # lifted at once
     finally:
         daemon.close()
+        _stop_guests(state)
