@@ -74,9 +74,14 @@ def state(tmp_path: Path) -> Iterator[launcher.StateDir]:
     short.mkdir()
     state = launcher.StateDir(short)
     yield state
+    stop_guests(state)
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def stop_guests(state: launcher.StateDir) -> None:
+    """Stop every guest in ``state`` and drop its cgroup and RAM file."""
     for name in state.names():
         launcher.stop_vm(state, name)
-    shutil.rmtree(short, ignore_errors=True)
 
 
 def boot(

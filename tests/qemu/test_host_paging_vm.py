@@ -38,7 +38,7 @@ from balloonist.qemu.assets import GuestAssets
 from balloonist.units import MIB
 from tests.fakes import HoldsAtLimit
 
-from .conftest import boot, guest_status, stepper, wait_for_line
+from .conftest import boot, guest_status, stepper, stop_guests, wait_for_line
 
 pytestmark = [pytest.mark.vm, pytest.mark.root(reason="memory cgroups and swapon need root")]
 
@@ -54,8 +54,11 @@ QEMU_OWN_BYTES = 64 * MIB
 
 
 @pytest.fixture
-def host_swap(tmp_path: Path) -> Iterator[Path]:
-    """A swap file for the host, on for the test only."""
+def host_swap(tmp_path: Path, state: launcher.StateDir) -> Iterator[Path]:
+    """A swap file for the host, on for the test only. The guests of ``state`` are
+    stopped, and their RAM files dropped, before it goes: swapoff would have to read
+    their pages in it back, and it once failed to (exit 2, out of memory, a CI run
+    at stop 35, with the guest's cap already lifted)."""
     path = tmp_path / "host.swap"
     with path.open("wb") as f:  # written out: swapon refuses a file with holes
         for _ in range(SWAP_MIB):
@@ -66,16 +69,8 @@ def host_swap(tmp_path: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
+        stop_guests(state)
         subprocess.run(["swapoff", str(path)], check=True, capture_output=True)
-
-
-def _stop_guests(state: launcher.StateDir) -> None:
-    """Stop the guests and drop their RAM files while the host's swap is still on:
-    turned off first (pytest tears ``host_swap`` down before ``state``), swapoff must
-    read their pages in the swap back, and it once failed to (exit 2, out of memory,
-    a CI run at stop 35, with the guest's cap already lifted)."""
-    for name in state.names():
-        launcher.stop_vm(state, name)
 
 
 def _cgroup(state: launcher.StateDir, name: str) -> MemoryCgroup:
@@ -142,7 +137,6 @@ def test_a_guest_without_its_balloon_driver_is_paged_by_the_host_while_it_is_sho
         assert lifted is not None and lifted.cap_bytes is None
     finally:
         daemon.close()
-        _stop_guests(state)
 
 
 def test_a_cooperating_guest_held_at_its_limit_is_paged_by_the_host_with_its_balloon_deflated(
@@ -179,4 +173,3 @@ def test_a_cooperating_guest_held_at_its_limit_is_paged_by_the_host_with_its_bal
         assert held.limit_bytes() is None  # lifted at once
     finally:
         daemon.close()
-        _stop_guests(state)
