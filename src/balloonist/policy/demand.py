@@ -20,7 +20,12 @@ they once used. This policy starts from demand instead:
      burst goes on while memory is freed for it) and a step, at once (the *rescue*);
    - while any guest is under pressure, the others' demand follows their *recent*
      working set (the fast average), so memory they stopped using goes to the guest
-     that stalls without waiting out the slow average.
+     that stalls without waiting out the slow average;
+   - except where the guest under pressure is *futile* (``policy/futility.py``): it
+     thrashed before at far more memory and barely worked more there (a uniform set
+     or a scan that does not fit). It wants what it may hold now, and the others
+     keep their slow average's memory: a guest between two busy phases would fault
+     its set back for nothing.
 2. **Allocation** by weighted water-filling: every guest gets its demand up to a
    common level of memory per share; guests that want more than that level share
    what is left by their shares. So shares decide who wins when every guest needs
@@ -82,6 +87,7 @@ from balloonist.model import (
     Mechanisms,
     Snapshot,
 )
+from balloonist.policy.futility import Futility
 from balloonist.policy.growth import UseGrowth
 from balloonist.policy.limitpaging import LimitPaging
 from balloonist.policy.loadcontrol import LoadControl
@@ -262,21 +268,30 @@ def demand_bytes(
     stalls: F64 | None = None,
     *,
     in_use: I64 | None = None,
+    futile: npt.NDArray[np.bool_] | None = None,
     rescue: bool = True,
 ) -> I64:
     """Each guest's demand (see the module docstring, step 1), before min and max.
     ``stalls`` and ``in_use``: each guest's :func:`stall_fraction` and
-    :func:`_in_use_bytes`, if the caller has them; ``rescue``: whether a guest short of
-    available memory now wants it now."""
+    :func:`_in_use_bytes`, if the caller has them; ``futile``: guests that more memory
+    barely helps (``policy/futility.py``), whose stall does not make the host
+    contended; ``rescue``: whether a guest short of available memory now wants it
+    now."""
     if stalls is None:
         stalls = np.array([stall_fraction(g) for g in guests], dtype=np.float64)
     if in_use is None:
         in_use = np.array([_in_use_bytes(g) for g in guests], dtype=np.int64)
-    contended = bool((stalls >= STALL_THRESHOLD).any())
+    if futile is None:
+        futile = np.zeros(len(guests), dtype=np.bool_)
+    stalled = stalls >= STALL_THRESHOLD
+    contended = bool(stalled.any())
+    # Only a guest that more memory helps takes what the others stopped using lately
+    # (their recent working set) before their slow average forgets it.
+    hurried = bool((stalled & ~futile).any())
     working = np.array(
         [
             g.recent_working_set_bytes
-            if contended and g.recent_working_set_bytes is not None
+            if hurried and g.recent_working_set_bytes is not None
             else g.working_set_bytes
             for g in guests
         ],
@@ -297,9 +312,13 @@ def demand_bytes(
     # guest's slow average took 40 MiB from one that fit by 3 MiB, every few seconds).
     quiet = np.minimum(demand, allowance)
     demand = np.where(
-        stalls >= STALL_THRESHOLD,
-        grown,
-        np.where(stalls >= STALL_KEEP_THRESHOLD, kept, quiet),
+        futile,
+        quiet,
+        np.where(
+            stalls >= STALL_THRESHOLD,
+            grown,
+            np.where(stalls >= STALL_KEEP_THRESHOLD, kept, quiet),
+        ),
     )
     # Rescue: a guest that ran short all at once (its available memory under the
     # floor this period) gets what it lacks and a step now, ahead of the averages it
@@ -465,6 +484,7 @@ class DemandPolicy:
         self._load = LoadControl()
         self._limits = LimitPaging()
         self._growth = UseGrowth()
+        self._futility = Futility()
 
     @property
     def name(self) -> str:
@@ -495,10 +515,14 @@ class DemandPolicy:
         stall_list = stalls.tolist()  # what the two stateful rules take
         capped = self._limits.update(snapshot.time_s, views, stall_list)
         guests = _Guests.of(views, capped)
-        short = stalls >= STALL_THRESHOLD
+        futile_names = self._futility.update(snapshot.time_s, views, stall_list)
+        futile = np.array([n in futile_names for n in names], dtype=np.bool_)
+        short = (stalls >= STALL_THRESHOLD) & ~futile
         working = np.array([g.working_set_bytes for g in views], dtype=np.int64)
         used = headroom_bytes(working, contended=False)
-        demand = demand_bytes(views, stalls, in_use=guests.in_use, rescue=self.rescue)
+        demand = demand_bytes(
+            views, stalls, in_use=guests.in_use, futile=futile, rescue=self.rescue
+        )
         runway = runway_bytes(demand, guests, self._growth_bytes_per_s(snapshot, names, guests))
         turns = self._load.update(snapshot.time_s, views, stall_list)
         if turns.holder is not None:
