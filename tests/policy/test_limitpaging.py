@@ -90,6 +90,19 @@ def test_a_trial_that_does_not_pay_ends_and_is_tried_again_after_a_doubling_back
     assert _run(paging, _at_limit(), second_s + 2 * BACKOFF_S, 1) == {"g"}
 
 
+def test_a_trial_after_a_backoff_is_measured_against_the_stall_just_before_it() -> None:
+    paging = LimitPaging()
+    _run(paging, _at_limit(), 0.0, TRIAL_AFTER)
+    _run(paging, _capped(0.995), TRIAL_AFTER, TRIAL_PERIODS)  # fails: backoff
+    failed_s = TRIAL_AFTER + TRIAL_PERIODS - 1
+    calm_s = failed_s + BACKOFF_S - TRIAL_AFTER  # the backoff's last periods, and its end
+    _run(paging, _at_limit(stall=0.98), failed_s + 1, int(calm_s - failed_s - 1))
+    state = paging._guests["g"]
+    assert len(state.stalls) == TRIAL_AFTER  # a long backoff keeps no more
+    assert _run(paging, _at_limit(stall=0.999), calm_s, TRIAL_AFTER + 1) == {"g"}
+    assert state.ballooned_stall == pytest.approx(0.999)
+
+
 @pytest.mark.parametrize(
     "view",
     [

@@ -274,9 +274,9 @@ def demand_bytes(
     """Each guest's demand (see the module docstring, step 1), before min and max.
     ``stalls`` and ``in_use``: each guest's :func:`stall_fraction` and
     :func:`_in_use_bytes`, if the caller has them; ``futile``: guests that more memory
-    barely helps (``policy/futility.py``), whose stall does not make the host
-    contended; ``rescue``: whether a guest short of available memory now wants it
-    now."""
+    barely helps (``policy/futility.py``), which want what they may hold and do not
+    make the others fall back to their recent working set; ``rescue``: whether a guest
+    short of available memory now wants it now."""
     if stalls is None:
         stalls = np.array([stall_fraction(g) for g in guests], dtype=np.float64)
     if in_use is None:
@@ -512,7 +512,7 @@ class DemandPolicy:
         available = host.memory_bytes - margin
         names = [g.name for g in views]
         stalls = np.array([stall_fraction(g) for g in views], dtype=np.float64)
-        stall_list = stalls.tolist()  # what the two stateful rules take
+        stall_list = stalls.tolist()  # what the stateful rules take
         capped = self._limits.update(snapshot.time_s, views, stall_list)
         guests = _Guests.of(views, capped)
         futile_names = self._futility.update(snapshot.time_s, views, stall_list)

@@ -194,7 +194,9 @@ class LimitPaging:
         if state.mode is Mode.BALLOONED:
             at_limit = view.sample.allocated_bytes >= view.spec.limit_bytes - AT_LIMIT_BYTES
             thrashing = at_limit and stall >= TRIAL_STALL and worth_trying(view)
-            state.stalls = [*state.stalls, stall] if thrashing else []
+            # The last TRIAL_AFTER periods only: the baseline is the settled stall
+            # just before the trial, and a backoff does not grow the list.
+            state.stalls = [*state.stalls, stall][-TRIAL_AFTER:] if thrashing else []
             if len(state.stalls) >= TRIAL_AFTER and time_s >= state.retry_s:
                 state.ballooned_stall = sum(state.stalls) / len(state.stalls)
                 state.to(Mode.TRIAL)
