@@ -9,13 +9,14 @@ to it, and faults it back when its next phase starts (suite-6-6: a periodic 129 
 set lost to a 163 MiB uniform set that never fit; the uniform guest went from 12 to
 70 k references a second, the periodic one lost a third of its million).
 
-A guest is *futile* while it thrashes and has been seen, in the same episode, holding
-``FUTILE_GROWTH`` more than it holds now while working less than ``FUTILE_GAIN`` more
-of its time than it does now. Work is measured as the share of time not stalled (PSI
-or major faults, as the stall is). An episode starts when the guest first thrashes
-and ends once it has been quiet ``THRASH_PERIODS`` periods in a row (a new phase may
-fit). The first time a guest grows it is not futile: the policy learns that only by
-giving it the memory once.
+A guest is *futile* while it thrashes and has been seen, in the same episode, settled
+(``SETTLED_PERIODS`` at about one size) at ``FUTILE_GROWTH`` more than it holds now
+while working less than ``FUTILE_GAIN`` more of its time than it does now. Work is
+measured as the share of time not stalled (PSI or major faults, as the stall is). An
+episode starts when the guest first thrashes and ends once it has been quiet
+``THRASH_PERIODS`` periods in a row (a new phase may fit); what it did at its peak is
+forgotten ``FUTILE_MEMORY_S`` after it was last there. The first time a guest grows it
+is not futile: the policy learns that only by giving it the memory once.
 
 Pure: ``update`` takes the period's views and stall fractions and returns the names
 of the futile guests.
@@ -116,5 +117,6 @@ class Futility:
             episode.peak_s = time_s
 
 
-#: Holding within this share of the peak counts as being at it.
+#: Holding within this share of a size counts as holding it: settled at it from one
+#: period to the next, or at the peak (a page cache's wobble).
 _NEAR_PEAK: Final = 0.03
