@@ -35,6 +35,12 @@ def test_a_guest_that_thrashed_settled_at_far_more_is_futile() -> None:
     assert not _futile_after(Futility(), [(100, 0.95)] * 5)
 
 
+def test_a_guest_never_seen_settled_is_not_futile_even_holding_nothing() -> None:
+    # Its episode has no peak yet: 0 MiB is not "25 % more" than the 0 it holds.
+    assert not _futile_after(Futility(), [(0, 0.9)])
+    assert not _futile_after(Futility(), [(0, 0.9)] * 5)
+
+
 def test_a_guest_that_worked_more_where_it_held_more_is_not_futile() -> None:
     # At 160 MiB it stalled 0.55 of its time: 40 % more work than at 100 MiB.
     assert not _futile_after(Futility(), [(160, 0.55)] * (SETTLED_PERIODS + 1) + [(100, 0.95)])

@@ -101,7 +101,9 @@ class Futility:
 
     @staticmethod
     def _futile(episode: _Episode, held_bytes: int, stall: float) -> bool:
-        bigger = episode.peak_bytes >= (1.0 + FUTILE_GROWTH) * held_bytes
+        # Never seen settled (no peak yet) says nothing, even of a guest holding none.
+        seen = episode.peak_bytes > 0
+        bigger = seen and episode.peak_bytes >= (1.0 + FUTILE_GROWTH) * held_bytes
         gained = (1.0 - episode.peak_stall) - (1.0 - stall)
         return bigger and gained < FUTILE_GAIN
 
