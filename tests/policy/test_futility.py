@@ -64,7 +64,7 @@ def test_what_a_guest_did_at_its_peak_is_forgotten_in_time() -> None:
     assert not _futile_after(Futility(), big + [(100, 0.95)] * int(FUTILE_MEMORY_S + 1))
 
 
-def _idle_between_phases(time_s: float) -> GuestView:
+def _idle_between_phases() -> GuestView:
     """A guest between two busy phases: its slow average still holds its 140 MiB set,
     its recent working set is empty."""
     view = guest("idle", memory_mib=400, allocated_mib=150, working_set_mib=140, shares=2000)
@@ -73,7 +73,7 @@ def _idle_between_phases(time_s: float) -> GuestView:
 
 def test_a_futile_guest_leaves_a_guest_between_phases_its_set() -> None:
     def decide(policy: DemandPolicy, time_s: float, held_mib: int) -> list[float]:
-        views = (_idle_between_phases(time_s), _held("uniform", held_mib, 0.95))
+        views = (_idle_between_phases(), _held("uniform", held_mib, 0.95))
         return allocations_mib(policy.decide(snapshot(*views, host_mib=300, time_s=time_s)))
 
     seen = DemandPolicy()
