@@ -28,6 +28,7 @@ from balloonist.policy import Policy
 from balloonist.sim.curves import CurveBook
 from balloonist.sim.oracle import FAIR_FRACTION, OraclePolicy, best_choices, throughput_refs_per_s
 from balloonist.sim.scenario import Costs, Replacement, SimGuest
+from balloonist.sim.valuation import HostPaging
 from balloonist.sim.workload import Phase, Workload, WorkloadKind, WorkloadPlan
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
 
@@ -358,6 +359,30 @@ def test_a_scan_above_its_limit_is_left_to_the_hosts_paging_where_there_is_host_
     s, f = decision.by_name()["s"], decision.by_name()["f"]
     assert (s.allocation_bytes, s.balloon_bytes) == (256 * MIB, 0)
     assert f.balloon_bytes == 512 * MIB - f.allocation_bytes  # it fits: ballooned as ever
+
+
+@pytest.mark.parametrize("scope", [HostPaging.CONFINED, HostPaging.ANYWHERE])
+def test_a_guest_that_fits_only_by_starving_another_is_host_paged_only_where_anywhere(
+    scope: HostPaging,
+) -> None:
+    # "a" could hold its 300 MiB set ballooned with "b" at its floor, so it is not
+    # confined. Host-paged at kernel + 300 MiB it holds the whole set (the host's
+    # victims take the kernel's pages); ballooned there it misses 1 in 19 references.
+    a = _guest("a", Workload(WorkloadKind.UNIFORM, _pages(300)))
+    b = _guest("b", Workload(WorkloadKind.UNIFORM, _pages(100)))
+    host_bytes = (2 * 16 + 300 + 100 - 20) * MIB
+    oracle = _oracle([a, b], host_swap_pages=_pages(1024), host_paging=scope)
+    decision = oracle.decide(_snapshot([a, b], host_bytes))
+    anywhere = scope is HostPaging.ANYWHERE
+    assert decision.mechanisms.host_paging == anywhere
+    assert oracle.chose_host_paging == anywhere
+    assert (decision.by_name()["a"].balloon_bytes == 0) == anywhere
+
+
+def test_a_host_without_swap_pages_no_guest_whatever_the_scope() -> None:
+    a = _guest("a", Workload(WorkloadKind.UNIFORM, _pages(300)), max_bytes=256 * MIB)
+    oracle = _oracle([a], host_paging=HostPaging.ANYWHERE)
+    assert not oracle.decide(_snapshot([a], GIB)).mechanisms.host_paging
 
 
 def test_only_reservations_are_floors_when_the_kernels_do_not_fit() -> None:

@@ -18,17 +18,18 @@ second in steady state: every miss swaps one page in and evicts one. Memory that
 would raise no guest's steady-state throughput is still given out (first to the
 guests already holding it): it spares evictions when a working set moves.
 
-A guest whose ``max`` keeps it from ever holding its working set ballooned, but whose
-own memory holds it, may instead be left without a balloon and capped by the host,
-which pages it at random (``CurveBook.host_miss_ratio``, at the host's swap costs).
-That can be worth more than a balloon: random victims keep part of a scan where the
-guest's own algorithm keeps none, and they take the kernel's pages too, which the
-workload never faults back, so the whole allocation ends up holding the workload. A
-bound must be able to do whatever a policy such as ``host-swap`` does, so each period
-the oracle takes, for such a guest and size, whichever way models higher over the
-period itself. The steady
-state misses host paging's transient, so where it chose host paging at all the runner
-also runs the balloon-only schedule and keeps the better (``sim/runner.py``).
+A guest may instead be left without a balloon and capped by the host, which pages it
+at random (``CurveBook.host_miss_ratio``, at the host's swap costs), where its own
+memory holds its working set. That can be worth more than a balloon: random victims
+keep part of a scan where the guest's own algorithm keeps none, and they take the
+kernel's pages too, which the workload never faults back, so the whole allocation
+ends up holding the workload. A bound must be able to do whatever a policy such as
+``host-swap`` or ``proxmox`` does, so each period the oracle takes, for each guest its
+scope allows (``HostPaging``: only a guest that can never hold its set ballooned, or
+any) and size, whichever way models higher over the period itself. The steady state
+misses host paging's transient, so the runner runs the schedule under each scope and,
+where one host-paged at all, the balloon-only schedule too, and keeps the best
+(``sim/runner.py``).
 
 ``oracle-fair`` is the same with the sharing rule as a constraint: no guest's modelled
 throughput in any period falls below ``FAIR_FRACTION`` of what it would make with the
@@ -55,6 +56,7 @@ from balloonist.sim.valuation import (
     TIE_TOLERANCE,
     FloatArray,
     GuestValues,
+    HostPaging,
     Slice,
     limit_pages,
     priced,
@@ -133,10 +135,12 @@ class OraclePolicy:
         grid_steps: int = GRID_STEPS,
         curves: CurveBook | None = None,
         host_swap_pages: int = 0,
+        host_paging: HostPaging = HostPaging.CONFINED,
         lookahead_s: float = LOOKAHEAD_S,
         until_s: float | None = None,
     ) -> None:
-        """``host_swap_pages`` is the host's swap: without any, no guest is host-paged.
+        """``host_swap_pages`` is the host's swap: without any, no guest is host-paged;
+        with some, ``host_paging`` says which guests may be.
         ``lookahead_s`` is how far past each period its sizes are valued, never past
         ``until_s``, the run's end."""
         where = "policy oracle"
@@ -154,7 +158,7 @@ class OraclePolicy:
             costs,
             curves if curves is not None else CurveBook(),
             slices_per_period=slices_per_period,
-            host_swap=host_swap_pages > 0,
+            host_paging=host_paging if host_swap_pages > 0 else HostPaging.NEVER,
         )
         self._guests: dict[str, SimGuest] = {}
         for guest in guests:

@@ -11,6 +11,7 @@ values, for one host size at a time (:meth:`GuestValues.for_host`).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -27,6 +28,7 @@ __all__ = [
     "TIE_TOLERANCE",
     "FloatArray",
     "GuestValues",
+    "HostPaging",
     "IntArray",
     "Options",
     "Slice",
@@ -44,6 +46,25 @@ TIE_TOLERANCE: Final = 1e-9
 
 #: One slice of a period, as a guest runs it: its workload and active working set.
 Slice = tuple[Workload, int]
+
+
+class HostPaging(enum.Enum):
+    """Which guests the oracle may leave to the host's paging instead of a balloon.
+
+    The steady state values each way; what it misses is the switch (the host's random
+    victims take a while to find the kernel's pages, and a balloon inflated again
+    evicts), so neither scope is the better one on every host (``sim/runner.py`` runs
+    both and keeps the better).
+    """
+
+    NEVER = "never"
+    #: Only a guest that can never hold its working set ballooned: its limit, or the
+    #: host less the others' floors, keeps it below.
+    CONFINED = "confined"
+    #: Any guest, wherever the steady state values it higher over the period: a guest
+    #: that could hold its set ballooned, but only by taking what another needs, gains
+    #: its kernel's pages for its set.
+    ANYWHERE = "anywhere"
 
 
 def throughput_refs_per_s(
@@ -92,12 +113,17 @@ class GuestValues:
     """
 
     def __init__(
-        self, costs: Costs, curves: CurveBook, *, slices_per_period: int, host_swap: bool
+        self,
+        costs: Costs,
+        curves: CurveBook,
+        *,
+        slices_per_period: int,
+        host_paging: HostPaging,
     ) -> None:
         self._costs = costs
         self._curves = curves
         self._slices = slices_per_period
-        self._host_swap = host_swap
+        self._host_paging = host_paging
         self._options: dict[tuple[str, int, int, tuple[Slice, ...]], Options] = {}
         self._ceilings_for = -1  # the host size _ceiling_pages is for
         self._ceiling_pages: dict[str, int] = {}
@@ -145,21 +171,21 @@ class GuestValues:
         return paged > ballooned * (1.0 + TIE_TOLERANCE)
 
     def may_host_page(self, guest: SimGuest, slices: tuple[Slice, ...]) -> bool:
-        """The guest can never hold its working set ballooned (its limit, or the host
-        less the others' floors, keeps it below), its own memory holds the set (else it
-        would page too, and one layer of paging is all the model knows), and the host
-        has swap. Elsewhere a balloon serves a guest at least as well once it has its
-        set, and switching ways costs what the steady state does not see: the host's
-        random victims take a while to find the kernel's pages, and a balloon inflated
-        again evicts. Where it cannot, a scan larger than its memory keeps nothing
-        under the guest's CLOCK and part of it under the host's random victims."""
+        """The scope allows the guest (:class:`HostPaging`), it has work, and its own
+        memory holds its working set (else it would page too, and one layer of paging
+        is all the model knows). Where a guest cannot hold its set ballooned, a scan
+        larger than its memory keeps nothing under the guest's CLOCK and part of it
+        under the host's random victims; elsewhere host paging gains the kernel's
+        pages, once the random victims have found them."""
         demand = max(active for _, active in slices)
-        return (
-            self._host_swap
-            and demand > 0
-            and self._ceiling_pages[guest.name] < guest.kernel_pages + demand
-            and guest.memory_pages - guest.kernel_pages >= demand
-        )
+        if (
+            self._host_paging is HostPaging.NEVER
+            or demand == 0
+            or guest.memory_pages - guest.kernel_pages < demand
+        ):
+            return False
+        confined = self._ceiling_pages[guest.name] < guest.kernel_pages + demand
+        return confined or self._host_paging is HostPaging.ANYWHERE
 
     def mode_value(
         self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, *, host_paged: bool
