@@ -2,9 +2,16 @@
 phase: each guest's throughput, measured inside the guest, and its major faults.
 
 Three 512 MiB test guests (virtio-balloon, touchmem) share a 1100 MiB budget under the
-daemon, once per policy, back to back: the default policy (the daemon's config
-default, whatever it is when this runs), then ``mom``, ``proxmox`` and ``static``. The
-guests are booted afresh for every policy, with the same schedules and budget:
+daemon, once per policy and round, back to back: the default policy (the daemon's
+config default, whatever it is when this runs), then ``mom``, ``proxmox`` and
+``static``, and in the next round the other way round (``--rounds``, 2 by default).
+One pass does not rank them: on 12-06 the steady guest, which no policy touches, made
+27 % more in the fourth run than in the first, more than the gap between the
+policies, and TCG guests' speed drifts with the host. Alternating the order gives
+every policy the same mean place in it, so a drift that is steady across the whole
+run cancels in the means; each round's ratio is kept too, and a ranking that only
+the means show is not one. The guests are booted afresh for every run, with the same
+schedules and budget:
 
 - "grow": 100 MiB working set, stepping up to 400 MiB a third of the way in, and
   staying there;
@@ -35,7 +42,7 @@ Throughput is touchmem's own count: pages written per second (one byte into each
 Under TCG the guests compete for the host's processors, so throughput also moves with
 the host's load: the load average is recorded before and after each policy.
 
-``--quick``: 40 s per policy instead of 180 s, written to ``vm_policies_quick.json``.
+``--quick``: 40 s per policy and one round, written to ``vm_policies_quick.json``.
 """
 
 from __future__ import annotations
@@ -236,6 +243,12 @@ def run_policy(policy: str, duration_s: float) -> dict[str, Any]:
     }
 
 
+def run_order(policies: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, policy) in the order they run: each round the other way round, so every
+    policy's mean place in the run is the same after an even number of rounds."""
+    return [(r, p) for r in range(rounds) for p in (policies if r % 2 == 0 else policies[::-1])]
+
+
 def over_best_peer(
     results: dict[str, dict[str, Any]], order: list[str], figure: str
 ) -> tuple[str, float]:
@@ -244,45 +257,77 @@ def over_best_peer(
     return best, float(results[order[0]][figure]) / float(results[best][figure])
 
 
+def mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A policy's figures over its rounds: the mean of each total, and each run's."""
+    return {
+        "total_throughput_pages_per_s": round(
+            fmean(r["total_throughput_pages_per_s"] for r in runs)
+        ),
+        "total_pages_per_qemu_cpu_s": round(fmean(r["total_pages_per_qemu_cpu_s"] for r in runs)),
+        "steady_pages_per_s": [r["guests"]["steady"]["throughput_pages_per_s"] for r in runs],
+        "periods_over_budget": [r["periods_over_budget"] for r in runs],
+        "runs": runs,
+    }
+
+
 def _mean(values: list[int]) -> float:
     return round(fmean(values)) if values else 0.0
 
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
-    rows = [f"{'policy':>8} " + " ".join(f"{w.name + ' pages/s':>16}" for w in WORKLOADS)]
+    rows = [
+        f"{'policy':>8} {'round':>5} " + " ".join(f"{w.name + ' pages/s':>16}" for w in WORKLOADS)
+    ]
     rows[0] += f" {'total pages/s':>14} {'per cpu-s':>10} {'majflt':>7} {'alloc MiB (mean)':>18}"
-    for policy, r in results.items():
-        g = r["guests"]
-        row = f"{policy:>8} " + " ".join(
-            f"{g[w.name]['throughput_pages_per_s']:>16,.0f}" for w in WORKLOADS
-        )
-        faults = sum(g[w.name]["major_faults"] for w in WORKLOADS)
-        alloc = "/".join(f"{g[w.name]['mean_allocation_mib']:.0f}" for w in WORKLOADS)
-        rows.append(
-            f"{row} {r['total_throughput_pages_per_s']:>14,} "
-            f"{r['total_pages_per_qemu_cpu_s']:>10,} {faults:>7} {alloc:>18}"
-        )
+    for policy, summary in results.items():
+        for k, r in enumerate(summary["runs"]):
+            g = r["guests"]
+            row = f"{policy:>8} {k:>5} " + " ".join(
+                f"{g[w.name]['throughput_pages_per_s']:>16,.0f}" for w in WORKLOADS
+            )
+            faults = sum(g[w.name]["major_faults"] for w in WORKLOADS)
+            alloc = "/".join(f"{g[w.name]['mean_allocation_mib']:.0f}" for w in WORKLOADS)
+            rows.append(
+                f"{row} {r['total_throughput_pages_per_s']:>14,} "
+                f"{r['total_pages_per_qemu_cpu_s']:>10,} {faults:>7} {alloc:>18}"
+            )
     return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_S:.0f} s per policy")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every policy")
     args = parser.parse_args()
+    rounds = 1 if args.quick else args.rounds
+    if rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {rounds}")
     duration_s = QUICK_S if args.quick else FULL_S
     default = DaemonConfig().policy.name
     order = [default, *(p for p in PEERS if p != default)]
     assert all(p in DAEMON_POLICIES for p in order), order
-    results: dict[str, dict[str, Any]] = {}
-    for policy in order:
-        print(f"{policy}: booting 3 guests, {duration_s:.0f} s of workload ...", flush=True)
-        results[policy] = run_policy(policy, duration_s)
-        print(f"{policy}: {results[policy]}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in order}
+    plan = run_order(order, rounds)
+    for k, (r, policy) in enumerate(plan, 1):
+        print(
+            f"[{k}/{len(plan)}] round {r}, {policy}: booting 3 guests, "
+            f"{duration_s:.0f} s of workload ...",
+            flush=True,
+        )
+        runs[policy].append(run_policy(policy, duration_s))
+        print(f"{policy}: {runs[policy][-1]}", flush=True)
+    results = {p: mean_of_runs(runs[p]) for p in order}
     best_peer, ratio = over_best_peer(results, order, "total_throughput_pages_per_s")
     best_peer_cpu, ratio_cpu = over_best_peer(results, order, "total_pages_per_qemu_cpu_s")
+    per_round = [
+        over_best_peer({p: runs[p][r] for p in order}, order, "total_throughput_pages_per_s")
+        for r in range(rounds)
+    ]
     print(_table(results))
-    print(f"default ({default}) / best peer ({best_peer}): {ratio:.3f} in pages/s")
+    print(f"default ({default}) / best peer ({best_peer}): {ratio:.3f} in pages/s, mean of rounds")
     print(f"default ({default}) / best peer ({best_peer_cpu}): {ratio_cpu:.3f} per QEMU cpu-s")
+    for r, (peer, x) in enumerate(per_round):
+        print(f"  round {r}: default / best peer ({peer}) {x:.3f}")
     accel = launcher.resolve_accel(ACCEL, launcher.qemu_binary())
     path = write_result(
         "vm_policies_quick" if args.quick else "vm_policies",
@@ -297,11 +342,16 @@ def main() -> None:
             "major_faults_source": "virtio-balloon statistics (stat-major-faults), run's delta",
             "default_policy": default,
             "order": order,
+            "rounds": rounds,
+            "run_order": [f"{r}:{p}" for r, p in plan],
             "policies": results,
             "best_peer": best_peer,
             "default_over_best_peer": round(ratio, 4),
             "best_peer_per_qemu_cpu_s": best_peer_cpu,
             "default_over_best_peer_per_qemu_cpu_s": round(ratio_cpu, 4),
+            "default_over_best_peer_by_round": [
+                {"best_peer": peer, "ratio": round(x, 4)} for peer, x in per_round
+            ],
         },
     )
     print(f"written to {path}")
