@@ -17,6 +17,7 @@ from balloonist.model import GuestSample, GuestSpec, GuestView, HostSample, Host
 from balloonist.sim.curves import CurveBook
 from balloonist.sim.oracle import OraclePolicy
 from balloonist.sim.scenario import Costs, Replacement, SimGuest
+from balloonist.sim.valuation import ModeValues
 from balloonist.sim.workload import Workload, WorkloadKind, WorkloadPlan
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
 
@@ -52,12 +53,14 @@ def main() -> None:
     snapshot = Snapshot(0.0, 1.0, HostSample(0.0, HOST_BYTES, 0, 0, 0, HostState.HIGH), views)
     book = CurveBook()
     start = time.process_time()
-    OraclePolicy(gs, COSTS, curves=book).decide(snapshot)
+    OraclePolicy(gs, COSTS, modes=ModeValues(COSTS, book)).decide(snapshot)
     print(f"first decision, curves measured: {time.process_time() - start:.2f} s CPU")
     for fair in (False, True):
         times = []
         for _ in range(RUNS):  # fresh oracles: no decision cached, curves shared
-            oracle = OraclePolicy(gs, COSTS, curves=book, slices_per_period=4, fair=fair)
+            oracle = OraclePolicy(
+                gs, COSTS, modes=ModeValues(COSTS, book), slices_per_period=4, fair=fair
+            )
             start = time.process_time()
             oracle.decide(snapshot)
             times.append(time.process_time() - start)

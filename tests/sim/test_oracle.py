@@ -28,7 +28,7 @@ from balloonist.policy import Policy
 from balloonist.sim.curves import CurveBook
 from balloonist.sim.oracle import FAIR_FRACTION, OraclePolicy, best_choices, throughput_refs_per_s
 from balloonist.sim.scenario import Costs, Replacement, SimGuest
-from balloonist.sim.valuation import HostPaging
+from balloonist.sim.valuation import HostPaging, ModeValues
 from balloonist.sim.workload import Phase, Workload, WorkloadKind, WorkloadPlan
 from balloonist.units import GIB, MIB, PAGE_SIZE_BYTES
 
@@ -51,7 +51,8 @@ BOOK = CurveBook()
 
 
 def _oracle(guests: Sequence[SimGuest], **kwargs: Any) -> OraclePolicy:
-    return OraclePolicy(guests, COSTS, curves=BOOK, **kwargs)
+    # Fresh valuations for every oracle, from the one book of curves.
+    return OraclePolicy(guests, COSTS, modes=ModeValues(COSTS, BOOK), **kwargs)
 
 
 def _value(

@@ -57,6 +57,7 @@ from balloonist.sim.valuation import (
     FloatArray,
     GuestValues,
     HostPaging,
+    ModeValues,
     Slice,
     limit_pages,
     priced,
@@ -133,7 +134,7 @@ class OraclePolicy:
         slices_per_period: int = 1,
         fair: bool = False,
         grid_steps: int = GRID_STEPS,
-        curves: CurveBook | None = None,
+        modes: ModeValues | None = None,
         host_swap_pages: int = 0,
         host_paging: HostPaging = HostPaging.CONFINED,
         lookahead_s: float = LOOKAHEAD_S,
@@ -142,12 +143,15 @@ class OraclePolicy:
         """``host_swap_pages`` is the host's swap: without any, no guest is host-paged;
         with some, ``host_paging`` says which guests may be.
         ``lookahead_s`` is how far past each period its sizes are valued, never past
-        ``until_s``, the run's end."""
+        ``until_s``, the run's end. ``modes`` values the guests' sizes, for ``costs``;
+        schedules of one scenario may share one (a fresh one measures its curves)."""
         where = "policy oracle"
         if grid_steps < 1 or slices_per_period < 1 or not period_s > 0.0:
             raise ConfigError("grid steps, slices and period must be positive", where=where)
         if not lookahead_s >= 0.0:
             raise ConfigError(f"look-ahead must not be negative, got {lookahead_s}", where=where)
+        if modes is not None and modes.costs != costs:
+            raise ConfigError("the shared valuations are for other costs", where=where)
         self._period_s = period_s
         self._slices = slices_per_period
         self._lookahead_s = lookahead_s
@@ -155,8 +159,7 @@ class OraclePolicy:
         self._fair = fair
         self._grid_steps = grid_steps
         self._values = GuestValues(
-            costs,
-            curves if curves is not None else CurveBook(),
+            modes if modes is not None else ModeValues(costs, CurveBook()),
             slices_per_period=slices_per_period,
             host_paging=host_paging if host_swap_pages > 0 else HostPaging.NEVER,
         )

@@ -16,11 +16,10 @@ from balloonist.sim.lockstep import ProgressCallback, simulate_together
 from balloonist.sim.names import ORACLE_NAMES, POLICY_NAMES
 from balloonist.sim.result import SimResult
 from balloonist.sim.scenario import Scenario
-from balloonist.sim.valuation import HostPaging
+from balloonist.sim.valuation import HostPaging, ModeValues
 from balloonist.units import PAGE_SIZE_BYTES
 
 if TYPE_CHECKING:
-    from balloonist.sim.curves import CurveBook
     from balloonist.sim.oracle import OraclePolicy
 
 __all__ = ["ProgressCallback", "build_policy", "run_bounds", "run_scenario"]
@@ -37,7 +36,7 @@ def build_policy(scenario: Scenario, name: str) -> Policy:
 
 
 def _oracle(
-    scenario: Scenario, name: str, *, host_paging: HostPaging, curves: CurveBook | None = None
+    scenario: Scenario, name: str, *, host_paging: HostPaging, modes: ModeValues | None = None
 ) -> OraclePolicy:
     from balloonist.sim.oracle import OraclePolicy
 
@@ -49,7 +48,7 @@ def _oracle(
         fair=name == "oracle-fair",
         host_swap_pages=scenario.host_swap_bytes // PAGE_SIZE_BYTES,
         host_paging=host_paging,
-        curves=curves,
+        modes=modes,
         until_s=scenario.duration_s,
     )
 
@@ -107,20 +106,21 @@ def run_bounds(
     for n in names:
         if n not in ORACLE_NAMES:
             raise ConfigError(f"{n!r} is not a bound (choose from {', '.join(ORACLE_NAMES)})")
-    # Every schedule values the same workloads: their curves are measured once.
-    curves = CurveBook()
+    # Every schedule values the same guests on the same snapshots until they part:
+    # their curves are measured once, and each size valued once.
+    modes = ModeValues(scenario.costs, CurveBook())
     scopes = [HostPaging.CONFINED]
     if scenario.host_swap_bytes > 0:
         scopes.append(HostPaging.ANYWHERE)
     # A bound's balloons move instantly and for free.
     first = {
-        (n, scope): _oracle(scenario, n, host_paging=scope, curves=curves)
+        (n, scope): _oracle(scenario, n, host_paging=scope, modes=modes)
         for n in names
         for scope in scopes
     }
     runs = _simulate_schedules(scenario, first, progress, check_every_period)
     again = {
-        (n, HostPaging.NEVER): _oracle(scenario, n, host_paging=HostPaging.NEVER, curves=curves)
+        (n, HostPaging.NEVER): _oracle(scenario, n, host_paging=HostPaging.NEVER, modes=modes)
         for n in names
         if any(first[n, scope].chose_host_paging for scope in scopes)
     }

@@ -30,6 +30,7 @@ __all__ = [
     "GuestValues",
     "HostPaging",
     "IntArray",
+    "ModeValues",
     "Options",
     "Slice",
     "limit_pages",
@@ -105,6 +106,49 @@ class Options:
     window: FloatArray
 
 
+class ModeValues:
+    """A guest's modelled throughput at sizes, one way, remembered.
+
+    It depends on the guest, the slices, the sizes and the way only, not on the host or
+    the other guests, so a bound's schedules share one (``sim/runner.py``): on the same
+    snapshot they value the same sizes.
+    """
+
+    def __init__(self, costs: Costs, curves: CurveBook) -> None:
+        self.costs = costs
+        self._curves = curves
+        self._known: dict[tuple[str, tuple[Slice, ...], bool, bytes], FloatArray] = {}
+
+    def value(
+        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, *, host_paged: bool
+    ) -> FloatArray:
+        """Mean modelled throughput over ``slices``, holding ``pages`` one way."""
+        pages = np.asarray(pages, dtype=np.int64)
+        key = (guest.name, slices, host_paged, pages.tobytes())
+        known = self._known.get(key)
+        if known is None:
+            known = self._value(guest, slices, pages, host_paged)
+            known.flags.writeable = False  # shared: no caller may change it
+            self._known[key] = known
+        return known
+
+    def _value(
+        self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, host_paged: bool
+    ) -> FloatArray:
+        # The host's random victims take the kernel's pages too, and the workload never
+        # faults them back: in the steady state the whole allocation holds the workload.
+        resident = pages if host_paged else np.maximum(pages - guest.kernel_pages, 0)
+        total = np.zeros(resident.shape)
+        for workload, active in slices:
+            if active > 0:
+                if host_paged:
+                    miss = self._curves.host_miss_ratio(workload, active, resident)
+                else:
+                    miss = self._curves.miss_ratio(workload, active, guest.replacement, resident)
+                total += throughput_refs_per_s(miss, self.costs, host_paged=host_paged)
+        return total / len(slices)
+
+
 class GuestValues:
     """The guests' modelled throughput at any size, on one host size at a time.
 
@@ -113,15 +157,9 @@ class GuestValues:
     """
 
     def __init__(
-        self,
-        costs: Costs,
-        curves: CurveBook,
-        *,
-        slices_per_period: int,
-        host_paging: HostPaging,
+        self, modes: ModeValues, *, slices_per_period: int, host_paging: HostPaging
     ) -> None:
-        self._costs = costs
-        self._curves = curves
+        self._modes = modes
         self._slices = slices_per_period
         self._host_paging = host_paging
         self._options: dict[tuple[str, int, int, tuple[Slice, ...]], Options] = {}
@@ -191,18 +229,7 @@ class GuestValues:
         self, guest: SimGuest, slices: tuple[Slice, ...], pages: IntArray, *, host_paged: bool
     ) -> FloatArray:
         """Mean modelled throughput over ``slices``, holding ``pages`` one way."""
-        # The host's random victims take the kernel's pages too, and the workload never
-        # faults them back: in the steady state the whole allocation holds the workload.
-        resident = pages if host_paged else np.maximum(pages - guest.kernel_pages, 0)
-        total = np.zeros(resident.shape)
-        for workload, active in slices:
-            if active > 0:
-                if host_paged:
-                    miss = self._curves.host_miss_ratio(workload, active, resident)
-                else:
-                    miss = self._curves.miss_ratio(workload, active, guest.replacement, resident)
-                total += throughput_refs_per_s(miss, self._costs, host_paged=host_paged)
-        return total / len(slices)
+        return self._modes.value(guest, slices, pages, host_paged=host_paged)
 
     def top_pages(self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int) -> int:
         """Memory past the largest active working set buys nothing: the grid stops there."""
