@@ -64,7 +64,9 @@ __all__ = [
 #: (a miss costs ~120 references at the simulator's costs): its replacement keeps
 #: nothing of what it touches, which the host's random victims can beat. One that
 #: misses a third (a uniform set half again its limit) misses as many under the
-#: host: a draw at best, and going back pages twice (suite-4-89 at 0.9).
+#: host: a draw at best, and going back pages twice (suite-4-89 at 0.9). Lower, more
+#: trials fail: at 0.5 (or 0.3 where the limit holds 90 % of the footprint) suite-5-92
+#: gained 26 %, but the way back paged twice on 1 to 6 hosts each of seeds 5 and 6.
 TRIAL_STALL: Final = 0.98
 #: ...for this many periods in a row: not a working set moving in.
 TRIAL_AFTER: Final = 5

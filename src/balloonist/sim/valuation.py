@@ -54,8 +54,8 @@ class HostPaging(enum.Enum):
 
     The steady state values each way; what it misses is the switch (the host's random
     victims take a while to find the kernel's pages, and a balloon inflated again
-    evicts), so neither scope is the better one on every host (``sim/runner.py`` runs
-    both and keeps the better).
+    evicts), so no scope is the best one on every host (``sim/runner.py`` runs each
+    and keeps the best).
     """
 
     NEVER = "never"
