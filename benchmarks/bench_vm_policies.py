@@ -42,7 +42,8 @@ Throughput is touchmem's own count: pages written per second (one byte into each
 Under TCG the guests compete for the host's processors, so throughput also moves with
 the host's load: the load average is recorded before and after each policy.
 
-``--quick``: 40 s per policy and one round, written to ``vm_policies_quick.json``.
+``--quick``: 40 s per policy and one round unless ``--rounds`` says otherwise, written
+to ``vm_policies_quick.json``.
 """
 
 from __future__ import annotations
@@ -297,9 +298,9 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_S:.0f} s per policy")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of every policy")
+    parser.add_argument("--rounds", type=int, help="rounds of every policy (2; 1 with --quick)")
     args = parser.parse_args()
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds if args.rounds is not None else 1 if args.quick else 2
     if rounds < 1:
         parser.error(f"--rounds must be at least 1, got {rounds}")
     duration_s = QUICK_S if args.quick else FULL_S
