@@ -380,6 +380,37 @@ def test_a_guest_that_fits_only_by_starving_another_is_host_paged_only_where_any
     assert (decision.by_name()["a"].balloon_bytes == 0) == anywhere
 
 
+@pytest.mark.parametrize(("others_mib", "follows"), [(80, False), (250, True)])
+def test_a_wider_scope_follows_the_narrower_where_it_host_pages_no_other_guest(
+    others_mib: int, follows: bool
+) -> None:
+    # "b" grows from 50 to 200 MiB in 5 s. The narrower schedule here balloons only and
+    # looks no further than the period, so its plan differs from the wider one's own.
+    # Where the host is tight the wider one host-pages "a" (as in the test above), which
+    # the narrower may not; where it is not, it host-pages no guest and follows.
+    a = _guest("a", Workload(WorkloadKind.UNIFORM, _pages(300)))
+    grows = (
+        Phase(0.0, Workload(WorkloadKind.UNIFORM, _pages(50))),
+        Phase(5.0, Workload(WorkloadKind.UNIFORM, _pages(200))),
+    )
+    b = _guest("b", WorkloadPlan(grows))
+    snapshot = _snapshot([a, b], (2 * 16 + 300 + others_mib) * MIB)
+    swap = _pages(1024)
+
+    def narrower() -> OraclePolicy:
+        return _oracle([a, b], host_swap_pages=swap, host_paging=HostPaging.NEVER, lookahead_s=0.0)
+
+    alone = _oracle([a, b], host_swap_pages=swap, host_paging=HostPaging.ANYWHERE)
+    wider = _oracle(
+        [a, b], host_swap_pages=swap, host_paging=HostPaging.ANYWHERE, narrower=narrower()
+    )
+    own, followed = alone.decide(snapshot), narrower().decide(snapshot)
+    assert own != followed
+    assert own.mechanisms.host_paging != follows
+    assert wider.decide(snapshot) == (followed if follows else own)
+    assert wider.chose_host_paging != follows
+
+
 def test_a_host_without_swap_pages_no_guest_whatever_the_scope() -> None:
     a = _guest("a", Workload(WorkloadKind.UNIFORM, _pages(300)), max_bytes=256 * MIB)
     oracle = _oracle([a], host_paging=HostPaging.ANYWHERE)

@@ -27,9 +27,9 @@ ends up holding the workload. A bound must be able to do whatever a policy such 
 ``host-swap`` or ``proxmox`` does, so each period the oracle takes, for each guest its
 scope allows (``HostPaging``: only a guest that can never hold its set ballooned, or
 any) and size, whichever way models higher over the period itself. The steady state
-misses host paging's transient, so the runner runs the schedule under each scope and,
-where one host-paged at all, the balloon-only schedule too, and keeps the best
-(``sim/runner.py``).
+misses host paging's transient, so the runner runs the schedule under each scope,
+the balloon-only one included, and keeps the best (``sim/runner.py``). A wider scope
+follows the narrower one's plan in a period where it would host-page no other guest.
 
 ``oracle-fair`` is the same with the sharing rule as a constraint: no guest's modelled
 throughput in any period falls below ``FAIR_FRACTION`` of what it would make with the
@@ -139,9 +139,12 @@ class OraclePolicy:
         host_paging: HostPaging = HostPaging.CONFINED,
         lookahead_s: float = LOOKAHEAD_S,
         until_s: float | None = None,
+        narrower: OraclePolicy | None = None,
     ) -> None:
         """``host_swap_pages`` is the host's swap: without any, no guest is host-paged;
-        with some, ``host_paging`` says which guests may be.
+        with some, ``host_paging`` says which guests may be. In a period where this
+        scope's plan host-pages no guest, the ``narrower`` scope's schedule decides
+        (see :meth:`decide`).
         ``lookahead_s`` is how far past each period its sizes are valued, never past
         ``until_s``, the run's end. ``modes`` values the guests' sizes, for ``costs``;
         schedules of one scenario may share one (a fresh one measures its curves)."""
@@ -172,7 +175,8 @@ class OraclePolicy:
         self._solved: dict[
             tuple[int, tuple[tuple[Slice, ...], ...], tuple[int, ...]], tuple[int, ...]
         ] = {}
-        self._static: dict[int, tuple[int, ...]] = {}
+        self._sharing = SharingRule(self._values)
+        self._narrower = narrower
         self._chose_host_paging = False
 
     @property
@@ -185,6 +189,12 @@ class OraclePolicy:
         return self._chose_host_paging
 
     def decide(self, snapshot: Snapshot) -> Decision:
+        decision, paged = self._decision(snapshot)
+        self._chose_host_paging |= paged
+        return decision
+
+    def _decision(self, snapshot: Snapshot) -> tuple[Decision, bool]:
+        """The period's decision, and whether it leaves a guest to the host."""
         for view in snapshot.guests:
             if view.name not in self._guests:
                 raise ConfigError(
@@ -218,7 +228,14 @@ class OraclePolicy:
             self._values.host_paged(g, s[: self._slices], p)
             for g, s, p in zip(guests, slices, pages, strict=True)
         ]
-        self._chose_host_paging |= any(paged)
+        if self._narrower is not None and self._narrower._may_host_page(
+            host_pages, floors, [(g, s) for g, s, p in zip(guests, slices, paged, strict=True) if p]
+        ):
+            # A wider scope is for the periods where it host-pages a guest the narrower
+            # may not. Elsewhere its plan differs from the narrower one's only by how
+            # the look-ahead prices host paging to come, or by which of equal plans it
+            # picks; following the narrower keeps their runs one (sim/lockstep.py).
+            return self._narrower._decision(snapshot)
         present = set(held)
         targets = tuple(
             GuestTarget(
@@ -229,9 +246,21 @@ class OraclePolicy:
             for g, p, by_host in zip(guests, pages, paged, strict=True)
             if g.name in present
         )
-        return Decision(
+        decision = Decision(
             targets, Mechanisms(balloon=True, host_paging=any(paged), block_over_target=False)
         )
+        return decision, any(paged)
+
+    def _may_host_page(
+        self,
+        host_pages: int,
+        floors: Sequence[int],
+        paged: Sequence[tuple[SimGuest, tuple[Slice, ...]]],
+    ) -> bool:
+        """Whether this scope may leave each of ``paged``'s guests to the host in the
+        period of its slices."""
+        self._values.for_host(host_pages, tuple(self._guests.values()), floors)
+        return all(self._values.may_host_page(g, s[: self._slices]) for g, s in paged)
 
     def _ahead_s(self, time_s: float) -> list[float]:
         """The look-ahead's sample times: one a period, after this one, within the run."""
@@ -264,11 +293,9 @@ class OraclePolicy:
             # The sharing rule as a constraint: where the best allocation keeps it
             # already, it is the best that keeps it, and oracle-fair decides as the
             # oracle does (their runs stay one, sim/lockstep.py).
-            static = self._static_pages(host_pages, guests)
-            fair = [
-                max(floor, self._fair_floor(g, s[: self._slices], floor, st))
-                for g, s, floor, st in zip(guests, slices, floors, static, strict=True)
-            ]
+            fair = self._sharing.floors(
+                host_pages, guests, [s[: self._slices] for s in slices], floors
+            )
             if any(p < f for p, f in zip(pages, fair, strict=True)):
                 pages = self._best(host_pages, guests, slices, held, fair)
         return pages
@@ -324,8 +351,33 @@ class OraclePolicy:
             pages[best_i] = best_pages
         return tuple(pages)
 
+
+class SharingRule:
+    """The sharing rule's floors: no guest below ``FAIR_FRACTION`` of its modelled
+    throughput at the ``static`` policy's allocation (shares, no tax, no working sets;
+    ``static`` balloons, so its guests are never host-paged)."""
+
+    def __init__(self, values: GuestValues) -> None:
+        self._values = values
+        self._static: dict[int, tuple[int, ...]] = {}
+
+    def floors(
+        self,
+        host_pages: int,
+        guests: Sequence[SimGuest],
+        slices: Sequence[tuple[Slice, ...]],
+        floors: Sequence[int],
+    ) -> list[int]:
+        """Each guest's least allocation, at least its floor, that keeps the rule over
+        the period's ``slices``."""
+        return [
+            max(floor, self._fair_floor(g, s, floor, st))
+            for g, s, floor, st in zip(
+                guests, slices, floors, self._static_pages(host_pages, guests), strict=True
+            )
+        ]
+
     def _static_pages(self, host_pages: int, guests: Sequence[SimGuest]) -> tuple[int, ...]:
-        """The ``static`` policy's allocations: shares, no tax, no working sets."""
         cached = self._static.get(host_pages)
         if cached is None:
             allocations = equilibrium_bytes(
@@ -343,9 +395,7 @@ class OraclePolicy:
     def _fair_floor(
         self, guest: SimGuest, slices: tuple[Slice, ...], floor_pages: int, static_pages: int
     ) -> int:
-        """The least allocation giving ``FAIR_FRACTION`` of the static one's throughput
-        over the period's ``slices`` (``static`` balloons: its guests are never
-        host-paged)."""
+        """The least allocation giving ``FAIR_FRACTION`` of the static one's throughput."""
         at_static = np.array([static_pages])
         goal = FAIR_FRACTION * float(
             self._values.mode_value(guest, slices, at_static, host_paged=False)[0]

@@ -36,7 +36,12 @@ def build_policy(scenario: Scenario, name: str) -> Policy:
 
 
 def _oracle(
-    scenario: Scenario, name: str, *, host_paging: HostPaging, modes: ModeValues | None = None
+    scenario: Scenario,
+    name: str,
+    *,
+    host_paging: HostPaging,
+    modes: ModeValues | None = None,
+    narrower: OraclePolicy | None = None,
 ) -> OraclePolicy:
     from balloonist.sim.oracle import OraclePolicy
 
@@ -50,6 +55,7 @@ def _oracle(
         host_paging=host_paging,
         modes=modes,
         until_s=scenario.duration_s,
+        narrower=narrower,
     )
 
 
@@ -81,25 +87,24 @@ def run_bounds(
     check_every_period: bool = False,
 ) -> dict[str, SimResult]:
     """The bounds ``names`` (of ``ORACLE_NAMES``) on ``scenario``, each the best of
-    its whole schedules where they differ.
+    its whole schedules.
 
     A bound knows the whole schedule in advance, so it may run several and keep the
-    best: one that may leave a guest to the host's paging where it can never hold its
-    set ballooned, one that may wherever that models higher, and one that only
-    balloons. Host paging's steady-state curve misses the switch (the random victims
+    best: one that only balloons, one that may leave a guest to the host's paging
+    where it can never hold its set ballooned, and one that may wherever that models
+    higher. Host paging's steady-state curve misses the switch (the random victims
     take a while to find the kernel's pages), so no one scope wins everywhere: on
-    suite seed 1's scenario 57 every policy that ballooned beat the first schedule by
-    1.3 %; on seed 7's scenario 27 ``proxmox`` beat the first and the last by 2.6 %,
-    host paging a guest that could have held its set only by starving the other; on
-    seed 7's scenario 83 the second schedule host-paged a scan through its last
-    seconds and made 5 % less than the first. Where no schedule that may host-page
-    does, each guest's modelled value at its allocation is its ballooned one, so those
-    allocations are also the balloon-only schedule's best and it is not run.
+    suite seed 1's scenario 57 every policy that ballooned beat the second schedule
+    by 1.3 %; on seed 7's scenario 27 ``proxmox`` beat the first two by 2.6 %, host
+    paging a guest that could have held its set only by starving the other; on seed
+    7's scenario 83 the third schedule host-paged a scan through its last seconds and
+    made 5 % less than the second. In a period where a scope host-pages no guest it
+    follows the narrower one's plan (``OraclePolicy.decide``).
 
-    The bounds' schedules are simulated together (``sim/lockstep.py``): ``oracle`` and
-    ``oracle-fair`` decide the same until the sharing rule binds, and the scopes until
-    one host-pages, and they share the run up to there. ``progress`` hears of the
-    first bound's first schedule.
+    The schedules are simulated together (``sim/lockstep.py``): ``oracle`` and
+    ``oracle-fair`` decide the same until the sharing rule binds, and the scopes
+    until a wider one host-pages a guest the narrower may not, and they share the run
+    up to there. ``progress`` hears of the first bound's first schedule.
     """
     from balloonist.sim.curves import CurveBook
 
@@ -109,47 +114,38 @@ def run_bounds(
     # Every schedule values the same guests on the same snapshots until they part:
     # their curves are measured once, and each size valued once.
     modes = ModeValues(scenario.costs, CurveBook())
-    scopes = [HostPaging.CONFINED]
-    if scenario.host_swap_bytes > 0:
-        scopes.append(HostPaging.ANYWHERE)
-    # A bound's balloons move instantly and for free.
-    first = {
-        (n, scope): _oracle(scenario, n, host_paging=scope, modes=modes)
+    schedules = {
+        (n, scope): policy
         for n in names
-        for scope in scopes
+        for scope, policy in _schedules(scenario, n, modes).items()
     }
-    runs = _simulate_schedules(scenario, first, progress, check_every_period)
-    again = {
-        (n, HostPaging.NEVER): _oracle(scenario, n, host_paging=HostPaging.NEVER, modes=modes)
-        for n in names
-        if any(first[n, scope].chose_host_paging for scope in scopes)
-    }
-    runs.update(_simulate_schedules(scenario, again, None, check_every_period))
-    results: dict[str, SimResult] = {}
-    for (n, _), run in runs.items():  # the first schedule wins a tie
-        if n not in results or run.throughput_refs_per_s > results[n].throughput_refs_per_s:
-            results[n] = run
-    return results
-
-
-def _simulate_schedules(
-    scenario: Scenario,
-    schedules: dict[tuple[str, HostPaging], OraclePolicy],
-    progress: ProgressCallback | None,
-    check_every_period: bool,
-) -> dict[tuple[str, HostPaging], SimResult]:
-    """Each bound's schedule's run, named for the bound."""
     runs = simulate_together(
         scenario,
         {f"{n} {scope.value}": policy for (n, scope), policy in schedules.items()},
-        MoveModel.INSTANT,
+        MoveModel.INSTANT,  # a bound's balloons move instantly and for free
         progress=progress,
         check_every_period=check_every_period,
     )
-    return {
-        (n, scope): dataclasses.replace(runs[f"{n} {scope.value}"], policy=n)
-        for n, scope in schedules
-    }
+    results: dict[str, SimResult] = {}
+    for n, scope in schedules:  # the narrowest schedule wins a tie
+        run = runs[f"{n} {scope.value}"]
+        if n not in results or run.throughput_refs_per_s > results[n].throughput_refs_per_s:
+            results[n] = dataclasses.replace(run, policy=n)
+    return results
+
+
+def _schedules(scenario: Scenario, name: str, modes: ModeValues) -> dict[HostPaging, OraclePolicy]:
+    """The bound ``name``'s schedules by scope, narrowest first, each wider one following
+    the one before where it would host-page no other guest."""
+    scopes = [HostPaging.NEVER]
+    if scenario.host_swap_bytes > 0:
+        scopes += [HostPaging.CONFINED, HostPaging.ANYWHERE]
+    schedules: dict[HostPaging, OraclePolicy] = {}
+    narrower = None
+    for scope in scopes:
+        narrower = _oracle(scenario, name, host_paging=scope, modes=modes, narrower=narrower)
+        schedules[scope] = narrower
+    return schedules
 
 
 def _simulate(
