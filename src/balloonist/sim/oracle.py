@@ -29,7 +29,8 @@ scope allows (``HostPaging``: only a guest that can never hold its set ballooned
 any) and size, whichever way models higher over the period itself. The steady state
 misses host paging's transient, so the runner runs the schedule under each scope,
 the balloon-only one included, and keeps the best (``sim/runner.py``). A wider scope
-follows the narrower one's plan in a period where it would host-page no other guest.
+follows the narrower one's plan in a period where it would host-page no guest the
+narrower one may not.
 
 ``oracle-fair`` is the same with the sharing rule as a constraint: no guest's modelled
 throughput in any period falls below ``FAIR_FRACTION`` of what it would make with the
@@ -143,8 +144,8 @@ class OraclePolicy:
     ) -> None:
         """``host_swap_pages`` is the host's swap: without any, no guest is host-paged;
         with some, ``host_paging`` says which guests may be. In a period where this
-        scope's plan host-pages no guest, the ``narrower`` scope's schedule decides
-        (see :meth:`decide`).
+        scope's plan host-pages no guest the ``narrower`` scope may not, the narrower
+        one's plan decides (see :meth:`_decision`).
         ``lookahead_s`` is how far past each period its sizes are valued, never past
         ``until_s``, the run's end. ``modes`` values the guests' sizes, for ``costs``;
         schedules of one scenario may share one (a fresh one measures its curves)."""

@@ -98,8 +98,9 @@ def run_bounds(
     by 1.3 %; on seed 7's scenario 27 ``proxmox`` beat the first two by 2.6 %, host
     paging a guest that could have held its set only by starving the other; on seed
     7's scenario 83 the third schedule host-paged a scan through its last seconds and
-    made 5 % less than the second. In a period where a scope host-pages no guest it
-    follows the narrower one's plan (``OraclePolicy.decide``).
+    made 5 % less than the second. In a period where a wider scope would host-page no
+    guest the narrower one may not, it follows the narrower one's plan
+    (``OraclePolicy``).
 
     The schedules are simulated together (``sim/lockstep.py``): ``oracle`` and
     ``oracle-fair`` decide the same until the sharing rule binds, and the scopes
@@ -136,7 +137,7 @@ def run_bounds(
 
 def _schedules(scenario: Scenario, name: str, modes: ModeValues) -> dict[HostPaging, OraclePolicy]:
     """The bound ``name``'s schedules by scope, narrowest first, each wider one following
-    the one before where it would host-page no other guest."""
+    the one before where it would host-page no guest that one may not."""
     scopes = [HostPaging.NEVER]
     if scenario.host_swap_bytes > 0:
         scopes += [HostPaging.CONFINED, HostPaging.ANYWHERE]
