@@ -9,9 +9,10 @@ it every second by ``step`` MiB up and down around 360 MiB. The figure is the me
 pages written per second in the move phases over that in the still phases, for each
 step size, each in its own boot.
 
-Why: on real guests under the daemon, ``bench_vm_policies.py``'s steady guest, whose
-working set every policy leaves alone, did about a third less work per processor
-second under the policies that move balloons than under ``static``. Within one boot
+Why: in a quick two-round run of ``bench_vm_policies.py`` (12-06) the steady guest,
+whose working set every policy leaves alone, did about a third less work per
+processor second under ``demand`` than under ``static``, in both rounds; in the full
+run after it, it did not (``static``'s steady guest was the slowest). Within one boot
 the comparison is free of the boot-to-boot drift of TCG guests (``bench_vm_fidelity``
 saw 0.53x-1.27x between boots); across boots the absolute rates are not comparable,
 only each boot's ratio.
