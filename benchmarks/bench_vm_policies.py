@@ -49,6 +49,7 @@ to ``vm_policies_quick.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import time
@@ -203,7 +204,19 @@ def guest_figures(
         "reports": len(reports),
         "major_faults": faults[-1] - faults[0],
         "mean_allocation_mib": round(fmean(trace.allocated_bytes.get(record.name, [0])) / MIB, 1),
+        **_moves(trace.allocated_bytes.get(record.name, [])),
         "oom_kill_lines": sum(1 for line in lines(record) if _OOM_RE.search(line)),
+    }
+
+
+def _moves(allocated_bytes: list[int]) -> dict[str, float]:
+    """How far the guest's size moved between periods: a large move costs a TCG guest
+    work even over memory it does not use (``bench_vm_balloon_moves.py``)."""
+    steps = [abs(b - a) for a, b in itertools.pairwise(allocated_bytes)]
+    return {
+        "moved_mib": round(sum(steps) / MIB, 1),
+        "largest_move_mib": round(max(steps, default=0) / MIB, 1),
+        "periods_moved_over_8_mib": sum(1 for m in steps if m > 8 * MIB),
     }
 
 
@@ -280,6 +293,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         f"{'policy':>8} {'round':>5} " + " ".join(f"{w.name + ' pages/s':>16}" for w in WORKLOADS)
     ]
     rows[0] += f" {'total pages/s':>14} {'per cpu-s':>10} {'majflt':>7} {'alloc MiB (mean)':>18}"
+    rows[0] += f" {'moved MiB':>16}"
     for policy, summary in results.items():
         for k, r in enumerate(summary["runs"]):
             g = r["guests"]
@@ -288,9 +302,10 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             )
             faults = sum(g[w.name]["major_faults"] for w in WORKLOADS)
             alloc = "/".join(f"{g[w.name]['mean_allocation_mib']:.0f}" for w in WORKLOADS)
+            moved = "/".join(f"{g[w.name]['moved_mib']:.0f}" for w in WORKLOADS)
             rows.append(
                 f"{row} {r['total_throughput_pages_per_s']:>14,} "
-                f"{r['total_pages_per_qemu_cpu_s']:>10,} {faults:>7} {alloc:>18}"
+                f"{r['total_pages_per_qemu_cpu_s']:>10,} {faults:>7} {alloc:>18} {moved:>16}"
             )
     return "\n".join(rows)
 
