@@ -60,13 +60,21 @@ def wait_line(record: launcher.VMRecord, pattern: str, timeout_s: float) -> None
     raise TimeoutError(f"{record.name}: no {pattern!r} on the serial console")
 
 
+_WORK_RE = re.compile(r"BALLOONIST-WORK t=(\d+) ws_mib=(\d+) .*pages_per_s=(\d+)")
+
+
+def work_reports(record: launcher.VMRecord) -> list[tuple[int, int, int]]:
+    """(t_s, ws_mib, pages_per_s) of every BALLOONIST-WORK line so far."""
+    return [
+        (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        for line in lines(record)
+        if (m := _WORK_RE.search(line))
+    ]
+
+
 def work_rates(record: launcher.VMRecord) -> list[int]:
     """pages_per_s of every BALLOONIST-WORK line so far."""
-    return [
-        int(m.group(1))
-        for line in lines(record)
-        if (m := re.search(r"BALLOONIST-WORK .*pages_per_s=(\d+)", line))
-    ]
+    return [rate for _, _, rate in work_reports(record)]
 
 
 def stop_all(state: launcher.StateDir) -> None:

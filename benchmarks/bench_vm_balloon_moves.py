@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import time
 from pathlib import Path
 from statistics import fmean
 from typing import Final
 
 from _common import write_result
-from _vm import boot, lines, state_dir, stop_all
+from _vm import boot, state_dir, stop_all, work_reports
 from balloonist.qemu import launcher
 from balloonist.qemu.qmp import BalloonQMP
 from balloonist.units import MIB
@@ -42,11 +41,11 @@ PHASE_S: Final = 25.0
 TURNS: Final = 3
 #: The first seconds of a phase are the last one's tail: left out.
 SETTLE_S: Final = 3
-_WORK_RE: Final = re.compile(r"BALLOONIST-WORK t=(\d+) ws_mib=\d+ .*pages_per_s=(\d+)")
 
 
 def _reports(record: launcher.VMRecord) -> list[tuple[int, int]]:
-    return [(int(m.group(1)), int(m.group(2))) for s in lines(record) if (m := _WORK_RE.search(s))]
+    """(t_s, pages_per_s) of every BALLOONIST-WORK line so far."""
+    return [(t, rate) for t, _, rate in work_reports(record)]
 
 
 async def _phases(

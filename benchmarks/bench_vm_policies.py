@@ -58,7 +58,7 @@ from statistics import fmean
 from typing import Any, Final
 
 from _common import write_result
-from _vm import ACCEL, assets, lines, state_dir, stop_all, wait_line
+from _vm import ACCEL, assets, lines, state_dir, stop_all, wait_line, work_reports
 from balloonist.daemon.config import DAEMON_POLICIES, DaemonConfig
 from balloonist.daemon.service import Daemon
 from balloonist.qemu import launcher
@@ -80,7 +80,6 @@ TAIL_TIMEOUT_S: Final = 60.0
 #: The daemon's period (its default).
 PERIOD_S: Final = 1.0
 
-_WORK_RE: Final = re.compile(r"BALLOONIST-WORK t=(\d+) ws_mib=(\d+) .*pages_per_s=(\d+)")
 #: The guest kernel's console line when it kills a process for memory.
 _OOM_RE: Final = re.compile(r"Out of memory|oom-kill")
 
@@ -112,15 +111,6 @@ class Trace:
     totals_bytes: list[int] = field(default_factory=list)
     #: Processors each guest's QEMU used while the daemon ran, on average (1.0: one).
     cpu_share: dict[str, float] = field(default_factory=dict)
-
-
-def work_reports(record: launcher.VMRecord) -> list[tuple[int, int, int]]:
-    """(t_s, ws_mib, pages_per_s) of every BALLOONIST-WORK line so far."""
-    return [
-        (int(m.group(1)), int(m.group(2)), int(m.group(3)))
-        for line in lines(record)
-        if (m := _WORK_RE.search(line))
-    ]
 
 
 def _last_t_s(record: launcher.VMRecord) -> int:
