@@ -190,12 +190,12 @@ class OraclePolicy:
         return self._chose_host_paging
 
     def decide(self, snapshot: Snapshot) -> Decision:
-        decision, paged = self._decision(snapshot)
-        self._chose_host_paging |= paged
+        decision = self._decision(snapshot)
+        self._chose_host_paging |= decision.mechanisms.host_paging
         return decision
 
-    def _decision(self, snapshot: Snapshot) -> tuple[Decision, bool]:
-        """The period's decision, and whether it leaves a guest to the host."""
+    def _decision(self, snapshot: Snapshot) -> Decision:
+        """The period's decision, this scope's own or the narrower one's."""
         for view in snapshot.guests:
             if view.name not in self._guests:
                 raise ConfigError(
@@ -247,10 +247,9 @@ class OraclePolicy:
             for g, p, by_host in zip(guests, pages, paged, strict=True)
             if g.name in present
         )
-        decision = Decision(
+        return Decision(
             targets, Mechanisms(balloon=True, host_paging=any(paged), block_over_target=False)
         )
-        return decision, any(paged)
 
     def _may_host_page(
         self,
