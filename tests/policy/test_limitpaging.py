@@ -12,7 +12,10 @@ from balloonist.model import GuestView, MemoryPressure
 from balloonist.policy.demand import DemandPolicy
 from balloonist.policy.limitpaging import (
     BACKOFF_S,
+    KEEP_GAIN,
     MEASURE_PERIODS,
+    NEAR_TRIAL_STALL,
+    SETTLE_PERIODS,
     TRIAL_AFTER,
     TRIAL_PERIODS,
     LimitPaging,
@@ -111,7 +114,9 @@ def test_a_trial_after_a_backoff_is_measured_against_the_stall_just_before_it() 
         _at_limit(swap_mib=None),  # its footprint is unknown
         _at_limit(cappable=False),  # the host cannot page it
         _at_limit(max_mib=None),  # no limit: the balloon holds it for the host alone
-        _at_limit(stall=0.5),  # short, but working: the balloon's choice of victims wins
+        # short, but working, and 20 MiB past its limit: the host's victims would be
+        # the workload's own pages, and the balloon's choice of victims wins
+        _at_limit(stall=0.5),
     ],
     ids=[
         "footprint",
@@ -127,6 +132,53 @@ def test_a_guest_is_never_tried_where_it_could_double_page_or_gains_little(
 ) -> None:
     paging = LimitPaging()
     assert _run(paging, view, 0.0, 5 * TRIAL_AFTER) == frozenset()
+
+
+def _near(stall: float, swap_mib: int = 4) -> GuestView:
+    """The guest just past its limit: 76 held and 4 MiB swapped, its footprint 4 MiB
+    past its limit (less than a kernel keeps cold)."""
+    return _at_limit(stall=stall, swap_mib=swap_mib)
+
+
+def test_a_guest_just_past_its_limit_is_tried_at_a_lower_stall_once_it_has_settled() -> None:
+    paging = LimitPaging()
+    near = _near(NEAR_TRIAL_STALL + 0.1)
+    # settled after SETTLE_PERIODS, then thrashing for TRIAL_AFTER in a row
+    first_s = SETTLE_PERIODS + TRIAL_AFTER - 2
+    assert _run(paging, near, 0.0, first_s) == frozenset()
+    assert _run(paging, near, first_s, 1) == {"g"}
+    assert paging.mode("g") is Mode.TRIAL
+
+
+@pytest.mark.parametrize(
+    ("stalls", "swaps_mib"),
+    [
+        ([0.3 + 0.02 * k for k in range(20)], [4] * 20),  # its stall still rises
+        ([0.5] * 20, [4 + k for k in range(20)]),  # its set still moves in
+    ],
+    ids=["stall-rising", "footprint-growing"],
+)
+def test_a_guest_just_past_its_limit_that_has_not_settled_waits_for_the_full_stall(
+    stalls: list[float], swaps_mib: list[int]
+) -> None:
+    paging = LimitPaging()
+    for k, (stall, swap_mib) in enumerate(zip(stalls, swaps_mib, strict=True)):
+        assert _run(paging, _near(stall, swap_mib), float(k), 1) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("capped_stall", "kept"),
+    [(0.45, True), (0.55, False)],  # work 0.55 and 0.45 of 0.6 ballooned
+)
+def test_a_trial_that_comes_near_its_ballooned_work_is_kept(
+    capped_stall: float, kept: bool
+) -> None:
+    assert (1.0 - 0.45) >= KEEP_GAIN * 0.6 > (1.0 - 0.55)
+    paging = LimitPaging()
+    _run(paging, _near(0.4), 0.0, SETTLE_PERIODS + TRIAL_AFTER - 1)
+    assert paging.mode("g") is Mode.TRIAL
+    _run(paging, _capped(capped_stall, swap_mib=4), 100.0, TRIAL_PERIODS)
+    assert paging.mode("g") is (Mode.CAPPED if kept else Mode.BALLOONED)
 
 
 def test_a_capped_guest_that_writes_to_its_swap_goes_back_to_its_balloon() -> None:
