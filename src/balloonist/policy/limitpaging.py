@@ -79,8 +79,8 @@ __all__ = [
 #: nothing of what it touches, which the host's random victims can beat. One that
 #: misses a third (a uniform set half again its limit) misses as many under the
 #: host: a draw at best, and going back pages twice (suite-4-89 at 0.9). At 0.5 for
-#: every guest, trials failed on 4 of seed 5's hosts and 6 of seed 6's, and each
-#: way back paged twice.
+#: every guest, failed trials' ways back paged twice on 4 of seed 5's hosts and 8 of
+#: seed 6's.
 TRIAL_STALL: Final = 0.98
 #: A guest whose footprint is at most this far past its limit is tried at a lower
 #: stall: what the host must page is then no more than what a small guest's kernel
@@ -108,8 +108,9 @@ TRIAL_PERIODS: Final = 15
 #: ...measured over its last periods, once that has settled.
 MEASURE_PERIODS: Final = 5
 #: Capped, the guest must work at least this many times as much as it did ballooned.
-#: A near draw stays: going back pages twice (suite-6-38: stalled 0.898 ballooned,
-#: 0.909 capped, a uniform set 8 % past its limit).
+#: A near draw stays: going back pages twice (suite-6-38, tried while the lower
+#: stall applied where the limit held 90 % of the footprint: a uniform set 8 % past
+#: its limit stalled 0.898 ballooned and 0.909 capped).
 KEEP_GAIN: Final = 0.9
 #: The share of its memory a guest's footprint must leave free to be tried: room for
 #: a working set that still grows.
