@@ -351,12 +351,10 @@ def test_a_scan_above_its_limit_is_left_to_the_hosts_paging_where_there_is_host_
     balloons_only = _oracle(guests)
     ballooned = balloons_only.decide(_snapshot(guests, 2 * GIB))
     assert not ballooned.mechanisms.host_paging
-    assert not balloons_only.chose_host_paging
     assert ballooned.by_name()["s"].balloon_bytes == (512 - 256) * MIB
     oracle = _oracle(guests, host_swap_pages=_pages(1024))
     decision = oracle.decide(_snapshot(guests, 2 * GIB))
     assert decision.mechanisms.host_paging
-    assert oracle.chose_host_paging
     s, f = decision.by_name()["s"], decision.by_name()["f"]
     assert (s.allocation_bytes, s.balloon_bytes) == (256 * MIB, 0)
     assert f.balloon_bytes == 512 * MIB - f.allocation_bytes  # it fits: ballooned as ever
@@ -376,7 +374,6 @@ def test_a_guest_that_fits_only_by_starving_another_is_host_paged_only_where_any
     decision = oracle.decide(_snapshot([a, b], host_bytes))
     anywhere = scope is HostPaging.ANYWHERE
     assert decision.mechanisms.host_paging == anywhere
-    assert oracle.chose_host_paging == anywhere
     assert (decision.by_name()["a"].balloon_bytes == 0) == anywhere
 
 
@@ -408,7 +405,6 @@ def test_a_wider_scope_follows_the_narrower_where_it_host_pages_no_other_guest(
     assert own != followed
     assert own.mechanisms.host_paging != follows
     assert wider.decide(snapshot) == (followed if follows else own)
-    assert wider.chose_host_paging != follows
 
 
 def test_a_host_without_swap_pages_no_guest_whatever_the_scope() -> None:

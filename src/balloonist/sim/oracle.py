@@ -145,7 +145,7 @@ class OraclePolicy:
         """``host_swap_pages`` is the host's swap: without any, no guest is host-paged;
         with some, ``host_paging`` says which guests may be. In a period where this
         scope's plan host-pages no guest the ``narrower`` scope may not, the narrower
-        one's plan decides (see :meth:`_decision`).
+        one's plan decides (see :meth:`decide`).
         ``lookahead_s`` is how far past each period its sizes are valued, never past
         ``until_s``, the run's end. ``modes`` values the guests' sizes, for ``costs``;
         schedules of one scenario may share one (a fresh one measures its curves)."""
@@ -178,23 +178,12 @@ class OraclePolicy:
         ] = {}
         self._sharing = SharingRule(self._values)
         self._narrower = narrower
-        self._chose_host_paging = False
 
     @property
     def name(self) -> str:
         return "oracle-fair" if self._fair else "oracle"
 
-    @property
-    def chose_host_paging(self) -> bool:
-        """Whether any decision so far left a guest to the host's paging."""
-        return self._chose_host_paging
-
     def decide(self, snapshot: Snapshot) -> Decision:
-        decision = self._decision(snapshot)
-        self._chose_host_paging |= decision.mechanisms.host_paging
-        return decision
-
-    def _decision(self, snapshot: Snapshot) -> Decision:
         """The period's decision, this scope's own or the narrower one's."""
         for view in snapshot.guests:
             if view.name not in self._guests:
@@ -236,7 +225,7 @@ class OraclePolicy:
             # may not. Elsewhere its plan differs from the narrower one's only by how
             # the look-ahead prices host paging to come, or by which of equal plans it
             # picks; following the narrower keeps their runs one (sim/lockstep.py).
-            return self._narrower._decision(snapshot)
+            return self._narrower.decide(snapshot)
         present = set(held)
         targets = tuple(
             GuestTarget(
