@@ -21,6 +21,7 @@ from balloonist.policy.limitpaging import (
     LimitPaging,
     Mode,
     _Guest,
+    worth_trying,
 )
 from balloonist.units import MIB
 
@@ -35,12 +36,13 @@ def _at_limit(
     balloon_mib: int = 60,
     cappable: bool = True,
     max_mib: int | None = 76,
+    memory_mib: int = 140,
 ) -> GuestView:
     """A 140 MiB guest held at a 76 MiB limit (by default), stalling ``stall`` of its
     time, ``swap_mib`` in its own swap."""
     view = guest(
         "g",
-        memory_mib=140,
+        memory_mib=memory_mib,
         max_mib=max_mib,
         register_mib=balloon_mib,
         allocated_mib=76,
@@ -179,6 +181,19 @@ def test_a_trial_that_comes_near_its_ballooned_work_is_kept(
     assert paging.mode("g") is Mode.TRIAL
     _run(paging, _capped(capped_stall, swap_mib=4), 100.0, TRIAL_PERIODS)
     assert paging.mode("g") is (Mode.CAPPED if kept else Mode.BALLOONED)
+
+
+@pytest.mark.parametrize(("swap_mib", "tried"), [(4, True), (7, False)])
+def test_a_settled_guest_just_past_its_limit_needs_less_room_to_spare(
+    swap_mib: int, tried: bool
+) -> None:
+    # an 84 MiB guest: 80 MiB of footprint leaves 4.8 % of it free (under FIT_MARGIN,
+    # over NEAR_FIT_MARGIN); 83 MiB leaves 1.2 %, under both
+    view = _at_limit(stall=0.5, swap_mib=swap_mib, balloon_mib=8, memory_mib=84)
+    paging = LimitPaging()
+    assert (_run(paging, view, 0.0, SETTLE_PERIODS + TRIAL_AFTER) == {"g"}) is tried
+    far = _at_limit(stall=0.99, swap_mib=4, balloon_mib=8, memory_mib=84)
+    assert not worth_trying(far)  # unsettled or far past its limit: the full margin
 
 
 def test_a_capped_guest_that_writes_to_its_swap_goes_back_to_its_balloon() -> None:

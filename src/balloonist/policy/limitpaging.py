@@ -22,22 +22,22 @@ host's random victims keep about the share of a footprint its cap holds; a scan 
 the limit gains little). How much it must stall depends on how far past its limit it is:
 ``TRIAL_STALL`` (it keeps nothing of what it touches) in general, but only
 ``NEAR_TRIAL_STALL`` where its footprint is at most ``NEAR_EXCESS_BYTES`` past its limit
-and its stall and footprint have settled (``SETTLE_PERIODS``). That close to its limit,
-what the host must page is no more than the kernel's cold pages, which the balloon
-cannot give the workload and the host's victims find in time, so the whole limit holds
-the workload whatever its pattern; further past it, the host's victims are the
-workload's own pages, chosen blind. A guest whose set is still moving in, or whose stall
-still rises, would be measured against a baseline it has not reached. If its work time
-(1 - stall) over the last ``MEASURE_PERIODS`` of the ``TRIAL_PERIODS`` trial is at least
-``KEEP_GAIN`` of what it was before, it stays capped: going back costs more than a near
-draw, since the balloon inflating again makes the guest evict, and some of its victims
-are pages the host paged. If it worked clearly less, its balloon comes back, and it is
-tried again only after a backoff that doubles each time. A capped guest follows its
-allocation (the host pages it down when the policy gives it less) and goes back to its
-balloon when it writes pages out to its own swap (it grew past its memory: its victims
-may be pages the host paged, and the balloon stops that in one move), or when it no
-longer can be capped (its limit was lifted, the host lost its swap, the balloon stopped
-cooperating).
+and its stall and footprint have settled (``SETTLE_PERIODS``); its footprint then needs
+only ``NEAR_FIT_MARGIN`` to spare. That close to its limit, what the host must page is
+no more than the kernel's cold pages, which the balloon cannot give the workload and the
+host's victims find in time, so the whole limit holds the workload whatever its pattern;
+further past it, the host's victims are the workload's own pages, chosen blind. A guest
+whose set is still moving in, or whose stall still rises, would be measured against a
+baseline it has not reached. If its work time (1 - stall) over the last
+``MEASURE_PERIODS`` of the ``TRIAL_PERIODS`` trial is at least ``KEEP_GAIN`` of what it
+was before, it stays capped: going back costs more than a near draw, since the balloon
+inflating again makes the guest evict, and some of its victims are pages the host paged.
+If it worked clearly less, its balloon comes back, and it is tried again only after a
+backoff that doubles each time. A capped guest follows its allocation (the host pages it
+down when the policy gives it less) and goes back to its balloon when it writes pages
+out to its own swap (it grew past its memory: its victims may be pages the host paged,
+and the balloon stops that in one move), or when it no longer can be capped (its limit
+was lifted, the host lost its swap, the balloon stopped cooperating).
 
 Pure: ``update`` takes the period's views and stall fractions and returns the
 guests the host holds this period; each guest's state is a :class:`Mode` with
@@ -63,6 +63,7 @@ __all__ = [
     "LIMIT_HOLDS",
     "MEASURE_PERIODS",
     "NEAR_EXCESS_BYTES",
+    "NEAR_FIT_MARGIN",
     "NEAR_TRIAL_STALL",
     "SETTLED_FOOTPRINT",
     "SETTLED_STALL",
@@ -113,8 +114,11 @@ MEASURE_PERIODS: Final = 5
 #: its limit stalled 0.898 ballooned and 0.909 capped).
 KEEP_GAIN: Final = 0.9
 #: The share of its memory a guest's footprint must leave free to be tried: room for
-#: a working set that still grows.
+#: a working set that still grows...
 FIT_MARGIN: Final = 0.05
+#: ...or, for a guest just past its limit whose footprint has settled, room for the
+#: footprint's own jitter while settled (twice ``SETTLED_FOOTPRINT``).
+NEAR_FIT_MARGIN: Final = 0.02
 #: The share of its footprint its limit must hold to be tried: the host's random
 #: victims keep about that share of what it touches, so a scan a third past its
 #: limit misses a quarter of its references capped where ballooned it misses all,
@@ -198,20 +202,23 @@ def footprint_bytes(view: GuestView) -> int:
     return view.sample.allocated_bytes + (view.sample.swap_used_bytes or 0)
 
 
-def worth_trying(view: GuestView) -> bool:
-    """Its whole footprint, held and swapped, fits its memory with the margin, and its
-    limit holds ``LIMIT_HOLDS`` of it."""
+def worth_trying(view: GuestView, *, near: bool = False) -> bool:
+    """Its whole footprint, held and swapped, fits its memory with the margin (the
+    smaller one for a guest ``near`` its limit and settled), and its limit holds
+    ``LIMIT_HOLDS`` of it."""
     footprint = footprint_bytes(view)
+    margin = NEAR_FIT_MARGIN if near else FIT_MARGIN
     return (
-        footprint <= view.spec.memory_bytes * (1.0 - FIT_MARGIN)
+        footprint <= view.spec.memory_bytes * (1.0 - margin)
         and view.spec.limit_bytes >= LIMIT_HOLDS * footprint
     )
 
 
-def trial_stall(view: GuestView, state: _Guest) -> float:
-    """The stall at which the guest is tried: lower just past its limit, once settled."""
+def near_and_settled(view: GuestView, state: _Guest) -> bool:
+    """Its footprint is at most ``NEAR_EXCESS_BYTES`` past its limit, and it and its
+    stall have settled: it is tried at ``NEAR_TRIAL_STALL``, with ``NEAR_FIT_MARGIN``."""
     near = footprint_bytes(view) - view.spec.limit_bytes <= NEAR_EXCESS_BYTES
-    return NEAR_TRIAL_STALL if near and state.settled() else TRIAL_STALL
+    return near and state.settled()
 
 
 @dataclass
@@ -254,7 +261,12 @@ class LimitPaging:
         state.recent.append((stall, footprint_bytes(view)))
         if state.mode is Mode.BALLOONED:
             at_limit = view.sample.allocated_bytes >= view.spec.limit_bytes - AT_LIMIT_BYTES
-            thrashing = at_limit and worth_trying(view) and stall >= trial_stall(view, state)
+            near = near_and_settled(view, state)
+            thrashing = (
+                at_limit
+                and stall >= (NEAR_TRIAL_STALL if near else TRIAL_STALL)
+                and worth_trying(view, near=near)
+            )
             # The last TRIAL_AFTER periods only: the baseline is the settled stall
             # just before the trial, and a backoff does not grow the list.
             state.stalls = [*state.stalls, stall][-TRIAL_AFTER:] if thrashing else []
