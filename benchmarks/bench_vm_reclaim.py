@@ -15,7 +15,7 @@ from pathlib import Path
 
 from _common import write_result
 from _vm import boot, state_dir, stop_all
-from balloonist.daemon.pacing import Bounds, GuestPacer
+from balloonist.daemon.pacing import AvailableNow, Bounds, GuestPacer
 from balloonist.qemu.qmp import BalloonQMP
 from balloonist.units import MIB
 
@@ -42,7 +42,9 @@ async def paced(socket: Path) -> tuple[float, int]:
         while actual > GOAL + TOLERANCE:
             period_start = time.monotonic()
             stats = await qmp.guest_stats()
-            target = pacer.step(GOAL, actual, stats.available_bytes, period_start - start)
+            available = stats.available_bytes
+            now = None if available is None else AvailableNow.exactly(available)
+            target = pacer.step(GOAL, actual, now, period_start - start)
             await qmp.set_target(target)
             steps += 1
             await asyncio.sleep(max(0.0, PERIOD_S - (time.monotonic() - period_start)))

@@ -142,6 +142,9 @@ def test_demand_counts_used_memory_and_pages_read_back() -> None:
     stats = GuestStats(1, total_bytes=2 * GIB, available_bytes=1 * GIB)
     # deflate-on-oom: total stays 2 GiB, the guest has 1.5 GiB; 0.5 GiB in use + 10 pages
     assert observed_demand_bytes(1536 * MIB, 2 * GIB, stats, new_faults=10) == 512 * MIB + 40960
+    # 24 MiB short of its available floor: that much more
+    short = observed_demand_bytes(1536 * MIB, 2 * GIB, stats, 0, short_bytes=24 * MIB)
+    assert short == 536 * MIB
     assert observed_demand_bytes(1536 * MIB, 2 * GIB, GuestStats(1), 0) is None
 
 

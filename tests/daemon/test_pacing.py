@@ -7,7 +7,13 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balloonist.daemon.pacing import HOST_RATE_LIMITS, Bounds, GuestPacer, safe_target
+from balloonist.daemon.pacing import (
+    HOST_RATE_LIMITS,
+    AvailableNow,
+    Bounds,
+    GuestPacer,
+    safe_target,
+)
 from balloonist.units import MIB, PAGE_SIZE_BYTES
 
 BOUNDS = Bounds(min_bytes=128 * MIB, max_bytes=1024 * MIB, available_floor_bytes=64 * MIB)
@@ -25,7 +31,7 @@ def test_inflation_moves_in_growing_steps_while_the_guest_keeps_up() -> None:
     actual = 1024 * MIB
     targets = []
     for t in range(4):
-        target = pacer.step(256 * MIB, actual, available_bytes=None, now_s=float(t))
+        target = pacer.step(256 * MIB, actual, available=None, now_s=float(t))
         targets.append(target)
         actual = target  # the guest reaches every step
     steps = [1024 * MIB - targets[0]] + [a - b for a, b in itertools.pairwise(targets)]
@@ -61,18 +67,31 @@ def test_deflation_is_not_paced() -> None:
 
 def test_never_below_the_available_floor() -> None:
     # the guest has 100 MiB available: at most 36 MiB may go
-    assert safe_target(128 * MIB, 512 * MIB, 100 * MIB, BOUNDS) == 476 * MIB
+    assert safe_target(128 * MIB, 512 * MIB, AvailableNow.exactly(100 * MIB), BOUNDS) == 476 * MIB
+
+
+def test_the_floor_counts_the_least_the_guest_may_have_and_never_deflates_by_itself() -> None:
+    # 100 MiB available by its report, maybe 80 MiB since its balloon's last step
+    maybe = AvailableNow(low_bytes=80 * MIB, high_bytes=100 * MIB)
+    assert safe_target(128 * MIB, 512 * MIB, maybe, BOUNDS) == 496 * MIB
+    # maybe 40 MiB: held where it is; a wish to give is still given
+    short = AvailableNow(low_bytes=40 * MIB, high_bytes=100 * MIB)
+    assert safe_target(128 * MIB, 512 * MIB, short, BOUNDS) == 512 * MIB
+    assert safe_target(600 * MIB, 512 * MIB, short, BOUNDS) == 600 * MIB
 
 
 @given(
     wanted=st.integers(0, 4096 * MIB),
     actual=st.integers(0, 1024 * MIB),
-    available=st.none() | st.integers(0, 1024 * MIB),
+    available=st.none()
+    | st.tuples(st.integers(0, 1024 * MIB), st.integers(0, 1024 * MIB)).map(
+        lambda pair: AvailableNow(min(pair), max(pair))
+    ),
     lo=st.integers(0, 512),
     hi=st.integers(512, 1024),
 )
 def test_safe_targets_stay_within_min_and_max(
-    wanted: int, actual: int, available: int | None, lo: int, hi: int
+    wanted: int, actual: int, available: AvailableNow | None, lo: int, hi: int
 ) -> None:
     bounds = Bounds(lo * MIB, hi * MIB)
     target = safe_target(wanted, actual, available, bounds)
@@ -80,7 +99,11 @@ def test_safe_targets_stay_within_min_and_max(
     assert target % PAGE_SIZE_BYTES == 0
     # the floor gives way only to min and max (a guest above its max is brought down)
     if available is not None and target < actual and bounds.min_bytes < target < bounds.max_bytes:
-        assert actual - target <= max(0, available - bounds.available_floor_bytes) + PAGE_SIZE_BYTES
+        spare = max(0, available.low_bytes - bounds.available_floor_bytes)
+        assert actual - target <= spare + PAGE_SIZE_BYTES
+    # and it never deflates past the wish by itself
+    if target > max(wanted, actual):
+        assert target == bounds.min_bytes
 
 
 @given(st.lists(st.tuples(st.integers(0, 2048), st.integers(0, 1024)), min_size=1, max_size=40))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from balloonist.daemon.pacing import Bounds
+from balloonist.daemon.pacing import AvailableNow, Bounds
 from balloonist.daemon.vm_life import ManagedVm, VmFailures, VmLife
 from balloonist.errors import StateError
 from balloonist.qemu.qmp import GuestStats
@@ -96,3 +96,29 @@ def test_growth_is_measured_between_fresh_reports_and_kept_while_none_comes() ->
     stats = GuestStats(13, total_bytes=1 << 30)  # no available figure: not reported
     vm.observe(1000 * mib, stats, bounds, stall_timeout_s=10.0)
     assert vm.fresh_sample(1.0, None).use_growth_bytes_per_s is None
+
+
+def test_a_report_older_than_the_balloons_step_is_read_against_the_size_it_was_made_at() -> None:
+    mib = 1 << 20
+    vm = ManagedVm(record("g"))
+    bounds = Bounds(min_bytes=0, max_bytes=1 << 30, available_floor_bytes=64 * mib)
+
+    def observe(update_s: int, available_mib: int, actual_mib: int) -> None:
+        stats = GuestStats(update_s, total_bytes=1 << 30, available_bytes=available_mib * mib)
+        vm.observe(actual_mib * mib, stats, bounds, stall_timeout_s=10.0)
+
+    observe(10, 163, 448)  # 285 MiB in use
+    assert vm.observed_bytes == 285 * mib
+    # Its balloon took 90 MiB; the guest has not reported since. Read against the new
+    # size, the old report would say 195 MiB in use and 99 MiB to spare above the floor.
+    observe(10, 163, 358)
+    assert vm.available is not None and vm.available.high_bytes == 73 * mib
+    assert vm.observed_bytes == 285 * mib
+    assert vm.next_target_bytes(291 * mib, now_s=1.0) == 349 * mib  # 64 MiB left it
+    vm.sent(349 * mib)
+    # A new report, made some time since the reading of 358 MiB: it may predate the
+    # step to 349, so the guest may have only 61 MiB. It is held, and not given any.
+    observe(11, 70, 349)
+    assert vm.available == AvailableNow(low_bytes=61 * mib, high_bytes=70 * mib)
+    assert vm.next_target_bytes(291 * mib, now_s=2.0) is None  # 349 again: not resent
+    assert vm.fresh_sample(1.0, None).available_short_bytes == 0

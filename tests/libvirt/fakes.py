@@ -60,7 +60,9 @@ class FakeDomain:
     extra_devices: str = ""
     pins: dict[int, tuple[bool, ...]] = field(default_factory=dict)  # vCPU -> cpumap
     stats_calls: int = 0
-    last_update: int | None = 1234  # QEMU's stamp of the driver's last report; 0: none yet
+    #: QEMU's stamp of the driver's first report, advanced by one per call (a driver
+    #: that reports every period); 0: none yet; None: libvirt gives no stamp
+    last_update: int | None = 1234
     host_cpus: int = 4
 
     def connect(self) -> FakeConnection:
@@ -128,8 +130,12 @@ class FakeDomain:
             "unused": self.usable_kib,
             "major_fault": 7,
             "swap_in": 8,  # KiB: two pages
-            **({} if self.last_update is None else {"last_update": self.last_update}),
+            **({} if self.last_update is None else {"last_update": self._stamp()}),
         }
+
+    def _stamp(self) -> int:
+        assert self.last_update is not None
+        return self.last_update + self.stats_calls if self.last_update else 0
 
     def setMemoryFlags(self, kib: int, flags: int) -> int:  # noqa: N802
         self._running()

@@ -12,7 +12,11 @@ Safety, applied to every target sent, in this order:
 
 1. never below the VM's ``min`` or above its ``max``;
 2. never so low that the guest would keep less than ``available_floor_bytes`` of
-   available memory (by its own last report), unless that would break ``max``;
+   available memory, unless that would break ``max``; a guest with less is held
+   where it is (the policy decides whether it gets more). The guest reports on its
+   own timer, maybe before the balloon's last step, so the adapter gives its
+   available memory now as a range (:class:`AvailableNow`), and this rule takes the
+   low end: a step taken on a stale report could take the floor too;
 3. on start, the first target is the guest's current size: a restarted daemon moves
    nobody's memory abruptly.
 
@@ -48,6 +52,19 @@ HOST_RATE_LIMITS: Final = RateLimits(
 
 
 @dataclass(frozen=True)
+class AvailableNow:
+    """A guest's available memory now, by its last report less what its balloon took
+    since: at least ``low_bytes`` and at most ``high_bytes``."""
+
+    low_bytes: int
+    high_bytes: int
+
+    @classmethod
+    def exactly(cls, available_bytes: int) -> AvailableNow:
+        return cls(available_bytes, available_bytes)
+
+
+@dataclass(frozen=True)
 class Bounds:
     min_bytes: int
     max_bytes: int
@@ -55,14 +72,14 @@ class Bounds:
 
 
 def safe_target(
-    wanted_bytes: int, actual_bytes: int, available_bytes: int | None, bounds: Bounds
+    wanted_bytes: int, actual_bytes: int, available: AvailableNow | None, bounds: Bounds
 ) -> int:
     """The lowest target we will send for a wish of ``wanted_bytes`` (rules 1 and 2)."""
     target = wanted_bytes
-    if available_bytes is not None:
+    if available is not None:
         # Taking (actual - target) away must leave at least the floor available.
-        lowest = actual_bytes - max(0, available_bytes - bounds.available_floor_bytes)
-        target = max(target, lowest)
+        spare_bytes = max(0, available.low_bytes - bounds.available_floor_bytes)
+        target = max(target, actual_bytes - spare_bytes)
     target = min(max(target, bounds.min_bytes), bounds.max_bytes)
     return target // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
 
@@ -91,11 +108,11 @@ class GuestPacer:
         return cls(bounds=bounds, commanded_bytes=actual_bytes, stall_timeout_s=stall_timeout_s)
 
     def step(
-        self, wanted_bytes: int, actual_bytes: int, available_bytes: int | None, now_s: float
+        self, wanted_bytes: int, actual_bytes: int, available: AvailableNow | None, now_s: float
     ) -> int:
         """The next target to send, given the policy's wish and what the guest did."""
         self._observe(actual_bytes, now_s)
-        goal = safe_target(wanted_bytes, actual_bytes, available_bytes, self.bounds)
+        goal = safe_target(wanted_bytes, actual_bytes, available, self.bounds)
         if goal >= actual_bytes:
             # Deflating, or holding: no pacing, no reason to wait.
             self.commanded_bytes = goal

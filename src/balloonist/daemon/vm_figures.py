@@ -3,9 +3,9 @@
 **Demand from guest statistics.** A real guest gives no page-access samples, so its
 working-set observation is built from what virtio-balloon reports:
 
-    used      = min(total, actual) - available
+    used      = min(total, size at the report) - available
     pressure  = (major faults + swap-ins since the last period) x page size
-    shortfall = available floor - available, if positive
+    shortfall = available floor - available now, if positive
     observed  = used + pressure + shortfall, within [0, memory]
 
 ``min(total, actual)``: with ``deflate-on-oom`` Linux keeps ballooned pages in its
@@ -15,6 +15,14 @@ needed and not resident, so they count as demand beyond what it uses now. A gues
 below its available floor is about to reclaim hard, or, without swap, to OOM-kill:
 what it lacks of the floor is demand too. Without these two terms a guest could never
 look bigger than what it already holds.
+
+**A report is older than the balloon's last step.** The guest reports on its own
+timer, so a report may predate a step the daemon read since; read against the new
+size it would show the guest using less by the step, and keeping its available
+memory still (:func:`available_now`). So ``used`` is taken at the size the guest had
+when the report was first seen, and "available now" is the report's less what the
+balloon took since, as a range: the report was made between the reading before and
+the reading that first saw it.
 
 **Host memory** for the policy is the budget, or less when the host is short for
 reasons of its own: never more than what the guests hold (their balloons' actual
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from balloonist.daemon.pacing import AvailableNow
 from balloonist.host import HostMemInfo
 from balloonist.model import HostReading, HostTruth
 from balloonist.qemu.qmp import GuestStats
@@ -42,27 +51,43 @@ from balloonist.units import PAGE_SIZE_BYTES
 
 
 def observed_demand_bytes(
-    actual_bytes: int,
+    report_size_bytes: int,
     memory_bytes: int,
     stats: GuestStats | None,
     new_faults: int,
-    floor_bytes: int = 0,
+    short_bytes: int = 0,
 ) -> int | None:
-    """The working-set observation from guest statistics (see the module docstring)."""
+    """The working-set observation from guest statistics (see the module docstring):
+    ``report_size_bytes``, its size when ``stats`` was first seen; ``short_bytes``,
+    what it lacks of its available floor now."""
     if stats is None or stats.total_bytes is None or stats.available_bytes is None:
         return None
-    used = max(0, min(stats.total_bytes, actual_bytes) - stats.available_bytes)
+    used = max(0, min(stats.total_bytes, report_size_bytes) - stats.available_bytes)
     pressure = max(0, new_faults) * PAGE_SIZE_BYTES
-    shortfall = available_short_bytes(stats, floor_bytes) or 0
-    return min(memory_bytes, used + pressure + shortfall)
+    return min(memory_bytes, used + pressure + short_bytes)
 
 
-def available_short_bytes(stats: GuestStats, floor_bytes: int) -> int | None:
-    """What the guest lacks of its available floor now (0 if it has it); None if it
-    does not report its available memory."""
-    if stats.available_bytes is None:
+def available_now(
+    report: GuestStats | None, seen_at_bytes: int, seen_after_bytes: int, actual_bytes: int
+) -> AvailableNow | None:
+    """The guest's available memory now, by its report ``report`` less what its
+    balloon took since (a deflation since adds): the report was made after a reading
+    of size ``seen_after_bytes`` and before the one of size ``seen_at_bytes`` that
+    first saw it. None if it does not report its available memory."""
+    if report is None or report.available_bytes is None:
         return None
-    return max(0, floor_bytes - stats.available_bytes)
+    available = report.available_bytes
+    low = available - (max(seen_at_bytes, seen_after_bytes) - actual_bytes)
+    high = available - (seen_at_bytes - actual_bytes)
+    return AvailableNow(low_bytes=max(0, low), high_bytes=max(0, high))
+
+
+def available_short_bytes(available: AvailableNow | None, floor_bytes: int) -> int | None:
+    """What the guest surely lacks of its available floor now (0 if it may have it);
+    None if it does not report its available memory."""
+    if available is None:
+        return None
+    return max(0, floor_bytes - available.high_bytes)
 
 
 def available_fall_bytes(
@@ -160,6 +185,7 @@ def host_truth(budget_bytes: int, info: HostMemInfo, held_bytes: int) -> HostTru
 __all__ = [
     "HostMemory",
     "available_fall_bytes",
+    "available_now",
     "available_short_bytes",
     "host_memory",
     "host_truth",

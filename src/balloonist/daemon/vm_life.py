@@ -28,10 +28,11 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from balloonist.daemon.counters import Counts, FailureCounter
-from balloonist.daemon.pacing import REACHED_TOLERANCE_BYTES, Bounds, GuestPacer
+from balloonist.daemon.pacing import REACHED_TOLERANCE_BYTES, AvailableNow, Bounds, GuestPacer
 from balloonist.daemon.processors import VmProcessors
 from balloonist.daemon.vm_figures import (
     available_fall_bytes,
+    available_now,
     available_short_bytes,
     observed_demand_bytes,
     use_growth_bytes_per_s,
@@ -119,7 +120,9 @@ class ManagedVm:
     available_fall_bytes: int | None = None  # since its previous report
     use_growth_bytes_per_s: float | None = None  # between its last two reports
     report: GuestStats | None = None  # its latest report of available memory ...
-    report_actual_bytes: int = 0  # ... and its size when that report was first seen
+    report_actual_bytes: int = 0  # ... its size when that report was first seen ...
+    report_after_bytes: int = 0  # ... and at the reading before (it was made between)
+    available: AvailableNow | None = None  # its available memory now, by that report
     host: HostHeld | None = None  # what the host counted it holds at the last sample
     cpu: VmProcessors | None = None  # its processors, when the daemon shares them
     last_sent_bytes: int | None = None  # the last target sent to it
@@ -170,9 +173,13 @@ class ManagedVm:
         self._measure_growth(stats, actual_bytes)
         self.actual_bytes = actual_bytes
         self.stats = stats
-        memory = self.record.memory_bytes
-        floor = bounds.available_floor_bytes
-        self.observed_bytes = observed_demand_bytes(actual_bytes, memory, stats, new_faults, floor)
+        self.available = available_now(
+            self.report, self.report_actual_bytes, self.report_after_bytes, actual_bytes
+        )
+        short = available_short_bytes(self.available, bounds.available_floor_bytes) or 0
+        self.observed_bytes = observed_demand_bytes(
+            self.report_actual_bytes, self.record.memory_bytes, self.report, new_faults, short
+        )
         if self.pacer is None:
             self.pacer = GuestPacer.starting_at(actual_bytes, bounds, stall_timeout_s)
 
@@ -186,15 +193,16 @@ class ManagedVm:
             self.use_growth_bytes_per_s = use_growth_bytes_per_s(
                 self.report, self.report_actual_bytes, stats, actual_bytes
             )
+            # Before this reading it had its last reading's size (if it had one).
+            self.report_after_bytes = actual_bytes if self.stats is None else self.actual_bytes
             self.report, self.report_actual_bytes = stats, actual_bytes
 
     def next_target_bytes(self, wanted_bytes: int, now_s: float) -> int | None:
         """The next paced step toward what the policy wants; None if it was sent already."""
         assert self.pacer is not None  # by observe()
         name = self.record.name
-        available = self.stats.available_bytes if self.stats else None
         was_cooperative = self.pacer.cooperative
-        next_bytes = self.pacer.step(wanted_bytes, self.actual_bytes, available, now_s)
+        next_bytes = self.pacer.step(wanted_bytes, self.actual_bytes, self.available, now_s)
         if was_cooperative and not self.pacer.cooperative:
             self.stalls += 1
             log.warning("%s: balloon stalled; uncooperative", name)
@@ -267,7 +275,9 @@ class ManagedVm:
             balloon_target_bytes=r.memory_bytes - pacer.commanded_bytes,
             active_bytes_observed=self.observed_bytes,
             free_bytes=stats.free_bytes,
-            available_short_bytes=available_short_bytes(stats, pacer.bounds.available_floor_bytes),
+            available_short_bytes=available_short_bytes(
+                self.available, pacer.bounds.available_floor_bytes
+            ),
             available_fall_bytes=self.available_fall_bytes,
             use_growth_bytes_per_s=self.use_growth_bytes_per_s,
             major_faults=stats.major_faults or 0,
