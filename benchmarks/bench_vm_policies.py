@@ -30,8 +30,8 @@ throughput. The guests have no swap, so major faults stay near zero; they are
 reported as the daemon reads them (virtio-balloon statistics).
 
 Nothing on this host enforces the budget but the policy: QEMU's memory is plain host
-memory, and the daemon's floor (``daemon/pacing.py``, rule 2) deflates any guest left
-with less than 64 MiB available, whatever the policy wished. A policy that keeps the
+memory, and the daemon's floor (``daemon/pacing.py``, rule 2) never inflates a guest
+past 64 MiB available, whatever the policy wished. A policy that keeps the
 guests over the budget therefore costs them nothing here, so each run also records
 the guests' total allocation (mean, peak) and the periods it spent over the budget:
 read the throughput next to them.
