@@ -120,5 +120,7 @@ def test_a_report_older_than_the_balloons_step_is_read_against_the_size_it_was_m
     # step to 349, so the guest may have only 61 MiB. It is held, and not given any.
     observe(11, 70, 349)
     assert vm.available == AvailableNow(low_bytes=61 * mib, high_bytes=70 * mib)
+    # its use is read at the larger size it had: 358 - 70 (at 349 it would be 279)
+    assert vm.observed_bytes == 288 * mib
     assert vm.next_target_bytes(291 * mib, now_s=2.0) is None  # 349 again: not resent
     assert vm.fresh_sample(1.0, None).available_short_bytes == 0

@@ -3,7 +3,7 @@
 **Demand from guest statistics.** A real guest gives no page-access samples, so its
 working-set observation is built from what virtio-balloon reports:
 
-    used      = min(total, size at the report) - available
+    used      = min(total, size at the report, at most) - available
     pressure  = (major faults + swap-ins since the last period) x page size
     shortfall = available floor - available now, if positive
     observed  = used + pressure + shortfall, within [0, memory]
@@ -19,10 +19,11 @@ look bigger than what it already holds.
 **A report is older than the balloon's last step.** The guest reports on its own
 timer, so a report may predate a step the daemon read since; read against the new
 size it would show the guest using less by the step, and keeping its available
-memory still (:func:`available_now`). So ``used`` is taken at the size the guest had
-when the report was first seen, and "available now" is the report's less what the
-balloon took since, as a range: the report was made between the reading before and
-the reading that first saw it.
+memory still (:func:`available_now`). The report was made between the reading before
+and the reading that first saw it, so ``used`` is taken at the larger of their two
+sizes: it may overstate the use by one step for a period, never understate it (an
+understated use would make the next step go further). "Available now" is the
+report's less what the balloon took since, as a range over the same two readings.
 
 **Host memory** for the policy is the budget, or less when the host is short for
 reasons of its own: never more than what the guests hold (their balloons' actual
@@ -58,7 +59,7 @@ def observed_demand_bytes(
     short_bytes: int = 0,
 ) -> int | None:
     """The working-set observation from guest statistics (see the module docstring):
-    ``report_size_bytes``, its size when ``stats`` was first seen; ``short_bytes``,
+    ``report_size_bytes``, the most it held when ``stats`` was made; ``short_bytes``,
     what it lacks of its available floor now."""
     if stats is None or stats.total_bytes is None or stats.available_bytes is None:
         return None

@@ -177,8 +177,14 @@ class ManagedVm:
             self.report, self.report_actual_bytes, self.report_after_bytes, actual_bytes
         )
         short = available_short_bytes(self.available, bounds.available_floor_bytes) or 0
+        # Its use at the larger of the two sizes its report was made between: at worst
+        # it overstates the use by the balloon's last step (the next inflation waits,
+        # a deflation goes one step further). At the smaller, a report that predates
+        # an inflation would understate the use by the step, and the next step would
+        # go further still.
+        size_bytes = max(self.report_actual_bytes, self.report_after_bytes)
         self.observed_bytes = observed_demand_bytes(
-            self.report_actual_bytes, self.record.memory_bytes, self.report, new_faults, short
+            size_bytes, self.record.memory_bytes, self.report, new_faults, short
         )
         if self.pacer is None:
             self.pacer = GuestPacer.starting_at(actual_bytes, bounds, stall_timeout_s)
