@@ -16,7 +16,8 @@ Safety, applied to every target sent, in this order:
    where it is (the policy decides whether it gets more). The guest reports on its
    own timer, maybe before the balloon's last step, so the adapter gives its
    available memory now as a range (:class:`AvailableNow`), and this rule takes the
-   low end: a step taken on a stale report could take the floor too;
+   low end: a step read against a report that predates the last one would take
+   the floor too;
 3. on start, the first target is the guest's current size: a restarted daemon moves
    nobody's memory abruptly.
 
