@@ -122,7 +122,6 @@ class ManagedVm:
     report: GuestStats | None = None  # its latest report of available memory ...
     report_actual_bytes: int = 0  # ... its size when that report was first seen ...
     report_after_bytes: int = 0  # ... and at the reading before (it was made between)
-    available: AvailableNow | None = None  # its available memory now, by that report
     host: HostHeld | None = None  # what the host counted it holds at the last sample
     cpu: VmProcessors | None = None  # its processors, when the daemon shares them
     last_sent_bytes: int | None = None  # the last target sent to it
@@ -173,9 +172,6 @@ class ManagedVm:
         self._measure_growth(stats, actual_bytes)
         self.actual_bytes = actual_bytes
         self.stats = stats
-        self.available = available_now(
-            self.report, self.report_actual_bytes, self.report_after_bytes, actual_bytes
-        )
         short = available_short_bytes(self.available, bounds.available_floor_bytes) or 0
         # Its use at the larger of the two sizes its report was made between: at worst
         # it overstates the use by the balloon's last step (the next inflation waits,
@@ -202,6 +198,13 @@ class ManagedVm:
             # Before this reading it had its last reading's size (if it had one).
             self.report_after_bytes = actual_bytes if self.stats is None else self.actual_bytes
             self.report, self.report_actual_bytes = stats, actual_bytes
+
+    @property
+    def available(self) -> AvailableNow | None:
+        """Its available memory now, by its latest report (:func:`available_now`)."""
+        return available_now(
+            self.report, self.report_actual_bytes, self.report_after_bytes, self.actual_bytes
+        )
 
     def next_target_bytes(self, wanted_bytes: int, now_s: float) -> int | None:
         """The next paced step toward what the policy wants; None if it was sent already."""
