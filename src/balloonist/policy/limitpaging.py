@@ -261,7 +261,7 @@ class LimitPaging:
         state.recent.append((stall, footprint_bytes(view)))
         if state.mode is Mode.BALLOONED:
             at_limit = view.sample.allocated_bytes >= view.spec.limit_bytes - AT_LIMIT_BYTES
-            near = near_and_settled(view, state)
+            near = at_limit and near_and_settled(view, state)
             thrashing = (
                 at_limit
                 and stall >= (NEAR_TRIAL_STALL if near else TRIAL_STALL)
