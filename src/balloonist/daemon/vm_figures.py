@@ -23,7 +23,8 @@ memory still (:func:`available_now`). The report was made between the reading be
 and the reading that first saw it, so ``used`` is taken at the larger of their two
 sizes: it may overstate the use by one step for a period, never understate it (an
 understated use would make the next step go further). "Available now" is the
-report's less what the balloon took since, as a range over the same two readings.
+report's less what the balloon took since, as a range over the same two readings;
+its free memory now, the least it may be (:func:`free_now_bytes`).
 
 **Host memory** for the policy is the budget, or less when the host is short for
 reasons of its own: never more than what the guests hold (their balloons' actual
@@ -78,9 +79,28 @@ def available_now(
     if report is None or report.available_bytes is None:
         return None
     available = report.available_bytes
-    low = available - (max(seen_at_bytes, seen_after_bytes) - actual_bytes)
+    low = available - _most_taken_since_bytes(seen_at_bytes, seen_after_bytes, actual_bytes)
     high = available - (seen_at_bytes - actual_bytes)
     return AvailableNow(low_bytes=max(0, low), high_bytes=max(0, high))
+
+
+def free_now_bytes(
+    report: GuestStats | None, seen_at_bytes: int, seen_after_bytes: int, actual_bytes: int
+) -> int | None:
+    """The least free memory the guest may have now: its report's less the most its
+    balloon may have taken since (as :func:`available_now`). The policy reads the
+    guest's use as its size now less this, so a report older than an inflation never
+    shows the guest using less by the step. None if it does not report free memory."""
+    if report is None or report.free_bytes is None:
+        return None
+    taken = _most_taken_since_bytes(seen_at_bytes, seen_after_bytes, actual_bytes)
+    return max(0, report.free_bytes - taken)
+
+
+def _most_taken_since_bytes(seen_at_bytes: int, seen_after_bytes: int, actual_bytes: int) -> int:
+    """The most a balloon may have taken since a report made between a reading of size
+    ``seen_after_bytes`` and the next, of ``seen_at_bytes`` (negative: it gave back)."""
+    return max(seen_at_bytes, seen_after_bytes) - actual_bytes
 
 
 def available_short_bytes(available: AvailableNow | None, floor_bytes: int) -> int | None:

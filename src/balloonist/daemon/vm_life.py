@@ -34,6 +34,7 @@ from balloonist.daemon.vm_figures import (
     available_fall_bytes,
     available_now,
     available_short_bytes,
+    free_now_bytes,
     observed_demand_bytes,
     use_growth_bytes_per_s,
 )
@@ -200,6 +201,15 @@ class ManagedVm:
             self.report, self.report_actual_bytes = stats, actual_bytes
 
     @property
+    def free_now_bytes(self) -> int | None:
+        """Its free memory now, the least its latest report allows (:func:`free_now_bytes`)."""
+        if self.report is None:  # no available figure, so no report is followed: as read
+            return None if self.stats is None else self.stats.free_bytes
+        return free_now_bytes(
+            self.report, self.report_actual_bytes, self.report_after_bytes, self.actual_bytes
+        )
+
+    @property
     def available(self) -> AvailableNow | None:
         """Its available memory now, by its latest report (:func:`available_now`)."""
         return available_now(
@@ -283,7 +293,7 @@ class ManagedVm:
             balloon_bytes=r.memory_bytes - self.actual_bytes,
             balloon_target_bytes=r.memory_bytes - pacer.commanded_bytes,
             active_bytes_observed=self.observed_bytes,
-            free_bytes=stats.free_bytes,
+            free_bytes=self.free_now_bytes,
             available_short_bytes=available_short_bytes(
                 self.available, pacer.bounds.available_floor_bytes
             ),
