@@ -34,7 +34,10 @@ memory, and the daemon's floor (``daemon/pacing.py``, rule 2) never inflates a g
 past 64 MiB available, whatever the policy wished. A policy that keeps the
 guests over the budget therefore costs them nothing here, so each run also records
 the guests' total allocation (mean, peak) and the periods it spent over the budget:
-read the throughput next to them.
+read the throughput next to them. An allocation is not host memory in use, though:
+pages a guest never touched are not resident, so each run also records what the host
+holds for each QEMU, its memory cgroup's usage each period (``vm start`` puts every VM
+in one of its own), and the periods the three together held more than the budget.
 
 Throughput is touchmem's own count: pages written per second (one byte into each
 4 KiB page of the working set, sweep after sweep), the mean of its once-a-second
@@ -54,11 +57,13 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import fmean
 from typing import Any, Final
 
 from _common import write_result
 from _vm import ACCEL, assets, lines, state_dir, stop_all, wait_line, work_reports
+from balloonist.cgroup import MemoryCgroup, host_memory_hierarchy
 from balloonist.daemon.config import DAEMON_POLICIES, DaemonConfig
 from balloonist.daemon.service import Daemon
 from balloonist.qemu import launcher
@@ -109,6 +114,9 @@ class Trace:
     allocated_bytes: dict[str, list[int]] = field(default_factory=dict)
     major_faults: dict[str, list[int]] = field(default_factory=dict)
     totals_bytes: list[int] = field(default_factory=list)
+    #: What the host held for each QEMU (its memory cgroup's usage); absent without one.
+    resident_bytes: dict[str, list[int]] = field(default_factory=dict)
+    resident_totals_bytes: list[int] = field(default_factory=list)
     #: Processors each guest's QEMU used while the daemon ran, on average (1.0: one).
     cpu_share: dict[str, float] = field(default_factory=dict)
 
@@ -125,6 +133,19 @@ def qemu_cpu_s(record: launcher.VMRecord) -> float:
         # fields after the command name, which is in parentheses and may hold spaces
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_cgroups(records: dict[str, launcher.VMRecord]) -> dict[str, MemoryCgroup]:
+    """Each QEMU's own memory cgroup, or none at all if any guest has none (a total
+    over some of them would read as the host's)."""
+    hierarchy = host_memory_hierarchy()
+    if hierarchy is None or any(r.cgroup is None for r in records.values()):
+        return {}
+    return {
+        name: MemoryCgroup(Path(r.cgroup), hierarchy.version)
+        for name, r in records.items()
+        if r.cgroup is not None
+    }
 
 
 def boot_guests(state: launcher.StateDir, duration_s: float) -> dict[str, launcher.VMRecord]:
@@ -154,6 +175,7 @@ def drive(daemon: Daemon, records: dict[str, launcher.VMRecord], duration_s: flo
     begun = time.monotonic()
     deadline = begun + duration_s + TAIL_TIMEOUT_S
     cpu_begun = {name: qemu_cpu_s(r) for name, r in records.items()}
+    cgroups = memory_cgroups(records)
     while min(_last_t_s(r) for r in records.values()) < duration_s:
         if time.monotonic() > deadline:
             raise TimeoutError(f"a guest's touchmem did not reach t={duration_s:.0f} s")
@@ -165,6 +187,11 @@ def drive(daemon: Daemon, records: dict[str, launcher.VMRecord], duration_s: flo
                 trace.allocated_bytes.setdefault(name, []).append(view.sample.allocated_bytes)
                 trace.major_faults.setdefault(name, []).append(view.sample.major_faults)
             trace.totals_bytes.append(sum(v.sample.allocated_bytes for v in cycle.snapshot.guests))
+            if cgroups:
+                resident = {name: cg.usage_bytes() for name, cg in cgroups.items()}
+                for name, used in resident.items():
+                    trace.resident_bytes.setdefault(name, []).append(used)
+                trace.resident_totals_bytes.append(sum(resident.values()))
         daemon.idle(max(0.0, PERIOD_S - (time.monotonic() - started)))
     wall_s = time.monotonic() - begun
     for name, r in records.items():
@@ -194,8 +221,19 @@ def guest_figures(
         "reports": len(reports),
         "major_faults": faults[-1] - faults[0],
         "mean_allocation_mib": round(fmean(trace.allocated_bytes.get(record.name, [0])) / MIB, 1),
+        **_resident(trace.resident_bytes.get(record.name, [])),
         **_moves(trace.allocated_bytes.get(record.name, [])),
         "oom_kill_lines": sum(1 for line in lines(record) if _OOM_RE.search(line)),
+    }
+
+
+def _resident(resident_bytes: list[int]) -> dict[str, float | None]:
+    """What the host held for the guest's QEMU, mean and peak; None without a cgroup."""
+    if not resident_bytes:
+        return {"mean_resident_mib": None, "peak_resident_mib": None}
+    return {
+        "mean_resident_mib": round(fmean(resident_bytes) / MIB, 1),
+        "peak_resident_mib": round(max(resident_bytes) / MIB, 1),
     }
 
 
@@ -241,9 +279,26 @@ def run_policy(policy: str, duration_s: float) -> dict[str, Any]:
         "total_allocation_mib_mean": round(fmean(trace.totals_bytes) / MIB, 1),
         "total_allocation_mib_peak": round(max(trace.totals_bytes) / MIB, 1),
         "periods_over_budget": sum(1 for b in trace.totals_bytes if b > budget_bytes),
+        **_total_resident(trace.resident_totals_bytes, budget_bytes),
         "periods": len(trace.totals_bytes),
         "workload_s_before_daemon": lead_s,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def _total_resident(totals_bytes: list[int], budget_bytes: int) -> dict[str, float | int | None]:
+    """What the host held for the three QEMUs together, and the periods it was over the
+    budget; None where the guests have no cgroups of their own."""
+    if not totals_bytes:
+        return {
+            "total_resident_mib_mean": None,
+            "total_resident_mib_peak": None,
+            "periods_resident_over_budget": None,
+        }
+    return {
+        "total_resident_mib_mean": round(fmean(totals_bytes) / MIB, 1),
+        "total_resident_mib_peak": round(max(totals_bytes) / MIB, 1),
+        "periods_resident_over_budget": sum(1 for b in totals_bytes if b > budget_bytes),
     }
 
 
@@ -270,6 +325,7 @@ def mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "total_pages_per_qemu_cpu_s": round(fmean(r["total_pages_per_qemu_cpu_s"] for r in runs)),
         "steady_pages_per_s": [r["guests"]["steady"]["throughput_pages_per_s"] for r in runs],
         "periods_over_budget": [r["periods_over_budget"] for r in runs],
+        "total_resident_mib_mean": [r["total_resident_mib_mean"] for r in runs],
         "runs": runs,
     }
 
@@ -283,7 +339,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         f"{'policy':>8} {'round':>5} " + " ".join(f"{w.name + ' pages/s':>16}" for w in WORKLOADS)
     ]
     rows[0] += f" {'total pages/s':>14} {'per cpu-s':>10} {'majflt':>7} {'alloc MiB (mean)':>18}"
-    rows[0] += f" {'moved MiB':>16}"
+    rows[0] += f" {'moved MiB':>16} {'resident MiB (mean)':>20}"
     for policy, summary in results.items():
         for k, r in enumerate(summary["runs"]):
             g = r["guests"]
@@ -293,9 +349,12 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             faults = sum(g[w.name]["major_faults"] for w in WORKLOADS)
             alloc = "/".join(f"{g[w.name]['mean_allocation_mib']:.0f}" for w in WORKLOADS)
             moved = "/".join(f"{g[w.name]['moved_mib']:.0f}" for w in WORKLOADS)
+            held = r["total_resident_mib_mean"]
+            resident = "-" if held is None else f"{held:.0f}"
             rows.append(
                 f"{row} {r['total_throughput_pages_per_s']:>14,} "
                 f"{r['total_pages_per_qemu_cpu_s']:>10,} {faults:>7} {alloc:>18} {moved:>16}"
+                f" {resident:>20}"
             )
     return "\n".join(rows)
 
