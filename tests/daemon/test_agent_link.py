@@ -11,7 +11,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,7 +273,10 @@ class FakeGuest:
 
 @contextlib.asynccontextmanager
 async def guest_and_port(
-    tmp_path: Path, name: str, control: GuestControl | None = None
+    tmp_path: Path,
+    name: str,
+    control: GuestControl | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[tuple[FakeGuest, AgentPort]]:
     guest = FakeGuest(tmp_path / f"{name}.sock")
     server = await guest.serve()
@@ -282,7 +285,7 @@ async def guest_and_port(
         guest.path,
         FakeRam(RAM_PAGES, TOKEN),
         64 * MIB,
-        clock=asyncio.get_running_loop().time,
+        clock=clock or asyncio.get_running_loop().time,
         control=control,
     )
     try:
@@ -337,6 +340,29 @@ def test_the_port_gives_the_agents_stall_and_swap_where_it_has_them(
             figures = await port.guest_stats()
             assert (figures.stall_s, figures.swap_used_bytes) == (stall_s, swap)
             assert figures.major_faults == 7
+
+    asyncio.run(scenario())
+
+
+def test_a_reports_stamp_is_when_its_stats_came_not_the_agents_last_message(
+    tmp_path: Path,
+) -> None:
+    # The daemon reads a report with a stamp it has seen as the same report, made at
+    # the balloon's size then: a message that is not stats must not make it new.
+    now_s = [10.3]
+
+    async def scenario() -> None:
+        async with guest_and_port(tmp_path, "g", clock=lambda: now_s[0]) as (guest, port):
+            await guest.send(hello(), wire.encode(stats(1), 1))
+            await until(lambda: port.session.stats is not None, DEADLINE_S, "port.session.stats")
+            now_s[0] = 12.5
+            await guest.send(wire.encode(wire.Error(2, "pressure", "not a report"), 1))
+            await until(lambda: port.session.last_heard_s == 12.5, DEADLINE_S, "the error is heard")
+            assert (await port.guest_stats()).last_update_s == 10
+            now_s[0] = 13.2
+            await guest.send(wire.encode(stats(3), 1))
+            await until(lambda: port.session.last_heard_s == 13.2, DEADLINE_S, "stats heard")
+            assert (await port.guest_stats()).last_update_s == 13
 
     asyncio.run(scenario())
 

@@ -160,6 +160,10 @@ class AgentSession:
     #: The session's protocol version: the lower of the agent's and the host's.
     version: int = wire.VERSION
     stats: wire.Stats | None = None
+    #: When ``stats`` came: the report's stamp. Any message shows the agent alive
+    #: (``last_heard_s``), but only a stats message is a new report; the daemon reads
+    #: a report with the same stamp as one it has seen as that report again.
+    stats_heard_s: float | None = None
     cpu_report: CpuReport | None = None
     #: The last ``cpu-refused`` or ``cpu-failed`` error of this session.
     cpu_error: wire.Error | None = None
@@ -241,7 +245,7 @@ class AgentSession:
                 self._held.remove(r)
             return [self._ack(0)]
         if isinstance(message, wire.Stats):
-            self.stats = message
+            self.stats, self.stats_heard_s = message, now_s
         elif isinstance(message, wire.Cpus):
             self._cpus(message, now_s)
         elif isinstance(message, wire.Error):
@@ -581,7 +585,7 @@ class AgentPort:
         if s is None or not self.session.alive(self._clock()):
             return GuestStats(last_update_s=0)
         return GuestStats(
-            last_update_s=int(self.session.last_heard_s or 0),
+            last_update_s=int(self.session.stats_heard_s or 0),
             total_bytes=s.mem_total_bytes,
             available_bytes=s.mem_available_bytes,
             major_faults=s.refaults,
