@@ -133,12 +133,12 @@ def test_a_reports_free_memory_is_read_less_what_the_balloon_may_have_taken_sinc
     vm = ManagedVm(record("g"))
     bounds = Bounds(min_bytes=0, max_bytes=1 << 30)
 
-    def free_mib(update_s: int, free_mib: int, actual_mib: int) -> float | None:
+    def free_mib(update_s: int, reported_mib: int, actual_mib: int) -> float | None:
         stats = GuestStats(
             update_s,
             total_bytes=1 << 30,
-            free_bytes=free_mib * mib,
-            available_bytes=(free_mib + 20) * mib,
+            free_bytes=reported_mib * mib,
+            available_bytes=(reported_mib + 20) * mib,
         )
         vm.observe(actual_mib * mib, stats, bounds, stall_timeout_s=10.0)
         free = vm.fresh_sample(1.0, None).free_bytes
@@ -148,7 +148,7 @@ def test_a_reports_free_memory_is_read_less_what_the_balloon_may_have_taken_sinc
     assert free_mib(10, 300, 400) == 200  # inflated by 100 since: still 200 in use
     # A new report, made after the reading of 400 or after the one of 350 now: the
     # least it may have free is its figure less the 50 MiB taken since the first.
-    assert free_mib(11, 160, 350) == 110  # use read at 240 (at most 400 - 160)
+    assert free_mib(11, 160, 350) == 110  # its use read at 240 MiB: 400 - 160, the most
     assert free_mib(11, 160, 450) == 210  # deflated since: the 100 given is free
     # A guest that reports no available figure: its free figure as read.
     stats = GuestStats(12, total_bytes=1 << 30, free_bytes=70 * mib)
