@@ -109,7 +109,8 @@ WORKLOADS: Final = (
 
 @dataclass
 class Trace:
-    """What the daemon saw, once a period: each guest's allocation and major faults."""
+    """What the daemon saw, once a period: each guest's allocation and major faults,
+    and what the host held for its QEMU."""
 
     allocated_bytes: dict[str, list[int]] = field(default_factory=dict)
     major_faults: dict[str, list[int]] = field(default_factory=dict)
