@@ -192,8 +192,9 @@ def test_a_settled_guest_just_past_its_limit_needs_less_room_to_spare(
     view = _at_limit(stall=0.5, swap_mib=swap_mib, balloon_mib=8, memory_mib=84)
     paging = LimitPaging()
     assert (_run(paging, view, 0.0, SETTLE_PERIODS + TRIAL_AFTER) == {"g"}) is tried
-    far = _at_limit(stall=0.99, swap_mib=4, balloon_mib=8, memory_mib=84)
-    assert not worth_trying(far)  # unsettled or far past its limit: the full margin
+    # the same 80 MiB footprint, judged with the full margin (a guest unsettled or far
+    # past its limit), leaves too little to spare
+    assert not worth_trying(_at_limit(swap_mib=4, balloon_mib=8, memory_mib=84))
 
 
 def test_a_capped_guest_that_writes_to_its_swap_goes_back_to_its_balloon() -> None:
