@@ -57,14 +57,13 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from statistics import fmean
 from typing import Any, Final
 
 from _common import write_result
 from _vm import ACCEL, assets, lines, state_dir, stop_all, wait_line, work_reports
-from balloonist.cgroup import MemoryCgroup, host_memory_hierarchy
 from balloonist.daemon.config import DAEMON_POLICIES, DaemonConfig
+from balloonist.daemon.host_reclaim import SysCgroups, VmCgroup
 from balloonist.daemon.service import Daemon
 from balloonist.qemu import launcher
 from balloonist.units import MIB, parse_size_bytes
@@ -136,17 +135,13 @@ def qemu_cpu_s(record: launcher.VMRecord) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def memory_cgroups(records: dict[str, launcher.VMRecord]) -> dict[str, MemoryCgroup]:
-    """Each QEMU's own memory cgroup, or none at all if any guest has none (a total
-    over some of them would read as the host's)."""
-    hierarchy = host_memory_hierarchy()
-    if hierarchy is None or any(r.cgroup is None for r in records.values()):
-        return {}
-    return {
-        name: MemoryCgroup(Path(r.cgroup), hierarchy.version)
-        for name, r in records.items()
-        if r.cgroup is not None
-    }
+def memory_cgroups(records: dict[str, launcher.VMRecord]) -> dict[str, VmCgroup]:
+    """Each QEMU's own memory cgroup, as the daemon finds it, or none at all if any
+    guest has none (a total over some of them would read as the host's)."""
+    host = SysCgroups()
+    found = {name: host.cgroup(r) for name, r in records.items()}
+    own = {name: cg for name, cg in found.items() if cg is not None}
+    return own if len(own) == len(records) else {}
 
 
 def boot_guests(state: launcher.StateDir, duration_s: float) -> dict[str, launcher.VMRecord]:
