@@ -45,23 +45,39 @@ Throughput is touchmem's own count: pages written per second (one byte into each
 Under TCG the guests compete for the host's processors, so throughput also moves with
 the host's load: the load average is recorded before and after each policy.
 
+``--cap [MIB]`` (root): the host enforces the budget as well. The QEMUs' parent memory
+cgroup is capped at 1250 MiB unless MIB says otherwise (the budget and about 50 MiB of
+QEMU's own memory a guest, which the budget does not count), with a 1 GiB swap file on,
+so the host pages whatever the three QEMUs hold over the cap, as an overcommitted host
+would. A policy that keeps the guests over the budget then costs them host paging,
+which the guests cannot steer: each run also records what each QEMU had in the host's
+swap (peak). The cap is lifted and the swap file removed when the bench ends; written
+to ``vm_policies_capped.json``.
+
 ``--quick``: 40 s per policy and one round unless ``--rounds`` says otherwise, written
-to ``vm_policies_quick.json``.
+to ``vm_policies_quick.json`` (``vm_policies_capped_quick.json`` with ``--cap``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import fmean
 from typing import Any, Final
 
 from _common import write_result
 from _vm import ACCEL, assets, lines, state_dir, stop_all, wait_line, work_reports
+from balloonist.cgroup import MemoryCgroup, host_memory_hierarchy, make_parent_cgroup
 from balloonist.daemon.config import DAEMON_POLICIES, DaemonConfig
 from balloonist.daemon.host_reclaim import SysCgroups, VmCgroup
 from balloonist.daemon.service import Daemon
@@ -83,6 +99,10 @@ BOOT_TIMEOUT_S: Final = 180.0
 TAIL_TIMEOUT_S: Final = 60.0
 #: The daemon's period (its default).
 PERIOD_S: Final = 1.0
+#: ``--cap``'s default: the budget and about 50 MiB of QEMU's own memory a guest.
+CAP_MIB: Final = 1250
+#: The host's swap while capped: more than the three QEMUs can hold over any cap.
+HOST_SWAP_MIB: Final = 1024
 
 #: The guest kernel's console line when it kills a process for memory.
 _OOM_RE: Final = re.compile(r"Out of memory|oom-kill")
@@ -117,6 +137,8 @@ class Trace:
     #: What the host held for each QEMU (its memory cgroup's usage); absent without one.
     resident_bytes: dict[str, list[int]] = field(default_factory=dict)
     resident_totals_bytes: list[int] = field(default_factory=list)
+    #: What of each QEMU's memory was in the host's swap; absent without accounting.
+    swapped_bytes: dict[str, list[int]] = field(default_factory=dict)
     #: Processors each guest's QEMU used while the daemon ran, on average (1.0: one).
     cpu_share: dict[str, float] = field(default_factory=dict)
 
@@ -188,6 +210,9 @@ def drive(daemon: Daemon, records: dict[str, launcher.VMRecord], duration_s: flo
                 for name, used in resident.items():
                     trace.resident_bytes.setdefault(name, []).append(used)
                 trace.resident_totals_bytes.append(sum(resident.values()))
+                for name, cg in cgroups.items():
+                    if (swapped := cg.swapped_bytes()) is not None:
+                        trace.swapped_bytes.setdefault(name, []).append(swapped)
         daemon.idle(max(0.0, PERIOD_S - (time.monotonic() - started)))
     wall_s = time.monotonic() - begun
     for name, r in records.items():
@@ -218,6 +243,7 @@ def guest_figures(
         "major_faults": faults[-1] - faults[0],
         "mean_allocation_mib": round(fmean(trace.allocated_bytes.get(record.name, [0])) / MIB, 1),
         **_resident(trace.resident_bytes.get(record.name, [])),
+        "peak_swapped_mib": _peak_mib(trace.swapped_bytes.get(record.name, [])),
         **_moves(trace.allocated_bytes.get(record.name, [])),
         "oom_kill_lines": sum(1 for line in lines(record) if _OOM_RE.search(line)),
     }
@@ -231,6 +257,10 @@ def _resident(resident_bytes: list[int]) -> dict[str, float | None]:
         "mean_resident_mib": round(fmean(resident_bytes) / MIB, 1),
         "peak_resident_mib": round(max(resident_bytes) / MIB, 1),
     }
+
+
+def _peak_mib(values_bytes: list[int]) -> float | None:
+    return round(max(values_bytes) / MIB, 1) if values_bytes else None
 
 
 def _moves(allocated_bytes: list[int]) -> dict[str, float]:
@@ -276,6 +306,11 @@ def run_policy(policy: str, duration_s: float) -> dict[str, Any]:
         "total_allocation_mib_peak": round(max(trace.totals_bytes) / MIB, 1),
         "periods_over_budget": sum(1 for b in trace.totals_bytes if b > budget_bytes),
         **_total_resident(trace.resident_totals_bytes, budget_bytes),
+        "total_swapped_mib_peak": _peak_mib(
+            [sum(per_period) for per_period in zip(*trace.swapped_bytes.values(), strict=False)]
+            if len(trace.swapped_bytes) == len(WORKLOADS)
+            else []
+        ),
         "periods": len(trace.totals_bytes),
         "workload_s_before_daemon": lead_s,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -296,6 +331,38 @@ def _total_resident(totals_bytes: list[int], budget_bytes: int) -> dict[str, flo
         "total_resident_mib_peak": round(max(totals_bytes) / MIB, 1),
         "periods_resident_over_budget": sum(1 for b in totals_bytes if b > budget_bytes),
     }
+
+
+@contextlib.contextmanager
+def enforced_budget(cap_bytes: int) -> Iterator[MemoryCgroup]:
+    """The QEMUs' parent memory cgroup capped at ``cap_bytes``, with a swap file on so
+    the host pages what they hold over it. Afterwards the cap is lifted, then the swap
+    goes (every guest has stopped by then: swapoff would read their pages back)."""
+    hierarchy = host_memory_hierarchy()
+    if hierarchy is None:
+        raise SystemExit("--cap: this host has no memory cgroup hierarchy to cap")
+    parent = make_parent_cgroup(hierarchy)
+    if (held := parent.limit_bytes()) is not None:
+        raise SystemExit(f"--cap: {parent.name} is already capped at {held} bytes; lift it first")
+    swap_dir = Path(tempfile.mkdtemp(prefix="bn-bench-swap-", dir="/var/tmp"))
+    try:
+        swap = swap_dir / "host.swap"
+        with swap.open("wb") as f:  # written out: swapon refuses a file with holes
+            for _ in range(HOST_SWAP_MIB):
+                f.write(bytes(MIB))
+        swap.chmod(0o600)
+        subprocess.run(["mkswap", str(swap)], check=True, capture_output=True)
+        subprocess.run(["swapon", str(swap)], check=True, capture_output=True)
+        try:
+            parent.set_limit(cap_bytes)
+            try:
+                yield parent
+            finally:
+                parent.set_limit(None)
+        finally:
+            subprocess.run(["swapoff", str(swap)], check=True, capture_output=True)
+    finally:
+        shutil.rmtree(swap_dir)
 
 
 def run_order(policies: list[str], rounds: int) -> list[tuple[int, str]]:
@@ -322,6 +389,7 @@ def mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "steady_pages_per_s": [r["guests"]["steady"]["throughput_pages_per_s"] for r in runs],
         "periods_over_budget": [r["periods_over_budget"] for r in runs],
         "total_resident_mib_mean": [r["total_resident_mib_mean"] for r in runs],
+        "total_swapped_mib_peak": [r["total_swapped_mib_peak"] for r in runs],
         "runs": runs,
     }
 
@@ -335,7 +403,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         f"{'policy':>8} {'round':>5} " + " ".join(f"{w.name + ' pages/s':>16}" for w in WORKLOADS)
     ]
     rows[0] += f" {'total pages/s':>14} {'per cpu-s':>10} {'majflt':>7} {'alloc MiB (mean)':>18}"
-    rows[0] += f" {'moved MiB':>16} {'resident MiB (mean)':>20}"
+    rows[0] += f" {'moved MiB':>16} {'resident MiB (mean)':>20} {'swapped MiB (peak)':>19}"
     for policy, summary in results.items():
         for k, r in enumerate(summary["runs"]):
             g = r["guests"]
@@ -347,10 +415,12 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             moved = "/".join(f"{g[w.name]['moved_mib']:.0f}" for w in WORKLOADS)
             held = r["total_resident_mib_mean"]
             resident = "-" if held is None else f"{held:.0f}"
+            peak = r["total_swapped_mib_peak"]
+            swapped = "-" if peak is None else f"{peak:.0f}"
             rows.append(
                 f"{row} {r['total_throughput_pages_per_s']:>14,} "
                 f"{r['total_pages_per_qemu_cpu_s']:>10,} {faults:>7} {alloc:>18} {moved:>16}"
-                f" {resident:>20}"
+                f" {resident:>20} {swapped:>19}"
             )
     return "\n".join(rows)
 
@@ -359,11 +429,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_S:.0f} s per policy")
     parser.add_argument("--rounds", type=int, help="rounds of every policy (2; 1 with --quick)")
+    parser.add_argument(
+        "--cap",
+        type=int,
+        nargs="?",
+        const=CAP_MIB,
+        metavar="MIB",
+        help=f"the host caps the QEMUs together at MIB ({CAP_MIB}) and swaps the rest (root)",
+    )
     args = parser.parse_args()
     rounds = args.rounds if args.rounds is not None else 1 if args.quick else 2
     if rounds < 1:
         parser.error(f"--rounds must be at least 1, got {rounds}")
-    duration_s = QUICK_S if args.quick else FULL_S
+    if args.cap is not None:
+        if args.cap <= 0:
+            parser.error(f"--cap must be a positive number of MiB, got {args.cap}")
+        if os.geteuid() != 0:
+            parser.error("--cap needs root: it caps a memory cgroup and turns on a swap file")
+        budget_mib = parse_size_bytes(BUDGET) // MIB
+        if args.cap < budget_mib:
+            parser.error(f"--cap {args.cap} MiB is below the budget itself ({budget_mib} MiB)")
+    with (
+        contextlib.nullcontext() if args.cap is None else enforced_budget(args.cap * MIB)
+    ) as capped:
+        if capped is not None:
+            print(
+                f"host: {HOST_SWAP_MIB} MiB of swap on, {capped.name} capped at {args.cap} MiB",
+                flush=True,
+            )
+        bench(args.quick, rounds, args.cap)
+
+
+def bench(quick: bool, rounds: int, cap_mib: int | None) -> None:
+    duration_s = QUICK_S if quick else FULL_S
     default = DaemonConfig().policy.name
     order = [default, *(p for p in PEERS if p != default)]
     assert all(p in DAEMON_POLICIES for p in order), order
@@ -390,10 +488,13 @@ def main() -> None:
     for r, (peer, x) in enumerate(per_round):
         print(f"  round {r}: default / best peer ({peer}) {x:.3f}")
     accel = launcher.resolve_accel(ACCEL, launcher.qemu_binary())
+    name = "vm_policies" + ("_capped" if cap_mib is not None else "") + ("_quick" if quick else "")
     path = write_result(
-        "vm_policies_quick" if args.quick else "vm_policies",
+        name,
         {
             "accel": accel,
+            "host_cap_mib": cap_mib,
+            "host_swap_mib": HOST_SWAP_MIB if cap_mib is not None else None,
             "duration_s": duration_s,
             "guest_mib": GUEST_MIB,
             "min_mib": MIN_MIB,

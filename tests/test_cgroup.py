@@ -14,6 +14,7 @@ from balloonist.cgroup import (
     MemoryHierarchy,
     cgroup_of_process,
     cgroup_path_of,
+    make_parent_cgroup,
     make_vm_cgroup,
     memory_hierarchy,
     remove_vm_cgroup,
@@ -162,6 +163,13 @@ def test_a_vm_cgroup_is_made_under_balloonist_and_removed_when_empty(tmp_path: P
     remove_vm_cgroup(cgroup.path)
     assert not cgroup.path.exists()
     remove_vm_cgroup(cgroup.path)  # already gone: nothing to do
+
+
+def test_the_parent_cgroup_holds_every_vm_cgroup(tmp_path: Path) -> None:
+    v1 = MemoryHierarchy(tmp_path, CgroupVersion.V1)
+    parent = make_parent_cgroup(v1)
+    assert parent.path == tmp_path / "balloonist" and parent.path.is_dir()
+    assert make_vm_cgroup(v1, "web").path.parent == parent.path
 
 
 def test_v2_hands_the_memory_controller_down(tmp_path: Path) -> None:

@@ -228,17 +228,31 @@ def vm_cgroup_path(hierarchy: MemoryHierarchy, name: str) -> Path:
     return hierarchy.mount / PARENT_NAME / name
 
 
+def make_parent_cgroup(hierarchy: MemoryHierarchy) -> MemoryCgroup:
+    """Make (or reuse) the cgroup the VMs' own cgroups sit in: a cap on it holds all
+    of them together. OSError if the host will not let us."""
+    path = hierarchy.mount / PARENT_NAME
+    path.mkdir(exist_ok=True)
+    _hand_down_memory(hierarchy, hierarchy.mount)
+    return MemoryCgroup(path, hierarchy.version)
+
+
 def make_vm_cgroup(hierarchy: MemoryHierarchy, name: str) -> MemoryCgroup:
     """Make (or reuse) VM ``name``'s cgroup; OSError if the host will not let us."""
+    parent = make_parent_cgroup(hierarchy)
     path = vm_cgroup_path(hierarchy, name)
-    path.mkdir(parents=True, exist_ok=True)
-    if hierarchy.version is CgroupVersion.V2:
-        # A v2 child gets the memory controller only if its parent hands it down.
-        for parent in (hierarchy.mount, path.parent):
-            control = parent / "cgroup.subtree_control"
-            if "memory" not in control.read_text(encoding="ascii").split():
-                control.write_text("+memory", encoding="ascii")
+    path.mkdir(exist_ok=True)
+    _hand_down_memory(hierarchy, parent.path)
     return MemoryCgroup(path, hierarchy.version)
+
+
+def _hand_down_memory(hierarchy: MemoryHierarchy, parent: Path) -> None:
+    """A v2 child gets the memory controller only if its parent hands it down."""
+    if hierarchy.version is not CgroupVersion.V2:
+        return
+    control = parent / "cgroup.subtree_control"
+    if "memory" not in control.read_text(encoding="ascii").split():
+        control.write_text("+memory", encoding="ascii")
 
 
 def remove_vm_cgroup(path: Path, *, timeout_s: float = REMOVE_TIMEOUT_S) -> bool:
