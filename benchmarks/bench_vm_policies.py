@@ -345,24 +345,35 @@ def enforced_budget(cap_bytes: int) -> Iterator[MemoryCgroup]:
     if (held := parent.limit_bytes()) is not None:
         raise SystemExit(f"--cap: {parent.name} is already capped at {held} bytes; lift it first")
     swap_dir = Path(tempfile.mkdtemp(prefix="bn-bench-swap-", dir="/var/tmp"))
+    swap = swap_dir / "host.swap"
     try:
-        swap = swap_dir / "host.swap"
         with swap.open("wb") as f:  # written out: swapon refuses a file with holes
             for _ in range(HOST_SWAP_MIB):
                 f.write(bytes(MIB))
         swap.chmod(0o600)
-        subprocess.run(["mkswap", str(swap)], check=True, capture_output=True)
-        subprocess.run(["swapon", str(swap)], check=True, capture_output=True)
-        try:
-            parent.set_limit(cap_bytes)
-            try:
-                yield parent
-            finally:
-                parent.set_limit(None)
-        finally:
-            subprocess.run(["swapoff", str(swap)], check=True, capture_output=True)
-    finally:
+        _run(["mkswap", str(swap)])
+        _run(["swapon", str(swap)])
+    except BaseException:  # the swap is not on: nothing to leave behind
         shutil.rmtree(swap_dir)
+        raise
+    try:
+        parent.set_limit(cap_bytes)
+        try:
+            yield parent
+        finally:
+            parent.set_limit(None)
+    finally:
+        _run(["swapoff", str(swap)])  # on failure the swap stays on, and its file
+        shutil.rmtree(swap_dir)
+
+
+def _run(command: list[str]) -> None:
+    """Run a host command for ``--cap``; a failure ends the bench with its own words."""
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        said = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        raise SystemExit(f"--cap: {' '.join(command)} failed: {said}") from None
 
 
 def run_order(policies: list[str], rounds: int) -> list[tuple[int, str]]:

@@ -75,10 +75,10 @@ class LoadControl:
     The group: guests that thrashed ``THRASH_PERIODS`` periods in a row join it; one
     that is not the holder leaves once it has been quiet (stalled less than
     ``QUIET_STALL``) as long, being idle or fitting even where it is held. Its own
-    turn's quiet periods count: a holder quiet when its turn runs out leaves at once. Everyone in
-    the group but the holder is held back, so a guest whose turn ended does not take
-    its memory back from the next holder by shares. Turns stop when the group has
-    fewer than two guests.
+    turn's quiet periods count: a holder quiet when its turn runs out leaves at once.
+    Everyone in the group but the holder is held back, so a guest whose turn ended
+    does not take its memory back from the next holder by shares. Turns stop when the
+    group has fewer than two guests.
     """
 
     turn_s: float = TURN_S
