@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from balloonist.policy.demand import (
     _Guests,
     defer_squeezes,
     demand_bytes,
+    interval_stall_fraction,
     registers_bytes,
     stall_fraction,
     water_fill,
@@ -244,6 +246,19 @@ def test_a_guest_that_stops_stalling_lets_go_at_once() -> None:
     assert stall_fraction(dataclasses.replace(g, pressure=noisy)) == 0.6  # not a stop
     faults_stopped = MemoryPressure(1000.0, None, major_faults_per_s_now=0.0)
     assert stall_fraction(dataclasses.replace(g, pressure=faults_stopped)) == 0.0
+
+
+def test_the_last_intervals_stall_is_its_own_where_the_guest_reports_it() -> None:
+    g = guest("g")
+    assert interval_stall_fraction(g) == 0.0  # no rates yet
+    rising = MemoryPressure(1000.0, 0.3, major_faults_per_s_now=900.0, stall_fraction_now=0.8)
+    assert interval_stall_fraction(dataclasses.replace(g, pressure=rising)) == 0.8
+    faults_now = MemoryPressure(1000.0, None, major_faults_per_s_now=5000.0)
+    assert interval_stall_fraction(dataclasses.replace(g, pressure=faults_now)) == (
+        pytest.approx(0.5)
+    )
+    smoothed_only = MemoryPressure(1000.0, 0.3)
+    assert interval_stall_fraction(dataclasses.replace(g, pressure=smoothed_only)) == 0.3
 
 
 def test_pages_in_use_are_taken_only_where_no_surplus_covers_them() -> None:

@@ -56,10 +56,19 @@ def _at_limit(
     return dataclasses.replace(view, sample=sample, pressure=MemoryPressure(1000.0, stall))
 
 
+def _interval_stall(view: GuestView) -> float:
+    """The last interval's stall, where the view has one; else the smoothed one."""
+    p = view.pressure
+    assert p is not None
+    now = p.stall_fraction_now
+    return now if now is not None else (p.stall_fraction or 0.0)
+
+
 def _run(paging: LimitPaging, view: GuestView, start_s: float, periods: int) -> frozenset[str]:
     capped: frozenset[str] = frozenset()
     for k in range(periods):
-        capped = paging.update(start_s + k, [view], [view.pressure.stall_fraction or 0.0])  # type: ignore[union-attr]
+        stall = view.pressure.stall_fraction or 0.0  # type: ignore[union-attr]
+        capped = paging.update(start_s + k, [view], [stall], [_interval_stall(view)])
     return capped
 
 
@@ -145,11 +154,41 @@ def _near(stall: float, swap_mib: int = 4) -> GuestView:
 def test_a_guest_just_past_its_limit_is_tried_at_a_lower_stall_once_it_has_settled() -> None:
     paging = LimitPaging()
     near = _near(NEAR_TRIAL_STALL + 0.1)
-    # settled after SETTLE_PERIODS, then thrashing for TRIAL_AFTER in a row
-    first_s = SETTLE_PERIODS + TRIAL_AFTER - 2
+    # settled after SETTLE_PERIODS: the settling was its wait, so it is tried then
+    first_s = SETTLE_PERIODS - 1
     assert _run(paging, near, 0.0, first_s) == frozenset()
     assert _run(paging, near, first_s, 1) == {"g"}
     assert paging.mode("g") is Mode.TRIAL
+
+
+@pytest.mark.parametrize(
+    ("smoothed", "own"),
+    [
+        # its smoothed stall still climbs towards the 0.8 it stalls every period
+        (
+            [0.8 * (1.0 - 0.5 ** ((k + 1) / 2.0)) for k in range(SETTLE_PERIODS)],
+            [0.8] * SETTLE_PERIODS,
+        ),
+        # a FIFO guest's own stall swings for good around the smoothed 0.8
+        ([0.8] * SETTLE_PERIODS, [0.7, 0.9] * (SETTLE_PERIODS // 2)),
+    ],
+    ids=["own-settled-first", "smoothed-settled-only"],
+)
+def test_a_guest_just_past_its_limit_settles_by_either_stall(
+    smoothed: list[float], own: list[float]
+) -> None:
+    assert SETTLE_PERIODS % 2 == 0
+    paging = LimitPaging()
+    capped: frozenset[str] = frozenset()
+    for k, (stall, now) in enumerate(zip(smoothed, own, strict=True)):
+        view = _near(stall)
+        assert view.pressure is not None
+        view = dataclasses.replace(
+            view, pressure=dataclasses.replace(view.pressure, stall_fraction_now=now)
+        )
+        capped = _run(paging, view, float(k), 1)
+    assert capped == {"g"}  # tried, and measured against its periods' own mean
+    assert paging._guests["g"].ballooned_stall == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(
@@ -177,7 +216,7 @@ def test_a_trial_that_comes_near_its_ballooned_work_is_kept(
 ) -> None:
     assert (1.0 - 0.45) >= KEEP_GAIN * 0.6 > (1.0 - 0.55)
     paging = LimitPaging()
-    _run(paging, _near(0.4), 0.0, SETTLE_PERIODS + TRIAL_AFTER - 1)
+    _run(paging, _near(0.4), 0.0, SETTLE_PERIODS)
     assert paging.mode("g") is Mode.TRIAL
     _run(paging, _capped(capped_stall, swap_mib=4), 100.0, TRIAL_PERIODS)
     assert paging.mode("g") is (Mode.CAPPED if kept else Mode.BALLOONED)

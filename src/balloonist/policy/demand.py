@@ -252,6 +252,20 @@ def stall_fraction(view: GuestView) -> float:
     return smoothed if now is None else min(smoothed, 2.0 * now)
 
 
+def interval_stall_fraction(view: GuestView) -> float:
+    """How much of its time the guest stalled on memory over the last interval alone,
+    where it reports that (else the smoothed figure): a stall that has settled shows
+    settled here at once, where the smoothed figure takes a few half-lives."""
+    p = view.pressure
+    if p is None:
+        return 0.0
+    if p.stall_fraction_now is not None:
+        return p.stall_fraction_now
+    if p.stall_fraction is None and p.major_faults_per_s_now is not None:
+        return min(1.0, p.major_faults_per_s_now * FAULT_STALL_S)
+    return stall_fraction(view)
+
+
 def headroom_bytes(working_bytes: I64, *, contended: bool) -> I64:
     """Each working set plus the headroom for the host's state of contention."""
     fraction, extra = (
@@ -513,7 +527,8 @@ class DemandPolicy:
         names = [g.name for g in views]
         stalls = np.array([stall_fraction(g) for g in views], dtype=np.float64)
         stall_list = stalls.tolist()  # what the stateful rules take
-        capped = self._limits.update(snapshot.time_s, views, stall_list)
+        interval_stalls = [interval_stall_fraction(g) for g in views]
+        capped = self._limits.update(snapshot.time_s, views, stall_list, interval_stalls)
         guests = _Guests.of(views, capped)
         futile_names = self._futility.update(snapshot.time_s, views, stall_list)
         futile = np.array([n in futile_names for n in names], dtype=np.bool_)

@@ -22,8 +22,10 @@ host's random victims keep about the share of a footprint its cap holds; a scan 
 the limit gains little). How much it must stall depends on how far past its limit it is:
 ``TRIAL_STALL`` (it keeps nothing of what it touches) in general, but only
 ``NEAR_TRIAL_STALL`` where its footprint is at most ``NEAR_EXCESS_BYTES`` past its limit
-and its stall and footprint have settled (``SETTLE_PERIODS``); its footprint then needs
-only ``NEAR_FIT_MARGIN`` to spare. That close to its limit, what the host must page is
+and its stall and footprint have settled (``SETTLE_PERIODS``; the stall by either its
+smoothed figure or each period's own); such a guest is tried as soon as it has settled,
+the settling being its wait, and its footprint needs only ``NEAR_FIT_MARGIN`` to
+spare. That close to its limit, what the host must page is
 no more than the kernel's cold pages, which the balloon cannot give the workload and the
 host's victims find in time, so the whole limit holds the workload whatever its pattern;
 further past it, the host's victims are the workload's own pages, chosen blind. A guest
@@ -39,7 +41,8 @@ out to its own swap (it grew past its memory: its victims may be pages the host 
 and the balloon stops that in one move), or when it no longer can be capped (its limit
 was lifted, the host lost its swap, the balloon stopped cooperating).
 
-Pure: ``update`` takes the period's views and stall fractions and returns the
+Pure: ``update`` takes the period's views and stall fractions (smoothed, and each
+period's own) and returns the
 guests the host holds this period; each guest's state is a :class:`Mode` with
 checked transitions.
 """
@@ -97,7 +100,14 @@ NEAR_TRIAL_STALL: Final = 0.3
 #: its footprint by at most ``SETTLED_FOOTPRINT`` of itself. A trial started while a
 #: set still moves in (suite-6-17: a scan still loading) or against a stall still
 #: rising (suite-6-60: its baseline 0.44, its settled stall 0.47) failed, and paged
-#: twice on the way back.
+#: twice on the way back. The stall is settled when either its smoothed figure or
+#: each period's own is: the smoothed one (2 s half-life) moved less than 0.05 over 6
+#: periods only about 12 s after a guest began to thrash (suite-5-70: a zipf set
+#: 16 MiB past its limit thrashed at a steady 88 % stall from its 4th second, and was
+#: tried at its 18th while ``TRIAL_AFTER`` periods were asked on top), while a FIFO
+#: guest's own stall swings by 0.2 from period to period for good, and only the
+#: smoothed one settles (suite-1-122). Once settled, it is tried at once, against the
+#: mean of its settled periods' own stalls.
 SETTLE_PERIODS: Final = 6
 SETTLED_STALL: Final = 0.05
 SETTLED_FOOTPRINT: Final = 0.01
@@ -153,6 +163,15 @@ _ALLOWED: Final = {
 }
 
 
+@dataclass(frozen=True)
+class _Period:
+    """One period of a guest, as settling judges it."""
+
+    stall: float  # smoothed
+    interval_stall: float  # the period's own
+    footprint_bytes: int
+
+
 @dataclass
 class _Guest:
     """One guest's state: its mode, the counts that decide the next, and its backoff."""
@@ -163,19 +182,27 @@ class _Guest:
     swap_used_bytes: int = 0  # its swap at the last period
     retry_s: float = 0.0  # no trial before this time
     backoff_s: float = BACKOFF_S
-    #: (stall, footprint bytes) of its last SETTLE_PERIODS periods, in any mode
-    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=SETTLE_PERIODS))
+    #: its last SETTLE_PERIODS periods, in any mode
+    recent: deque[_Period] = field(default_factory=lambda: deque(maxlen=SETTLE_PERIODS))
 
     def settled(self) -> bool:
-        """Its stall and footprint held still over the last ``SETTLE_PERIODS``."""
+        """Its footprint, and its stall by either measure, held still over the last
+        ``SETTLE_PERIODS``."""
         if len(self.recent) < SETTLE_PERIODS:
             return False
-        stalls = [s for s, _ in self.recent]
-        footprints = [f for _, f in self.recent]
-        return (
-            max(stalls) - min(stalls) <= SETTLED_STALL
-            and max(footprints) - min(footprints) <= SETTLED_FOOTPRINT * footprints[-1]
+
+        def still(values: list[float], within: float) -> bool:
+            return max(values) - min(values) <= within
+
+        footprints = [float(p.footprint_bytes) for p in self.recent]
+        return still(footprints, SETTLED_FOOTPRINT * footprints[-1]) and (
+            still([p.stall for p in self.recent], SETTLED_STALL)
+            or still([p.interval_stall for p in self.recent], SETTLED_STALL)
         )
+
+    def settled_stall(self) -> float:
+        """The mean of its last periods' own stalls."""
+        return sum(p.interval_stall for p in self.recent) / len(self.recent)
 
     def to(self, mode: Mode) -> None:
         if mode not in _ALLOWED[self.mode]:
@@ -232,13 +259,18 @@ class LimitPaging:
         return Mode.BALLOONED if state is None else state.mode
 
     def update(
-        self, time_s: float, views: Sequence[GuestView], stalls: Sequence[float]
+        self,
+        time_s: float,
+        views: Sequence[GuestView],
+        stalls: Sequence[float],
+        interval_stalls: Sequence[float],
     ) -> frozenset[str]:
-        """The guests host-capped this period; ``stalls`` is each guest's stall fraction."""
+        """The guests host-capped this period; ``stalls`` is each guest's stall
+        fraction, ``interval_stalls`` the last interval's alone (for settling)."""
         names = {v.name for v in views}
         for gone in [n for n in self._guests if n not in names]:
             del self._guests[gone]
-        for view, stall in zip(views, stalls, strict=True):
+        for view, stall, now in zip(views, stalls, interval_stalls, strict=True):
             state = self._guests.setdefault(view.name, _Guest())
             if not cappable(view):
                 if state.mode.host_capped:
@@ -248,17 +280,24 @@ class LimitPaging:
             swap = view.sample.swap_used_bytes or 0
             evicted = swap > state.swap_used_bytes + EVICTED_BYTES
             state.swap_used_bytes = swap
-            self._step(time_s, view, stall, state, evicted=evicted)
+            self._step(time_s, view, stall, state, evicted=evicted, interval_stall=now)
         return frozenset(n for n, s in self._guests.items() if s.mode.host_capped)
 
     def _step(
-        self, time_s: float, view: GuestView, stall: float, state: _Guest, *, evicted: bool
+        self,
+        time_s: float,
+        view: GuestView,
+        stall: float,
+        state: _Guest,
+        *,
+        evicted: bool,
+        interval_stall: float,
     ) -> None:
         """One period of one guest that can be capped; ``evicted``: it wrote pages out
         to its swap in the period (judged once its balloon deflated, which is what
         ends the evictions it made)."""
         evicts = evicted and view.sample.balloon_bytes == 0
-        state.recent.append((stall, footprint_bytes(view)))
+        state.recent.append(_Period(stall, interval_stall, footprint_bytes(view)))
         if state.mode is Mode.BALLOONED:
             at_limit = view.sample.allocated_bytes >= view.spec.limit_bytes - AT_LIMIT_BYTES
             near = at_limit and near_and_settled(view, state)
@@ -270,8 +309,11 @@ class LimitPaging:
             # The last TRIAL_AFTER periods only: the baseline is the settled stall
             # just before the trial, and a backoff does not grow the list.
             state.stalls = [*state.stalls, stall][-TRIAL_AFTER:] if thrashing else []
-            if len(state.stalls) >= TRIAL_AFTER and time_s >= state.retry_s:
-                state.ballooned_stall = sum(state.stalls) / len(state.stalls)
+            # A settled guest near its limit has waited out its settling already.
+            if len(state.stalls) >= (1 if near else TRIAL_AFTER) and time_s >= state.retry_s:
+                state.ballooned_stall = (
+                    state.settled_stall() if near else sum(state.stalls) / len(state.stalls)
+                )
                 state.to(Mode.TRIAL)
         elif state.mode is Mode.TRIAL:
             state.stalls.append(stall)
