@@ -26,6 +26,7 @@ from balloonist.policy.demand import (
     defer_squeezes,
     demand_bytes,
     interval_stall_fraction,
+    lead_bytes,
     registers_bytes,
     stall_fraction,
     water_fill,
@@ -261,6 +262,47 @@ def test_the_last_intervals_stall_is_its_own_where_the_guest_reports_it() -> Non
     assert interval_stall_fraction(dataclasses.replace(g, pressure=smoothed_only)) == 0.3
 
 
+def test_a_quiet_guest_whose_use_and_set_grow_leads_by_its_next_seconds() -> None:
+    views = [
+        guest(n, memory_mib=200, register_mib=80) for n in ("ramps", "drifts", "fast", "stalls")
+    ]
+    guests = _Guests.of(views)  # each uses the 120 MiB it may hold
+    quiet = np.array([True, True, True, False])
+    use = np.array([2.0, 2.0, 100.0, 2.0]) * MIB  # bytes a second
+    working = np.array([2.0, 0.0, 100.0, 2.0]) * MIB
+    lead = lead_bytes(guests, quiet, use, working) // MIB
+    # 3 s at 2 MiB/s; a drifting set (its size stays) none; a fast one 16 MiB at most;
+    # a guest that stalls asks by its stall instead
+    assert lead.tolist() == [126, 0, 136, 0]
+
+
+def _ramping(time_s: float, used_mib: int, set_growth_mib: int) -> GuestView:
+    """A quiet guest at the edge of the 120 MiB its balloon leaves it."""
+    view = calm(guest("ramps", memory_mib=200, register_mib=80, allocated_mib=used_mib))
+    return dataclasses.replace(
+        view,
+        working_set_bytes=used_mib * MIB,
+        recent_working_set_bytes=(110 + set_growth_mib * int(time_s)) * MIB,
+    )
+
+
+@pytest.mark.parametrize(
+    ("set_growth_mib", "ahead"),
+    [(2, True), (0, False)],  # growing 2 MiB/s; a set that drifts, its size the same
+    ids=["ramps", "drifts"],
+)
+def test_a_quiet_guest_growing_into_its_last_pages_gets_more_before_it_stalls(
+    set_growth_mib: int, ahead: bool
+) -> None:
+    busy = stalled(guest("busy", memory_mib=400, register_mib=120), 0.9)  # wants it all
+    policy = DemandPolicy()
+    policy.decide(snapshot(_ramping(0.0, 116, set_growth_mib), busy, host_mib=400))
+    d = policy.decide(snapshot(_ramping(1.0, 118, set_growth_mib), busy, host_mib=400, time_s=1.0))
+    ramps_mib = d.by_name()["ramps"].allocation_bytes / MIB
+    # 3 s ahead at 2 MiB/s, past the 120 MiB it may hold; no more than that otherwise
+    assert (ramps_mib >= 118 + 6) if ahead else (ramps_mib <= 120)
+
+
 def test_pages_in_use_are_taken_only_where_no_surplus_covers_them() -> None:
     views = [
         guest("holds", memory_mib=1000, register_mib=500),  # holds 500
@@ -396,14 +438,15 @@ def test_a_guest_still_growing_keeps_the_memory_it_grows_into() -> None:
     stopped = policy.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=2.0))
     assert allocations_mib(stopped) == [500, 500]
     # The runway is not demand: a guest that stalls now is served first. needy holds
-    # 400 and stalls; it takes all that grows does not demand (its working set with
-    # the contended headroom), as it would with grows not growing at all.
+    # 400 and stalls; it takes all that grows does not demand: what grows uses and
+    # its lead (3 s of its growth, at most 16 MiB), not the runway's 16 s.
     needy = stalled(guest("needy", memory_mib=1000, working_set_mib=400, register_mib=600))
     policy.decide(snapshot(grows(300), needy, host_mib=1000, free_mib=0, time_s=3.0))
     contended = policy.decide(snapshot(grows(332), needy, host_mib=1000, free_mib=0, time_s=4.0))
+    assert allocations_mib(contended) == [332 + 16, 1000 - 332 - 16]
+    # with no history (no growth seen), its working set and the contended headroom
     alone = POLICY.decide(snapshot(grows(332), needy, host_mib=1000, free_mib=0, time_s=4.0))
-    assert allocations_mib(contended) == allocations_mib(alone)
-    assert allocations_mib(contended)[0] < 350
+    assert allocations_mib(alone)[0] < 332 + 16
 
 
 def test_a_guest_that_reports_its_growth_is_led_by_its_reports() -> None:
