@@ -14,7 +14,7 @@ they once used. This policy starts from demand instead:
      stall; a guest that stalls a little keeps what it uses; a quiet one wants no
      more than it may use now (the headroom above that is a guess, and serving it
      would take pages from guests that use them);
-   - a quiet guest whose use and working set both grow wants the next few seconds
+   - a guest not short whose use and working set both grow wants the next few seconds
      of its growth too, past what it may hold now (its *lead*, at most a stalled
      guest's smallest step): asked by its stall, the memory would come periods late;
    - a guest that runs short all at once (its available memory under the daemon's
@@ -158,12 +158,13 @@ DEAD_BAND_BYTES: Final = 4 * MIB
 GROWING_BYTES_PER_S: Final = 1 * MIB
 #: ...and keeps, of what it may use now, what it would touch at that rate this long.
 RUNWAY_S: Final = 16.0
-#: A quiet guest whose use and working set both grow wants, beyond what it may hold
-#: now, what it would touch this long, as far as ``GROW_MIN_BYTES``: the time it
-#: would otherwise wait for more once it stalls (a period to show the stall, one to
-#: free memory elsewhere, one to hand it over). A scan outgrowing its memory by a
-#: page misses every reference meanwhile (suite-5-14: a 118 MiB CLOCK scan ramping
-#: up 2 MiB/s thrashed for a second at the edge of what it might hold).
+#: A guest not short (stalled under ``STALL_THRESHOLD``) whose use and working set
+#: both grow wants, beyond what it may hold now, what it would touch this long, as
+#: far as ``GROW_MIN_BYTES``: the time it would otherwise wait for more once it
+#: stalls (a period to show the stall, one to free memory elsewhere, one to hand it
+#: over). A scan outgrowing its memory by a page misses every reference meanwhile
+#: (suite-5-14: a 118 MiB CLOCK scan ramping up 2 MiB/s thrashed for a second at
+#: the edge of what it might hold).
 LEAD_S: Final = 3.0
 
 
@@ -374,8 +375,8 @@ def runway_bytes(demand: I64, guests: _Guests, growth_bytes_per_s: F64) -> I64:
     return out
 
 
-def lead_bytes(guests: _Guests, quiet: npt.NDArray[np.bool_], use: F64, working: F64) -> I64:
-    """Each ``quiet`` guest's lead, where its use and its recent working set both
+def lead_bytes(guests: _Guests, unstalled: npt.NDArray[np.bool_], use: F64, working: F64) -> I64:
+    """Each ``unstalled`` guest's lead, where its use and its recent working set both
     grow (bytes a second): what it uses and what it would touch at the slower rate
     over ``LEAD_S``, at most ``GROW_MIN_BYTES`` more and at most its memory; 0 for the
     others. Both rates, since a set that drifts touches new pages while its size
@@ -385,7 +386,7 @@ def lead_bytes(guests: _Guests, quiet: npt.NDArray[np.bool_], use: F64, working:
     rate = np.minimum(use, working)
     ahead = np.minimum((rate * LEAD_S).astype(np.int64), GROW_MIN_BYTES)
     lead = np.minimum(guests.in_use + ahead, guests.memory)
-    out: I64 = np.where(quiet & (rate >= GROWING_BYTES_PER_S), lead, 0)
+    out: I64 = np.where(unstalled & (rate >= GROWING_BYTES_PER_S), lead, 0)
     return out
 
 
@@ -575,8 +576,8 @@ class DemandPolicy:
             dtype=np.int64,
         )
         set_growth = self._set_growth.update(snapshot.time_s, names, recent)
-        quiet = (stalls < STALL_THRESHOLD) & ~futile
-        demand = np.maximum(demand, lead_bytes(guests, quiet, growth, set_growth))
+        unstalled = (stalls < STALL_THRESHOLD) & ~futile
+        demand = np.maximum(demand, lead_bytes(guests, unstalled, growth, set_growth))
         runway = runway_bytes(demand, guests, growth)
         turns = self._load.update(snapshot.time_s, views, stall_list)
         if turns.holder is not None:

@@ -24,10 +24,10 @@ the limit gains little). How much it must stall depends on how far past its limi
 ``NEAR_TRIAL_STALL`` where its footprint is at most ``NEAR_EXCESS_BYTES`` past its limit
 and its stall and footprint have settled (``SETTLE_PERIODS``; the stall by either its
 smoothed figure or each period's own); such a guest is tried as soon as it has settled,
-the settling being its wait, and its footprint needs only ``NEAR_FIT_MARGIN`` to
-spare. That close to its limit, what the host must page is
-no more than the kernel's cold pages, which the balloon cannot give the workload and the
-host's victims find in time, so the whole limit holds the workload whatever its pattern;
+the settling being its wait, and its footprint needs only ``NEAR_FIT_MARGIN`` to spare.
+That close to its limit, what the host must page is no more than the kernel's cold
+pages, which the balloon cannot give the workload and the host's victims find in time,
+so the whole limit holds the workload whatever its pattern;
 further past it, the host's victims are the workload's own pages, chosen blind. A guest
 whose set is still moving in, or whose stall still rises, would be measured against a
 baseline it has not reached. If its work time (1 - stall) over the last
@@ -42,9 +42,8 @@ and the balloon stops that in one move), or when it no longer can be capped (its
 was lifted, the host lost its swap, the balloon stopped cooperating).
 
 Pure: ``update`` takes the period's views and stall fractions (smoothed, and each
-period's own) and returns the
-guests the host holds this period; each guest's state is a :class:`Mode` with
-checked transitions.
+period's own) and returns the guests the host holds this period; each guest's state is
+a :class:`Mode` with checked transitions.
 """
 
 from __future__ import annotations
