@@ -262,15 +262,15 @@ def test_the_last_intervals_stall_is_its_own_where_the_guest_reports_it() -> Non
     assert interval_stall_fraction(dataclasses.replace(g, pressure=smoothed_only)) == 0.3
 
 
-def test_a_quiet_guest_whose_use_and_set_grow_leads_by_its_next_seconds() -> None:
+def test_a_guest_not_short_whose_use_and_set_grow_leads_by_its_next_seconds() -> None:
     views = [
         guest(n, memory_mib=200, register_mib=80) for n in ("ramps", "drifts", "fast", "stalls")
     ]
     guests = _Guests.of(views)  # each uses the 120 MiB it may hold
-    quiet = np.array([True, True, True, False])
+    unstalled = np.array([True, True, True, False])
     use = np.array([2.0, 2.0, 100.0, 2.0]) * MIB  # bytes a second
     working = np.array([2.0, 0.0, 100.0, 2.0]) * MIB
-    lead = lead_bytes(guests, quiet, use, working) // MIB
+    lead = lead_bytes(guests, unstalled, use, working) // MIB
     # 3 s at 2 MiB/s; a drifting set (its size stays) none; a fast one 16 MiB at most;
     # a guest that stalls asks by its stall instead
     assert lead.tolist() == [126, 0, 136, 0]
@@ -291,7 +291,7 @@ def _ramping(time_s: float, used_mib: int, set_growth_mib: int) -> GuestView:
     [(2, True), (0, False)],  # growing 2 MiB/s; a set that drifts, its size the same
     ids=["ramps", "drifts"],
 )
-def test_a_quiet_guest_growing_into_its_last_pages_gets_more_before_it_stalls(
+def test_a_guest_growing_into_its_last_pages_gets_more_before_it_stalls(
     set_growth_mib: int, ahead: bool
 ) -> None:
     busy = stalled(guest("busy", memory_mib=400, register_mib=120), 0.9)  # wants it all
