@@ -245,6 +245,22 @@ def _in_use_bytes(view: GuestView) -> int:
     return in_use
 
 
+def _stall_figures(view: GuestView) -> tuple[float, float | None] | None:
+    """The guest's smoothed stall and its last interval's (None where not known yet):
+    its stall time where it reports that, else its major faults at ``FAULT_STALL_S``
+    each. None before it has rates."""
+    p = view.pressure
+    if p is None:
+        return None
+    if p.stall_fraction is not None:
+        return p.stall_fraction, p.stall_fraction_now
+    now = p.major_faults_per_s_now
+    return (
+        min(1.0, p.major_faults_per_s * FAULT_STALL_S),
+        None if now is None else min(1.0, now * FAULT_STALL_S),
+    )
+
+
 def stall_fraction(view: GuestView) -> float:
     """How much of its time the guest stalled on memory lately (0 when unknown).
 
@@ -252,14 +268,10 @@ def stall_fraction(view: GuestView) -> float:
     guest that stops stalling (it went idle, or got what it needed) lets go of its
     claim at once instead of while the average decays.
     """
-    p = view.pressure
-    if p is None:
+    figures = _stall_figures(view)
+    if figures is None:
         return 0.0
-    if p.stall_fraction is not None:
-        smoothed, now = p.stall_fraction, p.stall_fraction_now
-    else:
-        smoothed = min(1.0, p.major_faults_per_s * FAULT_STALL_S)
-        now = None if p.major_faults_per_s_now is None else p.major_faults_per_s_now * FAULT_STALL_S
+    smoothed, now = figures
     return smoothed if now is None else min(smoothed, 2.0 * now)
 
 
@@ -267,14 +279,25 @@ def interval_stall_fraction(view: GuestView) -> float:
     """How much of its time the guest stalled on memory over the last interval alone,
     where it reports that (else the smoothed figure): a stall that has settled shows
     settled here at once, where the smoothed figure takes a few half-lives."""
-    p = view.pressure
-    if p is None:
+    figures = _stall_figures(view)
+    if figures is None:
         return 0.0
-    if p.stall_fraction_now is not None:
-        return p.stall_fraction_now
-    if p.stall_fraction is None and p.major_faults_per_s_now is not None:
-        return min(1.0, p.major_faults_per_s_now * FAULT_STALL_S)
-    return stall_fraction(view)
+    smoothed, now = figures
+    return smoothed if now is None else now
+
+
+def recent_working_bytes(guests: Sequence[GuestView]) -> I64:
+    """Each guest's recent working set (the fast average alone), or its estimate
+    where the scheduler has none."""
+    return np.array(
+        [
+            g.working_set_bytes
+            if g.recent_working_set_bytes is None
+            else g.recent_working_set_bytes
+            for g in guests
+        ],
+        dtype=np.int64,
+    )
 
 
 def headroom_bytes(working_bytes: I64, *, contended: bool) -> I64:
@@ -313,14 +336,10 @@ def demand_bytes(
     # Only a guest that more memory helps takes what the others stopped using lately
     # (their recent working set) before their slow average forgets it.
     hurried = bool((stalled & ~futile).any())
-    working = np.array(
-        [
-            g.recent_working_set_bytes
-            if hurried and g.recent_working_set_bytes is not None
-            else g.working_set_bytes
-            for g in guests
-        ],
-        dtype=np.int64,
+    working = (
+        recent_working_bytes(guests)
+        if hurried
+        else np.array([g.working_set_bytes for g in guests], dtype=np.int64)
     )
     memory = np.array([g.spec.memory_bytes for g in guests], dtype=np.int64)
     allowance = memory - np.array([g.sample.balloon_bytes for g in guests], dtype=np.int64)
@@ -566,16 +585,7 @@ class DemandPolicy:
             views, stalls, in_use=guests.in_use, futile=futile, rescue=self.rescue
         )
         growth = self._growth_bytes_per_s(snapshot, names, guests)
-        recent = np.array(
-            [
-                g.working_set_bytes
-                if g.recent_working_set_bytes is None
-                else g.recent_working_set_bytes
-                for g in views
-            ],
-            dtype=np.int64,
-        )
-        set_growth = self._set_growth.update(snapshot.time_s, names, recent)
+        set_growth = self._set_growth.update(snapshot.time_s, names, recent_working_bytes(views))
         unstalled = (stalls < STALL_THRESHOLD) & ~futile
         demand = np.maximum(demand, lead_bytes(guests, unstalled, growth, set_growth))
         runway = runway_bytes(demand, guests, growth)
