@@ -263,17 +263,17 @@ def test_the_last_intervals_stall_is_its_own_where_the_guest_reports_it() -> Non
 
 
 def test_a_guest_not_short_whose_use_and_set_grow_leads_by_its_next_seconds() -> None:
-    views = [
-        guest(n, memory_mib=200, register_mib=80) for n in ("ramps", "drifts", "fast", "stalls")
-    ]
+    names = ("ramps", "drifts", "fast", "stalls", "slow", "still")
+    views = [guest(n, memory_mib=200, register_mib=80) for n in names]
     guests = _Guests.of(views)  # each uses the 120 MiB it may hold
-    unstalled = np.array([True, True, True, False])
-    use = np.array([2.0, 2.0, 100.0, 2.0]) * MIB  # bytes a second
-    working = np.array([2.0, 0.0, 100.0, 2.0]) * MIB
-    lead = lead_bytes(guests, unstalled, use, working) // MIB
+    unstalled = np.array([True, True, True, False, True, True])
+    use = np.array([2.0, 2.0, 100.0, 2.0, 1.0, 0.2]) * MIB  # bytes a second
+    working = np.array([2.0, 0.0, 100.0, 2.0, 0.5, 0.2]) * MIB
+    lead = lead_bytes(guests, unstalled, use, working) / MIB
     # 3 s at 2 MiB/s; a drifting set (its size stays) none; a fast one 16 MiB at most;
-    # a guest that stalls asks by its stall instead
-    assert lead.tolist() == [126, 0, 136, 0]
+    # a guest that stalls asks by its stall instead; a slow grower 3 s at its slower
+    # rate; one that barely moves (under LEAD_BYTES_PER_S) none
+    assert lead.tolist() == [126, 0, 136, 0, 121.5, 0]
 
 
 def _ramping(time_s: float, used_mib: int, set_growth_mib: int) -> GuestView:

@@ -166,6 +166,13 @@ RUNWAY_S: Final = 16.0
 #: (suite-5-14: a 118 MiB CLOCK scan ramping up 2 MiB/s thrashed for a second at
 #: the edge of what it might hold).
 LEAD_S: Final = 3.0
+#: The lead is for a guest whose use and working set both grew at least this fast:
+#: less than ``GROWING_BYTES_PER_S``, since both must grow (a real guest's page
+#: cache moving a little does not grow its sampled set) and a slow grower's lead is
+#: only a few seconds of its growth. Suite-8-2: a uniform set ramping up 0.46 MiB/s
+#: on a host with room to spare thrashed for a second at the edge of the share it
+#: was held to, as the lead's 1 MiB/s would not lead it.
+LEAD_BYTES_PER_S: Final = MIB // 4
 
 
 @dataclass(frozen=True)
@@ -396,16 +403,17 @@ def runway_bytes(demand: I64, guests: _Guests, growth_bytes_per_s: F64) -> I64:
 
 def lead_bytes(guests: _Guests, unstalled: npt.NDArray[np.bool_], use: F64, working: F64) -> I64:
     """Each ``unstalled`` guest's lead, where its use and its recent working set both
-    grow (bytes a second): what it uses and what it would touch at the slower rate
-    over ``LEAD_S``, at most ``GROW_MIN_BYTES`` more and at most its memory; 0 for the
-    others. Both rates, since a set that drifts touches new pages while its size
-    stays (its use grows; suite-8-73: served a lead, a drifting uniform set took
-    125 MiB it did not need from a guest that stalled), and a sampled set that dips
-    and recovers did not grow in use. A guest that stalls asks for more anyway."""
+    grow (bytes a second) by ``LEAD_BYTES_PER_S`` or more: what it uses and what it
+    would touch at the slower rate over ``LEAD_S``, at most ``GROW_MIN_BYTES`` more and
+    at most its memory; 0 for the others. Both rates, since a set that drifts touches
+    new pages while its size stays (its use grows; suite-8-73: served a lead, a
+    drifting uniform set took 125 MiB it did not need from a guest that stalled), and
+    a sampled set that dips and recovers did not grow in use. A guest that stalls asks
+    for more anyway."""
     rate = np.minimum(use, working)
     ahead = np.minimum((rate * LEAD_S).astype(np.int64), GROW_MIN_BYTES)
     lead = np.minimum(guests.in_use + ahead, guests.memory)
-    out: I64 = np.where(unstalled & (rate >= GROWING_BYTES_PER_S), lead, 0)
+    out: I64 = np.where(unstalled & (rate >= LEAD_BYTES_PER_S), lead, 0)
     return out
 
 
