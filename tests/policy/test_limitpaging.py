@@ -117,6 +117,38 @@ def test_a_trial_after_a_backoff_is_measured_against_the_stall_just_before_it() 
     assert state.ballooned_stall == pytest.approx(0.999)
 
 
+def _thrashing_now(smoothed: float, swap_mib: int = 20) -> GuestView:
+    """The guest at its limit missing every reference this period, while its smoothed
+    stall still climbs to ``smoothed``."""
+    view = _at_limit(stall=smoothed, swap_mib=swap_mib)
+    assert view.pressure is not None
+    return dataclasses.replace(
+        view, pressure=dataclasses.replace(view.pressure, stall_fraction_now=0.99)
+    )
+
+
+def test_a_guest_thrashing_by_its_own_stall_is_tried_before_its_smoothed_one_shows_it() -> None:
+    paging = LimitPaging()
+    capped: frozenset[str] = frozenset()
+    for k in range(TRIAL_AFTER):
+        capped = _run(paging, _thrashing_now(0.5 + 0.08 * k), float(k), 1)
+    assert capped == {"g"}
+    assert paging._guests["g"].ballooned_stall == pytest.approx(0.99)
+
+
+def test_a_guest_whose_footprint_would_outgrow_its_limit_within_a_trial_waits() -> None:
+    paging = LimitPaging()
+    # 80 to 95 MiB, 3 MiB a period: each would fit, but not what a trial would end
+    # with (45 MiB more, of which its 76 MiB limit would hold too little)
+    growing = [_thrashing_now(0.99, swap_mib=4 + 3 * k) for k in range(TRIAL_AFTER + 1)]
+    for k, view in enumerate(growing):
+        assert _run(paging, view, float(k), 1) == frozenset()
+    # once it has stopped growing, it is tried
+    steady = _thrashing_now(0.99, swap_mib=4 + 3 * TRIAL_AFTER)
+    start_s = float(TRIAL_AFTER + 1)
+    assert _run(paging, steady, start_s, SETTLE_PERIODS + TRIAL_AFTER) == {"g"}
+
+
 @pytest.mark.parametrize(
     "view",
     [

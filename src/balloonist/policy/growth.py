@@ -1,4 +1,6 @@
-"""How fast each guest's memory in use grows, for the runway a growing guest keeps.
+"""How fast each guest's memory in use grows, for the runway a growing guest keeps
+and the lead a guest not short is given (the demand policy also measures its recent
+working set's growth with it).
 
 A guest that grows (a heap, a cache filling) touches new pages every period. Its
 sampled working set follows a period or more behind, and its stall ends the moment
@@ -23,7 +25,8 @@ I64 = npt.NDArray[np.int64]
 
 
 class UseGrowth:
-    """Each guest's growth in memory in use since the last update, in bytes a second.
+    """Each guest's growth in a figure of bytes since the last update (its memory in
+    use, or its recent working set), in bytes a second.
 
     A guest seen for the first time, or the first update, counts as not growing; a
     guest whose use fell (its balloon took pages, it freed them) as 0.

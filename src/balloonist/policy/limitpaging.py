@@ -14,13 +14,14 @@ swapping as well as ballooning, and the oracle weighs the same choice
 (``sim/oracle.py``).
 
 The choice is measured, not guessed. A guest is *tried* host-capped when, for
-``TRIAL_AFTER`` periods in a row, it held its limit and stalled on memory, and its whole
-footprint (what it holds and what it wrote to its own swap) fits its memory with
-``FIT_MARGIN`` to spare (deflated, it then never has to evict, so it never writes out a
-page the host paged: no double paging) and its limit holds ``LIMIT_HOLDS`` of it (the
-host's random victims keep about the share of a footprint its cap holds; a scan far past
-the limit gains little). How much it must stall depends on how far past its limit it is:
-``TRIAL_STALL`` (it keeps nothing of what it touches) in general, but only
+``TRIAL_AFTER`` periods in a row, it held its limit and stalled on memory (by its
+smoothed stall or each period's own), and its whole footprint (what it holds and what it
+wrote to its own swap), grown for a trial's length at its recent pace, fits its memory
+with ``FIT_MARGIN`` to spare (deflated, it then never has to evict, so it never writes
+out a page the host paged: no double paging) and its limit holds ``LIMIT_HOLDS`` of it
+(the host's random victims keep about the share of a footprint its cap holds; a scan far
+past the limit gains little). How much it must stall depends on how far past its limit
+it is: ``TRIAL_STALL`` (it keeps nothing of what it touches) in general, but only
 ``NEAR_TRIAL_STALL`` where its footprint is at most ``NEAR_EXCESS_BYTES`` past its limit
 and its stall and footprint have settled (``SETTLE_PERIODS``; the stall by either its
 smoothed figure or each period's own); such a guest is tried as soon as it has settled,
@@ -83,7 +84,11 @@ __all__ = [
 #: misses a third (a uniform set half again its limit) misses as many under the
 #: host: a draw at best, and going back pages twice (suite-4-89 at 0.9). At 0.5 for
 #: every guest, failed trials' ways back paged twice on 4 of seed 5's hosts and 8 of
-#: seed 6's.
+#: seed 6's. Either stall counts, the smoothed one or the period's own: the smoothed
+#: figure (2 s half-life) reaches 0.98 only about 11 s after a guest begins to miss
+#: every reference (suite-7-30: a CLOCK scan that outgrew its 120 MiB limit missed
+#: every reference from its 47th second and was tried at its 64th, where the host
+#: paging it had kept about a quarter of its work meanwhile).
 TRIAL_STALL: Final = 0.98
 #: A guest whose footprint is at most this far past its limit is tried at a lower
 #: stall: what the host must page is then no more than what a small guest's kernel
@@ -199,6 +204,22 @@ class _Guest:
             or still([p.interval_stall for p in self.recent], SETTLED_STALL)
         )
 
+    def footprint_growth_bytes(self) -> int:
+        """How much its footprint would grow over a trial at the pace of its last periods.
+
+        A trial is judged on the footprint it will end with: a scan still moving in
+        past its limit fits when it first thrashes and not a trial later (suite-6-1:
+        a 247 MiB scan growing 4 MiB/s past a 140 MiB limit, tried as soon as each
+        period's own stall showed it thrashing, failed, and its way back paged
+        twice; the smoothed stall's lag had kept it from a trial until the scan was
+        too large for one)."""
+        if len(self.recent) < 2:
+            return 0
+        per_period = (self.recent[-1].footprint_bytes - self.recent[0].footprint_bytes) / (
+            len(self.recent) - 1
+        )
+        return max(0, int(per_period * TRIAL_PERIODS))
+
     def settled_stall(self) -> float:
         """The mean of its last periods' own stalls."""
         return sum(p.interval_stall for p in self.recent) / len(self.recent)
@@ -228,11 +249,11 @@ def footprint_bytes(view: GuestView) -> int:
     return view.sample.allocated_bytes + (view.sample.swap_used_bytes or 0)
 
 
-def worth_trying(view: GuestView, *, near: bool = False) -> bool:
-    """Its whole footprint, held and swapped, fits its memory with the margin (the
-    smaller one for a guest ``near`` its limit and settled), and its limit holds
-    ``LIMIT_HOLDS`` of it."""
-    footprint = footprint_bytes(view)
+def worth_trying(view: GuestView, *, near: bool = False, growth_bytes: int = 0) -> bool:
+    """Its whole footprint, held and swapped, and ``growth_bytes`` more, fits its
+    memory with the margin (the smaller one for a guest ``near`` its limit and
+    settled), and its limit holds ``LIMIT_HOLDS`` of it."""
+    footprint = footprint_bytes(view) + growth_bytes
     margin = NEAR_FIT_MARGIN if near else FIT_MARGIN
     return (
         footprint <= view.spec.memory_bytes * (1.0 - margin)
@@ -300,14 +321,16 @@ class LimitPaging:
         if state.mode is Mode.BALLOONED:
             at_limit = view.sample.allocated_bytes >= view.spec.limit_bytes - AT_LIMIT_BYTES
             near = at_limit and near_and_settled(view, state)
+            stalled = max(stall, interval_stall)
+            growth = 0 if near else state.footprint_growth_bytes()
             thrashing = (
                 at_limit
-                and stall >= (NEAR_TRIAL_STALL if near else TRIAL_STALL)
-                and worth_trying(view, near=near)
+                and stalled >= (NEAR_TRIAL_STALL if near else TRIAL_STALL)
+                and worth_trying(view, near=near, growth_bytes=growth)
             )
             # The last TRIAL_AFTER periods only: the baseline is the settled stall
             # just before the trial, and a backoff does not grow the list.
-            state.stalls = [*state.stalls, stall][-TRIAL_AFTER:] if thrashing else []
+            state.stalls = [*state.stalls, stalled][-TRIAL_AFTER:] if thrashing else []
             # A settled guest near its limit has waited out its settling already.
             if len(state.stalls) >= (1 if near else TRIAL_AFTER) and time_s >= state.retry_s:
                 state.ballooned_stall = (
