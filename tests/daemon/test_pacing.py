@@ -60,6 +60,24 @@ def test_a_guest_that_falls_behind_gets_smaller_steps_then_is_uncooperative() ->
     assert pacer.cooperative
 
 
+def test_a_step_the_guest_is_still_working_on_is_not_taken_back() -> None:
+    pacer = GuestPacer.starting_at(1024 * MIB, BOUNDS)
+    actual = 1024 * MIB
+    for t in range(3):  # keeps up, the rate grows
+        actual = pacer.step(256 * MIB, actual, None, float(t))
+    asked = pacer.step(256 * MIB, actual, None, 3.0)
+    # it gets a quarter of the way: its rate is cut, but the target stays where it was
+    slow = actual - (actual - asked) // 4
+    assert pacer.step(256 * MIB, slow, None, 4.0) == asked
+    assert pacer.rate.step_units * PAGE_SIZE_BYTES < actual - asked
+    # once there, the next step is the smaller one
+    after = pacer.step(256 * MIB, asked, None, 5.0)
+    assert asked - after == pacer.rate.step_units * PAGE_SIZE_BYTES or after == 256 * MIB
+    # a guest that grew on its own (it deflated) is paced from its size again
+    grown = pacer.step(256 * MIB, asked + 64 * MIB, None, 6.0)
+    assert grown == asked + 64 * MIB - pacer.rate.step_units * PAGE_SIZE_BYTES
+
+
 def test_deflation_is_not_paced() -> None:
     pacer = GuestPacer.starting_at(256 * MIB, BOUNDS)
     assert pacer.step(1024 * MIB, 256 * MIB, None, 0.0) == 1024 * MIB

@@ -3,7 +3,8 @@
 Linux's virtio-balloon driver inflates as fast as the host asks, so the daemon paces
 it: each guest's target moves towards the policy's wish in steps whose size follows
 the shared :class:`~balloonist.rate.AdaptiveRate`. A step the guest reached grows the
-next one; a step it did not reach within a period cuts the rate. A guest whose balloon
+next one; a step it did not reach within a period cuts the rate, and stands until the
+guest reaches it (a target raised mid-step would make it give memory back). A guest whose balloon
 does not move at all for ``stall_timeout_s`` is marked uncooperative, and the policy
 stops counting on getting memory from it. Deflating (giving memory back) is never
 paced: a guest that needs memory should not wait.
@@ -112,6 +113,7 @@ class GuestPacer:
         self, wanted_bytes: int, actual_bytes: int, available: AvailableNow | None, now_s: float
     ) -> int:
         """The next target to send, given the policy's wish and what the guest did."""
+        last = self._last_actual
         self._observe(actual_bytes, now_s)
         goal = safe_target(wanted_bytes, actual_bytes, available, self.bounds)
         if goal >= actual_bytes:
@@ -127,7 +129,17 @@ class GuestPacer:
                 step_bytes = self.rate.limits.min_units * PAGE_SIZE_BYTES
             else:
                 step_bytes = 0
-        self.commanded_bytes = max(goal, actual_bytes - step_bytes)
+            self.commanded_bytes = max(goal, actual_bytes - step_bytes)
+            return self.commanded_bytes
+        paced = actual_bytes - step_bytes
+        if last is not None and actual_bytes <= last:
+            # A step the guest is still working on is not taken back: it may be past
+            # the size we read, so a higher target would make it take back memory it
+            # just gave (a virtio-mem guest unplugging towards the last target plugs
+            # blocks back). A slow guest's smaller rate shows from its next step on.
+            # A guest that grew since (it deflated on its own) is paced from its size.
+            paced = min(paced, self.commanded_bytes)
+        self.commanded_bytes = max(goal, paced)
         return self.commanded_bytes
 
     def _observe(self, actual_bytes: int, now_s: float) -> None:
