@@ -4,9 +4,9 @@ Linux's virtio-balloon driver inflates as fast as the host asks, so the daemon p
 it: each guest's target moves towards the policy's wish in steps whose size follows
 the shared :class:`~balloonist.rate.AdaptiveRate`. A step the guest reached grows the
 next one; a step it did not reach within a period cuts the rate, and stands until the
-guest reaches it (a target raised mid-step would make it give memory back). A guest whose balloon
-does not move at all for ``stall_timeout_s`` is marked uncooperative, and the policy
-stops counting on getting memory from it. Deflating (giving memory back) is never
+guest reaches it (a target raised mid-step would make it give memory back). A guest
+whose balloon does not move at all for ``stall_timeout_s`` is marked uncooperative,
+and the policy stops counting on getting memory from it. Deflating (giving memory back) is never
 paced: a guest that needs memory should not wait.
 
 Safety, applied to every target sent, in this order:
@@ -129,10 +129,8 @@ class GuestPacer:
                 step_bytes = self.rate.limits.min_units * PAGE_SIZE_BYTES
             else:
                 step_bytes = 0
-            self.commanded_bytes = max(goal, actual_bytes - step_bytes)
-            return self.commanded_bytes
         paced = actual_bytes - step_bytes
-        if last is not None and actual_bytes <= last:
+        if self.cooperative and last is not None and actual_bytes <= last:
             # A step the guest is still working on is not taken back: it may be past
             # the size we read, so a higher target would make it take back memory it
             # just gave (a virtio-mem guest unplugging towards the last target plugs
