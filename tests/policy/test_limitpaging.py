@@ -177,6 +177,29 @@ def test_a_guest_is_never_tried_where_it_could_double_page_or_gains_little(
     assert _run(paging, view, 0.0, 5 * TRIAL_AFTER) == frozenset()
 
 
+def test_a_guest_thrashing_at_what_a_full_host_gives_it_is_tried_as_at_a_limit() -> None:
+    # no limit, but held at the 76 MiB its shares gave it last period
+    unlimited = _at_limit(max_mib=None)
+    paging = LimitPaging()
+    capped: frozenset[str] = frozenset()
+    for k in range(TRIAL_AFTER):
+        capped = paging.update(float(k), [unlimited], [0.99], [0.99], [76 * MIB])
+    assert capped == {"g"}
+    # given its whole memory again, it has no ceiling to hold: back to its balloon
+    assert paging.update(float(TRIAL_AFTER), [unlimited], [0.99], [0.99], [140 * MIB]) == (
+        frozenset()
+    )
+    assert paging.mode("g") is Mode.BALLOONED
+
+
+def test_a_guest_below_what_it_was_given_is_not_held_at_it() -> None:
+    # still growing into the 100 MiB it was given (it holds 76): not thrashing there
+    paging = LimitPaging()
+    views, stalls = [_at_limit(max_mib=None)], [0.99]
+    for k in range(5 * TRIAL_AFTER):
+        assert paging.update(float(k), views, stalls, stalls, [100 * MIB]) == frozenset()
+
+
 def _near(stall: float, swap_mib: int = 4) -> GuestView:
     """The guest just past its limit: 76 held and 4 MiB swapped, its footprint 4 MiB
     past its limit (less than a kernel keeps cold)."""
@@ -265,7 +288,7 @@ def test_a_settled_guest_just_past_its_limit_needs_less_room_to_spare(
     assert (_run(paging, view, 0.0, SETTLE_PERIODS + TRIAL_AFTER) == {"g"}) is tried
     # the same 80 MiB footprint, judged with the full margin (a guest unsettled or far
     # past its limit), leaves too little to spare
-    assert not worth_trying(_at_limit(swap_mib=4, balloon_mib=8, memory_mib=84))
+    assert not worth_trying(_at_limit(swap_mib=4, balloon_mib=8, memory_mib=84), 76 * MIB)
 
 
 def test_a_capped_guest_that_writes_to_its_swap_goes_back_to_its_balloon() -> None:
@@ -307,3 +330,23 @@ def test_the_demand_policy_deflates_a_capped_guests_balloon_and_asks_the_host_to
     assert target.balloon_bytes == 0
     assert target.allocation_bytes <= 76 * MIB  # the limit holds: the host holds it
     assert not decision.by_name()["h"].host_capped
+
+
+def test_the_demand_policy_holds_a_guest_thrashing_at_its_share_by_the_host() -> None:
+    # no limits: a full host's shares hold "g" where it thrashes, its balloon following
+    policy = DemandPolicy()
+    other = guest("h", memory_mib=400, working_set_mib=250, allocated_mib=250)
+    held_mib = 150
+    target = None
+    for k in range(3 * TRIAL_AFTER):
+        view = guest("g", memory_mib=300, allocated_mib=held_mib, register_mib=300 - held_mib)
+        sample = dataclasses.replace(view.sample, swap_used_bytes=20 * MIB, host_cappable=True)
+        view = dataclasses.replace(view, sample=sample, pressure=MemoryPressure(1000.0, 0.99))
+        decision = policy.decide(snapshot(view, other, host_mib=420, time_s=float(k)))
+        target = decision.by_name()["g"]
+        if target.host_capped:
+            break
+        held_mib = target.allocation_bytes // MIB  # its balloon reaches its register
+    assert target is not None and target.host_capped
+    assert target.balloon_bytes == 0
+    assert target.allocation_bytes // MIB == held_mib  # the host holds it at its share

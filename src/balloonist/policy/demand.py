@@ -553,6 +553,7 @@ class DemandPolicy:
         self._growth = UseGrowth()
         self._set_growth = UseGrowth()  # of the recent working set
         self._futility = Futility()
+        self._allotted: dict[str, int] = {}
 
     @property
     def name(self) -> str:
@@ -582,7 +583,10 @@ class DemandPolicy:
         stalls = np.array([stall_fraction(g) for g in views], dtype=np.float64)
         stall_list = stalls.tolist()  # what the stateful rules take
         interval_stalls = [interval_stall_fraction(g) for g in views]
-        capped = self._limits.update(snapshot.time_s, views, stall_list, interval_stalls)
+        ceilings = [
+            min(g.spec.limit_bytes, self._allotted.get(g.name, g.spec.limit_bytes)) for g in views
+        ]
+        capped = self._limits.update(snapshot.time_s, views, stall_list, interval_stalls, ceilings)
         guests = _Guests.of(views, capped)
         futile_names = self._futility.update(snapshot.time_s, views, stall_list)
         futile = np.array([n in futile_names for n in names], dtype=np.bool_)
@@ -616,6 +620,7 @@ class DemandPolicy:
         wanted = np.where(short, guests.maxes, np.clip(runway, guests.mins, guests.maxes))
         allocations = defer_squeezes(guests, allocations, wanted)
         registers = registers_bytes(guests, allocations, free_now_bytes(host), margin, available)
+        self._allotted = dict(zip(names, allocations.tolist(), strict=True))
         mechanisms = self._mechanisms(host.state, guests)
         cpus = cpu_targets(snapshot, self.tax_rate)
         targets = tuple(

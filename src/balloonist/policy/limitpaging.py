@@ -1,35 +1,39 @@
-"""Limits the host holds: a guest that cannot work ballooned under its limit is held
+"""Limits the host holds: a guest that cannot work ballooned under its ceiling is held
 to it by host paging instead, where that measures better.
 
-A guest's limit (``max``) is the most machine memory it may have. The balloon holds
-it there by taking pages inside the guest, whose own replacement then picks its
-victims among what its kernel leaves. For most working sets that is the better way:
-the guest knows what it uses, while the host pages blind and pays more per fault.
-But a working set just past what the limit leaves may keep nothing under the
-guest's algorithm (a scan one page larger than its memory misses every reference
-under LRU). The host, capping the guest at the same limit with its balloon
-deflated, pages at random: random victims keep part of a scan, and they take the
-kernel's cold pages too, so the whole limit holds the workload. ESX holds limits by
-swapping as well as ballooning, and the oracle weighs the same choice
-(``sim/oracle.py``).
+A guest's *ceiling* is the most machine memory it may have now: its limit (``max``),
+or what the policy gave it last period where that is less (a full host, split by
+shares). The balloon holds it there by taking pages inside the guest, whose own
+replacement then picks its victims among what its kernel leaves. For most working
+sets that is the better way: the guest knows what it uses, while the host pages
+blind and pays more per fault. But a working set just past what the ceiling leaves
+may keep nothing under the guest's algorithm (a scan one page larger than its memory
+misses every reference under LRU). The host, capping the guest at the same ceiling
+with its balloon deflated, pages at random: random victims keep part of a scan, and
+they take the kernel's cold pages too, so the whole ceiling holds the workload. ESX
+holds limits by swapping as well as ballooning, and the oracle weighs the same choice
+(``sim/oracle.py``). A ceiling set by shares is held the same way: the host being
+full, the guest pages either way, and the question is only whose victims serve it
+better.
 
 The choice is measured, not guessed. A guest is *tried* host-capped when, for
-``TRIAL_AFTER`` periods in a row, it held its limit and stalled on memory (by its
+``TRIAL_AFTER`` periods in a row, it held its ceiling and stalled on memory (by its
 smoothed stall or each period's own), and its whole footprint (what it holds and what it
 wrote to its own swap), grown for a trial's length at its recent pace, fits its memory
 with ``FIT_MARGIN`` to spare (deflated, it then never has to evict, so it never writes
-out a page the host paged: no double paging) and its limit holds ``LIMIT_HOLDS`` of it
-(the host's random victims keep about the share of a footprint its cap holds; a scan far
-past the limit gains little). How much it must stall depends on how far past its limit
-it is: ``TRIAL_STALL`` (it keeps nothing of what it touches) in general, but only
-``NEAR_TRIAL_STALL`` where its footprint is at most ``NEAR_EXCESS_BYTES`` past its limit
-and its stall and footprint have settled (``SETTLE_PERIODS``; the stall by either its
-smoothed figure or each period's own); such a guest is tried as soon as it has settled,
-the settling being its wait, and its footprint needs only ``NEAR_FIT_MARGIN`` to spare.
-That close to its limit, what the host must page is no more than the kernel's cold
-pages, which the balloon cannot give the workload and the host's victims find in time,
-so the whole limit holds the workload whatever its pattern;
-further past it, the host's victims are the workload's own pages, chosen blind. A guest
+out a page the host paged: no double paging) and its ceiling holds ``LIMIT_HOLDS`` of
+it (the host's random victims keep about the share of a footprint its cap holds; a scan
+far past the ceiling gains little). How much it must stall depends on how far past its
+ceiling it is: ``TRIAL_STALL`` (it keeps nothing of what it touches) in general, but
+only ``NEAR_TRIAL_STALL`` where its ceiling is its limit, its footprint is at most
+``NEAR_EXCESS_BYTES`` past it, and its stall and footprint have settled
+(``SETTLE_PERIODS``; the stall by either its smoothed figure or each period's own);
+such a guest is tried as soon as it has settled, the settling being its wait, and its
+footprint needs only ``NEAR_FIT_MARGIN`` to spare. That close to its limit, what the
+host must page is no more than the kernel's cold pages, which the balloon cannot give
+the workload and the host's victims find in time, so the whole limit holds the
+workload whatever its pattern; further past it, the host's victims are the
+workload's own pages, chosen blind. A guest
 whose set is still moving in, or whose stall still rises, would be measured against a
 baseline it has not reached. If its work time (1 - stall) over the last
 ``MEASURE_PERIODS`` of the ``TRIAL_PERIODS`` trial is at least ``KEEP_GAIN`` of what it
@@ -39,11 +43,11 @@ If it worked clearly less, its balloon comes back, and it is tried again only af
 backoff that doubles each time. A capped guest follows its allocation (the host pages it
 down when the policy gives it less) and goes back to its balloon when it writes pages
 out to its own swap (it grew past its memory: its victims may be pages the host paged,
-and the balloon stops that in one move), or when it no longer can be capped (its limit
-was lifted, the host lost its swap, the balloon stopped cooperating).
+and the balloon stops that in one move), or when it no longer can be capped (it has no
+ceiling below its memory, the host lost its swap, the balloon stopped cooperating).
 
-Pure: ``update`` takes the period's views and stall fractions (smoothed, and each
-period's own) and returns the guests the host holds this period; each guest's state is
+Pure: ``update`` takes the period's views, stall fractions (smoothed, and each
+period's own) and ceilings, and returns the guests the host holds this period; each guest's state is
 a :class:`Mode` with checked transitions.
 """
 
@@ -133,7 +137,7 @@ FIT_MARGIN: Final = 0.05
 #: ...or, for a guest just past its limit whose footprint has settled, room for the
 #: footprint's own jitter while settled (twice ``SETTLED_FOOTPRINT``).
 NEAR_FIT_MARGIN: Final = 0.02
-#: The share of its footprint its limit must hold to be tried: the host's random
+#: The share of its footprint its ceiling must hold to be tried: the host's random
 #: victims keep about that share of what it touches, so a scan a third past its
 #: limit misses a quarter of its references capped where ballooned it misses all,
 #: and does about four times the work. Below, the gain is small and slow to show,
@@ -142,14 +146,14 @@ NEAR_FIT_MARGIN: Final = 0.02
 LIMIT_HOLDS: Final = 0.75
 #: A guest whose swap grew by more than this in a period wrote pages out.
 EVICTED_BYTES: Final = 1 * MIB
-#: A guest holding this close to its limit holds it.
-AT_LIMIT_BYTES: Final = 4 * MIB
+#: A guest holding this close to its ceiling holds it.
+AT_CEILING_BYTES: Final = 4 * MIB
 #: The first wait before a failed trial is tried again; it doubles each time.
 BACKOFF_S: Final = 60.0
 
 
 class Mode(enum.Enum):
-    """How a guest's limit is held."""
+    """How a guest's ceiling is held."""
 
     BALLOONED = "ballooned"  # by its balloon (the default)
     TRIAL = "trial"  # by the host, while measuring whether that is better
@@ -230,8 +234,8 @@ class _Guest:
         self.mode, self.stalls = mode, []
 
 
-def cappable(view: GuestView) -> bool:
-    """The host can hold the guest to its limit: it has a limit below its memory, a
+def cappable(view: GuestView, ceiling_bytes: int) -> bool:
+    """The host can hold the guest to its ceiling: it has one below its memory, a
     balloon that follows its register, and the host can page it; and it reports its
     swap, so its footprint can be checked."""
     s = view.sample
@@ -240,7 +244,7 @@ def cappable(view: GuestView) -> bool:
         and s.cooperative
         and s.host_cappable
         and s.swap_used_bytes is not None
-        and view.spec.limit_bytes < view.spec.memory_bytes
+        and ceiling_bytes < view.spec.memory_bytes
     )
 
 
@@ -249,15 +253,17 @@ def footprint_bytes(view: GuestView) -> int:
     return view.sample.allocated_bytes + (view.sample.swap_used_bytes or 0)
 
 
-def worth_trying(view: GuestView, *, near: bool = False, growth_bytes: int = 0) -> bool:
+def worth_trying(
+    view: GuestView, ceiling_bytes: int, *, near: bool = False, growth_bytes: int = 0
+) -> bool:
     """Its whole footprint, held and swapped, and ``growth_bytes`` more, fits its
     memory with the margin (the smaller one for a guest ``near`` its limit and
-    settled), and its limit holds ``LIMIT_HOLDS`` of it."""
+    settled), and its ceiling holds ``LIMIT_HOLDS`` of it."""
     footprint = footprint_bytes(view) + growth_bytes
     margin = NEAR_FIT_MARGIN if near else FIT_MARGIN
     return (
         footprint <= view.spec.memory_bytes * (1.0 - margin)
-        and view.spec.limit_bytes >= LIMIT_HOLDS * footprint
+        and ceiling_bytes >= LIMIT_HOLDS * footprint
     )
 
 
@@ -270,7 +276,7 @@ def near_and_settled(view: GuestView, state: _Guest) -> bool:
 
 @dataclass
 class LimitPaging:
-    """Which guests the host holds to their limits (see the module docstring)."""
+    """Which guests the host holds to their ceilings (see the module docstring)."""
 
     _guests: dict[str, _Guest] = field(default_factory=dict)
 
@@ -284,15 +290,18 @@ class LimitPaging:
         views: Sequence[GuestView],
         stalls: Sequence[float],
         interval_stalls: Sequence[float],
+        ceilings_bytes: Sequence[int] | None = None,
     ) -> frozenset[str]:
         """The guests host-capped this period; ``stalls`` is each guest's stall
-        fraction, ``interval_stalls`` the last interval's alone (for settling)."""
+        fraction, ``interval_stalls`` the last interval's alone (for settling),
+        ``ceilings_bytes`` the most each may have now (its limit where not given)."""
         names = {v.name for v in views}
         for gone in [n for n in self._guests if n not in names]:
             del self._guests[gone]
-        for view, stall, now in zip(views, stalls, interval_stalls, strict=True):
+        ceilings = ceilings_bytes or [v.spec.limit_bytes for v in views]
+        for view, stall, now, ceiling in zip(views, stalls, interval_stalls, ceilings, strict=True):
             state = self._guests.setdefault(view.name, _Guest())
-            if not cappable(view):
+            if not cappable(view, ceiling):
                 if state.mode.host_capped:
                     state.to(Mode.BALLOONED)
                 state.stalls = []
@@ -300,7 +309,9 @@ class LimitPaging:
             swap = view.sample.swap_used_bytes or 0
             evicted = swap > state.swap_used_bytes + EVICTED_BYTES
             state.swap_used_bytes = swap
-            self._step(time_s, view, stall, state, evicted=evicted, interval_stall=now)
+            self._step(
+                time_s, view, stall, state, evicted=evicted, interval_stall=now, ceiling=ceiling
+            )
         return frozenset(n for n, s in self._guests.items() if s.mode.host_capped)
 
     def _step(
@@ -312,6 +323,7 @@ class LimitPaging:
         *,
         evicted: bool,
         interval_stall: float,
+        ceiling: int,
     ) -> None:
         """One period of one guest that can be capped; ``evicted``: it wrote pages out
         to its swap in the period (judged once its balloon deflated, which is what
@@ -319,14 +331,16 @@ class LimitPaging:
         evicts = evicted and view.sample.balloon_bytes == 0
         state.recent.append(_Period(stall, interval_stall, footprint_bytes(view)))
         if state.mode is Mode.BALLOONED:
-            at_limit = view.sample.allocated_bytes >= view.spec.limit_bytes - AT_LIMIT_BYTES
+            at_ceiling = view.sample.allocated_bytes >= ceiling - AT_CEILING_BYTES
+            # The near rule is for limits alone: a share moves with the others' needs.
+            at_limit = at_ceiling and ceiling >= view.spec.limit_bytes
             near = at_limit and near_and_settled(view, state)
             stalled = max(stall, interval_stall)
             growth = 0 if near else state.footprint_growth_bytes()
             thrashing = (
-                at_limit
+                at_ceiling
                 and stalled >= (NEAR_TRIAL_STALL if near else TRIAL_STALL)
-                and worth_trying(view, near=near, growth_bytes=growth)
+                and worth_trying(view, ceiling, near=near, growth_bytes=growth)
             )
             # The last TRIAL_AFTER periods only: the baseline is the settled stall
             # just before the trial, and a backoff does not grow the list.
