@@ -252,8 +252,9 @@ class GuestSample:
     swap_used_bytes: int | None = None
     #: Whether the host can hold this guest to its allocation by paging it itself,
     #: its balloon deflated (``GuestTarget.host_capped``): the host has swap and the
-    #: guest's memory is its to page. The simulator's host can; the daemon does not
-    #: offer it yet (its host paging caps only guests without a working balloon).
+    #: guest's memory is its to page. The simulator's host can where it has swap; the
+    #: daemon's, where host paging is on, the VM has a memory cgroup of its own and the
+    #: host has swap (``HostReclaim.paging_of`` in ``daemon/host_reclaim.py``).
     host_cappable: bool = False
 
 

@@ -61,10 +61,11 @@ they once used. This policy starts from demand instead:
 Guests without a balloon driver, or whose balloon stopped following its register,
 can only be held to their allocation by host paging, which this policy allows in the
 HARD and LOW host states, for them alone (``Mechanisms.host_paging_ballooned`` off).
-A guest that cannot work ballooned under its own limit (a scan just past what the
-limit leaves it) may be held there by the host instead, where a trial measures that
-it works better (``policy/limitpaging.py``): its balloon deflates, and its target
-asks the host to page it past its allocation (``GuestTarget.host_capped``).
+A guest that cannot work ballooned under its own limit, or under its share of a full
+host (a scan just past what either leaves it), may be held there by the host instead,
+where a trial measures that it works better (``policy/limitpaging.py``): its balloon
+deflates, and its target asks the host to page it past its allocation
+(``GuestTarget.host_capped``).
 LOW also stops guests above their target from taking more machine memory, as ESX
 does; the margin is small, so a host whose memory is all handed out sits there.
 Processors are shared as the shares policy shares them

@@ -21,34 +21,34 @@ The choice is measured, not guessed. A guest is *tried* host-capped when, for
 smoothed stall or each period's own), and its whole footprint (what it holds and what it
 wrote to its own swap), grown for a trial's length at its recent pace, fits its memory
 with ``FIT_MARGIN`` to spare (deflated, it then never has to evict, so it never writes
-out a page the host paged: no double paging) and its ceiling holds ``LIMIT_HOLDS`` of
-it (the host's random victims keep about the share of a footprint its cap holds; a scan
-far past the ceiling gains little). How much it must stall depends on how far past its
+out a page the host paged: no double paging) and its ceiling holds ``LIMIT_HOLDS`` of it
+(the host's random victims keep about the share of a footprint its cap holds; a scan far
+past the ceiling gains little). How much it must stall depends on how far past its
 ceiling it is: ``TRIAL_STALL`` (it keeps nothing of what it touches) in general, but
 only ``NEAR_TRIAL_STALL`` where its ceiling is its limit, its footprint is at most
 ``NEAR_EXCESS_BYTES`` past it, and its stall and footprint have settled
-(``SETTLE_PERIODS``; the stall by either its smoothed figure or each period's own);
-such a guest is tried as soon as it has settled, the settling being its wait, and its
+(``SETTLE_PERIODS``; the stall by either its smoothed figure or each period's own); such
+a guest is tried as soon as it has settled, the settling being its wait, and its
 footprint needs only ``NEAR_FIT_MARGIN`` to spare. That close to its limit, what the
 host must page is no more than the kernel's cold pages, which the balloon cannot give
-the workload and the host's victims find in time, so the whole limit holds the
-workload whatever its pattern; further past it, the host's victims are the
-workload's own pages, chosen blind. A guest
-whose set is still moving in, or whose stall still rises, would be measured against a
-baseline it has not reached. If its work time (1 - stall) over the last
-``MEASURE_PERIODS`` of the ``TRIAL_PERIODS`` trial is at least ``KEEP_GAIN`` of what it
-was before, it stays capped: going back costs more than a near draw, since the balloon
-inflating again makes the guest evict, and some of its victims are pages the host paged.
-If it worked clearly less, its balloon comes back, and it is tried again only after a
-backoff that doubles each time. A capped guest follows its allocation (the host pages it
-down when the policy gives it less) and goes back to its balloon when it writes pages
-out to its own swap (it grew past its memory: its victims may be pages the host paged,
-and the balloon stops that in one move), or when it no longer can be capped (it has no
-ceiling below its memory, the host lost its swap, the balloon stopped cooperating).
+the workload and the host's victims find in time, so the whole limit holds the workload
+whatever its pattern; further past it, the host's victims are the workload's own pages,
+chosen blind. A guest whose set is still moving in, or whose stall still rises, would be
+measured against a baseline it has not reached. If its work time (1 - stall) over the
+last ``MEASURE_PERIODS`` of the ``TRIAL_PERIODS`` trial is at least ``KEEP_GAIN`` of
+what it was before, it stays capped: going back costs more than a near draw, since the
+balloon inflating again makes the guest evict, and some of its victims are pages the
+host paged. If it worked clearly less, its balloon comes back, and it is tried again
+only after a backoff that doubles each time. A capped guest follows its allocation (the
+host pages it down when the policy gives it less) and goes back to its balloon when it
+writes pages out to its own swap (it grew past its memory: its victims may be pages the
+host paged, and the balloon stops that in one move), or when it no longer can be capped
+(it has no ceiling below its memory, the host lost its swap, the balloon stopped
+cooperating).
 
-Pure: ``update`` takes the period's views, stall fractions (smoothed, and each
-period's own) and ceilings, and returns the guests the host holds this period; each guest's state is
-a :class:`Mode` with checked transitions.
+Pure: ``update`` takes the period's views, stall fractions (smoothed, and each period's
+own) and ceilings, and returns the guests the host holds this period; each guest's state
+is a :class:`Mode` with checked transitions.
 """
 
 from __future__ import annotations
