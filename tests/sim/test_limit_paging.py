@@ -106,3 +106,39 @@ def test_a_guest_let_go_at_its_limit_brings_its_host_swapped_pages_back_and_work
     # the ten periods after its balloon is back (about three), before any trial of
     # demand's own limit paging could hold it again
     assert sum(released[23:33]) >= 0.5 * sum(never[23:33])
+
+
+def test_a_guest_that_cannot_work_ballooned_at_its_share_of_a_full_host_is_held_there() -> None:
+    # No limits: a 140 MiB LRU guest scanning 74 MiB beside a zipf set with 3x its
+    # shares, which leaves it less than its scan and kernel need. Ballooned at that
+    # share (static) it misses every reference; the host holding it there instead
+    # keeps the scan and pages the kernel's cold pages.
+    sc = scenario_from_dict(
+        {
+            "host": {"memory": "256MiB", "swap": "512MiB"},
+            "sim": {"duration_s": 60.0, "seed": 3},
+            "guests": [
+                {
+                    "name": "scan",
+                    "memory": "140MiB",
+                    "workload": {"kind": "scan", "working_set": "74MiB"},
+                },
+                {
+                    "name": "busy",
+                    "memory": "256MiB",
+                    "shares": 3000,
+                    "workload": {"kind": "zipf", "working_set": "150MiB", "skew": 1.1},
+                },
+            ],
+        },
+        where="test",
+        default_name="share-paging",
+    )
+    demand = run_scenario(sc, policy_name="demand")
+    static = run_scenario(sc, policy_name="static")
+    scan, busy = demand.guests
+    assert int(scan.balloon_target_bytes[-1]) == 0
+    assert int(scan.host_swap_outs.sum()) > 0
+    assert int(scan.refs[-10:].sum()) > 20 * int(static.guests[0].refs[-10:].sum())
+    assert all(int(g.double_paging.sum()) == 0 for g in demand.guests)
+    assert int(np.sum(busy.refs)) >= 0.99 * int(np.sum(static.guests[1].refs))
