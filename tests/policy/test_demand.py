@@ -127,6 +127,20 @@ def test_small_inflations_wait_unless_that_breaks_the_partition_and_deflations_g
     # and b must then make room, however little
 
 
+def test_a_guest_the_host_holds_counts_for_what_it_may_grow_to_in_the_partition() -> None:
+    # "held" has no balloon the policy moves (the host holds it) and holds 500 MiB of
+    # the 502 it was given; "a" was given 2 MiB less than it holds, inside the dead band.
+    a = guest("a", memory_mib=1000, register_mib=500)
+    held = guest("held", memory_mib=1000, balloon=False, allocated_mib=500)
+    guests = _Guests.of([a, held])
+    allocations = np.array([498, 502], dtype=np.int64) * MIB
+    out = registers_bytes(guests, allocations, 0, 0, 1000 * MIB)
+    # Left where it is, "a"'s balloon would promise the host twice once "held" grows
+    # into its allocation: "a" inflates now (suite-5-98: a guest over its target by a
+    # dead band's worth was blocked for whole periods while the host was LOW).
+    assert (out // MIB).tolist() == [502, 0]
+
+
 def test_stall_time_is_preferred_and_faults_stand_in_for_it() -> None:
     g = guest("g")
     assert stall_fraction(g) == 0.0  # no rates yet

@@ -493,7 +493,8 @@ def registers_bytes(
         keep[:] = False  # a guest waits for free memory: every inflation counts
     kept = np.where(keep, guests.register, registers)
     # A register left alone must not break the partition.
-    if int(np.where(guests.driver, guests.memory - kept, guests.held).sum()) > available_bytes:
+    others = np.maximum(guests.held, allocations)  # a guest the host holds may grow to it
+    if int(np.where(guests.driver, guests.memory - kept, others).sum()) > available_bytes:
         kept = registers
     # The reservation and the limit hold always, whatever the growth rule or the
     # dead band kept.
