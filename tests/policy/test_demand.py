@@ -128,8 +128,9 @@ def test_small_inflations_wait_unless_that_breaks_the_partition_and_deflations_g
 
 
 def test_a_guest_the_host_holds_counts_for_what_it_may_grow_to_in_the_partition() -> None:
-    # "held" has no balloon the policy moves (the host holds it) and holds 500 MiB of
-    # the 502 it was given; "a" was given 2 MiB less than it holds, inside the dead band.
+    # "held" has no balloon the policy moves (none here; a guest the host holds counts
+    # the same) and holds 500 MiB of the 502 it was given; "a" was given 2 MiB less
+    # than it holds, inside the dead band.
     a = guest("a", memory_mib=1000, register_mib=500)
     held = guest("held", memory_mib=1000, balloon=False, allocated_mib=500)
     guests = _Guests.of([a, held])

@@ -492,8 +492,9 @@ def registers_bytes(
     if total > room:
         keep[:] = False  # a guest waits for free memory: every inflation counts
     kept = np.where(keep, guests.register, registers)
-    # A register left alone must not break the partition.
-    others = np.maximum(guests.held, allocations)  # a guest the host holds may grow to it
+    # A register left alone must not break the partition. A guest without a balloon
+    # the policy moves (none, or the host holds it) counts for what it may grow into.
+    others = np.maximum(guests.held, allocations)
     if int(np.where(guests.driver, guests.memory - kept, others).sum()) > available_bytes:
         kept = registers
     # The reservation and the limit hold always, whatever the growth rule or the
