@@ -37,6 +37,7 @@ def _at_limit(
     cappable: bool = True,
     max_mib: int | None = 76,
     memory_mib: int = 140,
+    allocated_mib: int = 76,
 ) -> GuestView:
     """A 140 MiB guest held at a 76 MiB limit (by default), stalling ``stall`` of its
     time, ``swap_mib`` in its own swap."""
@@ -45,7 +46,7 @@ def _at_limit(
         memory_mib=memory_mib,
         max_mib=max_mib,
         register_mib=balloon_mib,
-        allocated_mib=76,
+        allocated_mib=allocated_mib,
         free_mib=free_mib,
     )
     sample = dataclasses.replace(
@@ -339,9 +340,9 @@ def test_the_demand_policy_holds_a_guest_thrashing_at_its_share_by_the_host() ->
     held_mib = 150
     target = None
     for k in range(3 * TRIAL_AFTER):
-        view = guest("g", memory_mib=300, allocated_mib=held_mib, register_mib=300 - held_mib)
-        sample = dataclasses.replace(view.sample, swap_used_bytes=20 * MIB, host_cappable=True)
-        view = dataclasses.replace(view, sample=sample, pressure=MemoryPressure(1000.0, 0.99))
+        view = _at_limit(
+            max_mib=None, memory_mib=300, balloon_mib=300 - held_mib, allocated_mib=held_mib
+        )
         decision = policy.decide(snapshot(view, other, host_mib=420, time_s=float(k)))
         target = decision.by_name()["g"]
         if target.host_capped:

@@ -4,10 +4,10 @@ Linux's virtio-balloon driver inflates as fast as the host asks, so the daemon p
 it: each guest's target moves towards the policy's wish in steps whose size follows
 the shared :class:`~balloonist.rate.AdaptiveRate`. A step the guest reached grows the
 next one; a step it did not reach within a period cuts the rate, and stands until the
-guest reaches it (a target raised mid-step would make it give memory back). A guest
-whose balloon does not move at all for ``stall_timeout_s`` is marked uncooperative,
-and the policy stops counting on getting memory from it. Deflating (giving memory back) is never
-paced: a guest that needs memory should not wait.
+guest reaches it (a target raised mid-step would make it take back memory it just
+gave). A guest whose balloon does not move at all for ``stall_timeout_s`` is marked
+uncooperative, and the policy stops counting on getting memory from it. Deflating
+(giving memory back) is never paced: a guest that needs memory should not wait.
 
 Safety, applied to every target sent, in this order:
 
