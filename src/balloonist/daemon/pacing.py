@@ -113,8 +113,8 @@ class GuestPacer:
         self, wanted_bytes: int, actual_bytes: int, available: AvailableNow | None, now_s: float
     ) -> int:
         """The next target to send, given the policy's wish and what the guest did."""
-        last = self._last_actual
-        self._observe(actual_bytes, now_s)
+        last, self._last_actual = self._last_actual, actual_bytes
+        self._observe(last, actual_bytes, now_s)
         goal = safe_target(wanted_bytes, actual_bytes, available, self.bounds)
         if goal >= actual_bytes:
             # Deflating, or holding: no pacing, no reason to wait.
@@ -140,9 +140,8 @@ class GuestPacer:
         self.commanded_bytes = max(goal, paced)
         return self.commanded_bytes
 
-    def _observe(self, actual_bytes: int, now_s: float) -> None:
-        last = self._last_actual
-        self._last_actual = actual_bytes
+    def _observe(self, last: int | None, actual_bytes: int, now_s: float) -> None:
+        """Judge the step outstanding since the guest was at ``last`` by where it is now."""
         asked = 0 if last is None else last - self.commanded_bytes
         if asked <= REACHED_TOLERANCE_BYTES:
             self._still_since_s = None  # no inflation step was outstanding
