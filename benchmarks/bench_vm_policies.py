@@ -65,8 +65,6 @@ import contextlib
 import itertools
 import os
 import re
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -81,7 +79,9 @@ from balloonist.cgroup import MemoryCgroup, host_memory_hierarchy, make_parent_c
 from balloonist.daemon.config import DAEMON_POLICIES, DaemonConfig
 from balloonist.daemon.host_reclaim import SysCgroups, VmCgroup
 from balloonist.daemon.service import Daemon
+from balloonist.errors import HostCommandError
 from balloonist.qemu import launcher
+from balloonist.swapfile import swap_file
 from balloonist.units import MIB, parse_size_bytes
 
 GUEST_MIB: Final = 512
@@ -345,35 +345,18 @@ def enforced_budget(cap_bytes: int) -> Iterator[MemoryCgroup]:
     if (held := parent.limit_bytes()) is not None:
         raise SystemExit(f"--cap: {parent.name} is already capped at {held} bytes; lift it first")
     swap_dir = Path(tempfile.mkdtemp(prefix="bn-bench-swap-", dir="/var/tmp"))
-    swap = swap_dir / "host.swap"
     try:
-        with swap.open("wb") as f:  # written out: swapon refuses a file with holes
-            for _ in range(HOST_SWAP_MIB):
-                f.write(bytes(MIB))
-        swap.chmod(0o600)
-        _run(["mkswap", str(swap)])
-        _run(["swapon", str(swap)])
-    except BaseException:  # the swap is not on: nothing to leave behind
-        shutil.rmtree(swap_dir)
-        raise
-    try:
-        parent.set_limit(cap_bytes)
-        try:
-            yield parent
-        finally:
-            parent.set_limit(None)
+        with swap_file(swap_dir, HOST_SWAP_MIB * MIB):
+            parent.set_limit(cap_bytes)
+            try:
+                yield parent
+            finally:
+                parent.set_limit(None)
+    except HostCommandError as exc:
+        raise SystemExit(f"--cap: {exc}") from None
     finally:
-        _run(["swapoff", str(swap)])  # on failure the swap stays on, and its file
-        shutil.rmtree(swap_dir)
-
-
-def _run(command: list[str]) -> None:
-    """Run a host command for ``--cap``; a failure ends the bench with its own words."""
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        said = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else exc
-        raise SystemExit(f"--cap: {' '.join(command)} failed: {said}") from None
+        with contextlib.suppress(OSError):  # a failed swapoff leaves its file, still on
+            swap_dir.rmdir()
 
 
 def run_order(policies: list[str], rounds: int) -> list[tuple[int, str]]:

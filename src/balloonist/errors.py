@@ -6,7 +6,8 @@
      ├── GuestProtocolError     a guest sent something we refuse (untrusted input)
      ├── BackendError           the hypervisor backend failed
      │    ├── TransientBackendError   worth retrying (disconnect, timeout)
-     │    └── FatalBackendError       not worth retrying (no balloon device, refused)
+     │    ├── FatalBackendError       not worth retrying (no balloon device, refused)
+     │    └── HostCommandError        a host command (swapon, mkswap) failed
      ├── SimulationError        the simulator found one of its invariants broken (a bug)
      ├── StateError             a lifecycle asked to make a move it does not allow (a bug)
      └── WorkerError            a process running a simulation died without an error of its own
@@ -74,6 +75,16 @@ class TransientBackendError(BackendError):
 
 class FatalBackendError(BackendError):
     """A failure that retrying will not fix (no balloon device, command refused)."""
+
+
+class HostCommandError(BackendError):
+    """A command run on the host failed: ``command`` as run, ``said`` what it wrote
+    to stderr (or why it could not run)."""
+
+    def __init__(self, command: tuple[str, ...], *, said: str) -> None:
+        super().__init__(f"{' '.join(command)} failed: {said}")
+        self.command = command
+        self.said = said
 
 
 class SimulationError(BalloonistError):

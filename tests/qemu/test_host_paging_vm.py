@@ -23,7 +23,6 @@ Thresholds:
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from balloonist.daemon.mechanisms import Mechanism
 from balloonist.daemon.service import Daemon, DaemonConfig
 from balloonist.qemu import launcher
 from balloonist.qemu.assets import GuestAssets
+from balloonist.swapfile import swap_file
 from balloonist.units import MIB
 from tests.fakes import HoldsAtLimit
 
@@ -59,18 +59,11 @@ def host_swap(tmp_path: Path, state: launcher.StateDir) -> Iterator[Path]:
     stopped, and their RAM files dropped, before it goes: swapoff would have to read
     their pages in it back, and it once failed to (exit 2, out of memory, a CI run
     at stop 35, with the guest's cap already lifted)."""
-    path = tmp_path / "host.swap"
-    with path.open("wb") as f:  # written out: swapon refuses a file with holes
-        for _ in range(SWAP_MIB):
-            f.write(bytes(MIB))
-    path.chmod(0o600)
-    subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
-    subprocess.run(["swapon", str(path)], check=True, capture_output=True)
-    try:
-        yield path
-    finally:
-        stop_guests(state)
-        subprocess.run(["swapoff", str(path)], check=True, capture_output=True)
+    with swap_file(tmp_path, SWAP_MIB * MIB) as path:
+        try:
+            yield path
+        finally:
+            stop_guests(state)
 
 
 def _cgroup(state: launcher.StateDir, name: str) -> MemoryCgroup:
