@@ -14,6 +14,7 @@ from balloonist.policy.limitpaging import (
     BACKOFF_S,
     KEEP_GAIN,
     MEASURE_PERIODS,
+    NEAR_EXCESS_BYTES,
     NEAR_TRIAL_STALL,
     SETTLE_PERIODS,
     TRIAL_AFTER,
@@ -283,13 +284,27 @@ def test_a_settled_guest_just_past_its_limit_needs_less_room_to_spare(
     swap_mib: int, tried: bool
 ) -> None:
     # an 84 MiB guest: 80 MiB of footprint leaves 4.8 % of it free (under FIT_MARGIN,
-    # over NEAR_FIT_MARGIN); 83 MiB leaves 1.2 %, under both
+    # over SETTLED_FIT_MARGIN); 83 MiB leaves 1.2 %, under both
     view = _at_limit(stall=0.5, swap_mib=swap_mib, balloon_mib=8, memory_mib=84)
     paging = LimitPaging()
     assert (_run(paging, view, 0.0, SETTLE_PERIODS + TRIAL_AFTER) == {"g"}) is tried
     # the same 80 MiB footprint, judged with the full margin (a guest unsettled or far
     # past its limit), leaves too little to spare
     assert not worth_trying(_at_limit(swap_mib=4, balloon_mib=8, memory_mib=84), 76 * MIB)
+
+
+def test_a_settled_footprint_far_past_its_limit_needs_only_room_for_its_jitter() -> None:
+    # suite-9-101: a 96 MiB footprint in a 100 MiB guest held at a 76 MiB limit, 20 MiB
+    # past it (not near), leaves 4 % of its memory free: under FIT_MARGIN, over
+    # SETTLED_FIT_MARGIN. Room to grow is for a footprint that still moves.
+    view = _at_limit(memory_mib=100, balloon_mib=24, swap_mib=20)
+    assert (96 - 76) * MIB > NEAR_EXCESS_BYTES
+    assert not worth_trying(view, 76 * MIB, settled=False)
+    assert worth_trying(view, 76 * MIB, settled=True)
+    paging = LimitPaging()
+    # once it has settled, TRIAL_AFTER thrashing periods start the trial
+    assert _run(paging, view, 0.0, SETTLE_PERIODS + TRIAL_AFTER - 2) == frozenset()
+    assert _run(paging, view, 100.0, 1) == {"g"}
 
 
 def test_a_capped_guest_that_writes_to_its_swap_goes_back_to_its_balloon() -> None:
