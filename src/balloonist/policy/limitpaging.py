@@ -348,14 +348,13 @@ class LimitPaging:
             near = at_limit and near_and_settled(view, state)
             stalled = max(stall, interval_stall)
             growth = 0 if near else state.footprint_growth_bytes()
-            # FIT_MARGIN is room to grow: a footprint that has settled needs only
-            # room for its jitter, near its limit or not.
+            # FIT_MARGIN is room to grow: a footprint that has settled (as a near
+            # guest's has) needs only room for its jitter, near its limit or not.
+            settled = state.footprint_settled()
             thrashing = (
                 at_ceiling
                 and stalled >= (NEAR_TRIAL_STALL if near else TRIAL_STALL)
-                and worth_trying(
-                    view, ceiling, settled=near or state.footprint_settled(), growth_bytes=growth
-                )
+                and worth_trying(view, ceiling, settled=settled, growth_bytes=growth)
             )
             # The last TRIAL_AFTER periods only: the baseline is the settled stall
             # just before the trial, and a backoff does not grow the list.
