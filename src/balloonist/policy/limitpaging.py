@@ -280,7 +280,8 @@ def worth_trying(
 
 def near_and_settled(view: GuestView, state: _Guest) -> bool:
     """Its footprint is at most ``NEAR_EXCESS_BYTES`` past its limit, and it and its
-    stall have settled: it is tried at ``NEAR_TRIAL_STALL``, with ``SETTLED_FIT_MARGIN``."""
+    stall have settled: it is tried at ``NEAR_TRIAL_STALL`` (and, settled, with
+    ``SETTLED_FIT_MARGIN``, as every settled footprint is)."""
     near = footprint_bytes(view) - view.spec.limit_bytes <= NEAR_EXCESS_BYTES
     return near and state.settled()
 
@@ -350,11 +351,12 @@ class LimitPaging:
             growth = 0 if near else state.footprint_growth_bytes()
             # FIT_MARGIN is room to grow: a footprint that has settled (as a near
             # guest's has) needs only room for its jitter, near its limit or not.
-            settled = state.footprint_settled()
             thrashing = (
                 at_ceiling
                 and stalled >= (NEAR_TRIAL_STALL if near else TRIAL_STALL)
-                and worth_trying(view, ceiling, settled=settled, growth_bytes=growth)
+                and worth_trying(
+                    view, ceiling, settled=state.footprint_settled(), growth_bytes=growth
+                )
             )
             # The last TRIAL_AFTER periods only: the baseline is the settled stall
             # just before the trial, and a backoff does not grow the list.
