@@ -96,11 +96,16 @@ def _snapshot(
     host_memory_bytes: int,
     time_s: float = 0.0,
     held_bytes: dict[str, int] | None = None,
+    swapped_bytes: dict[str, int] | None = None,
 ) -> Snapshot:
     host = HostSample(time_s, host_memory_bytes, 0, 0, 0, HostState.HIGH)
-    held = held_bytes or {}
+    held, swapped = held_bytes or {}, swapped_bytes or {}
     views = tuple(
-        GuestView(g.spec, GuestSample(g.name, held.get(g.name, 0), 0, 0), working_set_bytes=0)
+        GuestView(
+            g.spec,
+            GuestSample(g.name, held.get(g.name, 0), 0, 0, swap_used_bytes=swapped.get(g.name)),
+            working_set_bytes=0,
+        )
         for g in guests
     )
     return Snapshot(time_s, 1.0, host, views)
@@ -547,6 +552,25 @@ def test_a_gain_that_lasts_is_taken_at_once() -> None:
     ahead = _oracle(guests).decide(snapshot)
     assert ahead == _oracle(guests, lookahead_s=0.0).decide(snapshot)
     assert _allocations_pages(ahead)["b"] >= KERNEL_PAGES + _pages(300)
+
+
+@pytest.mark.parametrize(("swapped_mib", "moved"), [(100, False), (0, True)])
+def test_a_set_held_is_not_traded_for_one_that_must_be_read_back(
+    swapped_mib: int, moved: bool
+) -> None:
+    # Two 100 MiB scans, room for one: "a" holds its set, "b" holds its kernel and,
+    # swapped out, its set. Held alike they would be worth the same, and the tie goes
+    # to the first guest, "b"; reading 100 MiB back at 100 us a page costs it 2.6 s of
+    # the 11 s valued, so "a" keeps its set. A set "b" never touched costs only first
+    # touches, and the tie stands.
+    scan = Workload(WorkloadKind.SCAN, _pages(100))
+    guests = [_guest("b", scan), _guest("a", scan)]
+    host = (100 + 2 * 16) * MIB
+    held = {"a": 116 * MIB, "b": 16 * MIB}
+    swapped = {"a": 0, "b": swapped_mib * MIB}
+    pages = _allocations_pages(_oracle(guests).decide(_snapshot(guests, host, 0.0, held, swapped)))
+    assert (pages["b"] >= KERNEL_PAGES + _pages(100)) == moved
+    assert (pages["a"] >= KERNEL_PAGES + _pages(100)) != moved
 
 
 def test_the_look_ahead_stops_at_the_run_s_end() -> None:

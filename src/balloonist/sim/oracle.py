@@ -16,7 +16,9 @@ guest holding ``m`` resident workload pages makes
 ``1 / (reference_s + miss(m) * (guest_swap_in_s + guest_swap_out_s))`` references per
 second in steady state: every miss swaps one page in and evicts one. Memory that
 would raise no guest's steady-state throughput is still given out (first to the
-guests already holding it): it spares evictions when a working set moves.
+guests already holding it): it spares evictions when a working set moves. A size
+above what a guest holds is charged the time it takes to read its set back from its
+swap (``Refill``): the steady state values a set held and one to be faulted back alike.
 
 A guest may instead be left without a balloon and capped by the host, which pages it
 at random (``CurveBook.host_miss_ratio``, at the host's swap costs), where its own
@@ -59,6 +61,7 @@ from balloonist.sim.valuation import (
     GuestValues,
     HostPaging,
     ModeValues,
+    Refill,
     Slice,
     limit_pages,
     priced,
@@ -157,6 +160,7 @@ class OraclePolicy:
         if modes is not None and modes.costs != costs:
             raise ConfigError("the shared valuations are for other costs", where=where)
         self._period_s = period_s
+        self._swap_in_s = costs.guest_swap_in_s
         self._slices = slices_per_period
         self._lookahead_s = lookahead_s
         self._until_s = until_s
@@ -172,9 +176,11 @@ class OraclePolicy:
             if guest.name in self._guests:
                 raise ConfigError(f"duplicate guest name {guest.name!r}", where=where)
             self._guests[guest.name] = guest
-        # Keyed by what a choice depends on: sizes, slices and what each guest holds.
+        # Keyed by what a choice depends on: sizes, slices, what each guest holds and
+        # what it holds in its swap.
         self._solved: dict[
-            tuple[int, tuple[tuple[Slice, ...], ...], tuple[int, ...]], tuple[int, ...]
+            tuple[int, tuple[tuple[Slice, ...], ...], tuple[int, ...], tuple[int, ...]],
+            tuple[int, ...],
         ] = {}
         self._sharing = SharingRule(self._values)
         self._narrower = narrower
@@ -205,10 +211,18 @@ class OraclePolicy:
         self._values.for_host(host_pages, guests, floors)
         held = {v.name: v.sample.allocated_bytes // PAGE_SIZE_BYTES for v in snapshot.guests}
         held_pages = tuple(held.get(g.name, 0) for g in guests)
-        key = (host_pages, slices, held_pages)
+        swapped = {
+            v.name: (v.sample.swap_used_bytes or 0) // PAGE_SIZE_BYTES for v in snapshot.guests
+        }
+        swapped_pages = tuple(swapped.get(g.name, 0) for g in guests)
+        key = (host_pages, slices, held_pages, swapped_pages)
         pages = self._solved.get(key)
         if pages is None:
-            pages = self._solve(host_pages, guests, slices, held_pages, floors)
+            refills = [
+                self._refill(g, s, h, w)
+                for g, s, h, w in zip(guests, slices, held_pages, swapped_pages, strict=True)
+            ]
+            pages = self._solve(host_pages, guests, slices, held_pages, refills, floors)
             self._solved[key] = pages
         pages = _hand_out_slack(pages, host_pages, guests, held)
         # Balloon or host paging is chosen for the period alone: it is chosen again every
@@ -263,12 +277,26 @@ class OraclePolicy:
             at_s += self._period_s
         return times
 
+    def _refill(
+        self, guest: SimGuest, slices: tuple[Slice, ...], held_pages: int, swapped_pages: int
+    ) -> Refill:
+        """What reading ``guest``'s evicted set back costs it, over the window valued:
+        the period and one sample a period after it."""
+        window_s = self._period_s * (1 + len(slices) - self._slices)
+        return Refill(
+            held_pages=held_pages,
+            swapped_pages=swapped_pages,
+            set_pages=guest.kernel_pages + max(active for _, active in slices[: self._slices]),
+            share_per_page=self._swap_in_s / window_s,
+        )
+
     def _solve(
         self,
         host_pages: int,
         guests: Sequence[SimGuest],
         slices: Sequence[tuple[Slice, ...]],
         held_pages: Sequence[int],
+        refills: Sequence[Refill],
         floors: Sequence[int],
     ) -> tuple[int, ...]:
         # What each guest's held size is worth, over the period and the look-ahead:
@@ -277,7 +305,7 @@ class OraclePolicy:
             self._values.values(g, s, np.array([h], dtype=np.int64))
             for g, s, h in zip(guests, slices, held_pages, strict=True)
         ]
-        pages = self._best(host_pages, guests, slices, held, floors)
+        pages = self._best(host_pages, guests, slices, held, refills, floors)
         if self._fair:
             # The sharing rule as a constraint: where the best allocation keeps it
             # already, it is the best that keeps it, and oracle-fair decides as the
@@ -286,7 +314,7 @@ class OraclePolicy:
                 host_pages, guests, [s[: self._slices] for s in slices], floors
             )
             if any(p < f for p, f in zip(pages, fair, strict=True)):
-                pages = self._best(host_pages, guests, slices, held, fair)
+                pages = self._best(host_pages, guests, slices, held, refills, fair)
         return pages
 
     def _best(
@@ -295,17 +323,20 @@ class OraclePolicy:
         guests: Sequence[SimGuest],
         slices: Sequence[tuple[Slice, ...]],
         held: Sequence[tuple[FloatArray, FloatArray]],
+        refills: Sequence[Refill],
         floors: Sequence[int],
     ) -> tuple[int, ...]:
         """The allocations, each at least its floor, that model highest in all;
-        ``held``: what each guest's held size is worth (``GuestValues.values``)."""
+        ``held``: what each guest's held size is worth (``GuestValues.values``);
+        ``refills``: what faulting its set back costs each."""
         step = max(1, host_pages // self._grid_steps)
         options = [
             self._values.options(g, s, floor, step)
             for g, s, floor in zip(guests, slices, floors, strict=True)
         ]
         values = [
-            priced(o.now, o.window, *at_held) for o, at_held in zip(options, held, strict=True)
+            priced(o.now, o.window, *at_held, r.kept(o.floor_pages + o.extra_pages))
+            for o, at_held, r in zip(options, held, refills, strict=True)
         ]
         capacity = min(
             (host_pages - sum(floors)) // step, sum(len(o.extra_pages) - 1 for o in options)
@@ -314,7 +345,7 @@ class OraclePolicy:
         pages = [
             o.floor_pages + int(o.extra_pages[k]) for o, k in zip(options, choices, strict=True)
         ]
-        return self._top_up(pages, host_pages, guests, slices, held)
+        return self._top_up(pages, host_pages, guests, slices, held, refills)
 
     def _top_up(
         self,
@@ -323,6 +354,7 @@ class OraclePolicy:
         guests: Sequence[SimGuest],
         slices: Sequence[tuple[Slice, ...]],
         held: Sequence[tuple[FloatArray, FloatArray]],
+        refills: Sequence[Refill],
     ) -> tuple[int, ...]:
         """Spend what the grid's rounding left, where it raises throughput most."""
         for _ in guests:
@@ -332,7 +364,8 @@ class OraclePolicy:
                 more = min(self._values.top_pages(g, s, pages[i]), pages[i] + left)
                 if more > pages[i]:
                     at = np.array([pages[i], more], dtype=np.int64)
-                    now, then = priced(*self._values.values(g, s, at), *held[i])
+                    values = self._values.values(g, s, at)
+                    now, then = priced(*values, *held[i], refills[i].kept(at))
                     if then - now > best_gain * (1.0 + TIE_TOLERANCE):
                         best_gain, best_i, best_pages = float(then - now), i, more
             if best_i < 0:
