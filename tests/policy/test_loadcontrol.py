@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import pytest
+
 from balloonist.model import GuestView, MemoryPressure
 from balloonist.policy.demand import DemandPolicy, stall_fraction
 from balloonist.policy.loadcontrol import THRASH_PERIODS, TURN_S, LoadControl, Turns
@@ -139,6 +141,31 @@ def test_a_holder_that_thrashes_at_all_its_turn_gives_it_loses_the_turn_to_one_t
     small_s = TURN_S * 1000 / 2000
     later = _run(control, [big, fits], start_s + 1, int(3 * small_s))
     assert later == Turns("small", frozenset({"big"}))
+
+
+@pytest.mark.parametrize(
+    ("swapped_mib", "available_mib", "holder"),
+    [
+        (900, 2300, "small"),  # 1800 + 900 MiB is more than 1.1 x 2300 - 100
+        (400, 2300, "big"),  # 2200 MiB might fit: it gets its turn to find out
+        (900, None, "big"),  # nothing to judge by: its turn tells
+        (None, 2300, "big"),  # its swap unknown
+    ],
+)
+def test_a_guest_whose_footprint_outsizes_the_host_gets_no_turn(
+    swapped_mib: int | None, available_mib: int | None, holder: str
+) -> None:
+    # suite-9-113: a scan that could never fit the host took a turn before it was
+    # found not to, while one that fits waited at its reservation.
+    big = _stalling(guest("big", memory_mib=3000, shares=3000, allocated_mib=1800), 0.9)
+    swapped = None if swapped_mib is None else swapped_mib * MIB
+    big = dataclasses.replace(big, sample=dataclasses.replace(big.sample, swap_used_bytes=swapped))
+    small = _stalling(guest("small", shares=1000, min_mib=100), 0.9)
+    control = LoadControl()
+    available = None if available_mib is None else available_mib * MIB
+    for k in range(THRASH_PERIODS):
+        turns = control.update(float(k), [big, small], [0.9, 0.9], available)
+    assert turns.holder == holder
 
 
 def test_a_holder_that_has_stopped_stalling_keeps_what_it_uses_and_the_rest_goes_back() -> None:

@@ -604,7 +604,7 @@ class DemandPolicy:
         unstalled = (stalls < STALL_THRESHOLD) & ~futile
         demand = np.maximum(demand, lead_bytes(guests, unstalled, growth, set_growth))
         runway = runway_bytes(demand, guests, growth)
-        turns = self._load.update(snapshot.time_s, views, stall_list)
+        turns = self._load.update(snapshot.time_s, views, stall_list, available)
         if turns.holder is not None:
             # Load control: the holder may grow to its limit; the others of the
             # thrashing group fall back to their reservations, keeping only what no
