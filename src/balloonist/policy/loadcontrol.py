@@ -51,6 +51,7 @@ __all__ = [
     "TURN_S",
     "LoadControl",
     "Turns",
+    "outsized",
 ]
 
 #: A guest stalled this share of its time does less than half the work it could.

@@ -280,8 +280,8 @@ class OraclePolicy:
     def _refill(
         self, guest: SimGuest, slices: tuple[Slice, ...], held_pages: int, swapped_pages: int
     ) -> Refill:
-        """What reading ``guest``'s evicted set back costs it, over the window valued:
-        the period and one sample a period after it."""
+        """What reading ``guest``'s evicted set back costs it, as a share of the window
+        its sizes are valued over: the period and the look-ahead's periods."""
         window_s = self._period_s * (1 + len(slices) - self._slices)
         return Refill(
             held_pages=held_pages,
