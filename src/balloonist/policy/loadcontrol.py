@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from balloonist.model import GuestView
+from balloonist.policy.limitpaging import footprint_bytes
 from balloonist.units import MIB
 
 __all__ = [
@@ -220,9 +221,8 @@ def outsized(view: GuestView, views: Sequence[GuestView], available_bytes: int) 
     """Whether ``view``'s footprint, what it holds and what it swapped, is more than
     ``OUTSIZED_FRACTION`` of the most it could hold: its limit, or ``available_bytes``
     less the other guests' reservations. Unknown without its swap figure."""
-    swapped = view.sample.swap_used_bytes
-    if swapped is None:
+    if view.sample.swap_used_bytes is None:
         return False
     others = sum(v.spec.min_bytes for v in views if v.name != view.name)
     most = min(view.spec.limit_bytes, available_bytes - others)
-    return view.sample.allocated_bytes + swapped > OUTSIZED_FRACTION * most
+    return footprint_bytes(view) > OUTSIZED_FRACTION * most
