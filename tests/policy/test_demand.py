@@ -449,7 +449,7 @@ def test_a_guest_still_growing_keeps_the_memory_it_grows_into() -> None:
     fresh = POLICY.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=1.0))
     assert allocations_mib(fresh) == [500, 500]
     growing = policy.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=1.0))
-    assert allocations_mib(growing) == [600, 400]  # it keeps its 600: never more
+    assert allocations_mib(growing) == [600, 400]  # it keeps its 600 (3 s reach: 428)
     stopped = policy.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=2.0))
     assert allocations_mib(stopped) == [500, 500]
     # The runway is not demand: a guest that stalls now is served first. needy holds
@@ -492,6 +492,39 @@ def test_a_guest_that_reports_its_growth_is_led_by_its_reports() -> None:
     # Its reports say it grows at 32 MiB/s: it keeps its runway.
     growing = policy.decide(snapshot(grows(332, 32), idle, host_mib=1000, free_mib=0, time_s=2.0))
     assert allocations_mib(growing) == [600, 400]
+
+
+def test_a_guest_growing_fast_reaches_past_its_allowance_into_memory_nobody_uses() -> None:
+    # grows may use 600 and uses 300, then 500: 200 MiB/s, faster than a decision a
+    # second can follow. Its reach is what it would touch in the next 3 s (1100 MiB,
+    # at most its 1000): it may take what the other guest does not use.
+    def grows(in_use_mib: int) -> GuestView:
+        return calm(
+            guest(
+                "grows",
+                memory_mib=1000,
+                working_set_mib=in_use_mib,
+                register_mib=400,
+                free_mib=600 - in_use_mib,
+            )
+        )
+
+    def after_a_second(other: GuestView) -> list[float]:
+        policy = DemandPolicy(margin_fraction=0.0)
+        policy.decide(snapshot(grows(300), other, host_mib=1000, free_mib=0, time_s=0.0))
+        return allocations_mib(
+            policy.decide(snapshot(grows(500), other, host_mib=1000, free_mib=0, time_s=1.0))
+        )
+
+    # idle uses 50 of its 400 and keeps that and its headroom (10 % and 8 MiB)
+    idle = calm(guest("idle", memory_mib=1000, working_set_mib=50, register_mib=600, free_mib=350))
+    assert after_a_second(idle) == [1000 - 63, 63]
+    # busy uses all of its 400: none of it is free to reach into
+    busy = calm(guest("busy", memory_mib=1000, working_set_mib=400, register_mib=600, free_mib=0))
+    assert after_a_second(busy) == [600, 400]
+    # a policy that has not seen it grow does not reach past what it may use now
+    unseen = POLICY.decide(snapshot(grows(500), idle, host_mib=1000, free_mib=0))
+    assert allocations_mib(unseen)[0] <= 600
 
 
 def test_growth_is_use_gained_per_second_and_nothing_for_the_unknown() -> None:
