@@ -21,7 +21,10 @@ than once, and a slice may hold some policies only (records written with
 ``record_to_json`` under ``"records"``, with the slice's ``wall_s`` and ``cpu_s``);
 ``--count 0`` runs nothing and reports the slices given. Together they must hold each
 (scenario, policy) once, and every policy for every scenario. Each slice's wall and
-CPU time is reported, and their sums.
+CPU time is reported, and their sums. A slice taken out of a run of more policies
+has no wall time of its own: its file gives ``"wall_s": null`` (its ``cpu_s`` is
+its runs' own), and the suite's wall time is then unknown, not guessed. ``balloonist
+suite --report DIR`` writes ``DIR/records.json`` in this form.
 
 A held-out suite (another seed, fewer policies) writes its figures under another
 name and its page elsewhere, e.g. ``--seed 5 --count 100 --policies
@@ -82,14 +85,14 @@ def _earlier(
                 "records_from": path.name,
                 "scenarios": len({r.scenario for r in records}),
                 "policies": sorted({r.policy for r in records}),
-                "wall_s": float(data["wall_s"]),
+                "wall_s": None if data.get("wall_s") is None else float(data["wall_s"]),
                 "cpu_s": float(data["cpu_s"]),
             }
         )
     return parts, slices
 
 
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
@@ -113,7 +116,11 @@ def main() -> int:
         metavar="RECORDS",
         help="records of an earlier slice (repeatable): the figures cover them all",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = _arguments()
     policies = tuple(p for p in args.policies.split(",") if p)
     needed = {DEFAULT_POLICY, *PEERS, "oracle"}
     if not needed <= set(policies):
@@ -147,9 +154,12 @@ def main() -> int:
     except ConfigError as err:
         raise SystemExit(str(err)) from None
     count = len({r.scenario for r in records})
-    wall_s, cpu_s = sum(s["wall_s"] for s in slices), sum(s["cpu_s"] for s in slices)
+    walls = [s["wall_s"] for s in slices]
+    wall_s = None if None in walls else sum(walls)
+    cpu_s = sum(s["cpu_s"] for s in slices)
     # The wall-time goal is for the default suite: 200 hosts x the default policies.
-    wall_goal_s = WALL_GOAL_S if count == 200 and set(policies) == set(POLICIES) else None
+    timed = wall_s is not None and count == 200 and set(policies) == set(POLICIES)
+    wall_goal_s = WALL_GOAL_S if timed else None
     stats = suite_stats(records, bounds=bounds)
     goals = default_policy_goals(stats, DEFAULT_POLICY)
     beaten = beaten_bounds(records)
@@ -168,8 +178,9 @@ def main() -> int:
         "statistics": summary_json(stats),
     }
     path = write_result(args.name, figures)
+    wall = "wall time unknown (a slice has none)" if wall_s is None else f"{wall_s:.0f} s wall"
     print(
-        f"{count} scenarios x {len(policies)} policies: {wall_s:.0f} s wall, "
+        f"{count} scenarios x {len(policies)} policies: {wall}, "
         f"{cpu_s:.0f} CPU s" + (f" (goal {wall_goal_s} s wall)" if wall_goal_s is not None else "")
     )
     for goal in goals:

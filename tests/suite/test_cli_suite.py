@@ -82,7 +82,11 @@ def test_tiny_run_with_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert out.endswith(f"report written to {report}\n")
 
     assert sorted(p.name for p in report.iterdir()) == sorted(command_files())
-    records = json.loads((report / "records.json").read_text())["records"]
+    written = json.loads((report / "records.json").read_text())
+    records = written["records"]
+    # its times, so that bench_suite.py --add-records takes it as a slice
+    assert written["wall_s"] > 0
+    assert written["cpu_s"] == pytest.approx(sum(r["cpu_s"] for r in records))
     assert [(r["scenario"], r["policy"]) for r in records] == [
         (f"suite-2-{i}", p) for i in range(3) for p in ("static", "oracle")
     ]

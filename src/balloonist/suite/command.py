@@ -143,6 +143,9 @@ def run_suite_command(
             "count": options.count,
             "policies": list(options.policies),
             "generator": asdict(params),
+            # so that benchmarks/bench_suite.py --add-records takes it as a slice
+            "wall_s": wall_s,
+            "cpu_s": cpu_s,
         }
         write_suite_report(options.report, [g.data for g in scenarios], records, stats, meta)
         print(f"report written to {options.report}", file=stdout, flush=True)

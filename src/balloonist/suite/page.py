@@ -58,11 +58,19 @@ def write_suite_page(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _slices(meta: dict[str, Any]) -> str:
-    """How many runs the suite was put together from, when more than one (each
-    slice's times are in ``records.json``)."""
+def _times(meta: dict[str, Any]) -> str:
+    """What the suite cost: how many runs it was put together from, when more than
+    one (each slice's times are in ``records.json``), its wall time where every
+    slice has one, and its CPU time."""
     slices = len(meta.get("slices", ()))
-    return f"{slices} slices, their times summed, " if slices > 1 else ""
+    joined = f"{slices} slices, their times summed, " if slices > 1 else ""
+    wall_s = meta["wall_s"]
+    wall = (
+        "no wall time (a slice was taken out of a longer run)"
+        if wall_s is None
+        else f"{wall_s / 60:.1f} min wall"
+    )
+    return f"{joined}{wall}, {meta['cpu_s'] / 60:.0f} CPU min"
 
 
 def _fraction(value: float | None) -> str:
@@ -82,8 +90,7 @@ def suite_markdown(
         f"# The policy suite: {meta['count']} generated hosts, seed {meta['seed']}",
         "",
         "Every policy below on every host of the suite, run side by side "
-        f"(`python benchmarks/bench_suite.py`; {meta['jobs']} processes, {_slices(meta)}"
-        f"{meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.0f} CPU min). "
+        f"(`python benchmarks/bench_suite.py`; {meta['jobs']} processes, {_times(meta)}). "
         "Throughput is the aggregate references per second of all guests, relative to "
         "the `oracle` bound ([oracle.md](../../oracle.md))"
         + (" and to `oracle-fair`, the bound under the sharing rule" if fair else "")
