@@ -426,41 +426,48 @@ def test_a_guest_short_of_available_memory_now_is_rescued_from_idle_memory_at_on
     ]
 
 
+def _grows(in_use_mib: int) -> GuestView:
+    """A calm guest that may use 600 of its 1000 MiB and uses ``in_use_mib``."""
+    return calm(
+        guest(
+            "grows",
+            memory_mib=1000,
+            working_set_mib=in_use_mib,
+            register_mib=400,
+            free_mib=600 - in_use_mib,
+        )
+    )
+
+
+def _idle() -> GuestView:
+    """A calm guest that may use 400 of its 1000 MiB and uses 50."""
+    return calm(guest("idle", memory_mib=1000, working_set_mib=50, register_mib=600, free_mib=350))
+
+
 def test_a_guest_still_growing_keeps_the_memory_it_grows_into() -> None:
     # grows may use 600 and uses 300, then 332: 32 MiB/s. idle may use 400 and uses
     # 50. Led by the working set alone, grows is cut to 500 and the 100 taken go to
     # idle, which does not use them; grows would stall within 6 s and win them back.
-    def grows(in_use_mib: int) -> GuestView:
-        return calm(
-            guest(
-                "grows",
-                memory_mib=1000,
-                working_set_mib=in_use_mib,
-                register_mib=400,
-                free_mib=600 - in_use_mib,
-            )
-        )
-
-    idle = calm(guest("idle", memory_mib=1000, working_set_mib=50, register_mib=600, free_mib=350))
+    idle = _idle()
     policy = DemandPolicy(margin_fraction=0.0)
-    first = policy.decide(snapshot(grows(300), idle, host_mib=1000, free_mib=0, time_s=0.0))
+    first = policy.decide(snapshot(_grows(300), idle, host_mib=1000, free_mib=0, time_s=0.0))
     assert allocations_mib(first) == [500, 500]  # nothing known of its growth yet
     # The same period to a policy with no history: cut to 500.
-    fresh = POLICY.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=1.0))
+    fresh = POLICY.decide(snapshot(_grows(332), idle, host_mib=1000, free_mib=0, time_s=1.0))
     assert allocations_mib(fresh) == [500, 500]
-    growing = policy.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=1.0))
+    growing = policy.decide(snapshot(_grows(332), idle, host_mib=1000, free_mib=0, time_s=1.0))
     assert allocations_mib(growing) == [600, 400]  # it keeps its 600 (3 s reach: 428)
-    stopped = policy.decide(snapshot(grows(332), idle, host_mib=1000, free_mib=0, time_s=2.0))
+    stopped = policy.decide(snapshot(_grows(332), idle, host_mib=1000, free_mib=0, time_s=2.0))
     assert allocations_mib(stopped) == [500, 500]
     # The runway is not demand: a guest that stalls now is served first. needy holds
     # 400 and stalls; it takes all that grows does not demand: what grows uses and
     # its lead (3 s of its growth, at most 16 MiB), not the runway's 16 s.
     needy = stalled(guest("needy", memory_mib=1000, working_set_mib=400, register_mib=600))
-    policy.decide(snapshot(grows(300), needy, host_mib=1000, free_mib=0, time_s=3.0))
-    contended = policy.decide(snapshot(grows(332), needy, host_mib=1000, free_mib=0, time_s=4.0))
+    policy.decide(snapshot(_grows(300), needy, host_mib=1000, free_mib=0, time_s=3.0))
+    contended = policy.decide(snapshot(_grows(332), needy, host_mib=1000, free_mib=0, time_s=4.0))
     assert allocations_mib(contended) == [332 + 16, 1000 - 332 - 16]
     # with no history (no growth seen), its working set and the contended headroom
-    alone = POLICY.decide(snapshot(grows(332), needy, host_mib=1000, free_mib=0, time_s=4.0))
+    alone = POLICY.decide(snapshot(_grows(332), needy, host_mib=1000, free_mib=0, time_s=4.0))
     assert allocations_mib(alone)[0] < 332 + 16
 
 
@@ -481,7 +488,7 @@ def test_a_guest_that_reports_its_growth_is_led_by_its_reports() -> None:
         sample = dataclasses.replace(view.sample, use_growth_bytes_per_s=reported_mib_per_s * MIB)
         return dataclasses.replace(view, sample=sample)
 
-    idle = calm(guest("idle", memory_mib=1000, working_set_mib=50, register_mib=600, free_mib=350))
+    idle = _idle()
     policy = DemandPolicy(margin_fraction=0.0)
     assert allocations_mib(
         policy.decide(snapshot(grows(300, 0.0), idle, host_mib=1000, free_mib=0, time_s=0.0))
@@ -498,32 +505,21 @@ def test_a_guest_growing_fast_reaches_past_its_allowance_into_memory_nobody_uses
     # grows may use 600 and uses 300, then 500: 200 MiB/s, faster than a decision a
     # second can follow. Its reach is what it would touch in the next 3 s (1100 MiB,
     # at most its 1000): it may take what the other guest does not use.
-    def grows(in_use_mib: int) -> GuestView:
-        return calm(
-            guest(
-                "grows",
-                memory_mib=1000,
-                working_set_mib=in_use_mib,
-                register_mib=400,
-                free_mib=600 - in_use_mib,
-            )
-        )
-
     def after_a_second(other: GuestView) -> list[float]:
         policy = DemandPolicy(margin_fraction=0.0)
-        policy.decide(snapshot(grows(300), other, host_mib=1000, free_mib=0, time_s=0.0))
+        policy.decide(snapshot(_grows(300), other, host_mib=1000, free_mib=0, time_s=0.0))
         return allocations_mib(
-            policy.decide(snapshot(grows(500), other, host_mib=1000, free_mib=0, time_s=1.0))
+            policy.decide(snapshot(_grows(500), other, host_mib=1000, free_mib=0, time_s=1.0))
         )
 
     # idle uses 50 of its 400 and keeps that and its headroom (10 % and 8 MiB)
-    idle = calm(guest("idle", memory_mib=1000, working_set_mib=50, register_mib=600, free_mib=350))
+    idle = _idle()
     assert after_a_second(idle) == [1000 - 63, 63]
     # busy uses all of its 400: none of it is free to reach into
     busy = calm(guest("busy", memory_mib=1000, working_set_mib=400, register_mib=600, free_mib=0))
     assert after_a_second(busy) == [600, 400]
     # a policy that has not seen it grow does not reach past what it may use now
-    unseen = POLICY.decide(snapshot(grows(500), idle, host_mib=1000, free_mib=0))
+    unseen = POLICY.decide(snapshot(_grows(500), idle, host_mib=1000, free_mib=0))
     assert allocations_mib(unseen)[0] <= 600
 
 

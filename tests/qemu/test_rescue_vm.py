@@ -91,10 +91,12 @@ def burst_and_rescue(
             run_until(None, 1.0)  # one period
             burst = guest_status(daemon, "burst")
             short_bytes = burst.available_short_bytes or 0
-            if not held and short_bytes == 0 and _resident_mib(serial_lines(record)) == BURST_MIB:
-                # The demand policy's reach gave the growing guest the donor's unused
-                # memory before it ever ran short: served in 0 periods.
-                return 0, serial_lines(record), ["served before it ran short"]
+            if not held and short_bytes == 0:
+                lines = serial_lines(record)
+                if _resident_mib(lines) == BURST_MIB:
+                    # The demand policy's reach gave the growing guest the donor's
+                    # unused memory before it ever ran short: served in 0 periods.
+                    return 0, lines, ["served before it ran short"]
             if short_bytes >= RESCUE_SHORT_BYTES or held:
                 held.append(burst.allocated_bytes)
                 donor = guest_status(daemon, "donor").allocated_bytes
