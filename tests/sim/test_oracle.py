@@ -668,3 +668,26 @@ def test_duplicate_guest_names_are_refused() -> None:
     twin = _guest("a", Workload(WorkloadKind.IDLE))
     with pytest.raises(ConfigError, match="duplicate"):
         _oracle([twin, twin])
+
+
+@pytest.mark.parametrize(("wakes_s", "lent"), [(30.0, False), (300.0, True)])
+def test_an_idle_guest_keeps_the_cache_it_reads_again_unless_it_wakes_late(
+    wakes_s: float, lent: bool
+) -> None:
+    # "a" uses a 100 MiB set, idles from 10 s and uses it again from ``wakes_s``, past
+    # the 10-s look-ahead; "b" would gain 31 k refs/s from a's 100 MiB. Lent, those
+    # pages cost "a" 2.6 s of its million refs a second when it wakes: 128 k/s spread
+    # over 20 s, 9 k/s over 290 s.
+    uniform = Workload(WorkloadKind.UNIFORM, _pages(100))
+    a_plan = WorkloadPlan(
+        (Phase(0.0, uniform), Phase(10.0, Workload(WorkloadKind.IDLE)), Phase(wakes_s, uniform))
+    )
+    guests = [_guest("a", a_plan), _guest("b", Workload(WorkloadKind.UNIFORM, _pages(300)))]
+    host = (100 + 150 + 2 * 16) * MIB
+    held = {"a": 116 * MIB, "b": 166 * MIB}
+    oracle = _oracle(guests, until_s=400.0)
+    pages = _allocations_pages(oracle.decide(_snapshot(guests, host, 10.0, held)))
+    assert (pages["a"] < KERNEL_PAGES + _pages(100)) == lent
+    # Past its last wake, nothing of its cache is read again: it is lent.
+    last = _oracle(guests, until_s=wakes_s).decide(_snapshot(guests, host, 10.0, held))
+    assert _allocations_pages(last)["a"] == KERNEL_PAGES

@@ -19,6 +19,9 @@ would raise no guest's steady-state throughput is still given out (first to the
 guests already holding it): it spares evictions when a working set moves. A size
 above what a guest holds is charged the time it takes to read its set back from its
 swap (``Refill``): the steady state values a set held and one to be faulted back alike.
+Taking pages from a guest that will read them again only after the look-ahead (an
+idle guest that wakes later) is charged that read, spread over the time until it
+wakes (``Lending``).
 
 A guest may instead be left without a balloon and capped by the host, which pages it
 at random (``CurveBook.host_miss_ratio``, at the host's swap costs), where its own
@@ -60,6 +63,7 @@ from balloonist.sim.valuation import (
     FloatArray,
     GuestValues,
     HostPaging,
+    Lending,
     ModeValues,
     Refill,
     Slice,
@@ -90,6 +94,8 @@ GRID_STEPS: Final = 512
 LOOKAHEAD_S: Final = 10.0
 #: The sharing rule: no guest below this share of its throughput under ``static``.
 FAIR_FRACTION: Final = 0.9
+#: No charge for taking a guest's pages: it reads none of them again past the look-ahead.
+NO_LENDING: Final = Lending(need_pages=0, keep_pages=0, refs_per_s_per_page=0.0)
 
 
 def best_choices(values: Sequence[FloatArray], capacity: int) -> tuple[tuple[int, ...], float]:
@@ -177,13 +183,25 @@ class OraclePolicy:
                 raise ConfigError(f"duplicate guest name {guest.name!r}", where=where)
             self._guests[guest.name] = guest
         # Keyed by what a choice depends on: sizes, slices, what each guest holds and
-        # what it holds in its swap.
+        # what it holds in its swap, and what lending its pages costs.
         self._solved: dict[
-            tuple[int, tuple[tuple[Slice, ...], ...], tuple[int, ...], tuple[int, ...]],
+            tuple[
+                int,
+                tuple[tuple[Slice, ...], ...],
+                tuple[int, ...],
+                tuple[int, ...],
+                tuple[Lending, ...],
+            ],
             tuple[int, ...],
         ] = {}
         self._sharing = SharingRule(self._values)
         self._narrower = narrower
+        # Each guest's active set a period apart over the whole run, for Lending.
+        self._timeline_s = np.arange(0.0, until_s if until_s is not None else 0.0, period_s)
+        self._active_pages = {
+            g.name: np.array([g.plan.active_pages_at(t) for t in self._timeline_s], dtype=np.int64)
+            for g in guests
+        }
 
     @property
     def name(self) -> str:
@@ -215,14 +233,18 @@ class OraclePolicy:
             v.name: (v.sample.swap_used_bytes or 0) // PAGE_SIZE_BYTES for v in snapshot.guests
         }
         swapped_pages = tuple(swapped.get(g.name, 0) for g in guests)
-        key = (host_pages, slices, held_pages, swapped_pages)
+        lendings = tuple(
+            self._lending(g, s, h, snapshot.time_s)
+            for g, s, h in zip(guests, slices, held_pages, strict=True)
+        )
+        key = (host_pages, slices, held_pages, swapped_pages, lendings)
         pages = self._solved.get(key)
         if pages is None:
             refills = [
                 self._refill(g, s, h, w)
                 for g, s, h, w in zip(guests, slices, held_pages, swapped_pages, strict=True)
             ]
-            pages = self._solve(host_pages, guests, slices, held_pages, refills, floors)
+            pages = self._solve(host_pages, guests, slices, held_pages, refills, lendings, floors)
             self._solved[key] = pages
         pages = _hand_out_slack(pages, host_pages, guests, held)
         # Balloon or host paging is chosen for the period alone: it is chosen again every
@@ -290,6 +312,40 @@ class OraclePolicy:
             share_per_page=self._swap_in_s / window_s,
         )
 
+    def _lending(
+        self, guest: SimGuest, slices: tuple[Slice, ...], held_pages: int, time_s: float
+    ) -> Lending:
+        """What taking the pages ``guest`` holds past what the period and look-ahead
+        value costs it, where it reads them again later in the run: when its active set
+        next outgrows the window's, the overlap of that set with the last one it used
+        (what its cache holds) is read back."""
+        need_pages = guest.kernel_pages + max(active for _, active in slices)
+        if held_pages <= need_pages:
+            return NO_LENDING
+        active = self._active_pages[guest.name]
+        window_end_s = time_s + self._period_s * (1 + len(slices) - self._slices)
+        later = (self._timeline_s >= window_end_s) & (guest.kernel_pages + active > need_pages)
+        used = np.flatnonzero((self._timeline_s <= time_s) & (active > 0))
+        if not later.any() or len(used) == 0:
+            return NO_LENDING
+        wake, last = int(np.argmax(later)), int(used[-1])
+        wake_s = float(self._timeline_s[wake])
+        wakes_with = (guest.plan.at(wake_s), int(active[wake]))
+        reread = _overlap_pages(
+            (guest.plan.at(float(self._timeline_s[last])), int(active[last])), wakes_with
+        )
+        keep_pages = min(held_pages, guest.kernel_pages + reread)
+        if keep_pages <= need_pages:
+            return NO_LENDING
+        at_wake = self._values.mode_value(
+            guest, (wakes_with,), np.array([keep_pages], dtype=np.int64), host_paged=False
+        )
+        return Lending(
+            need_pages=need_pages,
+            keep_pages=keep_pages,
+            refs_per_s_per_page=self._swap_in_s * float(at_wake[0]) / (wake_s - time_s),
+        )
+
     def _solve(
         self,
         host_pages: int,
@@ -297,6 +353,7 @@ class OraclePolicy:
         slices: Sequence[tuple[Slice, ...]],
         held_pages: Sequence[int],
         refills: Sequence[Refill],
+        lendings: Sequence[Lending],
         floors: Sequence[int],
     ) -> tuple[int, ...]:
         # What each guest's held size is worth, over the period and the look-ahead:
@@ -305,7 +362,8 @@ class OraclePolicy:
             self._values.values(g, s, np.array([h], dtype=np.int64))
             for g, s, h in zip(guests, slices, held_pages, strict=True)
         ]
-        pages = self._best(host_pages, guests, slices, held, refills, floors)
+        charges = list(zip(refills, lendings, strict=True))
+        pages = self._best(host_pages, guests, slices, held, charges, floors)
         if self._fair:
             # The sharing rule as a constraint: where the best allocation keeps it
             # already, it is the best that keeps it, and oracle-fair decides as the
@@ -314,7 +372,7 @@ class OraclePolicy:
                 host_pages, guests, [s[: self._slices] for s in slices], floors
             )
             if any(p < f for p, f in zip(pages, fair, strict=True)):
-                pages = self._best(host_pages, guests, slices, held, refills, fair)
+                pages = self._best(host_pages, guests, slices, held, charges, fair)
         return pages
 
     def _best(
@@ -323,20 +381,20 @@ class OraclePolicy:
         guests: Sequence[SimGuest],
         slices: Sequence[tuple[Slice, ...]],
         held: Sequence[tuple[FloatArray, FloatArray]],
-        refills: Sequence[Refill],
+        charges: Sequence[tuple[Refill, Lending]],
         floors: Sequence[int],
     ) -> tuple[int, ...]:
         """The allocations, each at least its floor, that model highest in all;
         ``held``: what each guest's held size is worth (``GuestValues.values``);
-        ``refills``: what faulting its set back costs each."""
+        ``charges``: what faulting its set back, and lending its pages, cost each."""
         step = max(1, host_pages // self._grid_steps)
         options = [
-            self._values.options(g, s, floor, step)
-            for g, s, floor in zip(guests, slices, floors, strict=True)
+            self._values.options(g, s, floor, step, lending.keep_pages)
+            for g, s, floor, (_, lending) in zip(guests, slices, floors, charges, strict=True)
         ]
         values = [
-            priced(o.now, o.window, *at_held, r.kept(o.floor_pages + o.extra_pages))
-            for o, at_held, r in zip(options, held, refills, strict=True)
+            _charged(o.floor_pages + o.extra_pages, o.now, o.window, at_held, charge)
+            for o, at_held, charge in zip(options, held, charges, strict=True)
         ]
         capacity = min(
             (host_pages - sum(floors)) // step, sum(len(o.extra_pages) - 1 for o in options)
@@ -345,7 +403,7 @@ class OraclePolicy:
         pages = [
             o.floor_pages + int(o.extra_pages[k]) for o, k in zip(options, choices, strict=True)
         ]
-        return self._top_up(pages, host_pages, guests, slices, held, refills)
+        return self._top_up(pages, host_pages, guests, slices, held, charges)
 
     def _top_up(
         self,
@@ -354,18 +412,18 @@ class OraclePolicy:
         guests: Sequence[SimGuest],
         slices: Sequence[tuple[Slice, ...]],
         held: Sequence[tuple[FloatArray, FloatArray]],
-        refills: Sequence[Refill],
+        charges: Sequence[tuple[Refill, Lending]],
     ) -> tuple[int, ...]:
         """Spend what the grid's rounding left, where it raises throughput most."""
         for _ in guests:
             left = host_pages - sum(pages)
             best_gain, best_i, best_pages = 0.0, -1, 0
             for i, (g, s) in enumerate(zip(guests, slices, strict=True)):
-                more = min(self._values.top_pages(g, s, pages[i]), pages[i] + left)
+                top = self._values.top_pages(g, s, pages[i], charges[i][1].keep_pages)
+                more = min(top, pages[i] + left)
                 if more > pages[i]:
                     at = np.array([pages[i], more], dtype=np.int64)
-                    values = self._values.values(g, s, at)
-                    now, then = priced(*values, *held[i], refills[i].kept(at))
+                    now, then = _charged(at, *self._values.values(g, s, at), held[i], charges[i])
                     if then - now > best_gain * (1.0 + TIE_TOLERANCE):
                         best_gain, best_i, best_pages = float(then - now), i, more
             if best_i < 0:
@@ -430,6 +488,26 @@ class SharingRule:
             else:
                 low = mid + 1
         return low
+
+
+def _charged(
+    pages: npt.NDArray[np.int64],
+    now: FloatArray,
+    window: FloatArray,
+    held: tuple[FloatArray, FloatArray],
+    charge: tuple[Refill, Lending],
+) -> FloatArray:
+    """Sizes ``pages``' worth (:func:`priced`), less what reading a set back costs."""
+    refill, lending = charge
+    return priced(now, window, *held, refill.kept(pages)) - lending.cost(pages)
+
+
+def _overlap_pages(used: Slice, wakes_with: Slice) -> int:
+    """How many pages of one active set lie in another (each from its offset)."""
+    (a, a_pages), (b, b_pages) = used, wakes_with
+    start = max(a.offset_pages, b.offset_pages)
+    end = min(a.offset_pages + a_pages, b.offset_pages + b_pages)
+    return max(0, end - start)
 
 
 def _hand_out_slack(
