@@ -564,3 +564,17 @@ def test_the_default_margin_holds_back_half_a_percent_of_the_host() -> None:
     views = [stalled(guest(n, memory_mib=1000, register_mib=500)) for n in "ab"]
     d = DemandPolicy().decide(snapshot(*views, host_mib=1000))
     assert sum(t.allocation_bytes for t in d.targets) == 995 * MIB
+
+
+def test_a_quiet_guest_without_a_balloon_wants_no_more_than_it_uses() -> None:
+    # suite-10-56: a guest without a balloon and 5.7x the shares held its 117 MiB
+    # zipf set in 133 MiB and was allotted its headroom over that. Nothing stops it
+    # taking memory when it needs it, and it never touched that, so the memory sat
+    # free while a ballooned guest 4 MiB short thrashed.
+    plain = calm(guest("plain", memory_mib=216, working_set_mib=117, shares=5700, balloon=False))
+    plain = dataclasses.replace(
+        plain, sample=dataclasses.replace(plain.sample, allocated_bytes=133 * MIB)
+    )
+    assert demand_bytes([plain])[0] == 133 * MIB
+    other = calm(guest("other", memory_mib=100, working_set_mib=20))
+    assert allocations_mib(POLICY.decide(snapshot(plain, other, host_mib=163))) == [133, 30]

@@ -13,7 +13,8 @@ they once used. This policy starts from demand instead:
      now, so its demand is its current allowance plus a step that grows with the
      stall; a guest that stalls a little keeps what it uses; a quiet one wants no
      more than it may use now (the headroom above that is a guess, and serving it
-     would take pages from guests that use them);
+     would take pages from guests that use them), and one without a balloon no more
+     than it uses;
    - a guest not short whose use and working set both grow wants the next few seconds
      of its growth too, past what it may hold now (its *lead*, at most a stalled
      guest's smallest step): asked by its stall, the memory would come periods late;
@@ -370,7 +371,11 @@ def demand_bytes(
     # stall. Its working set's headroom above that is a guess, and serving the guess
     # first takes pages from a guest that uses them all (suite-1-135: an idle
     # guest's slow average took 40 MiB from one that fit by 3 MiB, every few seconds).
-    quiet = np.minimum(demand, allowance)
+    # A guest without a balloon may use all its memory, so it wants no more than it
+    # uses: its headroom held for it sat free while a ballooned guest a few MiB short
+    # thrashed (suite-10-56, 10-80); when it grows, it takes the memory itself.
+    no_balloon = np.array([not (g.spec.balloon and g.sample.cooperative) for g in guests])
+    quiet = np.minimum(demand, np.where(no_balloon, np.minimum(in_use, allowance), allowance))
     demand = np.where(
         futile,
         quiet,
