@@ -571,9 +571,15 @@ def test_a_quiet_guest_without_a_balloon_wants_no_more_than_it_uses() -> None:
     # zipf set in 133 MiB and was allotted its headroom over that. Nothing stops it
     # taking memory when it needs it, and it never touched that, so the memory sat
     # free while a ballooned guest 4 MiB short thrashed.
-    plain = calm(guest("plain", memory_mib=216, working_set_mib=117, shares=5700, balloon=False))
-    plain = dataclasses.replace(
-        plain, sample=dataclasses.replace(plain.sample, allocated_bytes=133 * MIB)
+    plain = calm(
+        guest(
+            "plain",
+            memory_mib=216,
+            working_set_mib=117,
+            shares=5700,
+            balloon=False,
+            allocated_mib=133,
+        )
     )
     assert demand_bytes([plain])[0] == 133 * MIB
     other = calm(guest("other", memory_mib=100, working_set_mib=20))
