@@ -497,7 +497,8 @@ def _charged(
     held: tuple[FloatArray, FloatArray],
     charge: tuple[Refill, Lending],
 ) -> FloatArray:
-    """Sizes ``pages``' worth (:func:`priced`), less what reading a set back costs."""
+    """Sizes ``pages``' worth (:func:`priced`), less what reading its set back, or
+    lending pages it will read again, costs the guest."""
     refill, lending = charge
     return priced(now, window, *held, refill.kept(pages)) - lending.cost(pages)
 
