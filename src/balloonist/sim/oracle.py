@@ -67,6 +67,7 @@ from balloonist.sim.valuation import (
     ModeValues,
     Refill,
     Slice,
+    Wakes,
     limit_pages,
     priced,
     throughput_refs_per_s,
@@ -94,8 +95,6 @@ GRID_STEPS: Final = 512
 LOOKAHEAD_S: Final = 10.0
 #: The sharing rule: no guest below this share of its throughput under ``static``.
 FAIR_FRACTION: Final = 0.9
-#: No charge for taking a guest's pages: it reads none of them again past the look-ahead.
-NO_LENDING: Final = Lending(need_pages=0, keep_pages=0, refs_per_s_per_page=0.0)
 
 
 def best_choices(values: Sequence[FloatArray], capacity: int) -> tuple[tuple[int, ...], float]:
@@ -130,6 +129,26 @@ def best_choices(values: Sequence[FloatArray], capacity: int) -> tuple[tuple[int
         chosen.append(k)
         left -= k
     return tuple(reversed(chosen)), float(best[capacity])
+
+
+#: What a period's choice depends on: host size, slices, what each guest holds and what
+#: it holds in its swap, and what lending its pages costs.
+_SolveKey = tuple[
+    int, tuple[tuple[Slice, ...], ...], tuple[int, ...], tuple[int, ...], tuple[Lending, ...]
+]
+
+
+def _ahead_s(
+    time_s: float, period_s: float, lookahead_s: float, until_s: float | None
+) -> list[float]:
+    """The look-ahead's sample times: one a period, after this one, within the run."""
+    times: list[float] = []
+    at_s = time_s + period_s
+    end_s = time_s + lookahead_s if until_s is None else min(time_s + lookahead_s, until_s)
+    while at_s < end_s:
+        times.append(at_s)
+        at_s += period_s
+    return times
 
 
 class OraclePolicy:
@@ -182,26 +201,16 @@ class OraclePolicy:
             if guest.name in self._guests:
                 raise ConfigError(f"duplicate guest name {guest.name!r}", where=where)
             self._guests[guest.name] = guest
-        # Keyed by what a choice depends on: sizes, slices, what each guest holds and
-        # what it holds in its swap, and what lending its pages costs.
-        self._solved: dict[
-            tuple[
-                int,
-                tuple[tuple[Slice, ...], ...],
-                tuple[int, ...],
-                tuple[int, ...],
-                tuple[Lending, ...],
-            ],
-            tuple[int, ...],
-        ] = {}
+        self._solved: dict[_SolveKey, tuple[int, ...]] = {}
         self._sharing = SharingRule(self._values)
         self._narrower = narrower
-        # Each guest's active set a period apart over the whole run, for Lending.
-        self._timeline_s = np.arange(0.0, until_s if until_s is not None else 0.0, period_s)
-        self._active_pages = {
-            g.name: np.array([g.plan.active_pages_at(t) for t in self._timeline_s], dtype=np.int64)
-            for g in guests
-        }
+        self._wakes = Wakes(
+            guests,
+            self._values,
+            period_s=period_s,
+            until_s=until_s,
+            swap_in_s=costs.guest_swap_in_s,
+        )
 
     @property
     def name(self) -> str:
@@ -220,7 +229,7 @@ class OraclePolicy:
         guests = tuple(self._guests.values())
         host_pages = snapshot.host.memory_bytes // PAGE_SIZE_BYTES
         times = [snapshot.time_s + k * self._period_s / self._slices for k in range(self._slices)]
-        times += self._ahead_s(snapshot.time_s)
+        times += _ahead_s(snapshot.time_s, self._period_s, self._lookahead_s, self._until_s)
         # The period's slices, then the look-ahead's: sizes are valued over them all.
         slices = tuple(
             tuple((g.plan.at(t), g.plan.active_pages_at(t)) for t in times) for g in guests
@@ -233,8 +242,10 @@ class OraclePolicy:
             v.name: (v.sample.swap_used_bytes or 0) // PAGE_SIZE_BYTES for v in snapshot.guests
         }
         swapped_pages = tuple(swapped.get(g.name, 0) for g in guests)
+        # The window valued ends after the period and the look-ahead's periods.
+        window_end_s = snapshot.time_s + self._period_s * (1 + len(times) - self._slices)
         lendings = tuple(
-            self._lending(g, s, h, snapshot.time_s)
+            self._wakes.lending(g, s, h, snapshot.time_s, window_end_s)
             for g, s, h in zip(guests, slices, held_pages, strict=True)
         )
         key = (host_pages, slices, held_pages, swapped_pages, lendings)
@@ -287,18 +298,6 @@ class OraclePolicy:
         self._values.for_host(host_pages, tuple(self._guests.values()), floors)
         return all(self._values.may_host_page(g, s[: self._slices]) for g, s in paged)
 
-    def _ahead_s(self, time_s: float) -> list[float]:
-        """The look-ahead's sample times: one a period, after this one, within the run."""
-        times: list[float] = []
-        at_s = time_s + self._period_s
-        end_s = time_s + self._lookahead_s
-        if self._until_s is not None:
-            end_s = min(end_s, self._until_s)
-        while at_s < end_s:
-            times.append(at_s)
-            at_s += self._period_s
-        return times
-
     def _refill(
         self, guest: SimGuest, slices: tuple[Slice, ...], held_pages: int, swapped_pages: int
     ) -> Refill:
@@ -310,40 +309,6 @@ class OraclePolicy:
             swapped_pages=swapped_pages,
             set_pages=guest.kernel_pages + max(active for _, active in slices[: self._slices]),
             share_per_page=self._swap_in_s / window_s,
-        )
-
-    def _lending(
-        self, guest: SimGuest, slices: tuple[Slice, ...], held_pages: int, time_s: float
-    ) -> Lending:
-        """What taking the pages ``guest`` holds past what the period and look-ahead
-        value costs it, where it reads them again later in the run: when its active set
-        next outgrows the window's, the overlap of that set with the last one it used
-        (what its cache holds) is read back."""
-        need_pages = guest.kernel_pages + max(active for _, active in slices)
-        if held_pages <= need_pages:
-            return NO_LENDING
-        active = self._active_pages[guest.name]
-        window_end_s = time_s + self._period_s * (1 + len(slices) - self._slices)
-        later = (self._timeline_s >= window_end_s) & (guest.kernel_pages + active > need_pages)
-        used = np.flatnonzero((self._timeline_s <= time_s) & (active > 0))
-        if not later.any() or len(used) == 0:
-            return NO_LENDING
-        wake, last = int(np.argmax(later)), int(used[-1])
-        wake_s = float(self._timeline_s[wake])
-        wakes_with = (guest.plan.at(wake_s), int(active[wake]))
-        reread = _overlap_pages(
-            (guest.plan.at(float(self._timeline_s[last])), int(active[last])), wakes_with
-        )
-        keep_pages = min(held_pages, guest.kernel_pages + reread)
-        if keep_pages <= need_pages:
-            return NO_LENDING
-        at_wake = self._values.mode_value(
-            guest, (wakes_with,), np.array([keep_pages], dtype=np.int64), host_paged=False
-        )
-        return Lending(
-            need_pages=need_pages,
-            keep_pages=keep_pages,
-            refs_per_s_per_page=self._swap_in_s * float(at_wake[0]) / (wake_s - time_s),
         )
 
     def _solve(
@@ -501,14 +466,6 @@ def _charged(
     lending pages it will read again, costs the guest."""
     refill, lending = charge
     return priced(now, window, *held, refill.kept(pages)) - lending.cost(pages)
-
-
-def _overlap_pages(used: Slice, wakes_with: Slice) -> int:
-    """How many pages of one active set lie in another (each from its offset)."""
-    (a, a_pages), (b, b_pages) = used, wakes_with
-    start = max(a.offset_pages, b.offset_pages)
-    end = min(a.offset_pages + a_pages, b.offset_pages + b_pages)
-    return max(0, end - start)
 
 
 def _hand_out_slack(

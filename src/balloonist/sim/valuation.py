@@ -25,6 +25,7 @@ from balloonist.sim.workload import Workload
 from balloonist.units import PAGE_SIZE_BYTES
 
 __all__ = [
+    "NO_LENDING",
     "TIE_TOLERANCE",
     "FloatArray",
     "GuestValues",
@@ -35,6 +36,7 @@ __all__ = [
     "Options",
     "Refill",
     "Slice",
+    "Wakes",
     "limit_pages",
     "priced",
     "throughput_refs_per_s",
@@ -150,6 +152,10 @@ class Lending:
         taken = np.clip(self.keep_pages - np.maximum(pages, self.need_pages), 0, None)
         charge: FloatArray = taken * self.refs_per_s_per_page
         return charge
+
+
+#: No charge for taking a guest's pages: it reads none of them again past the look-ahead.
+NO_LENDING: Final = Lending(need_pages=0, keep_pages=0, refs_per_s_per_page=0.0)
 
 
 def limit_pages(guest: SimGuest) -> int:
@@ -321,3 +327,70 @@ class GuestValues:
             cached = Options(floor_pages, extra, now, window)
             self._options[key] = cached
         return cached
+
+
+class Wakes:
+    """Each guest's active set a period apart over the whole run: when it next needs
+    more than a window values, and what lending its cache until then costs it."""
+
+    def __init__(
+        self,
+        guests: Sequence[SimGuest],
+        values: GuestValues,
+        *,
+        period_s: float,
+        until_s: float | None,
+        swap_in_s: float,
+    ) -> None:
+        """``until_s``: the run's end (None: unknown, and nothing is charged)."""
+        self._values = values
+        self._swap_in_s = swap_in_s
+        self._timeline_s = np.arange(0.0, until_s if until_s is not None else 0.0, period_s)
+        self._active_pages = {
+            g.name: np.array([g.plan.active_pages_at(t) for t in self._timeline_s], dtype=np.int64)
+            for g in guests
+        }
+
+    def lending(
+        self,
+        guest: SimGuest,
+        slices: tuple[Slice, ...],
+        held_pages: int,
+        time_s: float,
+        window_end_s: float,
+    ) -> Lending:
+        """What taking the pages ``guest`` holds past what ``slices`` value costs it,
+        where it reads them again later in the run: when its active set next outgrows
+        the window's (from ``window_end_s``), the overlap of that set with the last one
+        it used (what its cache holds) is read back."""
+        need_pages = guest.kernel_pages + max(active for _, active in slices)
+        if held_pages <= need_pages:
+            return NO_LENDING
+        timeline_s, active = self._timeline_s, self._active_pages[guest.name]
+        later = (timeline_s >= window_end_s) & (guest.kernel_pages + active > need_pages)
+        used = np.flatnonzero((timeline_s <= time_s) & (active > 0))
+        if not later.any() or len(used) == 0:
+            return NO_LENDING
+        wake, last = int(np.argmax(later)), int(used[-1])
+        wake_s = float(timeline_s[wake])
+        wakes_with = (guest.plan.at(wake_s), int(active[wake]))
+        last_used = (guest.plan.at(float(timeline_s[last])), int(active[last]))
+        keep_pages = min(held_pages, guest.kernel_pages + _overlap_pages(last_used, wakes_with))
+        if keep_pages <= need_pages:
+            return NO_LENDING
+        at_wake = self._values.mode_value(
+            guest, (wakes_with,), np.array([keep_pages], dtype=np.int64), host_paged=False
+        )
+        return Lending(
+            need_pages=need_pages,
+            keep_pages=keep_pages,
+            refs_per_s_per_page=self._swap_in_s * float(at_wake[0]) / (wake_s - time_s),
+        )
+
+
+def _overlap_pages(used: Slice, wakes_with: Slice) -> int:
+    """How many pages of one active set lie in another (each from its offset)."""
+    (a, a_pages), (b, b_pages) = used, wakes_with
+    start = max(a.offset_pages, b.offset_pages)
+    end = min(a.offset_pages + a_pages, b.offset_pages + b_pages)
+    return max(0, end - start)
