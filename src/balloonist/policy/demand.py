@@ -225,10 +225,7 @@ class _Guests:
                 [g.spec.balloon and g.name not in host_capped for g in guests], dtype=np.bool_
             ),
             ballooned=np.array(
-                [
-                    g.spec.balloon and g.sample.cooperative and g.name not in host_capped
-                    for g in guests
-                ],
+                [_balloon_follows(g) and g.name not in host_capped for g in guests],
                 dtype=np.bool_,
             ),
         )
@@ -238,6 +235,11 @@ class _Guests:
         """What each guest may use now: its memory less what its balloon holds."""
         out: I64 = self.memory - self.balloon
         return out
+
+
+def _balloon_follows(view: GuestView) -> bool:
+    """Whether the guest has a balloon driver that follows its register."""
+    return view.spec.balloon and view.sample.cooperative
 
 
 def _in_use_bytes(view: GuestView) -> int:
@@ -374,7 +376,7 @@ def demand_bytes(
     # A guest without a balloon may use all its memory, so it wants no more than it
     # uses: its headroom held for it sat free while a ballooned guest a few MiB short
     # thrashed (suite-10-56, 10-80); when it grows, it takes the memory itself.
-    no_balloon = np.array([not (g.spec.balloon and g.sample.cooperative) for g in guests])
+    no_balloon = np.array([not _balloon_follows(g) for g in guests])
     quiet = np.minimum(demand, np.where(no_balloon, np.minimum(in_use, allowance), allowance))
     demand = np.where(
         futile,

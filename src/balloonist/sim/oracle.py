@@ -242,17 +242,17 @@ class OraclePolicy:
             v.name: (v.sample.swap_used_bytes or 0) // PAGE_SIZE_BYTES for v in snapshot.guests
         }
         swapped_pages = tuple(swapped.get(g.name, 0) for g in guests)
-        # The window valued ends after the period and the look-ahead's periods.
-        window_end_s = snapshot.time_s + self._period_s * (1 + len(times) - self._slices)
+        # The window valued: the period and the look-ahead's periods.
+        window_s = self._period_s * (1 + len(times) - self._slices)
         lendings = tuple(
-            self._wakes.lending(g, s, h, snapshot.time_s, window_end_s)
+            self._wakes.lending(g, s, h, snapshot.time_s, snapshot.time_s + window_s)
             for g, s, h in zip(guests, slices, held_pages, strict=True)
         )
         key = (host_pages, slices, held_pages, swapped_pages, lendings)
         pages = self._solved.get(key)
         if pages is None:
             refills = [
-                self._refill(g, s, h, w)
+                self._refill(g, s, h, w, window_s)
                 for g, s, h, w in zip(guests, slices, held_pages, swapped_pages, strict=True)
             ]
             pages = self._solve(host_pages, guests, slices, held_pages, refills, lendings, floors)
@@ -299,11 +299,15 @@ class OraclePolicy:
         return all(self._values.may_host_page(g, s[: self._slices]) for g, s in paged)
 
     def _refill(
-        self, guest: SimGuest, slices: tuple[Slice, ...], held_pages: int, swapped_pages: int
+        self,
+        guest: SimGuest,
+        slices: tuple[Slice, ...],
+        held_pages: int,
+        swapped_pages: int,
+        window_s: float,
     ) -> Refill:
-        """What reading ``guest``'s evicted set back costs it, as a share of the window
-        its sizes are valued over: the period and the look-ahead's periods."""
-        window_s = self._period_s * (1 + len(slices) - self._slices)
+        """What reading ``guest``'s evicted set back costs it, as a share of the
+        ``window_s`` its sizes are valued over: the period and the look-ahead's periods."""
         return Refill(
             held_pages=held_pages,
             swapped_pages=swapped_pages,
