@@ -3,11 +3,14 @@
 
 Thresholds, as in ``tests/qemu/test_daemon_vm.py`` (the same guests and policy):
 - MOVE_BYTES: 64 MiB moved from idle to busy, well above the pacing's 4 MiB noise.
-- MOVE_DEADLINE_S: the QMP path moves that in about 15 s under TCG; 90 s.
+- MOVE_DEADLINE_S: the QMP path moves that in about 15 s under TCG; 90 s, counted
+  from the serial line that says the phase moving it began.
 - GROW_S, SWAP_S: when the busy domain's work grows, and when the busy and idle
-  domains swap their work (seconds after each boots). GROW_S leaves the daemon, started
-  once busy has booted (about 10 s, longer on a loaded host), time to balloon both
-  down first; SWAP_S comes after the first move, which takes about 15 s.
+  domains swap their work (seconds on each guest's clock from its boot). GROW_S leaves
+  the daemon, started once busy has booted (about 10 s, longer on a loaded host), time
+  to balloon both down first; SWAP_S comes after the first move, which takes about
+  15 s. Each phase is waited for by its serial line, for up to GUEST_CLOCK_SLOWDOWN
+  times its time: the guest's clock falls behind the host's on a loaded host.
 - JUMP_BYTES: after libvirtd restarts, a settled guest's balloon stays within this of
   where it was; the rate's smallest step is 16 MiB, so 32 MiB is two of them.
 - TAKE_BYTES / AGENT_DEADLINE_S: 64 MiB of holes in the agent domain's RAM file, of
@@ -43,7 +46,7 @@ from balloonist.qemu.assets import host_python
 from balloonist.qemu.launcher import StateDir
 from balloonist.units import MIB
 
-from ..qemu.conftest import guest_status, stepper
+from ..qemu.conftest import GUEST_CLOCK_SLOWDOWN, guest_status, stepper, work_phase_began
 from ..waiting import wait_until
 from .conftest import URI, DomainFactory, Libvirtd, virsh
 
@@ -99,8 +102,15 @@ def test_memory_moves_between_domains_and_the_daemon_rides_out_what_libvirt_does
         assert run_until(lambda: actual_bytes(busy.name) < 480 * MIB, 30)
         assert daemon.hv.managed() == sorted([busy.name, idle.name])
         run_until(None, 3)
-        moves(run_until, busy.name, idle.name, MOVE_DEADLINE_S)
-        moves(run_until, idle.name, busy.name, SWAP_S + MOVE_DEADLINE_S)  # their work swaps
+
+        def grown() -> bool:
+            return work_phase_began(busy.lines(), 380)
+
+        def swapped() -> bool:
+            return work_phase_began(idle.lines(), 380) and work_phase_began(busy.lines(), 30)
+
+        moves(run_until, busy.name, idle.name, grown, GROW_S)
+        moves(run_until, idle.name, busy.name, swapped, SWAP_S)  # their work swaps
         assert sent and all(MIN_BYTES <= b <= 512 * MIB for _, b in sent)
         assert actual_bytes(bystander.name) == 256 * MIB  # never touched
         wait_settled(run_until, (busy.name, idle.name))
@@ -152,16 +162,21 @@ def moves(
     run_until: Callable[[Callable[[], bool] | None, float], bool],
     to: str,
     away_from: str,
-    deadline_s: float,
+    began: Callable[[], bool],
+    at_s: float,
 ) -> None:
-    """Run periods until MOVE_BYTES went from ``away_from``'s balloon to ``to``'s."""
+    """Run periods until the workload phase that should move memory has ``began`` (due
+    at ``at_s`` on the guests' clocks), then until MOVE_BYTES went from ``away_from``'s
+    balloon to ``to``'s."""
     gainer0, loser0 = actual_bytes(to), actual_bytes(away_from)
+    phase_s = at_s * GUEST_CLOCK_SLOWDOWN
+    assert run_until(began, phase_s), f"the phase moving memory to {to} not begun in {phase_s} s"
     moved = run_until(
         lambda: (
             actual_bytes(to) >= gainer0 + MOVE_BYTES
             and actual_bytes(away_from) <= loser0 - MOVE_BYTES
         ),
-        deadline_s,
+        MOVE_DEADLINE_S,
     )
     assert moved, (to, gainer0, actual_bytes(to), away_from, loser0, actual_bytes(away_from))
 

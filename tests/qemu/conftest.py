@@ -110,6 +110,18 @@ def serial_lines(record: launcher.VMRecord) -> list[str]:
         return []
 
 
+#: A guest's workload (touchmem) keeps its schedule on the guest's clock, which under
+#: TCG falls behind the host's once the host is loaded: 25 guest seconds in 60 beside
+#: two busy processes here, and a guest in a CI run counted 54 s in at least 93. Tests
+#: wait for a phase's serial line, with room for a clock at a quarter of the host's.
+GUEST_CLOCK_SLOWDOWN = 4
+
+
+def work_phase_began(lines: list[str], ws_mib: int) -> bool:
+    """Whether the guest's workload has reached its phase of ``ws_mib`` MiB."""
+    return any("BALLOONIST-WORK" in line and f" ws_mib={ws_mib} " in line for line in lines)
+
+
 def wait_for_line(record: launcher.VMRecord, pattern: str, timeout_s: float, after: int = 0) -> str:
     """The first serial line at or after index ``after`` matching ``pattern``."""
     deadline = time.monotonic() + timeout_s
